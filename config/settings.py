@@ -1,0 +1,121 @@
+"""Settings: everything a supervisor and its workers need, checked once on construction.
+
+Units live in the names (`lease_s`, `max_rss_mb`). Built before fork and shared by
+every child, so it is immutable; `agents` is a plain dict copied on construction.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from config.errors import ConfigError
+from config.pool import SECRET_FIELDS, RedisPoolConfig, check_int, check_seconds, fail
+from config.redact import MASK, redact_url
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+KEY_PREFIX_RE = re.compile(r"[A-Za-z0-9_.-]{1,32}")
+AGENT_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+MODULE_PATH_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+MAX_PAYLOAD_LIMIT = 512 * 1024 * 1024
+MAX_AGENT_PROCESSES = 1000
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The effective configuration. Runs in: supervisor, workers, monitor, client."""
+
+    redis: RedisPoolConfig = field(default_factory=RedisPoolConfig)
+    key_prefix: str = "handoff"
+    heartbeat_interval_s: float = 1.0
+    lease_s: float = 30.0
+    result_ttl_s: float = 3600.0  # 0 = do not keep results
+    log_level: str = "INFO"
+    app: str = "workers"  # module where agents are defined
+    # agent name -> process count. hash=False keeps Settings hashable despite the dict.
+    agents: dict[str, int] = field(default_factory=dict, hash=False)
+    max_payload_bytes: int = 1_048_576
+    prefetch: int = 2  # extra tasks claimed beyond free slots
+    claim_batch_max: int = 100
+    graceful_timeout_s: float = 4.0  # fits inside honcho's 5 s SIGKILL window
+    reaper_interval_s: float = 1.0
+    max_deliveries: int = 10  # deliveries before a task is dead-lettered (poison limit)
+    max_hops: int = 32  # handoff chain length limit
+    max_tasks_per_worker: int = 0  # recycle a worker after N tasks; 0 = unlimited
+    max_rss_mb: float = 0.0  # 0 = unlimited
+    max_worker_age_s: float = 0.0  # 0 = unlimited
+    monitor_interval_s: float = 1.0
+    enqueue_wait_replicas: int = 0  # WAIT n after enqueue; 0 = off
+
+    def __post_init__(self) -> None:
+        for name, value in _normalized(self).items():
+            object.__setattr__(self, name, value)
+
+
+def settings_to_dict(settings: Settings, *, redact: bool = True) -> dict[str, Any]:
+    """Nested plain data for `config show` and logs; secrets masked unless redact=False."""
+    data = asdict(settings)
+    if redact:
+        pool = data["redis"]
+        pool["url"] = redact_url(pool["url"])
+        for name in SECRET_FIELDS:
+            if pool[name] is not None:
+                pool[name] = MASK
+    return data
+
+
+_POSITIVE_S = ("heartbeat_interval_s", "lease_s", "reaper_interval_s", "monitor_interval_s")
+_ZERO_OK_S = ("result_ttl_s", "graceful_timeout_s", "max_rss_mb", "max_worker_age_s")
+_INT_RANGES: dict[str, tuple[int, int | None]] = {
+    "max_payload_bytes": (1, MAX_PAYLOAD_LIMIT),
+    "prefetch": (0, 10_000),
+    "claim_batch_max": (1, 10_000),
+    "max_deliveries": (1, 1000),
+    "max_hops": (1, 10_000),
+    "max_tasks_per_worker": (0, None),
+    "enqueue_wait_replicas": (0, None),
+}
+
+
+def _normalized(s: Settings) -> dict[str, Any]:
+    if not isinstance(s.redis, RedisPoolConfig):
+        raise ConfigError(f"redis: must be a RedisPoolConfig, not {type(s.redis).__name__}")
+    out: dict[str, Any] = {
+        "key_prefix": _match("key_prefix", s.key_prefix, KEY_PREFIX_RE),
+        "log_level": _log_level(s.log_level),
+        "app": _match("app", s.app, MODULE_PATH_RE, what="a dotted module path"),
+        "agents": _agents(s.agents),
+    }
+    for name in _POSITIVE_S:
+        out[name] = check_seconds(name, getattr(s, name), zero_ok=False)
+    for name in _ZERO_OK_S:
+        out[name] = check_seconds(name, getattr(s, name), zero_ok=True)
+    for name, (lo, hi) in _INT_RANGES.items():
+        out[name] = check_int(name, getattr(s, name), lo, hi)
+    return out
+
+
+def _match(name: str, value: Any, pattern: re.Pattern[str], what: str | None = None) -> str:
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        fail(name, value, f"must be {what}" if what else f"must match ^{pattern.pattern}$")
+    return value
+
+
+def _log_level(value: Any) -> str:
+    level = value.upper() if isinstance(value, str) else value
+    if level not in LOG_LEVELS:
+        fail("log_level", value, f"must be one of {', '.join(LOG_LEVELS)}")
+    return level
+
+
+def _agents(value: Any) -> dict[str, int]:
+    if not isinstance(value, Mapping):
+        fail("agents", value, "must be a table of agent name = process count")
+    agents: dict[str, int] = {}
+    for name, count in value.items():
+        if not isinstance(name, str) or not AGENT_NAME_RE.fullmatch(name):
+            fail("agents", name, f"agent names must match ^{AGENT_NAME_RE.pattern}$")
+        agents[name] = check_int(f"agents.{name}", count, 0, MAX_AGENT_PROCESSES)
+    return agents

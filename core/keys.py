@@ -1,0 +1,146 @@
+"""Every Redis key name handoff uses, built in this one module.
+
+All keys of one agent type carry the hash tag {agent}, so every multi-key script touches
+one cluster slot. Agent names are validated before any key is built.
+
+    <prefix>:{<agent>}:queue        ZSET  id -> priority/FIFO score (ready)
+    <prefix>:{<agent>}:tasks        HASH  id -> task JSON (immutable after enqueue)
+    <prefix>:{<agent>}:leases       ZSET  id -> lease deadline (ms, server time)
+    <prefix>:{<agent>}:tokens       HASH  id -> current lease token
+    <prefix>:{<agent>}:deliveries   HASH  id -> times claimed (poison limit)
+    <prefix>:{<agent>}:attempts     HASH  id -> failed executions so far
+    <prefix>:{<agent>}:scores       HASH  id -> queue score (to requeue in place)
+    <prefix>:{<agent>}:delayed      ZSET  id -> due time (ms)
+    <prefix>:{<agent>}:dead         ZSET  id -> time dead-lettered (ms)
+    <prefix>:{<agent>}:dead_reasons HASH  id -> JSON {reason, error, at}
+    <prefix>:{<agent>}:stats        HASH  counters (enqueued, done, failed, ...)
+    <prefix>:{<agent>}:result:<id>  STRING done record + result, with a TTL
+    <prefix>:{<agent>}:claim:<cid>  LIST  ids leased by one claim call (replay on retry)
+    <prefix>:agents                 SET   registry of agent names
+    <prefix>:workers                ZSET  worker id -> last heartbeat (ms)
+    <prefix>:worker:<id>            HASH  one worker's health and metrics (TTL)
+    <prefix>:control:<supervisor>   LIST  control messages (scale) for a supervisor
+    <prefix>:supervisors            ZSET  supervisor id -> last heartbeat (ms)
+    <prefix>:monitor                HASH  the monitor's last aggregate (JSON fields)
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from core.errors import InvalidAgentName
+
+AGENT_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+
+
+def check_agent(name: object) -> str:
+    """Return name if it is a valid agent name, else raise InvalidAgentName (one line)."""
+    if not isinstance(name, str) or AGENT_NAME.fullmatch(name) is None:
+        shown = repr(name)
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        raise InvalidAgentName(
+            f"invalid agent name {shown}: must match ^[a-z0-9][a-z0-9_-]{{0,62}}$"
+        )
+    return name
+
+
+# The per-agent keys every state-changing script receives, in this order.
+AGENT_KEY_NAMES = (
+    "queue",
+    "tasks",
+    "leases",
+    "tokens",
+    "deliveries",
+    "attempts",
+    "scores",
+    "delayed",
+    "dead",
+    "dead_reasons",
+    "stats",
+)
+
+
+@dataclass(frozen=True)
+class AgentKeys:
+    """The keys of one agent type."""
+
+    agent: str
+    base: str  # "<prefix>:{<agent>}"
+
+    @property
+    def queue(self) -> str:
+        return f"{self.base}:queue"
+
+    @property
+    def tasks(self) -> str:
+        return f"{self.base}:tasks"
+
+    @property
+    def leases(self) -> str:
+        return f"{self.base}:leases"
+
+    @property
+    def delayed(self) -> str:
+        return f"{self.base}:delayed"
+
+    @property
+    def dead(self) -> str:
+        return f"{self.base}:dead"
+
+    @property
+    def dead_reasons(self) -> str:
+        return f"{self.base}:dead_reasons"
+
+    @property
+    def stats(self) -> str:
+        return f"{self.base}:stats"
+
+    def all(self) -> list[str]:
+        """The fixed per-agent keys in AGENT_KEY_NAMES order (a script's KEYS prefix)."""
+        return [f"{self.base}:{name}" for name in AGENT_KEY_NAMES]
+
+    def result(self, task_id: str) -> str:
+        return f"{self.base}:result:{task_id}"
+
+    def claim(self, claim_id: str) -> str:
+        return f"{self.base}:claim:{claim_id}"
+
+
+class Keys:
+    """Key names under one prefix."""
+
+    def __init__(self, prefix: str = "handoff") -> None:
+        self.prefix = prefix
+        self._agents: dict[str, AgentKeys] = {}
+
+    def agent(self, name: str) -> AgentKeys:
+        keys = self._agents.get(name)
+        if keys is None:
+            check_agent(name)
+            keys = AgentKeys(name, f"{self.prefix}:{{{name}}}")
+            self._agents[name] = keys
+        return keys
+
+    @property
+    def agents(self) -> str:
+        return f"{self.prefix}:agents"
+
+    @property
+    def workers(self) -> str:
+        return f"{self.prefix}:workers"
+
+    def worker(self, worker_id: str) -> str:
+        return f"{self.prefix}:worker:{worker_id}"
+
+    @property
+    def supervisors(self) -> str:
+        return f"{self.prefix}:supervisors"
+
+    def control(self, supervisor_id: str) -> str:
+        return f"{self.prefix}:control:{supervisor_id}"
+
+    @property
+    def monitor(self) -> str:
+        return f"{self.prefix}:monitor"

@@ -1,0 +1,63 @@
+-- Shared by every script (prepended at load time).
+-- The fixed per-agent KEYS, in core/keys.py AGENT_KEY_NAMES order; every key of one
+-- agent type shares the hash tag {agent}, so each script touches one cluster slot.
+local K_QUEUE, K_TASKS, K_LEASES, K_TOKENS, K_DELIVERIES = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local K_ATTEMPTS, K_SCORES, K_DELAYED, K_DEAD, K_DEAD_REASONS = KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
+local K_STATS = KEYS[11]
+local FIXED_KEYS = 11
+
+-- Server time in ms, unless the caller passed one (tests drive a virtual clock).
+local function now_ms(arg)
+  if arg ~= nil and arg ~= '' then return tonumber(arg) end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- Put a task back in the ready queue at its original place (its stored score).
+local function requeue(id)
+  local score = redis.call('HGET', K_SCORES, id)
+  if not score then score = '0' end
+  redis.call('ZADD', K_QUEUE, score, id)
+end
+
+-- Dead-letter a task: kept with its payload and the reason, out of every other state.
+local function bury(id, now, reason_json)
+  redis.call('ZREM', K_LEASES, id)
+  redis.call('HDEL', K_TOKENS, id)
+  redis.call('ZADD', K_DEAD, now, id)
+  redis.call('HSET', K_DEAD_REASONS, id, reason_json)
+  redis.call('HINCRBY', K_STATS, 'dead', 1)
+end
+
+-- Forget a finished task's bookkeeping (the payload too).
+local function forget(id)
+  redis.call('HDEL', K_TASKS, id)
+  redis.call('HDEL', K_TOKENS, id)
+  redis.call('HDEL', K_DELIVERIES, id)
+  redis.call('HDEL', K_ATTEMPTS, id)
+  redis.call('HDEL', K_SCORES, id)
+end
+
+-- Move leases that expired before `now` back to the queue; bounded by `limit`.
+local function reap_expired(now, limit)
+  if limit <= 0 then return 0 end
+  local expired = redis.call('ZRANGEBYSCORE', K_LEASES, '-inf', now, 'LIMIT', 0, limit)
+  for _, id in ipairs(expired) do
+    redis.call('ZREM', K_LEASES, id)
+    redis.call('HDEL', K_TOKENS, id)
+    requeue(id)
+  end
+  if #expired > 0 then redis.call('HINCRBY', K_STATS, 'reaped', #expired) end
+  return #expired
+end
+
+-- Move delayed tasks that are due to the queue; bounded by `limit`.
+local function promote_due(now, limit)
+  if limit <= 0 then return 0 end
+  local due = redis.call('ZRANGEBYSCORE', K_DELAYED, '-inf', now, 'LIMIT', 0, limit)
+  for _, id in ipairs(due) do
+    redis.call('ZREM', K_DELAYED, id)
+    requeue(id)
+  end
+  return #due
+end

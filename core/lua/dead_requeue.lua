@@ -1,0 +1,22 @@
+-- dead_requeue: give dead-lettered tasks a fresh start in the ready queue, atomically.
+-- KEYS[1..11]  the agent's fixed keys (see _prelude.lua)
+-- ARGV[1] limit, ARGV[2..] ids (none = the oldest `limit` dead tasks)
+-- Returns: the ids requeued.
+local limit = tonumber(ARGV[1])
+local ids = {}
+if #ARGV > 1 then
+  for i = 2, #ARGV do ids[#ids + 1] = ARGV[i] end
+else
+  ids = redis.call('ZRANGE', K_DEAD, 0, limit - 1)
+end
+local moved = {}
+for _, id in ipairs(ids) do
+  if redis.call('ZREM', K_DEAD, id) == 1 then
+    redis.call('HDEL', K_DEAD_REASONS, id)
+    redis.call('HDEL', K_DELIVERIES, id)
+    redis.call('HDEL', K_ATTEMPTS, id)
+    requeue(id)
+    moved[#moved + 1] = id
+  end
+end
+return moved

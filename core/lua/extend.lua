@@ -1,0 +1,18 @@
+-- extend: renew the leases of running tasks, token-checked, atomically.
+-- KEYS[1..11]  the agent's fixed keys (see _prelude.lua)
+-- ARGV[1] now in ms ('' = server TIME)   ARGV[2] lease_ms
+-- ARGV[3] n, then n groups of 2: id, token
+-- Returns: the ids whose token no longer matches (the lease was lost: abandon the task).
+local now = now_ms(ARGV[1])
+local deadline = now + tonumber(ARGV[2])
+local n = tonumber(ARGV[3])
+local lost = {}
+for i = 0, n - 1 do
+  local id, token = ARGV[4 + i * 2], ARGV[5 + i * 2]
+  if redis.call('HGET', K_TOKENS, id) == token then
+    redis.call('ZADD', K_LEASES, 'XX', deadline, id)
+  else
+    lost[#lost + 1] = id
+  end
+end
+return lost

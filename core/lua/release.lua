@@ -1,0 +1,18 @@
+-- release: give leased tasks back unstarted (graceful shutdown), token-checked, atomically.
+-- KEYS[1..11]  the agent's fixed keys (see _prelude.lua)
+-- ARGV[1] n, then n groups of 2: id, token
+-- The delivery is not counted (the task never ran) and the task returns to its place.
+-- Returns: the number released.
+local n = tonumber(ARGV[1])
+local released = 0
+for i = 0, n - 1 do
+  local id, token = ARGV[2 + i * 2], ARGV[3 + i * 2]
+  if redis.call('HGET', K_TOKENS, id) == token then
+    redis.call('ZREM', K_LEASES, id)
+    redis.call('HDEL', K_TOKENS, id)
+    redis.call('HINCRBY', K_DELIVERIES, id, -1)
+    requeue(id)
+    released = released + 1
+  end
+end
+return released

@@ -1,0 +1,337 @@
+"""RedisManager: the per-process owner of the pool, its health, retries, breaker and metrics.
+
+Runs in: every process, built lazily after fork. `get_manager()` returns this process's
+one manager; `os.register_at_fork` drops the parent's manager in the child (only the
+process that opened a socket ever shuts it down), and a manager used from the wrong
+process raises WrongProcess instead of sharing sockets.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import redis
+from redis.backoff import NoBackoff
+from redis.connection import SSLConnection
+from redis.retry import Retry
+
+from config import RedisPoolConfig, redact_url
+from core.breaker import CircuitBreaker
+from core.connection_pool import ManagedConnectionPool
+from core.errors import WrongProcess
+from core.pool_metrics import HealthStatus, HealthTracker, MetricsRecorder, RedisPoolMetrics
+from core.retry import RetryPolicy
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def pool_kwargs(config: RedisPoolConfig) -> dict[str, Any]:
+    """Connection-pool keyword arguments from the config (no retry layer of redis-py's own)."""
+    kwargs: dict[str, Any] = {
+        "max_connections": config.pool_size,
+        "timeout": config.pool_timeout_s,
+        "socket_connect_timeout": config.dial_timeout_s,
+        # One socket timeout covers reads and writes in Python; the larger of the two wins.
+        "socket_timeout": max(config.read_timeout_s, config.write_timeout_s),
+        "retry": Retry(NoBackoff(), 0),
+        "health_check_interval": 0,
+        "client_name": f"handoff-{os.getpid()}",
+    }
+    if config.password is not None:
+        kwargs["password"] = config.password
+    if config.username is not None:
+        kwargs["username"] = config.username
+    if config.db and not config.url.startswith("unix:"):
+        kwargs["db"] = config.db
+    if config.use_tls:
+        if not config.url.startswith("rediss:"):
+            kwargs["connection_class"] = SSLConnection
+        kwargs["ssl_ca_certs"] = config.tls_ca_file
+        kwargs["ssl_certfile"] = config.tls_cert_file
+        kwargs["ssl_keyfile"] = config.tls_key_file
+        kwargs["ssl_check_hostname"] = config.tls_check_hostname
+    return kwargs
+
+
+class RedisManager:
+    """One process's Redis: pool, health checker, retry, breaker, metrics, and the seed's ops."""
+
+    def __init__(self, config: RedisPoolConfig, *, background: bool = True) -> None:
+        self.config = config
+        self.pid = os.getpid()
+        self.recorder = MetricsRecorder()
+        self.health = HealthTracker()
+        self.breaker = CircuitBreaker(config.breaker_failure_threshold, config.breaker_cooldown_s)
+        self.retry = RetryPolicy(
+            config.max_retries,
+            config.min_retry_backoff_ms,
+            config.max_retry_backoff_ms,
+            self.breaker,
+            on_failure=lambda e: self.health.failure(f"{type(e).__name__}: {e}"),
+            on_success=self._on_call_success,
+            describe_target=lambda: redact_url(config.url),
+        )
+        self.pool = ManagedConnectionPool.from_url(
+            config.url,
+            max_conn_age_s=config.max_conn_age_s,
+            idle_timeout_s=config.idle_timeout_s,
+            min_idle_conns=config.min_idle_conns,
+            recorder=self.recorder,
+            **pool_kwargs(config),
+        )
+        self._client = redis.Redis(connection_pool=self.pool)
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        if background:
+            self.start_background()
+
+    # -- process ownership -----------------------------------------------------------------
+
+    def _check_process(self) -> None:
+        if os.getpid() != self.pid:
+            raise WrongProcess(
+                f"RedisManager built in pid {self.pid} used in pid {os.getpid()}: "
+                "call core.manager.get_manager() in the new process"
+            )
+
+    @property
+    def client(self) -> redis.Redis:
+        """The raw client. Calls through it skip retry and metrics; prefer execute()."""
+        self._check_process()
+        return self._client
+
+    # -- calling Redis ---------------------------------------------------------------------
+
+    def execute(self, fn: Callable[[redis.Redis], T], *, retry: bool = True) -> T:
+        """Run fn(client) with the breaker, the retry budget, and latency metrics."""
+        self._check_process()
+        client = self._client
+        started = time.perf_counter()
+        ok = False
+        try:
+            result = self.retry.call(lambda: fn(client), retry=retry)
+            ok = True
+            return result
+        finally:
+            self.recorder.request(time.perf_counter() - started, ok)
+
+    execute_with_retry = execute
+
+    def execute_batch(
+        self, operations: Sequence[Callable[[Any], Any]], *, transaction: bool = False
+    ) -> list:
+        """Run many operations in one pipeline (one round trip); returns their replies."""
+        self._check_process()
+
+        def run(client: redis.Redis) -> list:
+            pipe = client.pipeline(transaction=transaction)
+            for operation in operations:
+                operation(pipe)
+            return pipe.execute()
+
+        started = time.perf_counter()
+        ok = False
+        try:
+            replies = self.retry.call(lambda: run(self._client))
+            ok = True
+            return replies
+        finally:
+            self.recorder.request(
+                time.perf_counter() - started, ok, pipelined_ops=len(operations)
+            )
+
+    def _on_call_success(self) -> None:
+        if not self.health.is_healthy_fast():
+            self.health.success()
+
+    # -- the seed's operations -------------------------------------------------------------
+
+    def set_with_expiry(self, key: str, value: bytes | str, ttl_s: float) -> bool:
+        ttl_ms = max(1, int(ttl_s * 1000))
+        return bool(self.execute(lambda c: c.set(key, value, px=ttl_ms)))
+
+    def zadd_batch(self, key: str, members: dict[str | bytes, float]) -> int:
+        return int(self.execute(lambda c: c.zadd(key, members)))
+
+    def zpopmin_batch(self, keys: Sequence[str], count: int) -> dict[str, list[tuple[bytes, float]]]:
+        """ZPOPMIN up to count members from each of several queues in one pipeline."""
+        replies = self.execute_batch([lambda p, k=k: p.zpopmin(k, count) for k in keys])
+        return dict(zip(keys, replies, strict=True))
+
+    def cleanup_expired_keys(
+        self, patterns: Sequence[str], *, idle_longer_than_s: float, scan_count: int = 500
+    ) -> int:
+        """Unlink keys matching patterns that no one has touched for idle_longer_than_s.
+
+        SCAN (never KEYS) walks the keyspace in bounded steps; expired keys it meets are
+        removed by the server on the way. Idle time comes from OBJECT IDLETIME in one
+        pipeline per SCAN page, and the victims go in one UNLINK per page.
+        """
+        removed = 0
+        for pattern in patterns:
+            cursor = 0
+            while True:
+                cursor, keys = self.execute(
+                    lambda c, cur=cursor, pat=pattern: c.scan(cur, match=pat, count=scan_count)
+                )
+                if keys:
+                    idle = self.execute_batch(
+                        [lambda p, k=k: p.object("idletime", k) for k in keys]
+                    )
+                    stale = [
+                        k for k, s in zip(keys, idle, strict=True)
+                        if s is not None and s > idle_longer_than_s
+                    ]  # fmt: skip
+                    if stale:
+                        removed += int(self.execute(lambda c, ks=stale: c.unlink(*ks)))
+                if cursor == 0:
+                    break
+        return removed
+
+    def set_memory_optimizations(self) -> dict[str, str]:
+        """Opt-in (config.memory_optimization): compact encodings and lazy freeing.
+
+        Never touches maxmemory-policy: eviction would silently delete tasks.
+        """
+        settings = {
+            "lazyfree-lazy-expire": "yes",
+            "lazyfree-lazy-server-del": "yes",
+            "activedefrag": "no",
+            "hash-max-listpack-entries": "512",
+            "zset-max-listpack-entries": "256",
+        }
+        applied = {}
+        for name, value in settings.items():
+            try:
+                self.execute(lambda c, n=name, v=value: c.config_set(n, v))
+                applied[name] = value
+            except redis.ResponseError as e:  # managed servers often forbid CONFIG
+                log.warning("could not set %s: %s", name, e)
+        return applied
+
+    # -- health and metrics ----------------------------------------------------------------
+
+    def ping(self) -> bool:
+        """One health probe, outside the retry budget but through the breaker."""
+        try:
+            self.execute(lambda c: c.ping(), retry=False)
+        except Exception as e:
+            self.health.failure(f"{type(e).__name__}: {e}")
+            return False
+        self.health.success()
+        return True
+
+    def sample_memory(self) -> None:
+        try:
+            info = self.execute(lambda c: c.info("memory"), retry=False)
+            self.recorder.memory_usage_bytes = int(info.get("used_memory", 0))
+        except Exception:  # the health probe has already recorded the failure
+            pass
+
+    def get_health(self) -> HealthStatus:
+        return self.health.snapshot()
+
+    def is_healthy(self) -> bool:
+        return self.health.snapshot().is_healthy
+
+    def get_detailed_metrics(self) -> RedisPoolMetrics:
+        return self.recorder.snapshot(
+            total_conns=self.pool.connected_count(), idle_conns=self.pool.idle_connected_count()
+        )
+
+    def get_pool_stats(self) -> dict[str, Any]:
+        metrics = self.get_detailed_metrics()
+        return {
+            "total_conns": metrics.total_conns,
+            "idle_conns": metrics.idle_conns,
+            "stale_conns": metrics.stale_conns,
+            "hits": metrics.hits,
+            "misses": metrics.misses,
+            "timeouts": metrics.timeouts,
+            "pool_size": self.config.pool_size,
+            "breaker": self.breaker.state,
+        }
+
+    # -- background threads ----------------------------------------------------------------
+
+    def start_background(self) -> None:
+        """Warm the pool, then run the health checker and the idle reaper."""
+        self._spawn("redis-health", self.config.health_check_interval_s, self._health_tick)
+        self._spawn("redis-pool-maintenance", self.config.idle_check_freq_s, self._maintain)
+        try:
+            self.pool.warm()
+        except Exception as e:  # the server may be down at start; health will say so
+            log.warning("could not warm the Redis pool: %s", e)
+
+    def _spawn(self, name: str, interval_s: float, tick: Callable[[], None]) -> None:
+        def loop() -> None:
+            while not self._stop.wait(interval_s):
+                try:
+                    tick()
+                except Exception:  # a housekeeping failure must not kill the thread
+                    log.debug("%s tick failed", name, exc_info=True)
+
+        thread = threading.Thread(target=loop, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _health_tick(self) -> None:
+        if self.ping():
+            self.sample_memory()
+
+    def _maintain(self) -> None:
+        self.pool.reap_idle()
+        self.pool.warm()
+
+    def close(self) -> None:
+        """Stop the threads and close this process's sockets (never another process's)."""
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=2)
+        if os.getpid() == self.pid:
+            self.pool.disconnect()
+
+
+_manager: RedisManager | None = None
+_manager_lock = threading.Lock()
+
+
+def get_manager(config: RedisPoolConfig | None = None) -> RedisManager:
+    """This process's manager, built on first use (after fork, in a child)."""
+    global _manager
+    current = _manager
+    if current is not None and current.pid == os.getpid():
+        return current
+    with _manager_lock:
+        if _manager is None or _manager.pid != os.getpid():
+            if config is None:
+                from config import load_settings
+
+                config = load_settings().redis
+            _manager = RedisManager(config)
+        return _manager
+
+
+def reset_manager() -> None:
+    """Forget this process's manager (closing it when it is ours)."""
+    global _manager
+    with _manager_lock:
+        if _manager is not None and _manager.pid == os.getpid():
+            _manager.close()
+        _manager = None
+
+
+def _forget_after_fork() -> None:
+    # In the child: drop the reference without touching the parent's sockets.
+    global _manager, _manager_lock
+    _manager = None
+    _manager_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)

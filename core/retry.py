@@ -1,0 +1,128 @@
+"""Retry policy for transient Redis errors (tenacity), fed into the breaker and health.
+
+Runs in: every process. This is the only retry layer: redis-py's own Retry is disabled
+on the connections we build, so the two never multiply.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from collections.abc import Callable
+from typing import TypeVar
+
+import redis.exceptions as rex
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+
+from core.breaker import CircuitBreaker
+from core.errors import RedisUnavailable
+
+T = TypeVar("T")
+
+_NOT_RETRIABLE = (rex.AuthenticationError, rex.AuthorizationError, rex.ResponseError)
+_RETRIABLE_ERRNOS = {errno.ECONNREFUSED, errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT}
+
+
+def is_retriable(error: BaseException) -> bool:
+    """Connection refused/reset, timeouts, broken pipes, closed connections; nothing else."""
+    if isinstance(error, _NOT_RETRIABLE):
+        return False
+    if isinstance(error, rex.ConnectionError | rex.TimeoutError | socket.timeout):
+        return True
+    if isinstance(error, BrokenPipeError | ConnectionResetError | ConnectionRefusedError):
+        return True
+    return isinstance(error, OSError) and error.errno in _RETRIABLE_ERRNOS
+
+
+def is_connection_failure(error: BaseException) -> bool:
+    """Errors that say the server (not the request) is the problem: these trip the breaker."""
+    return is_retriable(error)
+
+
+class RetryPolicy:
+    """Exponential backoff with jitter between min and max, at most max_retries retries."""
+
+    def __init__(
+        self,
+        max_retries: int,
+        min_backoff_ms: float,
+        max_backoff_ms: float,
+        breaker: CircuitBreaker,
+        on_failure: Callable[[BaseException], None],
+        on_success: Callable[[], None],
+        describe_target: Callable[[], str],
+        sleep: Callable[[float], None] | None = None,
+    ) -> None:
+        self.max_retries = max_retries
+        self.breaker = breaker
+        self._on_failure = on_failure
+        self._on_success = on_success
+        self._describe_target = describe_target
+        kwargs = {"sleep": sleep} if sleep is not None else {}
+        min_s, max_s = min_backoff_ms / 1000.0, max_backoff_ms / 1000.0
+        self._retrying = Retrying(
+            retry=retry_if_exception(is_retriable),
+            stop=stop_after_attempt(max_retries + 1),
+            wait=wait_exponential_jitter(initial=min_s, max=max_s, jitter=min_s),
+            reraise=True,
+            before_sleep=self._record_attempt,
+            **kwargs,
+        )
+        self.backoff_schedule_s: list[float] = []  # the last call's sleeps, for tests/metrics
+
+    def _record_attempt(self, state: RetryCallState) -> None:
+        if state.next_action is not None:
+            self.backoff_schedule_s.append(state.next_action.sleep)
+
+    def call(self, fn: Callable[[], T], *, retry: bool = True) -> T:
+        """Run fn with the breaker and (optionally) the retry budget; translate the final error.
+
+        The first attempt runs outside tenacity so the hot path pays nothing for it;
+        only a retriable failure enters the retry loop (which re-raises that first
+        failure as its attempt 1, so the backoff schedule is tenacity's, unchanged).
+        """
+        try:
+            return self._attempt(fn)
+        except BaseException as e:
+            if not is_retriable(e):
+                raise
+            if not retry or self.max_retries == 0:
+                raise self._unavailable(e, attempts=1) from e
+            first_failure: list[BaseException] = [e]
+
+        def attempt() -> T:
+            if first_failure:
+                raise first_failure.pop()
+            return self._attempt(fn)
+
+        self.backoff_schedule_s = []
+        try:
+            return self._retrying(attempt)
+        except BaseException as e:
+            if is_retriable(e):
+                raise self._unavailable(e, attempts=self.max_retries + 1) from e
+            raise
+
+    def _unavailable(self, error: BaseException, attempts: int) -> RedisUnavailable:
+        return RedisUnavailable(
+            f"Redis unreachable at {self._describe_target()} after {attempts} attempt(s): {error}"
+        )
+
+    def _attempt(self, fn: Callable[[], T]) -> T:
+        self.breaker.before_call()
+        try:
+            result = fn()
+        except BaseException as e:
+            if is_connection_failure(e):
+                self.breaker.on_failure()
+                self._on_failure(e)
+            raise
+        self.breaker.on_success()
+        self._on_success()
+        return result

@@ -1,0 +1,67 @@
+"""Test harness: every pytest-xdist worker starts its own real server and stops it at the end.
+
+Tests never touch a server they did not start (the system Redis on 6379 is left alone).
+The server listens on a unix socket in a private temp folder, and on a free TCP port
+for tests that need a TCP path (the fault proxy).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from core.server import ServerProcess, spawn_server  # noqa: E402
+
+
+def free_tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory) -> ServerProcess:
+    folder = tmp_path_factory.mktemp("redis")
+    server = spawn_server(
+        port=free_tcp_port(), unix_socket=str(folder / "redis.sock"), data_dir=str(folder)
+    )
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_tcp_addr(redis_server) -> tuple[str, int]:
+    return ("127.0.0.1", redis_server.port)
+
+
+@pytest.fixture
+def redis_url(redis_server) -> str:
+    """A clean database on this worker's private server."""
+    with redis_server.client() as client:
+        client.flushall()
+    return redis_server.url
+
+
+@pytest.fixture
+def raw_redis(redis_url):
+    """A plain redis-py client for assertions (not the code under test)."""
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture(autouse=True)
+def _no_ambient_redis_url(monkeypatch):
+    """Nothing in a test may fall back to a server it did not start."""
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    for name in list(os.environ):
+        if name.startswith("HANDOFF_"):
+            monkeypatch.delenv(name, raising=False)
