@@ -14,6 +14,7 @@ one cluster slot. Agent names are validated before any key is built.
     <prefix>:{<agent>}:dead         ZSET  id -> time dead-lettered (ms)
     <prefix>:{<agent>}:dead_reasons HASH  id -> JSON {reason, error, at}
     <prefix>:{<agent>}:stats        HASH  counters (enqueued, done, failed, ...)
+    <prefix>:{<agent>}:wake         LIST  wake-up tokens idle workers block on (BLPOP)
     <prefix>:{<agent>}:result:<id>  STRING done record + result, with a TTL
     <prefix>:{<agent>}:claim:<cid>  LIST  ids leased by one claim call (replay on retry)
     <prefix>:agents                 SET   registry of agent names
@@ -59,6 +60,7 @@ AGENT_KEY_NAMES = (
     "dead",
     "dead_reasons",
     "stats",
+    "wake",
 )
 
 
@@ -82,6 +84,22 @@ class AgentKeys:
         return f"{self.base}:leases"
 
     @property
+    def tokens(self) -> str:
+        return f"{self.base}:tokens"
+
+    @property
+    def deliveries(self) -> str:
+        return f"{self.base}:deliveries"
+
+    @property
+    def attempts(self) -> str:
+        return f"{self.base}:attempts"
+
+    @property
+    def scores(self) -> str:
+        return f"{self.base}:scores"
+
+    @property
     def delayed(self) -> str:
         return f"{self.base}:delayed"
 
@@ -92,6 +110,10 @@ class AgentKeys:
     @property
     def dead_reasons(self) -> str:
         return f"{self.base}:dead_reasons"
+
+    @property
+    def wake(self) -> str:
+        return f"{self.base}:wake"
 
     @property
     def stats(self) -> str:

@@ -127,7 +127,6 @@ class RedisManager:
         self, operations: Sequence[Callable[[Any], Any]], *, transaction: bool = False
     ) -> list:
         """Run many operations in one pipeline (one round trip); returns their replies."""
-        self._check_process()
 
         def run(client: redis.Redis) -> list:
             pipe = client.pipeline(transaction=transaction)
@@ -135,16 +134,20 @@ class RedisManager:
                 operation(pipe)
             return pipe.execute()
 
+        return self.execute_pipelined(run, len(operations))
+
+    def execute_pipelined(self, fn: Callable[[redis.Redis], T], n_operations: int) -> T:
+        """Like execute(), for a fn that sends n_operations in one pipeline (metrics)."""
+        self._check_process()
+        client = self._client
         started = time.perf_counter()
         ok = False
         try:
-            replies = self.retry.call(lambda: run(self._client))
+            result = self.retry.call(lambda: fn(client))
             ok = True
-            return replies
+            return result
         finally:
-            self.recorder.request(
-                time.perf_counter() - started, ok, pipelined_ops=len(operations)
-            )
+            self.recorder.request(time.perf_counter() - started, ok, pipelined_ops=n_operations)
 
     def _on_call_success(self) -> None:
         if not self.health.is_healthy_fast():
@@ -159,7 +162,9 @@ class RedisManager:
     def zadd_batch(self, key: str, members: dict[str | bytes, float]) -> int:
         return int(self.execute(lambda c: c.zadd(key, members)))
 
-    def zpopmin_batch(self, keys: Sequence[str], count: int) -> dict[str, list[tuple[bytes, float]]]:
+    def zpopmin_batch(
+        self, keys: Sequence[str], count: int
+    ) -> dict[str, list[tuple[bytes, float]]]:
         """ZPOPMIN up to count members from each of several queues in one pipeline."""
         replies = self.execute_batch([lambda p, k=k: p.zpopmin(k, count) for k in keys])
         return dict(zip(keys, replies, strict=True))

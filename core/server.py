@@ -97,7 +97,10 @@ class ServerProcess:
         return redis.Redis.from_url(self.url, socket_timeout=2)
 
     def stop(self, sig_kill: bool = False) -> None:
-        if self.proc is None or self.proc.poll() is not None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is not None:
+            self._close_pipes()
             return
         if sig_kill:
             self.proc.kill()
@@ -108,6 +111,11 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(timeout=10)
+        self._close_pipes()
+
+    def _close_pipes(self) -> None:
+        if self.proc is not None and self.proc.stderr is not None:
+            self.proc.stderr.close()
 
     def __enter__(self) -> ServerProcess:
         return self.start()

@@ -21,6 +21,11 @@ class CliState:
         values = {"redis.url": self.redis_url, "app": self.app, "log_level": self.log_level}
         return {k: v for k, v in values.items() if v is not None}
 
+    def reload_settings(self) -> Settings:
+        """Read the settings again (SIGHUP)."""
+        self._settings = None
+        return self.settings
+
     @property
     def settings(self) -> Settings:
         if self._settings is None:
@@ -36,3 +41,44 @@ def setup_logging(level: str) -> None:
         level=getattr(logging, level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
     )
+
+
+def parse_counts(text: str) -> dict[str, int]:
+    """'a=2,b=1' -> {'a': 2, 'b': 1}, with a one-line error naming the bad part."""
+    import click
+
+    from core.errors import InvalidAgentName
+    from core.keys import check_agent
+
+    counts: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, number = part.partition("=")
+        if not sep or not number.strip().isdigit():
+            raise click.BadParameter(f"{part!r}: expected AGENT=N with N a whole number")
+        try:
+            counts[check_agent(name.strip())] = int(number)
+        except InvalidAgentName as e:
+            raise click.BadParameter(str(e)) from None
+        if counts[name.strip()] > 1000:
+            raise click.BadParameter(f"{part!r}: N must be between 0 and 1000")
+    return counts
+
+
+def print_json(value: object) -> None:
+    import click
+    import orjson
+
+    click.echo(orjson.dumps(value, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode())
+
+
+def print_table(headers: list[str], rows: list[list[object]]) -> None:
+    """A plain left-aligned table that fits narrow terminals."""
+    import click
+
+    text_rows = [[str(cell) for cell in row] for row in rows]
+    widths = [len(h) for h in headers]
+    for row in text_rows:
+        widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
+    click.echo("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
+    for row in text_rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())

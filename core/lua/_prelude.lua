@@ -3,8 +3,8 @@
 -- agent type shares the hash tag {agent}, so each script touches one cluster slot.
 local K_QUEUE, K_TASKS, K_LEASES, K_TOKENS, K_DELIVERIES = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local K_ATTEMPTS, K_SCORES, K_DELAYED, K_DEAD, K_DEAD_REASONS = KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
-local K_STATS = KEYS[11]
-local FIXED_KEYS = 11
+local K_STATS, K_WAKE = KEYS[11], KEYS[12]
+local FIXED_KEYS = 12
 
 -- Server time in ms, unless the caller passed one (tests drive a virtual clock).
 local function now_ms(arg)
@@ -60,4 +60,14 @@ local function promote_due(now, limit)
     requeue(id)
   end
   return #due
+end
+
+-- Wake up to n idle workers blocked on the wake list (BLPOP). Tokens are hints, not
+-- work: a spurious wake-up costs one empty claim. The list is bounded.
+local function wake(n)
+  if n <= 0 then return end
+  local tokens = {}
+  for i = 1, math.min(n, 64) do tokens[i] = '1' end
+  redis.call('LPUSH', K_WAKE, unpack(tokens))
+  redis.call('LTRIM', K_WAKE, 0, 127)
 end

@@ -1,6 +1,6 @@
 -- ack: finish a batch of leased tasks, token-checked, atomically.
--- KEYS[1..11]  the agent's fixed keys (see _prelude.lua)
--- KEYS[12..]   result keys, by index
+-- KEYS[1..12]  the agent's fixed keys (see _prelude.lua)
+-- KEYS[13..]   result keys, by index
 -- ARGV[1] now in ms ('' = server TIME)   ARGV[2] result TTL ms (0 = keep no result)
 -- ARGV[3] n, then n groups of 5: id, token, result_json ('' = null), result_key_index, handoffs
 -- A task whose token no longer matches (its lease expired and another worker holds it, or it

@@ -1,6 +1,6 @@
 -- claim: lease up to n ready tasks of one agent type, atomically, in one call.
--- KEYS[1..11]  the agent's fixed keys (see _prelude.lua)
--- KEYS[12]     this claim's replay key (LIST of the ids it leased)
+-- KEYS[1..12]  the agent's fixed keys (see _prelude.lua)
+-- KEYS[13]     this claim's replay key (LIST of the ids it leased)
 -- ARGV[1] n (capped at ARGV[7])   ARGV[2] lease_ms      ARGV[3] claim_id (the lease token)
 -- ARGV[4] max_deliveries          ARGV[5] global_limit (0 = none)
 -- ARGV[6] now in ms ('' = server TIME)                    ARGV[7] cap on n
@@ -9,8 +9,9 @@
 -- promote due delayed tasks; reap expired leases; pop up to n by score; dead-letter any task
 -- delivered more than max_deliveries times without finishing; lease the rest with the token
 -- and a deadline from server time; count the delivery.
--- Returns: {now, id1, json1, attempt1, deliveries1, id2, ...}
-local claim_key = KEYS[12]
+-- Returns: {now, next_due (ms of the earliest delayed task, -1 if none),
+--           id1, json1, attempt1, deliveries1, id2, ...}
+local claim_key = KEYS[FIXED_KEYS + 1]
 local n = math.min(tonumber(ARGV[1]), tonumber(ARGV[7]))
 local lease_ms = tonumber(ARGV[2])
 local token = ARGV[3]
@@ -18,7 +19,7 @@ local max_deliveries = tonumber(ARGV[4])
 local global_limit = tonumber(ARGV[5])
 local now = now_ms(ARGV[6])
 local bound = tonumber(ARGV[8])
-local out = {now}
+local out = {now, -1}
 
 local function emit(id)
   local json = redis.call('HGET', K_TASKS, id)
@@ -38,8 +39,9 @@ if redis.call('EXISTS', claim_key) == 1 then
   return out
 end
 
-promote_due(now, bound)
-reap_expired(now, bound)
+wake(promote_due(now, bound) + reap_expired(now, bound))
+local head = redis.call('ZRANGE', K_DELAYED, 0, 0, 'WITHSCORES')
+if #head > 0 then out[2] = tonumber(head[2]) end
 
 if global_limit > 0 then
   n = math.min(n, global_limit - redis.call('ZCARD', K_LEASES))

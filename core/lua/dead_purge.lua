@@ -1,5 +1,5 @@
 -- dead_purge: delete dead-lettered tasks and their payloads for good, atomically.
--- KEYS[1..11]  the agent's fixed keys (see _prelude.lua)
+-- KEYS[1..12]  the agent's fixed keys (see _prelude.lua)
 -- ARGV[1] limit, ARGV[2..] ids (none = the oldest `limit` dead tasks)
 -- Returns: the number purged.
 local limit = tonumber(ARGV[1])

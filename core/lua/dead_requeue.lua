@@ -1,5 +1,5 @@
 -- dead_requeue: give dead-lettered tasks a fresh start in the ready queue, atomically.
--- KEYS[1..11]  the agent's fixed keys (see _prelude.lua)
+-- KEYS[1..12]  the agent's fixed keys (see _prelude.lua)
 -- ARGV[1] limit, ARGV[2..] ids (none = the oldest `limit` dead tasks)
 -- Returns: the ids requeued.
 local limit = tonumber(ARGV[1])
@@ -19,4 +19,5 @@ for _, id in ipairs(ids) do
     moved[#moved + 1] = id
   end
 end
+wake(#moved)
 return moved

@@ -1,6 +1,6 @@
 -- enqueue: add a batch of tasks of one agent type, atomically.
--- KEYS[1..11]  the agent's fixed keys (see _prelude.lua)
--- KEYS[12..]   result keys of tasks with a deterministic id (done-dedupe), by index
+-- KEYS[1..12]  the agent's fixed keys (see _prelude.lua)
+-- KEYS[13..]   result keys of tasks with a deterministic id (done-dedupe), by index
 -- ARGV[1]      max payload bytes
 -- ARGV[2]      now in ms ('' = server TIME)
 -- ARGV[3]      n, then n groups of 5: id, score, delay_ms, task_json, result_key_index (0 = none)
@@ -18,7 +18,7 @@ for i = 0, n - 1 do
   end
 end
 local added = {}
-local count = 0
+local count, ready = 0, 0
 for i = 0, n - 1 do
   local o = base + i * 5
   local id, score, delay_ms, json, rk = ARGV[o + 1], ARGV[o + 2], tonumber(ARGV[o + 3]), ARGV[o + 4], tonumber(ARGV[o + 5])
@@ -35,10 +35,12 @@ for i = 0, n - 1 do
       redis.call('ZADD', K_DELAYED, now + delay_ms, id)
     else
       redis.call('ZADD', K_QUEUE, score, id)
+      ready = ready + 1
     end
     added[i + 1] = 1
     count = count + 1
   end
 end
 if count > 0 then redis.call('HINCRBY', K_STATS, 'enqueued', count) end
+wake(ready)
 return added

@@ -1,5 +1,5 @@
 -- reap: move expired leases back to the ready queue, atomically and bounded.
--- KEYS[1..11]  the agent's fixed keys (see _prelude.lua)
+-- KEYS[1..12]  the agent's fixed keys (see _prelude.lua)
 -- ARGV[1] now in ms ('' = server TIME)   ARGV[2] at most this many per call
 -- Safe with several reapers at once: each id leaves the lease set exactly once.
 -- Also promotes due delayed tasks (same bound), so an idle agent's retries still move.
@@ -8,4 +8,5 @@ local now = now_ms(ARGV[1])
 local limit = tonumber(ARGV[2])
 local reaped = reap_expired(now, limit)
 local promoted = promote_due(now, limit)
+wake(reaped + promoted)
 return {reaped, promoted}

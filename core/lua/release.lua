@@ -1,5 +1,5 @@
 -- release: give leased tasks back unstarted (graceful shutdown), token-checked, atomically.
--- KEYS[1..11]  the agent's fixed keys (see _prelude.lua)
+-- KEYS[1..12]  the agent's fixed keys (see _prelude.lua)
 -- ARGV[1] n, then n groups of 2: id, token
 -- The delivery is not counted (the task never ran) and the task returns to its place.
 -- Returns: the number released.
@@ -15,4 +15,5 @@ for i = 0, n - 1 do
     released = released + 1
   end
 end
+wake(released)
 return released

@@ -1,0 +1,43 @@
+"""Operations commands: scale, health."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import orjson
+
+from core.cli.common import parse_counts
+
+
+@click.command()
+@click.argument("counts", nargs=-1, required=True)
+@click.pass_obj
+def scale(state, counts: tuple[str, ...]) -> None:
+    """Change running supervisors' process counts: handoff scale AGENT=N [AGENT=N ...].
+
+    Sent as a control message through Redis to every live supervisor (each runs N).
+    """
+    from core.keys import Keys
+    from core.manager import get_manager
+    from core.task import now_ms
+
+    wanted = parse_counts(",".join(counts))
+    settings = state.settings
+    keys = Keys(settings.key_prefix)
+    manager = get_manager(settings.redis)
+    alive_since = now_ms() - 30_000
+    supervisors = manager.execute(lambda c: c.zrangebyscore(keys.supervisors, alive_since, "+inf"))
+    if not supervisors:
+        click.echo("handoff: error: no live supervisor found", err=True)
+        sys.exit(1)
+    message = orjson.dumps({"op": "scale", "agents": wanted})
+
+    def send(client) -> None:
+        pipe = client.pipeline(transaction=False)
+        for sid in supervisors:
+            pipe.rpush(keys.control(sid.decode()), message)
+        pipe.execute()
+
+    manager.execute(send)
+    click.echo(f"scale {wanted} sent to {len(supervisors)} supervisor(s)")

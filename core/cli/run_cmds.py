@@ -1,0 +1,101 @@
+"""Commands that run processes: supervise, worker, redis."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+from core import exits
+from core.agents import AppLoadError, get_spec
+from core.cli.common import parse_counts
+from core.errors import HandoffError
+
+
+@click.command()
+@click.option("--agents", "agents_arg", help="AGENT=N[,AGENT=N...]; default: the config's agents.")
+@click.pass_obj
+def supervise(state, agents_arg: str | None) -> None:
+    """Fork and keep N worker processes per agent type.
+
+    Signals: TERM/INT stop gracefully (a second one, a second later, stops fast);
+    QUIT stops fast; HUP re-reads the config and rolls the workers one by one;
+    TTIN/TTOU add/remove one worker per agent type.
+    """
+    from core.supervisor import Supervisor
+
+    settings = state.settings
+    agents = parse_counts(agents_arg) if agents_arg else dict(settings.agents)
+    if not agents:
+        raise click.UsageError("no agents to supervise: pass --agents a=2,b=1 or set agents")
+    supervisor = Supervisor(settings, agents, reload_settings=state.reload_settings)
+    try:
+        code = supervisor.run()
+    except AppLoadError as e:
+        click.echo(f"handoff: error: {e}", err=True)
+        sys.exit(exits.EXIT_BOOT_ERROR)
+    sys.exit(code)
+
+
+@click.command()
+@click.argument("agent")
+@click.pass_obj
+def worker(state, agent: str) -> None:
+    """Run one worker process for AGENT (no supervisor)."""
+    from core.worker import Worker
+
+    settings = state.settings
+    try:
+        spec = get_spec(settings.app, agent)
+    except AppLoadError as e:
+        click.echo(f"handoff: error: {e}", err=True)
+        sys.exit(exits.EXIT_BOOT_ERROR)
+    sys.exit(Worker(spec, settings).run())
+
+
+@click.command()
+@click.option("--port", type=int, default=0, help="Also listen on this TCP port (0 = socket only).")
+@click.option("--persist", is_flag=True, help="Keep data in the run folder (AOF, everysec).")
+@click.option(
+    "--if-needed",
+    is_flag=True,
+    help="When REDIS_URL is set, start nothing and wait (for the Procfile).",
+)
+def redis(port: int, persist: bool, if_needed: bool) -> None:
+    """Run the embedded development server on the project's well-known socket."""
+    from core.server import default_run_dir, default_socket_path, find_server_binary, server_args
+
+    if if_needed and os.environ.get("REDIS_URL"):
+        from config import redact_url
+
+        click.echo(f"REDIS_URL is set ({redact_url(os.environ['REDIS_URL'])}): no embedded server")
+        signal.sigwait({signal.SIGTERM, signal.SIGINT})
+        return
+    binary = find_server_binary()
+    run_dir = default_run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    sock = default_socket_path()
+    if sock.exists():
+        _refuse_if_running(sock)
+        sock.unlink()
+    args = server_args(
+        binary, port=port, unix_socket=str(sock), data_dir=str(run_dir), appendonly=persist
+    )
+    click.echo(
+        f"embedded server: {Path(binary).name} on unix://{sock}" + (f" and :{port}" if port else "")
+    )
+    sys.stdout.flush()
+    os.execv(binary, args)
+
+
+def _refuse_if_running(sock: Path) -> None:
+    import redis as redis_py
+
+    try:
+        redis_py.Redis(unix_socket_path=str(sock), socket_timeout=1).ping()
+    except (redis_py.ConnectionError, OSError):
+        return  # a stale socket file from a previous run
+    raise HandoffError(f"a server is already running at unix://{sock}")

@@ -1,0 +1,263 @@
+"""Client: the producer's and operator's API (enqueue, status, result, admin).
+
+Runs in: any process. A Client builds its RedisManager lazily and rebuilds it when used
+in a new process (after fork), so a Client made before fork is safe in the child.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import orjson
+
+from config import Settings, load_settings
+from core.errors import HandoffError, InvalidPayload
+from core.keys import check_agent
+from core.manager import RedisManager
+from core.protocol import TaskQueue
+from core.task import (
+    Task,
+    agent_of,
+    check_priority,
+    derived_task_id,
+    new_task_id,
+    now_ms,
+)
+
+STATUSES = ("queued", "delayed", "running", "done", "dead", "unknown")
+
+
+class TaskDead(HandoffError):
+    """The task was dead-lettered; the message carries the reason."""
+
+
+class ResultTimeout(HandoffError, TimeoutError):
+    """The task did not finish within wait_s."""
+
+
+def build_task(
+    agent: str,
+    payload: Any,
+    *,
+    priority: int = 0,
+    delay_s: float = 0,
+    key: str | None = None,
+    max_attempts: int | None = None,
+    timeout_s: float | None = None,
+    at_ms: int | None = None,
+) -> Task:
+    """Validate one task's fields and build it (no Redis)."""
+    check_agent(agent)
+    check_priority(priority)
+    if delay_s < 0:
+        raise InvalidPayload(f"delay_s = {delay_s}: must be >= 0")
+    stamp = now_ms() if at_ms is None else at_ms
+    if key is not None:
+        if not isinstance(key, str) or not 0 < len(key) <= 256:
+            raise InvalidPayload("key: must be a string of 1 to 256 characters")
+        task_id = derived_task_id(agent, "key", key)
+    else:
+        task_id = new_task_id(agent, stamp)
+    return Task(
+        id=task_id,
+        agent=agent,
+        payload=payload,
+        priority=priority,
+        max_attempts=max_attempts,
+        timeout_s=timeout_s,
+        created_at=stamp,
+        enqueued_at=stamp,
+        not_before=stamp + int(delay_s * 1000) if delay_s > 0 else None,
+        key=key,
+    )
+
+
+class Client:
+    """Enqueue tasks and look at them. `Client()` reads REDIS_URL / HANDOFF_* settings."""
+
+    def __init__(self, url: str | None = None, *, settings: Settings | None = None) -> None:
+        if settings is None:
+            settings = load_settings(overrides={"redis.url": url} if url else None)
+        self.settings = settings
+        self._pid = -1
+        self._queue: TaskQueue | None = None
+
+    @property
+    def queue(self) -> TaskQueue:
+        if self._queue is None or self._pid != os.getpid():
+            # A new process: drop (never close) the parent's sockets and build our own.
+            self._queue = TaskQueue(RedisManager(self.settings.redis), self.settings)
+            self._pid = os.getpid()
+        return self._queue
+
+    def close(self) -> None:
+        if self._queue is not None and self._pid == os.getpid():
+            self._queue.manager.close()
+        self._queue = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- enqueue ---------------------------------------------------------------------------
+
+    def enqueue(
+        self,
+        agent: str,
+        payload: Any,
+        *,
+        priority: int = 0,
+        delay_s: float = 0,
+        key: str | None = None,
+        max_attempts: int | None = None,
+        timeout_s: float | None = None,
+    ) -> str:
+        """Add one task; returns its id (the same id again for a repeated key)."""
+        task = build_task(
+            agent,
+            payload,
+            priority=priority,
+            delay_s=delay_s,
+            key=key,
+            max_attempts=max_attempts,
+            timeout_s=timeout_s,
+        )
+        self.queue.enqueue([task], delay_ms=int(delay_s * 1000))
+        return task.id
+
+    def enqueue_many(
+        self,
+        agent: str,
+        payloads: Iterable[Any],
+        *,
+        priority: int = 0,
+        delay_s: float = 0,
+        keys: Sequence[str] | None = None,
+    ) -> list[str]:
+        """Add many tasks in one round trip; all are validated before any is sent."""
+        stamp = now_ms()
+        payloads = list(payloads)
+        if keys is not None and len(keys) != len(payloads):
+            raise InvalidPayload(f"keys: {len(keys)} given for {len(payloads)} payloads")
+        tasks = [
+            build_task(
+                agent,
+                payload,
+                priority=priority,
+                delay_s=delay_s,
+                key=None if keys is None else keys[i],
+                at_ms=stamp,
+            )
+            for i, payload in enumerate(payloads)
+        ]
+        if tasks:
+            self.queue.enqueue(tasks, delay_ms=int(delay_s * 1000))
+        return [task.id for task in tasks]
+
+    # -- looking ---------------------------------------------------------------------------
+
+    def status(self, task_id: str) -> str:
+        """queued | delayed | running | done | dead | unknown (one round trip)."""
+        return self._status_and_result(task_id)[0]
+
+    def _status_and_result(self, task_id: str) -> tuple[str, bytes | None]:
+        keys = self.queue.keys.agent(agent_of(task_id))
+
+        def probe(client) -> list:
+            pipe = client.pipeline(transaction=False)
+            pipe.get(keys.result(task_id))
+            pipe.zscore(keys.dead, task_id)
+            pipe.zscore(keys.leases, task_id)
+            pipe.zscore(keys.delayed, task_id)
+            pipe.zscore(keys.queue, task_id)
+            return pipe.execute()
+
+        done, dead, running, delayed, queued = self.queue.manager.execute(probe)
+        if done is not None:
+            return "done", done
+        for name, score in (("dead", dead), ("running", running), ("delayed", delayed)):
+            if score is not None:
+                return name, None
+        return ("queued" if queued is not None else "unknown"), None
+
+    def result(self, task_id: str, wait_s: float = 5.0) -> Any:
+        """The task's result, waiting up to wait_s for it to finish.
+
+        Raises TaskDead (with the reason) for a dead-lettered task and ResultTimeout when
+        it is not done in time. Waits by polling with backoff (1 ms doubling to 50 ms).
+        """
+        deadline = time.monotonic() + wait_s
+        pause = 0.001
+        while True:
+            status, raw = self._status_and_result(task_id)
+            if status == "done":
+                return orjson.loads(raw)["result"]
+            if status == "dead":
+                raise TaskDead(f"task {task_id} is dead: {self.dead_reason(task_id)}")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ResultTimeout(f"task {task_id} is still {status} after {wait_s}s")
+            time.sleep(min(pause, remaining))
+            pause = min(pause * 2, 0.05)
+
+    def dead_reason(self, task_id: str) -> str:
+        keys = self.queue.keys.agent(agent_of(task_id))
+        raw = self.queue.manager.execute(lambda c: c.hget(keys.dead_reasons, task_id))
+        return orjson.loads(raw).get("reason", "") if raw else ""
+
+    def task(self, task_id: str) -> dict[str, Any]:
+        """Everything known about one task (for `handoff inspect task`)."""
+        agent = agent_of(task_id)
+        keys = self.queue.keys.agent(agent)
+        status, raw_result = self._status_and_result(task_id)
+
+        def read(client) -> list:
+            pipe = client.pipeline(transaction=False)
+            pipe.hget(keys.tasks, task_id)
+            pipe.hget(keys.deliveries, task_id)
+            pipe.hget(keys.attempts, task_id)
+            pipe.hget(keys.dead_reasons, task_id)
+            return pipe.execute()
+
+        raw, deliveries, attempts, dead = self.queue.manager.execute(read)
+        info: dict[str, Any] = {"id": task_id, "agent": agent, "status": status}
+        if raw is not None:
+            try:
+                info["task"] = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                info["task"] = None
+                info["corrupt"] = True
+        info["deliveries"] = int(deliveries or 0)
+        info["failures"] = int(attempts or 0)
+        if dead:
+            info["dead"] = orjson.loads(dead)
+        if raw_result is not None:
+            info["result"] = orjson.loads(raw_result)
+        return info
+
+    def queue_stats(self, agents: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+        """Per agent: queued, running, delayed, dead, counters, oldest queued age (one trip)."""
+        from core.inspect import queue_stats
+
+        return queue_stats(self.queue, agents)
+
+    # -- dead letters ----------------------------------------------------------------------
+
+    def dead_list(self, agent: str, limit: int = 100) -> list[dict[str, Any]]:
+        from core.inspect import dead_list
+
+        return dead_list(self.queue, agent, limit)
+
+    def dead_requeue(self, agent: str, ids: Sequence[str] = (), limit: int = 1000) -> list[str]:
+        fixed = self.queue.keys.agent(agent).all()
+        reply = self.queue.run_scripts([("dead_requeue", fixed, [limit, *ids])])[0]
+        return [i.decode() for i in reply]
+
+    def dead_purge(self, agent: str, ids: Sequence[str] = (), limit: int = 1000) -> int:
+        fixed = self.queue.keys.agent(agent).all()
+        return int(self.queue.run_scripts([("dead_purge", fixed, [limit, *ids])])[0])
