@@ -42,7 +42,7 @@ class AgentSpec:
     global_limit: int | None = None
     timeout_s: float | None = None
     max_attempts: int = 3
-    lease_s: float = 30.0
+    lease_s: float | None = None  # None: the settings' lease_s
     retry_delay_s: float = 1.0
 
     @property
@@ -62,7 +62,7 @@ def agent(
     global_limit: int | None = None,
     timeout_s: float | None = None,
     max_attempts: int = 3,
-    lease_s: float = 30.0,
+    lease_s: float | None = None,
     retry_delay_s: float = 1.0,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a handler (plain function or coroutine) for an agent type."""
@@ -73,7 +73,8 @@ def agent(
     if timeout_s is not None:
         _check_range(name, "timeout_s", timeout_s, 0.001, 86_400 * 7)
     _check_range(name, "max_attempts", max_attempts, 1, 1000)
-    _check_range(name, "lease_s", lease_s, 0.1, 86_400)
+    if lease_s is not None:
+        _check_range(name, "lease_s", lease_s, 0.1, 86_400)
     _check_range(name, "retry_delay_s", retry_delay_s, 0, 3600)
 
     def register(handler: Callable[..., Any]) -> Callable[..., Any]:

@@ -77,7 +77,7 @@ class Worker:
         self.fast = False
         self.stop_event = threading.Event()
         self.want_work = threading.Event()
-        self.lease_ms = int(self.spec.lease_s * 1000)
+        self.lease_ms = int((self.spec.lease_s or self.settings.lease_s) * 1000)
         self.capacity = self.spec.max_concurrent + self.settings.prefetch
         self._last_error_log = 0.0
         self._backoff_s = 0.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import time
 
 import click
@@ -33,5 +34,13 @@ def demo(state, rate: float, count: int | None) -> None:
                 raise
             time.sleep(0.2)
     click.echo(f"demo producer: {rate:g} feature request(s)/s to planner")
-    sent = produce(client, rate_per_s=rate, count=count)
-    click.echo(f"demo producer: sent {sent}")
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        sent = produce(client, rate_per_s=rate, count=count)
+    except KeyboardInterrupt:
+        sent = None
+    click.echo("demo producer: stopped" if sent is None else f"demo producer: sent {sent}")
+
+
+def _stop(_signum, _frame) -> None:
+    raise KeyboardInterrupt

@@ -72,7 +72,9 @@ def redis(port: int, persist: bool, if_needed: bool) -> None:
         from config import redact_url
 
         click.echo(f"REDIS_URL is set ({redact_url(os.environ['REDIS_URL'])}): no embedded server")
-        signal.sigwait({signal.SIGTERM, signal.SIGINT})
+        stop_signals = {signal.SIGTERM, signal.SIGINT}
+        signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+        signal.sigwait(stop_signals)
         return
     binary = find_server_binary()
     run_dir = default_run_dir()

@@ -1,0 +1,108 @@
+"""Agents for worker and supervisor tests. Each records what it did in the test's server
+(TEST_REDIS_URL), so a test can check executions, concurrency and deliveries from outside.
+
+    executed      LIST  "<pid> <task id>" per execution start
+    conc:<pid>    running now in one worker;   peak:<pid>  its peak
+    conc:<agent>  running now across workers;  peak:<agent> its peak
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import redis
+
+from core import Handoff, agent
+
+_client: redis.Redis | None = None
+_client_pid = 0
+
+_ENTER = """
+local v = redis.call('INCR', KEYS[1])
+if v > tonumber(redis.call('GET', KEYS[2]) or '0') then redis.call('SET', KEYS[2], v) end
+local g = redis.call('INCR', KEYS[3])
+if g > tonumber(redis.call('GET', KEYS[4]) or '0') then redis.call('SET', KEYS[4], g) end
+return v
+"""
+
+
+def client() -> redis.Redis:
+    global _client, _client_pid
+    if _client is None or _client_pid != os.getpid():
+        _client = redis.Redis.from_url(os.environ["TEST_REDIS_URL"])
+        _client_pid = os.getpid()
+    return _client
+
+
+def _record(task, agent_name: str) -> None:
+    pid = os.getpid()
+    c = client()
+    c.rpush("executed", f"{pid} {task.id}")
+    c.eval(_ENTER, 4, f"conc:{pid}", f"peak:{pid}", f"conc:{agent_name}", f"peak:{agent_name}")
+
+
+def _leave(agent_name: str) -> None:
+    c = client()
+    pipe = c.pipeline(transaction=False)
+    pipe.decr(f"conc:{os.getpid()}")
+    pipe.decr(f"conc:{agent_name}")
+    pipe.execute()
+
+
+@agent("probe", max_concurrent=4, global_limit=6, lease_s=2.0)
+def probe(task):
+    """Sleeps payload['sleep_s'] (default 5 ms) and returns the payload's 'n'."""
+    _record(task, "probe")
+    try:
+        time.sleep(task.payload.get("sleep_s", 0.005))
+        return {"n": task.payload.get("n")}
+    finally:
+        _leave("probe")
+
+
+@agent("aprobe", max_concurrent=8)
+async def aprobe(task):
+    _record(task, "aprobe")
+    try:
+        await asyncio.sleep(task.payload.get("sleep_s", 0.005))
+        return task.payload.get("n")
+    finally:
+        _leave("aprobe")
+
+
+@agent("flaky", max_concurrent=2, max_attempts=2, retry_delay_s=0.01)
+def flaky(task):
+    client().rpush("executed", f"{os.getpid()} {task.id}")
+    raise ValueError(f"flaky failure for {task.payload}")
+
+
+@agent("aborter", max_concurrent=1, lease_s=1.0)
+def aborter(task):
+    client().rpush("executed", f"{os.getpid()} {task.id}")
+    os.abort()
+
+
+@agent("leaker", max_concurrent=1)
+def leaker(task):
+    client().rpush("executed", f"{os.getpid()} {task.id}")
+    hoard = getattr(leaker, "hoard", [])
+    hoard.append(b"x" * (20 * 1024 * 1024))  # 20 MB more per task (touched), never freed
+    time.sleep(0.1)
+    leaker.hoard = hoard
+    return len(hoard)
+
+
+@agent("sleeper", max_concurrent=1, timeout_s=0.5, max_attempts=1)
+def sleeper(task):
+    client().rpush("executed", f"{os.getpid()} {task.id}")
+    time.sleep(60)
+
+
+@agent("relay", max_concurrent=4)
+def relay(task):
+    """Hands off to probe (fan-out of payload['fan'] children)."""
+    _record(task, "relay")
+    _leave("relay")
+    return [Handoff("probe", {"n": i}) for i in range(task.payload.get("fan", 1))]

@@ -1,0 +1,101 @@
+"""Helpers for tests that run real handoff processes (supervisor, workers, honcho)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_until(condition: Callable[[], object], timeout_s: float, what: str, step_s=0.02):
+    """Poll condition until truthy (returned) or fail after timeout_s naming what we waited for."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(step_s)
+
+
+def handoff_env(redis_url: str, **settings: object) -> dict[str, str]:
+    """Environment for a handoff subprocess: the test's server, test apps importable."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HANDOFF_")}
+    env.pop("REDIS_URL", None)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests")])
+    env["TEST_REDIS_URL"] = redis_url
+    env["HANDOFF_REDIS_URL"] = redis_url
+    env["HANDOFF_HEARTBEAT_INTERVAL_S"] = "0.2"
+    env["HANDOFF_REAPER_INTERVAL_S"] = "0.2"
+    for name, value in settings.items():
+        env[f"HANDOFF_{name.upper()}"] = str(value)
+    return env
+
+
+class HandoffProcess:
+    """A `handoff ...` subprocess in its own session, with its output in a file."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "core.cli", *args],
+            cwd=ROOT,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def children(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.pid).children()
+        except psutil.NoSuchProcess:
+            return []
+
+    def live_children(self) -> list[psutil.Process]:
+        alive = []
+        for child in self.children():
+            try:
+                if child.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(child)
+            except psutil.NoSuchProcess:
+                pass
+        return alive
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout_s: float) -> int:
+        return self.proc.wait(timeout=timeout_s)
+
+    def stop(self) -> None:
+        """Make sure nothing outlives the test: the whole session is killed."""
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(timeout=10)
+        else:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        self._log.close()

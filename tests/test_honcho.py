@@ -1,0 +1,105 @@
+"""The Procfile under the real honcho: the demo chain runs, Ctrl-C loses nothing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+from procs import ROOT, wait_until
+
+from config import RedisPoolConfig, Settings
+from core.client import Client
+
+HONCHO = Path(sys.executable).with_name("honcho")
+
+
+def _honcho(tmp_path: Path, env: dict[str, str]) -> subprocess.Popen:
+    log = open(tmp_path / "honcho.log", "wb")  # noqa: SIM115 - the process owns it
+    return subprocess.Popen(
+        [str(HONCHO), "-f", str(ROOT / "Procfile"), "-d", str(ROOT), "start"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HANDOFF_")}
+    env.pop("REDIS_URL", None)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["HANDOFF_RUN_DIR"] = str(tmp_path / "run")
+    env.update(extra)
+    return env
+
+
+def _ctrl_c(proc: subprocess.Popen) -> int:
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal does: the whole foreground group
+    try:
+        return proc.wait(timeout=15)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _follow_chain(client: Client) -> list[str]:
+    """A planner task whose coder child handed off to a reviewer that finished."""
+    keys = client.queue.manager.execute(
+        lambda c: list(c.scan_iter(match="handoff:{planner}:result:*", count=1000))
+    )
+    for key in keys:
+        planner_id = key.decode().rsplit(":", 1)[1]
+        for coder_id in client.result(planner_id, wait_s=0)["handoff"]:
+            if client.status(coder_id) != "done":
+                continue
+            coder_result = client.result(coder_id, wait_s=0)
+            for reviewer_id in coder_result.get("handoff", []):
+                if client.status(reviewer_id) == "done":
+                    return [planner_id, coder_id, reviewer_id]
+    return []
+
+
+@pytest.mark.slow
+def test_honcho_start_runs_the_demo_chain_on_the_embedded_server(tmp_path):
+    proc = _honcho(tmp_path, _env(tmp_path))
+    try:
+        url = f"unix://{tmp_path / 'run' / 'redis.sock'}"
+        with Client(settings=Settings(redis=RedisPoolConfig(url=url, max_retries=0))) as client:
+            chain = wait_until(lambda: _try(lambda: _follow_chain(client)), 60, "a full chain")
+            reviewer = client.task(chain[2])["result"]["result"]
+            assert reviewer.get("approved") is True or "handoff" in reviewer
+        assert _ctrl_c(proc) in (0, 130)  # honcho exits 130 after SIGINT
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    log = (tmp_path / "honcho.log").read_text()
+    assert "supervisor" in log and "stopped (ok)" in log
+    assert "Traceback" not in log and "rc=-" not in log  # every process stopped cleanly
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_honcho_leaves_nothing_running(tmp_path, redis_url):
+    proc = _honcho(tmp_path, _env(tmp_path, REDIS_URL=redis_url))
+    with Client(settings=Settings(redis=RedisPoolConfig(url=redis_url))) as client:
+        wait_until(
+            lambda: client.queue_stats().get("coder", {}).get("done", 0) >= 5, 60, "coder work"
+        )
+        assert _ctrl_c(proc) in (0, 130)  # honcho exits 130 after SIGINT
+        stats = client.queue_stats()
+        assert all(s["running"] == 0 for s in stats.values()), orjson.dumps(stats)
+        log = (tmp_path / "honcho.log").read_text()
+        assert "Traceback" not in log and "rc=-" not in log
+
+
+def _try(fn):
+    try:
+        return fn()
+    except Exception:
+        return None
