@@ -409,6 +409,7 @@ class Worker:
             state=self.state,
             in_flight=len(self.held),
             max_concurrent=self.spec.max_concurrent,
+            global_limit=self.spec.global_limit,
             manager=self.manager,
         )
         key = self.keys.worker(self.worker_id)

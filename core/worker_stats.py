@@ -49,6 +49,7 @@ class WorkerStats:
         state: str,
         in_flight: int,
         max_concurrent: int,
+        global_limit: int | None,
         manager: RedisManager,
     ) -> dict[str, Any]:
         """The worker's health hash (flat strings; pool and health as JSON)."""
@@ -68,6 +69,7 @@ class WorkerStats:
             "stale_acks": self.stale,
             "in_flight": in_flight,
             "max_concurrent": max_concurrent,
+            "global_limit": global_limit or 0,
             "last_claim_at": round(self.last_claim_at, 3),
             "last_ack_at": round(self.last_ack_at, 3),
             "latency_p50_ms": round(self.percentile_ms(0.5), 3),

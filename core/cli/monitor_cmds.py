@@ -1,0 +1,135 @@
+"""Commands that watch: monitor, health, inspect workers."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import time
+
+import click
+
+from core.cli.common import print_json, print_table
+
+log = logging.getLogger("core.monitor")
+LOG_EVERY_S = 10.0
+
+
+def _monitor(state):
+    from core.manager import get_manager
+    from core.monitor import Monitor
+    from core.protocol import TaskQueue
+
+    settings = state.settings
+    return Monitor(TaskQueue(get_manager(settings.redis), settings))
+
+
+@click.command()
+@click.option("--once", is_flag=True, help="Print one snapshot and exit.")
+@click.option("--json", "as_json", is_flag=True, help="JSON output (with --once).")
+@click.option("--interval-s", type=click.FloatRange(0.05, 3600), help="Refresh (default 1 s).")
+@click.option("--metrics-port", type=click.IntRange(1, 65535), help="Serve Prometheus here.")
+@click.option("--metrics-addr", default="127.0.0.1", show_default=True)
+@click.pass_obj
+def monitor(state, once, as_json, interval_s, metrics_port, metrics_addr) -> None:
+    """Live aggregate view of agents and workers; writes the aggregate to Redis.
+
+    On a terminal: a refreshing table. Otherwise (under honcho): a line per agent every
+    10 s, and one log line whenever a worker's health changes.
+    """
+    from core.monitor_view import log_lines, problem_lines, render
+
+    watcher = _monitor(state)
+    if once:
+        snapshot = watcher.snapshot()
+        if as_json:
+            print_json(snapshot)
+        else:
+            click.echo(render(snapshot))
+        return
+    interval = interval_s or state.settings.monitor_interval_s
+    latest: dict = {}
+    if metrics_port:
+        from core.metrics_export import serve
+
+        serve(metrics_port, lambda: latest.get("snapshot"), addr=metrics_addr)
+        log.info("monitor: Prometheus metrics on http://%s:%d/metrics", metrics_addr, metrics_port)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    tty = sys.stdout.isatty()
+    health: dict[str, bool] = {}
+    last_log = 0.0
+    try:
+        while not stop.is_set():
+            snapshot = watcher.snapshot()
+            latest["snapshot"] = snapshot
+            _log_changes(snapshot, health)
+            try:
+                watcher.publish(snapshot)
+            except Exception as e:
+                log.debug("monitor: publish failed: %s", e)
+            if tty:
+                click.echo("\x1b[2J\x1b[H" + render(snapshot))
+            elif time.monotonic() - last_log >= LOG_EVERY_S:
+                last_log = time.monotonic()
+                for line in log_lines(snapshot) or problem_lines(snapshot):
+                    click.echo(line)
+            stop.wait(interval)
+    except KeyboardInterrupt:
+        pass
+
+
+def _log_changes(snapshot: dict, health: dict[str, bool]) -> None:
+    """One log line per health change, not one per tick."""
+    seen = set()
+    for worker in snapshot["workers"]:
+        seen.add(worker["id"])
+        was = health.get(worker["id"])
+        if was is None or was != worker["healthy"]:
+            if worker["healthy"] and was is not None:
+                log.info("worker %s is healthy again", worker["id"])
+            elif not worker["healthy"]:
+                log.warning("worker %s: %s", worker["id"], "; ".join(worker["problems"]))
+            health[worker["id"]] = worker["healthy"]
+    for gone in set(health) - seen:
+        log.warning("worker %s is gone", gone)
+        del health[gone]
+    redis_ok = snapshot.get("redis", {}).get("ok", True)
+    if health.get("<redis>", True) != redis_ok:
+        if redis_ok:
+            log.info("Redis reachable again")
+        else:
+            log.error("Redis unreachable: %s", snapshot["redis"].get("error"))
+        health["<redis>"] = redis_ok
+
+
+@click.command()
+@click.pass_obj
+def health(state) -> None:
+    """Exit 0 when Redis and every worker are healthy, 1 otherwise (one line per problem)."""
+    from core.monitor_view import problem_lines
+
+    snapshot = _monitor(state).snapshot()
+    for line in problem_lines(snapshot):
+        click.echo(line)
+    if snapshot["healthy"]:
+        click.echo(f"healthy: {len(snapshot['workers'])} worker(s)")
+    sys.exit(0 if snapshot["healthy"] else 1)
+
+
+def inspect_workers_command(inspect_group: click.Group) -> None:
+    """Add `inspect workers` to the inspect group."""
+
+    @inspect_group.command("workers")
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+    @click.pass_obj
+    def inspect_workers(state, as_json: bool) -> None:
+        """Every live worker: state, load, memory, CPU, heartbeat and health."""
+        from core.monitor_view import WORKER_COLUMNS, worker_rows
+
+        snapshot = _monitor(state).snapshot()
+        if as_json:
+            print_json(snapshot["workers"])
+            return
+        print_table(list(WORKER_COLUMNS), worker_rows(snapshot))

@@ -1,0 +1,94 @@
+"""How a snapshot looks: a table for a terminal, a line per agent for logs.
+
+Runs in: `handoff monitor`, `handoff inspect workers`. Fits an 80-column terminal.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+AGENT_COLUMNS = ("agent", "queued", "run", "delay", "dead", "done", "fail", "/s", "wk", "age_s")
+WORKER_COLUMNS = ("worker", "state", "busy", "done", "rss_mb", "cpu%", "beat_s", "health")
+
+
+def _table(headers: tuple[str, ...], rows: list[list[str]]) -> list[str]:
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines += [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
+    return lines
+
+
+def agent_rows(snapshot: dict[str, Any]) -> list[list[str]]:
+    return [
+        [
+            name[:16],
+            str(a["queued"]),
+            str(a["running"]),
+            str(a["delayed"]),
+            str(a["dead"]),
+            str(a["done"]),
+            str(a["failed"]),
+            f"{a['throughput_per_s']:.1f}",
+            str(a["workers"]),
+            f"{a['oldest_queued_age_s']:.1f}",
+        ]
+        for name, a in sorted(snapshot["agents"].items())
+    ]
+
+
+def worker_rows(snapshot: dict[str, Any]) -> list[list[str]]:
+    return [
+        [
+            w["id"][:24],
+            w["state"][:8],
+            f"{w['in_flight']}/{w['max_concurrent']}",
+            str(w["processed"]),
+            f"{w['rss_mb']:.0f}",
+            f"{w['cpu_percent']:.0f}",
+            f"{w['last_heartbeat_s_ago']:.1f}",
+            "ok" if w["healthy"] else "BAD",
+        ]
+        for w in sorted(snapshot["workers"], key=lambda w: w["id"])
+    ]
+
+
+def render(snapshot: dict[str, Any]) -> str:
+    """The full-screen view: agents, workers, problems."""
+    status = "healthy" if snapshot["healthy"] else "UNHEALTHY"
+    lines = [f"handoff monitor - {status}", ""]
+    if not snapshot.get("redis", {}).get("ok", True):
+        lines.append(f"Redis: {snapshot['redis'].get('error', 'unreachable')}")
+    lines += _table(AGENT_COLUMNS, agent_rows(snapshot)) if snapshot["agents"] else ["no agents"]
+    lines.append("")
+    lines += (
+        _table(WORKER_COLUMNS, worker_rows(snapshot)) if snapshot["workers"] else ["no workers"]
+    )
+    problems = problem_lines(snapshot)
+    if problems:
+        lines += ["", *problems]
+    return "\n".join(lines)
+
+
+def problem_lines(snapshot: dict[str, Any]) -> list[str]:
+    """One line per problem (what `handoff health` prints)."""
+    lines = []
+    if not snapshot.get("redis", {}).get("ok", True):
+        lines.append(f"redis: {snapshot['redis'].get('error', 'unreachable')}")
+    for w in snapshot["workers"]:
+        for problem in w.get("problems", []):
+            lines.append(f"worker {w['id']} ({w['agent']}): {problem}")
+    return lines
+
+
+def log_lines(snapshot: dict[str, Any]) -> list[str]:
+    """Plain lines for a non-terminal (under honcho): one per agent."""
+    return [
+        f"{name}: queued={a['queued']} running={a['running']} delayed={a['delayed']} "
+        f"dead={a['dead']} done={a['done']} failed={a['failed']} handed_off={a['handed_off']} "
+        f"rate={a['throughput_per_s']:.1f}/s workers={a['workers']}"
+        for name, a in sorted(snapshot["agents"].items())
+    ]

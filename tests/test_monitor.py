@@ -1,0 +1,184 @@
+"""The monitor: truthful counts, health rules, Prometheus, and flat cost."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import urllib.request
+
+import orjson
+import pytest
+from procs import HandoffProcess, handoff_env, wait_until
+from prometheus_client.parser import text_string_to_metric_families
+from test_supervisor import client, start, stat  # noqa: F401  (fixtures)
+
+from config import RedisPoolConfig, Settings
+from core.manager import RedisManager
+from core.monitor import Monitor
+from core.protocol import TaskQueue
+
+
+def snapshot_json(redis_url, tmp_path) -> dict:
+    env = handoff_env(redis_url, app="apps.probe")
+    proc = HandoffProcess(["monitor", "--once", "--json"], env, tmp_path / "snap.json")
+    try:
+        assert proc.wait(30) == 0
+    finally:
+        proc.stop()
+    return orjson.loads(proc.output())
+
+
+def health_exit(redis_url, tmp_path) -> tuple[int, str]:
+    env = handoff_env(redis_url, app="apps.probe")
+    proc = HandoffProcess(["health"], env, tmp_path / "health.out")
+    try:
+        return proc.wait(30), proc.output()
+    finally:
+        proc.stop()
+
+
+def test_snapshot_counts_match_the_truth(start, client, redis_url, tmp_path):  # noqa: F811
+    client.enqueue_many("probe", [{"n": i, "sleep_s": 0} for i in range(500)])
+    client.enqueue_many("flaky", [{"n": i} for i in range(3)])
+    start(["supervise", "--agents", "probe=2,flaky=1"])
+    wait_until(lambda: stat(client, "probe", "done") == 500, 60, "500 done")
+    wait_until(lambda: client.queue_stats(["flaky"])["flaky"]["dead"] == 3, 30, "3 dead")
+    snap = wait_until(
+        lambda: (s := snapshot_json(redis_url, tmp_path)) and len(s["workers"]) == 3 and s,
+        15,
+        "three workers in the snapshot",
+    )
+    probe = snap["agents"]["probe"]
+    assert (probe["done"], probe["queued"], probe["running"], probe["dead"]) == (500, 0, 0, 0)
+    assert probe["workers"] == 2 and probe["max_concurrent"] == 8 and probe["global_limit"] == 6
+    flaky = snap["agents"]["flaky"]
+    assert (flaky["dead"], flaky["failed"], flaky["retried"], flaky["done"]) == (3, 6, 3, 0)
+    probe_workers = [w for w in snap["workers"] if w["agent"] == "probe"]
+    wait_until(
+        lambda: (
+            sum(
+                w["processed"]
+                for w in snapshot_json(redis_url, tmp_path)["workers"]
+                if w["agent"] == "probe"
+            )
+            == 500
+        ),
+        10,
+        "workers' processed to add up after a heartbeat",
+    )
+    for worker in probe_workers:
+        assert {"id", "agent", "pid", "host", "state", "in_flight", "processed", "failed",
+                "rss_mb", "cpu_percent", "last_heartbeat_s_ago", "healthy", "pool"} <= set(worker)  # fmt: skip
+        assert worker["healthy"] and 0 < worker["rss_mb"] < 200
+    assert snap["healthy"] is True
+    assert health_exit(redis_url, tmp_path)[0] == 0
+
+
+def test_killed_worker_turns_unhealthy_then_disappears(start, client, redis_url, tmp_path):  # noqa: F811
+    sup = start(["supervise", "--agents", "probe=1"], max_deliveries=10)
+    (worker,) = wait_until(lambda: sup.live_children(), 15, "a worker")
+    watcher = Monitor(TaskQueue(RedisManager(RedisPoolConfig(url=redis_url)), Settings()))
+    watcher.interval_s = 0.2  # the workers' heartbeat interval in these tests
+    wait_until(lambda: _worker(watcher, worker.pid), 15, "the worker to report")
+    sup.signal(signal.SIGSTOP)  # keep the supervisor from replacing it during the check
+    try:
+        worker.kill()
+        bad = wait_until(
+            lambda: (w := _worker(watcher, worker.pid)) and not w["healthy"] and w, 5, "unhealthy"
+        )
+        assert "no heartbeat" in bad["problems"][0]
+        code, out = health_exit(redis_url, tmp_path)
+        assert code == 1 and "no heartbeat" in out
+        wait_until(lambda: _worker(watcher, worker.pid) is None, 10, "the dead worker to vanish")
+    finally:
+        sup.signal(signal.SIGCONT)
+
+
+def test_stopped_worker_shows_as_not_making_progress(start, client, redis_url):  # noqa: F811
+    sup = start(["supervise", "--agents", "probe=1"])
+    (worker,) = wait_until(lambda: sup.live_children(), 15, "a worker")
+    watcher = Monitor(TaskQueue(RedisManager(RedisPoolConfig(url=redis_url)), Settings()))
+    watcher.interval_s = 0.2
+    wait_until(lambda: _worker(watcher, worker.pid), 15, "the worker to report")
+    worker.suspend()
+    try:
+        client.enqueue_many("probe", [{"n": 1}] * 5)
+        bad = wait_until(
+            lambda: (w := _worker(watcher, worker.pid)) and not w["healthy"] and w, 5, "stalled"
+        )
+        assert bad["problems"][0].startswith("not making progress")
+    finally:
+        worker.resume()
+    wait_until(lambda: _worker(watcher, worker.pid)["healthy"], 10, "healthy again")
+
+
+def _worker(watcher: Monitor, pid: int) -> dict | None:
+    for w in watcher.snapshot()["workers"]:
+        if w.get("pid") == pid:
+            return w
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_prometheus_endpoint_matches_the_json_snapshot(start, client, redis_url, tmp_path):  # noqa: F811
+    client.enqueue_many("probe", [{"n": i, "sleep_s": 0} for i in range(200)])
+    start(["supervise", "--agents", "probe=1"])
+    wait_until(lambda: stat(client, "probe", "done") == 200, 60, "200 done")
+    port = _free_port()
+    start(["monitor", "--metrics-port", str(port), "--interval-s", "0.2"])
+
+    def scrape() -> dict:
+        try:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read()
+        except OSError:
+            return {}
+        values = {}
+        for family in text_string_to_metric_families(text.decode()):
+            for sample in family.samples:
+                values[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+        return values
+
+    values = wait_until(
+        lambda: (
+            (v := scrape())
+            and v.get(("handoff_tasks_done_total", (("agent", "probe"),))) == 200
+            and v
+        ),
+        20,
+        "a scrape with the finished tasks",
+    )
+    snap = snapshot_json(redis_url, tmp_path)
+    probe = snap["agents"]["probe"]
+    label = (("agent", "probe"),)
+    assert values[("handoff_queue_depth", label)] == probe["queued"] == 0
+    assert values[("handoff_tasks_running", label)] == probe["running"]
+    assert values[("handoff_tasks_enqueued_total", label)] == probe["enqueued"] == 200
+    assert values[("handoff_workers", label)] == probe["workers"] == 1
+    assert values[("handoff_healthy", ())] == 1.0
+    (worker,) = snap["workers"]
+    rss = values[("handoff_worker_rss_bytes", (("agent", "probe"), ("worker", worker["id"])))]
+    assert rss > 10 * 1024 * 1024
+
+
+@pytest.mark.parametrize("queued", [1, 1_000_000])
+def test_snapshot_cost_does_not_grow_with_queued_tasks(redis_url, raw_redis, queued):
+    # Fill the queue directly in the server: the monitor only ever looks at its size and head.
+    raw_redis.eval(
+        "for i = 1, tonumber(ARGV[1]) do redis.call('ZADD', KEYS[1], i, 'probe.' .. i) end",
+        1,
+        "handoff:{probe}:queue",
+        queued,
+    )
+    raw_redis.sadd("handoff:agents", "probe")
+    watcher = Monitor(TaskQueue(RedisManager(RedisPoolConfig(url=redis_url)), Settings()))
+    watcher.snapshot()  # warm: scripts, connections
+    before = raw_redis.info("stats")["total_commands_processed"]
+    snap = watcher.snapshot()
+    commands = raw_redis.info("stats")["total_commands_processed"] - before - 1  # minus INFO
+    assert snap["agents"]["probe"]["queued"] == queued
+    assert commands == 8  # 2 registry reads + 6 per agent: the same for 1 and 1,000,000
