@@ -18,6 +18,12 @@ from core.monitor import Monitor
 from core.protocol import TaskQueue
 
 
+WORKER_FIELDS = {
+    "id", "agent", "pid", "host", "state", "in_flight", "processed", "failed",
+    "rss_mb", "cpu_percent", "last_heartbeat_s_ago", "healthy", "pool",
+}  # fmt: skip
+
+
 def snapshot_json(redis_url, tmp_path) -> dict:
     env = handoff_env(redis_url, app="apps.probe")
     proc = HandoffProcess(["monitor", "--once", "--json"], env, tmp_path / "snap.json")
@@ -67,8 +73,7 @@ def test_snapshot_counts_match_the_truth(start, client, redis_url, tmp_path):  #
         "workers' processed to add up after a heartbeat",
     )
     for worker in probe_workers:
-        assert {"id", "agent", "pid", "host", "state", "in_flight", "processed", "failed",
-                "rss_mb", "cpu_percent", "last_heartbeat_s_ago", "healthy", "pool"} <= set(worker)  # fmt: skip
+        assert WORKER_FIELDS <= set(worker)
         assert worker["healthy"] and 0 < worker["rss_mb"] < 200
     assert snap["healthy"] is True
     assert health_exit(redis_url, tmp_path)[0] == 0
