@@ -78,11 +78,15 @@ class Worker:
         self.stop_event = threading.Event()
         self.want_work = threading.Event()
         self.lease_ms = int((self.spec.lease_s or self.settings.lease_s) * 1000)
-        self.capacity = self.spec.max_concurrent + self.settings.prefetch
+        # Prefetched tasks hold leases; under a global limit they would hold other
+        # workers' share idle, so a globally limited agent claims only for free slots.
+        prefetch = 0 if self.spec.global_limit else self.settings.prefetch
+        self.capacity = self.spec.max_concurrent + prefetch
         self._last_error_log = 0.0
         self._backoff_s = 0.0
         self._backoff_until = 0.0
         self._recycle_reason = ""
+        self._unsent: list[tuple[list, list, list]] = []  # batches Redis did not take yet
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
             signal.signal(sig, self._on_signal)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the supervisor rolls us instead
@@ -112,6 +116,8 @@ class Worker:
         deadline: float | None = None
         while True:
             self._process_events(block_s=self._wait_s())
+            if self._unsent:
+                self._flush()
             if self.draining and deadline is None:
                 deadline = time.monotonic() + (0 if self.fast else self.settings.graceful_timeout_s)
                 self._release(self.runner.take_unstarted())
@@ -125,7 +131,7 @@ class Worker:
         return self.exit_code
 
     def _wait_s(self) -> float:
-        if self.draining:
+        if self.draining or self._unsent:
             return 0.05
         if len(self.held) < self.capacity and not self.want_work.is_set():
             return 0.0  # there is room and we have not yet seen an empty queue
@@ -276,22 +282,36 @@ class Worker:
 
     def _send(self, completions: list[Completion], failures: list[Failure], children) -> None:
         """Children first, then the parents' acks: a crash in between only repeats a
-        parent whose children are deduplicated by id."""
-        while True:
+        parent whose children are deduplicated by id.
+
+        When Redis is unreachable the batch is kept and sent again on a later turn of the
+        main loop (which keeps handling signals meanwhile); the held leases stay renewed.
+        """
+        self._unsent.append((completions, failures, children))
+        self._flush()
+
+    def _flush(self) -> None:
+        if time.monotonic() < self._backoff_until:
+            return
+        while self._unsent:
+            completions, failures, children = self._unsent[0]
             try:
                 if children:
                     self.queue.enqueue(children)
-                    children = []
+                    self._unsent[0] = (completions, failures, [])
                 if completions:
                     self.stats.stale += len(self.queue.ack(completions))
+                    self._unsent[0] = ([], failures, [])
                 if failures:
                     self.stats.stale += len(self.queue.nack(failures))
-                break
             except HandoffError as e:
                 self._redis_trouble("ack", e)
-                if self.fast:
-                    return  # leases will expire; nothing is lost
-                time.sleep(self._backoff_s)
+                return
+            self._unsent.pop(0)
+            self._account(completions, failures)
+        self._backoff_s = 0.0
+
+    def _account(self, completions: list[Completion], failures: list[Failure]) -> None:
         for done in completions:
             self.held.pop(done.task.id, None)
         for failure in failures:
