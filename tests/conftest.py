@@ -65,3 +65,32 @@ def _no_ambient_redis_url(monkeypatch):
     for name in list(os.environ):
         if name.startswith("HANDOFF_"):
             monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def client(redis_url):
+    """A handoff Client on this test's clean server."""
+    from config import RedisPoolConfig, Settings
+    from core.client import Client
+
+    with Client(settings=Settings(redis=RedisPoolConfig(url=redis_url))) as c:
+        yield c
+
+
+@pytest.fixture
+def start(redis_url, tmp_path):
+    """start(args, **settings) -> a running `handoff` process (test agents from
+    tests/apps/probe.py); every one is killed, with its whole session, at the end."""
+    from procs import HandoffProcess, handoff_env
+
+    started: list = []
+
+    def _start(args: list[str], url: str | None = None, **settings):
+        env = handoff_env(url or redis_url, app="apps.probe", **settings)
+        proc = HandoffProcess(args, env, tmp_path / f"proc{len(started)}.log")
+        started.append(proc)
+        return proc
+
+    yield _start
+    for proc in started:
+        proc.stop()

@@ -99,3 +99,16 @@ class HandoffProcess:
             except (ProcessLookupError, PermissionError):
                 pass
         self._log.close()
+
+
+def executions(raw_redis) -> list[tuple[int, str]]:
+    """(pid, task id) of every handler start the test agents recorded."""
+    out = []
+    for line in raw_redis.lrange("executed", 0, -1):
+        pid, task_id = line.decode().split(" ", 1)
+        out.append((int(pid), task_id))
+    return out
+
+
+def stat(client, agent: str, name: str) -> int:
+    return client.queue_stats([agent])[agent][name]

@@ -8,15 +8,13 @@ import urllib.request
 
 import orjson
 import pytest
-from procs import HandoffProcess, handoff_env, wait_until
+from procs import HandoffProcess, handoff_env, stat, wait_until
 from prometheus_client.parser import text_string_to_metric_families
-from test_supervisor import client, start, stat  # noqa: F401  (fixtures)
 
 from config import RedisPoolConfig, Settings
 from core.manager import RedisManager
 from core.monitor import Monitor
 from core.protocol import TaskQueue
-
 
 WORKER_FIELDS = {
     "id", "agent", "pid", "host", "state", "in_flight", "processed", "failed",
@@ -43,7 +41,7 @@ def health_exit(redis_url, tmp_path) -> tuple[int, str]:
         proc.stop()
 
 
-def test_snapshot_counts_match_the_truth(start, client, redis_url, tmp_path):  # noqa: F811
+def test_snapshot_counts_match_the_truth(start, client, redis_url, tmp_path):
     client.enqueue_many("probe", [{"n": i, "sleep_s": 0} for i in range(500)])
     client.enqueue_many("flaky", [{"n": i} for i in range(3)])
     start(["supervise", "--agents", "probe=2,flaky=1"])
@@ -73,13 +71,13 @@ def test_snapshot_counts_match_the_truth(start, client, redis_url, tmp_path):  #
         "workers' processed to add up after a heartbeat",
     )
     for worker in probe_workers:
-        assert WORKER_FIELDS <= set(worker)
+        assert set(worker) >= WORKER_FIELDS
         assert worker["healthy"] and 0 < worker["rss_mb"] < 200
     assert snap["healthy"] is True
     assert health_exit(redis_url, tmp_path)[0] == 0
 
 
-def test_killed_worker_turns_unhealthy_then_disappears(start, client, redis_url, tmp_path):  # noqa: F811
+def test_killed_worker_turns_unhealthy_then_disappears(start, client, redis_url, tmp_path):
     sup = start(["supervise", "--agents", "probe=1"], max_deliveries=10)
     (worker,) = wait_until(lambda: sup.live_children(), 15, "a worker")
     watcher = Monitor(TaskQueue(RedisManager(RedisPoolConfig(url=redis_url)), Settings()))
@@ -99,7 +97,7 @@ def test_killed_worker_turns_unhealthy_then_disappears(start, client, redis_url,
         sup.signal(signal.SIGCONT)
 
 
-def test_stopped_worker_shows_as_not_making_progress(start, client, redis_url):  # noqa: F811
+def test_stopped_worker_shows_as_not_making_progress(start, client, redis_url):
     sup = start(["supervise", "--agents", "probe=1"])
     (worker,) = wait_until(lambda: sup.live_children(), 15, "a worker")
     watcher = Monitor(TaskQueue(RedisManager(RedisPoolConfig(url=redis_url)), Settings()))
@@ -130,7 +128,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_prometheus_endpoint_matches_the_json_snapshot(start, client, redis_url, tmp_path):  # noqa: F811
+def test_prometheus_endpoint_matches_the_json_snapshot(start, client, redis_url, tmp_path):
     client.enqueue_many("probe", [{"n": i, "sleep_s": 0} for i in range(200)])
     start(["supervise", "--agents", "probe=1"])
     wait_until(lambda: stat(client, "probe", "done") == 200, 60, "200 done")

@@ -7,45 +7,7 @@ import time
 from collections import Counter
 
 import psutil
-import pytest
-from procs import HandoffProcess, handoff_env, wait_until
-
-from config import RedisPoolConfig, Settings
-from core.client import Client
-
-
-@pytest.fixture
-def client(redis_url):
-    with Client(settings=Settings(redis=RedisPoolConfig(url=redis_url))) as c:
-        yield c
-
-
-@pytest.fixture
-def start(redis_url, tmp_path):
-    """start(args, **settings) -> a running `handoff` process; all killed at the end."""
-    started: list[HandoffProcess] = []
-
-    def _start(args: list[str], **settings) -> HandoffProcess:
-        env = handoff_env(redis_url, app="apps.probe", **settings)
-        proc = HandoffProcess(args, env, tmp_path / f"proc{len(started)}.log")
-        started.append(proc)
-        return proc
-
-    yield _start
-    for proc in started:
-        proc.stop()
-
-
-def executions(raw_redis) -> list[tuple[int, str]]:
-    out = []
-    for line in raw_redis.lrange("executed", 0, -1):
-        pid, task_id = line.decode().split(" ", 1)
-        out.append((int(pid), task_id))
-    return out
-
-
-def stat(client, agent: str, name: str) -> int:
-    return client.queue_stats([agent])[agent][name]
+from procs import HandoffProcess, executions, handoff_env, stat, wait_until
 
 
 def test_sigkill_of_a_worker_redelivers_only_what_it_held(start, client, raw_redis):
@@ -181,7 +143,7 @@ def test_sighup_rolls_every_worker_without_losing_a_task(start, client, raw_redi
     wait_until(lambda: len(executions(raw_redis)) > 50, 30, "work to start")
     sup.signal(signal.SIGHUP)
     wait_until(
-        lambda: (len(sup.live_children()) == 2 and not before & {p.pid for p in sup.live_children()}),
+        lambda: len(sup.live_children()) == 2 and not before & {p.pid for p in sup.live_children()},
         30,
         "both workers replaced",
     )

@@ -8,11 +8,10 @@ from collections import Counter
 
 import psutil
 import pytest
-from procs import HandoffProcess, handoff_env, wait_until
-from test_supervisor import client, executions, start, stat  # noqa: F401  (fixtures)
+from procs import HandoffProcess, executions, handoff_env, stat, wait_until
 
 
-def test_repeated_sigterm_is_harmless_and_nothing_is_lost(start, client, raw_redis):  # noqa: F811
+def test_repeated_sigterm_is_harmless_and_nothing_is_lost(start, client, raw_redis):
     ids = client.enqueue_many("probe", [{"n": i, "sleep_s": 0.02} for i in range(300)])
     worker = start(["worker", "probe"], graceful_timeout_s=3)
     wait_until(lambda: len(executions(raw_redis)) > 10, 30, "work to start")
@@ -31,7 +30,7 @@ def test_repeated_sigterm_is_harmless_and_nothing_is_lost(start, client, raw_red
     assert again.wait(10) == 0
 
 
-def test_workers_exit_when_their_supervisor_dies(start, client, raw_redis):  # noqa: F811
+def test_workers_exit_when_their_supervisor_dies(start, client, raw_redis):
     client.enqueue_many("probe", [{"n": i, "sleep_s": 0.05} for i in range(200)])
     sup = start(["supervise", "--agents", "probe=2"])
     workers = wait_until(lambda: len(sup.live_children()) == 2 and sup.live_children(), 15, "2")
@@ -51,7 +50,7 @@ def _alive(process: psutil.Process) -> bool:
         return False
 
 
-def test_handoff_fan_out_through_real_workers(start, client, raw_redis):  # noqa: F811
+def test_handoff_fan_out_through_real_workers(start, client, raw_redis):
     parents = client.enqueue_many("relay", [{"fan": 3} for _ in range(20)])
     start(["supervise", "--agents", "relay=1,probe=1"])
     wait_until(lambda: stat(client, "probe", "done") == 60, 30, "60 children done")
@@ -75,7 +74,7 @@ def test_unknown_agent_is_a_boot_error_for_a_lone_worker(redis_url, tmp_path):
 
 
 @pytest.mark.parametrize("agent", ["probe", "aprobe"])
-def test_an_idle_worker_starts_a_new_task_within_milliseconds(start, client, agent):  # noqa: F811
+def test_an_idle_worker_starts_a_new_task_within_milliseconds(start, client, agent):
     start(["worker", agent])
     warm = client.enqueue(agent, {"n": 0, "sleep_s": 0})
     client.result(warm, wait_s=10)
