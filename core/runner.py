@@ -39,7 +39,7 @@ class _BaseRunner:
         self.report = report
         self.max_concurrent = spec.max_concurrent
         self.started_at: dict[str, tuple[float, Task]] = {}  # running: id -> (monotonic, task)
-        self.skip: set[str] = set()  # ids that must not start (lease lost)
+        self.skip: set[tuple[str, str]] = set()  # (id, token) deliveries not to start
         self.peak_running = 0
 
     @property
@@ -108,7 +108,7 @@ class SyncRunner(_BaseRunner):
             task = self._next()
             if task is None:
                 return
-            if task.id in self.skip:
+            if (task.id, task.token) in self.skip:
                 self.started_at.pop(task.id, None)
                 continue
             started = time.perf_counter()
@@ -141,7 +141,7 @@ class AsyncRunner(_BaseRunner):
     def _pump(self) -> None:
         while self._pending and self.running < self.max_concurrent:
             task = self._pending.popleft()
-            if task.id in self.skip:
+            if (task.id, task.token) in self.skip:
                 continue
             self._mark_started(task)
             self._loop.create_task(self._run(task))

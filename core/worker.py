@@ -77,6 +77,8 @@ class Worker:
         self.fast = False
         self.stop_event = threading.Event()
         self.want_work = threading.Event()
+        redis_config = self.settings.redis
+        self._socket_timeout_s = max(redis_config.read_timeout_s, redis_config.write_timeout_s)
         self.lease_ms = int((self.spec.lease_s or self.settings.lease_s) * 1000)
         # Prefetched tasks hold leases; under a global limit they would hold other
         # workers' share idle, so a globally limited agent claims only for free slots.
@@ -147,6 +149,9 @@ class Worker:
                     outcomes.append(item)
                 elif item == _WAKE:
                     self.want_work.clear()
+                elif item[0] == "abandon":
+                    for task in item[1]:
+                        self._forget(task)
                 else:
                     self._handle_signal(item[1])
                 item = self.events.get_nowait()
@@ -199,6 +204,10 @@ class Worker:
         """Back off (capped) and log at most one line per interval while Redis is down."""
         self._backoff_s = min(5.0, max(0.05, self._backoff_s * 2))
         self._backoff_until = time.monotonic() + self._backoff_s
+        self._log_trouble(what, error)
+
+    def _log_trouble(self, what: str, error: Exception) -> None:
+        """At most one line per ERROR_LOG_INTERVAL_S for the whole process (any thread)."""
         now = time.monotonic()
         if now - self._last_error_log >= ERROR_LOG_INTERVAL_S:
             self._last_error_log = now
@@ -214,8 +223,8 @@ class Worker:
         stats = self.stats
         for outcome in outcomes:
             task = outcome.task
-            if task.id not in self.held:
-                continue  # timed out earlier (already nacked) or lease lost
+            if self.held.get(task.id) is not task:
+                continue  # timed out earlier (already nacked), or its lease was lost
             stats.latencies_s.append(outcome.elapsed_s)
             if outcome.error is not None:
                 failures.append(
@@ -311,11 +320,16 @@ class Worker:
             self._account(completions, failures)
         self._backoff_s = 0.0
 
+    def _forget(self, task: Task) -> None:
+        """Stop holding this delivery (not a newer delivery of the same id)."""
+        if self.held.get(task.id) is task:
+            del self.held[task.id]
+
     def _account(self, completions: list[Completion], failures: list[Failure]) -> None:
         for done in completions:
-            self.held.pop(done.task.id, None)
+            self._forget(done.task)
         for failure in failures:
-            self.held.pop(failure.task.id, None)
+            self._forget(failure.task)
             if not failure.dead_now and failure.task.attempt < (failure.task.max_attempts or 3):
                 self.stats.retried += 1
         self.stats.processed += len(completions)
@@ -335,7 +349,7 @@ class Worker:
                 "worker %s: could not release %d task(s): %s", self.worker_id, len(tasks), e
             )
         for task in tasks:
-            self.held.pop(task.id, None)
+            self._forget(task)
 
     def _shutdown(self) -> None:
         self.stop_event.set()
@@ -371,11 +385,12 @@ class Worker:
         while not self.stop_event.is_set():
             if not self.want_work.wait(timeout=_TICK_S):
                 continue
-            timeout_s = _TICK_S
+            # Block for less than the socket timeout, or the read would time out first.
+            timeout_s = min(_TICK_S, self._socket_timeout_s / 2)
             due = self.queue.next_due_ms
             if due >= 0:
                 until_due = (due - self.queue.last_now_ms) / 1000.0
-                timeout_s = min(_TICK_S, max(0.01, until_due))
+                timeout_s = min(timeout_s, max(0.01, until_due))
             try:
                 self.manager.execute(lambda c, t=timeout_s: c.blpop([wake_key], timeout=t))
             except HandoffError:
@@ -404,14 +419,19 @@ class Worker:
             try:
                 lost = self.queue.extend(held, self.lease_ms)
             except HandoffError as e:
-                log.warning("worker %s: lease renewal failed: %s", self.worker_id, e)
+                self._log_trouble("lease renewal", e)
                 continue
             if lost:
-                log.warning(
-                    "worker %s: lost the lease of %d task(s); abandoning them",
-                    self.worker_id, len(lost),
-                )  # fmt: skip
-                self.runner.skip.update(lost)
+                self._abandon([t for t in held if t.id in set(lost)])
+
+    def _abandon(self, tasks: list[Task]) -> None:
+        """Leases lost (expired and re-claimed elsewhere): never start these deliveries;
+        a running one's outcome is ignored (its ack would be stale anyway)."""
+        log.warning(
+            "worker %s: lost the lease of %d task(s); abandoning them", self.worker_id, len(tasks)
+        )
+        self.runner.skip.update((t.id, t.token) for t in tasks)
+        self.events.put(("abandon", tasks))
 
     def _heartbeat_loop(self) -> None:
         interval = self.settings.heartbeat_interval_s

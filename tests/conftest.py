@@ -86,7 +86,11 @@ def start(redis_url, tmp_path):
     started: list = []
 
     def _start(args: list[str], url: str | None = None, **settings):
-        env = handoff_env(url or redis_url, app="apps.probe", **settings)
+        """url: where handoff connects (e.g. through a fault proxy); the test agents
+        always record to the test's server directly."""
+        env = handoff_env(redis_url, app="apps.probe", **settings)
+        if url is not None:
+            env["HANDOFF_REDIS_URL"] = url
         proc = HandoffProcess(args, env, tmp_path / f"proc{len(started)}.log")
         started.append(proc)
         return proc

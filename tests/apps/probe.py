@@ -106,3 +106,33 @@ def relay(task):
     _record(task, "relay")
     _leave("relay")
     return [Handoff("probe", {"n": i}) for i in range(task.payload.get("fan", 1))]
+
+
+@agent("holder", max_concurrent=50, lease_s=2.0)
+def holder(task):
+    """On its first delivery sleeps payload['first_s'] (so it can be killed holding it)."""
+    _record(task, "holder")
+    try:
+        time.sleep(task.payload["first_s"] if task.deliveries == 1 else 0.01)
+        return task.payload.get("n")
+    finally:
+        _leave("holder")
+
+
+@agent("mixed", max_concurrent=2, lease_s=1.0)
+def mixed(task):
+    """Kills its own process on a poison payload; otherwise a quick no-op."""
+    client().rpush("executed", f"{os.getpid()} {task.id}")
+    if task.payload.get("poison"):
+        os.abort()
+    return task.payload.get("n")
+
+
+@agent("slowpoke", max_concurrent=1, lease_s=1.0)
+def slowpoke(task):
+    """Sleeps payload['sleep_s'] on first delivery; records who finished, and when."""
+    c = client()
+    c.rpush("executed", f"{os.getpid()} {task.id}")
+    time.sleep(task.payload["sleep_s"] if task.deliveries == 1 else 0)
+    c.rpush("finished", f"{os.getpid()} {task.id}")
+    return {"by": os.getpid()}

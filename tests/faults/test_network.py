@@ -1,0 +1,117 @@
+"""Scenarios 6-8: the network between workers and Redis misbehaves (a TCP fault proxy)."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import orjson
+import psutil
+import pytest
+from faultproxy import FaultProxy
+from procs import executions, stat, wait_until
+
+from config import RedisPoolConfig, Settings
+from core.manager import RedisManager
+from core.protocol import ClaimRequest, TaskQueue
+from faults.checker import check
+
+pytestmark = pytest.mark.slow
+
+FAST_FAILING = {
+    "redis_read_timeout_s": 1,
+    "redis_write_timeout_s": 1,
+    "redis_dial_timeout_s": 1,
+    "redis_breaker_failure_threshold": 3,
+    "redis_breaker_cooldown_s": 2,
+    "redis_health_check_interval_s": 1,
+}
+
+
+def _worker_pid(sup) -> int:
+    (child,) = wait_until(lambda: sup.live_children(), 15, "a worker")
+    return child.pid
+
+
+def test_6_black_hole_fails_fast_opens_the_breaker_and_recovers(
+    start, client, raw_redis, redis_tcp_addr
+):
+    with FaultProxy(redis_tcp_addr) as proxy:
+        ids = client.enqueue_many("probe", [{"n": i, "sleep_s": 0.02} for i in range(400)])
+        sup = start(["supervise", "--agents", "probe=1"], url=proxy.url, **FAST_FAILING)
+        worker = psutil.Process(_worker_pid(sup))
+        wait_until(lambda: raw_redis.llen("executed") > 20, 30, "work to start")
+        proxy.blackhole()
+        holed_at = time.monotonic()
+        cpu_before = worker.cpu_times()
+        wait_until(lambda: "circuit breaker open" in sup.output(), 15, "the breaker to open")
+        opened_after_s = time.monotonic() - holed_at
+        time.sleep(max(0.0, 20 - (time.monotonic() - holed_at)))  # the 20 s outage itself
+        cpu_after = worker.cpu_times()
+        cpu_share = (cpu_after.user + cpu_after.system - cpu_before.user - cpu_before.system) / (
+            time.monotonic() - holed_at
+        )
+        proxy.heal()
+        wait_until(lambda: stat(client, "probe", "done") == 400, 60, "all done after healing")
+        result = check(client, ids, executions(raw_redis))
+        assert not result.lost and not result.unexpected, result.report()
+
+        def breaker_closed() -> bool:
+            fields = raw_redis.hgetall(f"handoff:worker:probe-{_host()}-{worker.pid}")
+            return fields and orjson.loads(fields[b"pool"])["breaker"] == "closed"
+
+        wait_until(breaker_closed, 15, "the worker to report a closed breaker")
+        assert opened_after_s < 10  # calls time out (1 s each), they never hang
+        assert cpu_share < 0.05
+        errors = [line for line in sup.output().splitlines() if "ERROR" in line]
+        assert len(errors) <= 20 + 5  # about one line a second over a 20 s outage
+
+        # And a stop during an outage is not blocked by a hung call either.
+        proxy.blackhole()
+        time.sleep(1.5)  # let calls get stuck in the black hole
+        sent = time.monotonic()
+        sup.signal(signal.SIGTERM)
+        assert sup.wait(15) == 0
+        assert time.monotonic() - sent < 4 + 1 + 3  # grace + read timeout + margin
+
+
+def _host() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+def test_7_latency_expires_no_lease_and_duplicates_nothing(
+    start, client, raw_redis, redis_tcp_addr
+):
+    with FaultProxy(redis_tcp_addr) as proxy:
+        proxy.delay(200, jitter_ms=100)
+        ids = client.enqueue_many("probe", [{"n": i, "sleep_s": 0.5} for i in range(60)])
+        sup = start(["supervise", "--agents", "probe=2"], url=proxy.url)
+        wait_until(lambda: stat(client, "probe", "done") == 60, 90, "60 done under latency")
+        stats = client.queue_stats(["probe"])["probe"]
+        assert stats["reaped"] == 0  # no lease expired
+        result = check(client, ids, executions(raw_redis))
+        assert not result.lost and not result.duplicated and not result.unexpected
+        sup.signal(signal.SIGTERM)
+        assert sup.wait(20) == 0
+
+
+def test_8_claim_reply_lost_is_replayed_not_leased_twice(redis_url, redis_tcp_addr, client):
+    ids = client.enqueue_many("probe", [{"n": i} for i in range(10)])
+    with FaultProxy(redis_tcp_addr) as proxy:
+        settings = Settings(redis=RedisPoolConfig(url=proxy.url, min_idle_conns=1, pool_size=1))
+        manager = RedisManager(settings.redis, background=False)
+        queue = TaskQueue(manager, settings)
+        manager.execute(lambda c: c.ping())  # connected: the handshake is behind us
+        proxy.reset_after_upstream_reply(1)
+        started = time.monotonic()
+        claimed = queue.claim([ClaimRequest("probe", 10, lease_ms=60_000)])["probe"]
+        took_s = time.monotonic() - started
+        manager.close()
+    assert sorted(t.id for t in claimed) == sorted(ids)  # the same batch came back
+    assert took_s < 5  # nobody waited for the 60 s lease to expire
+    stats = client.queue_stats(["probe"])["probe"]
+    assert stats["running"] == 10 and stats["queued"] == 0
+    deliveries = [client.task(i)["deliveries"] for i in ids]
+    assert deliveries == [1] * 10  # leased once each
