@@ -10,10 +10,11 @@ from pathlib import Path
 
 import orjson
 import pytest
-from procs import ROOT, wait_until
 
 from config import RedisPoolConfig, Settings
 from core.client import Client
+
+from procs import ROOT, wait_until
 
 HONCHO = Path(sys.executable).with_name("honcho")
 

@@ -8,13 +8,14 @@ import urllib.request
 
 import orjson
 import pytest
-from procs import HandoffProcess, handoff_env, stat, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 from config import RedisPoolConfig, Settings
 from core.manager import RedisManager
 from core.monitor import Monitor
 from core.protocol import TaskQueue
+
+from procs import HandoffProcess, handoff_env, stat, wait_until
 
 WORKER_FIELDS = {
     "id", "agent", "pid", "host", "state", "in_flight", "processed", "failed",

@@ -7,6 +7,7 @@ import time
 from collections import Counter
 
 import psutil
+
 from procs import HandoffProcess, executions, handoff_env, stat, wait_until
 
 

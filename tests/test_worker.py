@@ -8,6 +8,7 @@ from collections import Counter
 
 import psutil
 import pytest
+
 from procs import HandoffProcess, executions, handoff_env, stat, wait_until
 
 

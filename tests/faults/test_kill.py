@@ -8,9 +8,9 @@ import time
 
 import psutil
 import pytest
-from procs import executions, stat, wait_until
 
 from faults.checker import check
+from procs import executions, stat, wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -8,13 +8,14 @@ import time
 import orjson
 import psutil
 import pytest
-from faultproxy import FaultProxy
-from procs import executions, stat, wait_until
 
 from config import RedisPoolConfig, Settings
 from core.manager import RedisManager
 from core.protocol import ClaimRequest, TaskQueue
+
+from faultproxy import FaultProxy
 from faults.checker import check
+from procs import executions, stat, wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,96 @@
+"""Scenario 5: the server itself is killed and comes back."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+
+import pytest
+
+from config import RedisPoolConfig, Settings
+from core.client import Client
+from core.errors import HandoffError
+from core.server import spawn_server
+
+from faults.checker import check
+from procs import executions, wait_until
+
+pytestmark = pytest.mark.slow
+
+
+def test_5_server_killed_under_load_keeps_acked_enqueues_and_workers_resume(
+    start, raw_redis, tmp_path
+):
+    server = spawn_server(
+        unix_socket=str(tmp_path / "aof.sock"), data_dir=str(tmp_path), appendonly=True
+    )
+    settings = Settings(
+        redis=RedisPoolConfig(url=server.url, max_retries=0, pool_size=4, min_idle_conns=1)
+    )
+    acked: list[tuple[float, str]] = []
+    stop = threading.Event()
+
+    def produce() -> None:
+        with Client(settings=settings) as producer:
+            while not stop.is_set():
+                try:
+                    task_id = producer.enqueue("probe", {"sleep_s": 0.005})
+                    acked.append((time.monotonic(), task_id))
+                    time.sleep(0.002)  # a steady ~400 tasks/s, well within the workers' pace
+                except HandoffError:
+                    time.sleep(0.05)
+
+    producer = threading.Thread(target=produce)
+    try:
+        producer.start()
+        sup = start(["supervise", "--agents", "probe=2"], url=server.url)
+        wait_until(lambda: raw_redis.llen("executed") > 200, 30, "load on the server")
+        server.stop(sig_kill=True)
+        crashed_at = time.monotonic()
+        time.sleep(3)  # the outage itself
+        server.start()
+        restarted_at = time.monotonic()
+        with Client(settings=settings) as client:
+            done_at_restart = client.queue_stats(["probe"])["probe"]["done"]
+            wait_until(
+                lambda: client.queue_stats(["probe"])["probe"]["done"] > done_at_restart + 50,
+                30,
+                "workers to resume on their own",
+            )
+            resumed_after_s = time.monotonic() - restarted_at
+            stop.set()
+            producer.join(10)
+            before_crash = [tid for at, tid in acked if at < crashed_at - 1.0]
+            missing = [tid for tid in before_crash if client.status(tid) == "unknown"]
+            assert not missing, f"{len(missing)} acknowledged enqueues lost"
+            every = [tid for _, tid in acked]
+            wait_until(
+                lambda: all(client.status(t) == "done" for t in every[-50:]), 30, "catching up"
+            )
+            result = check(client, before_crash, executions(raw_redis))
+            assert not result.lost, result.report()
+        assert resumed_after_s < 30
+        outage_lines = _lines_between(sup.output(), crashed_at, restarted_at)
+        per_worker_per_s = len(outage_lines) / 2 / (restarted_at - crashed_at)
+        assert per_worker_per_s <= 1.5, outage_lines
+    finally:
+        stop.set()
+        producer.join(10)
+        server.stop()
+
+
+def _lines_between(output: str, start_mono: float, end_mono: float) -> list[str]:
+    """Worker log lines written during the outage (log timestamps are wall-clock)."""
+    now_wall, now_mono = time.time(), time.monotonic()
+    start_wall, end_wall = now_wall - (now_mono - start_mono), now_wall - (now_mono - end_mono)
+    lines = []
+    for line in output.splitlines():
+        match = re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) \w+ core\.worker", line)
+        if not match:
+            continue
+        stamp = time.mktime(time.strptime(match.group(1), "%Y-%m-%d %H:%M:%S"))
+        stamp += int(match.group(2)) / 1000
+        if start_wall <= stamp <= end_wall:
+            lines.append(line)
+    return lines
