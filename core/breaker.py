@@ -1,8 +1,11 @@
 """A circuit breaker: stop hammering a Redis that is down.
 
 closed --(threshold consecutive failures)--> open --(cool-down)--> half-open
-half-open lets one probe through: success closes, failure re-opens.
-The clock is a seam so tests can drive it.
+half-open lets one probe through: success closes, failure re-opens, and a probe that
+ends without a verdict (an error that says nothing about the server) frees the slot
+for the next caller. The clock is a seam so tests can drive it.
+
+Runs in: every process (one breaker per RedisManager).
 """
 
 from __future__ import annotations
@@ -57,6 +60,11 @@ class CircuitBreaker:
         with self._lock:
             self._state = CLOSED
             self._failures = 0
+            self._probe_in_flight = False
+
+    def release_probe(self) -> None:
+        """A call ended without saying whether the server is up: let the next call probe."""
+        with self._lock:
             self._probe_in_flight = False
 
     def on_failure(self) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import threading
 import time
-from queue import Empty
 
 import redis
 import redis.exceptions as rex
@@ -37,33 +36,44 @@ class ManagedConnectionPool(redis.BlockingConnectionPool):
         self.idle_timeout_s = idle_timeout_s
         self.min_idle_conns = min_idle_conns
         self.recorder = recorder
-        self._made_here = threading.local()
+        # Set by _on_connect on the thread that opened a socket: a checkout that had to
+        # connect (a new slot, or one closed by rotation or reaping) is a miss, not a hit.
+        self._connected_here = threading.local()
         super().__init__(**kwargs)
+
+    def __repr__(self) -> str:
+        # Never the connection kwargs: older redis-py versions print the password with them.
+        kw = self.connection_kwargs
+        target = kw.get("path") or f"{kw.get('host')}:{kw.get('port')}"
+        return (
+            f"<{type(self).__name__} {target} db={kw.get('db', 0)} "
+            f"pool_size={self.max_connections}>"
+        )
 
     # -- lifecycle hooks -------------------------------------------------------------------
 
     def make_connection(self):
         connection = super().make_connection()
         connection.register_connect_callback(self._on_connect)
-        self._made_here.flag = True
         return connection
 
     def _on_connect(self, connection) -> None:
         setattr(connection, _CONNECTED_AT, time.monotonic())
+        self._connected_here.flag = True
 
     def get_connection(self, command_name=None, *keys, **options):
-        self._made_here.flag = False
+        self._connected_here.flag = False
         try:
             connection = super().get_connection()
         except rex.ConnectionError as e:
             if str(e) == "No connection available.":
                 self.recorder.count("timeouts")
                 raise PoolExhausted(
-                    f"no free Redis connection within pool_timeout_s={self.timeout} "
+                    f"no free Redis connection within pool_timeout_s={self.timeout:g} "
                     f"(pool_size={self.max_connections})"
                 ) from None
             raise
-        self.recorder.count("misses" if self._made_here.flag else "hits")
+        self.recorder.count("misses" if self._connected_here.flag else "hits")
         return connection
 
     def release(self, connection) -> None:
@@ -85,48 +95,72 @@ class ManagedConnectionPool(redis.BlockingConnectionPool):
     # -- maintenance (called by the manager's housekeeping thread) -------------------------
 
     def warm(self) -> int:
-        """Make sure min_idle_conns connections are open and idle; returns how many were checked."""
-        if self.idle_connected_count() >= self.min_idle_conns:
-            return 0
-        taken = []
+        """Open connections until min_idle_conns idle ones are connected; returns how many opened.
+
+        Only free slots are used and nothing waits: connections busy with callers are
+        never waited for (a busy pool needs no warming), so warming can neither block the
+        maintenance thread for pool_timeout_s nor count a timeout or a miss of its own.
+        The slots being connected are out of the queue meanwhile, so no caller can take
+        one half-open; every other idle connection stays available (and counted).
+        """
+        self._checkpid()
+        slots = self._take_unconnected_slots()
+        opened = 0
         try:
-            for _ in range(self.min_idle_conns):
-                taken.append(self.get_connection())
+            for index, slot in enumerate(slots):
+                connection = slot if slot is not None else self.make_connection()
+                slots[index] = connection
+                connection.connect()
+                opened += 1
         finally:
-            for connection in taken:
-                self.release(connection)
-        return len(taken)
+            now = time.monotonic()
+            for connection in slots:
+                if connection is not None:
+                    setattr(connection, _RELEASED_AT, now)
+                self.pool.put_nowait(connection)
+        return opened
+
+    def _take_unconnected_slots(self) -> list:
+        """Remove from the queue the free slots (None or closed) warming needs; never blocks."""
+        with self.pool.mutex:  # the Queue's own lock: get/put wait on it, nothing else
+            items = self.pool.queue  # a list for a LifoQueue; the top is the end
+            need = self.min_idle_conns - sum(1 for c in items if c is not None and c.is_connected)
+            slots = []
+            for index in range(len(items) - 1, -1, -1):
+                if len(slots) >= need:
+                    break
+                item = items[index]
+                if item is None or not item.is_connected:
+                    slots.append(items.pop(index))
+            return slots
 
     def reap_idle(self) -> int:
         """Close idle connections past idle_timeout_s or max_conn_age_s, keeping min_idle_conns.
 
-        Idle connections are taken out of the queue one by one (so no other thread can
-        pick up a connection while we close it) and put back afterwards.
+        Runs under the queue's lock, so no caller can take a connection while it is being
+        closed; closed ones stay in their slot and reconnect when next taken. Closing a
+        socket does not wait on the network, so callers are held up for microseconds.
         """
         self._checkpid()
         now = time.monotonic()
-        idle: list = []
-        while True:
-            try:
-                item = self.pool.get_nowait()
-            except Empty:
-                break
-            idle.append(item)
-        closed = 0
-        connected = [c for c in idle if c is not None and c.is_connected]
-        keep = self.min_idle_conns
-        # Newest first: the oldest idle connections are the ones to close.
-        connected.sort(key=lambda c: getattr(c, _RELEASED_AT, now), reverse=True)
-        for index, connection in enumerate(connected):
-            idle_for = now - getattr(connection, _RELEASED_AT, now)
-            expired = self.idle_timeout_s > 0 and idle_for > self.idle_timeout_s
-            if (expired and index >= keep) or self._too_old(connection, now):
+        with self.pool.mutex:
+            connected = [c for c in self.pool.queue if c is not None and c.is_connected]
+            # Most recently used first: the ones idle longest are the ones to close.
+            connected.sort(key=lambda c: getattr(c, _RELEASED_AT, now), reverse=True)
+            victims = [
+                c
+                for index, c in enumerate(connected)
+                if (index >= self.min_idle_conns and self._idle_too_long(c, now))
+                or self._too_old(c, now)
+            ]
+            for connection in victims:
                 connection.disconnect()
-                closed += 1
-        self.recorder.count("stale_conns", closed)
-        for item in reversed(idle):  # reversed: the LIFO order is kept
-            self.pool.put_nowait(item)
-        return closed
+        self.recorder.count("stale_conns", len(victims))
+        return len(victims)
+
+    def _idle_too_long(self, connection, now: float) -> bool:
+        idle_for = now - getattr(connection, _RELEASED_AT, now)
+        return self.idle_timeout_s > 0 and idle_for > self.idle_timeout_s
 
     # -- figures ---------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import redis
 from redis.backoff import NoBackoff
-from redis.connection import SSLConnection
+from redis.connection import SSLConnection, parse_url
 from redis.retry import Retry
 
 from config import RedisPoolConfig, redact_url
@@ -25,7 +25,7 @@ from core.breaker import CircuitBreaker
 from core.connection_pool import ManagedConnectionPool
 from core.errors import WrongProcess
 from core.pool_metrics import HealthStatus, HealthTracker, MetricsRecorder, RedisPoolMetrics
-from core.retry import RetryPolicy
+from core.retry import RetryPolicy, already_recorded
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -47,7 +47,7 @@ def pool_kwargs(config: RedisPoolConfig) -> dict[str, Any]:
         kwargs["password"] = config.password
     if config.username is not None:
         kwargs["username"] = config.username
-    if config.db and not config.url.startswith("unix:"):
+    if config.db:  # 0 is the default: the URL's db (redis://h/3, unix://...?db=3) stands
         kwargs["db"] = config.db
     if config.use_tls:
         if not config.url.startswith("rediss:"):
@@ -77,19 +77,26 @@ class RedisManager:
             on_success=self._on_call_success,
             describe_target=lambda: redact_url(config.url),
         )
-        self.pool = ManagedConnectionPool.from_url(
-            config.url,
+        # Not from_url(): there the URL's password and db would override the config's.
+        options = {**parse_url(config.url), **pool_kwargs(config)}
+        self.pool = ManagedConnectionPool(
             max_conn_age_s=config.max_conn_age_s,
             idle_timeout_s=config.idle_timeout_s,
             min_idle_conns=config.min_idle_conns,
             recorder=self.recorder,
-            **pool_kwargs(config),
+            **options,
         )
         self._client = redis.Redis(connection_pool=self.pool)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         if background:
             self.start_background()
+
+    def __repr__(self) -> str:
+        return (
+            f"<RedisManager {self.config.redacted_url} pid={self.pid} "
+            f"pool_size={self.config.pool_size} breaker={self.breaker.state}>"
+        )
 
     # -- process ownership -----------------------------------------------------------------
 
@@ -227,7 +234,8 @@ class RedisManager:
         try:
             self.execute(lambda c: c.ping(), retry=False)
         except Exception as e:
-            self.health.failure(f"{type(e).__name__}: {e}")
+            if not already_recorded(e):  # connection failures were counted once already
+                self.health.failure(f"{type(e).__name__}: {e}")
             return False
         self.health.success()
         return True
@@ -271,7 +279,8 @@ class RedisManager:
         self._spawn("redis-pool-maintenance", self.config.idle_check_freq_s, self._maintain)
         try:
             self.pool.warm()
-        except Exception as e:  # the server may be down at start; health will say so
+        except Exception as e:  # the server may be down at start: say so, retry each tick
+            self.health.failure(f"{type(e).__name__}: {e}")
             log.warning("could not warm the Redis pool: %s", e)
 
     def _spawn(self, name: str, interval_s: float, tick: Callable[[], None]) -> None:

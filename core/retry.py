@@ -7,6 +7,7 @@ on the connections we build, so the two never multiply.
 from __future__ import annotations
 
 import errno
+import random
 import socket
 from collections.abc import Callable
 from typing import TypeVar
@@ -17,7 +18,6 @@ from tenacity import (
     Retrying,
     retry_if_exception,
     stop_after_attempt,
-    wait_exponential_jitter,
 )
 
 from core.breaker import CircuitBreaker
@@ -40,9 +40,34 @@ def is_retriable(error: BaseException) -> bool:
     return isinstance(error, OSError) and error.errno in _RETRIABLE_ERRNOS
 
 
-def is_connection_failure(error: BaseException) -> bool:
+def is_connection_failure(error: BaseException | None) -> bool:
     """Errors that say the server (not the request) is the problem: these trip the breaker."""
-    return is_retriable(error)
+    return error is not None and is_retriable(error)
+
+
+def already_recorded(error: BaseException) -> bool:
+    """True when RetryPolicy has already fed this failure (or its cause) to on_failure."""
+    return is_connection_failure(error) or is_connection_failure(error.__cause__)
+
+
+class ExponentialBackoff:
+    """min_s * 2**(n-1) plus up to min_s of jitter before retry n, capped at max_s.
+
+    Never below min_s nor above max_s, and never shorter than the sleep before (each
+    doubling outgrows the jitter). Our own rather than tenacity's wait_exponential_jitter,
+    whose arguments changed between the tenacity versions we support.
+    """
+
+    def __init__(self, min_s: float, max_s: float) -> None:
+        self.min_s = min_s
+        self.max_s = max_s
+
+    def __call__(self, state: RetryCallState) -> float:
+        return self.sleep_s(state.attempt_number)
+
+    def sleep_s(self, retry_number: int) -> float:
+        base = self.min_s * 2.0 ** min(retry_number - 1, 64)  # bounded: no float overflow
+        return min(base + random.uniform(0.0, self.min_s), self.max_s)
 
 
 class RetryPolicy:
@@ -69,7 +94,7 @@ class RetryPolicy:
         self._retrying = Retrying(
             retry=retry_if_exception(is_retriable),
             stop=stop_after_attempt(max_retries + 1),
-            wait=wait_exponential_jitter(initial=min_s, max=max_s, jitter=min_s),
+            wait=ExponentialBackoff(min_s, max_s),
             reraise=True,
             before_sleep=self._record_attempt,
             **kwargs,
@@ -122,6 +147,12 @@ class RetryPolicy:
             if is_connection_failure(e):
                 self.breaker.on_failure()
                 self._on_failure(e)
+            elif isinstance(e, rex.ResponseError):
+                self.breaker.on_success()  # the server answered: it is up
+            else:
+                # Says nothing about the server (a bug in fn, an interrupt): without this a
+                # half-open breaker would wait forever for a probe that is no longer running.
+                self.breaker.release_probe()
             raise
         self.breaker.on_success()
         self._on_success()

@@ -23,6 +23,16 @@ WORKER_FIELDS = {
 }  # fmt: skip
 
 
+@pytest.fixture
+def watcher(redis_url):
+    """A Monitor on this test's server (heartbeat interval as the test workers use)."""
+    manager = RedisManager(RedisPoolConfig(url=redis_url), background=False)
+    monitor = Monitor(TaskQueue(manager, Settings()))
+    monitor.interval_s = 0.2
+    yield monitor
+    manager.close()
+
+
 def snapshot_json(redis_url, tmp_path) -> dict:
     env = handoff_env(redis_url, app="apps.probe")
     proc = HandoffProcess(["monitor", "--once", "--json"], env, tmp_path / "snap.json")
@@ -78,11 +88,9 @@ def test_snapshot_counts_match_the_truth(start, client, redis_url, tmp_path):
     assert health_exit(redis_url, tmp_path)[0] == 0
 
 
-def test_killed_worker_turns_unhealthy_then_disappears(start, client, redis_url, tmp_path):
+def test_killed_worker_turns_unhealthy_then_disappears(start, watcher, redis_url, tmp_path):
     sup = start(["supervise", "--agents", "probe=1"], max_deliveries=10)
     (worker,) = wait_until(lambda: sup.live_children(), 15, "a worker")
-    watcher = Monitor(TaskQueue(RedisManager(RedisPoolConfig(url=redis_url)), Settings()))
-    watcher.interval_s = 0.2  # the workers' heartbeat interval in these tests
     wait_until(lambda: _worker(watcher, worker.pid), 15, "the worker to report")
     sup.signal(signal.SIGSTOP)  # keep the supervisor from replacing it during the check
     try:
@@ -98,11 +106,9 @@ def test_killed_worker_turns_unhealthy_then_disappears(start, client, redis_url,
         sup.signal(signal.SIGCONT)
 
 
-def test_stopped_worker_shows_as_not_making_progress(start, client, redis_url):
+def test_stopped_worker_shows_as_not_making_progress(start, client, watcher):
     sup = start(["supervise", "--agents", "probe=1"])
     (worker,) = wait_until(lambda: sup.live_children(), 15, "a worker")
-    watcher = Monitor(TaskQueue(RedisManager(RedisPoolConfig(url=redis_url)), Settings()))
-    watcher.interval_s = 0.2
     wait_until(lambda: _worker(watcher, worker.pid), 15, "the worker to report")
     worker.suspend()
     try:
@@ -170,7 +176,7 @@ def test_prometheus_endpoint_matches_the_json_snapshot(start, client, redis_url,
 
 
 @pytest.mark.parametrize("queued", [1, 1_000_000])
-def test_snapshot_cost_does_not_grow_with_queued_tasks(redis_url, raw_redis, queued):
+def test_snapshot_cost_does_not_grow_with_queued_tasks(watcher, raw_redis, queued):
     # Fill the queue directly in the server: the monitor only ever looks at its size and head.
     raw_redis.eval(
         "for i = 1, tonumber(ARGV[1]) do redis.call('ZADD', KEYS[1], i, 'probe.' .. i) end",
@@ -179,7 +185,6 @@ def test_snapshot_cost_does_not_grow_with_queued_tasks(redis_url, raw_redis, que
         queued,
     )
     raw_redis.sadd("handoff:agents", "probe")
-    watcher = Monitor(TaskQueue(RedisManager(RedisPoolConfig(url=redis_url)), Settings()))
     watcher.snapshot()  # warm: scripts, connections
     before = raw_redis.info("stats")["total_commands_processed"]
     snap = watcher.snapshot()

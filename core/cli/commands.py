@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from core.cli.bench_cmd import bench
 from core.cli.config_cmd import config_group
 from core.cli.demo_cmd import demo
 from core.cli.monitor_cmds import health, inspect_workers_command, monitor
@@ -22,5 +23,6 @@ ALL: list = [
     health,
     redis,
     demo,
+    bench,
     config_group,
 ]
