@@ -48,6 +48,9 @@ class Settings:
     max_worker_age_s: float = 0.0  # 0 = unlimited
     monitor_interval_s: float = 1.0
     enqueue_wait_replicas: int = 0  # WAIT n after enqueue; 0 = off
+    # When the server's maxmemory-policy may evict keys (it would silently delete tasks):
+    # "refuse" = workers and supervisors do not start; "warn" = start and log loudly.
+    eviction_policy: str = "refuse"
 
     def __post_init__(self) -> None:
         for name, value in _normalized(self).items():
@@ -85,6 +88,7 @@ def _normalized(s: Settings) -> dict[str, Any]:
     out: dict[str, Any] = {
         "key_prefix": _match("key_prefix", s.key_prefix, KEY_PREFIX_RE),
         "log_level": _log_level(s.log_level),
+        "eviction_policy": _choice("eviction_policy", s.eviction_policy, ("refuse", "warn")),
         "app": _match("app", s.app, MODULE_PATH_RE, what="a dotted module path"),
         "agents": _agents(s.agents),
     }
@@ -100,6 +104,12 @@ def _normalized(s: Settings) -> dict[str, Any]:
 def _match(name: str, value: Any, pattern: re.Pattern[str], what: str | None = None) -> str:
     if not isinstance(value, str) or not pattern.fullmatch(value):
         fail(name, value, f"must be {what}" if what else f"must match ^{pattern.pattern}$")
+    return value
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        fail(name, value, f"must be one of {', '.join(allowed)}")
     return value
 
 

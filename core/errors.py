@@ -5,13 +5,18 @@ from __future__ import annotations
 from config.errors import ConfigError
 
 __all__ = [
+    "AuthenticationFailed",
     "CircuitOpen",
     "ConfigError",
     "HandoffError",
     "InvalidAgentName",
     "InvalidPayload",
+    "PermissionDenied",
     "PoolExhausted",
+    "ReadOnlyServer",
+    "RedisCommandError",
     "RedisUnavailable",
+    "ServerOutOfMemory",
     "WrongProcess",
 ]
 
@@ -42,3 +47,23 @@ class InvalidPayload(HandoffError, ValueError):
 
 class WrongProcess(HandoffError):
     """A pool or client built in one process was used in another (after fork)."""
+
+
+class RedisCommandError(HandoffError):
+    """The server refused or failed a command (its reply says why)."""
+
+
+class PermissionDenied(RedisCommandError):
+    """The server's ACL forbids this user the command or the key (NOPERM)."""
+
+
+class ServerOutOfMemory(RedisCommandError):
+    """The server is at maxmemory and refuses writes (OOM): nothing was written."""
+
+
+class ReadOnlyServer(RedisCommandError):
+    """The server is a read-only replica (READONLY), e.g. right after a failover."""
+
+
+class AuthenticationFailed(HandoffError):
+    """The server rejected the username/password (the password is never shown)."""

@@ -23,7 +23,7 @@ from redis.retry import Retry
 from config import RedisPoolConfig, redact_url
 from core.breaker import CircuitBreaker
 from core.connection_pool import ManagedConnectionPool
-from core.errors import WrongProcess
+from core.errors import RedisCommandError, WrongProcess
 from core.pool_metrics import HealthStatus, HealthTracker, MetricsRecorder, RedisPoolMetrics
 from core.retry import RetryPolicy, already_recorded
 
@@ -223,7 +223,7 @@ class RedisManager:
             try:
                 self.execute(lambda c, n=name, v=value: c.config_set(n, v))
                 applied[name] = value
-            except redis.ResponseError as e:  # managed servers often forbid CONFIG
+            except RedisCommandError as e:  # managed servers often forbid CONFIG
                 log.warning("could not set %s: %s", name, e)
         return applied
 

@@ -21,7 +21,14 @@ from tenacity import (
 )
 
 from core.breaker import CircuitBreaker
-from core.errors import RedisUnavailable
+from core.errors import (
+    AuthenticationFailed,
+    PermissionDenied,
+    ReadOnlyServer,
+    RedisCommandError,
+    RedisUnavailable,
+    ServerOutOfMemory,
+)
 
 T = TypeVar("T")
 
@@ -38,6 +45,26 @@ def is_retriable(error: BaseException) -> bool:
     if isinstance(error, BrokenPipeError | ConnectionResetError | ConnectionRefusedError):
         return True
     return isinstance(error, OSError) and error.errno in _RETRIABLE_ERRNOS
+
+
+def translate(error: BaseException) -> BaseException:
+    """A redis-py error as the handoff error agent code catches (the cause is kept by the
+    caller's `raise ... from`). Anything else is returned unchanged."""
+    text = str(error)
+    if isinstance(error, rex.AuthenticationError | rex.AuthorizationError) or text.startswith(
+        ("WRONGPASS", "NOAUTH")
+    ):
+        # The server's reply never echoes the password: it is safe to show.
+        return AuthenticationFailed(f"authentication failed: {text}")
+    if isinstance(error, rex.NoPermissionError) or text.startswith("NOPERM"):
+        return PermissionDenied(f"permission denied by the server's ACL: {text}")
+    if isinstance(error, rex.OutOfMemoryError) or text.startswith("OOM"):
+        return ServerOutOfMemory(f"server out of memory, nothing written: {text}")
+    if isinstance(error, rex.ReadOnlyError) or text.startswith("READONLY"):
+        return ReadOnlyServer(f"server is a read-only replica: {text}")
+    if isinstance(error, rex.ResponseError):
+        return RedisCommandError(f"server error: {text}")
+    return error
 
 
 def is_connection_failure(error: BaseException | None) -> bool:
@@ -116,7 +143,10 @@ class RetryPolicy:
             return self._attempt(fn)
         except BaseException as e:
             if not is_retriable(e):
-                raise
+                translated = translate(e)
+                if translated is e:
+                    raise
+                raise translated from e
             if not retry or self.max_retries == 0:
                 raise self._unavailable(e, attempts=1) from e
             first_failure: list[BaseException] = [e]
@@ -132,7 +162,10 @@ class RetryPolicy:
         except BaseException as e:
             if is_retriable(e):
                 raise self._unavailable(e, attempts=self.max_retries + 1) from e
-            raise
+            translated = translate(e)
+            if translated is e:
+                raise
+            raise translated from e
 
     def _unavailable(self, error: BaseException, attempts: int) -> RedisUnavailable:
         return RedisUnavailable(

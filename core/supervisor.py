@@ -31,6 +31,7 @@ from core.errors import ConfigError, HandoffError
 from core.keys import Keys
 from core.manager import get_manager
 from core.protocol import TaskQueue
+from core.server_checks import UnsafeServer, check_eviction_policy
 from core.task import now_ms
 from core.worker import Worker
 
@@ -111,6 +112,12 @@ class Supervisor:
         # before the side thread exists: a fork while another thread holds a module's
         # import lock leaves the child waiting on that lock forever.
         self._redis_setup()
+        try:
+            check_eviction_policy(self._manager, self.settings)
+        except UnsafeServer:
+            raise
+        except HandoffError as e:
+            log.warning("supervisor: could not check the server: %s", e)
         self._redis_tick()
         threading.Thread(target=self._redis_loop, name="supervisor-redis", daemon=True).start()
         log.info(

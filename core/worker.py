@@ -33,6 +33,7 @@ from core.keys import Keys
 from core.manager import get_manager
 from core.protocol import ClaimRequest, Completion, Failure, TaskQueue
 from core.runner import Outcome, make_runner
+from core.server_checks import UnsafeServer, check_eviction_policy
 from core.task import Task, derived_task_id, now_ms
 from core.worker_stats import WorkerStats
 
@@ -111,7 +112,10 @@ class Worker:
             self.worker_id, self.spec.name, self.spec.max_concurrent, self.settings.prefetch,
         )  # fmt: skip
         try:
-            self.queue.check_server()
+            check_eviction_policy(self.manager, self.settings)
+        except UnsafeServer as e:
+            log.error("worker %s cannot start: %s", self.worker_id, e)
+            return exits.EXIT_BOOT_ERROR
         except HandoffError as e:
             log.warning("could not check the server: %s", e)
         self.state = "idle"

@@ -15,7 +15,7 @@ import redis.exceptions as rex
 
 from config import RedisPoolConfig
 from core.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
-from core.errors import CircuitOpen, RedisUnavailable
+from core.errors import CircuitOpen, RedisCommandError, RedisUnavailable
 from core.manager import RedisManager
 from core.retry import RetryPolicy
 from core.server import ServerProcess, spawn_server
@@ -157,7 +157,7 @@ def test_a_probe_that_raises_a_bug_does_not_wedge_the_breaker(clock):
 def test_a_probe_answered_with_an_error_reply_closes_the_breaker(clock):
     breaker = open_then_cool(clock)
 
-    with pytest.raises(rex.ResponseError):
+    with pytest.raises(RedisCommandError):
         policy(breaker).call(lambda: (_ for _ in ()).throw(rex.ResponseError("WRONGTYPE")))
 
     assert breaker.state == CLOSED  # the server answered: it is up

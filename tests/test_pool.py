@@ -20,7 +20,13 @@ import pytest
 import redis
 
 from config import RedisPoolConfig
-from core.errors import PoolExhausted, RedisUnavailable, WrongProcess
+from core.errors import (
+    AuthenticationFailed,
+    PoolExhausted,
+    RedisCommandError,
+    RedisUnavailable,
+    WrongProcess,
+)
 from core.manager import RedisManager, get_manager, reset_manager
 from core.server import ServerProcess, spawn_server
 
@@ -418,7 +424,7 @@ def test_health_and_metrics_report_every_field(server, make_manager):
 
     manager.set_with_expiry("k", "v", 10)
     manager.execute_batch([lambda p: p.get("k"), lambda p: p.get("k"), lambda p: p.exists("k")])
-    with pytest.raises(redis.ResponseError):
+    with pytest.raises(RedisCommandError, match="unknown command"):
         manager.execute(lambda c: c.execute_command("NO-SUCH-COMMAND"))
     assert manager.ping() is True
     manager.sample_memory()
@@ -501,7 +507,7 @@ def test_a_password_in_the_url_never_reaches_logs_errors_or_reprs(server, make_m
     assert "***" in repr(manager) and "***" in repr(manager.config)
 
     wrong = make_manager(f"redis://:{secret}-wrong@{base}", min_idle_conns=1)  # warm-up logs
-    with pytest.raises(redis.AuthenticationError) as bad_auth:
+    with pytest.raises(AuthenticationFailed) as bad_auth:
         wrong.execute(lambda c: c.ping())
     texts.append("".join(traceback.format_exception(bad_auth.value)))
 

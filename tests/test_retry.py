@@ -21,7 +21,15 @@ from hypothesis import strategies as st
 
 from config import RedisPoolConfig
 from core.breaker import CircuitBreaker
-from core.errors import CircuitOpen, PoolExhausted, RedisUnavailable
+from core.errors import (
+    AuthenticationFailed,
+    CircuitOpen,
+    PermissionDenied,
+    PoolExhausted,
+    RedisCommandError,
+    RedisUnavailable,
+    ServerOutOfMemory,
+)
 from core.manager import RedisManager
 from core.retry import ExponentialBackoff, RetryPolicy, is_retriable
 from core.server import ServerProcess, spawn_server
@@ -148,16 +156,23 @@ def test_the_budget_is_max_retries_then_a_clear_error_keeping_the_cause():
 
 
 @pytest.mark.parametrize(
-    "error", [rex.ResponseError("WRONGTYPE"), rex.AuthenticationError("bad"), ValueError("bug")]
+    ("error", "surfaces_as"),
+    [
+        (rex.ResponseError("WRONGTYPE Operation"), RedisCommandError),
+        (rex.NoPermissionError("NOPERM no permissions"), PermissionDenied),
+        (rex.OutOfMemoryError("OOM command not allowed"), ServerOutOfMemory),
+        (rex.AuthenticationError("invalid username-password pair"), AuthenticationFailed),
+        (ValueError("bug"), ValueError),
+    ],
 )
-def test_a_non_transient_error_surfaces_at_once_unchanged(error):
+def test_a_non_transient_error_surfaces_at_once_translated_with_its_cause(error, surfaces_as):
     retry, sleeps = policy()
     flaky = Flaky(error)
 
-    with pytest.raises(type(error)) as info:
+    with pytest.raises(surfaces_as) as info:
         retry.call(flaky)
 
-    assert info.value is error
+    assert info.value is error or info.value.__cause__ is error
     assert (flaky.calls, sleeps) == (1, [])
 
 

@@ -13,6 +13,7 @@ from core import exits
 from core.agents import AppLoadError, get_spec
 from core.cli.common import parse_counts
 from core.errors import HandoffError
+from core.server_checks import UnsafeServer
 
 
 @click.command()
@@ -34,7 +35,7 @@ def supervise(state, agents_arg: str | None) -> None:
     supervisor = Supervisor(settings, agents, reload_settings=state.reload_settings)
     try:
         code = supervisor.run()
-    except AppLoadError as e:
+    except (AppLoadError, UnsafeServer) as e:
         click.echo(f"handoff: error: {e}", err=True)
         sys.exit(exits.EXIT_BOOT_ERROR)
     sys.exit(code)
