@@ -17,6 +17,7 @@ __all__ = [
     "RedisCommandError",
     "RedisUnavailable",
     "ServerOutOfMemory",
+    "TLSVerificationFailed",
     "WrongProcess",
 ]
 
@@ -67,3 +68,7 @@ class ReadOnlyServer(RedisCommandError):
 
 class AuthenticationFailed(HandoffError):
     """The server rejected the username/password (the password is never shown)."""
+
+
+class TLSVerificationFailed(RedisUnavailable):
+    """The server's certificate is not trusted (CA or hostname): the connection is refused."""

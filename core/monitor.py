@@ -24,7 +24,7 @@ from typing import Any
 
 import orjson
 
-from core.errors import HandoffError
+from core.errors import HandoffError, RedisCommandError
 from core.inspect import queue_stats
 from core.protocol import TaskQueue
 
@@ -139,7 +139,10 @@ class Monitor:
             _judge(view, queued, self.interval_s)
             views.append(view)
         if gone:
-            self.queue.manager.execute(lambda c: c.zrem(self.keys.workers, *gone))
+            try:
+                self.queue.manager.execute(lambda c: c.zrem(self.keys.workers, *gone))
+            except RedisCommandError:  # a read-only monitor user: leave it to a writer
+                pass
         return {
             "healthy": all(v["healthy"] for v in views),
             "redis": {"ok": True},

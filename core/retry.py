@@ -28,6 +28,7 @@ from core.errors import (
     RedisCommandError,
     RedisUnavailable,
     ServerOutOfMemory,
+    TLSVerificationFailed,
 )
 
 T = TypeVar("T")
@@ -36,9 +37,18 @@ _NOT_RETRIABLE = (rex.AuthenticationError, rex.AuthorizationError, rex.ResponseE
 _RETRIABLE_ERRNOS = {errno.ECONNREFUSED, errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT}
 
 
+_TLS_VERIFY_FAILURES = ("certificate verify failed", "hostname mismatch", "doesn't match")
+
+
+def is_tls_verification_failure(error: BaseException) -> bool:
+    """A certificate the client does not trust: permanent, never a blip to retry."""
+    text = str(error)
+    return isinstance(error, rex.ConnectionError) and any(m in text for m in _TLS_VERIFY_FAILURES)
+
+
 def is_retriable(error: BaseException) -> bool:
     """Connection refused/reset, timeouts, broken pipes, closed connections; nothing else."""
-    if isinstance(error, _NOT_RETRIABLE):
+    if isinstance(error, _NOT_RETRIABLE) or is_tls_verification_failure(error):
         return False
     if isinstance(error, rex.ConnectionError | rex.TimeoutError | socket.timeout):
         return True
@@ -51,6 +61,8 @@ def translate(error: BaseException) -> BaseException:
     """A redis-py error as the handoff error agent code catches (the cause is kept by the
     caller's `raise ... from`). Anything else is returned unchanged."""
     text = str(error)
+    if is_tls_verification_failure(error):
+        return TLSVerificationFailed(f"TLS verification failed (fail closed): {text}")
     if isinstance(error, rex.AuthenticationError | rex.AuthorizationError) or text.startswith(
         ("WRONGPASS", "NOAUTH")
     ):
