@@ -35,7 +35,7 @@ def _worker_pid(sup) -> int:
 
 
 def test_6_black_hole_fails_fast_opens_the_breaker_and_recovers(
-    start, client, raw_redis, redis_tcp_addr
+    start, client, raw_redis, redis_tcp_addr, record_property
 ):
     with FaultProxy(redis_tcp_addr) as proxy:
         ids = client.enqueue_many("probe", [{"n": i, "sleep_s": 0.02} for i in range(400)])
@@ -62,6 +62,8 @@ def test_6_black_hole_fails_fast_opens_the_breaker_and_recovers(
             return fields and orjson.loads(fields[b"pool"])["breaker"] == "closed"
 
         wait_until(breaker_closed, 15, "the worker to report a closed breaker")
+        record_property("breaker_opened_after_s", round(opened_after_s, 2))
+        record_property("cpu_share_while_open", round(cpu_share, 4))
         assert opened_after_s < 10  # calls time out (1 s each), they never hang
         assert cpu_share < 0.05
         errors = [line for line in sup.output().splitlines() if "ERROR" in line]
@@ -98,7 +100,9 @@ def test_7_latency_expires_no_lease_and_duplicates_nothing(
         assert sup.wait(20) == 0
 
 
-def test_8_claim_reply_lost_is_replayed_not_leased_twice(redis_url, redis_tcp_addr, client):
+def test_8_claim_reply_lost_is_replayed_not_leased_twice(
+    redis_url, redis_tcp_addr, client, record_property
+):
     ids = client.enqueue_many("probe", [{"n": i} for i in range(10)])
     with FaultProxy(redis_tcp_addr) as proxy:
         settings = Settings(redis=RedisPoolConfig(url=proxy.url, min_idle_conns=1, pool_size=1))
@@ -111,6 +115,7 @@ def test_8_claim_reply_lost_is_replayed_not_leased_twice(redis_url, redis_tcp_ad
         took_s = time.monotonic() - started
         manager.close()
     assert sorted(t.id for t in claimed) == sorted(ids)  # the same batch came back
+    record_property("claim_with_lost_reply_s", round(took_s, 3))
     assert took_s < 5  # nobody waited for the 60 s lease to expire
     stats = client.queue_stats(["probe"])["probe"]
     assert stats["running"] == 10 and stats["queued"] == 0

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_5_server_killed_under_load_keeps_acked_enqueues_and_workers_resume(
-    start, raw_redis, tmp_path
+    start, raw_redis, tmp_path, record_property
 ):
     server = spawn_server(
         unix_socket=str(tmp_path / "aof.sock"), data_dir=str(tmp_path), appendonly=True
@@ -70,9 +70,12 @@ def test_5_server_killed_under_load_keeps_acked_enqueues_and_workers_resume(
             )
             result = check(client, before_crash, executions(raw_redis))
             assert not result.lost, result.report()
+        record_property("resumed_after_s", round(resumed_after_s, 2))
+        record_property("acked_before_crash", len(before_crash))
         assert resumed_after_s < 30
         outage_lines = _lines_between(sup.output(), crashed_at, restarted_at)
         per_worker_per_s = len(outage_lines) / 2 / (restarted_at - crashed_at)
+        record_property("log_lines_per_worker_per_s", round(per_worker_per_s, 2))
         assert per_worker_per_s <= 1.5, outage_lines
     finally:
         stop.set()
