@@ -31,6 +31,7 @@ from core.agents import AgentSpec, Handoff
 from core.errors import HandoffError, InvalidPayload
 from core.keys import Keys
 from core.manager import get_manager
+from core.prefetch import PrefetchSizer
 from core.protocol import ClaimRequest, Completion, Failure, TaskQueue
 from core.runner import Outcome, make_runner
 from core.server_checks import UnsafeServer, check_eviction_policy
@@ -83,8 +84,9 @@ class Worker:
         self.lease_ms = int((self.spec.lease_s or self.settings.lease_s) * 1000)
         # Prefetched tasks hold leases; under a global limit they would hold other
         # workers' share idle, so a globally limited agent claims only for free slots.
-        prefetch = 0 if self.spec.global_limit else self.settings.prefetch
-        self.capacity = self.spec.max_concurrent + prefetch
+        floor = 0 if self.spec.global_limit else self.settings.prefetch
+        ceiling = floor if self.spec.global_limit else self.settings.claim_batch_max
+        self.sizer = PrefetchSizer(self.spec.max_concurrent, floor, ceiling)
         self._last_error_log = 0.0
         self._backoff_s = 0.0
         self._backoff_until = 0.0
@@ -108,7 +110,7 @@ class Worker:
     def run(self) -> int:
         self.init_process()
         log.info(
-            "worker %s started: agent=%s max_concurrent=%d prefetch=%d",
+            "worker %s started: agent=%s max_concurrent=%d prefetch=%d+ (adaptive)",
             self.worker_id, self.spec.name, self.spec.max_concurrent, self.settings.prefetch,
         )  # fmt: skip
         try:
@@ -139,9 +141,19 @@ class Worker:
     def _wait_s(self) -> float:
         if self.draining or self._unsent:
             return 0.05
-        if len(self.held) < self.capacity and not self.want_work.is_set():
+        if self._room() and not self.want_work.is_set():
             return 0.0  # there is room and we have not yet seen an empty queue
         return _TICK_S
+
+    def _room(self) -> int:
+        """How many to claim now: 0 until half the capacity is free, unless every held
+        task has started (so slots would go idle): fewer, bigger claims."""
+        capacity = self.sizer.capacity
+        room = capacity - len(self.held)
+        unstarted = len(self.held) - self.runner.running
+        if room <= 0 or (unstarted > 0 and room < capacity // 2):
+            return 0
+        return room
 
     def _process_events(self, block_s: float) -> None:
         """Take every pending event (blocking up to block_s for the first), then act."""
@@ -153,6 +165,9 @@ class Worker:
                     outcomes.append(item)
                 elif item == _WAKE:
                     self.want_work.clear()
+                elif item[0] == "claimed":
+                    self.want_work.clear()
+                    self._take(item[1])
                 elif item[0] == "abandon":
                     for task in item[1]:
                         self._forget(task)
@@ -181,21 +196,35 @@ class Worker:
     # -- claiming --------------------------------------------------------------------------
 
     def _claim(self) -> None:
-        room = self.capacity - len(self.held)
-        if room <= 0 or self.want_work.is_set():
+        room = self._room()
+        if not room or self.want_work.is_set():
             return
         if time.monotonic() < self._backoff_until:
             return
-        request = ClaimRequest(self.spec.name, room, self.lease_ms, self.spec.global_limit or 0)
         try:
-            tasks = self.queue.claim([request])[self.spec.name]
+            tasks = self._claim_batch(room)
         except HandoffError as e:
             self._redis_trouble("claim", e)
             return
         self._backoff_s = 0.0
-        self.stats.last_claim_at = time.time()
         if not tasks:
             self.want_work.set()  # the waker blocks in Redis until work arrives
+            return
+        self._take(tasks)
+
+    def _claim_batch(self, room: int) -> list[Task]:
+        """One claim round trip (main thread, or the waker while the main thread waits)."""
+        request = ClaimRequest(self.spec.name, room, self.lease_ms, self.spec.global_limit or 0)
+        started = time.perf_counter()
+        tasks = self.queue.claim([request])[self.spec.name]
+        self.sizer.observe_round_trip(time.perf_counter() - started)
+        self.stats.last_claim_at = time.time()
+        return tasks
+
+    def _take(self, tasks: list[Task]) -> None:
+        """Hold and start claimed tasks (main thread only)."""
+        if self.draining:
+            self._release(tasks)
             return
         for task in tasks:
             if task.max_attempts is None:
@@ -230,6 +259,7 @@ class Worker:
             if self.held.get(task.id) is not task:
                 continue  # timed out earlier (already nacked), or its lease was lost
             stats.latencies_s.append(outcome.elapsed_s)
+            self.sizer.observe_task(outcome.elapsed_s)
             if outcome.error is not None:
                 failures.append(
                     Failure(
@@ -384,7 +414,8 @@ class Worker:
     # -- helper threads --------------------------------------------------------------------
 
     def _waker_loop(self) -> None:
-        """Block in Redis for a wake token while the main thread has room and no work."""
+        """While the main thread has room and saw an empty queue: block in Redis for a wake
+        token, then claim right here and hand the tasks over (one thread hop, not two)."""
         wake_key = self.agent_keys.wake
         while not self.stop_event.is_set():
             if not self.want_work.wait(timeout=_TICK_S):
@@ -397,9 +428,16 @@ class Worker:
                 timeout_s = min(timeout_s, max(0.01, until_due))
             try:
                 self.manager.execute(lambda c, t=timeout_s: c.blpop([wake_key], timeout=t))
-            except HandoffError:
+                # held only shrinks while the main thread waits, so this room is safe.
+                room = self.sizer.capacity - len(self.held)
+                tasks = self._claim_batch(room) if room > 0 and not self.draining else []
+            except HandoffError as e:
+                self._log_trouble("wait for work", e)
                 self.stop_event.wait(min(5.0, max(0.1, self._backoff_s)))
-            self.events.put(_WAKE)
+                self.events.put(_WAKE)  # let the main thread retry (and back off)
+                continue
+            if tasks:
+                self.events.put(("claimed", tasks))
 
     def _lease_loop(self) -> None:
         """Renew every held lease each third of the lease; fail tasks past their timeout."""
