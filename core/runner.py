@@ -4,8 +4,8 @@ Runs in: a worker process (after fork). A SyncRunner owns max_concurrent threads
 AsyncRunner owns one event loop thread running at most max_concurrent coroutines. Either
 way, at most max_concurrent handlers run at once, tasks not yet started can be taken back
 (graceful shutdown, lost leases), and every outcome goes to one `report` callable (the
-worker's event queue), so the worker's main thread is the only one that talks to Redis
-about results.
+worker's event queue; the async runner reports a list per loop iteration), so the
+worker's main thread is the only one that talks to Redis about results.
 """
 
 from __future__ import annotations
@@ -127,6 +127,8 @@ class AsyncRunner(_BaseRunner):
     def __init__(self, spec: AgentSpec, report: Callable[[Outcome], None]) -> None:
         super().__init__(spec, report)
         self._pending: deque[Task] = deque()
+        self._finished: list[Outcome] = []
+        self._flush_scheduled = False
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="asyncio", daemon=True)
         self._thread.start()
@@ -157,8 +159,19 @@ class AsyncRunner(_BaseRunner):
             outcome = Outcome(task, error=f"{type(e).__name__}: {e}", trace=_tb())
         outcome.elapsed_s = time.perf_counter() - started
         self.started_at.pop(task.id, None)
-        self.report(outcome)
+        self._finished.append(outcome)
+        if not self._flush_scheduled:
+            # Coroutines finishing in the same loop iteration are reported together:
+            # one wake-up and one ack round trip for the lot.
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
         self._pump()
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        finished, self._finished = self._finished, []
+        if finished:
+            self.report(finished)
 
     def take_unstarted(self) -> list[Task]:
         done = threading.Event()

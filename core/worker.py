@@ -163,6 +163,8 @@ class Worker:
             while True:
                 if isinstance(item, Outcome):
                     outcomes.append(item)
+                elif isinstance(item, list):
+                    outcomes.extend(item)
                 elif item == _WAKE:
                     self.want_work.clear()
                 elif item[0] == "claimed":
