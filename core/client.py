@@ -17,7 +17,7 @@ from config import Settings, load_settings
 from core.errors import HandoffError, InvalidPayload
 from core.keys import check_agent
 from core.manager import RedisManager
-from core.protocol import TaskQueue
+from core.protocol import TaskQueue, TaskRejected
 from core.task import (
     Task,
     agent_of,
@@ -52,8 +52,11 @@ def build_task(
     """Validate one task's fields and build it (no Redis)."""
     check_agent(agent)
     check_priority(priority)
-    if delay_s < 0:
-        raise InvalidPayload(f"delay_s = {delay_s}: must be >= 0")
+    delay_ms = check_delay_ms(delay_s)
+    if max_attempts is not None:
+        _check_number("max_attempts", max_attempts, 1, 1000, integer=True)
+    if timeout_s is not None:
+        _check_number("timeout_s", timeout_s, 0.001, 86_400 * 7)
     stamp = now_ms() if at_ms is None else at_ms
     if key is not None:
         if not isinstance(key, str) or not 0 < len(key) <= 256:
@@ -70,9 +73,24 @@ def build_task(
         timeout_s=timeout_s,
         created_at=stamp,
         enqueued_at=stamp,
-        not_before=stamp + int(delay_s * 1000) if delay_s > 0 else None,
+        not_before=stamp + delay_ms if delay_ms > 0 else None,
         key=key,
     )
+
+
+MAX_DELAY_S = 366 * 86_400.0
+
+
+def _check_number(name: str, value: object, low: float, high: float, integer=False) -> None:
+    kinds = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high:
+        raise InvalidPayload(f"{name} = {value!r}: must be a number between {low} and {high}")
+
+
+def check_delay_ms(delay_s: object) -> int:
+    """delay_s as whole milliseconds; rejects negatives, NaN, infinities and > a year."""
+    _check_number("delay_s", delay_s, 0, MAX_DELAY_S)
+    return int(delay_s * 1000)  # type: ignore[operator]
 
 
 class Client:
@@ -127,7 +145,7 @@ class Client:
             max_attempts=max_attempts,
             timeout_s=timeout_s,
         )
-        self.queue.enqueue([task], delay_ms=int(delay_s * 1000))
+        self.queue.enqueue([task])
         return task.id
 
     def enqueue_many(
@@ -139,24 +157,48 @@ class Client:
         delay_s: float = 0,
         keys: Sequence[str] | None = None,
     ) -> list[str]:
-        """Add many tasks in one round trip; all are validated before any is sent."""
-        stamp = now_ms()
+        """Add many tasks in one round trip; all are validated before any is sent.
+
+        A bad payload raises TaskRejected (an InvalidPayload) naming its index; nothing of
+        the batch is written then.
+        """
+        check_agent(agent)
+        check_priority(priority)
+        delay_ms = check_delay_ms(delay_s)
         payloads = list(payloads)
         if keys is not None and len(keys) != len(payloads):
             raise InvalidPayload(f"keys: {len(keys)} given for {len(payloads)} payloads")
-        tasks = [
-            build_task(
-                agent,
-                payload,
-                priority=priority,
-                delay_s=delay_s,
-                key=None if keys is None else keys[i],
-                at_ms=stamp,
+        stamp = now_ms()
+        not_before = stamp + delay_ms if delay_ms > 0 else None
+        tasks = []
+        append = tasks.append
+        for index, payload in enumerate(payloads):
+            key = None if keys is None else keys[index]
+            if key is None:
+                task_id = new_task_id(agent, stamp)
+            elif isinstance(key, str) and 0 < len(key) <= 256:
+                task_id = derived_task_id(agent, "key", key)
+            else:
+                raise TaskRejected(
+                    index, "must be a string of 1 to 256 characters", f"keys[{index}]"
+                )
+            append(
+                Task(
+                    id=task_id,
+                    agent=agent,
+                    payload=payload,
+                    priority=priority,
+                    created_at=stamp,
+                    enqueued_at=stamp,
+                    not_before=not_before,
+                    key=key,
+                )
             )
-            for i, payload in enumerate(payloads)
-        ]
         if tasks:
-            self.queue.enqueue(tasks, delay_ms=int(delay_s * 1000))
+            try:
+                self.queue.enqueue(tasks)
+            except TaskRejected as e:
+                raise TaskRejected(e.index, e.detail, f"payloads[{e.index}]") from None
         return [task.id for task in tasks]
 
     # -- looking ---------------------------------------------------------------------------
@@ -169,6 +211,7 @@ class Client:
         keys = self.queue.keys.agent(agent_of(task_id))
 
         def probe(client) -> list:
+            # Not MULTI: a producer's least-privilege ACL (config/acl.conf) allows only reads.
             pipe = client.pipeline(transaction=False)
             pipe.get(keys.result(task_id))
             pipe.zscore(keys.dead, task_id)
@@ -177,13 +220,18 @@ class Client:
             pipe.zscore(keys.queue, task_id)
             return pipe.execute()
 
-        done, dead, running, delayed, queued = self.queue.manager.execute(probe)
-        if done is not None:
-            return "done", done
-        for name, score in (("dead", dead), ("running", running), ("delayed", delayed)):
-            if score is not None:
-                return name, None
-        return ("queued" if queued is not None else "unknown"), None
+        # The five reads are not one snapshot: a task that moved between two of them (say
+        # queue -> leases) can be missed by both. Such a miss looks "unknown"; look again.
+        for _ in range(3):
+            done, dead, running, delayed, queued = self.queue.manager.execute(probe)
+            if done is not None:
+                return "done", done
+            for name, score in (("dead", dead), ("running", running), ("delayed", delayed)):
+                if score is not None:
+                    return name, None
+            if queued is not None:
+                return "queued", None
+        return "unknown", None
 
     def result(self, task_id: str, wait_s: float = 5.0) -> Any:
         """The task's result, waiting up to wait_s for it to finish.
@@ -254,10 +302,22 @@ class Client:
         return dead_list(self.queue, agent, limit)
 
     def dead_requeue(self, agent: str, ids: Sequence[str] = (), limit: int = 1000) -> list[str]:
+        """Put dead tasks (ids, or the oldest limit) back in the queue with fresh counts."""
         fixed = self.queue.keys.agent(agent).all()
-        reply = self.queue.run_scripts([("dead_requeue", fixed, [limit, *ids])])[0]
+        args = _dead_args(agent, ids, limit)
+        reply = self.queue.run_scripts([("dead_requeue", fixed, args)])[0]
         return [i.decode() for i in reply]
 
     def dead_purge(self, agent: str, ids: Sequence[str] = (), limit: int = 1000) -> int:
+        """Delete dead tasks (ids, or the oldest limit) and their payloads for good."""
         fixed = self.queue.keys.agent(agent).all()
-        return int(self.queue.run_scripts([("dead_purge", fixed, [limit, *ids])])[0])
+        args = _dead_args(agent, ids, limit)
+        return int(self.queue.run_scripts([("dead_purge", fixed, args)])[0])
+
+
+def _dead_args(agent: str, ids: Sequence[str], limit: int) -> list[Any]:
+    _check_number("limit", limit, 1, 1_000_000, integer=True)
+    for task_id in ids:
+        if agent_of(task_id) != agent:
+            raise InvalidPayload(f"task {task_id!r} does not belong to agent {agent!r}")
+    return [limit, *ids]

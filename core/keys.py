@@ -30,21 +30,46 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from core.errors import InvalidAgentName
+from config.settings import KEY_PREFIX_RE
+from core.errors import InvalidAgentName, InvalidPayload
 
 AGENT_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+# '<agent>.<suffix>': generated ids are '<agent>.<26 hex>' or '<agent>.k<24 hex>'.
+TASK_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}\.[A-Za-z0-9_-]{1,64}")
+# A claim id names a replay key and is the lease token: a plain token, no key syntax.
+CLAIM_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def check_agent(name: object) -> str:
     """Return name if it is a valid agent name, else raise InvalidAgentName (one line)."""
     if not isinstance(name, str) or AGENT_NAME.fullmatch(name) is None:
-        shown = repr(name)
-        if len(shown) > 80:
-            shown = shown[:77] + "..."
         raise InvalidAgentName(
-            f"invalid agent name {shown}: must match ^[a-z0-9][a-z0-9_-]{{0,62}}$"
+            f"invalid agent name {_shown(name)}: must match ^[a-z0-9][a-z0-9_-]{{0,62}}$"
         )
     return name
+
+
+def _shown(value: object) -> str:
+    shown = repr(value)
+    return shown if len(shown) <= 80 else shown[:77] + "..."
+
+
+def check_task_id(task_id: object) -> str:
+    """Return task_id if it is '<agent>.<id>' with a valid agent name, else raise (one line)."""
+    if not isinstance(task_id, str) or TASK_ID.fullmatch(task_id) is None:
+        raise InvalidPayload(
+            f"invalid task id {_shown(task_id)}: expected '<agent>.<id>' with <id> made of "
+            "1 to 64 of A-Z a-z 0-9 _ -"
+        )
+    return task_id
+
+
+def check_claim_id(claim_id: object) -> str:
+    if not isinstance(claim_id, str) or CLAIM_ID.fullmatch(claim_id) is None:
+        raise InvalidPayload(
+            f"invalid claim_id {_shown(claim_id)}: must be 1 to 64 of A-Z a-z 0-9 _ -"
+        )
+    return claim_id
 
 
 # The per-agent keys every state-changing script receives, in this order.
@@ -134,6 +159,10 @@ class Keys:
     """Key names under one prefix."""
 
     def __init__(self, prefix: str = "handoff") -> None:
+        if not isinstance(prefix, str) or KEY_PREFIX_RE.fullmatch(prefix) is None:
+            raise InvalidPayload(
+                f"invalid key prefix {_shown(prefix)}: must match ^{KEY_PREFIX_RE.pattern}$"
+            )
         self.prefix = prefix
         self._agents: dict[str, AgentKeys] = {}
 

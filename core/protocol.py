@@ -21,14 +21,14 @@ import redis.exceptions as rex
 
 from config import Settings
 from core import scripts
-from core.errors import InvalidPayload
-from core.keys import Keys
+from core.errors import InvalidPayload, RedisCommandError
+from core.keys import TASK_ID, Keys, check_claim_id
 from core.manager import RedisManager
-from core.task import Task, agent_of, score_for
+from core.task import Task, score_for
 
 log = logging.getLogger(__name__)
 
-ENQUEUE_CHUNK = 1000  # tasks per script call: bounds how long one call holds the server
+ENQUEUE_CHUNK = 250  # tasks per script call: bounds how long one call holds the server (~1 ms)
 BOUND_PER_CALL = 200  # delayed promotions / lease reaps per claim or reap call
 RETRY_MAX_DELAY_S = 300.0
 
@@ -40,6 +40,10 @@ class ClaimRequest:
     lease_ms: int
     global_limit: int = 0
     claim_id: str = ""
+    # Workers isolate suspects (tasks whose last worker died): such a task is leased only
+    # to a caller holding nothing else (solo), and alone. See claim.lua.
+    isolate_suspects: bool = False
+    solo: bool = True
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,19 @@ class Failure:
     trace: str = ""
     dead_now: bool = False
     retry_delay_s: float = 1.0
+
+
+class TaskRejected(InvalidPayload):
+    """One task of a batch is invalid; nothing of the batch was written."""
+
+    def __init__(self, index: int, detail: str, where: str = "") -> None:
+        super().__init__(f"{where}: {detail}" if where else detail)
+        self.index = index  # its position in the batch
+        self.detail = detail  # what is wrong with it
+
+
+def _foreign_id(task_id: str, agent: str) -> str:
+    return f"task id {task_id[:80]!r} does not belong to agent {agent!r} (expected '{agent}.<id>')"
 
 
 def retry_delay_ms(base_s: float, attempt: int) -> int:
@@ -88,6 +105,7 @@ class TaskQueue:
         self._max_bytes = str(settings.max_payload_bytes)
         self.last_now_ms = 0  # server time of the last claim
         self.next_due_ms = -1  # earliest delayed task seen by the last claim (-1: none)
+        self.suspects_waiting = False  # the last isolating claim left a suspect for a solo one
 
     # -- script calls ----------------------------------------------------------------------
 
@@ -128,54 +146,77 @@ class TaskQueue:
 
     # -- enqueue ---------------------------------------------------------------------------
 
-    def enqueue(self, tasks: Sequence[Task], *, delay_ms: int = 0) -> list[bool]:
+    def enqueue(self, tasks: Sequence[Task], *, now_ms: int | None = None) -> list[bool]:
         """Store tasks (any agents) in one round trip; True = added, False = duplicate.
 
-        Every task is serialised and size-checked before anything is sent, so a bad one
-        fails the batch with nothing written. The enqueue script checks the size again.
+        Every task is checked (id of its agent, JSON, size) and serialised before anything
+        is sent, so a bad one fails the batch with nothing written (TaskRejected names its
+        position). The enqueue script checks the size again. A task with not_before waits
+        in the delayed set for (not_before - enqueued_at) ms of server time, and takes its
+        FIFO place at its due time. now_ms overrides the server clock (tests).
         """
-        calls, order = [], []
-        by_agent: dict[str, list[Task]] = {}
-        for task in tasks:
-            by_agent.setdefault(task.agent, []).append(task)
+        positions: dict[str, list[int]] = {}
+        for index, task in enumerate(tasks):
+            group = positions.get(task.agent)
+            if group is None:
+                positions[task.agent] = group = []
+            group.append(index)
         limit = self.settings.max_payload_bytes
-        for agent, group in by_agent.items():
+        now_arg = "" if now_ms is None else now_ms
+        calls, order = [], []
+        for agent, group in positions.items():
             agent_keys = self.keys.agent(agent)
             fixed = agent_keys.all()
+            id_prefix = agent + "."
             for start in range(0, len(group), ENQUEUE_CHUNK):
                 chunk = group[start : start + ENQUEUE_CHUNK]
                 extra_keys: list[str] = []
-                args: list[Any] = [self._max_bytes, "", len(chunk)]
-                for task in chunk:
-                    blob = task.to_json()
+                special: list[Any] = []  # position, delay_ms, result key index
+                args: list[Any] = [self._max_bytes, now_arg, len(chunk), 0]
+                for position, index in enumerate(chunk, 1):
+                    task = tasks[index]
+                    task_id = task.id
+                    if not task_id.startswith(id_prefix) or TASK_ID.fullmatch(task_id) is None:
+                        raise TaskRejected(index, _foreign_id(task_id, agent))
+                    try:
+                        blob = task.to_json()
+                    except InvalidPayload as e:
+                        raise TaskRejected(index, str(e)) from None
                     if len(blob) > limit:
-                        raise InvalidPayload(
+                        raise TaskRejected(
+                            index,
                             f"task for agent {agent!r} is {len(blob)} bytes, over the "
-                            f"max_payload_bytes limit of {limit}"
+                            f"max_payload_bytes limit of {limit}",
                         )
+                    not_before = task.not_before
+                    if not_before is None:
+                        args += (task_id, score_for(task.priority, task.enqueued_at), blob)
+                        if task.key is None and task.parent_id is None:
+                            continue
+                        delay = 0
+                    else:
+                        delay = max(0, not_before - task.enqueued_at)
+                        args += (task_id, score_for(task.priority, not_before), blob)
                     result_index = 0
                     if task.key is not None or task.parent_id is not None:
-                        extra_keys.append(agent_keys.result(task.id))
+                        extra_keys.append(agent_keys.result(task_id))
                         result_index = len(extra_keys)
-                    delay = delay_ms if task.not_before is not None else 0
-                    args += [
-                        task.id,
-                        score_for(task.priority, task.enqueued_at),
-                        delay,
-                        blob,
-                        result_index,
-                    ]
-                calls.append(("enqueue", fixed + extra_keys, args))
+                    special += (position, delay, result_index)
+                args[3] = len(special) // 3
+                args += special
+                calls.append(("enqueue", fixed + extra_keys if extra_keys else fixed, args))
                 order.append(chunk)
-        new_agents = [a for a in by_agent if a not in self._registered_agents]
+        if not calls:
+            return []
+        new_agents = [a for a in positions if a not in self._registered_agents]
         extra = [lambda p, a=new_agents: p.sadd(self.keys.agents, *a)] if new_agents else []
         replies = self.run_scripts(calls, extra)
         self._registered_agents.update(new_agents)
-        added: dict[str, bool] = {}
+        added = [False] * len(tasks)
         for chunk, reply in zip(order, replies, strict=False):
-            for task, flag in zip(chunk, reply, strict=True):
-                added[task.id] = bool(flag)
-        return [added[task.id] for task in tasks]
+            for index, flag in zip(chunk, reply, strict=True):
+                added[index] = flag == 1
+        return added
 
     # -- claim -----------------------------------------------------------------------------
 
@@ -183,45 +224,57 @@ class TaskQueue:
         """Lease up to n tasks per request, one script call each, one round trip in all.
 
         Returns {agent: [Task, ...]}. A corrupt task JSON is dead-lettered with the reason
-        (one more round trip, only when it happens) and never reaches a handler.
+        (one more round trip, only when it happens) and never reaches a handler. A request
+        with an explicit claim_id is a retry of that claim: it gets the same batch back.
         """
         calls = []
         s = self.settings
+        now_arg = "" if now_ms is None else now_ms
         for request in requests:
-            claim_id = request.claim_id or new_claim_id()
-            agent_keys = self.keys.agent(request.agent)
-            calls.append(
-                (
-                    "claim",
-                    [*agent_keys.all(), agent_keys.claim(claim_id)],
-                    [
-                        request.n,
-                        request.lease_ms,
-                        claim_id,
-                        s.max_deliveries,
-                        request.global_limit,
-                        "" if now_ms is None else now_ms,
-                        s.claim_batch_max,
-                        BOUND_PER_CALL,
-                    ],
+            claim_id = check_claim_id(request.claim_id) if request.claim_id else new_claim_id()
+            if request.lease_ms < 1 or request.n < 0:
+                raise InvalidPayload(
+                    f"claim for {request.agent!r}: n = {request.n} must be >= 0 and "
+                    f"lease_ms = {request.lease_ms} must be >= 1"
                 )
-            )
+            agent_keys = self.keys.agent(request.agent)
+            args = [
+                request.n,
+                request.lease_ms,
+                claim_id,
+                s.max_deliveries,
+                request.global_limit,
+                now_arg,
+                s.claim_batch_max,
+                BOUND_PER_CALL,
+                "1" if request.isolate_suspects else "0",
+                "1" if request.solo else "0",
+            ]
+            calls.append(("claim", [*agent_keys.all(), agent_keys.claim(claim_id)], args))
         replies = self.run_scripts(calls)
         claimed: dict[str, list[Task]] = {}
         corrupt: list[Failure] = []
+        from_json = Task.from_json
         for request, (_, _, args), reply in zip(requests, calls, replies, strict=True):
-            token = args[2]
-            tasks = claimed.setdefault(request.agent, [])
+            token, agent = args[2], request.agent
+            tasks = claimed.setdefault(agent, [])
             self.last_now_ms, self.next_due_ms = int(reply[0]), int(reply[1])
-            for i in range(2, len(reply), 4):
+            first = 2
+            if request.isolate_suspects:
+                self.suspects_waiting = bool(int(reply[2]))
+                first = 3
+            for i in range(first, len(reply), 4):
                 task_id = reply[i].decode()
                 try:
-                    task = Task.from_json(
-                        reply[i + 1], attempt=int(reply[i + 2]), deliveries=int(reply[i + 3]),
-                        token=token,
-                    )  # fmt: skip
+                    task = from_json(
+                        reply[i + 1], attempt=reply[i + 2], deliveries=reply[i + 3], token=token
+                    )
+                    if task.id != task_id or task.agent != agent:
+                        raise ValueError(
+                            f"task JSON says id {task.id[:80]!r} of agent {task.agent[:80]!r}"
+                        )
                 except (ValueError, TypeError) as e:
-                    stub = Task(id=task_id, agent=agent_of(task_id), payload=None, token=token)
+                    stub = Task(id=task_id, agent=agent, payload=None, token=token)
                     corrupt.append(Failure(stub, f"corrupt task JSON: {e}", dead_now=True))
                     continue
                 tasks.append(task)
@@ -238,18 +291,14 @@ class TaskQueue:
         calls = []
         for agent, group in _group(completions, lambda c: c.task.agent).items():
             agent_keys = self.keys.agent(agent)
-            extra_keys: list[str] = []
+            result_key = agent_keys.result
+            keys = agent_keys.all()
             args: list[Any] = ["" if now_ms is None else now_ms, ttl_ms, len(group)]
-            for done in group:
-                extra_keys.append(agent_keys.result(done.task.id))
-                args += [
-                    done.task.id,
-                    done.task.token,
-                    done.result_json,
-                    len(extra_keys),
-                    done.handoffs,
-                ]
-            calls.append(("ack", agent_keys.all() + extra_keys, args))
+            for position, done in enumerate(group, 1):
+                task = done.task
+                keys.append(result_key(task.id))
+                args += (task.id, task.token, done.result_json, position, done.handoffs)
+            calls.append(("ack", keys, args))
         if not calls:
             return []
         return [i.decode() for reply in self.run_scripts(calls) for i in reply]
@@ -330,7 +379,7 @@ class TaskQueue:
         """Warn loudly when eviction could silently delete tasks."""
         try:
             policy = self.manager.execute(lambda c: c.config_get("maxmemory-policy"))
-        except rex.ResponseError:  # CONFIG may be forbidden (ACL, managed services)
+        except (rex.ResponseError, RedisCommandError):  # CONFIG may be forbidden (ACL, ...)
             log.info("could not read maxmemory-policy (CONFIG not allowed); make sure it "
                      "is noeviction")  # fmt: skip
             return
@@ -347,5 +396,9 @@ class TaskQueue:
 def _group(items, key) -> dict[str, list]:
     groups: dict[str, list] = {}
     for item in items:
-        groups.setdefault(key(item), []).append(item)
+        name = key(item)
+        group = groups.get(name)
+        if group is None:
+            groups[name] = group = []
+        group.append(item)
     return groups

@@ -39,7 +39,7 @@ def check_eviction_policy(manager: RedisManager, settings: Settings) -> str | No
         )
         if settings.eviction_policy == "refuse":
             raise UnsafeServer(
-                f"{message}; set it to noeviction (or eviction_policy = \"warn\" to run anyway)"
+                f'{message}; set it to noeviction (or eviction_policy = "warn" to run anyway)'
             )
         log.warning("DANGER: %s", message)
     return policy

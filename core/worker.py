@@ -153,7 +153,15 @@ class Worker:
         unstarted = len(self.held) - self.runner.running
         if room <= 0 or (unstarted > 0 and room < capacity // 2):
             return 0
-        return room
+        return 0 if self._isolating() else room
+
+    def _isolating(self) -> bool:
+        """A suspect runs alone: hold one, or one waits for us -> drain, then claim solo."""
+        return bool(self.held) and (self.queue.suspects_waiting or self._holds_suspect())
+
+    def _holds_suspect(self) -> bool:
+        """A task delivered before without finishing (its worker died) runs alone here."""
+        return any(t.deliveries - (t.attempt - 1) >= 2 for t in self.held.values())
 
     def _process_events(self, block_s: float) -> None:
         """Take every pending event (blocking up to block_s for the first), then act."""
@@ -216,7 +224,14 @@ class Worker:
 
     def _claim_batch(self, room: int) -> list[Task]:
         """One claim round trip (main thread, or the waker while the main thread waits)."""
-        request = ClaimRequest(self.spec.name, room, self.lease_ms, self.spec.global_limit or 0)
+        request = ClaimRequest(
+            self.spec.name,
+            room,
+            self.lease_ms,
+            self.spec.global_limit or 0,
+            isolate_suspects=True,
+            solo=not self.held,
+        )
         started = time.perf_counter()
         tasks = self.queue.claim([request])[self.spec.name]
         self.sizer.observe_round_trip(time.perf_counter() - started)
@@ -431,7 +446,7 @@ class Worker:
             try:
                 self.manager.execute(lambda c, t=timeout_s: c.blpop([wake_key], timeout=t))
                 # held only shrinks while the main thread waits, so this room is safe.
-                room = self.sizer.capacity - len(self.held)
+                room = 0 if self._isolating() else self.sizer.capacity - len(self.held)
                 tasks = self._claim_batch(room) if room > 0 and not self.draining else []
             except HandoffError as e:
                 self._log_trouble("wait for work", e)

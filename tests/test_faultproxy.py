@@ -9,9 +9,10 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import redis
-from faultproxy import FaultProxy
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+
+from faultproxy import FaultProxy
 
 
 @pytest.fixture

@@ -89,3 +89,26 @@ def compare(raw_json: Path, out_dir: Path) -> None:
     results = json.loads(raw_json.read_text())
     write(results, out_dir)
     click.echo(render_markdown(results))
+
+
+@bench.command("protocol")
+@click.option(
+    "--runs", type=click.IntRange(1, 100), default=5, show_default=True, help="Runs per figure."
+)
+@click.option("--quick", is_flag=True, help="A tenth of the tasks and at most 2 runs.")
+@click.option("--json", "as_json", is_flag=True, help="Print every figure and sample as JSON.")
+def protocol(runs: int, quick: bool, as_json: bool) -> None:
+    """The queue protocol: enqueue and claim+ack tasks/s beside the bare-command limit."""
+    from core.bench.protocol import format_markdown, run_protocol_bench
+
+    result = run_protocol_bench(
+        runs=runs,
+        quick=quick,
+        progress=lambda line: click.echo(f"bench protocol: {line}", err=True),
+    )
+    if as_json:
+        from core.cli.common import print_json
+
+        print_json(result)
+    else:
+        click.echo(format_markdown(result))

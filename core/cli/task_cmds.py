@@ -9,16 +9,22 @@ import click
 import orjson
 
 from core.cli.common import print_json, print_table
-from core.errors import InvalidPayload
+from core.errors import InvalidAgentName, InvalidPayload
 from core.keys import check_agent
 
 STDIN_BATCH = 1000
 
 
 def _client(state):
+    """A Client for one command; use it in a with block so its pool is closed."""
     from core.client import Client
 
     return Client(settings=state.settings)
+
+
+def _call(state, method: str, *args):
+    with _client(state) as client:
+        return getattr(client, method)(*args)
 
 
 @click.command()
@@ -31,11 +37,19 @@ def _client(state):
 def enqueue(state, agent: str, payload: str, priority: int, delay_s: float, key: str | None):
     """Enqueue one task (PAYLOAD is JSON), or JSON lines from stdin with PAYLOAD '-'.
 
-    From stdin, lines are sent in batches of 1000, each validated whole before it is
-    sent: a bad line is reported with its number and nothing of its batch is written.
+    AGENT must be defined in the app (--app). From stdin, lines are sent in batches of
+    1000, each validated whole before it is sent: a bad line is reported with its number
+    and nothing of its batch is written.
     """
     check_agent(agent)
-    client = _client(state)
+    check_known_agent(state.settings.app, agent)
+    with _client(state) as client:
+        _enqueue(client, agent, payload, priority, delay_s, key)
+
+
+def _enqueue(client, agent: str, payload: str, priority: int, delay_s: float, key: str | None):
+    from core.protocol import TaskRejected
+
     if payload != "-":
         value = _parse(payload, where="PAYLOAD")
         click.echo(client.enqueue(agent, value, priority=priority, delay_s=delay_s, key=key))
@@ -44,21 +58,46 @@ def enqueue(state, agent: str, payload: str, priority: int, delay_s: float, key:
         raise click.UsageError("--key applies to one task; not with '-'")
     total = 0
     batch: list[Any] = []
+    numbers: list[int] = []  # the line number of each task in the batch
+
+    def send() -> int:
+        try:
+            return len(client.enqueue_many(agent, batch, priority=priority, delay_s=delay_s))
+        except TaskRejected as e:
+            raise InvalidPayload(_at_line(numbers[e.index], e.detail, total)) from None
+
     for number, line in enumerate(sys.stdin, start=1):
         if not line.strip():
             continue
         try:
-            batch.append(_parse(line, where=f"line {number}"))
-        except InvalidPayload as e:
-            raise InvalidPayload(
-                f"{e} ({total} task(s) from earlier batches were enqueued)"
-            ) from None
+            batch.append(orjson.loads(line))
+        except orjson.JSONDecodeError as e:
+            raise InvalidPayload(_at_line(number, f"invalid JSON: {e}", total)) from None
+        numbers.append(number)
         if len(batch) >= STDIN_BATCH:
-            total += len(client.enqueue_many(agent, batch, priority=priority, delay_s=delay_s))
-            batch = []
+            total += send()
+            batch, numbers = [], []
     if batch:
-        total += len(client.enqueue_many(agent, batch, priority=priority, delay_s=delay_s))
+        total += send()
     click.echo(f"enqueued {total} task(s) for {agent}")
+
+
+def _at_line(number: int, problem: str, sent: int) -> str:
+    note = f" ({sent} task(s) from earlier batches were enqueued)" if sent else ""
+    return f"stdin line {number}: {problem}; nothing of its batch was enqueued{note}"
+
+
+def check_known_agent(app: str, agent: str) -> None:
+    """An agent no app defines would wait forever: refuse it, naming the ones that exist."""
+    from core.agents import load_app
+
+    defined = load_app(app)
+    if agent not in defined:
+        known = ", ".join(sorted(defined)) or "none"
+        raise InvalidAgentName(
+            f"unknown agent {agent!r}: app {app!r} does not define it (defined: {known}; "
+            "pass --app MODULE where it is defined)"
+        )
 
 
 def _parse(text: str, *, where: str) -> Any:
@@ -78,7 +117,7 @@ def inspect() -> None:
 @click.pass_obj
 def inspect_queues(state, as_json: bool) -> None:
     """Per agent type: queued, running, delayed, dead and counters."""
-    stats = _client(state).queue_stats()
+    stats = _call(state, "queue_stats")
     if as_json:
         print_json(stats)
         return
@@ -95,7 +134,7 @@ def inspect_queues(state, as_json: bool) -> None:
 @click.pass_obj
 def inspect_task(state, task_id: str) -> None:
     """Everything known about one task (JSON)."""
-    print_json(_client(state).task(task_id))
+    print_json(_call(state, "task", task_id))
 
 
 @click.group()
@@ -110,7 +149,7 @@ def dead() -> None:
 @click.pass_obj
 def dead_list(state, agent: str, limit: int, as_json: bool) -> None:
     """The oldest dead-lettered tasks, with reasons."""
-    entries = _client(state).dead_list(check_agent(agent), limit)
+    entries = _call(state, "dead_list", check_agent(agent), limit)
     if as_json:
         print_json(entries)
         return
@@ -124,7 +163,7 @@ def dead_list(state, agent: str, limit: int, as_json: bool) -> None:
 @click.pass_obj
 def dead_requeue(state, agent: str, ids: tuple[str, ...], limit: int) -> None:
     """Put dead tasks (IDS, or the oldest LIMIT) back in the queue with fresh attempts."""
-    moved = _client(state).dead_requeue(check_agent(agent), ids, limit)
+    moved = _call(state, "dead_requeue", check_agent(agent), ids, limit)
     click.echo(f"requeued {len(moved)} task(s)")
 
 
@@ -139,4 +178,4 @@ def dead_purge(state, agent: str, ids: tuple[str, ...], limit: int, yes: bool) -
     check_agent(agent)
     if not yes:
         click.confirm(f"purge dead tasks of {agent}?", abort=True)
-    click.echo(f"purged {_client(state).dead_purge(agent, ids, limit)} task(s)")
+    click.echo(f"purged {_call(state, 'dead_purge', agent, ids, limit)} task(s)")

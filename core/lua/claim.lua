@@ -5,12 +5,19 @@
 -- ARGV[4] max_deliveries          ARGV[5] global_limit (0 = none)
 -- ARGV[6] now in ms ('' = server TIME)                    ARGV[7] cap on n
 -- ARGV[8] promote/reap bound per call
+-- ARGV[9] '1' = isolate suspects      ARGV[10] '1' = the caller holds no other task (solo)
+--   A suspect was delivered before and neither finished nor failed: its worker died or
+--   stalled. It may be a poison task that kills its process, so it is leased only to a
+--   solo caller and alone; a non-solo caller leaves it queued and is told it waits (so it
+--   can drain and come back solo). Innocent tasks never share a process with it twice.
 -- Steps: replay a claim whose reply was lost (same claim_id -> same batch, no second lease);
 -- promote due delayed tasks; reap expired leases; pop up to n by score; dead-letter any task
 -- delivered more than max_deliveries times without finishing; lease the rest with the token
--- and a deadline from server time; count the delivery.
+-- and a deadline from server time; count the delivery. Writes go in bulk commands per batch
+-- (HSET, ZADD of many members); reads are one HGET each (see hget_each in _prelude.lua).
 -- Returns: {now, next_due (ms of the earliest delayed task, -1 if none),
---           id1, json1, attempt1, deliveries1, id2, ...}
+--           [suspects_waiting (0/1), only when isolating,] id1, json1, attempt1,
+--           deliveries1, id2, ...}
 local claim_key = KEYS[FIXED_KEYS + 1]
 local n = math.min(tonumber(ARGV[1]), tonumber(ARGV[7]))
 local lease_ms = tonumber(ARGV[2])
@@ -19,22 +26,30 @@ local max_deliveries = tonumber(ARGV[4])
 local global_limit = tonumber(ARGV[5])
 local now = now_ms(ARGV[6])
 local bound = tonumber(ARGV[8])
+local isolate = ARGV[9] == '1'
+local solo = ARGV[10] == '1'
 local out = {now, -1}
+if isolate then out[3] = 0 end
 
-local function emit(id)
-  local json = redis.call('HGET', K_TASKS, id)
-  local attempts = tonumber(redis.call('HGET', K_ATTEMPTS, id) or '0')
-  local deliveries = tonumber(redis.call('HGET', K_DELIVERIES, id) or '0')
-  out[#out + 1] = id
-  out[#out + 1] = json
-  out[#out + 1] = attempts + 1
-  out[#out + 1] = deliveries
+local function emit(id, json, failures, deliveries)
+  local len = #out
+  out[len + 1] = id
+  out[len + 2] = json
+  out[len + 3] = failures + 1
+  out[len + 4] = deliveries
 end
 
 -- A retried claim: return what the first call leased and still holds; lease nothing new.
 if redis.call('EXISTS', claim_key) == 1 then
-  for _, id in ipairs(redis.call('LRANGE', claim_key, 0, -1)) do
-    if redis.call('HGET', K_TOKENS, id) == token then emit(id) end
+  local ids = redis.call('LRANGE', claim_key, 0, -1)
+  local holders = hget_each(K_TOKENS, ids)
+  local payloads = hget_each(K_TASKS, ids)
+  local failures = hget_each(K_ATTEMPTS, ids)
+  local deliveries = hget_each(K_DELIVERIES, ids)
+  for i, id in ipairs(ids) do
+    if holders[i] == token then
+      emit(id, payloads[i], tonumber(failures[i] or '0'), tonumber(deliveries[i] or '0'))
+    end
   end
   return out
 end
@@ -49,30 +64,51 @@ end
 if n <= 0 then return out end
 
 local popped = redis.call('ZPOPMIN', K_QUEUE, n)
-local leased = {}
+if #popped == 0 then return out end
+local ids = {}
+for i = 1, #popped, 2 do ids[#ids + 1] = popped[i] end
+local payloads = hget_each(K_TASKS, ids)
+local failures = hget_each(K_ATTEMPTS, ids)
+local delivered = hget_each(K_DELIVERIES, ids)
 local deadline = now + lease_ms
-for i = 1, #popped, 2 do
-  local id = popped[i]
-  if redis.call('HEXISTS', K_TASKS, id) == 0 then
+local counts, leases, tokens, leased = {}, {}, {}, {}
+local c = 0  -- pairs written so far (counts, leases and tokens grow in step)
+local took_suspect = false
+for i, id in ipairs(ids) do
+  local suspect = isolate and payloads[i]
+    and tonumber(delivered[i] or '0') - tonumber(failures[i] or '0') >= 1
+  if payloads[i] and (took_suspect or (suspect and (not solo or c > 0))) then
+    -- Not for this caller: back to its place in the queue.
+    redis.call('ZADD', K_QUEUE, popped[2 * i], id)
+    if suspect then out[3] = 1 end
+  elseif not payloads[i] then
     -- A queue entry with no payload: nothing to run, nothing to lose. Count it and move on.
     redis.call('HINCRBY', K_STATS, 'orphans', 1)
     redis.call('HDEL', K_SCORES, id)
   else
-    local deliveries = redis.call('HINCRBY', K_DELIVERIES, id, 1)
-    local failures = tonumber(redis.call('HGET', K_ATTEMPTS, id) or '0')
-    if deliveries - failures > max_deliveries then
-      bury(id, now, '{"reason":"poison: delivered ' .. (deliveries - 1 - failures) ..
+    local deliveries = tonumber(delivered[i] or '0') + 1
+    local failed = tonumber(failures[i] or '0')
+    counts[#counts + 1] = id
+    counts[#counts + 1] = deliveries
+    if deliveries - failed > max_deliveries then
+      bury(id, now, '{"reason":"poison: delivered ' .. (deliveries - 1 - failed) ..
         ' times without finishing (worker crashed or lease expired each time)","at":' .. now .. '}')
     else
-      redis.call('ZADD', K_LEASES, deadline, id)
-      redis.call('HSET', K_TOKENS, id, token)
-      leased[#leased + 1] = id
-      emit(id)
+      if suspect then took_suspect = true end
+      c = c + 2
+      leases[c - 1], leases[c] = deadline, id
+      tokens[c - 1], tokens[c] = id, token
+      leased[c / 2] = id
+      local len = #out
+      out[len + 1], out[len + 2], out[len + 3], out[len + 4] = id, payloads[i], failed + 1, deliveries
     end
   end
 end
+bulk_write('HSET', K_DELIVERIES, counts)
+bulk_write('ZADD', K_LEASES, leases)
+bulk_write('HSET', K_TOKENS, tokens)
 if #leased > 0 then
-  redis.call('RPUSH', claim_key, unpack(leased))
+  bulk_call('RPUSH', claim_key, leased)
   redis.call('PEXPIRE', claim_key, lease_ms)
 end
 return out

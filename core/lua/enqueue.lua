@@ -3,44 +3,60 @@
 -- KEYS[13..]   result keys of tasks with a deterministic id (done-dedupe), by index
 -- ARGV[1]      max payload bytes
 -- ARGV[2]      now in ms ('' = server TIME)
--- ARGV[3]      n, then n groups of 5: id, score, delay_ms, task_json, result_key_index (0 = none)
+-- ARGV[3]      n, the number of tasks
+-- ARGV[4]      m, the number of tasks with a delay or a result key
+-- then n groups of 3: id, score, task_json
+-- then m groups of 3: position (1..n), delay_ms (0 = ready now), result_key_index (0 = none)
 -- Returns: a list of n integers, 1 = added, 0 = duplicate (already queued/leased/delayed/dead,
--- or done within the result TTL). A payload over the limit fails the whole batch, unwritten.
+-- done within the result TTL, or earlier in this batch). A payload over the limit fails the
+-- whole batch, unwritten. Writes go in a few bulk commands per batch, not a few per task.
 local max_bytes = tonumber(ARGV[1])
 local now = now_ms(ARGV[2])
 local n = tonumber(ARGV[3])
-local base = 3
+local m = tonumber(ARGV[4])
+local base = 4
 for i = 0, n - 1 do
-  local json = ARGV[base + i * 5 + 4]
+  local json = ARGV[base + i * 3 + 3]
   if #json > max_bytes then
-    return redis.error_reply('ERR task ' .. ARGV[base + i * 5 + 1] .. ' is ' .. #json ..
+    return redis.error_reply('ERR task ' .. ARGV[base + i * 3 + 1] .. ' is ' .. #json ..
       ' bytes, over the limit of ' .. max_bytes .. ' bytes')
   end
 end
-local added = {}
-local count, ready = 0, 0
-for i = 0, n - 1 do
-  local o = base + i * 5
-  local id, score, delay_ms, json, rk = ARGV[o + 1], ARGV[o + 2], tonumber(ARGV[o + 3]), ARGV[o + 4], tonumber(ARGV[o + 5])
-  local duplicate = redis.call('HEXISTS', K_TASKS, id) == 1
-  if not duplicate and rk > 0 then
+local delay, result_key = {}, {}
+for j = 0, m - 1 do
+  local o = base + n * 3 + j * 3
+  local position = tonumber(ARGV[o + 1])
+  delay[position] = tonumber(ARGV[o + 2])
+  result_key[position] = tonumber(ARGV[o + 3])
+end
+
+local added, seen = {}, {}
+local tasks, scores, ready, later = {}, {}, {}, {}
+local count = 0
+for i = 1, n do
+  local o = base + (i - 1) * 3
+  local id, score = ARGV[o + 1], ARGV[o + 2]
+  local duplicate = seen[id] or redis.call('HEXISTS', K_TASKS, id) == 1
+  local rk = result_key[i]
+  if not duplicate and rk and rk > 0 then
     duplicate = redis.call('EXISTS', KEYS[FIXED_KEYS + rk]) == 1
   end
   if duplicate then
-    added[i + 1] = 0
+    added[i] = 0
   else
-    redis.call('HSET', K_TASKS, id, json)
-    redis.call('HSET', K_SCORES, id, score)
-    if delay_ms > 0 then
-      redis.call('ZADD', K_DELAYED, now + delay_ms, id)
-    else
-      redis.call('ZADD', K_QUEUE, score, id)
-      ready = ready + 1
-    end
-    added[i + 1] = 1
+    added[i] = 1
+    seen[id] = true
     count = count + 1
+    push2(tasks, id, ARGV[o + 3])
+    push2(scores, id, score)
+    local d = delay[i]
+    if d and d > 0 then push2(later, now + d, id) else push2(ready, score, id) end
   end
 end
+bulk_write('HSET', K_TASKS, tasks)
+bulk_write('HSET', K_SCORES, scores)
+bulk_write('ZADD', K_QUEUE, ready)
+bulk_write('ZADD', K_DELAYED, later)
 if count > 0 then redis.call('HINCRBY', K_STATS, 'enqueued', count) end
-wake(ready)
+wake(#ready / 2)
 return added

@@ -1,0 +1,182 @@
+"""Key names: built in one place, every per-agent key carries the hash tag {agent}, and a
+bad name is rejected before any key (or Redis call) is made."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from core.errors import InvalidAgentName, InvalidPayload
+from core.keys import AGENT_KEY_NAMES, Keys, check_agent, check_claim_id, check_task_id
+from core.task import agent_of, derived_task_id, new_task_id
+
+valid_agents = st.from_regex(r"[a-z0-9][a-z0-9_-]{0,62}", fullmatch=True)
+BAD_CHARS = "{}:* \n\t\r\x00.A/\\\"'"
+
+
+def cluster_hash_tag(key: str) -> str | None:
+    """The part of a key Redis Cluster hashes: the first non-empty {...}."""
+    start = key.find("{")
+    if start == -1:
+        return None
+    end = key.find("}", start + 1)
+    if end == -1 or end == start + 1:
+        return None
+    return key[start + 1 : end]
+
+
+@given(agent=valid_agents, task_suffix=st.from_regex(r"[A-Za-z0-9_-]{1,64}", fullmatch=True))
+def test_every_key_of_a_valid_agent_carries_its_hash_tag(agent, task_suffix):
+    keys = Keys("handoff").agent(agent)
+    task_id = check_task_id(f"{agent}.{task_suffix}")
+    every = [*keys.all(), keys.result(task_id), keys.claim("c0ffee"), *(
+        getattr(keys, name) for name in AGENT_KEY_NAMES
+    )]  # fmt: skip
+    for key in every:
+        assert cluster_hash_tag(key) == agent, key
+        assert key.startswith(f"handoff:{{{agent}}}:")
+        assert not any(c in key for c in " \n\r\t*")
+    assert len(set(keys.all())) == len(AGENT_KEY_NAMES)
+
+
+@given(
+    agent=st.one_of(
+        # a valid name with one bad character put in somewhere
+        st.tuples(valid_agents, st.sampled_from(BAD_CHARS), st.integers(0, 63)).map(
+            lambda t: t[0][: t[2]] + t[1] + t[0][t[2] :]
+        ),
+        st.text(min_size=64, max_size=400, alphabet="abc"),  # too long
+        st.just(""),
+        st.text(),
+    )
+)
+def test_a_bad_agent_name_is_rejected_with_a_one_line_message(agent):
+    try:
+        valid = check_agent(agent) == agent
+    except InvalidAgentName as e:
+        message = str(e)
+        assert "\n" not in message and len(message) < 200
+        assert message.startswith("invalid agent name")
+        with pytest.raises(InvalidAgentName):
+            Keys().agent(agent)
+        return
+    # Only names the pattern allows get through.
+    assert valid and len(agent) <= 63 and not set(agent) & set(BAD_CHARS)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "{a}",
+        "a}",
+        "a{",
+        "a:b",
+        "a*",
+        "a b",
+        "a\n",
+        "a\nb",
+        "x" * 300,
+        "A",
+        "",
+        "-a",
+        "a.b",
+        None,
+        7,
+    ],
+)
+def test_named_bad_agents_are_rejected(name):
+    with pytest.raises(InvalidAgentName):
+        check_agent(name)
+
+
+def test_the_longest_allowed_name_is_63_characters():
+    assert check_agent("a" * 63)
+    with pytest.raises(InvalidAgentName):
+        check_agent("a" * 64)
+
+
+@given(agent=valid_agents, parts=st.lists(st.text(), min_size=1, max_size=3))
+def test_generated_task_ids_are_valid_and_name_their_agent(agent, parts):
+    for task_id in (new_task_id(agent), derived_task_id(agent, *parts)):
+        assert check_task_id(task_id) == task_id
+        assert agent_of(task_id) == agent
+        assert len(task_id) <= 63 + 1 + 64
+
+
+@pytest.mark.parametrize(
+    "task_id",
+    ["a", "a.", ".x", "a.x y", "a.x\n", "a.{x}", "a.x:y", "a.x*", "A.x", "a." + "x" * 65, "a.b.c"],
+)
+def test_malformed_task_ids_are_rejected(task_id):
+    with pytest.raises(InvalidPayload, match="invalid task id"):
+        agent_of(task_id)
+
+
+@pytest.mark.parametrize("claim_id", ["", "a b", "{x}", "x:y", "x*", "x\n", "x" * 65])
+def test_malformed_claim_ids_are_rejected(claim_id):
+    with pytest.raises(InvalidPayload, match="invalid claim_id"):
+        check_claim_id(claim_id)
+
+
+@pytest.mark.parametrize("prefix", ["", "a b", "{x}", "x:y", "x" * 33])
+def test_a_bad_key_prefix_is_rejected(prefix):
+    with pytest.raises(InvalidPayload, match="invalid key prefix"):
+        Keys(prefix)
+
+
+def test_global_keys_sit_under_the_prefix():
+    keys = Keys("hx")
+    assert keys.agents == "hx:agents"
+    assert keys.workers == "hx:workers"
+    assert keys.worker("w1") == "hx:worker:w1"
+    assert keys.supervisors == "hx:supervisors"
+    assert keys.control("s1") == "hx:control:s1"
+    assert keys.monitor == "hx:monitor"
+
+
+bad_agents = st.one_of(
+    st.tuples(valid_agents, st.sampled_from("{}:* \n"), st.integers(0, 63)).map(
+        lambda t: t[0][: t[2]] + t[1] + t[0][t[2] :]
+    ),
+    st.just("a" * 300),
+)
+
+
+@settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(agent=bad_agents)
+def test_bad_names_are_rejected_before_any_redis_call(redis_url, monkeypatch, agent):
+    import redis
+
+    from config import RedisPoolConfig, Settings
+    from core.client import Client
+
+    sent: list[bytes] = []
+    original = redis.connection.AbstractConnection.send_packed_command
+
+    def counting(conn, command, check_health=True):
+        sent.append(command)
+        return original(conn, command, check_health)
+
+    client = Client(settings=Settings(redis=RedisPoolConfig(url=redis_url)))
+    client.queue.manager.execute(lambda c: c.ping())  # connected and warm before counting
+    monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counting)
+    try:
+        calls = [
+            lambda: client.enqueue(agent, {}),
+            lambda: client.enqueue_many(agent, [{}, {}]),
+            lambda: client.status(f"{agent}.x1"),
+            lambda: client.result(f"{agent}.x1", wait_s=0),
+            lambda: client.task(f"{agent}.x1"),
+            lambda: client.dead_list(agent),
+            lambda: client.dead_requeue(agent),
+            lambda: client.dead_purge(agent),
+            lambda: client.queue_stats([agent]),
+        ]
+        for call in calls:
+            with pytest.raises((InvalidAgentName, InvalidPayload)):
+                call()
+        assert sent == []
+    finally:
+        monkeypatch.undo()
+        client.close()

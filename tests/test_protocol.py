@@ -1,0 +1,488 @@
+"""The queue protocol against a real server: leases and tokens, claim replay, ordering,
+round trips, poison and failure limits, the global cap, and bad data in Redis.
+
+Time is virtual: every script takes now_ms, so lease expiry and delays are driven by the
+test, never by sleeping.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import orjson
+import pytest
+import redis
+import redis.exceptions as rex
+
+from config import RedisPoolConfig, Settings
+from core import scripts
+from core.errors import HandoffError, InvalidPayload
+from core.keys import Keys
+from core.manager import RedisManager
+from core.protocol import ClaimRequest, Completion, Failure, TaskQueue
+from core.task import Task, derived_task_id, new_task_id
+
+from faultproxy import FaultProxy
+
+T0 = 1_800_000_000_000  # the virtual clock's start (ms)
+LEASE_MS = 10_000
+
+
+def make_queue(url: str, **overrides) -> TaskQueue:
+    settings = Settings(redis=RedisPoolConfig(url=url), **overrides)
+    return TaskQueue(RedisManager(settings.redis, background=False), settings)
+
+
+@pytest.fixture
+def queue(redis_url) -> Iterator[TaskQueue]:
+    q = make_queue(redis_url)
+    yield q
+    q.manager.close()
+
+
+def task(agent: str = "a", payload=None, *, priority: int = 0, at_ms: int = T0, **fields) -> Task:
+    return Task(
+        id=new_task_id(agent, at_ms),
+        agent=agent,
+        payload={"n": 0} if payload is None else payload,
+        priority=priority,
+        created_at=at_ms,
+        enqueued_at=at_ms,
+        **fields,
+    )
+
+
+def claim(q: TaskQueue, n: int, *, agent: str = "a", now: int = T0, **request) -> list[Task]:
+    request.setdefault("lease_ms", LEASE_MS)
+    return q.claim([ClaimRequest(agent, n, **request)], now_ms=now)[agent]
+
+
+def members(r: redis.Redis, key: str) -> set[str]:
+    return {m.decode() for m in r.zrange(key, 0, -1)}
+
+
+# -- leases carry a token --------------------------------------------------------------------
+
+
+def test_late_ack_with_an_old_token_after_a_reclaim_changes_nothing(queue, raw_redis):
+    keys = Keys().agent("a")
+    queue.enqueue([task()], now_ms=T0)
+    [first] = claim(queue, 1, now=T0)
+    # The lease expires; another worker claims the task again (the claim reaps it first).
+    [second] = claim(queue, 1, now=T0 + LEASE_MS + 1)
+    assert second.id == first.id and second.token != first.token
+    before = {
+        "leases": raw_redis.zrange(keys.leases, 0, -1, withscores=True),
+        "tokens": raw_redis.hgetall(keys.tokens),
+        "tasks": raw_redis.hgetall(keys.tasks),
+    }
+
+    assert queue.ack([Completion(first, b'"late"')], now_ms=T0 + LEASE_MS + 2) == [first.id]
+    assert queue.extend([first], 60_000, now_ms=T0 + LEASE_MS + 2) == [first.id]
+    assert queue.nack([Failure(first, "late", dead_now=True)], now_ms=T0 + LEASE_MS + 2) == [
+        first.id
+    ]
+    assert queue.release([first]) == 0
+
+    after = {
+        "leases": raw_redis.zrange(keys.leases, 0, -1, withscores=True),
+        "tokens": raw_redis.hgetall(keys.tokens),
+        "tasks": raw_redis.hgetall(keys.tasks),
+    }
+    assert after == before
+    assert raw_redis.exists(keys.result(first.id)) == 0
+    assert raw_redis.zcard(keys.dead) == 0
+    # The current holder still finishes normally.
+    assert queue.ack([Completion(second, b'"ok"')], now_ms=T0 + LEASE_MS + 3) == []
+    assert orjson.loads(raw_redis.get(keys.result(first.id)))["result"] == "ok"
+
+
+def test_the_same_task_twice_in_one_ack_batch_finishes_once(queue, raw_redis):
+    keys = Keys().agent("a")
+    queue.enqueue([task()], now_ms=T0)
+    [held] = claim(queue, 1, now=T0)
+    assert queue.ack([Completion(held, b"1"), Completion(held, b"2")], now_ms=T0) == [held.id]
+    assert raw_redis.hget(keys.stats, "done") == b"1"
+    assert orjson.loads(raw_redis.get(keys.result(held.id)))["result"] == 1
+
+
+def test_renewal_keeps_a_lease_alive_past_its_first_deadline(queue, raw_redis):
+    queue.enqueue([task()], now_ms=T0)
+    [held] = claim(queue, 1, now=T0)
+    assert queue.extend([held], LEASE_MS, now_ms=T0 + LEASE_MS - 1) == []
+    # At the old deadline nobody can take it: the renewal moved the deadline.
+    assert claim(queue, 1, now=T0 + LEASE_MS + 1) == []
+    assert queue.ack([Completion(held)], now_ms=T0 + LEASE_MS + 2) == []
+
+
+# -- claim replay ----------------------------------------------------------------------------
+
+
+def test_a_retried_claim_with_the_same_claim_id_returns_the_same_batch(queue, raw_redis):
+    keys = Keys().agent("a")
+    queue.enqueue([task(payload={"n": i}) for i in range(10)], now_ms=T0)
+    request = ClaimRequest("a", 4, LEASE_MS, claim_id="c0ffee")
+    first = queue.claim([request], now_ms=T0)["a"]
+    again = queue.claim([request], now_ms=T0 + 1)["a"]
+    assert [t.id for t in again] == [t.id for t in first]
+    assert [t.payload for t in again] == [t.payload for t in first]
+    assert raw_redis.zcard(keys.leases) == 4
+    assert raw_redis.zcard(keys.queue) == 6
+    # Deliveries were counted once.
+    assert {int(v) for v in raw_redis.hvals(keys.deliveries)} == {1}
+    # Once acked, a replay returns nothing and leases nothing new.
+    queue.ack([Completion(t) for t in first], now_ms=T0 + 2)
+    assert queue.claim([request], now_ms=T0 + 3)["a"] == []
+    assert raw_redis.zcard(keys.leases) == 0 and raw_redis.zcard(keys.queue) == 6
+
+
+@pytest.mark.parametrize("lost_replies", [1, 2])
+@pytest.mark.parametrize("requests_per_call", [1, 2])
+def test_a_claim_whose_reply_is_lost_is_retried_without_a_second_lease(
+    redis_url, redis_tcp_addr, raw_redis, lost_replies, requests_per_call
+):
+    agents = ["a", "b"][:requests_per_call]
+    with FaultProxy(redis_tcp_addr) as proxy:
+        q = make_queue(proxy.url)
+        try:
+            for agent in agents:
+                q.enqueue([task(agent, {"n": i}) for i in range(10)], now_ms=T0)
+            q.manager.execute(lambda c: c.ping())  # connected: arm after the handshake
+            proxy.reset_after_upstream_reply(lost_replies)
+            got = q.claim([ClaimRequest(a, 4, LEASE_MS) for a in agents], now_ms=T0)
+            assert proxy.connections_accepted > 1  # the reply really was lost and retried
+        finally:
+            q.manager.close()
+    for agent in agents:
+        keys = Keys().agent(agent)
+        leased = members(raw_redis, keys.leases)
+        # Every leased task came back to the caller: nothing waits for a lease to expire.
+        assert {t.id for t in got[agent]} == leased
+        assert len(got[agent]) == 4
+        assert raw_redis.zcard(keys.queue) == 6
+        assert {int(v) for v in raw_redis.hvals(keys.deliveries)} == {1}
+        assert len({t.token for t in got[agent]}) == 1
+
+
+def test_an_enqueue_whose_reply_is_lost_stores_each_task_once(redis_url, redis_tcp_addr, raw_redis):
+    with FaultProxy(redis_tcp_addr) as proxy:
+        q = make_queue(proxy.url)
+        try:
+            q.manager.execute(lambda c: c.ping())
+            scripts.load_all(q.manager.client)
+            proxy.reset_after_upstream_reply(1)
+            q.enqueue([task(payload={"n": i}) for i in range(50)], now_ms=T0)
+        finally:
+            q.manager.close()
+    keys = Keys().agent("a")
+    assert raw_redis.zcard(keys.queue) == 50 and raw_redis.hlen(keys.tasks) == 50
+    assert int(raw_redis.hget(keys.stats, "enqueued")) == 50
+
+
+# -- ordering --------------------------------------------------------------------------------
+
+
+def test_priorities_first_then_fifo_within_a_priority(queue):
+    made = []
+    for i in range(30):
+        made.append(task(payload={"n": i}, priority=[5, -3, 0][i % 3], at_ms=T0 + i))
+    # Enqueue out of order, in several calls: order comes from priority and enqueue time.
+    queue.enqueue(made[10:], now_ms=T0 + 40)
+    queue.enqueue(made[:10], now_ms=T0 + 40)
+    got = claim(queue, 100, now=T0 + 50)
+    expected = sorted(made, key=lambda t: (t.priority, t.enqueued_at))
+    assert [t.payload["n"] for t in got] == [t.payload["n"] for t in expected]
+
+
+def test_fifo_within_one_batch_enqueued_in_the_same_millisecond(queue):
+    queue.enqueue([task(payload={"n": i}) for i in range(500)], now_ms=T0)
+    got = claim(queue, 100, now=T0) + claim(queue, 100, now=T0)
+    assert [t.payload["n"] for t in got] == list(range(200))
+
+
+def test_delayed_tasks_never_run_before_their_time(queue, raw_redis):
+    late = task(payload="late", priority=-10, not_before=T0 + 5_000)
+    queue.enqueue([late], now_ms=T0)
+    queue.enqueue([task(payload="now")], now_ms=T0)
+    assert [t.payload for t in claim(queue, 10, now=T0)] == ["now"]
+    assert claim(queue, 10, now=T0 + 4_999) == []
+    assert [t.payload for t in claim(queue, 10, now=T0 + 5_000)] == ["late"]
+
+
+def test_a_delayed_task_takes_its_fifo_place_at_its_due_time(queue):
+    # Scheduled for T0+100: it must not jump ahead of tasks enqueued before it was due.
+    queue.enqueue([task(payload="scheduled", not_before=T0 + 100)], now_ms=T0)
+    queue.enqueue([task(payload="earlier", at_ms=T0 + 50)], now_ms=T0 + 50)
+    queue.enqueue([task(payload="later", at_ms=T0 + 150)], now_ms=T0 + 150)
+    got = claim(queue, 10, now=T0 + 200)
+    assert [t.payload for t in got] == ["earlier", "scheduled", "later"]
+
+
+def test_a_retried_task_waits_out_its_backoff(queue):
+    queue.enqueue([task(payload="x")], now_ms=T0)
+    [held] = claim(queue, 1, now=T0)
+    assert queue.nack([Failure(held, "boom", retry_delay_s=2.0)], now_ms=T0) == []
+    assert claim(queue, 1, now=T0 + 999) == []  # backoff is at least half the base delay
+    [again] = claim(queue, 1, now=T0 + 2_000)
+    assert again.id == held.id and again.attempt == 2
+
+
+# -- round trips -----------------------------------------------------------------------------
+
+
+class RoundTrips:
+    """Counts send_packed_command calls on connections of one pool (instrumentation)."""
+
+    def __init__(self, monkeypatch, q: TaskQueue) -> None:
+        self.count = 0
+        pool = q.manager.pool
+        original = redis.connection.AbstractConnection.send_packed_command
+
+        def counting(conn, command, check_health=True):
+            if conn in pool._connections:
+                self.count += 1
+            return original(conn, command, check_health)
+
+        monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counting)
+
+    def __enter__(self) -> RoundTrips:
+        self.count = 0
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def test_ten_thousand_tasks_enqueue_in_one_round_trip(queue, raw_redis, monkeypatch):
+    queue.enqueue([task("a", {"warm": True})], now_ms=T0)  # scripts loaded, agent registered
+    trips = RoundTrips(monkeypatch, queue)
+    batch = [task("a", {"n": i}) for i in range(10_000)]
+    with trips:
+        added = queue.enqueue(batch, now_ms=T0)
+    assert trips.count == 1
+    assert added == [True] * 10_000
+    assert raw_redis.zcard(Keys().agent("a").queue) == 10_001
+
+
+def test_claim_and_ack_of_a_hundred_take_one_round_trip_each(queue, monkeypatch):
+    queue.enqueue([task("a", {"n": i}) for i in range(150)], now_ms=T0)
+    claim(queue, 1)  # warm: scripts loaded
+    trips = RoundTrips(monkeypatch, queue)
+    with trips:
+        got = claim(queue, 100)
+    assert (trips.count, len(got)) == (1, 100)
+    with trips:
+        assert queue.ack([Completion(t, b'{"ok":true}') for t in got], now_ms=T0) == []
+    assert trips.count == 1
+    with trips:
+        queue.nack([Failure(t, "x") for t in claim(queue, 40)], now_ms=T0)
+    assert trips.count == 2
+
+
+# -- poison and failure limits ---------------------------------------------------------------
+
+
+def test_a_task_delivered_more_than_max_deliveries_times_is_dead_lettered(redis_url, raw_redis):
+    q = make_queue(redis_url, max_deliveries=3)
+    keys = Keys().agent("a")
+    try:
+        q.enqueue([task(payload="poison")], now_ms=T0)
+        now = T0
+        for _ in range(3):  # claimed; the worker dies each time; the lease expires
+            assert len(claim(q, 1, now=now)) == 1
+            now += LEASE_MS + 1
+        assert claim(q, 1, now=now) == []
+    finally:
+        q.manager.close()
+    [dead_id] = members(raw_redis, keys.dead)
+    reason = orjson.loads(raw_redis.hget(keys.dead_reasons, dead_id))
+    assert "poison" in reason["reason"] and "3 times" in reason["reason"]
+    assert raw_redis.zcard(keys.queue) == raw_redis.zcard(keys.leases) == 0
+    assert raw_redis.hexists(keys.tasks, dead_id)  # the payload is kept with the dead task
+
+
+def test_released_deliveries_do_not_count_towards_poison(redis_url):
+    q = make_queue(redis_url, max_deliveries=2)
+    try:
+        q.enqueue([task()], now_ms=T0)
+        for _ in range(5):
+            q.release(claim(q, 1))
+        assert len(claim(q, 1)) == 1
+    finally:
+        q.manager.close()
+
+
+def test_max_attempts_via_nack_dead_letters_with_the_error_and_traceback(queue, raw_redis):
+    keys = Keys().agent("a")
+    queue.enqueue([task(max_attempts=3)], now_ms=T0)
+    now = T0
+    for attempt in (1, 2, 3):
+        [held] = claim(queue, 1, now=now)
+        assert held.attempt == attempt
+        dead = queue.nack(
+            [Failure(held, f"ValueError: bad {attempt}", trace="Traceback ...\nValueError")],
+            now_ms=now,
+        )
+        assert dead == []
+        now += 3_600_000
+    [dead_id] = members(raw_redis, keys.dead)
+    reason = orjson.loads(raw_redis.hget(keys.dead_reasons, dead_id))
+    assert reason["reason"] == "ValueError: bad 3"
+    assert reason["traceback"].startswith("Traceback")
+    assert reason["attempt"] == 3
+    assert raw_redis.zcard(keys.delayed) == raw_redis.zcard(keys.leases) == 0
+
+
+# -- the global cap --------------------------------------------------------------------------
+
+
+def test_global_limit_caps_concurrent_leases_across_claims(queue, raw_redis):
+    keys = Keys().agent("a")
+    queue.enqueue([task(payload={"n": i}) for i in range(20)], now_ms=T0)
+    assert len(claim(queue, 3, global_limit=5)) == 3
+    assert len(claim(queue, 3, global_limit=5)) == 2
+    assert claim(queue, 3, global_limit=5) == []
+    assert raw_redis.zcard(keys.leases) == 5
+    # Expired leases free their slots (the claim reaps them first).
+    assert len(claim(queue, 10, global_limit=5, now=T0 + LEASE_MS + 1)) == 5
+    assert raw_redis.zcard(keys.leases) == 5
+
+
+def test_global_limit_holds_for_claims_racing_from_many_threads(redis_url, raw_redis):
+    queues = [make_queue(redis_url) for _ in range(8)]
+    try:
+        queues[0].enqueue([task(payload={"n": i}) for i in range(100)], now_ms=T0)
+        barrier = threading.Barrier(len(queues))
+        got: list[int] = []
+
+        def run(q: TaskQueue) -> None:
+            barrier.wait()
+            got.append(len(claim(q, 4, global_limit=7)))
+
+        threads = [threading.Thread(target=run, args=(q,)) for q in queues]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        for q in queues:
+            q.manager.close()
+    assert sum(got) == 7
+    assert raw_redis.zcard(Keys().agent("a").leases) == 7
+
+
+# -- handoff children ------------------------------------------------------------------------
+
+
+def child_of(parent: Task, index: int = 0) -> Task:
+    return Task(
+        id=derived_task_id("b", parent.id, str(index)),
+        agent="b",
+        payload={"from": parent.id},
+        created_at=T0,
+        enqueued_at=T0,
+        parent_id=parent.id,
+        trace=[*parent.trace, parent.id],
+    )
+
+
+def test_a_repeated_parent_makes_no_second_child(queue, raw_redis):
+    b = Keys().agent("b")
+    queue.enqueue([task()], now_ms=T0)
+    [parent] = claim(queue, 1, now=T0)
+    assert queue.enqueue([child_of(parent)], now_ms=T0) == [True]
+    # The worker dies before the parent's ack; the parent runs again elsewhere.
+    [again] = claim(queue, 1, now=T0 + LEASE_MS + 1)
+    assert queue.enqueue([child_of(again)], now_ms=T0 + LEASE_MS + 1) == [False]
+    assert queue.ack([Completion(again, handoffs=1)], now_ms=T0 + LEASE_MS + 1) == []
+    assert raw_redis.zcard(b.queue) == 1
+    # Even after the child finished (its payload gone), a third run makes no new child.
+    [child] = claim(queue, 1, agent="b", now=T0 + LEASE_MS + 2)
+    queue.ack([Completion(child)], now_ms=T0 + LEASE_MS + 2)
+    assert queue.enqueue([child_of(parent)], now_ms=T0 + LEASE_MS + 3) == [False]
+    assert raw_redis.zcard(b.queue) == 0 and raw_redis.hlen(b.tasks) == 0
+
+
+def test_duplicate_ids_in_one_batch_report_the_first_as_added(queue):
+    keyed = Task(id=derived_task_id("a", "key", "k"), agent="a", payload=1, key="k")
+    assert queue.enqueue([keyed, keyed, task()], now_ms=T0) == [True, False, True]
+
+
+# -- bad input -------------------------------------------------------------------------------
+
+
+def test_an_oversized_task_is_rejected_client_side_with_nothing_written(redis_url, raw_redis):
+    q = make_queue(redis_url, max_payload_bytes=1000)
+    try:
+        with pytest.raises(InvalidPayload, match="over the max_payload_bytes limit of 1000"):
+            q.enqueue([task(payload="x" * 10), task(payload="y" * 1000)], now_ms=T0)
+    finally:
+        q.manager.close()
+    assert raw_redis.dbsize() == 0
+
+
+def test_the_enqueue_script_checks_the_size_too(queue, raw_redis):
+    keys = Keys().agent("a")
+    small, big = task(payload="ok"), task(payload="x" * 2_000)
+    args = [1_000, T0, 2, 0]  # max bytes, now, n, none delayed or keyed
+    for t in (small, big):
+        args += [t.id, 0, t.to_json()]
+    refused = (rex.ResponseError, HandoffError)  # translated at the manager's boundary
+    with pytest.raises(refused, match=r"is \d+ bytes, over the limit of 1000 bytes"):
+        queue.run_scripts([("enqueue", keys.all(), args)])
+    assert raw_redis.hlen(keys.tasks) == 0 and raw_redis.zcard(keys.queue) == 0
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"{not json",
+        b"\xff\xfe",
+        b"[1, 2, 3]",
+        b'{"id": "a.x"}',
+        b'{"id": "a.other", "agent": "a", "payload": 1}',
+        b'{"id": "ID", "agent": "a", "payload": 1, "trace": 5}',
+        b'{"id": "ID", "agent": "a", "payload": 1, "priority": "high"}',
+    ],
+)
+def test_a_corrupted_task_is_dead_lettered_on_claim_and_its_neighbours_delivered(
+    queue, raw_redis, garbage
+):
+    keys = Keys().agent("a")
+    tasks = [task(payload={"n": i}) for i in range(5)]
+    queue.enqueue(tasks, now_ms=T0)
+    victim = tasks[2].id
+    raw_redis.hset(keys.tasks, victim, garbage.replace(b"ID", victim.encode()))
+    got = claim(queue, 10)
+    assert [t.payload["n"] for t in got] == [0, 1, 3, 4]
+    assert members(raw_redis, keys.dead) == {victim}
+    reason = orjson.loads(raw_redis.hget(keys.dead_reasons, victim))
+    assert reason["reason"].startswith("corrupt task JSON")
+    assert members(raw_redis, keys.leases) == {t.id for t in got}
+    assert queue.ack([Completion(t) for t in got], now_ms=T0) == []
+    assert raw_redis.hkeys(keys.tasks) == [victim.encode()]  # kept for inspection
+
+
+def test_a_queue_entry_with_a_malformed_id_does_not_break_the_claim(queue, raw_redis):
+    keys = Keys().agent("a")
+    queue.enqueue([task(payload={"n": 1})], now_ms=T0)
+    raw_redis.zadd(keys.queue, {"no-dot": -1})
+    raw_redis.hset(keys.tasks, "no-dot", b"{}")
+    got = claim(queue, 10)
+    assert [t.payload for t in got] == [{"n": 1}]
+    assert members(raw_redis, keys.dead) == {"no-dot"}
+
+
+def test_a_task_id_that_does_not_belong_to_its_agent_is_rejected(queue, raw_redis):
+    stray = Task(id=new_task_id("b"), agent="a", payload=1)
+    with pytest.raises(InvalidPayload, match="does not belong to agent 'a'"):
+        queue.enqueue([stray])
+    assert raw_redis.dbsize() == 0
+
+
+def test_a_claim_id_that_is_not_a_plain_token_is_rejected(queue, raw_redis):
+    for bad in ("a b", "x" * 200, "{c}", "c:1", "c*", "c\n"):
+        with pytest.raises(InvalidPayload, match="claim_id"):
+            queue.claim([ClaimRequest("a", 1, LEASE_MS, claim_id=bad)])
+    assert raw_redis.dbsize() == 0
