@@ -21,7 +21,7 @@ import redis.exceptions as rex
 
 from config import Settings
 from core import scripts
-from core.errors import InvalidPayload, RedisCommandError
+from core.errors import InvalidPayload
 from core.keys import TASK_ID, Keys, check_claim_id
 from core.manager import RedisManager
 from core.task import Task, score_for
@@ -374,23 +374,6 @@ class TaskQueue:
     def known_agents(self) -> list[str]:
         members = self.manager.execute(lambda c: c.smembers(self.keys.agents))
         return sorted(m.decode() for m in members)
-
-    def check_server(self) -> None:
-        """Warn loudly when eviction could silently delete tasks."""
-        try:
-            policy = self.manager.execute(lambda c: c.config_get("maxmemory-policy"))
-        except (rex.ResponseError, RedisCommandError):  # CONFIG may be forbidden (ACL, ...)
-            log.info("could not read maxmemory-policy (CONFIG not allowed); make sure it "
-                     "is noeviction")  # fmt: skip
-            return
-        value = policy.get(b"maxmemory-policy") or policy.get("maxmemory-policy")
-        if isinstance(value, bytes):
-            value = value.decode()
-        if value and value != "noeviction":
-            log.warning(
-                "DANGER: server maxmemory-policy is %r, not 'noeviction': under memory "
-                "pressure the server will silently delete tasks", value
-            )  # fmt: skip
 
 
 def _group(items, key) -> dict[str, list]:
