@@ -362,8 +362,7 @@ class Supervisor:
                 log.error("supervisor: Redis: %s", e)
 
     def _heartbeat_and_poll(self, client) -> list[bytes]:
-        pipe = client.pipeline(transaction=True)  # read and clear the control list atomically
+        pipe = client.pipeline(transaction=False)
         pipe.zadd(self._keys.supervisors, {self.supervisor_id: now_ms()})
-        pipe.lrange(self._control_key, 0, -1)
-        pipe.delete(self._control_key)
-        return pipe.execute()[1]
+        pipe.lpop(self._control_key, 100)  # takes each message once, no MULTI (one key each)
+        return pipe.execute()[1] or []
