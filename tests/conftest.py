@@ -37,6 +37,15 @@ def redis_server(tmp_path_factory) -> ServerProcess:
     server.stop()
 
 
+@pytest.fixture
+def private_server(tmp_path) -> ServerProcess:
+    """A TCP-only server of this test's own: nothing else talks to it, so CLIENT LIST and
+    INFO counts are the test's alone, and the test may stop, restart or lock it."""
+    server = spawn_server(port=free_tcp_port(), data_dir=str(tmp_path))
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def redis_tcp_addr(redis_server) -> tuple[str, int]:
     return ("127.0.0.1", redis_server.port)

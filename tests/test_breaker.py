@@ -6,7 +6,6 @@ proxy in front of a private server to prove an open breaker sends nothing to the
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Callable, Iterator
 
@@ -18,7 +17,6 @@ from core.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
 from core.errors import CircuitOpen, RedisCommandError, RedisUnavailable
 from core.manager import RedisManager
 from core.retry import RetryPolicy
-from core.server import ServerProcess, spawn_server
 
 from faultproxy import FaultProxy
 
@@ -173,16 +171,6 @@ def wait_for(condition: Callable[[], object], what: str, timeout_s: float = 5.0)
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout_s}s waiting for {what}")
         time.sleep(0.01)
-
-
-@pytest.fixture
-def private_server(tmp_path) -> Iterator[ServerProcess]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = spawn_server(port=port, data_dir=str(tmp_path))
-    yield server
-    server.stop()
 
 
 @pytest.fixture

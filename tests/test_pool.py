@@ -28,7 +28,7 @@ from core.errors import (
     WrongProcess,
 )
 from core.manager import RedisManager, get_manager, reset_manager
-from core.server import ServerProcess, spawn_server
+from core.server import ServerProcess
 
 from faultproxy import FaultProxy
 
@@ -73,17 +73,8 @@ def make_manager() -> Iterator[Callable[..., RedisManager]]:
 
 
 @pytest.fixture
-def server(tmp_path) -> Iterator[ServerProcess]:
-    """A TCP-only server of this test's own: nothing else in this process talks to it, so
-    CLIENT LIST and INFO counts are ours alone; tests may stop, restart or lock it."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = spawn_server(port=port, data_dir=str(tmp_path))
-    yield server
-    server.stop()
+def server(private_server) -> ServerProcess:
+    return private_server
 
 
 @pytest.fixture

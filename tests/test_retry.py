@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import os
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,7 +31,6 @@ from core.errors import (
 )
 from core.manager import RedisManager
 from core.retry import ExponentialBackoff, RetryPolicy, is_retriable
-from core.server import ServerProcess, spawn_server
 
 from faultproxy import FaultProxy
 
@@ -244,16 +242,6 @@ def make_manager() -> Iterator[Callable[..., RedisManager]]:
 def proxy(redis_tcp_addr) -> Iterator[FaultProxy]:
     with FaultProxy(redis_tcp_addr) as p:
         yield p
-
-
-@pytest.fixture
-def private_server(tmp_path) -> Iterator[ServerProcess]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = spawn_server(port=port, data_dir=str(tmp_path))
-    yield server
-    server.stop()
 
 
 FAST = {"max_retries": 3, "min_retry_backoff_ms": 1.0, "max_retry_backoff_ms": 10.0}
