@@ -454,6 +454,9 @@ class Worker:
                 self.events.put(_WAKE)  # let the main thread retry (and back off)
                 continue
             if tasks:
+                # Claim nothing more until the main thread has taken these: until then
+                # self.held does not show them (room and "solo" would be wrong).
+                self.want_work.clear()
                 self.events.put(("claimed", tasks))
 
     def _lease_loop(self) -> None:
