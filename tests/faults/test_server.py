@@ -22,11 +22,12 @@ pytestmark = pytest.mark.slow
 def test_5_server_killed_under_load_keeps_acked_enqueues_and_workers_resume(
     start, raw_redis, tmp_path, record_property
 ):
+    url = f"unix://{tmp_path / 'aof.sock'}"
+    settings = Settings(
+        redis=RedisPoolConfig(url=url, max_retries=0, pool_size=4, min_idle_conns=1)
+    )
     server = spawn_server(
         unix_socket=str(tmp_path / "aof.sock"), data_dir=str(tmp_path), appendonly=True
-    )
-    settings = Settings(
-        redis=RedisPoolConfig(url=server.url, max_retries=0, pool_size=4, min_idle_conns=1)
     )
     acked: list[tuple[float, str]] = []
     stop = threading.Event()
