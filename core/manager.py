@@ -117,16 +117,7 @@ class RedisManager:
 
     def execute(self, fn: Callable[[redis.Redis], T], *, retry: bool = True) -> T:
         """Run fn(client) with the breaker, the retry budget, and latency metrics."""
-        self._check_process()
-        client = self._client
-        started = time.perf_counter()
-        ok = False
-        try:
-            result = self.retry.call(lambda: fn(client), retry=retry)
-            ok = True
-            return result
-        finally:
-            self.recorder.request(time.perf_counter() - started, ok)
+        return self._call(fn, retry=retry, n_operations=0)
 
     execute_with_retry = execute
 
@@ -145,12 +136,15 @@ class RedisManager:
 
     def execute_pipelined(self, fn: Callable[[redis.Redis], T], n_operations: int) -> T:
         """Like execute(), for a fn that sends n_operations in one pipeline (metrics)."""
+        return self._call(fn, retry=True, n_operations=n_operations)
+
+    def _call(self, fn: Callable[[redis.Redis], T], *, retry: bool, n_operations: int) -> T:
         self._check_process()
         client = self._client
         started = time.perf_counter()
         ok = False
         try:
-            result = self.retry.call(lambda: fn(client))
+            result = self.retry.call(lambda: fn(client), retry=retry)
             ok = True
             return result
         finally:

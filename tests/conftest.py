@@ -46,6 +46,26 @@ def private_server(tmp_path) -> ServerProcess:
     server.stop()
 
 
+@pytest.fixture
+def make_manager(request):
+    """make(url, **fields) -> a RedisManager closed at the end of the test. Fields default
+    to the test module's MANAGER_DEFAULTS (quiet background threads, say)."""
+    from config import RedisPoolConfig
+    from core.manager import RedisManager
+
+    defaults = getattr(request.module, "MANAGER_DEFAULTS", {})
+    made: list = []
+
+    def make(url: str, **fields):
+        manager = RedisManager(RedisPoolConfig(url=url, **{**defaults, **fields}))
+        made.append(manager)
+        return manager
+
+    yield make
+    for manager in made:
+        manager.close()
+
+
 @pytest.fixture(scope="session")
 def redis_tcp_addr(redis_server) -> tuple[str, int]:
     return ("127.0.0.1", redis_server.port)

@@ -7,15 +7,13 @@ proxy in front of a private server to prove an open breaker sends nothing to the
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import redis.exceptions as rex
 
-from config import RedisPoolConfig
 from core.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
 from core.errors import CircuitOpen, RedisCommandError, RedisUnavailable
-from core.manager import RedisManager
 from core.retry import RetryPolicy
 
 from faultproxy import FaultProxy
@@ -173,19 +171,7 @@ def wait_for(condition: Callable[[], object], what: str, timeout_s: float = 5.0)
         time.sleep(0.01)
 
 
-@pytest.fixture
-def make_manager() -> Iterator[Callable[..., RedisManager]]:
-    made: list[RedisManager] = []
-
-    def make(url: str, **fields) -> RedisManager:
-        defaults = {"health_check_interval_s": 60.0, "idle_check_freq_s": 60.0}
-        manager = RedisManager(RedisPoolConfig(url=url, **{**defaults, **fields}))
-        made.append(manager)
-        return manager
-
-    yield make
-    for manager in made:
-        manager.close()
+MANAGER_DEFAULTS = {"health_check_interval_s": 60.0, "idle_check_freq_s": 60.0}
 
 
 def test_an_open_breaker_fails_fast_without_touching_the_network_and_recovers(

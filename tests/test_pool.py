@@ -57,19 +57,7 @@ def round_trips(raw: redis.Redis, fn: Callable[[], object]) -> int:
     return raw.info("stats")["total_reads_processed"] - before - 1  # minus our own INFO
 
 
-@pytest.fixture
-def make_manager() -> Iterator[Callable[..., RedisManager]]:
-    made: list[RedisManager] = []
-
-    def make(url: str, **fields) -> RedisManager:
-        fields = {**QUIET, "min_idle_conns": 0, **fields}
-        manager = RedisManager(RedisPoolConfig(url=url, **fields))
-        made.append(manager)
-        return manager
-
-    yield make
-    for manager in made:
-        manager.close()
+MANAGER_DEFAULTS = {**QUIET, "min_idle_conns": 0}
 
 
 @pytest.fixture

@@ -18,7 +18,6 @@ import redis.exceptions as rex
 from hypothesis import given
 from hypothesis import strategies as st
 
-from config import RedisPoolConfig
 from core.breaker import CircuitBreaker
 from core.errors import (
     AuthenticationFailed,
@@ -29,7 +28,6 @@ from core.errors import (
     RedisUnavailable,
     ServerOutOfMemory,
 )
-from core.manager import RedisManager
 from core.retry import ExponentialBackoff, RetryPolicy, is_retriable
 
 from faultproxy import FaultProxy
@@ -224,18 +222,7 @@ def test_a_breaker_that_opens_mid_retry_stops_the_loop():
 # -- against real faults ----------------------------------------------------------------------
 
 
-@pytest.fixture
-def make_manager() -> Iterator[Callable[..., RedisManager]]:
-    made: list[RedisManager] = []
-
-    def make(url: str, **fields) -> RedisManager:
-        manager = RedisManager(RedisPoolConfig(url=url, **{**QUIET, **fields}))
-        made.append(manager)
-        return manager
-
-    yield make
-    for manager in made:
-        manager.close()
+MANAGER_DEFAULTS = QUIET
 
 
 @pytest.fixture
