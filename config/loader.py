@@ -19,7 +19,7 @@ from dataclasses import fields
 from typing import Any
 
 from config.errors import ConfigError
-from config.pool import RedisPoolConfig
+from config.pool import SECRET_FIELDS, RedisPoolConfig
 from config.presets import PRESETS
 from config.settings import Settings
 
@@ -140,7 +140,7 @@ def coerce(key: str, text: str, *, source: str) -> Any:
     try:
         return parse(text) if parse else text
     except ValueError as e:
-        shown = "'***'" if key == "redis.password" else repr(text)
+        shown = "'***'" if key.removeprefix("redis.") in SECRET_FIELDS else repr(text)
         raise ConfigError(f"{source} = {shown}: {e} ({key})") from None
 
 

@@ -18,7 +18,7 @@ from config.errors import ConfigError
 from config.redact import MASK, redact_url
 
 URL_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster")
-SECRET_FIELDS = frozenset({"password"})
+SECRET_FIELDS = frozenset({"password", "sentinel_password"})
 
 
 def show(value: object) -> str:
@@ -94,6 +94,11 @@ def check_url(name: str, url: Any) -> str:
         # Several seed hosts: redis+sentinel://[user:pass@]h1:26379,h2:26379/service
         for host in parts.netloc.rpartition("@")[2].split(","):
             _check_host_port(urlsplit(f"//{host}"), bad)
+        path = parts.path.strip("/")
+        if scheme == "redis+sentinel" and not path:
+            bad("must name the Sentinel service (redis+sentinel://h1:26379,h2:26379/mymaster)")
+        if scheme == "redis+cluster" and path not in ("", "0"):
+            bad("a cluster has only db 0 (redis+cluster://h1:7000,h2:7001)")
         return url
     _check_host_port(parts, bad)
     db = parts.path[1:] if parts.path.startswith("/") else parts.path
@@ -142,6 +147,11 @@ class RedisPoolConfig:
     tls_key_file: str | None = None
     tls_check_hostname: bool = True
     memory_optimization: bool = False  # opt-in server memory settings
+    # Deployment: a redis+cluster:// or redis+sentinel:// URL says it; cluster = true makes
+    # a plain redis:// URL a cluster seed. The URL's user/password are the data nodes';
+    # sentinels that require a password of their own get sentinel_password.
+    cluster: bool = False
+    sentinel_password: str | None = None
 
     def __post_init__(self) -> None:
         for name, value in _normalized(self).items():
@@ -150,6 +160,14 @@ class RedisPoolConfig:
     @property
     def use_tls(self) -> bool:
         return self.tls or self.url.lower().startswith("rediss://")
+
+    @property
+    def mode(self) -> str:
+        """ "server", "sentinel" or "cluster": which deployment this config talks to."""
+        scheme = self.url.partition(":")[0].lower()
+        if scheme == "redis+sentinel":
+            return "sentinel"
+        return "cluster" if self.cluster or scheme == "redis+cluster" else "server"
 
     @property
     def redacted_url(self) -> str:
@@ -177,7 +195,7 @@ _DURATIONS_POSITIVE = (
     "health_check_interval_s",
     "breaker_cooldown_s",
 )
-_FLAGS = ("tls", "tls_check_hostname", "memory_optimization")
+_FLAGS = ("tls", "tls_check_hostname", "memory_optimization", "cluster")
 _PATHS = ("username", "tls_ca_file", "tls_cert_file", "tls_key_file")
 
 
@@ -218,4 +236,13 @@ def _normalized(c: RedisPoolConfig) -> dict[str, Any]:
         out[name] = check_bool(p + name, getattr(c, name))
     for name in _PATHS:
         out[name] = check_optional_str(p + name, getattr(c, name))
+    out["sentinel_password"] = check_optional_str(
+        p + "sentinel_password", c.sentinel_password, secret=True
+    )
+    scheme = out["url"].partition(":")[0].lower()
+    if out["cluster"] or scheme == "redis+cluster":
+        if scheme == "unix":
+            fail(p + "cluster", True, "a cluster is reached over TCP, not a unix socket URL")
+        if out["db"]:
+            fail(p + "db", c.db, "must be 0 in cluster mode (a cluster has only db 0)")
     return out

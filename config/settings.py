@@ -47,7 +47,10 @@ class Settings:
     max_rss_mb: float = 0.0  # 0 = unlimited
     max_worker_age_s: float = 0.0  # 0 = unlimited
     monitor_interval_s: float = 1.0
-    enqueue_wait_replicas: int = 0  # WAIT n after enqueue; 0 = off
+    # WAIT for n replicas after each enqueue (on the same connection), so a failover cannot
+    # lose an enqueue the producer was told about; 0 = off (asynchronous replication).
+    enqueue_wait_replicas: int = 0
+    enqueue_wait_timeout_ms: int = 1000  # past this, enqueue raises NotReplicated
     # When the server's maxmemory-policy may evict keys (it would silently delete tasks):
     # "refuse" = workers and supervisors do not start; "warn" = start and log loudly.
     eviction_policy: str = "refuse"
@@ -78,7 +81,8 @@ _INT_RANGES: dict[str, tuple[int, int | None]] = {
     "max_deliveries": (1, 1000),
     "max_hops": (1, 10_000),
     "max_tasks_per_worker": (0, None),
-    "enqueue_wait_replicas": (0, None),
+    "enqueue_wait_replicas": (0, 100),
+    "enqueue_wait_timeout_ms": (1, 600_000),
 }
 
 

@@ -11,6 +11,7 @@ from core.errors import (
     HandoffError,
     InvalidAgentName,
     InvalidPayload,
+    NotReplicated,
     RedisUnavailable,
 )
 from core.task import Task
@@ -23,6 +24,7 @@ __all__ = [
     "HandoffError",
     "InvalidAgentName",
     "InvalidPayload",
+    "NotReplicated",
     "RedisUnavailable",
     "ResultTimeout",
     "Task",

@@ -11,6 +11,7 @@ __all__ = [
     "HandoffError",
     "InvalidAgentName",
     "InvalidPayload",
+    "NotReplicated",
     "PermissionDenied",
     "PoolExhausted",
     "ReadOnlyServer",
@@ -72,3 +73,7 @@ class AuthenticationFailed(HandoffError):
 
 class TLSVerificationFailed(RedisUnavailable):
     """The server's certificate is not trusted (CA or hostname): the connection is refused."""
+
+
+class NotReplicated(HandoffError):
+    """An enqueue was written but fewer replicas than enqueue_wait_replicas confirmed it."""

@@ -17,15 +17,15 @@ from typing import Any, TypeVar
 
 import redis
 from redis.backoff import NoBackoff
-from redis.connection import SSLConnection, parse_url
+from redis.connection import SSLConnection
 from redis.retry import Retry
 
 from config import RedisPoolConfig, redact_url
 from core.breaker import CircuitBreaker
-from core.connection_pool import ManagedConnectionPool
 from core.errors import RedisCommandError, WrongProcess
 from core.pool_metrics import HealthStatus, HealthTracker, MetricsRecorder, RedisPoolMetrics
 from core.retry import RetryPolicy, already_recorded
+from core.topology import open_client
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -78,15 +78,9 @@ class RedisManager:
             describe_target=lambda: redact_url(config.url),
         )
         # Not from_url(): there the URL's password and db would override the config's.
-        options = {**parse_url(config.url), **pool_kwargs(config)}
-        self.pool = ManagedConnectionPool(
-            max_conn_age_s=config.max_conn_age_s,
-            idle_timeout_s=config.idle_timeout_s,
-            min_idle_conns=config.min_idle_conns,
-            recorder=self.recorder,
-            **options,
-        )
-        self._client = redis.Redis(connection_pool=self.pool)
+        self.mode = config.mode  # "server", "sentinel" or "cluster"
+        self.is_cluster = self.mode == "cluster"
+        self._client, self.pool = open_client(config, pool_kwargs(config), self.recorder)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         if background:
@@ -94,7 +88,7 @@ class RedisManager:
 
     def __repr__(self) -> str:
         return (
-            f"<RedisManager {self.config.redacted_url} pid={self.pid} "
+            f"<RedisManager {self.config.redacted_url} mode={self.mode} pid={self.pid} "
             f"pool_size={self.config.pool_size} breaker={self.breaker.state}>"
         )
 
@@ -170,35 +164,62 @@ class RedisManager:
         replies = self.execute_batch([lambda p, k=k: p.zpopmin(k, count) for k in keys])
         return dict(zip(keys, replies, strict=True))
 
+    def node_clients(self) -> list[redis.Redis]:
+        """One plain client per primary: the server itself, or each cluster primary.
+
+        For what a cluster client cannot route by key: SCAN, INFO, CONFIG. Calls through
+        these skip retry and metrics; wrap them in execute().
+        """
+        self._check_process()
+        if not self.is_cluster:
+            return [self._client]
+        return [node.redis_connection for node in self._client.get_primaries()]
+
     def cleanup_expired_keys(
         self, patterns: Sequence[str], *, idle_longer_than_s: float, scan_count: int = 500
     ) -> int:
         """Unlink keys matching patterns that no one has touched for idle_longer_than_s.
 
-        SCAN (never KEYS) walks the keyspace in bounded steps; expired keys it meets are
-        removed by the server on the way. Idle time comes from OBJECT IDLETIME in one
-        pipeline per SCAN page, and the victims go in one UNLINK per page.
+        SCAN (never KEYS) walks the keyspace in bounded steps, on each primary of a
+        cluster; expired keys it meets are removed by the server on the way. Idle time
+        comes from OBJECT IDLETIME in one pipeline per SCAN page, and the victims go in
+        one pipeline of UNLINKs per page (one key each: keys of a page span slots).
         """
         removed = 0
-        for pattern in patterns:
-            cursor = 0
-            while True:
-                cursor, keys = self.execute(
-                    lambda c, cur=cursor, pat=pattern: c.scan(cur, match=pat, count=scan_count)
-                )
-                if keys:
-                    idle = self.execute_batch(
-                        [lambda p, k=k: p.object("idletime", k) for k in keys]
-                    )
-                    stale = [
-                        k for k, s in zip(keys, idle, strict=True)
-                        if s is not None and s > idle_longer_than_s
-                    ]  # fmt: skip
-                    if stale:
-                        removed += int(self.execute(lambda c, ks=stale: c.unlink(*ks)))
-                if cursor == 0:
-                    break
+        for node in self.node_clients():
+            for pattern in patterns:
+                removed += self._cleanup_node(node, pattern, idle_longer_than_s, scan_count)
         return removed
+
+    def _cleanup_node(self, node: redis.Redis, pattern: str, idle_s: float, count: int) -> int:
+        removed, cursor = 0, 0
+        while True:
+            cursor, keys = self.execute(
+                lambda _c, cur=cursor: node.scan(cur, match=pattern, count=count)
+            )
+            if keys:
+                idle = self.execute_batch_on(
+                    node, [lambda p, k=k: p.object("idletime", k) for k in keys]
+                )
+                stale = [k for k, s in zip(keys, idle, strict=True) if s is not None and s > idle_s]
+                if stale:
+                    gone = self.execute_batch_on(node, [lambda p, k=k: p.unlink(k) for k in stale])
+                    removed += sum(int(n) for n in gone)
+            if cursor == 0:
+                return removed
+
+    def execute_batch_on(
+        self, node: redis.Redis, operations: Sequence[Callable[[Any], Any]]
+    ) -> list:
+        """execute_batch() on one given node's client (see node_clients())."""
+
+        def run(_client) -> list:
+            pipe = node.pipeline(transaction=False)
+            for operation in operations:
+                operation(pipe)
+            return pipe.execute()
+
+        return self.execute_pipelined(run, len(operations))
 
     def set_memory_optimizations(self) -> dict[str, str]:
         """Opt-in (config.memory_optimization): compact encodings and lazy freeing.
@@ -215,7 +236,8 @@ class RedisManager:
         applied = {}
         for name, value in settings.items():
             try:
-                self.execute(lambda c, n=name, v=value: c.config_set(n, v))
+                for node in self.node_clients():
+                    self.execute(lambda _c, n=name, v=value, node=node: node.config_set(n, v))
                 applied[name] = value
             except RedisCommandError as e:  # managed servers often forbid CONFIG
                 log.warning("could not set %s: %s", name, e)
@@ -236,8 +258,11 @@ class RedisManager:
 
     def sample_memory(self) -> None:
         try:
-            info = self.execute(lambda c: c.info("memory"), retry=False)
-            self.recorder.memory_usage_bytes = int(info.get("used_memory", 0))
+            used = 0
+            for node in self.node_clients():
+                info = self.execute(lambda _c, node=node: node.info("memory"), retry=False)
+                used += int(info.get("used_memory", 0))
+            self.recorder.memory_usage_bytes = used
         except Exception:  # the health probe has already recorded the failure
             pass
 

@@ -21,6 +21,7 @@ import redis.exceptions as rex
 
 from config import Settings
 from core import scripts
+from core.cluster_calls import check_replicated, run_script_calls
 from core.errors import InvalidPayload
 from core.keys import TASK_ID, Keys, check_claim_id
 from core.manager import RedisManager
@@ -109,20 +110,33 @@ class TaskQueue:
 
     # -- script calls ----------------------------------------------------------------------
 
-    def run_scripts(self, calls: Sequence[tuple[str, list[str], list[Any]]], extra=()) -> list:
-        """Run script calls (plus extra pipeline operations) in one round trip.
+    def run_scripts(
+        self,
+        calls: Sequence[tuple[str, list[str], list[Any]]],
+        extra=(),
+        *,
+        wait_replicas: int = 0,
+    ) -> list:
+        """Run script calls (plus extra pipeline operations) in one round trip per node.
 
         A NOSCRIPT reply loads the scripts and repeats the whole batch: every operation
-        is idempotent (see core/scripts.py), so the repeat cannot double anything.
+        is idempotent (see core/scripts.py), so the repeat cannot double anything. With
+        wait_replicas, WAIT follows on the same connection (NotReplicated if short).
+        On a cluster, core/cluster_calls.py groups the calls per node instead.
         """
+        timeout_ms = self.settings.enqueue_wait_timeout_ms
+        if self.manager.is_cluster:
+            return self._run_on_cluster(calls, extra, wait_replicas, timeout_ms)
         operations = [
             (lambda p, n=name, k=keys, a=args: p.evalsha(scripts.sha(n), len(k), *k, *a))
             for name, keys, args in calls
         ]
         operations.extend(extra)
+        if wait_replicas:
+            operations.append(lambda p: p.execute_command("WAIT", wait_replicas, timeout_ms))
 
         def attempt(client) -> list:
-            if len(operations) == 1 and not extra:
+            if len(operations) == 1:
                 name, keys, args = calls[0]
                 return [client.evalsha(scripts.sha(name), len(keys), *keys, *args)]
             pipe = client.pipeline(transaction=False)
@@ -132,14 +146,31 @@ class TaskQueue:
 
         def run(client) -> list:
             try:
-                return attempt(client)
+                replies = attempt(client)
             except rex.NoScriptError:
                 scripts.load_all(client)
-                return attempt(client)
+                replies = attempt(client)
+            if wait_replicas:
+                check_replicated(replies.pop(), wait_replicas, timeout_ms, "the primary")
+            return replies
 
         if len(operations) == 1:
             return self.manager.execute(run)
         return self.manager.execute_pipelined(run, len(operations))
+
+    def _run_on_cluster(self, calls, extra, wait_replicas: int, timeout_ms: int) -> list:
+        def run(cluster) -> list:
+            replies = run_script_calls(
+                cluster, calls, wait_replicas=wait_replicas, wait_timeout_ms=timeout_ms
+            )
+            if extra:  # plain commands: the cluster pipeline routes them per slot
+                pipe = cluster.pipeline()
+                for operation in extra:
+                    operation(pipe)
+                replies += pipe.execute()
+            return replies
+
+        return self.manager.execute_pipelined(run, len(calls) + len(extra))
 
     def _fixed(self, agent: str) -> list[str]:
         return self.keys.agent(agent).all()
@@ -210,7 +241,7 @@ class TaskQueue:
             return []
         new_agents = [a for a in positions if a not in self._registered_agents]
         extra = [lambda p, a=new_agents: p.sadd(self.keys.agents, *a)] if new_agents else []
-        replies = self.run_scripts(calls, extra)
+        replies = self.run_scripts(calls, extra, wait_replicas=self.settings.enqueue_wait_replicas)
         self._registered_agents.update(new_agents)
         added = [False] * len(tasks)
         for chunk, reply in zip(order, replies, strict=False):

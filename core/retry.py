@@ -34,6 +34,16 @@ from core.errors import (
 T = TypeVar("T")
 
 _NOT_RETRIABLE = (rex.AuthenticationError, rex.AuthorizationError, rex.ResponseError)
+# A cluster in motion (failover, resharding): the slot map is refreshed and the call
+# repeated, which every handoff operation allows (they are idempotent).
+_CLUSTER_IN_MOTION = (
+    rex.ClusterDownError,
+    rex.TryAgainError,
+    rex.MovedError,
+    rex.AskError,
+    rex.SlotNotCoveredError,
+    rex.MasterDownError,
+)
 _RETRIABLE_ERRNOS = {errno.ECONNREFUSED, errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT}
 
 
@@ -47,7 +57,10 @@ def is_tls_verification_failure(error: BaseException) -> bool:
 
 
 def is_retriable(error: BaseException) -> bool:
-    """Connection refused/reset, timeouts, broken pipes, closed connections; nothing else."""
+    """Connection refused/reset, timeouts, broken pipes, closed connections, a cluster
+    changing shape; nothing else."""
+    if isinstance(error, _CLUSTER_IN_MOTION):
+        return True
     if isinstance(error, _NOT_RETRIABLE) or is_tls_verification_failure(error):
         return False
     if isinstance(error, rex.ConnectionError | rex.TimeoutError | socket.timeout):

@@ -24,14 +24,18 @@ def check_eviction_policy(manager: RedisManager, settings: Settings) -> str | No
     Returns the policy, or None when the server does not let us read it (CONFIG GET
     forbidden by an ACL or a managed service): then it is logged, not enforced.
     """
-    try:
-        reply = manager.execute(lambda c: c.config_get("maxmemory-policy"))
-    except RedisCommandError:
-        log.info("could not read maxmemory-policy (CONFIG GET not allowed); make sure it is "
-                 "noeviction: eviction silently deletes tasks")  # fmt: skip
-        return None
-    policy = reply.get(b"maxmemory-policy") or reply.get("maxmemory-policy") or b""
-    policy = policy.decode() if isinstance(policy, bytes) else str(policy)
+    policy = ""
+    for node in manager.node_clients():  # every primary of a cluster: any one may evict
+        try:
+            reply = manager.execute(lambda _c, node=node: node.config_get("maxmemory-policy"))
+        except RedisCommandError:
+            log.info("could not read maxmemory-policy (CONFIG GET not allowed); make sure it "
+                     "is noeviction: eviction silently deletes tasks")  # fmt: skip
+            return None
+        found = reply.get(b"maxmemory-policy") or reply.get("maxmemory-policy") or b""
+        policy = found.decode() if isinstance(found, bytes) else str(found)
+        if policy != "noeviction":
+            break
     if policy and policy != "noeviction":
         message = (
             f"the server's maxmemory-policy is {policy!r}, not 'noeviction': under memory "

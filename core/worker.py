@@ -31,6 +31,7 @@ from core.agents import AgentSpec, Handoff
 from core.errors import HandoffError, InvalidPayload
 from core.keys import Keys
 from core.manager import get_manager
+from core.outage import OutageLog
 from core.prefetch import PrefetchSizer
 from core.protocol import ClaimRequest, Completion, Failure, TaskQueue
 from core.runner import Outcome, make_runner
@@ -42,7 +43,9 @@ log = logging.getLogger(__name__)
 
 _WAKE = "wake"
 _TICK_S = 1.0
-ERROR_LOG_INTERVAL_S = 1.0
+# Between claims while Redis is unreachable: long enough not to hammer a server that is
+# failing over, short enough to resume within a couple of seconds once it is back.
+MAX_BACKOFF_S = 2.0
 
 
 class Worker:
@@ -87,7 +90,7 @@ class Worker:
         floor = 0 if self.spec.global_limit else self.settings.prefetch
         ceiling = floor if self.spec.global_limit else self.settings.claim_batch_max
         self.sizer = PrefetchSizer(self.spec.max_concurrent, floor, ceiling)
-        self._last_error_log = 0.0
+        self.outage = OutageLog(log, f"worker {self.worker_id}")
         self._backoff_s = 0.0
         self._backoff_until = 0.0
         self._recycle_reason = ""
@@ -217,6 +220,7 @@ class Worker:
             self._redis_trouble("claim", e)
             return
         self._backoff_s = 0.0
+        self.outage.recovered()
         if not tasks:
             self.want_work.set()  # the waker blocks in Redis until work arrives
             return
@@ -252,16 +256,9 @@ class Worker:
 
     def _redis_trouble(self, what: str, error: Exception) -> None:
         """Back off (capped) and log at most one line per interval while Redis is down."""
-        self._backoff_s = min(5.0, max(0.05, self._backoff_s * 2))
+        self._backoff_s = min(MAX_BACKOFF_S, max(0.05, self._backoff_s * 2))
         self._backoff_until = time.monotonic() + self._backoff_s
-        self._log_trouble(what, error)
-
-    def _log_trouble(self, what: str, error: Exception) -> None:
-        """At most one line per ERROR_LOG_INTERVAL_S for the whole process (any thread)."""
-        now = time.monotonic()
-        if now - self._last_error_log >= ERROR_LOG_INTERVAL_S:
-            self._last_error_log = now
-            log.error("worker %s: %s failed: %s", self.worker_id, what, error)
+        self.outage.failed(what, error)
 
     # -- finishing -------------------------------------------------------------------------
 
@@ -370,6 +367,7 @@ class Worker:
             self._unsent.pop(0)
             self._account(completions, failures)
         self._backoff_s = 0.0
+        self.outage.recovered()
 
     def _forget(self, task: Task) -> None:
         """Stop holding this delivery (not a newer delivery of the same id)."""
@@ -449,8 +447,8 @@ class Worker:
                 room = 0 if self._isolating() else self.sizer.capacity - len(self.held)
                 tasks = self._claim_batch(room) if room > 0 and not self.draining else []
             except HandoffError as e:
-                self._log_trouble("wait for work", e)
-                self.stop_event.wait(min(5.0, max(0.1, self._backoff_s)))
+                self.outage.failed("wait for work", e)
+                self.stop_event.wait(min(MAX_BACKOFF_S, max(0.1, self._backoff_s)))
                 self.events.put(_WAKE)  # let the main thread retry (and back off)
                 continue
             if tasks:
@@ -481,7 +479,7 @@ class Worker:
             try:
                 lost = self.queue.extend(held, self.lease_ms)
             except HandoffError as e:
-                self._log_trouble("lease renewal", e)
+                self.outage.failed("lease renewal", e)
                 continue
             if lost:
                 self._abandon([t for t in held if t.id in set(lost)])

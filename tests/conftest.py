@@ -13,12 +13,27 @@ import sys
 from pathlib import Path
 
 import pytest
-import redis
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from core.server import ServerProcess, spawn_server  # noqa: E402
+
+from procs import plain_client  # noqa: E402
+
+# Fixtures that only make sense against one server: a test using any of them runs on the
+# one server even in a module that also runs its tests against a cluster.
+_SERVER_ONLY = {"redis_server", "redis_tcp_addr", "private_server"}
+
+
+def pytest_generate_tests(metafunc):
+    """A module with BACKENDS = ("server", "cluster") runs each of its tests on each."""
+    backends = getattr(metafunc.module, "BACKENDS", None)
+    if not backends or "backend" not in metafunc.fixturenames:
+        return
+    if _SERVER_ONLY & set(metafunc.fixturenames):
+        backends = ("server",)
+    metafunc.parametrize("backend", backends, indirect=True)
 
 
 def free_tcp_port() -> int:
@@ -71,9 +86,30 @@ def redis_tcp_addr(redis_server) -> tuple[str, int]:
     return ("127.0.0.1", redis_server.port)
 
 
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory):
+    """This xdist worker's own 3-primary cluster, started on first use."""
+    from topologies import start_cluster
+
+    cluster = start_cluster(tmp_path_factory.mktemp("cluster"))
+    yield cluster
+    cluster.stop()
+
+
 @pytest.fixture
-def redis_url(redis_server) -> str:
-    """A clean database on this worker's private server."""
+def backend(request) -> str:
+    """ "server" or "cluster": what redis_url points at (see pytest_generate_tests)."""
+    return getattr(request, "param", "server")
+
+
+@pytest.fixture
+def redis_url(request, backend) -> str:
+    """A clean database on this worker's private server (or cluster)."""
+    if backend == "cluster":
+        cluster = request.getfixturevalue("redis_cluster")
+        cluster.flushall()
+        return cluster.url
+    redis_server = request.getfixturevalue("redis_server")
     with redis_server.client() as client:
         client.flushall()
     return redis_server.url
@@ -81,8 +117,9 @@ def redis_url(redis_server) -> str:
 
 @pytest.fixture
 def raw_redis(redis_url):
-    """A plain redis-py client for assertions (not the code under test)."""
-    client = redis.Redis.from_url(redis_url)
+    """A plain redis-py client (a cluster client on a cluster) for assertions, not the
+    code under test."""
+    client = plain_client(redis_url)
     yield client
     client.close()
 

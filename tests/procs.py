@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import psutil
+import redis
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -99,6 +100,16 @@ class HandoffProcess:
             except (ProcessLookupError, PermissionError):
                 pass
         self._log.close()
+
+
+def plain_client(url: str):
+    """redis-py's own client for a test URL: a RedisCluster for redis+cluster://."""
+    if url.startswith("redis+cluster://"):
+        from redis.cluster import RedisCluster
+
+        host, _, port = url.removeprefix("redis+cluster://").split(",")[0].partition(":")
+        return RedisCluster(host=host, port=int(port))
+    return redis.Redis.from_url(url)
 
 
 def executions(raw_redis) -> list[tuple[int, str]]:

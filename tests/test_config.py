@@ -307,7 +307,7 @@ def test_bad_pool_values_fail_with_one_line_naming_the_field(kwargs, expected):
         ({"max_deliveries": 1001}, "max_deliveries = 1001: must be between 1 and 1000"),
         ({"max_hops": 0}, "max_hops = 0: must be between 1 and 10000"),
         ({"max_tasks_per_worker": -1}, "max_tasks_per_worker = -1: must be >= 0"),
-        ({"enqueue_wait_replicas": -1}, "enqueue_wait_replicas = -1: must be >= 0"),
+        ({"enqueue_wait_replicas": -1}, "enqueue_wait_replicas = -1: must be between 0 and 100"),
         ({"redis": {"pool_size": 3}}, "redis: must be a RedisPoolConfig"),
     ],
 )

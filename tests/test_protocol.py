@@ -25,6 +25,9 @@ from core.task import Task, derived_task_id, new_task_id
 
 from faultproxy import FaultProxy
 
+# Every test here runs on one server and on a 3-primary cluster (conftest.py).
+BACKENDS = ("server", "cluster")
+
 T0 = 1_800_000_000_000  # the virtual clock's start (ms)
 LEASE_MS = 10_000
 

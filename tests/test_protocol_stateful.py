@@ -14,7 +14,6 @@ import threading
 from dataclasses import dataclass, field
 
 import orjson
-import redis
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -31,6 +30,11 @@ from core.keys import Keys
 from core.manager import RedisManager
 from core.protocol import ClaimRequest, Completion, Failure, TaskQueue
 from core.task import EPOCH_MS, PRIORITY_SHIFT, Task, derived_task_id
+
+from procs import plain_client
+
+# The model check runs on one server and on a 3-primary cluster (tests/conftest.py).
+BACKENDS = ("server", "cluster")
 
 AGENTS = ("a", "b")
 T0 = 1_800_000_000_000
@@ -75,7 +79,7 @@ class ProtocolMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.r = redis.Redis.from_url(self.url)
+        self.r = plain_client(self.url)
         self.r.flushall()
         self.settings = Settings(redis=RedisPoolConfig(url=self.url), max_deliveries=MAX_DELIVERIES)
         self.q = TaskQueue(RedisManager(self.settings.redis, background=False), self.settings)

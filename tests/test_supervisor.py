@@ -16,7 +16,7 @@ def test_sigkill_of_a_worker_redelivers_only_what_it_held(start, client, raw_red
     sup = start(["supervise", "--agents", "probe=2"])
     wait_until(lambda: len(raw_redis.lrange("executed", 0, 200)) > 200, 30, "work to start")
     victim = sup.live_children()[0].pid
-    wait_until(lambda: raw_redis.exists(f"peak:{victim}"), 10, "victim to be running tasks")
+    wait_until(lambda: raw_redis.exists(f"peak:{{{victim}}}"), 10, "victim to be running tasks")
     psutil.Process(victim).kill()
     wait_until(lambda: stat(client, "probe", "done") == 5000, 90, "all 5000 tasks done")
     runs = executions(raw_redis)
@@ -37,10 +37,10 @@ def test_handlers_never_exceed_max_concurrent_or_global_limit(start, client, raw
     wait_until(lambda: stat(client, "probe", "done") == 300, 60, "300 tasks done")
     pids = {pid for pid, _ in executions(raw_redis)}
     assert len(pids) >= 2
-    per_worker = [int(raw_redis.get(f"peak:{pid}")) for pid in pids]
+    per_worker = [int(raw_redis.get(f"peak:{{{pid}}}")) for pid in pids]
     assert max(per_worker) <= 4
-    assert int(raw_redis.get("peak:probe")) <= 6
-    assert int(raw_redis.get("peak:probe")) >= 5  # the limit is reached, not just respected
+    assert int(raw_redis.get("peak:{probe}")) <= 6
+    assert int(raw_redis.get("peak:{probe}")) >= 5  # the limit is reached, not just respected
     sup.signal(signal.SIGTERM)
     assert sup.wait(10) == 0
 
@@ -50,7 +50,7 @@ def test_async_handlers_run_concurrently_up_to_their_limit(start, client, raw_re
     start(["worker", "aprobe"])
     wait_until(lambda: stat(client, "aprobe", "done") == 200, 60, "200 async tasks done")
     (pid,) = {pid for pid, _ in executions(raw_redis)}
-    assert int(raw_redis.get(f"peak:{pid}")) == 8
+    assert int(raw_redis.get(f"peak:{{{pid}}}")) == 8
 
 
 def test_sigterm_to_supervisor_loses_nothing_and_exits_zero_in_grace(start, client, raw_redis):

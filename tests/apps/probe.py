@@ -1,9 +1,11 @@
 """Agents for worker and supervisor tests. Each records what it did in the test's server
 (TEST_REDIS_URL), so a test can check executions, concurrency and deliveries from outside.
 
-    executed      LIST  "<pid> <task id>" per execution start
-    conc:<pid>    running now in one worker;   peak:<pid>  its peak
-    conc:<agent>  running now across workers;  peak:<agent> its peak
+    executed        LIST  "<pid> <task id>" per execution start
+    conc:{<pid>}    running now in one worker;   peak:{<pid>}  its peak
+    conc:{<agent>}  running now across workers;  peak:{<agent>} its peak
+
+Each counter and its peak share a hash tag, so the tests run on a cluster too.
 """
 
 from __future__ import annotations
@@ -16,14 +18,14 @@ import redis
 
 from core import Handoff, agent
 
+from procs import plain_client
+
 _client: redis.Redis | None = None
 _client_pid = 0
 
 _ENTER = """
 local v = redis.call('INCR', KEYS[1])
 if v > tonumber(redis.call('GET', KEYS[2]) or '0') then redis.call('SET', KEYS[2], v) end
-local g = redis.call('INCR', KEYS[3])
-if g > tonumber(redis.call('GET', KEYS[4]) or '0') then redis.call('SET', KEYS[4], g) end
 return v
 """
 
@@ -31,7 +33,7 @@ return v
 def client() -> redis.Redis:
     global _client, _client_pid
     if _client is None or _client_pid != os.getpid():
-        _client = redis.Redis.from_url(os.environ["TEST_REDIS_URL"])
+        _client = plain_client(os.environ["TEST_REDIS_URL"])
         _client_pid = os.getpid()
     return _client
 
@@ -40,14 +42,15 @@ def _record(task, agent_name: str) -> None:
     pid = os.getpid()
     c = client()
     c.rpush("executed", f"{pid} {task.id}")
-    c.eval(_ENTER, 4, f"conc:{pid}", f"peak:{pid}", f"conc:{agent_name}", f"peak:{agent_name}")
+    for tag in (pid, agent_name):
+        c.eval(_ENTER, 2, f"conc:{{{tag}}}", f"peak:{{{tag}}}")
 
 
 def _leave(agent_name: str) -> None:
     c = client()
     pipe = c.pipeline(transaction=False)
-    pipe.decr(f"conc:{os.getpid()}")
-    pipe.decr(f"conc:{agent_name}")
+    pipe.decr(f"conc:{{{os.getpid()}}}")
+    pipe.decr(f"conc:{{{agent_name}}}")
     pipe.execute()
 
 

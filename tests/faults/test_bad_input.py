@@ -21,6 +21,9 @@ from core.protocol import ClaimRequest, TaskQueue
 
 from procs import ROOT, handoff_env, stat, wait_until
 
+# Every test here runs on one server and on a 3-primary cluster (tests/conftest.py).
+BACKENDS = ("server", "cluster")
+
 pytestmark = pytest.mark.slow
 
 

@@ -1,0 +1,55 @@
+"""Say a Redis outage once when it starts, now and then while it lasts, once when it ends.
+
+Runs in: workers (main thread, waker, lease keeper share one). A failover can take tens
+of seconds; a worker keeps trying all along (capped backoff), and without this it would
+log one line per failed call and thread. Thread-safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+
+class OutageLog:
+    def __init__(self, log: logging.Logger, who: str, repeat_every_s: float = 10.0) -> None:
+        self.log = log
+        self.who = who
+        self.repeat_every_s = repeat_every_s
+        self._lock = threading.Lock()
+        self._since: float | None = None  # monotonic start of the current outage
+        self._last_said = 0.0
+        self._failures = 0
+
+    @property
+    def in_outage(self) -> bool:
+        return self._since is not None
+
+    def failed(self, what: str, error: BaseException) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._failures += 1
+            if self._since is None:
+                self._since = self._last_said = now
+                self.log.error("%s: %s failed: %s (retrying)", self.who, what, error)
+            elif now - self._last_said >= self.repeat_every_s:
+                self._last_said = now
+                self.log.error(
+                    "%s: Redis still failing after %.0fs (%d failed calls); last: %s failed: %s",
+                    self.who, now - self._since, self._failures, what, error,
+                )  # fmt: skip
+
+    def recovered(self) -> None:
+        if self._since is None:  # the common case: no lock, nothing to say
+            return
+        with self._lock:
+            if self._since is None:
+                return
+            lasted = time.monotonic() - self._since
+            self.log.warning(
+                "%s: Redis reachable again after %.1fs (%d failed calls)",
+                self.who, lasted, self._failures,
+            )  # fmt: skip
+            self._since = None
+            self._failures = 0
