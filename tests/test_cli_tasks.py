@@ -22,6 +22,9 @@ from core.keys import Keys
 from core.manager import RedisManager
 from core.protocol import ClaimRequest, Failure, TaskQueue
 
+# Every test here runs on one server and on a 3-primary cluster (tests/conftest.py).
+BACKENDS = ("server", "cluster")
+
 ROOT = Path(__file__).resolve().parent.parent
 AGENT = "planner"  # defined by the default app, workers.demo
 KEYS = Keys().agent(AGENT)

@@ -18,6 +18,9 @@ from core.keys import Keys
 from core.protocol import ClaimRequest, Completion, Failure, TaskQueue, TaskRejected
 from core.task import PRIORITY_SHIFT
 
+# Every test here runs on one server and on a 3-primary cluster (tests/conftest.py).
+BACKENDS = ("server", "cluster")
+
 LEASE_MS = 30_000
 
 

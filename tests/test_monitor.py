@@ -9,6 +9,7 @@ import urllib.request
 import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from redis.cluster import RedisCluster
 
 from config import RedisPoolConfig, Settings
 from core.manager import RedisManager
@@ -16,6 +17,9 @@ from core.monitor import Monitor
 from core.protocol import TaskQueue
 
 from procs import HandoffProcess, handoff_env, stat, wait_until
+
+# Every test here runs on one server and on a 3-primary cluster (tests/conftest.py).
+BACKENDS = ("server", "cluster")
 
 WORKER_FIELDS = {
     "id", "agent", "pid", "host", "state", "in_flight", "processed", "failed",
@@ -175,6 +179,15 @@ def test_prometheus_endpoint_matches_the_json_snapshot(start, client, redis_url,
     assert rss > 10 * 1024 * 1024
 
 
+def commands_processed(raw_redis) -> tuple[int, int]:
+    """Commands the server (every cluster primary) has run, and how many nodes were asked."""
+    if isinstance(raw_redis, RedisCluster):
+        nodes = [node.redis_connection for node in raw_redis.get_primaries()]
+    else:
+        nodes = [raw_redis]
+    return sum(n.info("stats")["total_commands_processed"] for n in nodes), len(nodes)
+
+
 @pytest.mark.parametrize("queued", [1, 1_000_000])
 def test_snapshot_cost_does_not_grow_with_queued_tasks(watcher, raw_redis, queued):
     # Fill the queue directly in the server: the monitor only ever looks at its size and head.
@@ -186,8 +199,8 @@ def test_snapshot_cost_does_not_grow_with_queued_tasks(watcher, raw_redis, queue
     )
     raw_redis.sadd("handoff:agents", "probe")
     watcher.snapshot()  # warm: scripts, connections
-    before = raw_redis.info("stats")["total_commands_processed"]
+    before, nodes = commands_processed(raw_redis)
     snap = watcher.snapshot()
-    commands = raw_redis.info("stats")["total_commands_processed"] - before - 1  # minus INFO
+    commands = commands_processed(raw_redis)[0] - before - nodes  # minus our INFOs
     assert snap["agents"]["probe"]["queued"] == queued
     assert commands == 8  # 2 registry reads + 6 per agent: the same for 1 and 1,000,000

@@ -105,9 +105,10 @@ def sleeper(task):
 
 @agent("relay", max_concurrent=4)
 def relay(task):
-    """Hands off to probe (fan-out of payload['fan'] children)."""
+    """Hands off to probe (fan-out of payload['fan'] children), after payload['sleep_s']."""
     _record(task, "relay")
     _leave("relay")
+    time.sleep(task.payload.get("sleep_s", 0))
     return [Handoff("probe", {"n": i}) for i in range(task.payload.get("fan", 1))]
 
 
