@@ -145,7 +145,7 @@ class Monitor:
                 pass
         return {
             "healthy": all(v["healthy"] for v in views),
-            "redis": {"ok": True},
+            "redis": {"ok": True, "mode": self.queue.manager.mode},
             "taken_at": round(now, 3),
             "agents": self._agents(stats, views, now),
             "workers": views,
@@ -197,7 +197,14 @@ class Monitor:
                 "latency_p50_ms": p50s[len(p50s) // 2] if p50s else 0.0,
                 "latency_p95_ms": max((v["latency_p95_ms"] for v in mine), default=0.0),
             }
+            if self.queue.manager.is_cluster:
+                out[name]["node"] = self._node_of(name)
         return out
+
+    def _node_of(self, agent: str) -> str:
+        """The cluster primary serving this agent's slot (from the client's slot map)."""
+        cluster = self.queue.manager.client
+        return cluster.get_node_from_key(self.keys.agent(agent).queue).name
 
     def publish(self, snapshot: dict[str, Any]) -> None:
         """Store the aggregate in one hash so other tools read one place."""

@@ -194,8 +194,8 @@ def run_once(
         worker_pids = [c.pid for c in proc.live_children()]
         if len(worker_pids) != workers:
             raise RunFailed(f"expected {workers} worker processes, found {len(worker_pids)}")
-        own = os.getpid()
-        cpu0 = (_cpu_s(target.pids), _cpu_s(worker_pids), _cpu_s([own]), _machine_busy())
+        own = [os.getpid(), proc.pid]  # this process, the supervisor
+        cpu0 = (_cpu_s(target.pids), _cpu_s(worker_pids), _cpu_s(own), _machine_busy())
         opened = time.perf_counter()
         (gate / "open").touch()
         names = list(agents)
@@ -211,17 +211,20 @@ def run_once(
             _check_alive(proc)
             time.sleep(POLL_S)
         elapsed = time.perf_counter() - opened
-        cpu1 = (_cpu_s(target.pids), _cpu_s(worker_pids), _cpu_s([own]), _machine_busy())
+        cpu1 = (_cpu_s(target.pids), _cpu_s(worker_pids), _cpu_s(own), _machine_busy())
     finally:
         if proc is not None:
             _stop(proc)
         client.close()
     servers = {pid: cpu1[0].get(pid, 0.0) - cpu0[0].get(pid, 0.0) for pid in target.pids}
     worker_s = sum(cpu1[1].get(p, 0.0) - cpu0[1].get(p, 0.0) for p in worker_pids)
-    bench_s = cpu1[2].get(own, 0.0) - cpu0[2].get(own, 0.0)
-    busy_s = cpu1[3][0] - cpu0[3][0]
-    total_s = cpu1[3][1] - cpu0[3][1]
+    bench_s, supervisor_s = (cpu1[2].get(p, 0.0) - cpu0[2].get(p, 0.0) for p in own)
     cores = psutil.cpu_count() or 1
+    total_s = cpu1[3][1] - cpu0[3][1]
+    # busy seconds of all cores, over the wall time: 2 cores fully busy = 200 (%), like the
+    # per-process figures (percent of one core)
+    busy_s = cores * (cpu1[3][0] - cpu0[3][0]) * elapsed / total_s if total_s > 0 else 0.0
+    ours_s = sum(servers.values()) + worker_s + bench_s + supervisor_s
     return {
         "tasks": tasks,
         "done": done,
@@ -232,9 +235,10 @@ def run_once(
         "redis_cpu_pct_per_node": [100.0 * s / elapsed for s in servers.values()],
         "workers_cpu_pct": 100.0 * worker_s / elapsed,
         "bench_cpu_pct": 100.0 * bench_s / elapsed,
-        # busy share of all cores while draining, scaled to "percent of one core" like the
-        # per-process figures (2 cores fully busy = 200)
-        "machine_busy_pct": 100.0 * cores * busy_s / total_s if total_s > 0 else float("nan"),
+        "supervisor_cpu_pct": 100.0 * supervisor_s / elapsed,
+        "machine_busy_pct": 100.0 * busy_s / elapsed,
+        # whatever else ran meanwhile (other processes on the machine, the kernel's share)
+        "other_cpu_pct": 100.0 * (busy_s - ours_s) / elapsed,
         "tasks_per_agent": per_agent,
     }
 
@@ -310,7 +314,8 @@ def run(args) -> dict:
                     status = (
                         f"{figures['rate']:8,.0f} tasks/s  drain {figures['drain_s']:.2f}s  "
                         f"redis {figures['redis_cpu_pct']:3.0f}%  workers "
-                        f"{figures['workers_cpu_pct']:3.0f}%  machine "
+                        f"{figures['workers_cpu_pct']:3.0f}%  other "
+                        f"{figures['other_cpu_pct']:3.0f}%  machine "
                         f"{figures['machine_busy_pct']:3.0f}%"
                     )
                 except (RunFailed, AssertionError) as e:
@@ -390,11 +395,12 @@ def render(results: dict) -> str:
         f"- machine: {meta['cpu']}, {meta['cores']} cores; server: {meta['server'][:40]}; "
         f"load average at start {meta['load_avg_at_start'][0]:.2f}",
         "- CPU columns: percent of one core while draining (the machine has "
-        f"{meta['cores']} cores, so {100 * (meta['cores'] or 1)}% is everything)",
+        f"{meta['cores']} cores, so {100 * (meta['cores'] or 1)}% is everything); other = "
+        "machine busy minus the processes of this benchmark (anything else running)",
         "",
         "| config | setup | workers per agent | tasks/s | ÷ (a) | Redis CPU % | "
-        "workers CPU % | bench CPU % | machine busy % |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "workers CPU % | bench + supervisor CPU % | other CPU % | machine busy % |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     base = results["configs"].get("a", {}).get("median", {}).get("rate")
     for key, entry in results["configs"].items():
@@ -402,7 +408,7 @@ def render(results: dict) -> str:
         rate = m.get("rate")
         if rate is None:
             errors = "; ".join(entry["errors"])[:120]
-            lines.append(f"| {key} | {entry['description']} | - | failed: {errors} | | | | | |")
+            lines.append(f"| {key} | {entry['description']} | - | failed: {errors} | | | | | | |")
             continue
         spread = f" ({_fmt(m['rate_min'])}-{_fmt(m['rate_max'])})" if len(entry["runs"]) > 1 else ""
         ratio = f"{rate / base:.2f}x" if base else "-"
@@ -421,10 +427,11 @@ def render(results: dict) -> str:
         lines.append(
             f"| {key} | {entry['description']} | {agents} ({names}) | {_fmt(rate)}{spread} | "
             f"{ratio} | {m['redis_cpu_pct']:.0f}{per_node} | {m['workers_cpu_pct']:.0f} | "
-            f"{m['bench_cpu_pct']:.0f} | {m['machine_busy_pct']:.0f} |"
+            f"{m['bench_cpu_pct'] + m['supervisor_cpu_pct']:.0f} | {m['other_cpu_pct']:.0f} | "
+            f"{m['machine_busy_pct']:.0f} |"
         )
         if entry["errors"]:
-            lines.append(f"|  | errors: {'; '.join(entry['errors'])[:200]} | | | | | | | |")
+            lines.append(f"|  | errors: {'; '.join(entry['errors'])[:200]} | | | | | | | | |")
     agents = meta.get("agents", {})
     if agents:
         three = ", ".join(

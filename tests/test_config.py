@@ -277,6 +277,13 @@ def test_settings_are_immutable_hashable_and_copy_agents():
         ({"db": -1}, "redis.db = -1: must be between 0 and 10000"),
         ({"tls": "yes"}, "redis.tls = 'yes': must be true or false"),
         ({"tls_ca_file": 3}, "redis.tls_ca_file = 3: must be a string"),
+        ({"cluster": "yes"}, "redis.cluster = 'yes': must be true or false"),
+        ({"cluster": True, "url": "redis://h", "db": 3}, "redis.db = 3: must be 0 in cluster"),
+        (
+            {"cluster": True, "url": "unix:///tmp/r.sock"},
+            "redis.cluster = True: a cluster is reached over TCP",
+        ),
+        ({"sentinel_password": 5}, "redis.sentinel_password: must be a string, not int"),
     ],
 )
 def test_bad_pool_values_fail_with_one_line_naming_the_field(kwargs, expected):
@@ -340,6 +347,8 @@ def test_loaded_values_are_validated_too(tmp_path):
         ("unix://relative.sock", "must name an absolute socket path"),
         ("redis+sentinel://h1:26379,:26379/mymaster", "must include a host"),
         ("redis+cluster://h1:x", "port must be a number"),
+        ("redis+sentinel://h1:26379,h2:26379", "must name the Sentinel service"),
+        ("redis+cluster://h1:7000/2", "a cluster has only db 0"),
     ],
 )
 def test_malformed_urls_fail_naming_redis_url(url, expected):
@@ -363,6 +372,26 @@ def test_malformed_urls_fail_naming_redis_url(url, expected):
 )
 def test_well_formed_urls_are_accepted(url):
     assert RedisPoolConfig(url=url).url == url
+
+
+@pytest.mark.parametrize(
+    ("fields", "mode"),
+    [
+        ({"url": "redis://h:6379/0"}, "server"),
+        ({"url": "unix:///tmp/r.sock"}, "server"),
+        ({"url": "redis+sentinel://h1,h2/mymaster"}, "sentinel"),
+        ({"url": "redis+cluster://h1:7000,h2:7001"}, "cluster"),
+        ({"url": "redis://h:7000", "cluster": True}, "cluster"),
+    ],
+)
+def test_the_url_and_the_cluster_flag_say_the_deployment(fields, mode):
+    assert RedisPoolConfig(**fields).mode == mode
+
+
+def test_the_sentinel_password_is_a_secret_like_the_password():
+    config = RedisPoolConfig(url="redis+sentinel://h1/m", sentinel_password="s3cret-pw")
+    assert "s3cret-pw" not in repr(config)
+    assert "s3cret-pw" not in str(settings_to_dict(Settings(redis=config)))
 
 
 @pytest.mark.parametrize(

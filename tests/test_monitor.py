@@ -204,3 +204,16 @@ def test_snapshot_cost_does_not_grow_with_queued_tasks(watcher, raw_redis, queue
     commands = commands_processed(raw_redis)[0] - before - nodes  # minus our INFOs
     assert snap["agents"]["probe"]["queued"] == queued
     assert commands == 8  # 2 registry reads + 6 per agent: the same for 1 and 1,000,000
+
+
+def test_the_snapshot_names_the_deployment_and_on_a_cluster_each_agents_node(
+    watcher, raw_redis, backend
+):
+    raw_redis.sadd("handoff:agents", "probe")
+    snap = watcher.snapshot()
+    assert snap["redis"]["mode"] == backend
+    if backend == "cluster":
+        owner = raw_redis.get_node_from_key("handoff:{probe}:queue").name
+        assert snap["agents"]["probe"]["node"] == owner
+    else:
+        assert "node" not in snap["agents"]["probe"]
