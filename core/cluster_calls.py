@@ -31,6 +31,7 @@ Call = tuple[str, list[str], list[Any]]  # script name, KEYS, ARGV
 
 MAX_ROUNDS = 16
 _PAUSE_S = 0.02
+_PENDING = object()  # a reply not in yet (a script may legitimately return nil)
 
 
 def run_script_calls(
@@ -42,7 +43,7 @@ def run_script_calls(
 ) -> list:
     """Replies to calls, in order. With wait_replicas, each node's pipeline ends in
     WAIT; a node that got fewer acknowledgements raises NotReplicated (the writes stand)."""
-    replies: list[Any] = [None] * len(calls)
+    replies: list[Any] = [_PENDING] * len(calls)
     pending = list(range(len(calls)))
     asking: dict[int, str] = {}  # call index -> the node an ASK sent it to
     last_error: BaseException | None = None
@@ -67,7 +68,7 @@ def run_script_calls(
                     pause = True
                 else:
                     raise result
-        pending = [i for i in pending if replies[i] is None]
+        pending = [i for i in pending if replies[i] is _PENDING]
         if not pending:
             return replies
         if pause:

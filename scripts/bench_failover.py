@@ -248,7 +248,7 @@ def enqueue_canary(url: str, timeout_s: float = 10.0) -> tuple[str, float]:
                 time.sleep(0.05)
 
 
-def run_trial(mode: str, folder: Path, lease_s: float, after_failover_s: float) -> dict:
+def run_trial(mode: str, folder: Path, lease_s: float | None, after_failover_s: float) -> dict:
     folder.mkdir(parents=True)
     exec_dir = folder / "exec"
     exec_dir.mkdir()
@@ -257,7 +257,8 @@ def run_trial(mode: str, folder: Path, lease_s: float, after_failover_s: float) 
     producer = monitor = checker = None
     thread = None
     try:
-        env = handoff_env(group.url, app="bench_agents", log_level="INFO", lease_s=lease_s)
+        extra = {} if lease_s is None else {"lease_s": lease_s}
+        env = handoff_env(group.url, app="bench_agents", log_level="INFO", **extra)
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(SCRIPTS)])
         env["BENCH_EXEC_DIR"] = str(exec_dir)
         log_path = folder / "supervise.log"
@@ -499,6 +500,7 @@ HEADERS = [
     "failover s",
     "workers resumed s",
     "producer resumed s",
+    "ran twice",
     "supervisor + workers alive",
 ]
 
@@ -521,6 +523,7 @@ def _row(mode: str, label: str, t: dict) -> str:
         _s(t.get("failover_s")),
         _s(t.get("workers_resumed_s")),
         _s(t.get("producer_resumed_s")),
+        _n(t.get("executed_twice_or_more")),
         shown,
     ]
     return "| " + " | ".join(cells) + " |"
@@ -534,7 +537,7 @@ def render(results: dict) -> str:
         "",
         f"- {meta['cores']} cores, load average at start {meta['load_avg_at_start'][0]:.2f}; "
         f"server: {meta['server'][:40]}; {meta['workers']} workers (no-op agent, lease "
-        f"{meta['lease_s']:g} s); producer: {meta['batch']} tasks per enqueue call",
+        f"{meta['lease_s'] or 'default'} s); producer: {meta['batch']} tasks per enqueue call",
         "- lost = acknowledged (the enqueue call returned) but not done within "
         f"{meta['done_deadline_s']:.0f} s; times are seconds after the kill; the producer "
         f"stops {meta['after_failover_s']:g} s after the failover",
@@ -589,9 +592,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--lease-s",
         type=float,
-        default=5.0,
-        help="the workers' lease_s (default 5: a lease stranded by the failover expires "
-        "well within the 60 s deadline)",
+        default=None,
+        help="the workers' lease_s (default: the library's, 30 s; a lease stranded by the "
+        "failover then expires within the 60 s deadline)",
     )
     parser.add_argument(
         "--after-failover-s",

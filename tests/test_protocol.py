@@ -168,6 +168,19 @@ def test_a_claim_whose_reply_is_lost_is_retried_without_a_second_lease(
         assert len({t.token for t in got[agent]}) == 1
 
 
+def test_a_server_that_forgot_the_scripts_gets_them_again_and_nothing_doubles(queue, raw_redis):
+    queue.enqueue([task("a", {"n": 1}), task("b", {"n": 1})], now_ms=T0)
+    nodes = raw_redis.get_primaries() if hasattr(raw_redis, "get_primaries") else None
+    for node in [n.redis_connection for n in nodes] if nodes else [raw_redis]:
+        node.script_flush()  # a restarted server, or SCRIPT FLUSH: NOSCRIPT on the next call
+        assert node.script_exists(scripts.sha("enqueue")) == [False]
+    added = queue.enqueue([task("a", {"n": 2}), task("b", {"n": 2})], now_ms=T0 + 1)
+    assert added == [True, True]
+    for agent in ("a", "b"):
+        assert raw_redis.zcard(Keys().agent(agent).queue) == 2
+        assert int(raw_redis.hget(Keys().agent(agent).stats, "enqueued")) == 2
+
+
 def test_an_enqueue_whose_reply_is_lost_stores_each_task_once(redis_url, redis_tcp_addr, raw_redis):
     with FaultProxy(redis_tcp_addr) as proxy:
         q = make_queue(proxy.url)
