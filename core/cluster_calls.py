@@ -122,7 +122,8 @@ def check_replicated(acknowledged: Any, wanted: int, timeout_ms: int, where: str
         raise NotReplicated(
             f"enqueue written on {where} but acknowledged by {int(acknowledged)} of "
             f"{wanted} replica(s) within {timeout_ms} ms (enqueue_wait_replicas): it may be "
-            "lost if this primary fails now; enqueue again to be sure (it is idempotent)"
+            "lost if this primary fails now; enqueue it again with the same key= to make "
+            "sure without running it twice (a keyed enqueue is idempotent)"
         )
 
 

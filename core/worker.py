@@ -443,6 +443,7 @@ class Worker:
                 timeout_s = min(timeout_s, max(0.01, until_due))
             try:
                 self.manager.execute(lambda c, t=timeout_s: c.blpop([wake_key], timeout=t))
+                self.outage.recovered()
                 # held only shrinks while the main thread waits, so this room is safe.
                 room = 0 if self._isolating() else self.sizer.capacity - len(self.held)
                 tasks = self._claim_batch(room) if room > 0 and not self.draining else []

@@ -98,3 +98,37 @@ def _lines_between(output: str, start_mono: float, end_mono: float) -> list[str]
         if start_wall <= stamp <= end_wall:
             lines.append(line)
     return lines
+
+
+@pytest.mark.timeout(120)
+def test_5b_workers_ride_out_a_twenty_second_outage_in_a_few_log_lines(start, tmp_path):
+    """As long as a slow failover: the same worker processes (none respawned) resume on
+    their own, and each says the outage began, that it goes on (every 10 s), and that
+    it ended; not one line per failed call."""
+    server = spawn_server(unix_socket=str(tmp_path / "down.sock"), data_dir=str(tmp_path))
+    try:
+        sup = start(["supervise", "--agents", "probe=2"], url=server.url)
+        with Client(settings=Settings(redis=RedisPoolConfig(url=server.url))) as local:
+            local.enqueue_many("probe", [{"sleep_s": 0}] * 20)
+            wait_until(lambda: _done(local) == 20, 30, "the first tasks")
+            wait_until(lambda: len(sup.live_children()) == 2, 30, "both workers")
+            workers = {p.pid for p in sup.live_children()}
+            server.stop(sig_kill=True)
+            down_at = time.monotonic()
+            time.sleep(20)  # the outage itself
+            server.start()
+            up_at = time.monotonic()
+            local.enqueue_many("probe", [{"sleep_s": 0}] * 20)
+            wait_until(lambda: _done(local) == 20, 30, "work after the outage")  # a new server
+        assert {p.pid for p in sup.live_children()} == workers
+        lines = _lines_between(sup.output(), down_at, up_at)
+        assert len(workers) == 2 and 2 <= len(lines) <= 2 * 4, lines
+        wait_until(
+            lambda: sup.output().count("Redis reachable again") == 2, 10, "both to say it ended"
+        )
+    finally:
+        server.stop()
+
+
+def _done(client: Client) -> int:
+    return int(client.queue_stats(["probe"])["probe"]["done"])
