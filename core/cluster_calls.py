@@ -47,11 +47,14 @@ def run_script_calls(
     pending = list(range(len(calls)))
     asking: dict[int, str] = {}  # call index -> the node an ASK sent it to
     last_error: BaseException | None = None
+    short: list[tuple[int, str]] = []  # (replicas that confirmed, node) below wait_replicas
     for round_number in range(MAX_ROUNDS):
         pause = False
         for node, indexes in _by_node(cluster, calls, pending, asking).items():
             items = [(calls[i], i in asking) for i in indexes]
-            results = _send(cluster, node, items, wait_replicas, wait_timeout_ms)
+            results, confirmed = _send(cluster, node, items, wait_replicas, wait_timeout_ms)
+            if confirmed is not None and confirmed < wait_replicas:
+                short.append((confirmed, node.name))
             for index, result in zip(indexes, results, strict=True):
                 asking.pop(index, None)
                 if not isinstance(result, Exception):
@@ -70,6 +73,9 @@ def run_script_calls(
                     raise result
         pending = [i for i in pending if replies[i] is _PENDING]
         if not pending:
+            if short:  # every node has its writes: only now say which were not confirmed
+                confirmed, where = min(short)
+                check_replicated(confirmed, wait_replicas, wait_timeout_ms, where)
             return replies
         if pause:
             time.sleep(_PAUSE_S * (round_number + 1))
@@ -89,8 +95,11 @@ def _by_node(cluster: RedisCluster, calls, pending, asking) -> dict:
     return groups
 
 
-def _send(cluster: RedisCluster, node, items, wait_replicas: int, wait_timeout_ms: int) -> list:
-    """One pipeline to one node; returns a reply or an exception per item."""
+def _send(
+    cluster: RedisCluster, node, items, wait_replicas: int, wait_timeout_ms: int
+) -> tuple[list, int | None]:
+    """One pipeline to one node: a reply or an exception per item, and how many replicas
+    confirmed the node's writes (None without WAIT)."""
     client = cluster.get_redis_connection(node)
     pipe = client.pipeline(transaction=False)
     for (name, keys, args), asking in items:
@@ -104,14 +113,18 @@ def _send(cluster: RedisCluster, node, items, wait_replicas: int, wait_timeout_m
     except (rex.ConnectionError, rex.TimeoutError):
         _refresh(cluster, None)  # the node may be gone (failover): look again next time
         raise
+    confirmed = None
     if wait_replicas:
-        check_replicated(out.pop(), wait_replicas, wait_timeout_ms, node.name)
+        confirmed = out.pop()
+        if isinstance(confirmed, Exception):
+            raise confirmed
+        confirmed = int(confirmed)
     results, position = [], 0
     for _, asking in items:
         position += 1 if asking else 0  # skip ASKING's own reply
         results.append(out[position])
         position += 1
-    return results
+    return results, confirmed
 
 
 def check_replicated(acknowledged: Any, wanted: int, timeout_ms: int, where: str) -> None:

@@ -17,7 +17,7 @@ import redis.exceptions as rex
 
 from config import RedisPoolConfig, Settings
 from core import scripts
-from core.errors import HandoffError, InvalidPayload
+from core.errors import HandoffError, InvalidPayload, NotReplicated
 from core.keys import Keys
 from core.manager import RedisManager
 from core.protocol import ClaimRequest, Completion, Failure, TaskQueue
@@ -179,6 +179,21 @@ def test_a_server_that_forgot_the_scripts_gets_them_again_and_nothing_doubles(qu
     for agent in ("a", "b"):
         assert raw_redis.zcard(Keys().agent(agent).queue) == 2
         assert int(raw_redis.hget(Keys().agent(agent).stats, "enqueued")) == 2
+
+
+def test_an_enqueue_no_replica_confirms_raises_not_replicated_and_stays_written(
+    redis_url, raw_redis
+):
+    q = make_queue(redis_url, enqueue_wait_replicas=1, enqueue_wait_timeout_ms=50)
+    try:
+        with pytest.raises(NotReplicated) as caught:
+            q.enqueue([task("a", {"n": 1}), task("b", {"n": 1})], now_ms=T0)
+    finally:
+        q.manager.close()
+    message = str(caught.value)
+    assert "\n" not in message and "acknowledged by 0 of 1 replica(s) within 50 ms" in message
+    for agent in ("a", "b"):  # written, on every node: WAIT cannot undo it
+        assert raw_redis.zcard(Keys().agent(agent).queue) == 1
 
 
 def test_an_enqueue_whose_reply_is_lost_stores_each_task_once(redis_url, redis_tcp_addr, raw_redis):
