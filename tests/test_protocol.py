@@ -296,6 +296,25 @@ def test_ten_thousand_tasks_enqueue_in_one_round_trip(queue, raw_redis, monkeypa
     assert raw_redis.zcard(Keys().agent("a").queue) == 10_001
 
 
+def test_calls_for_many_agent_types_take_one_round_trip_per_node(queue, raw_redis, monkeypatch):
+    agents = [f"kind{i}" for i in range(9)]
+    queue.enqueue([task(a) for a in agents], now_ms=T0)  # scripts loaded, agents registered
+    if hasattr(raw_redis, "get_node_from_key"):  # a cluster: one pipeline per owning node
+        nodes = {raw_redis.get_node_from_key(Keys().agent(a).queue).name for a in agents}
+    else:
+        nodes = {"the server"}
+    assert len(agents) > len(nodes)
+    trips = RoundTrips(monkeypatch, queue)
+    with trips:
+        queue.reap(agents, now_ms=T0)
+    assert trips.count == len(nodes)
+    requests = [ClaimRequest(a, 1, LEASE_MS, 0) for a in agents]
+    with trips:
+        claimed = queue.claim(requests, now_ms=T0)
+    assert trips.count == len(nodes)
+    assert sorted(claimed) == sorted(agents)
+
+
 def test_claim_and_ack_of_a_hundred_take_one_round_trip_each(queue, monkeypatch):
     queue.enqueue([task("a", {"n": i}) for i in range(150)], now_ms=T0)
     claim(queue, 1)  # warm: scripts loaded
