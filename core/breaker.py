@@ -43,11 +43,14 @@ class CircuitBreaker:
                 return HALF_OPEN
             return self._state
 
-    def before_call(self) -> None:
-        """Raise CircuitOpen when calls must fail fast; admit one probe when half-open."""
+    def before_call(self) -> bool:
+        """Raise CircuitOpen when calls must fail fast; admit one probe when half-open.
+
+        Returns True for that probe, so the caller can look for the server afresh first.
+        """
         with self._lock:
             if self._state == CLOSED:
-                return
+                return False
             remaining = self.cooldown_s - (self._clock() - self._opened_at)
             if self._state == OPEN and remaining > 0:
                 raise CircuitOpen(f"Redis circuit breaker open; next probe in {remaining:.1f}s")
@@ -55,6 +58,7 @@ class CircuitBreaker:
                 raise CircuitOpen("Redis circuit breaker half-open; a probe is in flight")
             self._state = HALF_OPEN
             self._probe_in_flight = True
+            return True
 
     def on_success(self) -> None:
         with self._lock:

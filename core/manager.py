@@ -76,6 +76,7 @@ class RedisManager:
             on_failure=lambda e: self.health.failure(f"{type(e).__name__}: {e}"),
             on_success=self._on_call_success,
             describe_target=lambda: redact_url(config.url),
+            before_probe=self._find_server_again,
         )
         # Not from_url(): there the URL's password and db would override the config's.
         self.mode = config.mode  # "server", "sentinel" or "cluster"
@@ -143,6 +144,18 @@ class RedisManager:
             return result
         finally:
             self.recorder.request(time.perf_counter() - started, ok, pipelined_ops=n_operations)
+
+    def _find_server_again(self) -> None:
+        """Before a half-open probe: re-read the cluster's slot map, or ask the sentinels
+        for the primary (which drops idle connections to a previous one). Best effort:
+        if nothing answers, the probe itself fails and says so."""
+        try:
+            if self.is_cluster:
+                self._client.nodes_manager.initialize()
+            elif self.mode == "sentinel":
+                self.pool.get_master_address()
+        except (redis.RedisError, OSError) as e:
+            log.debug("could not look for the server again: %s", e)
 
     def _on_call_success(self) -> None:
         if not self.health.is_healthy_fast():

@@ -135,8 +135,13 @@ class RetryPolicy:
         on_success: Callable[[], None],
         describe_target: Callable[[], str],
         sleep: Callable[[float], None] | None = None,
+        before_probe: Callable[[], None] | None = None,
     ) -> None:
         self.max_retries = max_retries
+        # Called before a half-open probe: after a failover the old address (a cluster's
+        # slot map, a sentinel pool's primary) is stale, and a probe sent there would fail
+        # and hold the breaker open for another cool-down although the server is back.
+        self._before_probe = before_probe
         self.breaker = breaker
         self._on_failure = on_failure
         self._on_success = on_success
@@ -198,7 +203,8 @@ class RetryPolicy:
         )
 
     def _attempt(self, fn: Callable[[], T]) -> T:
-        self.breaker.before_call()
+        if self.breaker.before_call() and self._before_probe is not None:
+            self._before_probe()
         try:
             result = fn()
         except BaseException as e:

@@ -12,7 +12,11 @@ import threading
 
 import pytest
 from redis.crc import key_slot
+from topologies import start_cluster
 
+from config import RedisPoolConfig, Settings
+from core.client import Client
+from core.errors import HandoffError
 from core.keys import Keys
 from core.task import derived_task_id
 
@@ -122,3 +126,61 @@ def test_resharding_a_busy_agents_slot_loses_nothing_and_shows_no_cluster_errors
     log = sup.output()
     for sign in ("CROSSSLOT", "TRYAGAIN", "MOVED", "ASK", "undeclared", "ERROR"):
         assert sign not in log, log[-3000:]
+
+
+@pytest.fixture
+def replicated_cluster(tmp_path):
+    """A cluster of its own, 3 primaries each with a replica: this test kills one."""
+    cluster = start_cluster(tmp_path / "replicated", replicas_per_primary=1)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.mark.timeout(180)
+def test_killing_the_primary_of_a_busy_agent_loses_no_enqueue_acknowledged_with_wait_1(
+    backend, replicated_cluster, start
+):
+    """The cluster promotes the dead primary's replica; workers and producers follow the
+    slot to it on their own, and every enqueue WAIT 1 confirmed is done in the end."""
+    cluster = replicated_cluster
+    settings = Settings(redis=RedisPoolConfig(url=cluster.url), enqueue_wait_replicas=1)
+    sup = start(["supervise", "--agents", "probe=2"], url=cluster.url)
+    acknowledged: list[str] = []
+    stop = threading.Event()
+
+    def produce() -> None:
+        with Client(settings=settings) as producer:
+            while not stop.is_set():
+                try:
+                    acknowledged.extend(producer.enqueue_many("probe", [{"sleep_s": 0}] * 10))
+                except HandoffError:  # unreachable, or not confirmed by a replica
+                    pass
+
+    with Client(settings=settings) as client:
+        producer = threading.Thread(target=produce)
+        producer.start()
+        try:
+            wait_until(lambda: _done(client) >= 300, 30, "the workers to get going")
+            victim = cluster.owner_port(slot_of("probe"))
+            next(n for n in cluster.nodes if n.port == victim).stop(sig_kill=True)
+            wait_until(lambda: cluster.owner_port(slot_of("probe")) != victim, 30, "a promotion")
+            done_at_failover = _done(client)
+            wait_until(lambda: _done(client) > done_at_failover + 100, 60, "work to resume")
+        finally:
+            stop.set()
+            producer.join(30)
+        wait_until(
+            lambda: all(client.status(t) == "done" for t in acknowledged),
+            60,
+            "every acknowledged task to be done",
+        )
+    assert len(acknowledged) >= 300
+    assert sup.proc.poll() is None
+
+
+def _done(client: Client) -> int:
+    """Tasks done so far (-1 while the cluster cannot say: mid-failover)."""
+    try:
+        return int(client.queue_stats(["probe"])["probe"]["done"])
+    except HandoffError:
+        return -1

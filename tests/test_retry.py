@@ -325,3 +325,31 @@ def test_with_the_server_stopped_a_call_fails_after_max_retries_on_a_growing_bac
     assert manager.execute(lambda c: c.get("k")) is None  # not persisted: a new, empty server
     health = manager.get_health()
     assert health.is_healthy and health.consecutive_failures == 0
+
+
+def test_the_half_open_probe_looks_for_the_server_afresh_first():
+    """After a failover the known address is stale: the one probe a half-open breaker
+    lets through first re-reads the topology (slot map, sentinel primary), once."""
+    now = [0.0]
+    breaker = CircuitBreaker(failure_threshold=1, cooldown_s=5.0, clock=lambda: now[0])
+    looked: list[float] = []
+    retry = RetryPolicy(
+        0, 8.0, 512.0, breaker,
+        on_failure=lambda e: None,
+        on_success=lambda: None,
+        describe_target=lambda: "redis+cluster://n1:6379",
+        before_probe=lambda: looked.append(now[0]),
+    )  # fmt: skip
+
+    def down():
+        raise redis.ConnectionError("Connection refused")
+
+    with pytest.raises(RedisUnavailable):
+        retry.call(down)
+    with pytest.raises(CircuitOpen):
+        retry.call(lambda: "never runs")  # open: fails fast, nothing looked up
+    assert looked == []
+    now[0] = 5.0
+    assert retry.call(lambda: "up") == "up"  # the probe: looked first, then succeeded
+    assert retry.call(lambda: "up") == "up"  # closed again: no more looking
+    assert looked == [5.0]
