@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 
 import pytest
 from redis.crc import key_slot
@@ -92,7 +93,7 @@ def test_a_worker_dying_between_the_childs_enqueue_and_the_parents_ack_repeats_n
 
 @pytest.mark.timeout(120)
 def test_resharding_a_busy_agents_slot_loses_nothing_and_shows_no_cluster_errors(
-    backend, redis_cluster, raw_redis, client, start
+    backend, redis_cluster, raw_redis, client, start, record_property
 ):
     """Move probe's slot to another primary (MIGRATING/IMPORTING, MIGRATE in batches,
     SETSLOT NODE) while producers enqueue and workers claim and ack on it."""
@@ -118,7 +119,10 @@ def test_resharding_a_busy_agents_slot_loses_nothing_and_shows_no_cluster_errors
     producer.join(60)
     assert moved > 0 and owner(redis_cluster, "probe") == target
     # The servers did turn calls away while the slot moved: the path under test was taken.
-    assert redirections(redis_cluster) > redirects_before
+    redirected = redirections(redis_cluster) - redirects_before
+    assert redirected > 0
+    record_property("keys_moved", moved)
+    record_property("calls_redirected", redirected)
     assert errors == []
     wait_until(lambda: stat(client, "probe", "done") == total, 60, "every task to finish")
     assert len(produced) == total
@@ -138,7 +142,7 @@ def replicated_cluster(tmp_path):
 
 @pytest.mark.timeout(180)
 def test_killing_the_primary_of_a_busy_agent_loses_no_enqueue_acknowledged_with_wait_1(
-    backend, replicated_cluster, start
+    backend, replicated_cluster, start, record_property
 ):
     """The cluster promotes the dead primary's replica; workers and producers follow the
     slot to it on their own, and every enqueue WAIT 1 confirmed is done in the end."""
@@ -163,9 +167,12 @@ def test_killing_the_primary_of_a_busy_agent_loses_no_enqueue_acknowledged_with_
             wait_until(lambda: _done(client) >= 300, 30, "the workers to get going")
             victim = cluster.owner_port(slot_of("probe"))
             next(n for n in cluster.nodes if n.port == victim).stop(sig_kill=True)
+            killed_at = time.monotonic()
             wait_until(lambda: cluster.owner_port(slot_of("probe")) != victim, 30, "a promotion")
+            promoted_after_s = time.monotonic() - killed_at
             done_at_failover = _done(client)
             wait_until(lambda: _done(client) > done_at_failover + 100, 60, "work to resume")
+            resumed_after_s = time.monotonic() - killed_at
         finally:
             stop.set()
             producer.join(30)
@@ -176,6 +183,9 @@ def test_killing_the_primary_of_a_busy_agent_loses_no_enqueue_acknowledged_with_
         )
     assert len(acknowledged) >= 300
     assert sup.proc.poll() is None
+    record_property("acknowledged", len(acknowledged))
+    record_property("promoted_after_s", round(promoted_after_s, 2))
+    record_property("resumed_after_s", round(resumed_after_s, 2))
 
 
 def _done(client: Client) -> int:

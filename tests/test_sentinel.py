@@ -8,6 +8,7 @@ worker's own server (TEST_REDIS_URL), which no failover touches.
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import redis
@@ -55,7 +56,7 @@ def _role(port: int) -> str:
 
 @pytest.mark.timeout(180)
 def test_killing_the_primary_mid_run_loses_no_enqueue_acknowledged_with_wait_1(
-    group, start, redis_url
+    group, start, record_property
 ):
     """SIGKILL the primary under load. Workers reconnect to the promoted replica with no
     operator action; every enqueue the producer was told succeeded (WAIT 1 confirmed it
@@ -80,9 +81,12 @@ def test_killing_the_primary_mid_run_loses_no_enqueue_acknowledged_with_wait_1(
         try:
             wait_until(lambda: _done(client) >= 300, 30, "the workers to get going")
             old = group.kill_primary()
+            killed_at = time.monotonic()
             group.wait_failover(old)
+            promoted_after_s = time.monotonic() - killed_at
             done_at_failover = _done(client)
             wait_until(lambda: _done(client) > done_at_failover + 100, 60, "work to resume")
+            resumed_after_s = time.monotonic() - killed_at
         finally:
             stop.set()
             producer.join(30)
@@ -93,10 +97,17 @@ def test_killing_the_primary_mid_run_loses_no_enqueue_acknowledged_with_wait_1(
         )
     assert len(acknowledged) >= 300
     assert sup.proc.poll() is None  # the supervisor and its workers rode it out
+    record_property("acknowledged", len(acknowledged))
+    record_property("promoted_after_s", round(promoted_after_s, 2))
+    record_property("resumed_after_s", round(resumed_after_s, 2))
 
 
 def _done(client: Client) -> int:
-    return int(client.queue_stats(["probe"])["probe"]["done"])
+    """Tasks done so far (-1 while the primary cannot be reached: mid-failover)."""
+    try:
+        return int(client.queue_stats(["probe"])["probe"]["done"])
+    except HandoffError:
+        return -1
 
 
 def _statuses(client: Client, ids: list[str]) -> list[str]:

@@ -47,6 +47,13 @@ def test_5_server_killed_under_load_keeps_acked_enqueues_and_workers_resume(
         producer.start()
         sup = start(["supervise", "--agents", "probe=2"], url=server.url)
         wait_until(lambda: raw_redis.llen("executed") > 200, 30, "load on the server")
+        # Enough enqueues acknowledged over a second before the crash (AOF everysec has
+        # written them): those are the ones that must all be there after the restart.
+        wait_until(
+            lambda: sum(1 for at, _ in acked if at < time.monotonic() - 1.2) >= 200,
+            30,
+            "200 enqueues acknowledged over a second ago",
+        )
         server.stop(sig_kill=True)
         crashed_at = time.monotonic()
         time.sleep(3)  # the outage itself
@@ -63,6 +70,7 @@ def test_5_server_killed_under_load_keeps_acked_enqueues_and_workers_resume(
             stop.set()
             producer.join(10)
             before_crash = [tid for at, tid in acked if at < crashed_at - 1.0]
+            assert len(before_crash) >= 200
             missing = [tid for tid in before_crash if client.status(tid) == "unknown"]
             assert not missing, f"{len(missing)} acknowledged enqueues lost"
             every = [tid for _, tid in acked]
