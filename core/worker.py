@@ -144,6 +144,9 @@ class Worker:
     def _wait_s(self) -> float:
         if self.draining or self._unsent:
             return 0.05
+        backing_off_s = self._backoff_until - time.monotonic()
+        if backing_off_s > 0:  # Redis refused fast: wait out the backoff, do not spin
+            return min(backing_off_s, _TICK_S)
         if self._room() and not self.want_work.is_set():
             return 0.0  # there is room and we have not yet seen an empty queue
         return _TICK_S

@@ -1,10 +1,10 @@
 """Failover benchmark: acknowledged enqueues lost when the Sentinel-managed primary is killed.
 
-Runs in: `scripts/bench-failover [--trials 3] [--json PATH]`, a plain process that starts,
-for every trial, a fresh Sentinel group on loopback (tests/topologies.start_sentinel_group:
-one primary, one replica, three sentinels, quorum 2, down-after 1 s) and a fresh
-`handoff supervise --agents blip=2` (a no-op agent from scripts/bench_agents.py) on its
-redis+sentinel:// URL.
+Runs in: `scripts/bench-failover [--trials 3] [--preset NAME] [--json PATH]`, a plain
+process that starts, for every trial, a fresh Sentinel group on loopback
+(tests/topologies.start_sentinel_group: one primary, one replica, three sentinels, quorum 2,
+down-after 1 s) and a fresh `handoff supervise --agents blip=2` (a no-op agent from
+scripts/bench_agents.py) on its redis+sentinel:// URL.
 
 Per trial:
   1. one warm-up task must be done (the workers are up);
@@ -26,47 +26,33 @@ told apart as "never ran" or "ran, but its record died with the old primary".
 
 Modes, interleaved: wait0 (default settings: asynchronous replication) and wait1
 (enqueue_wait_replicas=1 for the producer's Client: WAIT 1 after every enqueue, 1 s timeout).
+--preset NAME (config/presets.py) runs both modes with that preset: HANDOFF_PRESET for the
+supervisor, load_settings(preset=NAME) for the producer; the canary and the checker keep the
+library defaults (they measure, they are not measured).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
-import datetime as dt
-import json
-import os
-import platform
 import re
-import shutil
-import signal
-import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import bench_common as common
 import redis
 from redis.sentinel import Sentinel
+from topologies import LocalSentinelGroup, start_sentinel_group, wait_until
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = ROOT / "scripts"
-for _path in (ROOT / "tests", ROOT):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
-
-from topologies import LocalSentinelGroup, start_sentinel_group, wait_until  # noqa: E402
-
-from config import RedisPoolConfig, Settings  # noqa: E402
-from core.client import Client, build_task  # noqa: E402
-from core.errors import HandoffError  # noqa: E402
-from core.keys import Keys  # noqa: E402
-from core.server import find_server_binary  # noqa: E402
-
-from procs import HandoffProcess, handoff_env  # noqa: E402
+from config import PRESETS, RedisPoolConfig, Settings, load_settings
+from config.loader import preset_values
+from core.bench.report import fmt, markdown_table
+from core.client import Client, build_task
+from core.errors import HandoffError
+from core.keys import Keys
 
 AGENT = "blip"
 WORKERS = 2
@@ -76,13 +62,8 @@ DONE_DEADLINE_S = 60.0
 REFUSED_PAUSE_S = 0.01
 MONITOR_POLL_S = 0.02
 CHECK_CHUNK = 2000
-STOP_TIMEOUT_S = 10.0
 MODES = {"wait0": 0, "wait1": 1}
 LOG_PATTERN = re.compile(r"error|warning|exited|spawned|reachable|halting|Traceback", re.I)
-
-
-def _raise_interrupt(signum, _frame):
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 # -- the producer --------------------------------------------------------------------------
@@ -220,20 +201,6 @@ def _executions(exec_dir: Path) -> collections.Counter:
     return runs
 
 
-def _stop(proc: HandoffProcess) -> int | None:
-    """SIGTERM (graceful), then make sure the whole session is gone; the exit code."""
-    code = None
-    with contextlib.suppress(ProcessLookupError):
-        if proc.proc.poll() is None:
-            proc.signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                code = proc.wait(STOP_TIMEOUT_S)
-        else:
-            code = proc.proc.returncode
-    proc.stop()
-    return code
-
-
 def enqueue_canary(url: str, timeout_s: float = 10.0) -> tuple[str, float]:
     """One task enqueued by a fresh Client (its own pool and breaker, none of the producer's
     history), retried until it is taken; (its id, when it was taken)."""
@@ -248,7 +215,10 @@ def enqueue_canary(url: str, timeout_s: float = 10.0) -> tuple[str, float]:
                 time.sleep(0.05)
 
 
-def run_trial(mode: str, folder: Path, lease_s: float | None, after_failover_s: float) -> dict:
+def run_trial(
+    mode: str, folder: Path, lease_s: float | None, after_failover_s: float, preset: str | None
+) -> dict:
+    """One trial of `mode` (its logs in `folder`): the figures of the report's row."""
     folder.mkdir(parents=True)
     exec_dir = folder / "exec"
     exec_dir.mkdir()
@@ -257,18 +227,19 @@ def run_trial(mode: str, folder: Path, lease_s: float | None, after_failover_s: 
     producer = monitor = checker = None
     thread = None
     try:
-        extra = {} if lease_s is None else {"lease_s": lease_s}
-        env = handoff_env(group.url, app="bench_agents", log_level="INFO", **extra)
-        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(SCRIPTS)])
-        env["BENCH_EXEC_DIR"] = str(exec_dir)
-        log_path = folder / "supervise.log"
-        proc = HandoffProcess(["supervise", "--agents", f"{AGENT}={WORKERS}"], env, log_path)
+        named = {"log_level": "INFO", "lease_s": lease_s, "preset": preset}  # HANDOFF_*
+        proc = common.start_supervisor(
+            group.url,
+            {AGENT: WORKERS},
+            folder / "supervise.log",
+            {"BENCH_EXEC_DIR": str(exec_dir)},
+            **{k: v for k, v in named.items() if v is not None},
+        )
         checker = Client(settings=Settings(redis=RedisPoolConfig(url=group.url)))
         warm = checker.enqueue(AGENT, "warm-up")
 
         def warmed() -> bool:
-            if proc.proc.poll() is not None:
-                raise AssertionError(f"supervisor exited: {proc.output()[-600:]}")
+            common.check_alive(proc)
             return checker.status(warm) == "done" and len(proc.live_children()) == WORKERS
 
         wait_until(warmed, 60.0, "the warm-up task to be done")
@@ -277,7 +248,9 @@ def run_trial(mode: str, folder: Path, lease_s: float | None, after_failover_s: 
 
         monitor = DoneMonitor(group)
         monitor.thread.start()
-        settings = Settings(redis=RedisPoolConfig(url=group.url), enqueue_wait_replicas=MODES[mode])
+        # env={}: the producer's settings are the preset's and the mode's, not this shell's
+        overrides = {"redis.url": group.url, "enqueue_wait_replicas": MODES[mode]}
+        settings = load_settings(preset=preset, env={}, overrides=overrides)
         producer = Producer(Client(settings=settings))
         thread = threading.Thread(target=producer.run, name="producer", daemon=True)
         load_start = time.monotonic()
@@ -335,7 +308,7 @@ def run_trial(mode: str, folder: Path, lease_s: float | None, after_failover_s: 
         failover_log = [
             line for line in proc.output()[log_offset:].splitlines() if LOG_PATTERN.search(line)
         ]
-        exit_code = _stop(proc)
+        exit_code = common.stop_supervisor(proc)
         proc = None
         return {
             "mode": mode,
@@ -381,7 +354,7 @@ def run_trial(mode: str, folder: Path, lease_s: float | None, after_failover_s: 
         if monitor is not None:
             monitor.close()
         if proc is not None:
-            _stop(proc)
+            common.stop_supervisor(proc)
         if checker is not None:
             checker.close()
         group.stop()
@@ -390,103 +363,47 @@ def run_trial(mode: str, folder: Path, lease_s: float | None, after_failover_s: 
 # -- the benchmark -------------------------------------------------------------------------
 
 
-def run(args) -> dict:
-    tmp = Path(tempfile.mkdtemp(prefix="handoff-bench-failover-"))
-    results: dict = {"meta": machine_info(args), "modes": {m: {"trials": [], "errors": []}
-                                                           for m in MODES}}  # fmt: skip
-    previous = {
-        sig: signal.signal(sig, handler)
-        for sig, handler in (
-            (signal.SIGTERM, _raise_interrupt),
-            (signal.SIGHUP, _raise_interrupt),
-            (signal.SIGINT, signal.default_int_handler),
-        )
-    }
+def run(args: argparse.Namespace) -> dict:
+    """Every trial of every mode, interleaved; the results (meta, modes) with medians."""
+    meta = common.machine_info(
+        trials=args.trials,
+        lease_s=args.lease_s,
+        workers=WORKERS,
+        batch=BATCH,
+        load_before_kill_s=LOAD_BEFORE_KILL_S,
+        after_failover_s=args.after_failover_s,
+        done_deadline_s=DONE_DEADLINE_S,
+        preset=args.preset,
+        preset_values=preset_values(args.preset) if args.preset else {},
+    )
+    results: dict = {"meta": meta, "modes": {m: {"trials": [], "errors": []} for m in MODES}}
     started = time.monotonic()
-    ok = False
-    try:
-        for trial in range(args.trials):
-            for mode in MODES:
-                t0 = time.monotonic()
-                entry = results["modes"][mode]
-                try:
-                    figures = run_trial(
-                        mode, tmp / f"{mode}-{trial}", args.lease_s, args.after_failover_s
-                    )
-                    entry["trials"].append(figures)
-                    status = (
-                        f"acked {figures['acknowledged']:6d}  refused "
-                        f"{figures['refused_calls']:4d} calls  lost {figures['lost']:3d}  "
-                        f"failover {figures['failover_s']:.1f}s  resumed "
-                        f"{_s(figures['workers_resumed_s'])}s"
-                    )
-                except (AssertionError, HandoffError, redis.RedisError) as e:
-                    entry["errors"].append(f"trial {trial + 1}: {e}"[:600])
-                    status = f"FAILED: {e}"[:300]
-                print(
-                    f"[trial {trial + 1}/{args.trials}] {mode}  {time.monotonic() - t0:5.1f}s  "
-                    f"{status}",
-                    file=sys.stderr,
-                    flush=True,
-                )
-        ok = True
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if ok and not args.keep:
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            print(f"logs kept in {tmp}", file=sys.stderr)
-    results["meta"]["elapsed_s"] = time.monotonic() - started
-    for entry in results["modes"].values():
-        entry["median"] = medians(entry["trials"])
-    return results
+    with common.scratch("handoff-bench-failover-", keep=args.keep) as tmp:
+
+        def trial(mode: str, i: int) -> dict:
+            folder = tmp / f"{mode}-{i}"
+            return run_trial(mode, folder, args.lease_s, args.after_failover_s, args.preset)
+
+        common.repeat_interleaved(
+            results["modes"],
+            args.trials,
+            "trial",
+            trial,
+            _status,
+            (common.RunFailed, AssertionError, HandoffError, redis.RedisError),
+        )
+    return common.summarize(results, "modes", "trial", started)
 
 
-def medians(trials: list[dict]) -> dict[str, float]:
-    keys = {
-        k
-        for t in trials
-        for k, v in t.items()
-        if isinstance(v, int | float) and not isinstance(v, bool)
-    }
-    out = {}
-    for k in sorted(keys):
-        values = [t[k] for t in trials if isinstance(t.get(k), int | float)]
-        if values:
-            out[k] = statistics.median(values)
-    return out
-
-
-def machine_info(args) -> dict:
-    binary = find_server_binary()
-    server = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout.strip()
-    return {
-        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "cores": os.cpu_count(),
-        "load_avg_at_start": os.getloadavg(),
-        "os": f"{platform.system()} {platform.release()}",
-        "python": platform.python_version(),
-        "server": server,
-        "trials": args.trials,
-        "lease_s": args.lease_s,
-        "workers": WORKERS,
-        "batch": BATCH,
-        "load_before_kill_s": LOAD_BEFORE_KILL_S,
-        "after_failover_s": args.after_failover_s,
-        "done_deadline_s": DONE_DEADLINE_S,
-    }
+def _status(figures: dict) -> str:
+    return (
+        f"acked {figures['acknowledged']:6d}  refused {figures['refused_calls']:4d} calls  "
+        f"lost {figures['lost']:3d}  failover {figures['failover_s']:.1f}s  resumed "
+        f"{fmt(figures['workers_resumed_s'], 1)}s"
+    )
 
 
 # -- report --------------------------------------------------------------------------------
-
-
-def _s(value: float | None, digits: int = 1) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def _n(value: float | None) -> str:
-    return "-" if value is None else f"{value:,.0f}"
 
 
 HEADERS = [
@@ -505,39 +422,47 @@ HEADERS = [
 ]
 
 
-def _row(mode: str, label: str, t: dict) -> str:
+def _cells(mode: str, label: str, t: dict) -> list[str]:
     alive = t.get("supervisor_alive")
     same = t.get("workers_same")
     if alive is None:
         shown = ""
     else:
         shown = "yes, same pids" if alive and same else ("yes, workers replaced" if alive else "NO")
-    cells = [
+    return [
         mode,
         label,
-        _n(t.get("acknowledged")),
-        _n(t.get("lost")),
-        f"{_n(t.get('refused_calls'))} ({_n(t.get('refused_tasks'))})",
-        _n(t.get("refused_but_done")),
-        _n(t.get("enqueue_per_s_before_kill")),
-        _s(t.get("failover_s")),
-        _s(t.get("workers_resumed_s")),
-        _s(t.get("producer_resumed_s")),
-        _n(t.get("executed_twice_or_more")),
+        fmt(t.get("acknowledged")),
+        fmt(t.get("lost")),
+        f"{fmt(t.get('refused_calls'))} ({fmt(t.get('refused_tasks'))})",
+        fmt(t.get("refused_but_done")),
+        fmt(t.get("enqueue_per_s_before_kill")),
+        fmt(t.get("failover_s"), 1),
+        fmt(t.get("workers_resumed_s"), 1),
+        fmt(t.get("producer_resumed_s"), 1),
+        fmt(t.get("executed_twice_or_more")),
         shown,
     ]
-    return "| " + " | ".join(cells) + " |"
 
 
 def render(results: dict) -> str:
     meta = results["meta"]
     lines = [
         f"Failover: primary SIGKILLed after {meta['load_before_kill_s']} s of load, "
-        f"{meta['trials']} trial(s) per mode (interleaved)",
+        f"{meta['trials']} trial(s) per mode (interleaved), preset: {meta['preset'] or 'none'}",
         "",
         f"- {meta['cores']} cores, load average at start {meta['load_avg_at_start'][0]:.2f}; "
         f"server: {meta['server'][:40]}; {meta['workers']} workers (no-op agent, lease "
-        f"{meta['lease_s'] or 'default'} s); producer: {meta['batch']} tasks per enqueue call",
+        f"{meta['lease_s'] or Settings.lease_s:g} s); producer: {meta['batch']} tasks per "
+        "enqueue call",
+    ]
+    if meta["preset"]:
+        values = ", ".join(f"{k}={v}" for k, v in meta["preset_values"].items())
+        lines.append(
+            f"- preset {meta['preset']} for the supervisor (HANDOFF_PRESET) and the producer: "
+            f"{values}; the canary and the checker keep the defaults"
+        )
+    lines += [
         "- lost = acknowledged (the enqueue call returned) but not done within "
         f"{meta['done_deadline_s']:.0f} s; times are seconds after the kill; the producer "
         f"stops {meta['after_failover_s']:g} s after the failover",
@@ -545,17 +470,14 @@ def render(results: dict) -> str:
         "failover is over, is done; producer resumed = its first acknowledged call after its "
         "first refusal (- : not before it stopped)",
         "",
-        "| " + " | ".join(HEADERS) + " |",
-        "|" + "|".join("---" for _ in HEADERS) + "|",
     ]
+    rows = []
     for mode, entry in results["modes"].items():
-        for i, trial in enumerate(entry["trials"], 1):
-            lines.append(_row(mode, str(i), trial))
+        rows += [_cells(mode, str(i), trial) for i, trial in enumerate(entry["trials"], 1)]
         if entry["trials"]:
-            lines.append(_row(mode, "**median**", entry["median"]))
-        for error in entry["errors"]:
-            lines.append(f"| {mode} | failed | {error[:200]} |" + " |" * (len(HEADERS) - 3))
-    lines.append("")
+            rows.append(_cells(mode, "**median**", entry["median"]))
+        rows += [[mode, "failed", e[:200]] + [""] * (len(HEADERS) - 3) for e in entry["errors"]]
+    lines += markdown_table(HEADERS, rows)
     for mode, entry in results["modes"].items():
         errors: collections.Counter = collections.Counter()
         done_anyway: collections.Counter = collections.Counter()
@@ -584,11 +506,8 @@ def render(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="scripts/bench-failover", description=__doc__.split("\n\n")[0]
-    )
+    parser = common.new_parser("scripts/bench-failover", __doc__)
     parser.add_argument("--trials", type=int, default=3, help="trials per mode (default 3)")
-    parser.add_argument("--json", type=Path, default=None, help="write every figure here")
     parser.add_argument(
         "--lease-s",
         type=float,
@@ -602,21 +521,17 @@ def main(argv: list[str] | None = None) -> int:
         default=2.0,
         help="keep producing this long after the failover (default 2)",
     )
+    parser.add_argument(
+        "--preset",
+        choices=list(PRESETS),
+        default=None,
+        help="settings preset for the supervisor and the producer (default none)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the logs folder")
     args = parser.parse_args(argv)
     if args.trials < 1:
         parser.error("--trials must be >= 1")
-    try:
-        results = run(args)
-    except KeyboardInterrupt:
-        print("interrupted: every server and worker started has been stopped", file=sys.stderr)
-        return 130
-    print(render(results))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2, default=str))
-        print(f"wrote {args.json}", file=sys.stderr)
-    return 0 if all(e["trials"] for e in results["modes"].values()) else 1
+    return common.finish(lambda: run(args), render, args.json, "modes", "trial")
 
 
 if __name__ == "__main__":

@@ -26,55 +26,32 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
-import json
 import os
-import platform
-import shutil
-import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import bench_common as common
 import psutil
+from bench_agents import CANDIDATES
+from topologies import LocalCluster, free_tcp_port, start_cluster, wait_until
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = ROOT / "scripts"
-for _path in (ROOT / "tests", ROOT):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
-
-from bench_agents import CANDIDATES  # noqa: E402
-from topologies import LocalCluster, free_tcp_port, start_cluster, wait_until  # noqa: E402
-
-from config import RedisPoolConfig, Settings  # noqa: E402
-from core.client import Client  # noqa: E402
-from core.server import ServerProcess, find_server_binary, spawn_server  # noqa: E402
-
-from procs import HandoffProcess, handoff_env  # noqa: E402
+from config import RedisPoolConfig, Settings
+from core.bench.report import fmt, markdown_table
+from core.client import Client
+from core.server import ServerProcess, spawn_server
 
 CHUNK = 1000
 POLL_S = 0.005
 BOOT_TIMEOUT_S = 60.0
-STOP_TIMEOUT_S = 10.0
 CONFIGS = {
     "a": "1 server, 1 agent type",
     "b": "cluster (3 primaries), 1 agent type (one hash tag: one primary)",
     "c": "cluster (3 primaries), 3 agent types on 3 different primaries",
     "d": "1 server, the same 3 agent types",
 }
-
-
-class RunFailed(RuntimeError):
-    pass
-
-
-def _raise_interrupt(signum, _frame):
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 # -- topologies ----------------------------------------------------------------------------
@@ -111,7 +88,7 @@ def spread_names(cluster: LocalCluster, count: int = 3) -> list[tuple[str, int]]
             chosen.setdefault(port, name)
             if len(chosen) == count:
                 return [(name, port) for port, name in chosen.items()]
-    raise RunFailed(f"no {count} candidate names on {count} different primaries")
+    raise common.RunFailed(f"no {count} candidate names on {count} different primaries")
 
 
 def split(total: int, parts: int) -> list[int]:
@@ -143,24 +120,8 @@ def _ready(gate: Path) -> int:
     return sum(1 for p in gate.iterdir() if p.name.startswith("ready-"))
 
 
-def _check_alive(proc: HandoffProcess) -> None:
-    if proc.proc.poll() is not None:
-        raise RunFailed(f"supervisor exited with {proc.proc.returncode}: {proc.output()[-800:]}")
-
-
-def _stop(proc: HandoffProcess) -> None:
-    """SIGTERM (graceful), then make sure the whole session is gone."""
-    with contextlib.suppress(ProcessLookupError):
-        if proc.proc.poll() is None:
-            proc.signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(STOP_TIMEOUT_S)
-    proc.stop()
-
-
-def run_once(
-    config: str, target: Target, agents: dict[str, int], tasks: int, tmp: Path, tag: str
-) -> dict:
+def run_once(target: Target, agents: dict[str, int], tasks: int, tmp: Path, tag: str) -> dict:
+    """One drain of `tasks` on `target` by `agents` (name -> worker processes): its figures."""
     target.flush()
     workers = sum(agents.values())
     per_agent = dict(zip(agents, _proportional(tasks, list(agents.values())), strict=True))
@@ -174,26 +135,24 @@ def run_once(
             for start in range(0, count, CHUNK):
                 client.enqueue_many(name, [0] * min(CHUNK, count - start))
         enqueue_s = time.perf_counter() - t0
-        env = handoff_env(
+        proc = common.start_supervisor(
             target.url,
-            app="bench_agents",
+            agents,
+            tmp / f"supervise-{tag}.log",
+            {"BENCH_GATE_DIR": str(gate)},
             log_level="WARNING",
             heartbeat_interval_s=1.0,  # the library defaults, not the tests' 0.2 s
             reaper_interval_s=1.0,
         )
-        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(SCRIPTS)])
-        env["BENCH_GATE_DIR"] = str(gate)
-        spec = ",".join(f"{name}={n}" for name, n in agents.items())
-        proc = HandoffProcess(["supervise", "--agents", spec], env, tmp / f"supervise-{tag}.log")
 
         def all_ready() -> bool:
-            _check_alive(proc)
+            common.check_alive(proc)
             return _ready(gate) >= workers
 
         wait_until(all_ready, BOOT_TIMEOUT_S, f"{workers} workers to hold their first task")
         worker_pids = [c.pid for c in proc.live_children()]
         if len(worker_pids) != workers:
-            raise RunFailed(f"expected {workers} worker processes, found {len(worker_pids)}")
+            raise common.RunFailed(f"expected {workers} worker processes, found {len(worker_pids)}")
         own = [os.getpid(), proc.pid]  # this process, the supervisor
         cpu0 = (_cpu_s(target.pids), _cpu_s(worker_pids), _cpu_s(own), _machine_busy())
         opened = time.perf_counter()
@@ -207,14 +166,14 @@ def run_once(
                 break
             now = time.perf_counter()
             if now > deadline:
-                raise RunFailed(f"{done}/{tasks} done after {now - opened:.0f}s")
-            _check_alive(proc)
+                raise common.RunFailed(f"{done}/{tasks} done after {now - opened:.0f}s")
+            common.check_alive(proc)
             time.sleep(POLL_S)
         elapsed = time.perf_counter() - opened
         cpu1 = (_cpu_s(target.pids), _cpu_s(worker_pids), _cpu_s(own), _machine_busy())
     finally:
         if proc is not None:
-            _stop(proc)
+            common.stop_supervisor(proc)
         client.close()
     servers = {pid: cpu1[0].get(pid, 0.0) - cpu0[0].get(pid, 0.0) for pid in target.pids}
     worker_s = sum(cpu1[1].get(p, 0.0) - cpu0[1].get(p, 0.0) for p in worker_pids)
@@ -258,26 +217,20 @@ def _proportional(total: int, weights: list[int]) -> list[int]:
 # -- the benchmark -------------------------------------------------------------------------
 
 
-def run(args) -> dict:
-    tmp = Path(tempfile.mkdtemp(prefix="handoff-bench-scaling-"))
-    server: ServerProcess | None = None
-    cluster: LocalCluster | None = None
+def run(args: argparse.Namespace) -> dict:
+    """Every configuration, interleaved, args.runs times; the results (meta, configs)."""
     w = args.workers
-    results: dict = {"meta": machine_info(args), "configs": {}}
-    previous = {
-        sig: signal.signal(sig, handler)
-        for sig, handler in (
-            (signal.SIGTERM, _raise_interrupt),
-            (signal.SIGHUP, _raise_interrupt),
-            (signal.SIGINT, signal.default_int_handler),
-        )
-    }
+    meta = common.machine_info(
+        with_cpu=True, runs=args.runs, tasks=args.tasks, workers=w, quick=args.quick
+    )
+    results: dict = {"meta": meta, "configs": {}}
     started = time.monotonic()
-    ok = False
-    try:
+    with common.scratch("handoff-bench-scaling-") as tmp, contextlib.ExitStack() as stack:
         (tmp / "single").mkdir()
         server = spawn_server(port=free_tcp_port(), data_dir=str(tmp / "single"))
+        stack.callback(server.stop)
         cluster = start_cluster(tmp / "cluster", primaries=3)
+        stack.callback(cluster.stop)  # stopped first
         spread = spread_names(cluster)
         three = [name for name, _ in spread]
         counts = split(w, 3)
@@ -304,85 +257,39 @@ def run(args) -> dict:
                 "runs": [],
                 "errors": [],
             }
-        for r in range(args.runs):
-            for key, (target, agents) in plan.items():
-                entry = results["configs"][key]
-                t0 = time.monotonic()
-                try:
-                    figures = run_once(key, target, agents, args.tasks, tmp, f"{key}{r}")
-                    entry["runs"].append(figures)
-                    status = (
-                        f"{figures['rate']:8,.0f} tasks/s  drain {figures['drain_s']:.2f}s  "
-                        f"redis {figures['redis_cpu_pct']:3.0f}%  workers "
-                        f"{figures['workers_cpu_pct']:3.0f}%  other "
-                        f"{figures['other_cpu_pct']:3.0f}%  machine "
-                        f"{figures['machine_busy_pct']:3.0f}%"
-                    )
-                except (RunFailed, AssertionError) as e:
-                    entry["errors"].append(f"run {r + 1}: {e}"[:600])
-                    status = f"FAILED: {e}"[:300]
-                print(
-                    f"[run {r + 1}/{args.runs}] {key}  {time.monotonic() - t0:5.1f}s  {status}",
-                    file=sys.stderr,
-                    flush=True,
-                )
-        ok = True
-    finally:
-        if cluster is not None:
-            cluster.stop()
-        if server is not None:
-            server.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if ok:
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            print(f"logs kept in {tmp}", file=sys.stderr)
-    results["meta"]["elapsed_s"] = time.monotonic() - started
-    for entry in results["configs"].values():
-        entry["median"] = medians(entry["runs"])
-    return results
+
+        def once(key: str, r: int) -> dict:
+            target, agents = plan[key]
+            return run_once(target, agents, args.tasks, tmp, f"{key}{r}")
+
+        failures = (common.RunFailed, AssertionError)
+        common.repeat_interleaved(results["configs"], args.runs, "run", once, _status, failures)
+    return common.summarize(results, "configs", "run", started, spread=("rate",))
 
 
-def medians(runs: list[dict]) -> dict[str, float]:
-    keys = {k for r in runs for k, v in r.items() if isinstance(v, int | float)}
-    out = {k: statistics.median([r[k] for r in runs if k in r]) for k in sorted(keys)}
-    for k in ("rate",):
-        values = [r[k] for r in runs if k in r]
-        if values:
-            out[f"{k}_min"], out[f"{k}_max"] = min(values), max(values)
-    return out
-
-
-def machine_info(args) -> dict:
-    binary = find_server_binary()
-    server = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout.strip()
-    cpu = platform.processor() or "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {
-        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "load_avg_at_start": os.getloadavg(),
-        "os": f"{platform.system()} {platform.release()}",
-        "python": platform.python_version(),
-        "server": server,
-        "runs": args.runs,
-        "tasks": args.tasks,
-        "workers": args.workers,
-        "quick": args.quick,
-    }
+def _status(figures: dict) -> str:
+    return (
+        f"{figures['rate']:8,.0f} tasks/s  drain {figures['drain_s']:.2f}s  "
+        f"redis {figures['redis_cpu_pct']:3.0f}%  workers {figures['workers_cpu_pct']:3.0f}%  "
+        f"other {figures['other_cpu_pct']:3.0f}%  machine {figures['machine_busy_pct']:3.0f}%"
+    )
 
 
 # -- report --------------------------------------------------------------------------------
 
 
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:,.0f}"
+HEADERS = [
+    "config",
+    "setup",
+    "workers per agent",
+    "tasks/s",
+    "÷ (a)",
+    "Redis CPU %",
+    "workers CPU %",
+    "bench + supervisor CPU %",
+    "other CPU %",
+    "machine busy %",
+]
 
 
 def render(results: dict) -> str:
@@ -398,46 +305,46 @@ def render(results: dict) -> str:
         f"{meta['cores']} cores, so {100 * (meta['cores'] or 1)}% is everything); other = "
         "machine busy minus the processes of this benchmark (anything else running)",
         "",
-        "| config | setup | workers per agent | tasks/s | ÷ (a) | Redis CPU % | "
-        "workers CPU % | bench + supervisor CPU % | other CPU % | machine busy % |",
-        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    rows = []
     base = results["configs"].get("a", {}).get("median", {}).get("rate")
     for key, entry in results["configs"].items():
         m = entry.get("median", {})
         rate = m.get("rate")
         if rate is None:
             errors = "; ".join(entry["errors"])[:120]
-            lines.append(f"| {key} | {entry['description']} | - | failed: {errors} | | | | | | |")
+            rows.append([key, entry["description"], "-", f"failed: {errors}"] + [""] * 6)
             continue
-        spread = f" ({_fmt(m['rate_min'])}-{_fmt(m['rate_max'])})" if len(entry["runs"]) > 1 else ""
-        ratio = f"{rate / base:.2f}x" if base else "-"
+        spread = f" ({fmt(m['rate_min'])}-{fmt(m['rate_max'])})" if len(entry["runs"]) > 1 else ""
         per_node = ""
         nodes = [r["redis_cpu_pct_per_node"] for r in entry["runs"]]
         if nodes and len(nodes[0]) > 1:
-            per_node = (
-                " ("
-                + "/".join(
-                    f"{statistics.median(n[i] for n in nodes):.0f}" for i in range(len(nodes[0]))
-                )
-                + ")"
-            )
+            each = (statistics.median(n[i] for n in nodes) for i in range(len(nodes[0])))
+            per_node = " (" + "/".join(f"{v:.0f}" for v in each) + ")"
         agents = "+".join(f"{n}" for n in entry["agents"].values())
-        names = ",".join(entry["agents"])
-        lines.append(
-            f"| {key} | {entry['description']} | {agents} ({names}) | {_fmt(rate)}{spread} | "
-            f"{ratio} | {m['redis_cpu_pct']:.0f}{per_node} | {m['workers_cpu_pct']:.0f} | "
-            f"{m['bench_cpu_pct'] + m['supervisor_cpu_pct']:.0f} | {m['other_cpu_pct']:.0f} | "
-            f"{m['machine_busy_pct']:.0f} |"
+        rows.append(
+            [
+                key,
+                entry["description"],
+                f"{agents} ({','.join(entry['agents'])})",
+                f"{fmt(rate)}{spread}",
+                f"{rate / base:.2f}x" if base else "-",
+                f"{m['redis_cpu_pct']:.0f}{per_node}",
+                f"{m['workers_cpu_pct']:.0f}",
+                f"{m['bench_cpu_pct'] + m['supervisor_cpu_pct']:.0f}",
+                f"{m['other_cpu_pct']:.0f}",
+                f"{m['machine_busy_pct']:.0f}",
+            ]
         )
         if entry["errors"]:
-            lines.append(f"|  | errors: {'; '.join(entry['errors'])[:200]} | | | | | | | | |")
+            rows.append(["", f"errors: {'; '.join(entry['errors'])[:200]}"] + [""] * 8)
+    lines += markdown_table(HEADERS, rows)
     agents = meta.get("agents", {})
     if agents:
         three = ", ".join(
             f"{name} -> :{info['owner_port']}" for name, info in agents["three"].items()
         )
-        lines += ["", f"Agent hash tags and their primaries: {three}."]
+        lines.append(f"Agent hash tags and their primaries: {three}.")
     lines += [
         "Redis CPU for cluster configurations: the sum over the 3 primaries, per primary in "
         "brackets (in the order of the cluster's start).",
@@ -447,30 +354,17 @@ def render(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="scripts/bench-scaling", description=__doc__.split("\n\n")[0]
-    )
+    parser = common.new_parser("scripts/bench-scaling", __doc__)
     parser.add_argument("--runs", type=int, default=None, help="runs per config (default 3)")
     parser.add_argument("--tasks", type=int, default=None, help="tasks per run (default 20000)")
     parser.add_argument("--workers", type=int, default=4, help="worker processes (default 4)")
-    parser.add_argument("--json", type=Path, default=None, help="write every figure here")
     parser.add_argument("--quick", action="store_true", help="5,000 tasks, 1 run")
     args = parser.parse_args(argv)
     args.runs = args.runs or (1 if args.quick else 3)
     args.tasks = args.tasks or (5_000 if args.quick else 20_000)
     if args.workers < 1 or args.tasks < 1 or args.runs < 1:
         parser.error("--workers, --tasks and --runs must be >= 1")
-    try:
-        results = run(args)
-    except KeyboardInterrupt:
-        print("interrupted: every server and worker started has been stopped", file=sys.stderr)
-        return 130
-    print(render(results))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2, default=str))
-        print(f"wrote {args.json}", file=sys.stderr)
-    return 0 if all(e["runs"] for e in results["configs"].values()) else 1
+    return common.finish(lambda: run(args), render, args.json, "configs", "run")
 
 
 if __name__ == "__main__":

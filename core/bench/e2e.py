@@ -94,7 +94,7 @@ class Owned:
         self.servers.clear()
 
 
-def _raise_interrupt(signum, _frame):
+def raise_interrupt(signum, _frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
@@ -288,8 +288,8 @@ def run_e2e(quick: bool, runs: int, systems: list[str] | None, out_dir: Path) ->
     previous = {
         sig: signal.signal(sig, handler)
         for sig, handler in (
-            (signal.SIGTERM, _raise_interrupt),
-            (signal.SIGHUP, _raise_interrupt),
+            (signal.SIGTERM, raise_interrupt),
+            (signal.SIGHUP, raise_interrupt),
             (signal.SIGINT, signal.default_int_handler),  # even when started with it ignored
         )
     }
@@ -366,7 +366,7 @@ def machine_info(sizes: Sizes, runs: int, quick: bool, peers: dict[str, type[Pee
     server = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout.strip()
     return {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "memory_gb": round(_mem_total_gb(), 1),
         "os": f"{platform.system()} {platform.release()}",
@@ -379,7 +379,7 @@ def machine_info(sizes: Sizes, runs: int, quick: bool, peers: dict[str, type[Pee
     }
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

@@ -33,7 +33,7 @@ def write(results: dict, out_dir: Path) -> None:
 # -- numbers -------------------------------------------------------------------------------
 
 
-def _fmt(value: float | None, digits: int = 0) -> str:
+def fmt(value: float | None, digits: int = 0) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     if digits == 0:
@@ -59,7 +59,7 @@ def _spread(results: dict, system: str, key: str) -> str:
     values = [r[key] for r in results["systems"][system]["runs"] if key in r]
     if len(values) < 2:
         return ""
-    return f" ({_fmt(min(values))}-{_fmt(max(values))})"
+    return f" ({fmt(min(values))}-{fmt(max(values))})"
 
 
 def fastest_peer(results: dict, key: str = "noop_drain_per_s") -> tuple[str, float] | None:
@@ -74,7 +74,7 @@ def fastest_peer(results: dict, key: str = "noop_drain_per_s") -> tuple[str, flo
 # -- Markdown ------------------------------------------------------------------------------
 
 
-def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
+def markdown_table(headers: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return [*lines, ""]
@@ -147,14 +147,14 @@ def _enqueue_section(results, systems, notes) -> list[str]:
             [
                 name,
                 notes[name][2] or "-",
-                _fmt(bulk) + _spread(results, name, "enqueue_bulk_per_s"),
+                fmt(bulk) + _spread(results, name, "enqueue_bulk_per_s"),
                 _ratio(hb, bulk),
-                _fmt(single) + _spread(results, name, "enqueue_single_per_s"),
+                fmt(single) + _spread(results, name, "enqueue_single_per_s"),
                 _ratio(hs, single),
             ]
         )
     head = ["system", "bulk path", "bulk tasks/s", "handoff ÷", "single tasks/s", "handoff ÷"]
-    return ["## 1. Enqueue rate", "", *_table(head, rows)]
+    return ["## 1. Enqueue rate", "", *markdown_table(head, rows)]
 
 
 def _drain_section(results, systems, notes) -> list[str]:
@@ -163,7 +163,7 @@ def _drain_section(results, systems, notes) -> list[str]:
         [
             name,
             notes[name][0].get("noop", "-"),
-            _fmt(_median(results, name, "noop_drain_per_s"))
+            fmt(_median(results, name, "noop_drain_per_s"))
             + _spread(results, name, "noop_drain_per_s"),
             _ratio(ours, _median(results, name, "noop_drain_per_s")),
         ]
@@ -175,7 +175,7 @@ def _drain_section(results, systems, notes) -> list[str]:
         "Timed from the moment every worker process holds its first task (the probe's start"
         " gate) to the last handler's end: worker boot time is not counted.",
         "",
-        *_table(["system", "settings", "tasks/s", "handoff ÷"], rows),
+        *markdown_table(["system", "settings", "tasks/s", "handoff ÷"], rows),
         "![drain rates](drain_rates.png)",
         "",
     ]
@@ -190,14 +190,14 @@ def _io_section(results, systems, notes) -> list[str]:
             [
                 name,
                 notes[name][0].get("io", "-"),
-                _fmt(_median(results, name, "io_bound_per_s")),
-                _fmt(rate) + _spread(results, name, "io_drain_per_s"),
-                _fmt(_median(results, name, "io_pct_of_bound"), 1),
+                fmt(_median(results, name, "io_bound_per_s")),
+                fmt(rate) + _spread(results, name, "io_drain_per_s"),
+                fmt(_median(results, name, "io_pct_of_bound"), 1),
                 _ratio(ours, rate),
             ]
         )
     head = ["system", "settings", "bound tasks/s", "tasks/s", "% of own bound", "handoff ÷"]
-    return ["## 3. I/O-bound drain (each task sleeps 10 ms)", "", *_table(head, rows)]
+    return ["## 3. I/O-bound drain (each task sleeps 10 ms)", "", *markdown_table(head, rows)]
 
 
 def _latency_section(results, systems) -> list[str]:
@@ -206,7 +206,7 @@ def _latency_section(results, systems) -> list[str]:
     for name in systems:
         a, b = _median(results, name, "lat_p50_ms"), _median(results, name, "lat_p99_ms")
         rate = _median(results, name, "lat_rate_per_s")
-        rows.append([name, _fmt(rate), _fmt(a, 2), _ratio(p50, a), _fmt(b, 2), _ratio(p99, b)])
+        rows.append([name, fmt(rate), fmt(a, 2), _ratio(p50, a), fmt(b, 2), _ratio(p99, b)])
     head = ["system", "tasks/s sent", "p50 ms", "handoff ÷", "p99 ms", "handoff ÷"]
     return [
         "## 4. Enqueue-to-start latency (single enqueues at a steady rate, idle noop workers)",
@@ -215,7 +215,7 @@ def _latency_section(results, systems) -> list[str]:
         " 200 tasks/s, or half the system's own noop drain rate when that is lower (so that"
         " a slow system is not measuring its backlog).",
         "",
-        *_table(head, rows),
+        *markdown_table(head, rows),
     ]
 
 
@@ -227,11 +227,11 @@ def _rss_section(results, systems) -> list[str]:
         rows.append(
             [
                 name,
-                _fmt(w, 1),
+                fmt(w, 1),
                 _ratio(ours, w),
-                _fmt(_median(results, name, "rss_worker_mb_io"), 1),
-                _fmt(_median(results, name, "rss_tree_mb"), 1),
-                _fmt(_median(results, name, "rss_tree_mb_io"), 1),
+                fmt(_median(results, name, "rss_worker_mb_io"), 1),
+                fmt(_median(results, name, "rss_tree_mb"), 1),
+                fmt(_median(results, name, "rss_tree_mb_io"), 1),
             ]
         )
     head = [
@@ -249,7 +249,7 @@ def _rss_section(results, systems) -> list[str]:
         " All processes: the peak of the sum over the system's whole process tree"
         " (supervisor / main process included).",
         "",
-        *_table(head, rows),
+        *markdown_table(head, rows),
     ]
 
 
@@ -264,9 +264,9 @@ def _pool_section(results) -> list[str]:
             "",
         ]
     table_rows = [
-        [str(r.get("name")), _fmt(r.get("ops_per_s")), str(r.get("note", ""))] for r in rows
+        [str(r.get("name")), fmt(r.get("ops_per_s")), str(r.get("note", ""))] for r in rows
     ]
-    return [*head, *_table(["operation", "ops/s", "note"], table_rows)]
+    return [*head, *markdown_table(["operation", "ops/s", "note"], table_rows)]
 
 
 def target_values(results: dict, system: str = "handoff") -> dict[str, float | None]:
@@ -313,7 +313,7 @@ def _targets_section(results) -> list[str]:
         "`handoff` runs with its defaults (prefetch 2); `handoff-pf32` changes only the"
         " prefetch. The ratio columns above compare the defaults.",
         "",
-        *_table(["target", *variants], rows),
+        *markdown_table(["target", *variants], rows),
     ]
 
 
@@ -357,7 +357,7 @@ def render_chart(results: dict, path: Path) -> None:
         ax.invert_yaxis()
         ax.set_title(title)
         ax.set_xscale("log" if key == "noop_drain_per_s" else "linear")
-        ax.bar_label(bars, labels=[_fmt(v) for v in values], padding=3, fontsize=8)
+        ax.bar_label(bars, labels=[fmt(v) for v in values], padding=3, fontsize=8)
         ax.margins(x=0.25)
         if key == "io_drain_per_s":
             ax.axvline(3200, color="#1f77b4", linestyle="--", linewidth=1)
