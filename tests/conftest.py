@@ -27,8 +27,10 @@ _SERVER_ONLY = {"redis_server", "redis_tcp_addr", "private_server"}
 
 
 def pytest_generate_tests(metafunc):
-    """A module with BACKENDS = ("server", "cluster") runs each of its tests on each."""
-    backends = getattr(metafunc.module, "BACKENDS", None)
+    """A module with BACKENDS = ("server", "cluster") runs each of its tests on each; a
+    test marked @pytest.mark.backends("server", "cluster") does so on its own."""
+    marker = metafunc.definition.get_closest_marker("backends")
+    backends = marker.args if marker else getattr(metafunc.module, "BACKENDS", None)
     if not backends or "backend" not in metafunc.fixturenames:
         return
     if _SERVER_ONLY & set(metafunc.fixturenames):

@@ -111,6 +111,7 @@ def test_load_with_nothing_set_gives_the_dataclass_defaults():
                 "min_idle_conns": 8,
                 "health_check_interval_s": 15.0,
                 "max_retries": 10,
+                "breaker_cooldown_s": 1.0,
             },
         ),
     ],

@@ -45,15 +45,23 @@ def _acl_rules(agent: str) -> list[list[str]]:
     return users
 
 
+def _on_every_node(raw_redis, *command) -> None:
+    """A command for the server, or for every node of a cluster (ACLs are per node)."""
+    if hasattr(raw_redis, "get_nodes"):
+        raw_redis.execute_command(*command, target_nodes=raw_redis.ALL_NODES)
+    else:
+        raw_redis.execute_command(*command)
+
+
 @pytest.fixture
 def acl_users(raw_redis):
     for agent in ("holder", "probe"):
         for rule in _acl_rules(agent):
-            raw_redis.execute_command("ACL", "SETUSER", *rule)
+            _on_every_node(raw_redis, "ACL", "SETUSER", *rule)
     yield
     for name in ("handoff-producer", "handoff-monitor", "handoff-worker-holder",
                  "handoff-worker-probe"):  # fmt: skip
-        raw_redis.execute_command("ACL", "DELUSER", name)
+        _on_every_node(raw_redis, "ACL", "DELUSER", name)
 
 
 def _as(redis_url: str, user: tuple[str, str]) -> Settings:
@@ -61,6 +69,7 @@ def _as(redis_url: str, user: tuple[str, str]) -> Settings:
     return Settings(redis=RedisPoolConfig(url=redis_url, username=name, password=password))
 
 
+@pytest.mark.backends("server", "cluster")
 def test_13_least_privilege_users_run_kill_and_bad_input_scenarios(
     acl_users, start, raw_redis, redis_url, tmp_path
 ):
