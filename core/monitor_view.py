@@ -23,6 +23,8 @@ def _table(headers: tuple[str, ...], rows: list[list[str]]) -> list[str]:
 
 
 def agent_rows(snapshot: dict[str, Any]) -> list[list[str]]:
+    """One row per agent; on a cluster, a last column names the primary serving it."""
+    on_cluster = snapshot.get("redis", {}).get("mode") == "cluster"
     return [
         [
             name[:16],
@@ -35,6 +37,7 @@ def agent_rows(snapshot: dict[str, Any]) -> list[list[str]]:
             f"{a['throughput_per_s']:.1f}",
             str(a["workers"]),
             f"{a['oldest_queued_age_s']:.1f}",
+            *([a.get("node", "?")] if on_cluster else []),
         ]
         for name, a in sorted(snapshot["agents"].items())
     ]
@@ -59,10 +62,13 @@ def worker_rows(snapshot: dict[str, Any]) -> list[list[str]]:
 def render(snapshot: dict[str, Any]) -> str:
     """The full-screen view: agents, workers, problems."""
     status = "healthy" if snapshot["healthy"] else "UNHEALTHY"
-    lines = [f"handoff monitor - {status}", ""]
-    if not snapshot.get("redis", {}).get("ok", True):
-        lines.append(f"Redis: {snapshot['redis'].get('error', 'unreachable')}")
-    lines += _table(AGENT_COLUMNS, agent_rows(snapshot)) if snapshot["agents"] else ["no agents"]
+    redis = snapshot.get("redis", {})
+    mode = redis.get("mode", "server")
+    lines = [f"handoff monitor - {status}" + ("" if mode == "server" else f" ({mode})"), ""]
+    if not redis.get("ok", True):
+        lines.append(f"Redis: {redis.get('error', 'unreachable')}")
+    columns = AGENT_COLUMNS + (("node",) if mode == "cluster" else ())
+    lines += _table(columns, agent_rows(snapshot)) if snapshot["agents"] else ["no agents"]
     lines.append("")
     lines += (
         _table(WORKER_COLUMNS, worker_rows(snapshot)) if snapshot["workers"] else ["no workers"]

@@ -14,6 +14,7 @@ from redis.cluster import RedisCluster
 from config import RedisPoolConfig, Settings
 from core.manager import RedisManager
 from core.monitor import Monitor
+from core.monitor_view import render
 from core.protocol import TaskQueue
 
 from procs import HandoffProcess, handoff_env, stat, wait_until
@@ -212,8 +213,11 @@ def test_the_snapshot_names_the_deployment_and_on_a_cluster_each_agents_node(
     raw_redis.sadd("handoff:agents", "probe")
     snap = watcher.snapshot()
     assert snap["redis"]["mode"] == backend
+    view = render(snap)
     if backend == "cluster":
         owner = raw_redis.get_node_from_key("handoff:{probe}:queue").name
         assert snap["agents"]["probe"]["node"] == owner
+        assert view.startswith("handoff monitor - healthy (cluster)") and owner in view
     else:
         assert "node" not in snap["agents"]["probe"]
+        assert view.startswith("handoff monitor - healthy\n") and " node" not in view
