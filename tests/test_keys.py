@@ -3,6 +3,9 @@ bad name is rejected before any key (or Redis call) is made."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -180,3 +183,45 @@ def test_bad_names_are_rejected_before_any_redis_call(redis_url, monkeypatch, ag
     finally:
         monkeypatch.undo()
         client.close()
+
+
+# -- the scripts' keys -------------------------------------------------------------------
+
+LUA = Path(__file__).resolve().parent.parent / "core" / "lua"
+# The key argument of every call that touches a key: redis.call/pcall('CMD', key, ...) and
+# the prelude's helpers that pass their key on to redis.call.
+KEY_ARGUMENT = re.compile(
+    r"(?:redis\.p?call\('[A-Z]+'|bulk_write\('[A-Z]+'|bulk_call\('[A-Z]+'|hget_each\()"
+    r"\s*,?\s*([^,)]+)"
+)
+BOUND_TO_KEYS = re.compile(r"local\s+([\w,\s]+?)\s*=\s*(KEYS\[[^\n]+)")
+# `key` is a helper's parameter, or forget_all's loop over the K_ names.
+KEY_LOOP = re.compile(r"for _, key in ipairs\(\{(K_\w+(?:, K_\w+)*)\}\)")
+
+
+def test_every_script_touches_only_keys_declared_in_its_keys():
+    """No key name is ever built inside a script: each call's keys are all in KEYS (one
+    agent's, one hash tag), so on a cluster no call is CROSSSLOT or undeclared."""
+    prelude = (LUA / "_prelude.lua").read_text()
+    bound = {"key", *_names_bound_to_keys(prelude)}
+    for loop in KEY_LOOP.findall(prelude):
+        assert set(loop.split(", ")) <= bound
+    checked = 0
+    for path in sorted(LUA.glob("*.lua")):
+        text = path.read_text()
+        local = bound | _names_bound_to_keys(text)
+        for argument in KEY_ARGUMENT.findall(text):
+            argument = argument.strip()
+            assert argument in local or argument.startswith("KEYS["), (path.name, argument)
+            checked += 1
+        assert ".." not in "".join(KEY_ARGUMENT.findall(text)), path.name  # no concatenation
+    assert checked > 50  # the pattern really finds the calls
+
+
+def _names_bound_to_keys(text: str) -> set[str]:
+    """Locals assigned straight from KEYS[...] (`local a, b = KEYS[1], KEYS[2]`)."""
+    names = set()
+    for left, right in BOUND_TO_KEYS.findall(text):
+        assert right.count("KEYS[") == len(left.split(",")), left  # every name from KEYS
+        names.update(n.strip() for n in left.split(","))
+    return names
