@@ -108,6 +108,13 @@ class ManagedSentinelPool(ManagedConnectionPool):
     def master_address(self):
         return self.proxy.master_address
 
+    def owns_connection(self, connection) -> bool:
+        """A connection to a previous primary is not ours any more: released, it is closed
+        (and its slot reconnects to the primary the sentinels name now)."""
+        address = self.proxy.master_address
+        current = address is None or address == (connection.host, connection.port)
+        return current and super().owns_connection(connection)
+
     def get_master_address(self):
         return self.proxy.get_master_address()
 
