@@ -45,7 +45,6 @@ from pathlib import Path
 import bench_common as common
 import redis
 from redis.sentinel import Sentinel
-from topologies import LocalSentinelGroup, start_sentinel_group, wait_until
 
 from config import PRESETS, RedisPoolConfig, Settings, load_settings
 from config.loader import preset_values
@@ -53,6 +52,8 @@ from core.bench.report import fmt, markdown_table
 from core.client import Client, build_task
 from core.errors import HandoffError
 from core.keys import Keys
+
+from topologies import LocalSentinelGroup, start_sentinel_group, wait_until
 
 AGENT = "blip"
 WORKERS = 2

@@ -36,12 +36,13 @@ from pathlib import Path
 import bench_common as common
 import psutil
 from bench_agents import CANDIDATES
-from topologies import LocalCluster, free_tcp_port, start_cluster, wait_until
 
 from config import RedisPoolConfig, Settings
 from core.bench.report import fmt, markdown_table
 from core.client import Client
 from core.server import ServerProcess, spawn_server
+
+from topologies import LocalCluster, free_tcp_port, start_cluster, wait_until
 
 CHUNK = 1000
 POLL_S = 0.005

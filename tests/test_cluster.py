@@ -9,19 +9,16 @@ from __future__ import annotations
 
 import signal
 import threading
-import time
 
 import pytest
 from redis.crc import key_slot
-from topologies import start_cluster
 
-from config import RedisPoolConfig, Settings
-from core.client import Client
-from core.errors import HandoffError
 from core.keys import Keys
 from core.task import derived_task_id
 
+from failover import kill_a_primary_under_load, record
 from procs import executions, stat, wait_until
+from topologies import start_cluster
 
 BACKENDS = ("cluster",)
 KEYS = Keys()
@@ -147,50 +144,14 @@ def test_killing_the_primary_of_a_busy_agent_loses_no_enqueue_acknowledged_with_
     """The cluster promotes the dead primary's replica; workers and producers follow the
     slot to it on their own, and every enqueue WAIT 1 confirmed is done in the end."""
     cluster = replicated_cluster
-    settings = Settings(redis=RedisPoolConfig(url=cluster.url), enqueue_wait_replicas=1)
-    sup = start(["supervise", "--agents", "probe=2"], url=cluster.url)
-    acknowledged: list[str] = []
-    stop = threading.Event()
-
-    def produce() -> None:
-        with Client(settings=settings) as producer:
-            while not stop.is_set():
-                try:
-                    acknowledged.extend(producer.enqueue_many("probe", [{"sleep_s": 0}] * 10))
-                except HandoffError:  # unreachable, or not confirmed by a replica
-                    pass
-
-    with Client(settings=settings) as client:
-        producer = threading.Thread(target=produce)
-        producer.start()
-        try:
-            wait_until(lambda: _done(client) >= 300, 30, "the workers to get going")
-            victim = cluster.owner_port(slot_of("probe"))
-            next(n for n in cluster.nodes if n.port == victim).stop(sig_kill=True)
-            killed_at = time.monotonic()
-            wait_until(lambda: cluster.owner_port(slot_of("probe")) != victim, 30, "a promotion")
-            promoted_after_s = time.monotonic() - killed_at
-            done_at_failover = _done(client)
-            wait_until(lambda: _done(client) > done_at_failover + 100, 60, "work to resume")
-            resumed_after_s = time.monotonic() - killed_at
-        finally:
-            stop.set()
-            producer.join(30)
-        wait_until(
-            lambda: all(client.status(t) == "done" for t in acknowledged),
-            60,
-            "every acknowledged task to be done",
-        )
-    assert len(acknowledged) >= 300
-    assert sup.proc.poll() is None
-    record_property("acknowledged", len(acknowledged))
-    record_property("promoted_after_s", round(promoted_after_s, 2))
-    record_property("resumed_after_s", round(resumed_after_s, 2))
-
-
-def _done(client: Client) -> int:
-    """Tasks done so far (-1 while the cluster cannot say: mid-failover)."""
-    try:
-        return int(client.queue_stats(["probe"])["probe"]["done"])
-    except HandoffError:
-        return -1
+    victim = cluster.owner_port(slot_of("probe"))
+    run = kill_a_primary_under_load(
+        cluster.url,
+        start,
+        kill=lambda: next(n for n in cluster.nodes if n.port == victim).stop(sig_kill=True),
+        promoted=lambda: wait_until(
+            lambda: cluster.owner_port(slot_of("probe")) != victim, 30, "a promotion"
+        ),
+    )
+    assert run.acknowledged >= 300
+    record(run, record_property)
