@@ -101,6 +101,8 @@ def _send(
     """One pipeline to one node: a reply or an exception per item, and how many replicas
     confirmed the node's writes (None without WAIT)."""
     client = cluster.get_redis_connection(node)
+    if len(items) == 1 and not wait_replicas and not items[0][1]:
+        return [_one_call(cluster, client, items[0][0])], None  # no pipeline to build
     pipe = client.pipeline(transaction=False)
     for (name, keys, args), asking in items:
         if asking:
@@ -125,6 +127,18 @@ def _send(
         results.append(out[position])
         position += 1
     return results, confirmed
+
+
+def _one_call(cluster: RedisCluster, client, call: Call) -> Any:
+    """One EVALSHA on one node: its reply, or the error reply as a value (like a pipeline)."""
+    name, keys, args = call
+    try:
+        return client.evalsha(scripts.sha(name), len(keys), *keys, *args)
+    except rex.ResponseError as e:
+        return e
+    except (rex.ConnectionError, rex.TimeoutError):
+        _refresh(cluster, None)
+        raise
 
 
 def check_replicated(acknowledged: Any, wanted: int, timeout_ms: int, where: str) -> None:
