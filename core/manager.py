@@ -25,7 +25,7 @@ from core.breaker import CircuitBreaker
 from core.errors import RedisCommandError, WrongProcess
 from core.pool_metrics import HealthStatus, HealthTracker, MetricsRecorder, RedisPoolMetrics
 from core.retry import RetryPolicy, already_recorded
-from core.topology import open_client
+from core.topology import ClusterPools, open_client, open_cluster
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -81,7 +81,13 @@ class RedisManager:
         # Not from_url(): there the URL's password and db would override the config's.
         self.mode = config.mode  # "server", "sentinel" or "cluster"
         self.is_cluster = self.mode == "cluster"
-        self._client, self.pool = open_client(config, pool_kwargs(config), self.recorder)
+        self._options = pool_kwargs(config)
+        self._client: Any = None
+        self._open_lock = threading.Lock()
+        if self.is_cluster:  # built on first use: the cluster may not be up yet
+            self.pool: Any = ClusterPools(lambda: self._client)
+        else:
+            self._client, self.pool = open_client(config, self._options, self.recorder)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         if background:
@@ -106,7 +112,18 @@ class RedisManager:
     def client(self) -> redis.Redis:
         """The raw client. Calls through it skip retry and metrics; prefer execute()."""
         self._check_process()
-        return self._client
+        return self._get_client()
+
+    def _get_client(self) -> Any:
+        """The client; a cluster's is built here on first use (ConnectionError, retried
+        like any other, while no node answers)."""
+        client = self._client
+        if client is None:
+            with self._open_lock:
+                if self._client is None:
+                    self._client = open_cluster(self.config, self._options, self.recorder)
+                client = self._client
+        return client
 
     # -- calling Redis ---------------------------------------------------------------------
 
@@ -135,11 +152,10 @@ class RedisManager:
 
     def _call(self, fn: Callable[[redis.Redis], T], *, retry: bool, n_operations: int) -> T:
         self._check_process()
-        client = self._client
         started = time.perf_counter()
         ok = False
         try:
-            result = self.retry.call(lambda: fn(client), retry=retry)
+            result = self.retry.call(lambda: fn(self._get_client()), retry=retry)
             ok = True
             return result
         finally:
@@ -150,7 +166,7 @@ class RedisManager:
         for the primary (which drops idle connections to a previous one). Best effort:
         if nothing answers, the probe itself fails and says so."""
         try:
-            if self.is_cluster:
+            if self.is_cluster and self._client is not None:
                 self._client.nodes_manager.initialize()
             elif self.mode == "sentinel":
                 self.pool.get_master_address()
@@ -186,7 +202,7 @@ class RedisManager:
         self._check_process()
         if not self.is_cluster:
             return [self._client]
-        return [node.redis_connection for node in self._client.get_primaries()]
+        return self.execute(lambda c: [node.redis_connection for node in c.get_primaries()])
 
     def cleanup_expired_keys(
         self, patterns: Sequence[str], *, idle_longer_than_s: float, scan_count: int = 500

@@ -18,6 +18,7 @@ cluster, WAIT after enqueue) core/cluster_calls.py and core/protocol.py say so.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -26,8 +27,10 @@ import redis
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.connection import SSLConnection, parse_url
+from redis.exceptions import AuthenticationError, RedisClusterException
 from redis.retry import Retry
 from redis.sentinel import (
+    MasterNotFoundError,
     Sentinel,
     SentinelConnectionPoolProxy,
     SentinelManagedConnection,
@@ -78,6 +81,26 @@ def managed_pool_factory(config: RedisPoolConfig, recorder: MetricsRecorder):
     )
 
 
+class _SentinelProxy(SentinelConnectionPoolProxy):
+    """redis-py's proxy, with a one-line error when no sentinel names a primary (its own
+    message repeats the repr of every sentinel client, a screenful per attempt)."""
+
+    def get_master_address(self):
+        try:
+            return super().get_master_address()
+        except MasterNotFoundError:
+            sentinels = ", ".join(
+                f"{c.connection_pool.connection_kwargs.get('host')}:"
+                f"{c.connection_pool.connection_kwargs.get('port')}"
+                for c in self.sentinel_manager.sentinels
+            )
+            raise MasterNotFoundError(
+                f"no sentinel at {sentinels} names a primary for service "
+                f"{self.service_name!r} (unreachable, wrong service name, or a sentinel "
+                "password that sentinel_password does not give)"
+            ) from None
+
+
 class ManagedSentinelPool(ManagedConnectionPool):
     """The managed pool whose connections go to whichever server the sentinels call primary."""
 
@@ -89,7 +112,7 @@ class ManagedSentinelPool(ManagedConnectionPool):
         self.service_name = service_name
         self.is_master = True
         self.check_connection = False
-        self.proxy = SentinelConnectionPoolProxy(
+        self.proxy = _SentinelProxy(
             connection_pool=self,
             is_master=True,
             check_connection=False,
@@ -120,14 +143,21 @@ class ManagedSentinelPool(ManagedConnectionPool):
 
 
 class ClusterPools:
-    """The per-node pools of a RedisCluster, seen as one pool (warm, reap, count, close)."""
+    """The per-node pools of a RedisCluster, seen as one pool (warm, reap, count, close).
 
-    def __init__(self, cluster: RedisCluster) -> None:
+    `cluster()` returns the client, or None while it could not be built yet (no node
+    reachable at start): then there are no pools, and nothing to warm or close.
+    """
+
+    def __init__(self, cluster: Callable[[], RedisCluster | None]) -> None:
         self.cluster = cluster
 
     def pools(self) -> list[ManagedConnectionPool]:
+        cluster = self.cluster()
+        if cluster is None:
+            return []
         found = []
-        for node in self.cluster.get_nodes():
+        for node in cluster.get_nodes():
             if node.redis_connection is not None:
                 found.append(node.redis_connection.connection_pool)
         return found
@@ -150,7 +180,9 @@ class ClusterPools:
         return sum(pool.idle_connected_count() for pool in self.pools())
 
     def disconnect(self) -> None:
-        self.cluster.close()
+        cluster = self.cluster()
+        if cluster is not None:
+            cluster.close()
 
     def __repr__(self) -> str:
         return f"<ClusterPools nodes={len(self.pools())}>"
@@ -159,10 +191,9 @@ class ClusterPools:
 def open_client(
     config: RedisPoolConfig, options: dict[str, Any], recorder: MetricsRecorder
 ) -> tuple[Any, Any]:
-    """(client, pool) for config.mode; options are the connection-pool keyword arguments."""
+    """(client, pool) for one server or Sentinel; options are the connection-pool keyword
+    arguments. A cluster client is built by open_cluster, when first needed."""
     mode = config.mode
-    if mode == "cluster":
-        return _open_cluster(config, options, recorder)
     if mode == "sentinel":
         return _open_sentinel(config, options, recorder)
     pool = managed_pool_factory(config, recorder)(**{**parse_url(config.url), **options})
@@ -206,7 +237,12 @@ def _open_sentinel(config: RedisPoolConfig, options: dict[str, Any], recorder: M
     return redis.Redis(connection_pool=pool), pool
 
 
-def _open_cluster(config: RedisPoolConfig, options: dict[str, Any], recorder: MetricsRecorder):
+def open_cluster(
+    config: RedisPoolConfig, options: dict[str, Any], recorder: MetricsRecorder
+) -> RedisCluster:
+    """A RedisCluster on the config's seeds. redis-py reads the slot map right here: when
+    no seed answers, this raises ConnectionError (retriable), so a worker started before
+    its cluster waits for it like a worker started before its server."""
     if config.url.lower().startswith("redis+cluster:"):
         seeds = parse_seeds(config.url, "cluster")
     else:  # cluster = true on a plain URL: that one address is the seed
@@ -222,13 +258,19 @@ def _open_cluster(config: RedisPoolConfig, options: dict[str, Any], recorder: Me
     kwargs.pop("health_check_interval", None)
     kwargs.pop("db", None)
     (host, port), rest = seeds.hosts[0], seeds.hosts[1:]
-    cluster = RedisCluster(
-        # A url (without secrets) makes redis-py build each node's pool with
-        # connection_pool_class: our managed pool, per node.
-        url=f"redis://{host}:{port}",
-        startup_nodes=[ClusterNode(h, p) for h, p in rest],
-        connection_pool_class=managed_pool_factory(config, recorder),
-        retry=Retry(NoBackoff(), 0),
-        **kwargs,
-    )
-    return cluster, ClusterPools(cluster)
+    try:
+        return RedisCluster(
+            # A url (without secrets) makes redis-py build each node's pool with
+            # connection_pool_class: our managed pool, per node.
+            url=f"redis://{host}:{port}",
+            startup_nodes=[ClusterNode(h, p) for h, p in rest],
+            connection_pool_class=managed_pool_factory(config, recorder),
+            retry=Retry(NoBackoff(), 0),
+            **kwargs,
+        )
+    except RedisClusterException as e:
+        text = str(e)
+        if any(sign in text for sign in ("WRONGPASS", "NOAUTH", "invalid username-password")):
+            raise AuthenticationError(text.rpartition(": ")[2] or text) from None
+        reason = text.rpartition(": ")[2]
+        raise redis.ConnectionError(f"no cluster node reachable: {reason}") from None

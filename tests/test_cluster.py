@@ -13,12 +13,13 @@ import threading
 import pytest
 from redis.crc import key_slot
 
+from core.errors import RedisUnavailable
 from core.keys import Keys
 from core.task import derived_task_id
 
 from failover import kill_a_primary_under_load, record
 from procs import executions, stat, wait_until
-from topologies import start_cluster
+from topologies import free_tcp_port, start_cluster
 
 BACKENDS = ("cluster",)
 KEYS = Keys()
@@ -155,3 +156,15 @@ def test_killing_the_primary_of_a_busy_agent_loses_no_enqueue_acknowledged_with_
     )
     assert run.acknowledged >= 300
     record(run, record_property)
+
+
+def test_a_manager_built_before_its_cluster_is_up_says_so_in_one_line(make_manager):
+    """No node answers yet: building the manager still works (a worker starts and waits),
+    and each call fails as a retriable RedisUnavailable naming the seeds, not a trace."""
+    url = f"redis+cluster://:hunter2@127.0.0.1:{free_tcp_port()}"
+    manager = make_manager(url, max_retries=1, min_idle_conns=0)
+    with pytest.raises(RedisUnavailable) as caught:
+        manager.execute(lambda c: c.ping())
+    message = str(caught.value)
+    assert "\n" not in message and "hunter2" not in message
+    assert "no cluster node reachable" in message

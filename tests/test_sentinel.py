@@ -10,9 +10,11 @@ from __future__ import annotations
 import pytest
 import redis
 
+from core.errors import RedisUnavailable
+
 from failover import kill_a_primary_under_load, record
 from procs import wait_until
-from topologies import start_sentinel_group
+from topologies import free_tcp_port, start_sentinel_group
 
 
 @pytest.fixture
@@ -75,3 +77,13 @@ def test_killing_the_primary_mid_run_loses_no_enqueue_acknowledged_with_wait_1(
     )
     assert run.acknowledged >= 300
     record(run, record_property)
+
+
+def test_no_sentinel_answering_is_one_short_line_naming_them_and_the_service(make_manager):
+    url = f"redis+sentinel://127.0.0.1:{free_tcp_port()}/nosuch"
+    manager = make_manager(url, max_retries=1, min_idle_conns=0)
+    with pytest.raises(RedisUnavailable) as caught:
+        manager.execute(lambda c: c.ping())
+    message = str(caught.value)
+    assert "\n" not in message and len(message) < 400, message  # no client reprs
+    assert "names a primary for service 'nosuch'" in message
