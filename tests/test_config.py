@@ -610,3 +610,18 @@ def test_config_show_reports_a_bad_setting_in_one_line(cli):
     assert result.output.strip().splitlines() == [
         "handoff: error: preset = 'nope': must be one of development, production, high_availability"
     ]
+
+
+@pytest.mark.parametrize(
+    ("url", "mode"),
+    [
+        ("redis://h:6379/0", "server"),
+        ("redis+sentinel://:pw@s1:26379,s2:26379/mymaster", "sentinel"),
+        ("redis+cluster://n1:7000,n2:7001", "cluster"),
+    ],
+)
+def test_config_show_says_which_deployment_the_url_names(cli, url, mode):
+    result = cli("--redis-url", url, "config", "show")
+    assert result.exit_code == 0
+    assert f"# deployment: {mode} " in result.output
+    assert ":pw@" not in result.output

@@ -38,13 +38,17 @@ def show(state: CliState, as_json: bool) -> None:
         data = settings_to_dict(state.settings, redact=True)
     except ConfigError as e:
         raise ConfigFailure(str(e)) from None
-    click.echo(json.dumps(data, indent=2) if as_json else to_toml(data))
+    mode = state.settings.redis.mode
+    click.echo(json.dumps(data, indent=2) if as_json else to_toml(data, mode))
 
 
-def to_toml(data: dict[str, Any]) -> str:
+def to_toml(data: dict[str, Any], mode: str = "server") -> str:
     """Top-level keys first, then [redis] and [agents] (TOML requires tables last)."""
     tables = {k: v for k, v in data.items() if isinstance(v, dict)}
-    lines = ["# effective handoff configuration (secrets redacted)"]
+    lines = [
+        "# effective handoff configuration (secrets redacted)",
+        f"# deployment: {mode} (from redis.url and redis.cluster; docs/scaling.md)",
+    ]
     lines += _lines({k: v for k, v in data.items() if k not in tables})
     for name in ("redis", *sorted(set(tables) - {"redis"})):
         if name in tables:
