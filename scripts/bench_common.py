@@ -33,6 +33,7 @@ for _path in (ROOT / "tests", ROOT):
 
 from core.bench.e2e import cpu_model, raise_interrupt  # noqa: E402
 from core.bench.e2e import medians as _medians  # noqa: E402
+from core.bench.interleave import repeat_interleaved  # noqa: E402, F401 (re-exported)
 from core.server import find_server_binary  # noqa: E402
 
 from procs import HandoffProcess, handoff_env  # noqa: E402
@@ -107,34 +108,6 @@ def scratch(prefix: str, keep: bool = False) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             print(f"logs kept in {tmp}", file=sys.stderr)
-
-
-def repeat_interleaved(
-    entries: dict[str, dict],
-    repeats: int,
-    noun: str,
-    measure: Callable[[str, int], dict],
-    summary: Callable[[dict], str],
-    failures: tuple[type[BaseException], ...],
-) -> None:
-    """measure(key, i) for every key of `entries`, interleaved, `repeats` times: the figures go
-    to entry[noun + "s"], a failure (one of `failures`) to entry["errors"]; a progress line
-    on stderr for each."""
-    for i in range(repeats):
-        for key, entry in entries.items():
-            t0 = time.monotonic()
-            try:
-                figures = measure(key, i)
-                entry[f"{noun}s"].append(figures)
-                status = summary(figures)
-            except failures as e:
-                entry["errors"].append(f"{noun} {i + 1}: {e}"[:600])
-                status = f"FAILED: {e}"[:300]
-            print(
-                f"[{noun} {i + 1}/{repeats}] {key}  {time.monotonic() - t0:5.1f}s  {status}",
-                file=sys.stderr,
-                flush=True,
-            )
 
 
 def medians(items: list[dict], spread: tuple[str, ...] = ()) -> dict[str, float]:

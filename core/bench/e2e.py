@@ -38,6 +38,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from core.bench.interleave import repeat_interleaved
 from core.bench.peers import PEER_NAMES, load_peer
 from core.bench.peers.base import IO, IO_SLEEP_S, NOOP, PROJECT_DIR, Peer, RssSampler
 from core.bench.peers.bench_probe import StatsReader
@@ -297,29 +298,17 @@ def run_e2e(quick: bool, runs: int, systems: list[str] | None, out_dir: Path) ->
     try:
         stats_srv = owned.server(unix_socket=str(tmp / "stats.sock"), data_dir=str(tmp))
         stats = StatsReader(stats_srv.url)
-        names = list(peers)
-        for run in range(runs):
-            order = names[run % len(names) :] + names[: run % len(names)] if names else []
-            for name in order:
-                t0 = time.monotonic()
-                entry = results["systems"][name]
-                peer = peers[name](log_dir)
-                try:
-                    figures = run_system(peer, sizes, stats, owned, tmp)
-                    entry["runs"].append(figures)
-                    status = ", ".join(
-                        f"{k}={figures[k]:,.0f}"
-                        for k in ("noop_drain_per_s", "io_drain_per_s")
-                        if k in figures
-                    )
-                except DrainFailed as e:
-                    entry["errors"].append(f"run {run + 1}: {e}"[:400])
-                    status = f"FAILED: {e}"[:200]
-                print(
-                    f"[run {run + 1}/{runs}] {name:12s} {time.monotonic() - t0:5.1f}s  {status}",
-                    file=sys.stderr,
-                    flush=True,
-                )
+
+        def one_run(name: str, _run: int) -> dict:
+            return run_system(peers[name](log_dir), sizes, stats, owned, tmp)
+
+        def drains(figures: dict) -> str:
+            keys = ("noop_drain_per_s", "io_drain_per_s")
+            return ", ".join(f"{k}={figures[k]:,.0f}" for k in keys if k in figures)
+
+        repeat_interleaved(
+            results["systems"], runs, "run", one_run, drains, (DrainFailed,), rotate=True
+        )
         results["pool"] = pool_rows(quick)
     finally:
         owned.cleanup()
