@@ -70,10 +70,12 @@ def parse_seeds(url: str, mode: str) -> Seeds:
     return Seeds(tuple(hosts), username, password, parts.path.strip("/"))
 
 
-def managed_pool_factory(config: RedisPoolConfig, recorder: MetricsRecorder):
-    """A ManagedConnectionPool constructor with this config's lifecycle settings bound."""
+def managed_pool_factory(
+    config: RedisPoolConfig, recorder: MetricsRecorder, pool_class: type | None = None
+):
+    """A managed pool's constructor with this config's lifecycle settings bound."""
     return functools.partial(
-        ManagedConnectionPool,
+        pool_class or ManagedConnectionPool,
         max_conn_age_s=config.max_conn_age_s,
         idle_timeout_s=config.idle_timeout_s,
         min_idle_conns=config.min_idle_conns,
@@ -225,14 +227,8 @@ def _open_sentinel(config: RedisPoolConfig, options: dict[str, Any], recorder: M
     kwargs = {**options, **_credentials(seeds, config)}
     if config.db:
         kwargs["db"] = config.db
-    pool = ManagedSentinelPool(
-        seeds.service,
-        sentinel,
-        max_conn_age_s=config.max_conn_age_s,
-        idle_timeout_s=config.idle_timeout_s,
-        min_idle_conns=config.min_idle_conns,
-        recorder=recorder,
-        **kwargs,
+    pool = managed_pool_factory(config, recorder, ManagedSentinelPool)(
+        service_name=seeds.service, sentinel_manager=sentinel, **kwargs
     )
     return redis.Redis(connection_pool=pool), pool
 
@@ -254,6 +250,8 @@ def open_cluster(
             "",
         )
     kwargs = {**options, **_credentials(seeds, config)}
+    if config.use_tls:  # a rediss:// seed: its scheme is not in the url given below
+        kwargs["connection_class"] = SSLConnection
     kwargs.pop("retry", None)  # the cluster client takes its retry as an argument
     kwargs.pop("health_check_interval", None)
     kwargs.pop("db", None)
