@@ -10,11 +10,14 @@ from __future__ import annotations
 import pytest
 import redis
 
-from core.errors import RedisUnavailable
+from config import RedisPoolConfig, Settings
+from core.client import Client
+from core.errors import NotReplicated, RedisUnavailable
 
 from failover import kill_a_primary_under_load, record
+from faultproxy import FaultProxy
 from procs import wait_until
-from topologies import free_tcp_port, start_sentinel_group
+from topologies import HOST, free_tcp_port, start_sentinel_group
 
 
 @pytest.fixture
@@ -87,3 +90,69 @@ def test_no_sentinel_answering_is_one_short_line_naming_them_and_the_service(mak
     message = str(caught.value)
     assert "\n" not in message and len(message) < 400, message  # no client reprs
     assert "names a primary for service 'nosuch'" in message
+
+
+@pytest.mark.parametrize("wait_replicas", [0, 1])
+def test_with_a_lagging_replica_wait_1_turns_would_be_losses_into_refusals(
+    group, wait_replicas, record_property
+):
+    """The replica's link to the primary goes through a fault proxy; it stalls, the
+    producer enqueues 200 more tasks, the primary dies and the lagging replica is
+    promoted. Without WAIT the producer was told all 200 succeeded and they are gone;
+    with WAIT 1 it was told none did (NotReplicated), so nothing it was promised is lost."""
+    primary = group.primary_port()
+    (replica,) = [s.port for s in group.servers if s.port != primary]
+    with FaultProxy((HOST, primary)) as proxy:
+        _command(replica, "REPLICAOF", HOST, proxy.port)
+        wait_until(lambda: _link_up_through(replica, proxy.port), 10, "the link via the proxy")
+        settings = Settings(
+            redis=RedisPoolConfig(url=group.url),
+            enqueue_wait_replicas=wait_replicas,
+            enqueue_wait_timeout_ms=100,
+        )
+        with Client(settings=settings) as producer:
+            settled = producer.enqueue_many("probe", [{}] * 100)
+            wait_until(lambda: _stored(replica, settled) == 100, 10, "the replica to have 100")
+            proxy.blackhole()  # the replica stops hearing from the primary
+            told_ok, refused = [], 0
+            for _ in range(20):
+                try:
+                    told_ok += producer.enqueue_many("probe", [{}] * 10)
+                except NotReplicated:
+                    refused += 1
+        old = group.kill_primary()
+        new = group.wait_failover(old)
+    assert new == replica
+    lost = len(told_ok) - _stored(new, told_ok)
+    record_property("acknowledged_after_the_stall", len(told_ok))
+    record_property("lost", lost)
+    assert _stored(new, settled) == 100
+    if wait_replicas:
+        assert (told_ok, refused, lost) == ([], 20, 0)
+    else:
+        assert (len(told_ok), refused, lost) == (200, 0, 200)
+
+
+def _command(port: int, *args):
+    client = redis.Redis(port=port)
+    try:
+        return client.execute_command(*args)
+    finally:
+        client.close()
+
+
+def _link_up_through(replica: int, proxy_port: int) -> bool:
+    info = _command(replica, "INFO", "replication")
+    return info.get("master_port") == proxy_port and info.get("master_link_status") == "up"
+
+
+def _stored(port: int, ids: list[str]) -> int:
+    """How many of ids the server at port holds (HEXISTS on the agent's task hash)."""
+    client = redis.Redis(port=port)
+    try:
+        pipe = client.pipeline(transaction=False)
+        for task_id in ids:
+            pipe.hexists("handoff:{probe}:tasks", task_id)
+        return sum(pipe.execute())
+    finally:
+        client.close()
