@@ -136,7 +136,7 @@ class TaskQueue:
             operations.append(lambda p: p.execute_command("WAIT", wait_replicas, timeout_ms))
 
         def attempt(client) -> list:
-            if len(operations) == 1:
+            if len(operations) == 1 and calls:
                 name, keys, args = calls[0]
                 return [client.evalsha(scripts.sha(name), len(keys), *keys, *args)]
             pipe = client.pipeline(transaction=False)
