@@ -78,7 +78,6 @@ class RedisManager:
             describe_target=lambda: redact_url(config.url),
             before_probe=self._find_server_again,
         )
-        # Not from_url(): there the URL's password and db would override the config's.
         self.mode = config.mode  # "server", "sentinel" or "cluster"
         self.is_cluster = self.mode == "cluster"
         self._options = pool_kwargs(config)

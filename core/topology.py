@@ -198,6 +198,7 @@ def open_client(
     mode = config.mode
     if mode == "sentinel":
         return _open_sentinel(config, options, recorder)
+    # Not from_url(): there the URL's password and db would override the config's.
     pool = managed_pool_factory(config, recorder)(**{**parse_url(config.url), **options})
     return redis.Redis(connection_pool=pool), pool
 
