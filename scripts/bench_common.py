@@ -31,9 +31,12 @@ for _path in (ROOT / "tests", ROOT):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from core.bench.e2e import cpu_model, raise_interrupt  # noqa: E402
+from core.bench.e2e import cpu_model  # noqa: E402
 from core.bench.e2e import medians as _medians  # noqa: E402
-from core.bench.interleave import repeat_interleaved  # noqa: E402, F401 (re-exported)
+from core.bench.interleave import (  # noqa: E402
+    repeat_interleaved,  # noqa: F401 (re-exported)
+    stop_signals_interrupt,
+)
 from core.server import find_server_binary  # noqa: E402
 
 from procs import HandoffProcess, handoff_env  # noqa: E402
@@ -89,21 +92,12 @@ def scratch(prefix: str, keep: bool = False) -> Iterator[Path]:
     meanwhile (so every `finally` stops what it started). Removed after a clean run unless
     `keep`; otherwise its path is printed."""
     tmp = Path(tempfile.mkdtemp(prefix=prefix))
-    previous = {
-        sig: signal.signal(sig, handler)
-        for sig, handler in (
-            (signal.SIGTERM, raise_interrupt),
-            (signal.SIGHUP, raise_interrupt),
-            (signal.SIGINT, signal.default_int_handler),  # even when started with it ignored
-        )
-    }
     ok = False
     try:
-        yield tmp
+        with stop_signals_interrupt():
+            yield tmp
         ok = True
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         if ok and not keep:
             shutil.rmtree(tmp, ignore_errors=True)
         else:

@@ -28,7 +28,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -38,7 +37,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from core.bench.interleave import repeat_interleaved
+from core.bench.interleave import repeat_interleaved, stop_signals_interrupt
 from core.bench.peers import PEER_NAMES, load_peer
 from core.bench.peers.base import IO, IO_SLEEP_S, NOOP, PROJECT_DIR, Peer, RssSampler
 from core.bench.peers.bench_probe import StatsReader
@@ -93,10 +92,6 @@ class Owned:
             with contextlib.suppress(Exception):
                 srv.stop(sig_kill=True)
         self.servers.clear()
-
-
-def raise_interrupt(signum, _frame):
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def free_port() -> int:
@@ -286,34 +281,25 @@ def run_e2e(quick: bool, runs: int, systems: list[str] | None, out_dir: Path) ->
         "skipped": skipped,
         "systems": {name: {"runs": [], "errors": []} for name in peers},
     }
-    previous = {
-        sig: signal.signal(sig, handler)
-        for sig, handler in (
-            (signal.SIGTERM, raise_interrupt),
-            (signal.SIGHUP, raise_interrupt),
-            (signal.SIGINT, signal.default_int_handler),  # even when started with it ignored
-        )
-    }
     started = time.monotonic()
     try:
-        stats_srv = owned.server(unix_socket=str(tmp / "stats.sock"), data_dir=str(tmp))
-        stats = StatsReader(stats_srv.url)
+        with stop_signals_interrupt():
+            stats_srv = owned.server(unix_socket=str(tmp / "stats.sock"), data_dir=str(tmp))
+            stats = StatsReader(stats_srv.url)
 
-        def one_run(name: str, _run: int) -> dict:
-            return run_system(peers[name](log_dir), sizes, stats, owned, tmp)
+            def one_run(name: str, _run: int) -> dict:
+                return run_system(peers[name](log_dir), sizes, stats, owned, tmp)
 
-        def drains(figures: dict) -> str:
-            keys = ("noop_drain_per_s", "io_drain_per_s")
-            return ", ".join(f"{k}={figures[k]:,.0f}" for k in keys if k in figures)
+            def drains(figures: dict) -> str:
+                keys = ("noop_drain_per_s", "io_drain_per_s")
+                return ", ".join(f"{k}={figures[k]:,.0f}" for k in keys if k in figures)
 
-        repeat_interleaved(
-            results["systems"], runs, "run", one_run, drains, (DrainFailed,), rotate=True
-        )
-        results["pool"] = pool_rows(quick)
+            repeat_interleaved(
+                results["systems"], runs, "run", one_run, drains, (DrainFailed,), rotate=True
+            )
+            results["pool"] = pool_rows(quick)
     finally:
         owned.cleanup()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         shutil.rmtree(tmp, ignore_errors=True)
     results["meta"]["elapsed_s"] = time.monotonic() - started
     for entry in results["systems"].values():

@@ -1,15 +1,41 @@
-"""Run every configuration of a benchmark in turn, several times over, never in a block.
+"""The run loop of a benchmark: configurations in turn, and stop signals that unwind.
 
 Interleaving spreads the machine's noise (another process, a thermal step) over every
-configuration instead of charging one of them with it. Shared by `handoff bench e2e`
-and the scripts/bench-* benchmarks.
+configuration instead of charging one of them with it. SIGTERM and SIGHUP raise
+KeyboardInterrupt while a benchmark runs, so every `finally` stops the servers and
+workers it started. Shared by `handoff bench e2e` and the scripts/bench-* benchmarks.
 """
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+
+
+def raise_interrupt(signum, _frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def stop_signals_interrupt() -> Iterator[None]:
+    """SIGTERM/SIGHUP raise KeyboardInterrupt inside; SIGINT does too, even when the
+    benchmark was started with it ignored. The previous handlers come back after."""
+    previous = {
+        sig: signal.signal(sig, handler)
+        for sig, handler in (
+            (signal.SIGTERM, raise_interrupt),
+            (signal.SIGHUP, raise_interrupt),
+            (signal.SIGINT, signal.default_int_handler),
+        )
+    }
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def repeat_interleaved(
