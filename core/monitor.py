@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+import redis
 
 from core.errors import HandoffError, RedisCommandError
 from core.inspect import queue_stats
@@ -143,9 +144,12 @@ class Monitor:
                 self.queue.manager.execute(lambda c: c.zrem(self.keys.workers, *gone))
             except RedisCommandError:  # a read-only monitor user: leave it to a writer
                 pass
+        redis_view: dict[str, Any] = {"ok": True, "mode": self.queue.manager.mode}
+        if self.queue.manager.is_cluster:
+            redis_view["nodes"] = self._nodes(agents)
         return {
             "healthy": all(v["healthy"] for v in views),
-            "redis": {"ok": True, "mode": self.queue.manager.mode},
+            "redis": redis_view,
             "taken_at": round(now, 3),
             "agents": self._agents(stats, views, now),
             "workers": views,
@@ -200,6 +204,24 @@ class Monitor:
             if self.queue.manager.is_cluster:
                 out[name]["node"] = self._node_of(name)
         return out
+
+    def _nodes(self, agents: list[str]) -> list[dict[str, Any]]:
+        """Each cluster primary: reachable or not, its memory, and the agent types it
+        serves (an imbalance shows here). INFO goes to each node directly, outside the
+        breaker: one unreachable primary must not make the whole cluster look down."""
+        serving: dict[str, list[str]] = {}
+        for agent in agents:
+            serving.setdefault(self._node_of(agent), []).append(agent)
+        nodes = []
+        for node in self.queue.manager.client.get_primaries():
+            entry: dict[str, Any] = {"node": node.name, "agents": serving.get(node.name, [])}
+            try:
+                info = node.redis_connection.info("memory")
+                entry.update(ok=True, used_memory_mb=round(info["used_memory"] / 2**20, 1))
+            except (redis.RedisError, OSError) as e:
+                entry.update(ok=False, error=f"{type(e).__name__}: {e}"[:200])
+            nodes.append(entry)
+        return nodes
 
     def _node_of(self, agent: str) -> str:
         """The cluster primary serving this agent's slot (from the client's slot map)."""

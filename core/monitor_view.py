@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+NODE_COLUMNS = ("primary", "state", "mem_mb", "agents")
 AGENT_COLUMNS = ("agent", "queued", "run", "delay", "dead", "done", "fail", "/s", "wk", "age_s")
 WORKER_COLUMNS = ("worker", "state", "busy", "done", "rss_mb", "cpu%", "beat_s", "health")
 
@@ -43,6 +44,19 @@ def agent_rows(snapshot: dict[str, Any]) -> list[list[str]]:
     ]
 
 
+def node_rows(snapshot: dict[str, Any]) -> list[list[str]]:
+    """A cluster's primaries: up or not, memory, the agent types each one serves."""
+    return [
+        [
+            n["node"],
+            "ok" if n["ok"] else "DOWN",
+            f"{n['used_memory_mb']:.1f}" if n["ok"] else "-",
+            ",".join(n["agents"]) or "-",
+        ]
+        for n in snapshot["redis"]["nodes"]
+    ]
+
+
 def worker_rows(snapshot: dict[str, Any]) -> list[list[str]]:
     return [
         [
@@ -69,6 +83,8 @@ def render(snapshot: dict[str, Any]) -> str:
         lines.append(f"Redis: {redis.get('error', 'unreachable')}")
     columns = AGENT_COLUMNS + (("node",) if mode == "cluster" else ())
     lines += _table(columns, agent_rows(snapshot)) if snapshot["agents"] else ["no agents"]
+    if redis.get("nodes"):
+        lines += ["", *_table(NODE_COLUMNS, node_rows(snapshot))]
     lines.append("")
     lines += (
         _table(WORKER_COLUMNS, worker_rows(snapshot)) if snapshot["workers"] else ["no workers"]

@@ -204,7 +204,9 @@ def test_snapshot_cost_does_not_grow_with_queued_tasks(watcher, raw_redis, queue
     snap = watcher.snapshot()
     commands = commands_processed(raw_redis)[0] - before - nodes  # minus our INFOs
     assert snap["agents"]["probe"]["queued"] == queued
-    assert commands == 8  # 2 registry reads + 6 per agent: the same for 1 and 1,000,000
+    # 2 registry reads + 6 per agent, and on a cluster one INFO per primary (its memory):
+    # the same for 1 and 1,000,000 queued tasks.
+    assert commands == 8 + (nodes if isinstance(raw_redis, RedisCluster) else 0)
 
 
 def test_the_snapshot_names_the_deployment_and_on_a_cluster_each_agents_node(
@@ -218,6 +220,45 @@ def test_the_snapshot_names_the_deployment_and_on_a_cluster_each_agents_node(
         owner = raw_redis.get_node_from_key("handoff:{probe}:queue").name
         assert snap["agents"]["probe"]["node"] == owner
         assert view.startswith("handoff monitor - healthy (cluster)") and owner in view
+        nodes = snap["redis"]["nodes"]
+        assert len(nodes) == 3 and all(n["ok"] and n["used_memory_mb"] > 0 for n in nodes)
+        assert [n["agents"] for n in nodes if n["node"] == owner] == [["probe"]]
+        assert sum(len(n["agents"]) for n in nodes) == 1
+        assert "primary" in view and "mem_mb" in view
     else:
-        assert "node" not in snap["agents"]["probe"]
+        assert "node" not in snap["agents"]["probe"] and "nodes" not in snap["redis"]
         assert view.startswith("handoff monitor - healthy\n") and " node" not in view
+
+
+def test_the_monitor_logs_each_change_once_not_each_tick(caplog):
+    from core.cli.monitor_cmds import _log_changes
+
+    def snap(redis_ok=True, workers=(), nodes=None):
+        redis_view = {"ok": redis_ok, "error": "refused"}
+        if nodes is not None:
+            redis_view["nodes"] = [
+                {"node": name, "ok": ok, "error": "refused"} for name, ok in nodes.items()
+            ]
+        views = [{"id": w, "healthy": True, "problems": []} for w in workers]
+        return {"redis": redis_view, "workers": views}
+
+    health: dict[str, bool] = {}
+    ticks = [
+        snap(workers=["w1"], nodes={"n1": True, "n2": True}),
+        snap(redis_ok=False),
+        snap(redis_ok=False),  # still down: nothing new to say
+        snap(workers=["w1"], nodes={"n1": True, "n2": False}),
+        snap(workers=["w1"], nodes={"n1": True, "n2": False}),
+        snap(workers=["w1"], nodes={"n1": True, "n2": True}),
+    ]
+    with caplog.at_level("INFO", logger="core.monitor"):
+        for tick in ticks:
+            _log_changes(tick, health)
+    said = [r.getMessage() for r in caplog.records]
+    assert said == [
+        "worker w1 is gone",
+        "Redis unreachable: refused",
+        "Redis reachable again",
+        "cluster primary n2 unreachable: refused",
+        "cluster primary n2 reachable again",
+    ]

@@ -92,7 +92,7 @@ def _log_changes(snapshot: dict, health: dict[str, bool]) -> None:
             elif not worker["healthy"]:
                 log.warning("worker %s: %s", worker["id"], "; ".join(worker["problems"]))
             health[worker["id"]] = worker["healthy"]
-    for gone in set(health) - seen:
+    for gone in {k for k in health if not k.startswith("<")} - seen:  # "<...>": not workers
         log.warning("worker %s is gone", gone)
         del health[gone]
     redis_ok = snapshot.get("redis", {}).get("ok", True)
@@ -102,6 +102,14 @@ def _log_changes(snapshot: dict, health: dict[str, bool]) -> None:
         else:
             log.error("Redis unreachable: %s", snapshot["redis"].get("error"))
         health["<redis>"] = redis_ok
+    for node in snapshot.get("redis", {}).get("nodes", []):  # a cluster's primaries
+        key = f"<node {node['node']}>"
+        if health.get(key, True) != node["ok"]:
+            if node["ok"]:
+                log.info("cluster primary %s reachable again", node["node"])
+            else:
+                log.error("cluster primary %s unreachable: %s", node["node"], node["error"])
+            health[key] = node["ok"]
 
 
 @click.command()
