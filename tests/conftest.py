@@ -8,7 +8,6 @@ for tests that need a TCP path (the fault proxy).
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from core.server import ServerProcess, spawn_server  # noqa: E402
 
-from procs import plain_client  # noqa: E402
+from procs import free_tcp_port, plain_client  # noqa: E402
 
 # Fixtures that only make sense against one server: a test using any of them runs on the
 # one server even in a module that also runs its tests against a cluster.
@@ -36,12 +35,6 @@ def pytest_generate_tests(metafunc):
     if _SERVER_ONLY & set(metafunc.fixturenames):
         backends = ("server",)
     metafunc.parametrize("backend", backends, indirect=True)
-
-
-def free_tcp_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

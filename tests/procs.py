@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,15 +17,34 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def wait_until(condition: Callable[[], object], timeout_s: float, what: str, step_s=0.02):
-    """Poll condition until truthy (returned) or fail after timeout_s naming what we waited for."""
+def free_tcp_port() -> int:
+    """A port the kernel just handed out on loopback."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(
+    condition: Callable[[], object],
+    timeout_s: float,
+    what: str,
+    step_s: float = 0.02,
+    not_yet: tuple[type[BaseException], ...] = (),
+):
+    """Poll condition until truthy (returned) or fail after timeout_s naming what we waited
+    for. Errors of the `not_yet` types count as "not yet"; the last is quoted at the end."""
     deadline = time.monotonic() + timeout_s
+    last_error: BaseException | None = None
     while True:
-        value = condition()
-        if value:
-            return value
+        try:
+            value = condition()
+            if value:
+                return value
+        except not_yet as e:
+            last_error = e
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+            detail = f" (last error: {last_error!r})" if last_error else ""
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}{detail}")
         time.sleep(step_s)
 
 

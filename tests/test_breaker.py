@@ -7,7 +7,6 @@ proxy in front of a private server to prove an open breaker sends nothing to the
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 
 import pytest
 import redis.exceptions as rex
@@ -17,6 +16,7 @@ from core.errors import CircuitOpen, RedisCommandError, RedisUnavailable
 from core.retry import RetryPolicy
 
 from faultproxy import FaultProxy
+from procs import wait_until
 
 
 class FakeClock:
@@ -162,15 +162,6 @@ def test_a_probe_answered_with_an_error_reply_closes_the_breaker(clock):
 # -- against a server that goes away ----------------------------------------------------------
 
 
-def wait_for(condition: Callable[[], object], what: str, timeout_s: float = 5.0) -> None:
-    """Poll condition until it holds; fail the test at a monotonic deadline."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(0.01)
-
-
 MANAGER_DEFAULTS = {"health_check_interval_s": 60.0, "idle_check_freq_s": 60.0}
 
 
@@ -208,7 +199,7 @@ def test_an_open_breaker_fails_fast_without_touching_the_network_and_recovers(
         assert (proxy.connections_accepted, proxy.bytes_up) == (accepted, sent)
 
         private_server.start()
-        wait_for(lambda: manager.breaker.state == HALF_OPEN, "the cooldown to end")
+        wait_until(lambda: manager.breaker.state == HALF_OPEN, 5.0, "the cooldown to end")
         assert manager.execute(lambda c: c.set("k", "again")) is True  # the probe
 
         assert manager.breaker.state == CLOSED
@@ -226,15 +217,17 @@ def test_the_health_checker_alone_notices_the_outage_and_the_recovery(private_se
     assert manager.is_healthy()
 
     private_server.stop()
-    wait_for(
+    wait_until(
         lambda: manager.breaker.state == OPEN and manager.get_health().consecutive_failures >= 3,
+        5.0,
         "health pings to fail and open the breaker",
     )
     assert not manager.is_healthy()
 
     private_server.start()
-    wait_for(
+    wait_until(
         lambda: manager.is_healthy() and manager.breaker.state == CLOSED,
+        5.0,
         "a health probe to close the breaker",
     )
     health = manager.get_health()

@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import threading
-import time
 import traceback
 import uuid
 from collections.abc import Callable, Iterator
@@ -31,17 +30,9 @@ from core.manager import RedisManager, get_manager, reset_manager
 from core.server import ServerProcess
 
 from faultproxy import FaultProxy
+from procs import wait_until
 
 QUIET = {"health_check_interval_s": 60.0, "idle_check_freq_s": 60.0}
-
-
-def wait_for(condition: Callable[[], object], what: str, timeout_s: float = 5.0) -> None:
-    """Poll condition until it holds; fail the test at a monotonic deadline."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(0.01)
 
 
 def our_client_ids(raw: redis.Redis, pid: int | None = None) -> set[int]:
@@ -99,8 +90,8 @@ def test_a_manager_built_while_the_server_is_down_says_so_and_warms_up_when_it_r
 
     server.start()
     with server.client() as check:
-        wait_for(lambda: len(our_client_ids(check)) >= 2, "the pool to warm up")
-    wait_for(manager.is_healthy, "a health ping to succeed")
+        wait_until(lambda: len(our_client_ids(check)) >= 2, 5.0, "the pool to warm up")
+    wait_until(manager.is_healthy, 5.0, "a health ping to succeed")
 
 
 def test_many_threads_never_open_more_connections_than_pool_size(server, raw, make_manager):
@@ -146,7 +137,7 @@ def test_a_caller_waiting_past_pool_timeout_gets_pool_exhausted_and_it_is_counte
         target=lambda: manager.execute(lambda c: c.blpop(["release-me"], timeout=10))
     )
     holder.start()
-    wait_for(lambda: raw.info("clients")["blocked_clients"] == 1, "the only conn to block")
+    wait_until(lambda: raw.info("clients")["blocked_clients"] == 1, 5.0, "the only conn to block")
 
     with pytest.raises(PoolExhausted, match=r"pool_timeout_s=0\.2 \(pool_size=1\)"):
         manager.execute(lambda c: c.get("anything"))
@@ -167,7 +158,9 @@ def test_a_connection_older_than_max_conn_age_is_replaced_after_use(server, raw,
     manager = make_manager(server.url, pool_size=1, max_conn_age_s=0.2)
     first = manager.execute(lambda c: c.client_id())
 
-    wait_for(lambda: manager.execute(lambda c: c.client_id()) != first, "a new connection (new id)")
+    wait_until(
+        lambda: manager.execute(lambda c: c.client_id()) != first, 5.0, "a new connection (new id)"
+    )
 
     ids = our_client_ids(raw)
     assert first not in ids and len(ids) == 1  # closed, not leaked
@@ -183,8 +176,9 @@ def test_idle_connections_older_than_max_conn_age_are_rotated_by_the_maintenance
     warm = our_client_ids(raw)
     assert len(warm) == 2
 
-    wait_for(
+    wait_until(
         lambda: (ids := our_client_ids(raw)).isdisjoint(warm) and len(ids) == 2,
+        5.0,
         "two fresh idle connections in place of the old ones",
     )
     assert manager.get_detailed_metrics().stale_conns >= 2
@@ -201,7 +195,7 @@ def test_idle_connections_past_idle_timeout_are_closed_down_to_min_idle_conns(
         manager.pool.release(connection)
     assert len(our_client_ids(raw)) == 6
 
-    wait_for(lambda: len(our_client_ids(raw)) == 2, "the reaper to close four")
+    wait_until(lambda: len(our_client_ids(raw)) == 2, 5.0, "the reaper to close four")
 
     assert manager.pool.reap_idle() == 0  # and never below min_idle_conns
     stats = manager.get_pool_stats()
@@ -432,7 +426,9 @@ def test_health_and_metrics_report_every_field(server, make_manager):
 def test_the_health_checker_samples_memory_in_the_background(server, make_manager):
     manager = make_manager(server.url, health_check_interval_s=0.05)
 
-    wait_for(lambda: manager.get_detailed_metrics().memory_usage_bytes > 0, "a memory sample")
+    wait_until(
+        lambda: manager.get_detailed_metrics().memory_usage_bytes > 0, 5.0, "a memory sample"
+    )
     assert manager.get_health().last_successful_ping > 0
 
 
@@ -494,7 +490,7 @@ def test_a_password_in_the_url_never_reaches_logs_errors_or_reprs(server, make_m
     with pytest.raises(RedisUnavailable) as down:
         manager.execute(lambda c: c.get("k"))
     texts.append("".join(traceback.format_exception(down.value)))
-    wait_for(lambda: manager.get_health().consecutive_failures >= 4, "health pings to fail")
+    wait_until(lambda: manager.get_health().consecutive_failures >= 4, 5.0, "health pings to fail")
     texts += [str(manager.get_health()), str(wrong.get_health()), repr(manager)]
 
     assert any(r.levelno == logging.WARNING for r in caplog.records)  # the warm-up failure

@@ -9,8 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 import redis
@@ -31,17 +30,9 @@ from core.errors import (
 from core.retry import ExponentialBackoff, RetryPolicy, is_retriable
 
 from faultproxy import FaultProxy
+from procs import wait_until
 
 QUIET = {"health_check_interval_s": 60.0, "idle_check_freq_s": 60.0, "min_idle_conns": 0}
-
-
-def wait_for(condition: Callable[[], object], what: str, timeout_s: float = 5.0) -> None:
-    """Poll condition until it holds; fail the test at a monotonic deadline."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(0.01)
 
 
 class Flaky:
@@ -281,12 +272,13 @@ def test_a_blocked_read_cut_mid_call_is_retried_and_still_gets_its_item(
 
     consumer = threading.Thread(target=consume)
     consumer.start()
-    wait_for(lambda: len(_blpop_client_ids(raw_redis)) == 1, "the consumer to block")
+    wait_until(lambda: len(_blpop_client_ids(raw_redis)) == 1, 5.0, "the consumer to block")
     (first,) = _blpop_client_ids(raw_redis)
 
     proxy.reset_all()
-    wait_for(
+    wait_until(
         lambda: (ids := _blpop_client_ids(raw_redis)) and first not in ids,
+        5.0,
         "the retry to block on a new connection",
     )
     raw_redis.rpush("jobs", "task-1")

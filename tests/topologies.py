@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import atexit
 import secrets
-import socket
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +26,8 @@ from redis.cluster import ClusterNode, RedisCluster
 
 from core.errors import HandoffError
 from core.server import ServerProcess, find_server_binary, server_args
+
+import procs
 
 __all__ = [
     "LocalCluster",
@@ -55,34 +55,15 @@ COMMON_EXTRA = [
 T = TypeVar("T")
 
 
-def free_tcp_port() -> int:
-    """A port the kernel just handed out on loopback (copied from conftest, not imported)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+free_tcp_port = procs.free_tcp_port
 
 
 def wait_until(
     predicate: Callable[[], T | None], timeout_s: float, what: str, step_s: float = POLL_S
 ) -> T:
-    """Poll predicate until it returns something truthy, and return that.
-
-    Redis and socket errors count as "not yet" (a node may be restarting or failing over);
-    the last one is quoted in the AssertionError raised at the deadline, which names `what`.
-    """
-    deadline = time.monotonic() + timeout_s
-    last_error: BaseException | None = None
-    while True:
-        try:
-            value = predicate()
-            if value:
-                return value
-        except (redis.RedisError, OSError) as exc:
-            last_error = exc
-        if time.monotonic() > deadline:
-            detail = f" (last error: {last_error!r})" if last_error else ""
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}{detail}")
-        time.sleep(step_s)
+    """procs.wait_until, with Redis and socket errors counting as "not yet": a node may be
+    restarting or failing over."""
+    return procs.wait_until(predicate, timeout_s, what, step_s, not_yet=(redis.RedisError, OSError))
 
 
 # -- processes -------------------------------------------------------------------------------
