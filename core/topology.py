@@ -112,8 +112,7 @@ class ManagedSentinelPool(ManagedConnectionPool):
             SentinelManagedSSLConnection if ssl else SentinelManagedConnection
         )
         self.service_name = service_name
-        self.is_master = True
-        self.check_connection = False
+        # The connections read is_master & co from the proxy, their `connection_pool`.
         self.proxy = _SentinelProxy(
             connection_pool=self,
             is_master=True,
@@ -128,10 +127,6 @@ class ManagedSentinelPool(ManagedConnectionPool):
         return (
             f"<{type(self).__name__} service={self.service_name} pool_size={self.max_connections}>"
         )
-
-    @property
-    def master_address(self):
-        return self.proxy.master_address
 
     def owns_connection(self, connection) -> bool:
         """A connection to a previous primary is not ours any more: released, it is closed
