@@ -1,12 +1,12 @@
 """handoff configuration: typed, validated settings loaded from presets, TOML, env and flags."""
 
-from config.defaults import default_redis_url, default_run_dir, default_socket_path
-from config.errors import ConfigError
-from config.loader import load_settings
-from config.pool import RedisPoolConfig
-from config.presets import PRESETS
-from config.redact import redact_url
-from config.settings import Settings, settings_to_dict
+from handoff.config.defaults import default_redis_url, default_run_dir, default_socket_path
+from handoff.config.errors import ConfigError
+from handoff.config.loader import load_settings
+from handoff.config.pool import RedisPoolConfig
+from handoff.config.presets import PRESETS
+from handoff.config.redact import redact_url
+from handoff.config.settings import Settings, settings_to_dict
 
 __all__ = [
     "PRESETS",

@@ -18,10 +18,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import fields
 from typing import Any
 
-from config.errors import ConfigError
-from config.pool import SECRET_FIELDS, RedisPoolConfig
-from config.presets import PRESETS
-from config.settings import Settings
+from handoff.config.errors import ConfigError
+from handoff.config.pool import SECRET_FIELDS, RedisPoolConfig
+from handoff.config.presets import PRESETS
+from handoff.config.settings import Settings
 
 PRESET_ENV = "HANDOFF_PRESET"
 CONFIG_ENV = "HANDOFF_CONFIG"

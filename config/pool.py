@@ -13,9 +13,9 @@ from dataclasses import dataclass, field, fields
 from typing import Any, NoReturn
 from urllib.parse import SplitResult, urlsplit
 
-from config.defaults import default_redis_url
-from config.errors import ConfigError
-from config.redact import MASK, redact_url
+from handoff.config.defaults import default_redis_url
+from handoff.config.errors import ConfigError
+from handoff.config.redact import MASK, redact_url
 
 URL_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster")
 SECRET_FIELDS = frozenset({"password", "sentinel_password"})

@@ -11,14 +11,14 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from config.errors import ConfigError
-from config.pool import SECRET_FIELDS, RedisPoolConfig, check_int, check_seconds, fail
-from config.redact import MASK, redact_url
+from handoff.config.errors import ConfigError
+from handoff.config.pool import SECRET_FIELDS, RedisPoolConfig, check_int, check_seconds, fail
+from handoff.config.redact import MASK, redact_url
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 KEY_PREFIX_RE = re.compile(r"[A-Za-z0-9_.-]{1,32}")
 AGENT_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
-MODULE_PATH_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+MODULE_PATH_RE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*)?")  # "" = none
 MAX_PAYLOAD_LIMIT = 512 * 1024 * 1024
 MAX_AGENT_PROCESSES = 1000
 
@@ -33,7 +33,7 @@ class Settings:
     lease_s: float = 30.0
     result_ttl_s: float = 3600.0  # 0 = do not keep results
     log_level: str = "INFO"
-    app: str = "workers"  # module where agents are defined
+    app: str = ""  # module where agents are defined; "" = none given (--app names it)
     # agent name -> process count. hash=False keeps Settings hashable despite the dict.
     agents: dict[str, int] = field(default_factory=dict, hash=False)
     max_payload_bytes: int = 1_048_576

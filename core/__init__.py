@@ -1,11 +1,10 @@
 """handoff's engine. The public interface (see DESIGN.md):
 
-from core import agent, Handoff, Client
+from handoff import agent, Handoff, Client
 """
 
-from core.agents import Handoff, agent
-from core.client import Client, ResultTimeout, TaskDead
-from core.errors import (
+from handoff.client import Client, ResultTimeout, TaskDead
+from handoff.errors import (
     CircuitOpen,
     ConfigError,
     HandoffError,
@@ -14,7 +13,8 @@ from core.errors import (
     NotReplicated,
     RedisUnavailable,
 )
-from core.task import Task
+from handoff.protocol.task import Task
+from handoff.runtime.agents import Handoff, agent
 
 __all__ = [
     "CircuitOpen",

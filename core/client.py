@@ -13,12 +13,12 @@ from typing import Any
 
 import orjson
 
-from config import Settings, load_settings
-from core.errors import HandoffError, InvalidPayload
-from core.keys import check_agent
-from core.manager import RedisManager
-from core.protocol import TaskQueue, TaskRejected
-from core.task import (
+from handoff.config import Settings, load_settings
+from handoff.connection.manager import RedisManager
+from handoff.errors import HandoffError, InvalidPayload
+from handoff.protocol.keys import check_agent
+from handoff.protocol.queue import TaskQueue, TaskRejected
+from handoff.protocol.task import (
     Task,
     agent_of,
     check_priority,
@@ -288,16 +288,20 @@ class Client:
             info["result"] = orjson.loads(raw_result)
         return info
 
+    def agents(self) -> list[str]:
+        """The agent types this server has seen (enqueued to or served), sorted."""
+        return self.queue.known_agents()
+
     def queue_stats(self, agents: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         """Per agent: queued, running, delayed, dead, counters, oldest queued age (one trip)."""
-        from core.inspect import queue_stats
+        from handoff.protocol.inspect import queue_stats
 
         return queue_stats(self.queue, agents)
 
     # -- dead letters ----------------------------------------------------------------------
 
     def dead_list(self, agent: str, limit: int = 100) -> list[dict[str, Any]]:
-        from core.inspect import dead_list
+        from handoff.protocol.inspect import dead_list
 
         return dead_list(self.queue, agent, limit)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from config.errors import ConfigError
+from handoff.config.errors import ConfigError
 
 __all__ = [
     "AuthenticationFailed",

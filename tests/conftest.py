@@ -15,10 +15,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
 
-from core.server import ServerProcess, spawn_server  # noqa: E402
-
-from procs import free_tcp_port, plain_client  # noqa: E402
+from handoff.connection.embedded_server import ServerProcess, spawn_server  # noqa: E402
+from harness.procs import free_tcp_port, plain_client  # noqa: E402
 
 # Fixtures that only make sense against one server: a test using any of them runs on the
 # one server even in a module that also runs its tests against a cluster.
@@ -60,8 +60,8 @@ def private_server(tmp_path) -> ServerProcess:
 def make_manager(request):
     """make(url, **fields) -> a RedisManager closed at the end of the test. Fields default
     to the test module's MANAGER_DEFAULTS (quiet background threads, say)."""
-    from config import RedisPoolConfig
-    from core.manager import RedisManager
+    from handoff.config import RedisPoolConfig
+    from handoff.connection.manager import RedisManager
 
     defaults = getattr(request.module, "MANAGER_DEFAULTS", {})
     made: list = []
@@ -84,7 +84,7 @@ def redis_tcp_addr(redis_server) -> tuple[str, int]:
 @pytest.fixture(scope="session")
 def redis_cluster(tmp_path_factory):
     """This xdist worker's own 3-primary cluster, started on first use."""
-    from topologies import start_cluster
+    from harness.topologies import start_cluster
 
     cluster = start_cluster(tmp_path_factory.mktemp("cluster"))
     yield cluster
@@ -131,8 +131,8 @@ def _no_ambient_redis_url(monkeypatch):
 @pytest.fixture
 def client(redis_url):
     """A handoff Client on this test's clean server."""
-    from config import RedisPoolConfig, Settings
-    from core.client import Client
+    from handoff.client import Client
+    from handoff.config import RedisPoolConfig, Settings
 
     with Client(settings=Settings(redis=RedisPoolConfig(url=redis_url))) as c:
         yield c
@@ -142,7 +142,7 @@ def client(redis_url):
 def start(redis_url, tmp_path):
     """start(args, **settings) -> a running `handoff` process (test agents from
     tests/apps/probe.py); every one is killed, with its whole session, at the end."""
-    from procs import HandoffProcess, handoff_env
+    from harness.procs import HandoffProcess, handoff_env
 
     started: list = []
 

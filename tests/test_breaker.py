@@ -11,12 +11,11 @@ import time
 import pytest
 import redis.exceptions as rex
 
-from core.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
-from core.errors import CircuitOpen, RedisCommandError, RedisUnavailable
-from core.retry import RetryPolicy
-
-from faultproxy import FaultProxy
-from procs import wait_until
+from handoff.connection.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
+from handoff.connection.retry import RetryPolicy
+from handoff.errors import CircuitOpen, RedisCommandError, RedisUnavailable
+from harness.faultproxy import FaultProxy
+from harness.procs import wait_until
 
 
 class FakeClock:

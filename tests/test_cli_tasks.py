@@ -15,30 +15,31 @@ import orjson
 import pytest
 from click.testing import CliRunner
 
-from config import RedisPoolConfig, Settings
-from core.cli import main, run
-from core.client import Client
-from core.keys import Keys
-from core.manager import RedisManager
-from core.protocol import ClaimRequest, Failure, TaskQueue
+from handoff.cli import main, run
+from handoff.client import Client
+from handoff.config import RedisPoolConfig, Settings
+from handoff.connection.manager import RedisManager
+from handoff.protocol.keys import Keys
+from handoff.protocol.queue import ClaimRequest, Failure, TaskQueue
 
 # Every test here runs on one server and on a 3-primary cluster (tests/conftest.py).
 BACKENDS = ("server", "cluster")
 
 ROOT = Path(__file__).resolve().parent.parent
-AGENT = "planner"  # defined by the default app, workers.demo
+AGENT = "planner"  # defined by the demo app, workers.demo
+APP = ("--app", "workers.demo")
 KEYS = Keys().agent(AGENT)
 
 
 def cli(url: str, *args: str, stdin: str | None = None):
-    result = CliRunner().invoke(main, ["--redis-url", url, *args], input=stdin)
+    result = CliRunner().invoke(main, ["--redis-url", url, *APP, *args], input=stdin)
     assert result.exception is None or isinstance(result.exception, SystemExit), result.output
     return result
 
 
 def failing_cli(monkeypatch, capsys, url: str, *args: str, stdin: str = "") -> tuple[int, str]:
     """Run the real entry point; returns (exit status, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["handoff", "--redis-url", url, *args])
+    monkeypatch.setattr(sys, "argv", ["handoff", "--redis-url", url, *APP, *args])
     monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
     with pytest.raises(SystemExit) as e:
         run()
@@ -143,6 +144,21 @@ def test_an_unknown_agent_is_refused_naming_the_defined_ones(
     assert raw_redis.dbsize() == 0
 
 
+def test_without_an_app_an_agent_the_server_has_not_seen_is_refused(
+    redis_url, raw_redis, monkeypatch, capsys
+):
+    monkeypatch.setattr(sys, "argv", ["handoff", "--redis-url", redis_url, "enqueue", "x", "{}"])
+    with pytest.raises(SystemExit) as e:
+        run()
+    assert e.value.code != 0
+    assert_one_line_error(capsys.readouterr().err, "unknown agent 'x'", "known: none", "--app")
+    assert raw_redis.dbsize() == 0
+    with Client(redis_url) as client:
+        client.enqueue("x", {})  # now the server has seen it: no app needed
+    result = CliRunner().invoke(main, ["--redis-url", redis_url, "enqueue", "x", "{}"])
+    assert result.exit_code == 0 and result.output.startswith("x."), result.output
+
+
 @pytest.mark.parametrize(
     "args, fragment",
     [
@@ -160,7 +176,7 @@ def test_bad_options_are_one_line_errors(redis_url, raw_redis, monkeypatch, caps
 
 def test_the_installed_command_reports_malformed_json_in_one_line(redis_url, raw_redis):
     done = subprocess.run(
-        [str(ROOT / ".venv" / "bin" / "handoff"), "--redis-url", redis_url,
+        [str(ROOT / ".venv" / "bin" / "handoff"), "--redis-url", redis_url, *APP,
          "enqueue", AGENT, "{nope"],
         capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"},
     )  # fmt: skip
@@ -239,3 +255,14 @@ def test_dead_commands_reject_bad_agent_names(redis_url, monkeypatch, capsys):
         code, err = failing_cli(monkeypatch, capsys, redis_url, "dead", *command, "{bad}")
         assert code != 0
         assert_one_line_error(err, "invalid agent name")
+
+
+@pytest.mark.parametrize("command", [["supervise", "--agents", "planner=1"], ["worker", "planner"]])
+def test_without_an_app_running_agents_is_a_one_line_error_naming_app(
+    redis_url, monkeypatch, capsys, command
+):
+    monkeypatch.setattr(sys, "argv", ["handoff", "--redis-url", redis_url, *command])
+    with pytest.raises(SystemExit) as e:
+        run()
+    assert e.value.code != 0
+    assert_one_line_error(capsys.readouterr().err, "no app module", "--app MODULE")

@@ -11,12 +11,12 @@ from collections.abc import Iterator
 import orjson
 import pytest
 
-from config import RedisPoolConfig, Settings
-from core.client import Client, ResultTimeout, TaskDead, build_task
-from core.errors import InvalidAgentName, InvalidPayload
-from core.keys import Keys
-from core.protocol import ClaimRequest, Completion, Failure, TaskQueue, TaskRejected
-from core.task import PRIORITY_SHIFT
+from handoff.client import Client, ResultTimeout, TaskDead, build_task
+from handoff.config import RedisPoolConfig, Settings
+from handoff.errors import InvalidAgentName, InvalidPayload
+from handoff.protocol.keys import Keys
+from handoff.protocol.queue import ClaimRequest, Completion, Failure, TaskQueue, TaskRejected
+from handoff.protocol.task import PRIORITY_SHIFT
 
 # Every test here runs on one server and on a 3-primary cluster (tests/conftest.py).
 BACKENDS = ("server", "cluster")
@@ -38,7 +38,7 @@ def client(settings) -> Iterator[Client]:
 @pytest.fixture
 def worker_queue(settings) -> Iterator[TaskQueue]:
     """A second, independent connection pool playing the worker."""
-    from core.manager import RedisManager
+    from handoff.connection.manager import RedisManager
 
     q = TaskQueue(RedisManager(settings.redis, background=False), settings)
     yield q

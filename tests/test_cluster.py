@@ -13,13 +13,12 @@ import threading
 import pytest
 from redis.crc import key_slot
 
-from core.errors import RedisUnavailable
-from core.keys import Keys
-from core.task import derived_task_id
-
-from failover import kill_a_primary_under_load, record
-from procs import executions, stat, wait_until
-from topologies import free_tcp_port, start_cluster
+from handoff.errors import RedisUnavailable
+from handoff.protocol.keys import Keys
+from handoff.protocol.task import derived_task_id
+from harness.failover import kill_a_primary_under_load, record
+from harness.procs import executions, stat, wait_until
+from harness.topologies import free_tcp_port, start_cluster
 
 BACKENDS = ("cluster",)
 KEYS = Keys()

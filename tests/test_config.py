@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from hypothesis import given
 from hypothesis import strategies as st
 
-from config import (
+from handoff.config import (
     PRESETS,
     ConfigError,
     RedisPoolConfig,
@@ -26,7 +26,7 @@ from config import (
     redact_url,
     settings_to_dict,
 )
-from config.defaults import default_run_dir, default_socket_path
+from handoff.config.defaults import default_run_dir, default_socket_path
 
 SECRET_URL = "redis://user:s3cr3t-pass@host:6379/0"
 SECRET_PASSWORD = "hunter2-secret"
@@ -216,7 +216,7 @@ def test_toml_tables_and_typed_overrides(tmp_path):
     assert settings.key_prefix == "hx"
     assert settings.redis.tls and settings.redis.db == 3
     assert settings.agents == {"a": 1}  # agents is one setting: a later layer replaces it
-    assert settings.app == "workers"  # None means "flag not given"
+    assert settings.app == ""  # None means "flag not given"; no app by default
 
 
 def test_the_example_file_documents_the_defaults():
@@ -559,8 +559,8 @@ def test_settings_to_dict_redacts_unless_asked_not_to():
 
 @pytest.fixture
 def cli():
-    from core.cli import main
-    from core.cli.config_cmd import config_group
+    from handoff.cli import main
+    from handoff.cli.config_cmd import config_group
 
     if "config" not in main.commands:
         main.add_command(config_group)

@@ -12,7 +12,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from faultproxy import FaultProxy
+from harness.faultproxy import FaultProxy
 
 
 @pytest.fixture

@@ -11,10 +11,9 @@ from pathlib import Path
 import orjson
 import pytest
 
-from config import RedisPoolConfig, Settings
-from core.client import Client
-
-from procs import ROOT, wait_until
+from handoff.client import Client
+from handoff.config import RedisPoolConfig, Settings
+from harness.procs import ROOT, wait_until
 
 HONCHO = Path(sys.executable).with_name("honcho")
 

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from core.errors import InvalidAgentName, InvalidPayload
-from core.keys import AGENT_KEY_NAMES, Keys, check_agent, check_claim_id, check_task_id
-from core.task import agent_of, derived_task_id, new_task_id
+from handoff.errors import InvalidAgentName, InvalidPayload
+from handoff.protocol.keys import AGENT_KEY_NAMES, Keys, check_agent, check_claim_id, check_task_id
+from handoff.protocol.task import agent_of, derived_task_id, new_task_id
 
 valid_agents = st.from_regex(r"[a-z0-9][a-z0-9_-]{0,62}", fullmatch=True)
 BAD_CHARS = "{}:* \n\t\r\x00.A/\\\"'"
@@ -151,8 +151,8 @@ bad_agents = st.one_of(
 def test_bad_names_are_rejected_before_any_redis_call(redis_url, monkeypatch, agent):
     import redis
 
-    from config import RedisPoolConfig, Settings
-    from core.client import Client
+    from handoff.client import Client
+    from handoff.config import RedisPoolConfig, Settings
 
     sent: list[bytes] = []
     original = redis.connection.AbstractConnection.send_packed_command
@@ -187,7 +187,7 @@ def test_bad_names_are_rejected_before_any_redis_call(redis_url, monkeypatch, ag
 
 # -- the scripts' keys -------------------------------------------------------------------
 
-LUA = Path(__file__).resolve().parent.parent / "core" / "lua"
+LUA = Path(__file__).resolve().parent.parent / "core" / "protocol" / "lua"
 # The key argument of every call that touches a key: redis.call/pcall('CMD', key, ...) and
 # the prelude's helpers that pass their key on to redis.call.
 KEY_ARGUMENT = re.compile(

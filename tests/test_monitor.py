@@ -11,13 +11,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from redis.cluster import RedisCluster
 
-from config import RedisPoolConfig, Settings
-from core.manager import RedisManager
-from core.monitor import Monitor
-from core.monitor_view import render
-from core.protocol import TaskQueue
-
-from procs import HandoffProcess, handoff_env, stat, wait_until
+from handoff.config import RedisPoolConfig, Settings
+from handoff.connection.manager import RedisManager
+from handoff.observe.monitor import Monitor
+from handoff.observe.view import render
+from handoff.protocol.queue import TaskQueue
+from harness.procs import HandoffProcess, handoff_env, stat, wait_until
 
 # Every test here runs on one server and on a 3-primary cluster (tests/conftest.py).
 BACKENDS = ("server", "cluster")
@@ -231,7 +230,7 @@ def test_the_snapshot_names_the_deployment_and_on_a_cluster_each_agents_node(
 
 
 def test_the_monitor_logs_each_change_once_not_each_tick(caplog):
-    from core.cli.monitor_cmds import _log_changes
+    from handoff.cli.monitor_cmds import _log_changes
 
     def snap(redis_ok=True, workers=(), nodes=None):
         redis_view = {"ok": redis_ok, "error": "refused"}
@@ -251,7 +250,7 @@ def test_the_monitor_logs_each_change_once_not_each_tick(caplog):
         snap(workers=["w1"], nodes={"n1": True, "n2": False}),
         snap(workers=["w1"], nodes={"n1": True, "n2": True}),
     ]
-    with caplog.at_level("INFO", logger="core.monitor"):
+    with caplog.at_level("INFO", logger="handoff.observe.monitor"):
         for tick in ticks:
             _log_changes(tick, health)
     said = [r.getMessage() for r in caplog.records]

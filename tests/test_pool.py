@@ -18,19 +18,18 @@ from collections.abc import Callable, Iterator
 import pytest
 import redis
 
-from config import RedisPoolConfig
-from core.errors import (
+from handoff.config import RedisPoolConfig
+from handoff.connection.embedded_server import ServerProcess
+from handoff.connection.manager import RedisManager, get_manager, reset_manager
+from handoff.errors import (
     AuthenticationFailed,
     PoolExhausted,
     RedisCommandError,
     RedisUnavailable,
     WrongProcess,
 )
-from core.manager import RedisManager, get_manager, reset_manager
-from core.server import ServerProcess
-
-from faultproxy import FaultProxy
-from procs import wait_until
+from harness.faultproxy import FaultProxy
+from harness.procs import wait_until
 
 QUIET = {"health_check_interval_s": 60.0, "idle_check_freq_s": 60.0}
 

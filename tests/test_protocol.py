@@ -15,15 +15,14 @@ import pytest
 import redis
 import redis.exceptions as rex
 
-from config import RedisPoolConfig, Settings
-from core import scripts
-from core.errors import HandoffError, InvalidPayload, NotReplicated
-from core.keys import Keys
-from core.manager import RedisManager
-from core.protocol import ClaimRequest, Completion, Failure, TaskQueue
-from core.task import Task, derived_task_id, new_task_id
-
-from faultproxy import FaultProxy
+from handoff.config import RedisPoolConfig, Settings
+from handoff.connection.manager import RedisManager
+from handoff.errors import HandoffError, InvalidPayload, NotReplicated
+from handoff.protocol import scripts
+from handoff.protocol.keys import Keys
+from handoff.protocol.queue import ClaimRequest, Completion, Failure, TaskQueue
+from handoff.protocol.task import Task, derived_task_id, new_task_id
+from harness.faultproxy import FaultProxy
 
 # Every test here runs on one server and on a 3-primary cluster (conftest.py).
 BACKENDS = ("server", "cluster")

@@ -24,14 +24,13 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from config import RedisPoolConfig, Settings
-from core.client import Client
-from core.keys import Keys
-from core.manager import RedisManager
-from core.protocol import ClaimRequest, Completion, Failure, TaskQueue
-from core.task import EPOCH_MS, PRIORITY_SHIFT, Task, derived_task_id
-
-from procs import plain_client
+from handoff.client import Client
+from handoff.config import RedisPoolConfig, Settings
+from handoff.connection.manager import RedisManager
+from handoff.protocol.keys import Keys
+from handoff.protocol.queue import ClaimRequest, Completion, Failure, TaskQueue
+from handoff.protocol.task import EPOCH_MS, PRIORITY_SHIFT, Task, derived_task_id
+from harness.procs import plain_client
 
 # The model check runs on one server and on a 3-primary cluster (tests/conftest.py).
 BACKENDS = ("server", "cluster")

@@ -17,8 +17,9 @@ import redis.exceptions as rex
 from hypothesis import given
 from hypothesis import strategies as st
 
-from core.breaker import CircuitBreaker
-from core.errors import (
+from handoff.connection.breaker import CircuitBreaker
+from handoff.connection.retry import ExponentialBackoff, RetryPolicy, is_retriable
+from handoff.errors import (
     AuthenticationFailed,
     CircuitOpen,
     PermissionDenied,
@@ -27,10 +28,8 @@ from core.errors import (
     RedisUnavailable,
     ServerOutOfMemory,
 )
-from core.retry import ExponentialBackoff, RetryPolicy, is_retriable
-
-from faultproxy import FaultProxy
-from procs import wait_until
+from harness.faultproxy import FaultProxy
+from harness.procs import wait_until
 
 QUIET = {"health_check_interval_s": 60.0, "idle_check_freq_s": 60.0, "min_idle_conns": 0}
 

@@ -10,14 +10,13 @@ from __future__ import annotations
 import pytest
 import redis
 
-from config import RedisPoolConfig, Settings
-from core.client import Client
-from core.errors import NotReplicated, RedisUnavailable
-
-from failover import kill_a_primary_under_load, record
-from faultproxy import FaultProxy
-from procs import wait_until
-from topologies import HOST, free_tcp_port, start_sentinel_group
+from handoff.client import Client
+from handoff.config import RedisPoolConfig, Settings
+from handoff.errors import NotReplicated, RedisUnavailable
+from harness.failover import kill_a_primary_under_load, record
+from harness.faultproxy import FaultProxy
+from harness.procs import wait_until
+from harness.topologies import HOST, free_tcp_port, start_sentinel_group
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from collections import Counter
 
 import psutil
 
-from procs import HandoffProcess, executions, handoff_env, stat, wait_until
+from harness.procs import HandoffProcess, executions, handoff_env, stat, wait_until
 
 
 def test_sigkill_of_a_worker_redelivers_only_what_it_held(start, client, raw_redis):

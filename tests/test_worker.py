@@ -9,7 +9,7 @@ from collections import Counter
 import psutil
 import pytest
 
-from procs import HandoffProcess, executions, handoff_env, stat, wait_until
+from harness.procs import HandoffProcess, executions, handoff_env, stat, wait_until
 
 
 def test_repeated_sigterm_is_harmless_and_nothing_is_lost(start, client, raw_redis):

@@ -1,4 +1,4 @@
-"""Agent definitions. The demo chain lives in workers.demo; add your own modules here
-and import them below, or point --app at your own module."""
+"""Agent definitions kept in the checkout (not installed): the demo team in workers.demo.
 
-from workers import demo  # noqa: F401  (registers the demo agents)
+Run yours with `handoff --app workers.yourmodule ...`, or point --app at any module.
+"""

@@ -2,16 +2,20 @@
 
 planner -> coder -> reviewer, and the reviewer sometimes sends the code back to the coder
 (at most twice), so `./scripts/run` shows real handoffs, retries of a flaky step, and a
-chain you can follow with `handoff inspect task ID`.
+chain you can follow with `handoff inspect task ID`. The Procfile runs the team with
+`handoff --app workers.demo supervise ...` and feeds it with `python -m workers.demo`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+import signal
 import time
 
-from core import Handoff, agent
+import click
+
+from handoff import Client, Handoff, RedisUnavailable, agent
 
 
 @agent("planner", max_concurrent=2)
@@ -61,3 +65,42 @@ def produce(client, *, rate_per_s: float, count: int | None = None) -> int:
         if pause > 0:
             time.sleep(pause)
     return sent
+
+
+def _wait_for_server(client: Client, timeout_s: float = 30.0) -> None:
+    """The producer may start before the server (honcho starts everything at once)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client.agents()
+            return
+        except RedisUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def _stop(_signum, _frame) -> None:
+    raise KeyboardInterrupt
+
+
+@click.command()
+@click.option("--rate", type=click.FloatRange(0.01, 100_000), default=2.0, help="Tasks a second.")
+@click.option("--count", type=click.IntRange(1), default=None, help="Stop after this many.")
+def main(rate: float, count: int | None) -> None:
+    """Feed the demo planner with feature requests (REDIS_URL, or the embedded server)."""
+    with Client() as client:
+        _wait_for_server(client)
+        click.echo(f"demo producer: {rate:g} feature request(s)/s to planner", err=True)
+        signal.signal(signal.SIGTERM, _stop)
+        try:
+            sent = produce(client, rate_per_s=rate, count=count)
+        except KeyboardInterrupt:
+            sent = None
+    click.echo(
+        "demo producer: stopped" if sent is None else f"demo producer: sent {sent}", err=True
+    )
+
+
+if __name__ == "__main__":
+    main()

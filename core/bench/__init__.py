@@ -1,4 +1,5 @@
-"""Benchmarks behind `handoff bench`: one module per benchmark, each starting its own server.
+"""The engine's own benchmarks on the user's server: the pool manager and the queue
+protocol. The cross-system comparison lives in the checkout's benchmarks/ folder.
 
-Performance is shown here, by scripts printing figures side by side, never by timed tests.
+May import: handoff.client and the layers below it. Nothing above it.
 """

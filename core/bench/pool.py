@@ -27,9 +27,9 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from config import RedisPoolConfig
-from core.manager import RedisManager
-from core.server import spawn_server
+from handoff.config import RedisPoolConfig
+from handoff.connection.embedded_server import spawn_server
+from handoff.connection.manager import RedisManager
 
 # The seed document's figures (ops/s), and its "-80%" connection overhead with pooling.
 SEED_OPS = {"single": 1_500, "batch": 5_000, "concurrent": 3_000}

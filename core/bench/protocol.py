@@ -33,10 +33,10 @@ from functools import partial
 
 import redis
 
-from config import RedisPoolConfig, Settings
-from core.client import Client
-from core.protocol import ClaimRequest, Completion, TaskQueue
-from core.server import spawn_server
+from handoff.client import Client
+from handoff.config import RedisPoolConfig, Settings
+from handoff.connection.embedded_server import spawn_server
+from handoff.protocol.queue import ClaimRequest, Completion, TaskQueue
 
 AGENT = "bench"
 PAYLOAD = {"code": 'func main() { fmt.Println("hello") }', "lang": "go", "n": 0}
@@ -176,7 +176,7 @@ class Bench:
 
 
 def _sample_blob() -> bytes:
-    from core.client import build_task
+    from handoff.client import build_task
 
     return build_task(AGENT, PAYLOAD).to_json()
 

@@ -10,8 +10,8 @@ import sys
 
 import click
 
-from core.cli.common import CliState
-from core.errors import ConfigError, HandoffError
+from handoff.cli.common import CliState
+from handoff.errors import ConfigError, HandoffError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -25,7 +25,7 @@ from core.errors import ConfigError, HandoffError
     "--config", "config_file", type=click.Path(dir_okay=False), help="A TOML settings file."
 )
 @click.option("--preset", help="development | production | high_availability")
-@click.option("--app", help="Module where agents are defined (default: workers).")
+@click.option("--app", help="Module where your @agent functions are defined (e.g. workers.demo).")
 @click.option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")
 @click.pass_context
 def main(ctx, redis_url, config_file, preset, app, log_level) -> None:
@@ -40,7 +40,7 @@ def main(ctx, redis_url, config_file, preset, app, log_level) -> None:
 
 
 def _register() -> None:
-    from core.cli import commands
+    from handoff.cli import commands
 
     for command in commands.ALL:
         main.add_command(command)

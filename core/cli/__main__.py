@@ -1,3 +1,3 @@
-from core.cli import run
+from handoff.cli import run
 
 run()

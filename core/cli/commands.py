@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from core.cli.bench_cmd import bench
-from core.cli.config_cmd import config_group
-from core.cli.demo_cmd import demo
-from core.cli.monitor_cmds import health, inspect_workers_command, monitor
-from core.cli.ops_cmds import scale
-from core.cli.run_cmds import redis, supervise, worker
-from core.cli.task_cmds import dead, enqueue, inspect
+from handoff.cli.bench_cmd import bench
+from handoff.cli.config_cmd import config_group
+from handoff.cli.monitor_cmds import health, inspect_workers_command, monitor
+from handoff.cli.ops_cmds import scale
+from handoff.cli.run_cmds import redis, supervise, worker
+from handoff.cli.task_cmds import dead, enqueue, inspect
 
 inspect_workers_command(inspect)
 
@@ -22,7 +21,6 @@ ALL: list = [
     monitor,
     health,
     redis,
-    demo,
     bench,
     config_group,
 ]

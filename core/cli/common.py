@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from config import Settings, load_settings
+from handoff.config import Settings, load_settings
 
 
 @dataclass
@@ -47,8 +47,8 @@ def parse_counts(text: str) -> dict[str, int]:
     """'a=2,b=1' -> {'a': 2, 'b': 1}, with a one-line error naming the bad part."""
     import click
 
-    from core.errors import InvalidAgentName
-    from core.keys import check_agent
+    from handoff.errors import InvalidAgentName
+    from handoff.protocol.keys import check_agent
 
     counts: dict[str, int] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):

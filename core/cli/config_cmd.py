@@ -11,8 +11,8 @@ from typing import Any
 
 import click
 
-from config import ConfigError, settings_to_dict
-from core.cli.common import CliState
+from handoff.cli.common import CliState
+from handoff.config import ConfigError, settings_to_dict
 
 
 class ConfigFailure(click.ClickException):

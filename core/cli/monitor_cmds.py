@@ -10,16 +10,16 @@ import time
 
 import click
 
-from core.cli.common import print_json, print_table
+from handoff.cli.common import print_json, print_table
 
-log = logging.getLogger("core.monitor")
+log = logging.getLogger("handoff.observe.monitor")
 LOG_EVERY_S = 10.0
 
 
 def _monitor(state):
-    from core.manager import get_manager
-    from core.monitor import Monitor
-    from core.protocol import TaskQueue
+    from handoff.connection.manager import get_manager
+    from handoff.observe.monitor import Monitor
+    from handoff.protocol.queue import TaskQueue
 
     settings = state.settings
     return Monitor(TaskQueue(get_manager(settings.redis), settings))
@@ -38,7 +38,7 @@ def monitor(state, once, as_json, interval_s, metrics_port, metrics_addr) -> Non
     On a terminal: a refreshing table. Otherwise (under honcho): a line per agent every
     10 s, and one log line whenever a worker's health changes.
     """
-    from core.monitor_view import log_lines, problem_lines, render
+    from handoff.observe.view import log_lines, problem_lines, render
 
     watcher = _monitor(state)
     if once:
@@ -51,7 +51,7 @@ def monitor(state, once, as_json, interval_s, metrics_port, metrics_addr) -> Non
     interval = interval_s or state.settings.monitor_interval_s
     latest: dict = {}
     if metrics_port:
-        from core.metrics_export import serve
+        from handoff.observe.metrics_export import serve
 
         serve(metrics_port, lambda: latest.get("snapshot"), addr=metrics_addr)
         log.info("monitor: Prometheus metrics on http://%s:%d/metrics", metrics_addr, metrics_port)
@@ -116,7 +116,7 @@ def _log_changes(snapshot: dict, health: dict[str, bool]) -> None:
 @click.pass_obj
 def health(state) -> None:
     """Exit 0 when Redis and every worker are healthy, 1 otherwise (one line per problem)."""
-    from core.monitor_view import problem_lines
+    from handoff.observe.view import problem_lines
 
     snapshot = _monitor(state).snapshot()
     for line in problem_lines(snapshot):
@@ -134,7 +134,7 @@ def inspect_workers_command(inspect_group: click.Group) -> None:
     @click.pass_obj
     def inspect_workers(state, as_json: bool) -> None:
         """Every live worker: state, load, memory, CPU, heartbeat and health."""
-        from core.monitor_view import WORKER_COLUMNS, worker_rows
+        from handoff.observe.view import WORKER_COLUMNS, worker_rows
 
         snapshot = _monitor(state).snapshot()
         if as_json:

@@ -7,7 +7,7 @@ import sys
 import click
 import orjson
 
-from core.cli.common import parse_counts
+from handoff.cli.common import parse_counts
 
 
 @click.command()
@@ -18,9 +18,9 @@ def scale(state, counts: tuple[str, ...]) -> None:
 
     Sent as a control message through Redis to every live supervisor (each runs N).
     """
-    from core.keys import Keys
-    from core.manager import get_manager
-    from core.task import now_ms
+    from handoff.connection.manager import get_manager
+    from handoff.protocol.keys import Keys
+    from handoff.protocol.task import now_ms
 
     wanted = parse_counts(",".join(counts))
     settings = state.settings

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import click
 
-from core import exits
-from core.agents import AppLoadError, get_spec
-from core.cli.common import parse_counts
-from core.errors import HandoffError
-from core.server_checks import UnsafeServer
+from handoff.cli.common import parse_counts
+from handoff.connection.server_checks import UnsafeServer
+from handoff.errors import HandoffError
+from handoff.runtime import exits
+from handoff.runtime.agents import AppLoadError, get_spec
 
 
 @click.command()
@@ -26,7 +26,7 @@ def supervise(state, agents_arg: str | None) -> None:
     QUIT stops fast; HUP re-reads the config and rolls the workers one by one;
     TTIN/TTOU add/remove one worker per agent type.
     """
-    from core.supervisor import Supervisor
+    from handoff.runtime.supervisor import Supervisor
 
     settings = state.settings
     agents = parse_counts(agents_arg) if agents_arg else dict(settings.agents)
@@ -46,7 +46,7 @@ def supervise(state, agents_arg: str | None) -> None:
 @click.pass_obj
 def worker(state, agent: str) -> None:
     """Run one worker process for AGENT (no supervisor)."""
-    from core.worker import Worker
+    from handoff.runtime.worker import Worker
 
     settings = state.settings
     try:
@@ -67,10 +67,15 @@ def worker(state, agent: str) -> None:
 )
 def redis(port: int, persist: bool, if_needed: bool) -> None:
     """Run the embedded development server on the project's well-known socket."""
-    from core.server import default_run_dir, default_socket_path, find_server_binary, server_args
+    from handoff.connection.embedded_server import (
+        default_run_dir,
+        default_socket_path,
+        find_server_binary,
+        server_args,
+    )
 
     if if_needed and os.environ.get("REDIS_URL"):
-        from config import redact_url
+        from handoff.config import redact_url
 
         click.echo(f"REDIS_URL is set ({redact_url(os.environ['REDIS_URL'])}): no embedded server")
         stop_signals = {signal.SIGTERM, signal.SIGINT}

@@ -8,16 +8,16 @@ from typing import Any
 import click
 import orjson
 
-from core.cli.common import print_json, print_table
-from core.errors import InvalidAgentName, InvalidPayload
-from core.keys import check_agent
+from handoff.cli.common import print_json, print_table
+from handoff.errors import InvalidAgentName, InvalidPayload
+from handoff.protocol.keys import check_agent
 
 STDIN_BATCH = 1000
 
 
 def _client(state):
     """A Client for one command; use it in a with block so its pool is closed."""
-    from core.client import Client
+    from handoff.client import Client
 
     return Client(settings=state.settings)
 
@@ -42,13 +42,13 @@ def enqueue(state, agent: str, payload: str, priority: int, delay_s: float, key:
     and nothing of its batch is written.
     """
     check_agent(agent)
-    check_known_agent(state.settings.app, agent)
+    check_known_agent(state, agent)
     with _client(state) as client:
         _enqueue(client, agent, payload, priority, delay_s, key)
 
 
 def _enqueue(client, agent: str, payload: str, priority: int, delay_s: float, key: str | None):
-    from core.protocol import TaskRejected
+    from handoff.protocol.queue import TaskRejected
 
     if payload != "-":
         value = _parse(payload, where="PAYLOAD")
@@ -87,16 +87,29 @@ def _at_line(number: int, problem: str, sent: int) -> str:
     return f"stdin line {number}: {problem}; nothing of its batch was enqueued{note}"
 
 
-def check_known_agent(app: str, agent: str) -> None:
-    """An agent no app defines would wait forever: refuse it, naming the ones that exist."""
-    from core.agents import load_app
+def check_known_agent(state, agent: str) -> None:
+    """An agent nobody defines would wait forever: refuse it, naming the ones that exist.
 
-    defined = load_app(app)
-    if agent not in defined:
-        known = ", ".join(sorted(defined)) or "none"
+    With --app, the app's definitions decide; without, the agent types this server has
+    already seen (the registry), so a typo is refused without importing anything."""
+    from handoff.runtime.agents import load_app
+
+    app = state.settings.app
+    if app:
+        defined = load_app(app)
+        if agent not in defined:
+            known = ", ".join(sorted(defined)) or "none"
+            raise InvalidAgentName(
+                f"unknown agent {agent!r}: app {app!r} does not define it (defined: {known}; "
+                "pass --app MODULE where it is defined)"
+            )
+        return
+    seen = _call(state, "agents")
+    if agent not in seen:
+        known = ", ".join(seen) or "none"
         raise InvalidAgentName(
-            f"unknown agent {agent!r}: app {app!r} does not define it (defined: {known}; "
-            "pass --app MODULE where it is defined)"
+            f"unknown agent {agent!r}: this server has not seen it (known: {known}); "
+            "pass --app MODULE to check it against your agent definitions"
         )
 
 

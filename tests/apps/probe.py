@@ -16,9 +16,8 @@ import time
 
 import redis
 
-from core import Handoff, agent
-
-from procs import plain_client
+from handoff import Handoff, agent
+from harness.procs import plain_client
 
 _client: redis.Redis | None = None
 _client_pid = 0

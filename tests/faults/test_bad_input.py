@@ -12,14 +12,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from config import RedisPoolConfig, Settings
-from core.client import Client
-from core.errors import InvalidAgentName, InvalidPayload
-from core.keys import AGENT_NAME, Keys, check_agent
-from core.manager import RedisManager
-from core.protocol import ClaimRequest, TaskQueue
-
-from procs import ROOT, handoff_env, stat, wait_until
+from handoff.client import Client
+from handoff.config import RedisPoolConfig, Settings
+from handoff.connection.manager import RedisManager
+from handoff.errors import InvalidAgentName, InvalidPayload
+from handoff.protocol.keys import AGENT_NAME, Keys, check_agent
+from handoff.protocol.queue import ClaimRequest, TaskQueue
+from harness.procs import ROOT, handoff_env, stat, wait_until
 
 # Every test here runs on one server and on a 3-primary cluster (tests/conftest.py).
 BACKENDS = ("server", "cluster")
@@ -66,7 +65,7 @@ def test_9_five_reapers_requeue_each_expired_lease_exactly_once(redis_url, clien
 def _cli(redis_url: str, *args: str, stdin: bytes = b"") -> subprocess.CompletedProcess:
     env = handoff_env(redis_url, app="apps.probe")
     return subprocess.run(
-        [sys.executable, "-m", "core.cli", *args],
+        [sys.executable, "-m", "handoff", *args],
         input=stdin,
         capture_output=True,
         cwd=ROOT,

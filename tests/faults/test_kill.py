@@ -9,8 +9,9 @@ import time
 import psutil
 import pytest
 
+from harness.procs import executions, stat, wait_until
+
 from faults.checker import check
-from procs import executions, stat, wait_until
 
 # Every test here runs on one server and on a 3-primary cluster (tests/conftest.py).
 BACKENDS = ("server", "cluster")
@@ -111,8 +112,8 @@ def test_4_poison_is_buried_at_the_delivery_limit_without_a_hot_crash_loop(
 
 
 def test_10_forked_children_after_parent_used_redis_get_their_own_sockets(redis_url):
-    from config import RedisPoolConfig
-    from core.manager import get_manager, reset_manager
+    from handoff.config import RedisPoolConfig
+    from handoff.connection.manager import get_manager, reset_manager
 
     reset_manager()
     parent = get_manager(RedisPoolConfig(url=redis_url, min_idle_conns=5))

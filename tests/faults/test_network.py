@@ -9,13 +9,13 @@ import orjson
 import psutil
 import pytest
 
-from config import RedisPoolConfig, Settings
-from core.manager import RedisManager
-from core.protocol import ClaimRequest, TaskQueue
+from handoff.config import RedisPoolConfig, Settings
+from handoff.connection.manager import RedisManager
+from handoff.protocol.queue import ClaimRequest, TaskQueue
+from harness.faultproxy import FaultProxy
+from harness.procs import executions, stat, wait_until
 
-from faultproxy import FaultProxy
 from faults.checker import check
-from procs import executions, stat, wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -11,21 +11,21 @@ from pathlib import Path
 
 import pytest
 
-from config import RedisPoolConfig, Settings
-from core.client import Client
-from core.errors import (
+from handoff.client import Client
+from handoff.config import RedisPoolConfig, Settings
+from handoff.connection.embedded_server import ServerProcess, spawn_server
+from handoff.connection.manager import RedisManager
+from handoff.errors import (
     HandoffError,
     InvalidPayload,
     PermissionDenied,
     ServerOutOfMemory,
     TLSVerificationFailed,
 )
-from core.manager import RedisManager
-from core.protocol import ClaimRequest, TaskQueue
-from core.server import ServerProcess, spawn_server
+from handoff.protocol.queue import ClaimRequest, TaskQueue
+from harness.procs import ROOT, HandoffProcess, executions, handoff_env, stat, wait_until
 
 from faults.checker import check
-from procs import ROOT, HandoffProcess, executions, handoff_env, stat, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -234,7 +234,7 @@ def test_14_tls_works_with_the_right_ca_and_fails_closed_otherwise(tls_server, c
     texts.append(caplog.text)
     from click.testing import CliRunner
 
-    from core.cli import main
+    from handoff.cli import main
 
     show = CliRunner().invoke(
         main, ["--redis-url", f"rediss://:tls-s3cret-pw@localhost:{port}/0", "config", "show"]

@@ -9,13 +9,13 @@ import time
 import psutil
 import pytest
 
-from config import RedisPoolConfig, Settings
-from core.client import Client
-from core.errors import HandoffError
-from core.server import spawn_server
+from handoff.client import Client
+from handoff.config import RedisPoolConfig, Settings
+from handoff.connection.embedded_server import spawn_server
+from handoff.errors import HandoffError
+from harness.procs import executions, wait_until
 
 from faults.checker import check
-from procs import executions, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -93,13 +93,16 @@ def test_5_server_killed_under_load_keeps_acked_enqueues_and_workers_resume(
         server.stop()
 
 
+WORKER_LOG_LINE = r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) \w+ handoff\.runtime\.worker"
+
+
 def _lines_between(output: str, start_mono: float, end_mono: float) -> list[str]:
     """Worker log lines written during the outage (log timestamps are wall-clock)."""
     now_wall, now_mono = time.time(), time.monotonic()
     start_wall, end_wall = now_wall - (now_mono - start_mono), now_wall - (now_mono - end_mono)
     lines = []
     for line in output.splitlines():
-        match = re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) \w+ core\.worker", line)
+        match = re.match(WORKER_LOG_LINE, line)
         if not match:
             continue
         stamp = time.mktime(time.strptime(match.group(1), "%Y-%m-%d %H:%M:%S"))

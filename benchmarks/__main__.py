@@ -1,0 +1,63 @@
+"""`python -m benchmarks e2e|compare`: handoff beside Celery, Dramatiq, Huey, RQ and arq.
+
+Runs from a checkout (./scripts/bench installs the peers first); not part of the wheel.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Cross-system benchmarks: same workloads, same machine, same run."""
+
+
+@main.command("e2e")
+@click.option("--quick", is_flag=True, help="Smaller workloads, 1 run (under 3 minutes).")
+@click.option("--runs", type=click.IntRange(1, 20), default=None, help="Default 3; --quick 1.")
+@click.option(
+    "--systems",
+    default=None,
+    help="Comma-separated: handoff,handoff-pf32,celery,dramatiq,huey,rq,arq (default: all).",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where the table and chart go. Default docs/ (--quick: .run/bench/).",
+)
+def e2e(quick: bool, runs: int | None, systems: str | None, out_dir: Path | None) -> None:
+    """handoff vs Celery, Dramatiq, Huey, RQ and arq: same workloads, same machine, one run."""
+    from benchmarks.e2e import run_e2e
+    from benchmarks.report import render_markdown
+
+    chosen = [s.strip() for s in systems.split(",")] if systems else None
+    target = out_dir or Path(".run/bench" if quick else "docs")
+    results = run_e2e(quick, runs or (1 if quick else 3), chosen, target)
+    click.echo(render_markdown(results))
+
+
+@main.command("compare")
+@click.argument(
+    "raw_json",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=".run/bench/e2e.json",
+)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default="docs")
+def compare(raw_json: Path, out_dir: Path) -> None:
+    """Re-render the comparison table and chart from a saved run (no re-run)."""
+    import json
+
+    from benchmarks.report import render_markdown, write
+
+    results = json.loads(raw_json.read_text())
+    write(results, out_dir)
+    click.echo(render_markdown(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,21 @@
+"""handoff's benchmark agents. Runs in: handoff worker processes (HANDOFF_APP=app_handoff)."""
+
+import asyncio
+
+import bench_probe
+
+from handoff import agent
+
+
+@agent("noop", max_concurrent=8)
+def noop(task):
+    sent, lat = task.payload
+    bench_probe.finished("noop", bench_probe.started(sent, lat))
+
+
+@agent("io", max_concurrent=16)
+async def io(task):
+    sent, lat = task.payload
+    start = bench_probe.started(sent, lat)
+    await asyncio.sleep(0.01)
+    bench_probe.finished("io", start)

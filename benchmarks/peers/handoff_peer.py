@@ -1,0 +1,83 @@
+"""handoff, as a peer of the others.
+
+Settings: `handoff supervise --agents noop=2` (or io=2): the supervisor forks 2 worker
+processes; library defaults otherwise (log level WARNING, prefetch 2, claim batch max 100,
+lease 30 s, heartbeat 1 s, results kept 1 h). Agents (app_handoff): noop is a sync agent with
+max_concurrent=8; io is an async agent with max_concurrent=16. Bulk enqueue is
+Client.enqueue_many in chunks of 1,000 (one round trip each); single is Client.enqueue.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import version
+
+from benchmarks.peers.base import IO, NOOP, Peer, python_argv
+
+CHUNK = 1000
+
+
+class HandoffPeer(Peer):
+    name = "handoff"
+    settings_note = {
+        NOOP: "supervise noop=2, sync agent max_concurrent=8, prefetch 2 (defaults)",
+        IO: "supervise io=2, async agent max_concurrent=16, prefetch 2",
+    }
+    bulk_note = "Client.enqueue_many, 1,000 per call (one round trip)"
+
+    @staticmethod
+    def versions() -> dict[str, str]:
+        return {"handoff": version("handoff"), "redis-py": version("redis")}
+
+    def connect(self, broker_url: str, stats_url: str) -> None:
+        from handoff.client import Client
+        from handoff.config import RedisPoolConfig, Settings
+
+        self.broker_url, self.stats_url = broker_url, stats_url
+        self.client = Client(settings=Settings(redis=RedisPoolConfig(url=broker_url)))
+
+    def close(self) -> None:
+        self.client.close()
+
+    def enqueue_bulk(self, kind: str, payloads: list[tuple[float, int]]) -> None:
+        for i in range(0, len(payloads), CHUNK):
+            self.client.enqueue_many(kind, payloads[i : i + CHUNK])
+
+    def enqueue_one(self, kind: str, payload: tuple[float, int]) -> None:
+        self.client.enqueue(kind, payload)
+
+    def worker_commands(self, kind: str) -> list[list[str]]:
+        argv = python_argv("-m", "handoff", "supervise", "--agents", f"{kind}={self.processes}")
+        return [argv]
+
+    def worker_env(self) -> dict[str, str]:
+        env = super().worker_env()
+        env.update(
+            HANDOFF_REDIS_URL=self.broker_url,
+            HANDOFF_APP="app_handoff",
+            HANDOFF_LOG_LEVEL="WARNING",
+            HANDOFF_PREFETCH="2",  # the default, whatever the caller's environment says
+        )
+        return env
+
+    def slots(self, kind: str) -> int:
+        return 16 if kind == IO else 8
+
+
+class HandoffPrefetchPeer(HandoffPeer):
+    """handoff with HANDOFF_PREFETCH=32: bigger claim batches (the one setting changed).
+
+    Shown beside the defaults because the claim batch size is what bounds a noop drain:
+    see the report's notes.
+    """
+
+    name = "handoff-pf32"
+    prefetch = 32
+    settings_note = {
+        NOOP: "as handoff, with prefetch 32 (HANDOFF_PREFETCH=32)",
+        IO: "as handoff, with prefetch 32",
+    }
+
+    def worker_env(self) -> dict[str, str]:
+        env = super().worker_env()
+        env["HANDOFF_PREFETCH"] = str(self.prefetch)
+        return env

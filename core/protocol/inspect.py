@@ -1,0 +1,97 @@
+"""Read-only views of queues and dead letters, each in one pipelined round trip.
+
+Runs in: admin commands, the monitor. Never scans task payloads: counts come from
+ZCARD/HGETALL, ages from the head of each queue.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+
+from handoff.protocol.queue import TaskQueue
+from handoff.protocol.task import EPOCH_MS, PRIORITY_SHIFT, now_ms
+
+COUNTERS = ("enqueued", "done", "failed", "retried", "dead", "handed_off", "reaped", "stale_acks")
+
+
+def enqueued_ms_from_score(score: float) -> int:
+    """Invert score_for(): the enqueue time encoded in a queue score."""
+    score = int(score)
+    priority = score // PRIORITY_SHIFT
+    return score - priority * PRIORITY_SHIFT + EPOCH_MS
+
+
+def queue_stats(queue: TaskQueue, agents: Sequence[str] | None = None) -> dict[str, dict]:
+    """Per agent: queued, running, delayed, dead, the counters, and the head's age."""
+    names = list(agents) if agents is not None else queue.known_agents()
+    if not names:
+        return {}
+
+    def read(client) -> list:
+        pipe = client.pipeline(transaction=False)
+        for name in names:
+            keys = queue.keys.agent(name)
+            pipe.zcard(keys.queue)
+            pipe.zcard(keys.leases)
+            pipe.zcard(keys.delayed)
+            pipe.zcard(keys.dead)
+            pipe.hgetall(keys.stats)
+            pipe.zrange(keys.queue, 0, 0, withscores=True)
+        return pipe.execute()
+
+    replies = queue.manager.execute_pipelined(read, 6 * len(names))
+    now = now_ms()
+    out: dict[str, dict[str, Any]] = {}
+    for i, name in enumerate(names):
+        queued, running, delayed, dead, counters, head = replies[i * 6 : i * 6 + 6]
+        counts = {k.decode(): int(v) for k, v in counters.items()}
+        age_s = 0.0
+        if head:
+            age_s = max(0.0, (now - enqueued_ms_from_score(head[0][1])) / 1000.0)
+        out[name] = {
+            "queued": queued,
+            "running": running,
+            "delayed": delayed,
+            "dead": dead,
+            **{c: counts.get(c, 0) for c in COUNTERS if c != "dead"},
+            "dead_total": counts.get("dead", 0),
+            "oldest_queued_age_s": round(age_s, 3),
+        }
+    return out
+
+
+def dead_list(queue: TaskQueue, agent: str, limit: int = 100) -> list[dict[str, Any]]:
+    """The oldest dead-lettered tasks of one agent, with their reasons."""
+    keys = queue.keys.agent(agent)
+    entries = queue.manager.execute(lambda c: c.zrange(keys.dead, 0, limit - 1, withscores=True))
+    if not entries:
+        return []
+    ids = [member for member, _ in entries]
+
+    def read(client) -> list:
+        pipe = client.pipeline(transaction=False)
+        pipe.hmget(keys.dead_reasons, ids)
+        pipe.hmget(keys.tasks, ids)
+        return pipe.execute()
+
+    reasons, payloads = queue.manager.execute(read)
+    out = []
+    for (member, score), reason, raw in zip(entries, reasons, payloads, strict=True):
+        item: dict[str, Any] = {"id": member.decode(), "dead_at_ms": int(score)}
+        item.update(_loads_or_raw(reason, "reason"))
+        item["payload_bytes"] = len(raw) if raw else 0
+        out.append(item)
+    return out
+
+
+def _loads_or_raw(raw: bytes | None, field: str) -> dict[str, Any]:
+    if raw is None:
+        return {field: ""}
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return {field: raw.decode(errors="replace")}
+    return value if isinstance(value, dict) else {field: value}

@@ -1,0 +1,197 @@
+"""Every Redis key name handoff uses, built in this one module.
+
+All keys of one agent type carry the hash tag {agent}, so every multi-key script touches
+one cluster slot. Agent names are validated before any key is built.
+
+    <prefix>:{<agent>}:queue        ZSET  id -> priority/FIFO score (ready)
+    <prefix>:{<agent>}:tasks        HASH  id -> task JSON (immutable after enqueue)
+    <prefix>:{<agent>}:leases       ZSET  id -> lease deadline (ms, server time)
+    <prefix>:{<agent>}:tokens       HASH  id -> current lease token
+    <prefix>:{<agent>}:deliveries   HASH  id -> times claimed (poison limit)
+    <prefix>:{<agent>}:attempts     HASH  id -> failed executions so far
+    <prefix>:{<agent>}:scores       HASH  id -> queue score (to requeue in place)
+    <prefix>:{<agent>}:delayed      ZSET  id -> due time (ms)
+    <prefix>:{<agent>}:dead         ZSET  id -> time dead-lettered (ms)
+    <prefix>:{<agent>}:dead_reasons HASH  id -> JSON {reason, error, at}
+    <prefix>:{<agent>}:stats        HASH  counters (enqueued, done, failed, ...)
+    <prefix>:{<agent>}:wake         LIST  wake-up tokens idle workers block on (BLPOP)
+    <prefix>:{<agent>}:result:<id>  STRING done record + result, with a TTL
+    <prefix>:{<agent>}:claim:<cid>  LIST  ids leased by one claim call (replay on retry)
+    <prefix>:agents                 SET   registry of agent names
+    <prefix>:workers                ZSET  worker id -> last heartbeat (ms)
+    <prefix>:worker:<id>            HASH  one worker's health and metrics (TTL)
+    <prefix>:control:<supervisor>   LIST  control messages (scale) for a supervisor
+    <prefix>:supervisors            ZSET  supervisor id -> last heartbeat (ms)
+    <prefix>:monitor                HASH  the monitor's last aggregate (JSON fields)
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from handoff.config.settings import KEY_PREFIX_RE
+from handoff.errors import InvalidAgentName, InvalidPayload
+
+AGENT_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+# '<agent>.<suffix>': generated ids are '<agent>.<26 hex>' or '<agent>.k<24 hex>'.
+TASK_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}\.[A-Za-z0-9_-]{1,64}")
+# A claim id names a replay key and is the lease token: a plain token, no key syntax.
+CLAIM_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def check_agent(name: object) -> str:
+    """Return name if it is a valid agent name, else raise InvalidAgentName (one line)."""
+    if not isinstance(name, str) or AGENT_NAME.fullmatch(name) is None:
+        raise InvalidAgentName(
+            f"invalid agent name {_shown(name)}: must match ^[a-z0-9][a-z0-9_-]{{0,62}}$"
+        )
+    return name
+
+
+def _shown(value: object) -> str:
+    shown = repr(value)
+    return shown if len(shown) <= 80 else shown[:77] + "..."
+
+
+def check_task_id(task_id: object) -> str:
+    """Return task_id if it is '<agent>.<id>' with a valid agent name, else raise (one line)."""
+    if not isinstance(task_id, str) or TASK_ID.fullmatch(task_id) is None:
+        raise InvalidPayload(
+            f"invalid task id {_shown(task_id)}: expected '<agent>.<id>' with <id> made of "
+            "1 to 64 of A-Z a-z 0-9 _ -"
+        )
+    return task_id
+
+
+def check_claim_id(claim_id: object) -> str:
+    if not isinstance(claim_id, str) or CLAIM_ID.fullmatch(claim_id) is None:
+        raise InvalidPayload(
+            f"invalid claim_id {_shown(claim_id)}: must be 1 to 64 of A-Z a-z 0-9 _ -"
+        )
+    return claim_id
+
+
+# The per-agent keys every state-changing script receives, in this order.
+AGENT_KEY_NAMES = (
+    "queue",
+    "tasks",
+    "leases",
+    "tokens",
+    "deliveries",
+    "attempts",
+    "scores",
+    "delayed",
+    "dead",
+    "dead_reasons",
+    "stats",
+    "wake",
+)
+
+
+@dataclass(frozen=True)
+class AgentKeys:
+    """The keys of one agent type."""
+
+    agent: str
+    base: str  # "<prefix>:{<agent>}"
+
+    @property
+    def queue(self) -> str:
+        return f"{self.base}:queue"
+
+    @property
+    def tasks(self) -> str:
+        return f"{self.base}:tasks"
+
+    @property
+    def leases(self) -> str:
+        return f"{self.base}:leases"
+
+    @property
+    def tokens(self) -> str:
+        return f"{self.base}:tokens"
+
+    @property
+    def deliveries(self) -> str:
+        return f"{self.base}:deliveries"
+
+    @property
+    def attempts(self) -> str:
+        return f"{self.base}:attempts"
+
+    @property
+    def scores(self) -> str:
+        return f"{self.base}:scores"
+
+    @property
+    def delayed(self) -> str:
+        return f"{self.base}:delayed"
+
+    @property
+    def dead(self) -> str:
+        return f"{self.base}:dead"
+
+    @property
+    def dead_reasons(self) -> str:
+        return f"{self.base}:dead_reasons"
+
+    @property
+    def wake(self) -> str:
+        return f"{self.base}:wake"
+
+    @property
+    def stats(self) -> str:
+        return f"{self.base}:stats"
+
+    def all(self) -> list[str]:
+        """The fixed per-agent keys in AGENT_KEY_NAMES order (a script's KEYS prefix)."""
+        return [f"{self.base}:{name}" for name in AGENT_KEY_NAMES]
+
+    def result(self, task_id: str) -> str:
+        return f"{self.base}:result:{task_id}"
+
+    def claim(self, claim_id: str) -> str:
+        return f"{self.base}:claim:{claim_id}"
+
+
+class Keys:
+    """Key names under one prefix."""
+
+    def __init__(self, prefix: str = "handoff") -> None:
+        if not isinstance(prefix, str) or KEY_PREFIX_RE.fullmatch(prefix) is None:
+            raise InvalidPayload(
+                f"invalid key prefix {_shown(prefix)}: must match ^{KEY_PREFIX_RE.pattern}$"
+            )
+        self.prefix = prefix
+        self._agents: dict[str, AgentKeys] = {}
+
+    def agent(self, name: str) -> AgentKeys:
+        keys = self._agents.get(name)
+        if keys is None:
+            check_agent(name)
+            keys = AgentKeys(name, f"{self.prefix}:{{{name}}}")
+            self._agents[name] = keys
+        return keys
+
+    @property
+    def agents(self) -> str:
+        return f"{self.prefix}:agents"
+
+    @property
+    def workers(self) -> str:
+        return f"{self.prefix}:workers"
+
+    def worker(self, worker_id: str) -> str:
+        return f"{self.prefix}:worker:{worker_id}"
+
+    @property
+    def supervisors(self) -> str:
+        return f"{self.prefix}:supervisors"
+
+    def control(self, supervisor_id: str) -> str:
+        return f"{self.prefix}:control:{supervisor_id}"
+
+    @property
+    def monitor(self) -> str:
+        return f"{self.prefix}:monitor"

@@ -1,0 +1,422 @@
+"""The queue protocol: the path a task takes through Redis.
+
+Runs in: producers (enqueue), workers (claim, ack, nack, extend, release), the
+supervisor (reap), and admin commands. Every state change is one Lua script over one
+agent type's keys; a batch is one script call, and calls for several agent types go in
+one pipeline. Nothing here is per-task chatty: one round trip per batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import traceback
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import redis.exceptions as rex
+
+from handoff.config import Settings
+from handoff.connection.cluster_calls import check_replicated, run_script_calls
+from handoff.connection.manager import RedisManager
+from handoff.errors import InvalidPayload
+from handoff.protocol import scripts
+from handoff.protocol.keys import TASK_ID, Keys, check_claim_id
+from handoff.protocol.task import Task, score_for
+
+log = logging.getLogger(__name__)
+
+ENQUEUE_CHUNK = 250  # tasks per script call: bounds how long one call holds the server (~1 ms)
+BOUND_PER_CALL = 200  # delayed promotions / lease reaps per claim or reap call
+RETRY_MAX_DELAY_S = 300.0
+
+
+@dataclass(frozen=True)
+class ClaimRequest:
+    agent: str
+    n: int
+    lease_ms: int
+    global_limit: int = 0
+    claim_id: str = ""
+    # Workers isolate suspects (tasks whose last worker died): such a task is leased only
+    # to a caller holding nothing else (solo), and alone. See claim.lua.
+    isolate_suspects: bool = False
+    solo: bool = True
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A finished task for ack(): its result (already JSON) and how many children it made."""
+
+    task: Task
+    result_json: bytes = b"null"
+    handoffs: int = 0
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A failed task for nack(): why, and whether it must be dead-lettered at once."""
+
+    task: Task
+    error: str
+    trace: str = ""
+    dead_now: bool = False
+    retry_delay_s: float = 1.0
+
+
+class TaskRejected(InvalidPayload):
+    """One task of a batch is invalid; nothing of the batch was written."""
+
+    def __init__(self, index: int, detail: str, where: str = "") -> None:
+        super().__init__(f"{where}: {detail}" if where else detail)
+        self.index = index  # its position in the batch
+        self.detail = detail  # what is wrong with it
+
+
+def _foreign_id(task_id: str, agent: str) -> str:
+    return f"task id {task_id[:80]!r} does not belong to agent {agent!r} (expected '{agent}.<id>')"
+
+
+def retry_delay_ms(base_s: float, attempt: int) -> int:
+    """Exponential backoff with full jitter in [base/2, base) * 2**(attempt-1), capped."""
+    ceiling = min(RETRY_MAX_DELAY_S, base_s * (2 ** max(0, attempt - 1)))
+    return max(1, int(1000 * ceiling * (0.5 + random.random() / 2)))
+
+
+def short_traceback(limit_chars: int = 2000) -> str:
+    text = traceback.format_exc()
+    return text[-limit_chars:]
+
+
+def new_claim_id() -> str:
+    return os.urandom(8).hex()
+
+
+class TaskQueue:
+    """The protocol over one RedisManager and one key prefix."""
+
+    def __init__(self, manager: RedisManager, settings: Settings) -> None:
+        self.manager = manager
+        self.settings = settings
+        self.keys = Keys(settings.key_prefix)
+        self._registered_agents: set[str] = set()
+        self._max_bytes = str(settings.max_payload_bytes)
+        self.last_now_ms = 0  # server time of the last claim
+        self.next_due_ms = -1  # earliest delayed task seen by the last claim (-1: none)
+        self.suspects_waiting = False  # the last isolating claim left a suspect for a solo one
+
+    # -- script calls ----------------------------------------------------------------------
+
+    def run_scripts(
+        self,
+        calls: Sequence[tuple[str, list[str], list[Any]]],
+        extra=(),
+        *,
+        wait_replicas: int = 0,
+    ) -> list:
+        """Run script calls (plus extra pipeline operations) in one round trip per node.
+
+        A NOSCRIPT reply loads the scripts and repeats the whole batch: every operation
+        is idempotent (see scripts.py), so the repeat cannot double anything. With
+        wait_replicas, WAIT follows on the same connection (NotReplicated if short).
+        On a cluster, handoff/connection/cluster_calls.py groups the calls per node instead.
+        """
+        timeout_ms = self.settings.enqueue_wait_timeout_ms
+        if self.manager.is_cluster:
+            return self._run_on_cluster(calls, extra, wait_replicas, timeout_ms)
+        operations = [
+            (lambda p, n=name, k=keys, a=args: p.evalsha(scripts.sha(n), len(k), *k, *a))
+            for name, keys, args in calls
+        ]
+        operations.extend(extra)
+        if wait_replicas:
+            operations.append(lambda p: p.execute_command("WAIT", wait_replicas, timeout_ms))
+
+        def attempt(client) -> list:
+            if len(operations) == 1 and calls:
+                name, keys, args = calls[0]
+                return [client.evalsha(scripts.sha(name), len(keys), *keys, *args)]
+            pipe = client.pipeline(transaction=False)
+            for operation in operations:
+                operation(pipe)
+            return pipe.execute()
+
+        def run(client) -> list:
+            try:
+                replies = attempt(client)
+            except rex.NoScriptError:
+                scripts.load_all(client)
+                replies = attempt(client)
+            if wait_replicas:
+                check_replicated(replies.pop(), wait_replicas, timeout_ms, "the primary")
+            return replies
+
+        if len(operations) == 1:
+            return self.manager.execute(run)
+        return self.manager.execute_pipelined(run, len(operations))
+
+    def _run_on_cluster(self, calls, extra, wait_replicas: int, timeout_ms: int) -> list:
+        def run(cluster) -> list:
+            replies = run_script_calls(
+                cluster,
+                [(scripts.sha(name), keys, args) for name, keys, args in calls],
+                load_scripts=scripts.load_all,
+                wait_replicas=wait_replicas,
+                wait_timeout_ms=timeout_ms,
+            )
+            if extra:  # plain commands: the cluster pipeline routes them per slot
+                pipe = cluster.pipeline()
+                for operation in extra:
+                    operation(pipe)
+                replies += pipe.execute()
+            return replies
+
+        return self.manager.execute_pipelined(run, len(calls) + len(extra))
+
+    def _fixed(self, agent: str) -> list[str]:
+        return self.keys.agent(agent).all()
+
+    # -- enqueue ---------------------------------------------------------------------------
+
+    def enqueue(self, tasks: Sequence[Task], *, now_ms: int | None = None) -> list[bool]:
+        """Store tasks (any agents) in one round trip; True = added, False = duplicate.
+
+        Every task is checked (id of its agent, JSON, size) and serialised before anything
+        is sent, so a bad one fails the batch with nothing written (TaskRejected names its
+        position). The enqueue script checks the size again. A task with not_before waits
+        in the delayed set for (not_before - enqueued_at) ms of server time, and takes its
+        FIFO place at its due time. now_ms overrides the server clock (tests).
+        """
+        positions: dict[str, list[int]] = {}
+        for index, task in enumerate(tasks):
+            group = positions.get(task.agent)
+            if group is None:
+                positions[task.agent] = group = []
+            group.append(index)
+        limit = self.settings.max_payload_bytes
+        now_arg = "" if now_ms is None else now_ms
+        calls, order = [], []
+        for agent, group in positions.items():
+            agent_keys = self.keys.agent(agent)
+            fixed = agent_keys.all()
+            id_prefix = agent + "."
+            for start in range(0, len(group), ENQUEUE_CHUNK):
+                chunk = group[start : start + ENQUEUE_CHUNK]
+                extra_keys: list[str] = []
+                special: list[Any] = []  # position, delay_ms, result key index
+                args: list[Any] = [self._max_bytes, now_arg, len(chunk), 0]
+                for position, index in enumerate(chunk, 1):
+                    task = tasks[index]
+                    task_id = task.id
+                    if not task_id.startswith(id_prefix) or TASK_ID.fullmatch(task_id) is None:
+                        raise TaskRejected(index, _foreign_id(task_id, agent))
+                    try:
+                        blob = task.to_json()
+                    except InvalidPayload as e:
+                        raise TaskRejected(index, str(e)) from None
+                    if len(blob) > limit:
+                        raise TaskRejected(
+                            index,
+                            f"task for agent {agent!r} is {len(blob)} bytes, over the "
+                            f"max_payload_bytes limit of {limit}",
+                        )
+                    not_before = task.not_before
+                    if not_before is None:
+                        args += (task_id, score_for(task.priority, task.enqueued_at), blob)
+                        if task.key is None and task.parent_id is None:
+                            continue
+                        delay = 0
+                    else:
+                        delay = max(0, not_before - task.enqueued_at)
+                        args += (task_id, score_for(task.priority, not_before), blob)
+                    result_index = 0
+                    if task.key is not None or task.parent_id is not None:
+                        extra_keys.append(agent_keys.result(task_id))
+                        result_index = len(extra_keys)
+                    special += (position, delay, result_index)
+                args[3] = len(special) // 3
+                args += special
+                calls.append(("enqueue", fixed + extra_keys if extra_keys else fixed, args))
+                order.append(chunk)
+        if not calls:
+            return []
+        new_agents = [a for a in positions if a not in self._registered_agents]
+        extra = [lambda p, a=new_agents: p.sadd(self.keys.agents, *a)] if new_agents else []
+        replies = self.run_scripts(calls, extra, wait_replicas=self.settings.enqueue_wait_replicas)
+        self._registered_agents.update(new_agents)
+        added = [False] * len(tasks)
+        for chunk, reply in zip(order, replies, strict=False):
+            for index, flag in zip(chunk, reply, strict=True):
+                added[index] = flag == 1
+        return added
+
+    # -- claim -----------------------------------------------------------------------------
+
+    def claim(self, requests: Sequence[ClaimRequest], *, now_ms: int | None = None) -> dict:
+        """Lease up to n tasks per request, one script call each, one round trip in all.
+
+        Returns {agent: [Task, ...]}. A corrupt task JSON is dead-lettered with the reason
+        (one more round trip, only when it happens) and never reaches a handler. A request
+        with an explicit claim_id is a retry of that claim: it gets the same batch back.
+        """
+        calls = []
+        s = self.settings
+        now_arg = "" if now_ms is None else now_ms
+        for request in requests:
+            claim_id = check_claim_id(request.claim_id) if request.claim_id else new_claim_id()
+            if request.lease_ms < 1 or request.n < 0:
+                raise InvalidPayload(
+                    f"claim for {request.agent!r}: n = {request.n} must be >= 0 and "
+                    f"lease_ms = {request.lease_ms} must be >= 1"
+                )
+            agent_keys = self.keys.agent(request.agent)
+            args = [
+                request.n,
+                request.lease_ms,
+                claim_id,
+                s.max_deliveries,
+                request.global_limit,
+                now_arg,
+                s.claim_batch_max,
+                BOUND_PER_CALL,
+                "1" if request.isolate_suspects else "0",
+                "1" if request.solo else "0",
+            ]
+            calls.append(("claim", [*agent_keys.all(), agent_keys.claim(claim_id)], args))
+        replies = self.run_scripts(calls)
+        claimed: dict[str, list[Task]] = {}
+        corrupt: list[Failure] = []
+        from_json = Task.from_json
+        for request, (_, _, args), reply in zip(requests, calls, replies, strict=True):
+            token, agent = args[2], request.agent
+            tasks = claimed.setdefault(agent, [])
+            self.last_now_ms, self.next_due_ms = int(reply[0]), int(reply[1])
+            first = 2
+            if request.isolate_suspects:
+                self.suspects_waiting = bool(int(reply[2]))
+                first = 3
+            for i in range(first, len(reply), 4):
+                task_id = reply[i].decode()
+                try:
+                    task = from_json(
+                        reply[i + 1], attempt=reply[i + 2], deliveries=reply[i + 3], token=token
+                    )
+                    if task.id != task_id or task.agent != agent:
+                        raise ValueError(
+                            f"task JSON says id {task.id[:80]!r} of agent {task.agent[:80]!r}"
+                        )
+                except (ValueError, TypeError) as e:
+                    stub = Task(id=task_id, agent=agent, payload=None, token=token)
+                    corrupt.append(Failure(stub, f"corrupt task JSON: {e}", dead_now=True))
+                    continue
+                tasks.append(task)
+        if corrupt:
+            log.warning("dead-lettering %d corrupt task(s): %s", len(corrupt), corrupt[0].error)
+            self.nack(corrupt, now_ms=now_ms)
+        return claimed
+
+    # -- finishing -------------------------------------------------------------------------
+
+    def ack(self, completions: Sequence[Completion], *, now_ms: int | None = None) -> list[str]:
+        """Finish tasks (token-checked). Returns the ids whose ack was stale (changed nothing)."""
+        ttl_ms = int(self.settings.result_ttl_s * 1000)
+        calls = []
+        for agent, group in _group(completions, lambda c: c.task.agent).items():
+            agent_keys = self.keys.agent(agent)
+            result_key = agent_keys.result
+            keys = agent_keys.all()
+            args: list[Any] = ["" if now_ms is None else now_ms, ttl_ms, len(group)]
+            for position, done in enumerate(group, 1):
+                task = done.task
+                keys.append(result_key(task.id))
+                args += (task.id, task.token, done.result_json, position, done.handoffs)
+            calls.append(("ack", keys, args))
+        if not calls:
+            return []
+        return [i.decode() for reply in self.run_scripts(calls) for i in reply]
+
+    def nack(self, failures: Sequence[Failure], *, now_ms: int | None = None) -> list[str]:
+        """Record failures: retry later with backoff, or dead-letter. Returns stale ids."""
+        calls = []
+        for agent, group in _group(failures, lambda f: f.task.agent).items():
+            args: list[Any] = ["" if now_ms is None else now_ms, len(group)]
+            for failure in group:
+                task = failure.task
+                max_attempts = task.max_attempts or 3
+                delay = -1 if failure.dead_now else retry_delay_ms(
+                    failure.retry_delay_s, task.attempt
+                )  # fmt: skip
+                reason = orjson.dumps(
+                    {
+                        "reason": failure.error[:1000],
+                        "traceback": failure.trace,
+                        "attempt": task.attempt,
+                    }
+                )
+                args += [task.id, task.token, max_attempts, delay, reason]
+            calls.append(("nack", self._fixed(agent), args))
+        stale: list[str] = []
+        for reply in self.run_scripts(calls) if calls else []:
+            for item in reply:
+                if item == b"|":
+                    break
+                stale.append(item.decode())
+        return stale
+
+    def release(self, tasks: Sequence[Task]) -> int:
+        """Give unstarted leased tasks back to their queue (graceful shutdown)."""
+        calls = []
+        for agent, group in _group(tasks, lambda t: t.agent).items():
+            args: list[Any] = [len(group)]
+            for task in group:
+                args += [task.id, task.token]
+            calls.append(("release", self._fixed(agent), args))
+        return sum(int(r) for r in self.run_scripts(calls)) if calls else 0
+
+    def extend(
+        self, tasks: Sequence[Task], lease_ms: int, *, now_ms: int | None = None
+    ) -> list[str]:
+        """Renew leases; returns the ids whose lease was lost (abandon those tasks)."""
+        calls = []
+        for agent, group in _group(tasks, lambda t: t.agent).items():
+            args: list[Any] = ["" if now_ms is None else now_ms, lease_ms, len(group)]
+            for task in group:
+                args += [task.id, task.token]
+            calls.append(("extend", self._fixed(agent), args))
+        if not calls:
+            return []
+        return [i.decode() for reply in self.run_scripts(calls) for i in reply]
+
+    def reap(
+        self, agents: Iterable[str], *, limit: int = 1000, now_ms: int | None = None
+    ) -> dict[str, tuple[int, int]]:
+        """Move expired leases back to their queues; {agent: (reaped, promoted)}."""
+        agents = list(agents)
+        calls = [
+            ("reap", self._fixed(a), ["" if now_ms is None else now_ms, limit]) for a in agents
+        ]
+        if not calls:
+            return {}
+        return {
+            a: (int(r[0]), int(r[1])) for a, r in zip(agents, self.run_scripts(calls), strict=True)
+        }
+
+    # -- registry --------------------------------------------------------------------------
+
+    def known_agents(self) -> list[str]:
+        members = self.manager.execute(lambda c: c.smembers(self.keys.agents))
+        return sorted(m.decode() for m in members)
+
+
+def _group(items, key) -> dict[str, list]:
+    groups: dict[str, list] = {}
+    for item in items:
+        name = key(item)
+        group = groups.get(name)
+        if group is None:
+            groups[name] = group = []
+        group.append(item)
+    return groups

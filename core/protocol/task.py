@@ -1,0 +1,211 @@
+"""The task model: ids, scores, and the JSON a task is stored as.
+
+Runs in: producers and workers. The per-task path is one orjson call and a few string
+operations; nothing here touches Redis.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from handoff.errors import InvalidPayload
+from handoff.protocol.keys import check_task_id
+
+EPOCH_MS = 1_735_689_600_000  # 2025-01-01T00:00:00Z: scores stay well inside 2**53
+PRIORITY_SHIFT = 2**41  # 69 years of milliseconds per priority step
+MIN_PRIORITY, MAX_PRIORITY = -1000, 1000
+DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024
+
+_process_tag = ""
+_counter = itertools.count()
+
+
+def _new_process_tag() -> None:
+    global _process_tag, _counter
+    _process_tag = os.urandom(4).hex()
+    _counter = itertools.count()
+
+
+_new_process_tag()
+os.register_at_fork(after_in_child=_new_process_tag)
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def new_task_id(agent: str, at_ms: int | None = None) -> str:
+    """'<agent>.<12 hex ms><8 hex process tag><6 hex counter>': unique, time-sortable."""
+    ms = now_ms() if at_ms is None else at_ms
+    return f"{agent}.{ms:012x}{_process_tag}{next(_counter) & 0xFFFFFF:06x}"
+
+
+def derived_task_id(agent: str, *parts: str) -> str:
+    """A deterministic id: the same parts always give the same id (handoff children,
+    idempotency keys), so a repeated enqueue is recognised as a duplicate."""
+    digest = hashlib.blake2b("\x1f".join(parts).encode(), digest_size=12).hexdigest()
+    return f"{agent}.k{digest}"
+
+
+def agent_of(task_id: str) -> str:
+    """The agent a task id belongs to; raises InvalidPayload for a malformed id."""
+    return check_task_id(task_id).partition(".")[0]
+
+
+def score_for(priority: int, enqueued_ms: int) -> int:
+    """Lower runs first: priority, then FIFO by enqueue time."""
+    return priority * PRIORITY_SHIFT + (enqueued_ms - EPOCH_MS)
+
+
+def check_priority(priority: object) -> int:
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise InvalidPayload(f"priority = {priority!r}: must be an integer")
+    if not MIN_PRIORITY <= priority <= MAX_PRIORITY:
+        raise InvalidPayload(
+            f"priority = {priority}: must be between {MIN_PRIORITY} and {MAX_PRIORITY}"
+        )
+    return priority
+
+
+def dumps_payload(payload: Any) -> bytes:
+    try:
+        return orjson.dumps(payload)
+    except (TypeError, orjson.JSONEncodeError) as e:
+        raise InvalidPayload(f"payload is not JSON-serialisable: {e}") from None
+
+
+# Stored fields, the JSON types they may have, and whether null is allowed (an absent
+# field takes its default).
+_FIELD_TYPES = (
+    ("id", (str,), False),
+    ("agent", (str,), False),
+    ("priority", (int,), False),
+    ("created_at", (int,), False),
+    ("enqueued_at", (int,), False),
+    ("max_attempts", (int,), True),
+    ("timeout_s", (int, float), True),
+    ("not_before", (int,), True),
+    ("parent_id", (str,), True),
+    ("key", (str,), True),
+    ("trace", (list,), True),
+)
+
+
+def _wrong_types(record: dict) -> str:
+    """The reason a decoded task failed its type checks (the slow path of from_json)."""
+    for name, kinds, nullable in _FIELD_TYPES:
+        if name not in record or (nullable and record[name] is None):
+            continue
+        if type(record[name]) not in kinds:
+            shown = repr(record[name])
+            shown = shown if len(shown) <= 40 else shown[:37] + "..."
+            return f"task JSON {name} {shown} has the wrong type"
+    return "task JSON has a field of the wrong type"
+
+
+@dataclass(slots=True)
+class Task:
+    """One unit of work for one agent type, as a handler sees it."""
+
+    id: str
+    agent: str
+    payload: Any
+    priority: int = 0
+    attempt: int = 1
+    max_attempts: int | None = None
+    timeout_s: float | None = None
+    created_at: int = 0  # ms, unix
+    enqueued_at: int = 0  # ms, unix
+    not_before: int | None = None  # ms, unix (delayed tasks)
+    parent_id: str | None = None
+    trace: list[str] = field(default_factory=list)  # ancestor ids, root first
+    key: str | None = None  # idempotency key
+    deliveries: int = 0
+    token: str = ""  # this delivery's lease token
+
+    def to_json(self) -> bytes:
+        """The stored form: immutable after enqueue (attempts and leases live beside it)."""
+        record: dict[str, Any] = {
+            "id": self.id,
+            "agent": self.agent,
+            "payload": self.payload,
+            "priority": self.priority,
+            "created_at": self.created_at,
+            "enqueued_at": self.enqueued_at,
+        }
+        if self.max_attempts is not None:
+            record["max_attempts"] = self.max_attempts
+        if self.timeout_s is not None:
+            record["timeout_s"] = self.timeout_s
+        if self.not_before is not None:
+            record["not_before"] = self.not_before
+        if self.parent_id is not None:
+            record["parent_id"] = self.parent_id
+            record["trace"] = self.trace
+        if self.key is not None:
+            record["key"] = self.key
+        try:
+            return orjson.dumps(record)
+        except (TypeError, orjson.JSONEncodeError) as e:
+            raise InvalidPayload(f"payload is not JSON-serialisable: {e}") from None
+
+    @classmethod
+    def from_json(cls, raw: bytes, *, attempt: int = 1, deliveries: int = 0, token: str = ""):
+        """Decode a stored task; raises ValueError (with the reason) when it is corrupt.
+
+        Every field a worker relies on is type-checked here, so a record damaged in Redis
+        is dead-lettered at claim instead of crashing a worker later. (Per-task hot path:
+        one orjson call and one chain of type checks; the reason is worked out only on
+        failure.)
+        """
+        record = orjson.loads(raw)
+        if type(record) is not dict:
+            raise ValueError("task JSON is not an object")
+        try:
+            task_id, agent, payload = record["id"], record["agent"], record["payload"]
+        except KeyError:
+            missing = [name for name in ("id", "agent", "payload") if name not in record]
+            raise ValueError(f"task JSON lacks {', '.join(missing)}") from None
+        get = record.get
+        priority = get("priority", 0)
+        created_at = get("created_at", 0)
+        enqueued_at = get("enqueued_at", 0)
+        max_attempts = get("max_attempts")
+        timeout_s = get("timeout_s")
+        not_before = get("not_before")
+        parent_id = get("parent_id")
+        trace = get("trace")
+        key = get("key")
+        if (
+            type(task_id) is not str
+            or type(agent) is not str
+            or type(priority) is not int
+            or type(created_at) is not int
+            or type(enqueued_at) is not int
+            or (max_attempts is not None and type(max_attempts) is not int)
+            or (timeout_s is not None and type(timeout_s) not in (int, float))
+            or (not_before is not None and type(not_before) is not int)
+            or (parent_id is not None and type(parent_id) is not str)
+            or (key is not None and type(key) is not str)
+            or (trace is not None and type(trace) is not list)
+        ):
+            raise ValueError(_wrong_types(record))
+        if not trace:
+            trace = []
+        elif not all(type(step) is str for step in trace):
+            raise ValueError("task JSON trace is not a list of task ids")
+        return cls(
+            task_id, agent, payload, priority, attempt, max_attempts, timeout_s, created_at,
+            enqueued_at, not_before, parent_id, trace, key, deliveries, token,
+        )  # fmt: skip
+
+    @property
+    def hops(self) -> int:
+        return len(self.trace)

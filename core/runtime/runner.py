@@ -1,0 +1,227 @@
+"""Run handlers with capability-limited concurrency.
+
+Runs in: a worker process (after fork). A SyncRunner owns max_concurrent threads; an
+AsyncRunner owns one event loop thread running at most max_concurrent coroutines. Either
+way, at most max_concurrent handlers run at once, tasks not yet started can be taken back
+(graceful shutdown, lost leases), and every outcome goes to one `report` callable (the
+worker's event queue; the async runner reports a list per loop iteration), so the
+worker's main thread is the only one that talks to Redis about results.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import selectors
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from handoff.protocol.task import Task
+from handoff.runtime.agents import AgentSpec
+
+
+@dataclass(slots=True)
+class Outcome:
+    task: Task
+    value: Any = None
+    error: str | None = None  # set when the handler raised or timed out
+    trace: str = ""
+    elapsed_s: float = 0.0
+    timed_out: bool = False
+
+
+class _BaseRunner:
+    def __init__(self, spec: AgentSpec, report: Callable[[Outcome], None]) -> None:
+        self.spec = spec
+        self.report = report
+        self.max_concurrent = spec.max_concurrent
+        self.started_at: dict[str, tuple[float, Task]] = {}  # running: id -> (monotonic, task)
+        self.skip: set[tuple[str, str]] = set()  # (id, token) deliveries not to start
+        self.peak_running = 0
+
+    @property
+    def running(self) -> int:
+        return len(self.started_at)
+
+    def _mark_started(self, task: Task) -> None:
+        self.started_at[task.id] = (time.monotonic(), task)
+        running = len(self.started_at)
+        if running > self.peak_running:
+            self.peak_running = running
+
+    def overdue(self, now: float) -> list[tuple[Task, float]]:
+        """Running tasks past their timeout: (task, seconds running)."""
+        out = []
+        for started, task in list(self.started_at.values()):
+            limit = task.timeout_s or self.spec.timeout_s
+            if limit is not None and now - started > limit:
+                out.append((task, now - started))
+        return out
+
+
+class SyncRunner(_BaseRunner):
+    """max_concurrent threads pulling from one deque of ready tasks."""
+
+    def __init__(self, spec: AgentSpec, report: Callable[[Outcome], None]) -> None:
+        super().__init__(spec, report)
+        self._ready: deque[Task | None] = deque()
+        self._cond = threading.Condition()
+        self._threads = [
+            threading.Thread(target=self._loop, name=f"handler-{i}", daemon=True)
+            for i in range(spec.max_concurrent)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, tasks: list[Task]) -> None:
+        with self._cond:
+            self._ready.extend(tasks)
+            self._cond.notify(len(tasks))
+
+    def take_unstarted(self) -> list[Task]:
+        with self._cond:
+            taken = [t for t in self._ready if t is not None]
+            self._ready.clear()
+            return taken
+
+    def stop(self) -> None:
+        with self._cond:
+            self._ready.clear()
+            self._ready.extend([None] * len(self._threads))
+            self._cond.notify_all()
+
+    def _next(self) -> Task | None:
+        with self._cond:
+            while not self._ready:
+                self._cond.wait()
+            task = self._ready.popleft()
+            if task is not None:
+                self._mark_started(task)
+            return task
+
+    def _loop(self) -> None:
+        handler = self.spec.handler
+        while True:
+            task = self._next()
+            if task is None:
+                return
+            if (task.id, task.token) in self.skip:
+                self.started_at.pop(task.id, None)
+                continue
+            started = time.perf_counter()
+            try:
+                outcome = Outcome(task, handler(task))
+            except BaseException as e:  # the handler's failure is the task's, not ours
+                outcome = Outcome(task, error=f"{type(e).__name__}: {e}", trace=_tb())
+            outcome.elapsed_s = time.perf_counter() - started
+            self.started_at.pop(task.id, None)
+            self.report(outcome)
+
+
+class PreciseSelector(selectors.DefaultSelector):  # type: ignore[misc, valid-type]
+    """The default selector with timers to the microsecond, not the millisecond.
+
+    epoll waits in whole milliseconds and asyncio's selector rounds up, so every
+    asyncio.sleep(0.01) overshoots by half a millisecond on average: 5% of a 10 ms
+    task's slot. Here the wait is rounded down to whole milliseconds and the rest is
+    slept precisely (under a millisecond, during which fd events wait, as they did for
+    the rounding), so a timer fires on time.
+    """
+
+    def select(self, timeout: float | None = None):
+        if timeout is None or timeout <= 0:
+            return super().select(timeout)
+        deadline = time.monotonic() + timeout
+        whole_ms = math.floor(timeout * 1000) / 1000
+        ready = super().select(whole_ms) if whole_ms > 0 else []
+        if ready:
+            return ready
+        remaining = deadline - time.monotonic()
+        if remaining > 0:
+            time.sleep(remaining)
+        return super().select(0)
+
+
+class AsyncRunner(_BaseRunner):
+    """One event loop thread; at most max_concurrent coroutines; real timeouts."""
+
+    def __init__(self, spec: AgentSpec, report: Callable[[Outcome], None]) -> None:
+        super().__init__(spec, report)
+        self._pending: deque[Task] = deque()
+        self._finished: list[Outcome] = []
+        self._flush_scheduled = False
+        self._loop = asyncio.SelectorEventLoop(PreciseSelector())
+        self._thread = threading.Thread(target=self._loop.run_forever, name="asyncio", daemon=True)
+        self._thread.start()
+
+    def submit(self, tasks: list[Task]) -> None:
+        self._loop.call_soon_threadsafe(self._add, tasks)
+
+    def _add(self, tasks: list[Task]) -> None:
+        self._pending.extend(tasks)
+        self._pump()
+
+    def _pump(self) -> None:
+        while self._pending and self.running < self.max_concurrent:
+            task = self._pending.popleft()
+            if (task.id, task.token) in self.skip:
+                continue
+            self._mark_started(task)
+            self._loop.create_task(self._run(task))
+
+    async def _run(self, task: Task) -> None:
+        started = time.perf_counter()
+        limit = task.timeout_s or self.spec.timeout_s
+        try:
+            outcome = Outcome(task, await asyncio.wait_for(self.spec.handler(task), limit))
+        except TimeoutError:
+            outcome = Outcome(task, error=f"timed out after {limit}s", timed_out=True)
+        except BaseException as e:
+            outcome = Outcome(task, error=f"{type(e).__name__}: {e}", trace=_tb())
+        outcome.elapsed_s = time.perf_counter() - started
+        self.started_at.pop(task.id, None)
+        self._finished.append(outcome)
+        if not self._flush_scheduled:
+            # Coroutines finishing in the same loop iteration are reported together:
+            # one wake-up and one ack round trip for the lot.
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+        self._pump()
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        finished, self._finished = self._finished, []
+        if finished:
+            self.report(finished)
+
+    def take_unstarted(self) -> list[Task]:
+        done = threading.Event()
+        taken: list[Task] = []
+
+        def take() -> None:
+            taken.extend(self._pending)
+            self._pending.clear()
+            done.set()
+
+        self._loop.call_soon_threadsafe(take)
+        done.wait(5)
+        return taken
+
+    def overdue(self, now: float) -> list[tuple[Task, float]]:
+        return []  # asyncio.wait_for cancels overdue coroutines itself
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+
+
+def make_runner(spec: AgentSpec, report: Callable[[Outcome], None]) -> _BaseRunner:
+    return AsyncRunner(spec, report) if spec.is_async else SyncRunner(spec, report)
+
+
+def _tb() -> str:
+    return traceback.format_exc()[-2000:]

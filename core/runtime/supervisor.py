@@ -1,0 +1,368 @@
+"""The supervisor: fork and keep N worker processes per agent type.
+
+Runs in: `handoff supervise`. The prefork pattern of gunicorn's arbiter: signal handlers
+only record the signal; one main loop reaps children (exit statuses decide policy),
+spawns what is missing (with crash backoff), stops extras, rolls workers on SIGHUP and
+kills the ones that overstay a stop. Redis work (the lease reaper, `handoff scale`
+control messages, the supervisor's heartbeat) runs in one side thread, so the main loop
+never blocks on the network. Children build their own pool after fork.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import psutil
+
+from handoff.config import Settings
+from handoff.connection.manager import get_manager
+from handoff.connection.server_checks import UnsafeServer, check_eviction_policy
+from handoff.errors import ConfigError, HandoffError
+from handoff.protocol.keys import Keys
+from handoff.protocol.queue import TaskQueue
+from handoff.protocol.task import now_ms
+from handoff.runtime import exits
+from handoff.runtime.agents import AgentSpec, AppLoadError, load_app
+from handoff.runtime.worker import Worker
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.2
+CRASH_WINDOW_S = 60.0
+MAX_CRASH_BACKOFF_S = 30.0
+FAST_AFTER_S = 1.0  # a second stop signal this long after the first means "fast"
+HANDLED = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGQUIT,
+    signal.SIGHUP,
+    signal.SIGTTIN,
+    signal.SIGTTOU,
+    signal.SIGCHLD,
+)
+
+
+@dataclass
+class Child:
+    pid: int
+    agent: str
+    generation: int
+    started: float
+    stop_sent_at: float | None = None
+
+
+@dataclass
+class AgentState:
+    target: int
+    crashes: list[float] = field(default_factory=list)
+    next_spawn_at: float = 0.0
+
+
+class Supervisor:
+    def __init__(
+        self,
+        settings: Settings,
+        agents: dict[str, int],
+        *,
+        reload_settings: Callable[[], Settings] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.reload_settings = reload_settings
+        self.states = {name: AgentState(count) for name, count in agents.items()}
+        self.children: dict[int, Child] = {}
+        self.generation = 0
+        self.signals: queue.SimpleQueue = queue.SimpleQueue()
+        self.stopping: str | None = None  # None | "graceful" | "fast"
+        self.stop_started = 0.0
+        self.exit_code = exits.EXIT_OK
+        self.specs: dict[str, AgentSpec] = {}
+        self.supervisor_id = f"{socket.gethostname()}-{os.getpid()}"
+
+    # -- boot ------------------------------------------------------------------------------
+
+    def load_specs(self) -> None:
+        """Import the app before forking: an import error halts here, once, clearly."""
+        specs = load_app(self.settings.app)
+        unknown = [name for name in self.states if name not in specs]
+        if unknown:
+            known = ", ".join(sorted(specs)) or "none"
+            raise AppLoadError(
+                f"unknown agent(s) {', '.join(unknown)} in app {self.settings.app!r} "
+                f"(defined: {known})"
+            )
+        self.specs = specs
+
+    def run(self) -> int:
+        self.pid = os.getpid()
+        self.load_specs()
+        for sig in HANDLED:
+            signal.signal(sig, self._on_signal)
+        self._redis_stop = threading.Event()
+        # The first Redis tick runs here, in the main thread, so every lazy import is done
+        # before the side thread exists: a fork while another thread holds a module's
+        # import lock leaves the child waiting on that lock forever.
+        self._redis_setup()
+        try:
+            check_eviction_policy(self._manager, self.settings)
+        except UnsafeServer:
+            raise
+        except HandoffError as e:
+            log.warning("supervisor: could not check the server: %s", e)
+        self._redis_tick()
+        threading.Thread(target=self._redis_loop, name="supervisor-redis", daemon=True).start()
+        log.info(
+            "supervisor %s started: %s",
+            self.supervisor_id,
+            ", ".join(f"{a}={s.target}" for a, s in self.states.items()),
+        )
+        while True:
+            self._reap_children()
+            self._handle_signals()
+            if self.stopping:
+                if not self.children:
+                    break
+                self._kill_overstaying()
+            else:
+                self._manage()
+            self._wait()
+        self._redis_stop.set()
+        log.info("supervisor %s stopped (%s)", self.supervisor_id, exits.NAMES[self.exit_code])
+        return self.exit_code
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self.signals.put_nowait(signum)
+
+    def _wait(self) -> None:
+        try:
+            self.signals.put_nowait(self.signals.get(timeout=TICK_S))
+        except queue.Empty:
+            pass
+
+    # -- signals ---------------------------------------------------------------------------
+
+    def _handle_signals(self) -> None:
+        while True:
+            try:
+                signum = self.signals.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(signum, tuple):  # a control message from the Redis thread
+                self._control(signum[1])
+                continue
+            handler = getattr(self, f"handle_{signal.Signals(signum).name.lower()}", None)
+            if handler is not None:
+                handler()
+
+    def handle_sigchld(self) -> None:
+        pass  # _reap_children runs every tick
+
+    def handle_sigterm(self) -> None:
+        now = time.monotonic()
+        if self.stopping is None:
+            log.info("supervisor: stopping gracefully (again after %gs: fast)", FAST_AFTER_S)
+            self.stopping, self.stop_started = "graceful", now
+            self._signal_all(signal.SIGTERM)
+        elif self.stopping == "graceful" and now - self.stop_started >= FAST_AFTER_S:
+            log.info("supervisor: second stop signal, stopping fast")
+            self.stopping = "fast"
+            self._signal_all(signal.SIGQUIT)
+
+    handle_sigint = handle_sigterm
+
+    def handle_sigquit(self) -> None:
+        self.stopping, self.stop_started = "fast", time.monotonic()
+        self._signal_all(signal.SIGQUIT)
+
+    def handle_sighup(self) -> None:
+        if self.reload_settings is not None:
+            try:
+                self.settings = self.reload_settings()
+            except ConfigError as e:
+                log.error("supervisor: SIGHUP: config not reloaded: %s", e)
+                return
+        self.generation += 1
+        log.info("supervisor: SIGHUP: rolling workers to generation %d", self.generation)
+
+    def handle_sigttin(self) -> None:
+        for name, state in self.states.items():
+            self._scale(name, state.target + 1)
+
+    def handle_sigttou(self) -> None:
+        for name, state in self.states.items():
+            self._scale(name, max(0, state.target - 1))
+
+    def _scale(self, agent: str, count: int) -> None:
+        if agent not in self.states:
+            log.warning("supervisor: scale: agent %r is not supervised here", agent)
+            return
+        log.info("supervisor: scale %s %d -> %d", agent, self.states[agent].target, count)
+        self.states[agent].target = count
+
+    def _control(self, message: dict) -> None:
+        if message.get("op") == "scale":
+            for agent, count in message.get("agents", {}).items():
+                if isinstance(count, int) and 0 <= count <= 1000:
+                    self._scale(agent, count)
+
+    # -- children --------------------------------------------------------------------------
+
+    def _reap_children(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            child = self.children.pop(pid, None)
+            if child is not None:
+                self._on_exit(child, status)
+
+    def _on_exit(self, child: Child, status: int) -> None:
+        code = os.waitstatus_to_exitcode(status)
+        described = exits.describe(status)
+        if child.stop_sent_at is not None or code in (exits.EXIT_OK, exits.EXIT_RECYCLE):
+            log.info("worker %d (%s) exited: %s", child.pid, child.agent, described)
+            return
+        if code == exits.EXIT_BOOT_ERROR:
+            log.error("worker %d (%s) cannot boot: halting the supervisor", child.pid, child.agent)
+            self.exit_code = exits.EXIT_BOOT_ERROR
+            self.handle_sigterm()
+            return
+        state = self.states.get(child.agent)
+        if state is None:
+            return
+        now = time.monotonic()
+        state.crashes = [t for t in state.crashes if now - t < CRASH_WINDOW_S] + [now]
+        delay = min(MAX_CRASH_BACKOFF_S, 0.1 * 2 ** (len(state.crashes) - 1))
+        state.next_spawn_at = now + delay
+        log.warning(
+            "worker %d (%s) crashed: %s; restarting in %.1fs (%d crash(es) in %ds)",
+            child.pid, child.agent, described, delay, len(state.crashes), CRASH_WINDOW_S,
+        )  # fmt: skip
+
+    def _manage(self) -> None:
+        now = time.monotonic()
+        for name, state in self.states.items():
+            mine = [c for c in self.children.values() if c.agent == name and c.stop_sent_at is None]
+            current = [c for c in mine if c.generation == self.generation]
+            old = [c for c in mine if c.generation != self.generation]
+            if len(mine) < state.target or (old and len(current) < state.target):
+                if now >= state.next_spawn_at:
+                    self._spawn(name)
+                    continue
+            if old and len(mine) > state.target:
+                self._stop_child(old[0])  # roll one by one: a new one is up, retire an old one
+            elif len(mine) > state.target:
+                self._stop_child(max(mine, key=lambda c: c.started))
+        self._check_rss()
+
+    def _spawn(self, agent: str) -> None:
+        spec = self.specs[agent]
+        worker = Worker(spec, self.settings, parent_pid=self.pid)
+        pid = os.fork()
+        if pid == 0:  # the child: never return into the supervisor's stack
+            code = exits.EXIT_CRASH
+            try:
+                for sig in HANDLED:
+                    signal.signal(sig, signal.SIG_DFL)
+                code = worker.run()
+            except BaseException:
+                log.exception("worker for %s crashed", agent)
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        self.children[pid] = Child(pid, agent, self.generation, time.monotonic())
+        log.info("supervisor: spawned worker %d for %s", pid, agent)
+
+    def _stop_child(self, child: Child, sig: int = signal.SIGTERM) -> None:
+        child.stop_sent_at = time.monotonic()
+        try:
+            os.kill(child.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def _signal_all(self, sig: int) -> None:
+        for child in self.children.values():
+            if child.stop_sent_at is None:
+                child.stop_sent_at = time.monotonic()
+            try:
+                os.kill(child.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def _kill_overstaying(self) -> None:
+        """Children still alive past the grace period (plus a margin) are killed."""
+        limit = self.settings.graceful_timeout_s + 0.5 if self.stopping == "graceful" else 2.0
+        now = time.monotonic()
+        for child in self.children.values():
+            if child.stop_sent_at is not None and now - child.stop_sent_at > limit:
+                log.warning("worker %d (%s) overstayed the stop: SIGKILL", child.pid, child.agent)
+                try:
+                    os.kill(child.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                child.stop_sent_at = now + 3600  # once
+
+    def _check_rss(self) -> None:
+        """Backstop for a worker too busy to notice its own max_rss_mb: SIGTERM it."""
+        limit = self.settings.max_rss_mb
+        if not limit:
+            return
+        for child in list(self.children.values()):
+            if child.stop_sent_at is not None:
+                continue
+            try:
+                rss_mb = psutil.Process(child.pid).memory_info().rss / (1024 * 1024)
+            except psutil.Error:
+                continue
+            if rss_mb > limit * 1.5:
+                log.warning("worker %d (%s) RSS %.0f MB: recycling", child.pid, child.agent, rss_mb)
+                self._stop_child(child)
+
+    # -- the Redis side thread -------------------------------------------------------------
+
+    def _redis_setup(self) -> None:
+        self._keys = Keys(self.settings.key_prefix)
+        self._manager = get_manager(self.settings.redis)
+        self._task_queue = TaskQueue(self._manager, self.settings)
+        self._control_key = self._keys.control(self.supervisor_id)
+        self._last_redis_error = 0.0
+
+    def _redis_loop(self) -> None:
+        """Reap expired leases, read control messages, heartbeat. Never blocks the loop."""
+        while not self._redis_stop.wait(self.settings.reaper_interval_s):
+            self._redis_tick()
+
+    def _redis_tick(self) -> None:
+        try:
+            reaped = self._task_queue.reap(list(self.states))
+            moved = sum(r for r, _ in reaped.values())
+            if moved:
+                log.info("supervisor: requeued %d task(s) with expired leases", moved)
+            messages = self._manager.execute(self._heartbeat_and_poll)
+            for raw in messages:
+                try:
+                    self.signals.put(("control", orjson.loads(raw)))
+                except orjson.JSONDecodeError:
+                    log.warning("supervisor: ignoring malformed control message")
+        except HandoffError as e:
+            if time.monotonic() - self._last_redis_error > 5:
+                self._last_redis_error = time.monotonic()
+                log.error("supervisor: Redis: %s", e)
+
+    def _heartbeat_and_poll(self, client) -> list[bytes]:
+        pipe = client.pipeline(transaction=False)
+        pipe.zadd(self._keys.supervisors, {self.supervisor_id: now_ms()})
+        pipe.lpop(self._control_key, 100)  # takes each message once, no MULTI (one key each)
+        return pipe.execute()[1] or []

@@ -1,0 +1,546 @@
+"""A worker process: claim, run, ack, for one agent type.
+
+Runs in: `handoff worker AGENT`, or a child the supervisor forked. The constructor only
+stores settings (it may run before fork); init_process() builds everything alive: the
+pool, the runner, the helper threads and the signal handlers.
+
+Threads: main (claims, finishes outcomes in batches: the only one acking), handler
+threads or one asyncio thread (runner), a waker (blocks in BLPOP on the agent's wake list
+while there is room, so idling costs nothing), a lease keeper (renews leases of every
+held task from its own thread, enforces timeouts), and a heartbeat (health hash).
+Everything the main thread waits for arrives on one SimpleQueue: outcomes, wake-ups and
+signals (SimpleQueue.put is safe inside a signal handler).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import socket
+import threading
+import time
+from typing import Any
+
+import orjson
+
+from handoff.config import Settings
+from handoff.connection.manager import get_manager
+from handoff.connection.outage import OutageLog
+from handoff.connection.server_checks import UnsafeServer, check_eviction_policy
+from handoff.errors import HandoffError, InvalidPayload
+from handoff.protocol.keys import Keys
+from handoff.protocol.queue import ClaimRequest, Completion, Failure, TaskQueue
+from handoff.protocol.task import Task, derived_task_id, now_ms
+from handoff.runtime import exits
+from handoff.runtime.agents import AgentSpec, Handoff
+from handoff.runtime.prefetch import PrefetchSizer
+from handoff.runtime.runner import Outcome, make_runner
+from handoff.runtime.worker_stats import WorkerStats
+
+log = logging.getLogger(__name__)
+
+_WAKE = "wake"
+_TICK_S = 1.0
+# Between claims while Redis is unreachable: long enough not to hammer a server that is
+# failing over, short enough to resume within a couple of seconds once it is back.
+MAX_BACKOFF_S = 2.0
+
+
+class Worker:
+    def __init__(
+        self,
+        spec: AgentSpec,
+        settings: Settings,
+        *,
+        worker_id: str | None = None,
+        parent_pid: int | None = None,
+    ) -> None:
+        self.spec = spec
+        self.settings = settings
+        self.worker_id = worker_id
+        self.parent_pid = parent_pid
+        self.exit_code = exits.EXIT_OK
+
+    # -- after fork ------------------------------------------------------------------------
+
+    def init_process(self) -> None:
+        self.pid = os.getpid()
+        if self.worker_id is None:
+            self.worker_id = f"{self.spec.name}-{socket.gethostname()}-{self.pid}"
+        self.manager = get_manager(self.settings.redis)
+        self.queue = TaskQueue(self.manager, self.settings)
+        self.keys = Keys(self.settings.key_prefix)
+        self.agent_keys = self.keys.agent(self.spec.name)
+        self.events: queue.SimpleQueue = queue.SimpleQueue()
+        self.runner = make_runner(self.spec, self.events.put)
+        self.held: dict[str, Task] = {}  # leased by us, not yet acked/nacked/released
+        self.stats = WorkerStats()
+        self.state = "starting"
+        self.draining = False
+        self.fast = False
+        self.stop_event = threading.Event()
+        self.want_work = threading.Event()
+        redis_config = self.settings.redis
+        self._socket_timeout_s = max(redis_config.read_timeout_s, redis_config.write_timeout_s)
+        self.lease_ms = int((self.spec.lease_s or self.settings.lease_s) * 1000)
+        # Prefetched tasks hold leases; under a global limit they would hold other
+        # workers' share idle, so a globally limited agent claims only for free slots.
+        floor = 0 if self.spec.global_limit else self.settings.prefetch
+        ceiling = floor if self.spec.global_limit else self.settings.claim_batch_max
+        self.sizer = PrefetchSizer(self.spec.max_concurrent, floor, ceiling)
+        self.outage = OutageLog(log, f"worker {self.worker_id}")
+        self._backoff_s = 0.0
+        self._backoff_until = 0.0
+        self._recycle_reason = ""
+        self._unsent: list[tuple[list, list, list]] = []  # batches Redis did not take yet
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+            signal.signal(sig, self._on_signal)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the supervisor rolls us instead
+        for name, target in (
+            ("waker", self._waker_loop),
+            ("lease-keeper", self._lease_loop),
+            ("heartbeat", self._heartbeat_loop),
+        ):
+            threading.Thread(target=target, name=name, daemon=True).start()
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self.events.put_nowait(("signal", signum))
+
+    # -- main loop -------------------------------------------------------------------------
+
+    def run(self) -> int:
+        self.init_process()
+        log.info(
+            "worker %s started: agent=%s max_concurrent=%d prefetch=%d+ (adaptive)",
+            self.worker_id, self.spec.name, self.spec.max_concurrent, self.settings.prefetch,
+        )  # fmt: skip
+        try:
+            check_eviction_policy(self.manager, self.settings)
+        except UnsafeServer as e:
+            log.error("worker %s cannot start: %s", self.worker_id, e)
+            return exits.EXIT_BOOT_ERROR
+        except HandoffError as e:
+            log.warning("could not check the server: %s", e)
+        self.state = "idle"
+        deadline: float | None = None
+        while True:
+            self._process_events(block_s=self._wait_s())
+            if self._unsent:
+                self._flush()
+            if self.draining and deadline is None:
+                deadline = time.monotonic() + (0 if self.fast else self.settings.graceful_timeout_s)
+                self._release(self.runner.take_unstarted())
+            if self.draining:
+                if not self.held or time.monotonic() >= deadline or self.fast:
+                    break
+                continue
+            self._check_parent()
+            self._claim()
+        self._shutdown()
+        return self.exit_code
+
+    def _wait_s(self) -> float:
+        if self.draining or self._unsent:
+            return 0.05
+        backing_off_s = self._backoff_until - time.monotonic()
+        if backing_off_s > 0:  # Redis refused fast: wait out the backoff, do not spin
+            return min(backing_off_s, _TICK_S)
+        if self._room() and not self.want_work.is_set():
+            return 0.0  # there is room and we have not yet seen an empty queue
+        return _TICK_S
+
+    def _room(self) -> int:
+        """How many to claim now: 0 until half the capacity is free, unless every held
+        task has started (so slots would go idle): fewer, bigger claims."""
+        capacity = self.sizer.capacity
+        room = capacity - len(self.held)
+        unstarted = len(self.held) - self.runner.running
+        if room <= 0 or (unstarted > 0 and room < capacity // 2):
+            return 0
+        return 0 if self._isolating() else room
+
+    def _isolating(self) -> bool:
+        """A suspect runs alone: hold one, or one waits for us -> drain, then claim solo."""
+        return bool(self.held) and (self.queue.suspects_waiting or self._holds_suspect())
+
+    def _holds_suspect(self) -> bool:
+        """A task delivered before without finishing (its worker died) runs alone here."""
+        return any(t.deliveries - (t.attempt - 1) >= 2 for t in self.held.values())
+
+    def _process_events(self, block_s: float) -> None:
+        """Take every pending event (blocking up to block_s for the first), then act."""
+        outcomes: list[Outcome] = []
+        try:
+            item = self.events.get(timeout=block_s) if block_s > 0 else self.events.get_nowait()
+            while True:
+                if isinstance(item, Outcome):
+                    outcomes.append(item)
+                elif isinstance(item, list):
+                    outcomes.extend(item)
+                elif item == _WAKE:
+                    self.want_work.clear()
+                elif item[0] == "claimed":
+                    self.want_work.clear()
+                    self._take(item[1])
+                elif item[0] == "abandon":
+                    for task in item[1]:
+                        self._forget(task)
+                else:
+                    self._handle_signal(item[1])
+                item = self.events.get_nowait()
+        except queue.Empty:
+            pass
+        if outcomes:
+            self._finish(outcomes)
+
+    def _handle_signal(self, signum: int) -> None:
+        if signum == signal.SIGQUIT:
+            self.fast = True
+        if not self.draining:
+            log.info("worker %s: %s, draining", self.worker_id, signal.Signals(signum).name)
+        self.draining = True  # a repeated SIGTERM (honcho signals the group) changes nothing
+        self.state = "stopping"
+
+    def _check_parent(self) -> None:
+        if self.parent_pid is not None and os.getppid() != self.parent_pid:
+            log.warning("worker %s: supervisor gone, stopping", self.worker_id)
+            self.exit_code = exits.EXIT_PARENT_GONE
+            self.draining = True
+
+    # -- claiming --------------------------------------------------------------------------
+
+    def _claim(self) -> None:
+        room = self._room()
+        if not room or self.want_work.is_set():
+            return
+        if time.monotonic() < self._backoff_until:
+            return
+        try:
+            tasks = self._claim_batch(room)
+        except HandoffError as e:
+            self._redis_trouble("claim", e)
+            return
+        self._backoff_s = 0.0
+        self.outage.recovered()
+        if not tasks:
+            self.want_work.set()  # the waker blocks in Redis until work arrives
+            return
+        self._take(tasks)
+
+    def _claim_batch(self, room: int) -> list[Task]:
+        """One claim round trip (main thread, or the waker while the main thread waits)."""
+        request = ClaimRequest(
+            self.spec.name,
+            room,
+            self.lease_ms,
+            self.spec.global_limit or 0,
+            isolate_suspects=True,
+            solo=not self.held,
+        )
+        started = time.perf_counter()
+        tasks = self.queue.claim([request])[self.spec.name]
+        self.sizer.observe_round_trip(time.perf_counter() - started)
+        self.stats.last_claim_at = time.time()
+        return tasks
+
+    def _take(self, tasks: list[Task]) -> None:
+        """Hold and start claimed tasks (main thread only)."""
+        if self.draining:
+            self._release(tasks)
+            return
+        for task in tasks:
+            if task.max_attempts is None:
+                task.max_attempts = self.spec.max_attempts
+            self.held[task.id] = task
+        self.state = "busy"
+        self.runner.submit(tasks)
+
+    def _redis_trouble(self, what: str, error: Exception) -> None:
+        """Back off (capped) and log at most one line per interval while Redis is down."""
+        self._backoff_s = min(MAX_BACKOFF_S, max(0.05, self._backoff_s * 2))
+        self._backoff_until = time.monotonic() + self._backoff_s
+        self.outage.failed(what, error)
+
+    # -- finishing -------------------------------------------------------------------------
+
+    def _finish(self, outcomes: list[Outcome]) -> None:
+        """Turn outcomes into children, acks and nacks: at most three round trips a batch."""
+        completions: list[Completion] = []
+        failures: list[Failure] = []
+        children: list[Task] = []
+        stats = self.stats
+        for outcome in outcomes:
+            task = outcome.task
+            if self.held.get(task.id) is not task:
+                continue  # timed out earlier (already nacked), or its lease was lost
+            stats.latencies_s.append(outcome.elapsed_s)
+            self.sizer.observe_task(outcome.elapsed_s)
+            if outcome.error is not None:
+                failures.append(
+                    Failure(
+                        task, outcome.error, outcome.trace, retry_delay_s=self.spec.retry_delay_s
+                    )
+                )
+                continue
+            value = outcome.value
+            if isinstance(value, Handoff) or (
+                isinstance(value, list) and value and all(isinstance(v, Handoff) for v in value)
+            ):
+                handoffs = [value] if isinstance(value, Handoff) else value
+                made = self._children(task, handoffs)
+                if isinstance(made, Failure):
+                    failures.append(made)
+                    continue
+                children.extend(made)
+                result_json = orjson.dumps({"handoff": [c.id for c in made]})
+                completions.append(Completion(task, result_json, len(made)))
+                continue
+            try:
+                result_json = orjson.dumps(value)
+            except (TypeError, orjson.JSONEncodeError) as e:
+                failures.append(
+                    Failure(task, f"result is not JSON-serialisable: {e}", dead_now=True)
+                )
+                continue
+            completions.append(Completion(task, result_json))
+        self._send(completions, failures, children)
+
+    def _children(self, parent: Task, handoffs: list[Handoff]) -> list[Task] | Failure:
+        trace = [*parent.trace, parent.id]
+        if len(trace) > self.settings.max_hops:
+            return Failure(
+                parent, f"handoff hop limit reached ({self.settings.max_hops} hops)", dead_now=True
+            )
+        stamp = now_ms()
+        children = []
+        for index, handoff in enumerate(handoffs):
+            child = Task(
+                # Deterministic: a redelivered parent makes the same child id, deduplicated.
+                id=derived_task_id(handoff.agent, parent.id, str(index)),
+                agent=handoff.agent,
+                payload=handoff.payload,
+                priority=handoff.priority,
+                created_at=stamp,
+                enqueued_at=stamp,
+                parent_id=parent.id,
+                trace=trace,
+            )
+            try:
+                size = len(child.to_json())
+            except InvalidPayload as e:
+                return Failure(parent, f"handoff to {handoff.agent}: {e}", dead_now=True)
+            if size > self.settings.max_payload_bytes:
+                return Failure(
+                    parent,
+                    f"handoff to {handoff.agent}: {size} bytes, over max_payload_bytes",
+                    dead_now=True,
+                )
+            children.append(child)
+        return children
+
+    def _send(self, completions: list[Completion], failures: list[Failure], children) -> None:
+        """Children first, then the parents' acks: a crash in between only repeats a
+        parent whose children are deduplicated by id.
+
+        When Redis is unreachable the batch is kept and sent again on a later turn of the
+        main loop (which keeps handling signals meanwhile); the held leases stay renewed.
+        """
+        self._unsent.append((completions, failures, children))
+        self._flush()
+
+    def _flush(self) -> None:
+        if time.monotonic() < self._backoff_until:
+            return
+        while self._unsent:
+            completions, failures, children = self._unsent[0]
+            try:
+                if children:
+                    self.queue.enqueue(children)
+                    self._unsent[0] = (completions, failures, [])
+                if completions:
+                    self.stats.stale += len(self.queue.ack(completions))
+                    self._unsent[0] = ([], failures, [])
+                if failures:
+                    self.stats.stale += len(self.queue.nack(failures))
+            except HandoffError as e:
+                self._redis_trouble("ack", e)
+                return
+            self._unsent.pop(0)
+            self._account(completions, failures)
+        self._backoff_s = 0.0
+        self.outage.recovered()
+
+    def _forget(self, task: Task) -> None:
+        """Stop holding this delivery (not a newer delivery of the same id)."""
+        if self.held.get(task.id) is task:
+            del self.held[task.id]
+
+    def _account(self, completions: list[Completion], failures: list[Failure]) -> None:
+        for done in completions:
+            self._forget(done.task)
+        for failure in failures:
+            self._forget(failure.task)
+            if not failure.dead_now and failure.task.attempt < (failure.task.max_attempts or 3):
+                self.stats.retried += 1
+        self.stats.processed += len(completions)
+        self.stats.failed += len(failures)
+        self.stats.handed_off += sum(c.handoffs for c in completions)
+        self.stats.last_ack_at = time.time()
+        if not self.held and not self.draining:
+            self.state = "idle"
+
+    def _release(self, tasks: list[Task]) -> None:
+        if not tasks:
+            return
+        try:
+            self.queue.release(tasks)
+        except HandoffError as e:
+            log.warning(
+                "worker %s: could not release %d task(s): %s", self.worker_id, len(tasks), e
+            )
+        for task in tasks:
+            self._forget(task)
+
+    def _shutdown(self) -> None:
+        self.stop_event.set()
+        leftovers = list(self.held.values())
+        if leftovers:
+            # Still running past the grace period: give them back now rather than wait for
+            # their leases to expire (the process exit stops the handlers).
+            log.warning(
+                "worker %s: releasing %d unfinished task(s)", self.worker_id, len(leftovers)
+            )
+            self._release(leftovers)
+        self.runner.stop()
+        try:
+            self.manager.execute(lambda c: self._deregister(c), retry=False)
+        except HandoffError:
+            pass
+        log.info(
+            "worker %s stopped: processed=%d failed=%d (%s)",
+            self.worker_id, self.stats.processed, self.stats.failed, exits.NAMES[self.exit_code],
+        )  # fmt: skip
+
+    def _deregister(self, client) -> None:
+        pipe = client.pipeline(transaction=False)
+        pipe.delete(self.keys.worker(self.worker_id))
+        pipe.zrem(self.keys.workers, self.worker_id)
+        pipe.execute()
+
+    # -- helper threads --------------------------------------------------------------------
+
+    def _waker_loop(self) -> None:
+        """While the main thread has room and saw an empty queue: block in Redis for a wake
+        token, then claim right here and hand the tasks over (one thread hop, not two)."""
+        wake_key = self.agent_keys.wake
+        while not self.stop_event.is_set():
+            if not self.want_work.wait(timeout=_TICK_S):
+                continue
+            # Block for less than the socket timeout, or the read would time out first.
+            timeout_s = min(_TICK_S, self._socket_timeout_s / 2)
+            due = self.queue.next_due_ms
+            if due >= 0:
+                until_due = (due - self.queue.last_now_ms) / 1000.0
+                timeout_s = min(timeout_s, max(0.01, until_due))
+            try:
+                self.manager.execute(lambda c, t=timeout_s: c.blpop([wake_key], timeout=t))
+                self.outage.recovered()
+                # held only shrinks while the main thread waits, so this room is safe.
+                room = 0 if self._isolating() else self.sizer.capacity - len(self.held)
+                tasks = self._claim_batch(room) if room > 0 and not self.draining else []
+            except HandoffError as e:
+                self.outage.failed("wait for work", e)
+                self.stop_event.wait(min(MAX_BACKOFF_S, max(0.1, self._backoff_s)))
+                self.events.put(_WAKE)  # let the main thread retry (and back off)
+                continue
+            if tasks:
+                # Claim nothing more until the main thread has taken these: until then
+                # self.held does not show them (room and "solo" would be wrong).
+                self.want_work.clear()
+                self.events.put(("claimed", tasks))
+
+    def _lease_loop(self) -> None:
+        """Renew every held lease each third of the lease; fail tasks past their timeout."""
+        interval = max(0.05, self.lease_ms / 3000.0)
+        while not self.stop_event.wait(interval):
+            for task, ran_s in self.runner.overdue(time.monotonic()):
+                if self.runner.started_at.pop(task.id, None) is not None:
+                    log.warning(
+                        "worker %s: task %s timed out after %.1fs; recycling this worker",
+                        self.worker_id, task.id, ran_s,
+                    )  # fmt: skip
+                    self.events.put(
+                        Outcome(task, error=f"timed out after {ran_s:.1f}s", timed_out=True)
+                    )
+                    # The thread is stuck in the handler: replace the process once drained.
+                    self.exit_code = exits.EXIT_RECYCLE
+                    self.events.put(("signal", signal.SIGTERM))
+            held = list(self.held.values())
+            if not held:
+                continue
+            try:
+                lost = self.queue.extend(held, self.lease_ms)
+            except HandoffError as e:
+                self.outage.failed("lease renewal", e)
+                continue
+            if lost:
+                self._abandon([t for t in held if t.id in set(lost)])
+
+    def _abandon(self, tasks: list[Task]) -> None:
+        """Leases lost (expired and re-claimed elsewhere): never start these deliveries;
+        a running one's outcome is ignored (its ack would be stale anyway)."""
+        log.warning(
+            "worker %s: lost the lease of %d task(s); abandoning them", self.worker_id, len(tasks)
+        )
+        self.runner.skip.update((t.id, t.token) for t in tasks)
+        self.events.put(("abandon", tasks))
+
+    def _heartbeat_loop(self) -> None:
+        interval = self.settings.heartbeat_interval_s
+        ttl_ms = int(max(5 * interval, 3.0) * 1000)
+        while True:
+            self._heartbeat(ttl_ms)
+            self._check_recycle()
+            if self.stop_event.wait(interval):
+                return
+
+    def _heartbeat(self, ttl_ms: int) -> None:
+        fields = self.stats.health_fields(
+            worker_id=self.worker_id,
+            agent=self.spec.name,
+            state=self.state,
+            in_flight=len(self.held),
+            max_concurrent=self.spec.max_concurrent,
+            global_limit=self.spec.global_limit,
+            manager=self.manager,
+        )
+        key = self.keys.worker(self.worker_id)
+
+        def write(client) -> None:
+            pipe = client.pipeline(transaction=False)
+            pipe.hset(key, mapping=fields)
+            pipe.pexpire(key, ttl_ms)
+            pipe.zadd(self.keys.workers, {self.worker_id: now_ms()})
+            pipe.execute()
+
+        try:
+            self.manager.execute(write, retry=False)
+        except HandoffError:
+            pass  # the health checker records it; the monitor sees the missing heartbeat
+
+    def _check_recycle(self) -> None:
+        s = self.settings
+        reason = ""
+        if s.max_tasks_per_worker and self.stats.processed >= s.max_tasks_per_worker:
+            reason = f"processed {self.stats.processed} tasks"
+        elif s.max_rss_mb and self.stats.rss_mb() > s.max_rss_mb:
+            reason = f"RSS {self.stats.rss_mb():.0f} MB over max_rss_mb={s.max_rss_mb:g}"
+        elif s.max_worker_age_s and time.time() - self.stats.started > s.max_worker_age_s:
+            reason = f"older than max_worker_age_s={s.max_worker_age_s:g}"
+        if reason and not self._recycle_reason:
+            self._recycle_reason = reason
+            log.info("worker %s: recycling (%s)", self.worker_id, reason)
+            self.exit_code = exits.EXIT_RECYCLE
+            self.events.put(("signal", signal.SIGTERM))

@@ -1,0 +1,145 @@
+"""Helpers for tests that run real handoff processes (supervisor, workers, honcho)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_tcp_port() -> int:
+    """A port the kernel just handed out on loopback."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(
+    condition: Callable[[], object],
+    timeout_s: float,
+    what: str,
+    step_s: float = 0.02,
+    not_yet: tuple[type[BaseException], ...] = (),
+):
+    """Poll condition until truthy (returned) or fail after timeout_s naming what we waited
+    for. Errors of the `not_yet` types count as "not yet"; the last is quoted at the end."""
+    deadline = time.monotonic() + timeout_s
+    last_error: BaseException | None = None
+    while True:
+        try:
+            value = condition()
+            if value:
+                return value
+        except not_yet as e:
+            last_error = e
+        if time.monotonic() > deadline:
+            detail = f" (last error: {last_error!r})" if last_error else ""
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}{detail}")
+        time.sleep(step_s)
+
+
+def handoff_env(redis_url: str, **settings: object) -> dict[str, str]:
+    """Environment for a handoff subprocess: the test's server, test apps importable."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HANDOFF_")}
+    env.pop("REDIS_URL", None)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests")])
+    env["TEST_REDIS_URL"] = redis_url
+    env["HANDOFF_REDIS_URL"] = redis_url
+    env["HANDOFF_HEARTBEAT_INTERVAL_S"] = "0.2"
+    env["HANDOFF_REAPER_INTERVAL_S"] = "0.2"
+    for name, value in settings.items():
+        env[f"HANDOFF_{name.upper()}"] = str(value)
+    return env
+
+
+class HandoffProcess:
+    """A `handoff ...` subprocess in its own session, with its output in a file."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "handoff", *args],
+            cwd=ROOT,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def children(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.pid).children()
+        except psutil.NoSuchProcess:
+            return []
+
+    def live_children(self) -> list[psutil.Process]:
+        alive = []
+        for child in self.children():
+            try:
+                if child.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(child)
+            except psutil.NoSuchProcess:
+                pass
+        return alive
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout_s: float) -> int:
+        return self.proc.wait(timeout=timeout_s)
+
+    def stop(self) -> None:
+        """Make sure nothing outlives the test: the whole session is killed."""
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(timeout=10)
+        else:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        self._log.close()
+
+
+def plain_client(url: str):
+    """redis-py's own client for a test URL: a RedisCluster for redis+cluster://."""
+    if url.startswith("redis+cluster://"):
+        from redis.cluster import RedisCluster
+
+        host, _, port = url.removeprefix("redis+cluster://").split(",")[0].partition(":")
+        return RedisCluster(host=host, port=int(port))
+    return redis.Redis.from_url(url)
+
+
+def executions(raw_redis) -> list[tuple[int, str]]:
+    """(pid, task id) of every handler start the test agents recorded."""
+    out = []
+    for line in raw_redis.lrange("executed", 0, -1):
+        pid, task_id = line.decode().split(" ", 1)
+        out.append((int(pid), task_id))
+    return out
+
+
+def stat(client, agent: str, name: str) -> int:
+    return client.queue_stats([agent])[agent][name]
