@@ -1,6 +1,8 @@
-"""handoff's engine. The public interface (see DESIGN.md):
+"""handoff: hand tasks between agents through Redis. The public interface:
 
-from handoff import agent, Handoff, Client
+    from handoff import agent, Handoff, Client
+
+plus Task and the errors a user catches; everything else lives in the layer subpackages.
 """
 
 from handoff.client import Client, ResultTimeout, TaskDead

@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 
+from handoff.backoff import Backoff
 from handoff.config import Settings, load_settings
 from handoff.connection.manager import RedisManager
 from handoff.errors import HandoffError, InvalidPayload
@@ -26,8 +27,6 @@ from handoff.protocol.task import (
     new_task_id,
     now_ms,
 )
-
-STATUSES = ("queued", "delayed", "running", "done", "dead", "unknown")
 
 
 class TaskDead(HandoffError):
@@ -240,7 +239,7 @@ class Client:
         it is not done in time. Waits by polling with backoff (1 ms doubling to 50 ms).
         """
         deadline = time.monotonic() + wait_s
-        pause = 0.001
+        pause = Backoff(0.001, 0.05)
         while True:
             status, raw = self._status_and_result(task_id)
             if status == "done":
@@ -250,8 +249,7 @@ class Client:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise ResultTimeout(f"task {task_id} is still {status} after {wait_s}s")
-            time.sleep(min(pause, remaining))
-            pause = min(pause * 2, 0.05)
+            time.sleep(min(pause.next_s(), remaining))
 
     def dead_reason(self, task_id: str) -> str:
         keys = self.queue.keys.agent(agent_of(task_id))
@@ -268,11 +266,11 @@ class Client:
             pipe = client.pipeline(transaction=False)
             pipe.hget(keys.tasks, task_id)
             pipe.hget(keys.deliveries, task_id)
-            pipe.hget(keys.attempts, task_id)
+            pipe.hget(keys.failures, task_id)
             pipe.hget(keys.dead_reasons, task_id)
             return pipe.execute()
 
-        raw, deliveries, attempts, dead = self.queue.manager.execute(read)
+        raw, deliveries, failures, dead = self.queue.manager.execute(read)
         info: dict[str, Any] = {"id": task_id, "agent": agent, "status": status}
         if raw is not None:
             try:
@@ -281,7 +279,7 @@ class Client:
                 info["task"] = None
                 info["corrupt"] = True
         info["deliveries"] = int(deliveries or 0)
-        info["failures"] = int(attempts or 0)
+        info["failures"] = int(failures or 0)
         if dead:
             info["dead"] = orjson.loads(dead)
         if raw_result is not None:

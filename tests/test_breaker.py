@@ -11,6 +11,7 @@ import time
 import pytest
 import redis.exceptions as rex
 
+from handoff.connection import operations as ops
 from handoff.connection.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
 from handoff.connection.retry import RetryPolicy
 from handoff.errors import CircuitOpen, RedisCommandError, RedisUnavailable
@@ -177,7 +178,7 @@ def test_an_open_breaker_fails_fast_without_touching_the_network_and_recovers(
             breaker_failure_threshold=3,
             breaker_cooldown_s=0.3,
         )
-        manager.set_with_expiry("k", "v", 60)
+        ops.set_with_expiry(manager, "k", "v", 60)
         private_server.stop()
 
         with pytest.raises(RedisUnavailable) as first:

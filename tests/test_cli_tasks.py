@@ -198,7 +198,9 @@ def worker_queue(redis_url):
 
 def bury(q: TaskQueue, n: int) -> list[str]:
     tasks = q.claim([ClaimRequest(AGENT, n, 30_000)])[AGENT]
-    q.nack([Failure(t, f"boom {i}", trace="Traceback", dead_now=True) for i, t in enumerate(tasks)])
+    q.nack(
+        [Failure(t, f"boom {i}", traceback="Traceback", dead_now=True) for i, t in enumerate(tasks)]
+    )
     return [t.id for t in tasks]
 
 

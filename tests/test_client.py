@@ -98,7 +98,7 @@ def test_result_waits_for_the_task_to_finish(client, worker_queue, monkeypatch):
 def test_result_raises_task_dead_with_the_reason(client, worker_queue):
     tid = client.enqueue("a", {})
     task = claim_one(worker_queue)
-    worker_queue.nack([Failure(task, "KeyError: 'code'", trace="Traceback...", dead_now=True)])
+    worker_queue.nack([Failure(task, "KeyError: 'code'", traceback="Traceback...", dead_now=True)])
     with pytest.raises(TaskDead, match="KeyError: 'code'"):
         client.result(tid, wait_s=5)
     assert client.status(tid) == "dead"
@@ -188,7 +188,7 @@ def test_dead_letters_list_requeue_and_purge(client, worker_queue, raw_redis):
     ids = client.enqueue_many("a", [{"n": i} for i in range(3)])
     tasks = worker_queue.claim([ClaimRequest("a", 3, LEASE_MS)])["a"]
     worker_queue.nack(
-        [Failure(t, f"broken {t.payload['n']}", trace="tb", dead_now=True) for t in tasks]
+        [Failure(t, f"broken {t.payload['n']}", traceback="tb", dead_now=True) for t in tasks]
     )
     listed = client.dead_list("a")
     assert [e["id"] for e in listed] == ids

@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from handoff.errors import InvalidAgentName, InvalidPayload
+from handoff.protocol import scripts
 from handoff.protocol.keys import AGENT_KEY_NAMES, Keys, check_agent, check_claim_id, check_task_id
 from handoff.protocol.task import agent_of, derived_task_id, new_task_id
 
@@ -202,7 +203,7 @@ KEY_LOOP = re.compile(r"for _, key in ipairs\(\{(K_\w+(?:, K_\w+)*)\}\)")
 def test_every_script_touches_only_keys_declared_in_its_keys():
     """No key name is ever built inside a script: each call's keys are all in KEYS (one
     agent's, one hash tag), so on a cluster no call is CROSSSLOT or undeclared."""
-    prelude = (LUA / "_prelude.lua").read_text()
+    prelude = scripts.key_header() + (LUA / "_prelude.lua").read_text()
     bound = {"key", *_names_bound_to_keys(prelude)}
     for loop in KEY_LOOP.findall(prelude):
         assert set(loop.split(", ")) <= bound

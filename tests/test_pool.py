@@ -19,6 +19,7 @@ import pytest
 import redis
 
 from handoff.config import RedisPoolConfig
+from handoff.connection import operations as ops
 from handoff.connection.embedded_server import ServerProcess
 from handoff.connection.manager import RedisManager, get_manager, reset_manager
 from handoff.errors import (
@@ -310,8 +311,8 @@ def test_get_manager_is_one_per_process_and_reset_closes_it(server, raw):
 def test_set_with_expiry_sets_value_and_ttl(server, raw, make_manager):
     manager = make_manager(server.url)
 
-    assert manager.set_with_expiry("session:1", b"payload", 30) is True
-    assert manager.set_with_expiry("session:2", "short", 0.25) is True
+    assert ops.set_with_expiry(manager, "session:1", b"payload", 30) is True
+    assert ops.set_with_expiry(manager, "session:2", "short", 0.25) is True
 
     assert raw.get("session:1") == b"payload"
     assert 29_000 < raw.pttl("session:1") <= 30_000
@@ -323,8 +324,8 @@ def test_zadd_batch_adds_every_member_in_one_command(server, raw, make_manager):
     members = {f"task-{i}": float(i) for i in range(100)}
     raw.config_resetstat()
 
-    assert round_trips(raw, lambda: manager.zadd_batch("queue", members)) == 1
-    assert manager.zadd_batch("queue", {"task-0": 5.0}) == 0  # an update adds nothing
+    assert round_trips(raw, lambda: ops.zadd_batch(manager, "queue", members)) == 1
+    assert ops.zadd_batch(manager, "queue", {"task-0": 5.0}) == 0  # an update adds nothing
 
     assert raw.info("commandstats")["cmdstat_zadd"]["calls"] == 2
     assert raw.zcard("queue") == 100
@@ -338,7 +339,7 @@ def test_zpopmin_batch_pops_from_several_queues_in_one_round_trip(server, raw, m
     popped: dict = {}
 
     trips = round_trips(
-        raw, lambda: popped.update(manager.zpopmin_batch(["q:a", "q:b", "q:empty"], 2))
+        raw, lambda: popped.update(ops.zpopmin_batch(manager, ["q:a", "q:b", "q:empty"], 2))
     )
 
     assert trips == 1
@@ -376,7 +377,7 @@ def test_cleanup_expired_keys_scans_and_unlinks_only_idle_matching_keys(server, 
         raw.set(f"cache:new:{i}", "v")
     raw.config_resetstat()
 
-    removed = manager.cleanup_expired_keys(["cache:*"], idle_longer_than_s=500, scan_count=7)
+    removed = ops.cleanup_expired_keys(manager, ["cache:*"], idle_longer_than_s=500, scan_count=7)
 
     assert removed == 30
     left = {k.decode() for k in raw.scan_iter("*")}
@@ -394,7 +395,7 @@ def test_health_and_metrics_report_every_field(server, make_manager):
     manager = make_manager(server.url, pool_size=7, min_idle_conns=1)
     assert manager.get_health().last_successful_ping == 0.0
 
-    manager.set_with_expiry("k", "v", 10)
+    ops.set_with_expiry(manager, "k", "v", 10)
     manager.execute_batch([lambda p: p.get("k"), lambda p: p.get("k"), lambda p: p.exists("k")])
     with pytest.raises(RedisCommandError, match="unknown command"):
         manager.execute(lambda c: c.execute_command("NO-SUCH-COMMAND"))
@@ -454,7 +455,7 @@ def test_the_configs_password_and_db_override_the_urls(server, make_manager):
     url = f"redis://:not-the-password@127.0.0.1:{server.port}/0"
     manager = make_manager(url, password=secret, db=2)
 
-    manager.set_with_expiry("where", "db2", 30)
+    ops.set_with_expiry(manager, "where", "db2", 30)
 
     with redis.Redis(port=server.port, password=secret, db=2) as check:
         assert check.get("where") == b"db2"
@@ -473,7 +474,7 @@ def test_a_password_in_the_url_never_reaches_logs_errors_or_reprs(server, make_m
         max_retry_backoff_ms=2,
         health_check_interval_s=0.05,
     )
-    assert manager.set_with_expiry("k", "v", 30) is True
+    assert ops.set_with_expiry(manager, "k", "v", 30) is True
     texts = [
         repr(manager), str(manager), repr(manager.config), str(manager.config),
         repr(manager.client), repr(manager.pool), str(manager.get_pool_stats()),

@@ -370,7 +370,7 @@ def test_max_attempts_via_nack_dead_letters_with_the_error_and_traceback(queue, 
         [held] = claim(queue, 1, now=now)
         assert held.attempt == attempt
         dead = queue.nack(
-            [Failure(held, f"ValueError: bad {attempt}", trace="Traceback ...\nValueError")],
+            [Failure(held, f"ValueError: bad {attempt}", traceback="Traceback ...\nValueError")],
             now_ms=now,
         )
         assert dead == []

@@ -17,6 +17,7 @@ import redis.exceptions as rex
 from hypothesis import given
 from hypothesis import strategies as st
 
+from handoff.connection import operations as ops
 from handoff.connection.breaker import CircuitBreaker
 from handoff.connection.retry import ExponentialBackoff, RetryPolicy, is_retriable
 from handoff.errors import (
@@ -297,7 +298,7 @@ def test_with_the_server_stopped_a_call_fails_after_max_retries_on_a_growing_bac
         max_retry_backoff_ms=200,
         breaker_failure_threshold=100,
     )
-    manager.set_with_expiry("k", "v", 60)
+    ops.set_with_expiry(manager, "k", "v", 60)
     private_server.stop()
 
     with pytest.raises(RedisUnavailable, match=r"after 4 attempt\(s\).*Connection refused"):

@@ -7,6 +7,7 @@ import time
 from collections import Counter
 
 import psutil
+import redis
 
 from harness.procs import HandoffProcess, executions, handoff_env, stat, wait_until
 
@@ -170,3 +171,27 @@ def test_idle_worker_uses_under_one_percent_cpu(start, client):
     # and it still picks work up at once
     tid = client.enqueue("probe", {"n": 1, "sleep_s": 0})
     assert client.result(tid, wait_s=2) == {"n": 1}
+
+
+def test_memory_optimization_applies_the_server_memory_settings_at_start(private_server, tmp_path):
+    """redis.memory_optimization = true: the supervisor CONFIG SETs lazy freeing and the
+    listpack sizes (the seed's SetMemoryOptimizations); off, it touches nothing."""
+    url = private_server.url
+    server = redis.Redis.from_url(url, decode_responses=True)
+    server.config_set("lazyfree-lazy-expire", "no")
+    env = handoff_env(url, app="apps.probe")
+    plain = HandoffProcess(["supervise", "--agents", "probe=1"], env, tmp_path / "off.log")
+    try:
+        wait_until(lambda: "started" in plain.output(), 30, "the first supervisor to start")
+        assert server.config_get("lazyfree-lazy-expire")["lazyfree-lazy-expire"] == "no"
+    finally:
+        plain.stop()
+    env["HANDOFF_REDIS_MEMORY_OPTIMIZATION"] = "true"
+    tuned = HandoffProcess(["supervise", "--agents", "probe=1"], env, tmp_path / "on.log")
+    try:
+        wait_until(lambda: "memory settings" in tuned.output(), 30, "the settings to be applied")
+        got = server.config_get("*-max-listpack-entries")
+        assert server.config_get("lazyfree-lazy-expire")["lazyfree-lazy-expire"] == "yes"
+        assert got["zset-max-listpack-entries"] == "256"
+    finally:
+        tuned.stop()

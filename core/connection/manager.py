@@ -30,7 +30,7 @@ from handoff.connection.pool_metrics import (
 )
 from handoff.connection.retry import RetryPolicy, already_recorded
 from handoff.connection.topology import ClusterPools, open_client, open_cluster
-from handoff.errors import RedisCommandError, WrongProcess
+from handoff.errors import WrongProcess
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -135,8 +135,6 @@ class RedisManager:
         """Run fn(client) with the breaker, the retry budget, and latency metrics."""
         return self._call(fn, retry=retry, n_operations=0)
 
-    execute_with_retry = execute
-
     def execute_batch(
         self, operations: Sequence[Callable[[Any], Any]], *, transaction: bool = False
     ) -> list:
@@ -181,21 +179,7 @@ class RedisManager:
         if not self.health.is_healthy_fast():
             self.health.success()
 
-    # -- the seed's operations -------------------------------------------------------------
-
-    def set_with_expiry(self, key: str, value: bytes | str, ttl_s: float) -> bool:
-        ttl_ms = max(1, int(ttl_s * 1000))
-        return bool(self.execute(lambda c: c.set(key, value, px=ttl_ms)))
-
-    def zadd_batch(self, key: str, members: dict[str | bytes, float]) -> int:
-        return int(self.execute(lambda c: c.zadd(key, members)))
-
-    def zpopmin_batch(
-        self, keys: Sequence[str], count: int
-    ) -> dict[str, list[tuple[bytes, float]]]:
-        """ZPOPMIN up to count members from each of several queues in one pipeline."""
-        replies = self.execute_batch([lambda p, k=k: p.zpopmin(k, count) for k in keys])
-        return dict(zip(keys, replies, strict=True))
+    # -- every primary ----------------------------------------------------------------------
 
     def node_clients(self) -> list[redis.Redis]:
         """One plain client per primary: the server itself, or each cluster primary.
@@ -207,39 +191,6 @@ class RedisManager:
         if not self.is_cluster:
             return [self._client]
         return self.execute(lambda c: [node.redis_connection for node in c.get_primaries()])
-
-    def cleanup_expired_keys(
-        self, patterns: Sequence[str], *, idle_longer_than_s: float, scan_count: int = 500
-    ) -> int:
-        """Unlink keys matching patterns that no one has touched for idle_longer_than_s.
-
-        SCAN (never KEYS) walks the keyspace in bounded steps, on each primary of a
-        cluster; expired keys it meets are removed by the server on the way. Idle time
-        comes from OBJECT IDLETIME in one pipeline per SCAN page, and the victims go in
-        one pipeline of UNLINKs per page (one key each: keys of a page span slots).
-        """
-        removed = 0
-        for node in self.node_clients():
-            for pattern in patterns:
-                removed += self._cleanup_node(node, pattern, idle_longer_than_s, scan_count)
-        return removed
-
-    def _cleanup_node(self, node: redis.Redis, pattern: str, idle_s: float, count: int) -> int:
-        removed, cursor = 0, 0
-        while True:
-            cursor, keys = self.execute(
-                lambda _c, cur=cursor: node.scan(cur, match=pattern, count=count)
-            )
-            if keys:
-                idle = self.execute_batch_on(
-                    node, [lambda p, k=k: p.object("idletime", k) for k in keys]
-                )
-                stale = [k for k, s in zip(keys, idle, strict=True) if s is not None and s > idle_s]
-                if stale:
-                    gone = self.execute_batch_on(node, [lambda p, k=k: p.unlink(k) for k in stale])
-                    removed += sum(int(n) for n in gone)
-            if cursor == 0:
-                return removed
 
     def execute_batch_on(
         self, node: redis.Redis, operations: Sequence[Callable[[Any], Any]]
@@ -253,28 +204,6 @@ class RedisManager:
             return pipe.execute()
 
         return self.execute_pipelined(run, len(operations))
-
-    def set_memory_optimizations(self) -> dict[str, str]:
-        """Opt-in (config.memory_optimization): compact encodings and lazy freeing.
-
-        Never touches maxmemory-policy: eviction would silently delete tasks.
-        """
-        settings = {
-            "lazyfree-lazy-expire": "yes",
-            "lazyfree-lazy-server-del": "yes",
-            "activedefrag": "no",
-            "hash-max-listpack-entries": "512",
-            "zset-max-listpack-entries": "256",
-        }
-        applied = {}
-        for name, value in settings.items():
-            try:
-                for node in self.node_clients():
-                    self.execute(lambda _c, n=name, v=value, node=node: node.config_set(n, v))
-                applied[name] = value
-            except RedisCommandError as e:  # managed servers often forbid CONFIG
-                log.warning("could not set %s: %s", name, e)
-        return applied
 
     # -- health and metrics ----------------------------------------------------------------
 

@@ -22,10 +22,6 @@ class OutageLog:
         self._last_said = 0.0
         self._failures = 0
 
-    @property
-    def in_outage(self) -> bool:
-        return self._since is not None
-
     def failed(self, what: str, error: BaseException) -> None:
         now = time.monotonic()
         with self._lock:

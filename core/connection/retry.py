@@ -7,7 +7,6 @@ on the connections we build, so the two never multiply.
 from __future__ import annotations
 
 import errno
-import random
 import socket
 from collections.abc import Callable
 from typing import TypeVar
@@ -20,6 +19,7 @@ from tenacity import (
     stop_after_attempt,
 )
 
+from handoff.backoff import exponential_s
 from handoff.connection.breaker import CircuitBreaker
 from handoff.errors import (
     AuthenticationFailed,
@@ -118,8 +118,7 @@ class ExponentialBackoff:
         return self.sleep_s(state.attempt_number)
 
     def sleep_s(self, retry_number: int) -> float:
-        base = self.min_s * 2.0 ** min(retry_number - 1, 64)  # bounded: no float overflow
-        return min(base + random.uniform(0.0, self.min_s), self.max_s)
+        return exponential_s(retry_number, self.min_s, self.max_s, jitter="add")
 
 
 class RetryPolicy:

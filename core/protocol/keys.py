@@ -8,7 +8,7 @@ one cluster slot. Agent names are validated before any key is built.
     <prefix>:{<agent>}:leases       ZSET  id -> lease deadline (ms, server time)
     <prefix>:{<agent>}:tokens       HASH  id -> current lease token
     <prefix>:{<agent>}:deliveries   HASH  id -> times claimed (poison limit)
-    <prefix>:{<agent>}:attempts     HASH  id -> failed executions so far
+    <prefix>:{<agent>}:failures     HASH  id -> failed executions so far
     <prefix>:{<agent>}:scores       HASH  id -> queue score (to requeue in place)
     <prefix>:{<agent>}:delayed      ZSET  id -> due time (ms)
     <prefix>:{<agent>}:dead         ZSET  id -> time dead-lettered (ms)
@@ -79,7 +79,7 @@ AGENT_KEY_NAMES = (
     "leases",
     "tokens",
     "deliveries",
-    "attempts",
+    "failures",
     "scores",
     "delayed",
     "dead",
@@ -117,8 +117,8 @@ class AgentKeys:
         return f"{self.base}:deliveries"
 
     @property
-    def attempts(self) -> str:
-        return f"{self.base}:attempts"
+    def failures(self) -> str:
+        return f"{self.base}:failures"
 
     @property
     def scores(self) -> str:

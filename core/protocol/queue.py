@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
-import traceback
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +17,7 @@ from typing import Any
 import orjson
 import redis.exceptions as rex
 
+from handoff.backoff import exponential_s
 from handoff.config import Settings
 from handoff.connection.cluster_calls import check_replicated, run_script_calls
 from handoff.connection.manager import RedisManager
@@ -62,7 +61,7 @@ class Failure:
 
     task: Task
     error: str
-    trace: str = ""
+    traceback: str = ""
     dead_now: bool = False
     retry_delay_s: float = 1.0
 
@@ -81,14 +80,8 @@ def _foreign_id(task_id: str, agent: str) -> str:
 
 
 def retry_delay_ms(base_s: float, attempt: int) -> int:
-    """Exponential backoff with full jitter in [base/2, base) * 2**(attempt-1), capped."""
-    ceiling = min(RETRY_MAX_DELAY_S, base_s * (2 ** max(0, attempt - 1)))
-    return max(1, int(1000 * ceiling * (0.5 + random.random() / 2)))
-
-
-def short_traceback(limit_chars: int = 2000) -> str:
-    text = traceback.format_exc()
-    return text[-limit_chars:]
+    """Exponential backoff with jitter in [base/2, base) * 2**(attempt-1), capped."""
+    return max(1, int(1000 * exponential_s(attempt, base_s, RETRY_MAX_DELAY_S, jitter="half")))
 
 
 def new_claim_id() -> str:
@@ -352,7 +345,7 @@ class TaskQueue:
                 reason = orjson.dumps(
                     {
                         "reason": failure.error[:1000],
-                        "traceback": failure.trace,
+                        "traceback": failure.traceback,
                         "attempt": task.attempt,
                     }
                 )

@@ -1,7 +1,8 @@
 """The Lua scripts, loaded once per client from the .lua files beside this module.
 
 Each script is one atomic operation with its KEYS/ARGV contract in its header;
-_prelude.lua (shared helpers and the fixed per-agent KEYS) is prepended to each.
+_prelude.lua (shared helpers), after the fixed per-agent KEYS generated from keys.py,
+is prepended to each.
 Calls are EVALSHA only (pipelined where several go together); a NOSCRIPT reply (a
 restarted or flushed server) loads every script and repeats the call. That repeat is
 safe because every operation is idempotent: enqueue by task id, claim by claim_id,
@@ -13,6 +14,8 @@ from __future__ import annotations
 import hashlib
 from functools import cache
 from importlib import resources
+
+from handoff.protocol.keys import AGENT_KEY_NAMES
 
 NAMES = (
     "enqueue",
@@ -27,11 +30,19 @@ NAMES = (
 )
 
 
+def key_header() -> str:
+    """`local K_QUEUE, K_TASKS, ... = KEYS[1], KEYS[2], ...` and FIXED_KEYS, from
+    AGENT_KEY_NAMES: the one list of per-agent keys, so Lua and Python cannot disagree."""
+    names = ", ".join(f"K_{name.upper()}" for name in AGENT_KEY_NAMES)
+    keys = ", ".join(f"KEYS[{i}]" for i in range(1, len(AGENT_KEY_NAMES) + 1))
+    return f"local {names} = {keys}\nlocal FIXED_KEYS = {len(AGENT_KEY_NAMES)}\n"
+
+
 @cache
 def source(name: str) -> str:
     folder = resources.files(__package__) / "lua"
     prelude = (folder / "_prelude.lua").read_text()
-    return prelude + "\n" + (folder / f"{name}.lua").read_text()
+    return key_header() + prelude + "\n" + (folder / f"{name}.lua").read_text()
 
 
 @cache

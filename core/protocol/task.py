@@ -74,13 +74,6 @@ def check_priority(priority: object) -> int:
     return priority
 
 
-def dumps_payload(payload: Any) -> bytes:
-    try:
-        return orjson.dumps(payload)
-    except (TypeError, orjson.JSONEncodeError) as e:
-        raise InvalidPayload(f"payload is not JSON-serialisable: {e}") from None
-
-
 # Stored fields, the JSON types they may have, and whether null is allowed (an absent
 # field takes its default).
 _FIELD_TYPES = (

@@ -30,7 +30,7 @@ class Outcome:
     task: Task
     value: Any = None
     error: str | None = None  # set when the handler raised or timed out
-    trace: str = ""
+    traceback: str = ""
     elapsed_s: float = 0.0
     timed_out: bool = False
 
@@ -117,7 +117,7 @@ class SyncRunner(_BaseRunner):
             try:
                 outcome = Outcome(task, handler(task))
             except BaseException as e:  # the handler's failure is the task's, not ours
-                outcome = Outcome(task, error=f"{type(e).__name__}: {e}", trace=_tb())
+                outcome = Outcome(task, error=f"{type(e).__name__}: {e}", traceback=_tb())
             outcome.elapsed_s = time.perf_counter() - started
             self.started_at.pop(task.id, None)
             self.report(outcome)
@@ -182,7 +182,7 @@ class AsyncRunner(_BaseRunner):
         except TimeoutError:
             outcome = Outcome(task, error=f"timed out after {limit}s", timed_out=True)
         except BaseException as e:
-            outcome = Outcome(task, error=f"{type(e).__name__}: {e}", trace=_tb())
+            outcome = Outcome(task, error=f"{type(e).__name__}: {e}", traceback=_tb())
         outcome.elapsed_s = time.perf_counter() - started
         self.started_at.pop(task.id, None)
         self._finished.append(outcome)

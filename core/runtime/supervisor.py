@@ -24,8 +24,10 @@ from typing import Any
 import orjson
 import psutil
 
+from handoff.backoff import exponential_s
 from handoff.config import Settings
 from handoff.connection.manager import get_manager
+from handoff.connection.operations import apply_memory_settings
 from handoff.connection.server_checks import UnsafeServer, check_eviction_policy
 from handoff.errors import ConfigError, HandoffError
 from handoff.protocol.keys import Keys
@@ -114,6 +116,9 @@ class Supervisor:
         self._redis_setup()
         try:
             check_eviction_policy(self._manager, self.settings)
+            if self.settings.redis.memory_optimization:
+                applied = apply_memory_settings(self._manager)
+                log.info("supervisor: server memory settings: %s", applied or "none took")
         except UnsafeServer:
             raise
         except HandoffError as e:
@@ -244,7 +249,7 @@ class Supervisor:
             return
         now = time.monotonic()
         state.crashes = [t for t in state.crashes if now - t < CRASH_WINDOW_S] + [now]
-        delay = min(MAX_CRASH_BACKOFF_S, 0.1 * 2 ** (len(state.crashes) - 1))
+        delay = exponential_s(len(state.crashes), 0.1, MAX_CRASH_BACKOFF_S)
         state.next_spawn_at = now + delay
         log.warning(
             "worker %d (%s) crashed: %s; restarting in %.1fs (%d crash(es) in %ds)",

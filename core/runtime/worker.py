@@ -25,6 +25,7 @@ from typing import Any
 
 import orjson
 
+from handoff.backoff import Backoff
 from handoff.config import Settings
 from handoff.connection.manager import get_manager
 from handoff.connection.outage import OutageLog
@@ -91,7 +92,7 @@ class Worker:
         ceiling = floor if self.spec.global_limit else self.settings.claim_batch_max
         self.sizer = PrefetchSizer(self.spec.max_concurrent, floor, ceiling)
         self.outage = OutageLog(log, f"worker {self.worker_id}")
-        self._backoff_s = 0.0
+        self.backoff = Backoff(0.05, MAX_BACKOFF_S)
         self._backoff_until = 0.0
         self._recycle_reason = ""
         self._unsent: list[tuple[list, list, list]] = []  # batches Redis did not take yet
@@ -222,7 +223,7 @@ class Worker:
         except HandoffError as e:
             self._redis_trouble("claim", e)
             return
-        self._backoff_s = 0.0
+        self.backoff.reset()
         self.outage.recovered()
         if not tasks:
             self.want_work.set()  # the waker blocks in Redis until work arrives
@@ -259,8 +260,7 @@ class Worker:
 
     def _redis_trouble(self, what: str, error: Exception) -> None:
         """Back off (capped) and log at most one line per interval while Redis is down."""
-        self._backoff_s = min(MAX_BACKOFF_S, max(0.05, self._backoff_s * 2))
-        self._backoff_until = time.monotonic() + self._backoff_s
+        self._backoff_until = time.monotonic() + self.backoff.next_s()
         self.outage.failed(what, error)
 
     # -- finishing -------------------------------------------------------------------------
@@ -280,7 +280,10 @@ class Worker:
             if outcome.error is not None:
                 failures.append(
                     Failure(
-                        task, outcome.error, outcome.trace, retry_delay_s=self.spec.retry_delay_s
+                        task,
+                        outcome.error,
+                        outcome.traceback,
+                        retry_delay_s=self.spec.retry_delay_s,
                     )
                 )
                 continue
@@ -369,7 +372,7 @@ class Worker:
                 return
             self._unsent.pop(0)
             self._account(completions, failures)
-        self._backoff_s = 0.0
+        self.backoff.reset()
         self.outage.recovered()
 
     def _forget(self, task: Task) -> None:
@@ -452,7 +455,7 @@ class Worker:
                 tasks = self._claim_batch(room) if room > 0 and not self.draining else []
             except HandoffError as e:
                 self.outage.failed("wait for work", e)
-                self.stop_event.wait(min(MAX_BACKOFF_S, max(0.1, self._backoff_s)))
+                self.stop_event.wait(max(0.1, self.backoff.current_s()))
                 self.events.put(_WAKE)  # let the main thread retry (and back off)
                 continue
             if tasks:

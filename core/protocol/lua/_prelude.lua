@@ -1,10 +1,7 @@
--- Shared by every script (prepended at load time).
--- The fixed per-agent KEYS, in core/keys.py AGENT_KEY_NAMES order; every key of one
--- agent type shares the hash tag {agent}, so each script touches one cluster slot.
-local K_QUEUE, K_TASKS, K_LEASES, K_TOKENS, K_DELIVERIES = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local K_ATTEMPTS, K_SCORES, K_DELAYED, K_DEAD, K_DEAD_REASONS = KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
-local K_STATS, K_WAKE = KEYS[11], KEYS[12]
-local FIXED_KEYS = 12
+-- Shared by every script (prepended at load time, after the key header that
+-- scripts.py generates from keys.py AGENT_KEY_NAMES: `local K_QUEUE, ... = KEYS[1], ...`
+-- and FIXED_KEYS). Every key of one agent type shares the hash tag {agent}, so each
+-- script touches one cluster slot.
 
 -- Server time in ms, unless the caller passed one (tests drive a virtual clock).
 local function now_ms(arg)
@@ -34,7 +31,7 @@ local function forget(id)
   redis.call('HDEL', K_TASKS, id)
   redis.call('HDEL', K_TOKENS, id)
   redis.call('HDEL', K_DELIVERIES, id)
-  redis.call('HDEL', K_ATTEMPTS, id)
+  redis.call('HDEL', K_FAILURES, id)
   redis.call('HDEL', K_SCORES, id)
 end
 
@@ -105,7 +102,7 @@ end
 
 -- forget() for many finished tasks at once.
 local function forget_all(ids)
-  for _, key in ipairs({K_TASKS, K_TOKENS, K_DELIVERIES, K_ATTEMPTS, K_SCORES}) do
+  for _, key in ipairs({K_TASKS, K_TOKENS, K_DELIVERIES, K_FAILURES, K_SCORES}) do
     bulk_call('HDEL', key, ids)
   end
 end

@@ -44,7 +44,7 @@ if redis.call('EXISTS', claim_key) == 1 then
   local ids = redis.call('LRANGE', claim_key, 0, -1)
   local holders = hget_each(K_TOKENS, ids)
   local payloads = hget_each(K_TASKS, ids)
-  local failures = hget_each(K_ATTEMPTS, ids)
+  local failures = hget_each(K_FAILURES, ids)
   local deliveries = hget_each(K_DELIVERIES, ids)
   for i, id in ipairs(ids) do
     if holders[i] == token then
@@ -68,7 +68,7 @@ if #popped == 0 then return out end
 local ids = {}
 for i = 1, #popped, 2 do ids[#ids + 1] = popped[i] end
 local payloads = hget_each(K_TASKS, ids)
-local failures = hget_each(K_ATTEMPTS, ids)
+local failures = hget_each(K_FAILURES, ids)
 local delivered = hget_each(K_DELIVERIES, ids)
 local deadline = now + lease_ms
 local counts, leases, tokens, leased = {}, {}, {}, {}

@@ -14,7 +14,7 @@ for _, id in ipairs(ids) do
   if redis.call('ZREM', K_DEAD, id) == 1 then
     redis.call('HDEL', K_DEAD_REASONS, id)
     redis.call('HDEL', K_DELIVERIES, id)
-    redis.call('HDEL', K_ATTEMPTS, id)
+    redis.call('HDEL', K_FAILURES, id)
     requeue(id)
     moved[#moved + 1] = id
   end

@@ -15,7 +15,7 @@ for i = 0, n - 1 do
   local id, token, max_attempts, delay_ms, reason = ARGV[o + 1], ARGV[o + 2], tonumber(ARGV[o + 3]), tonumber(ARGV[o + 4]), ARGV[o + 5]
   if redis.call('HGET', K_TOKENS, id) == token then
     failed = failed + 1
-    local attempts = redis.call('HINCRBY', K_ATTEMPTS, id, 1)
+    local attempts = redis.call('HINCRBY', K_FAILURES, id, 1)
     if delay_ms < 0 or attempts >= max_attempts then
       bury(id, now, reason)
       dead[#dead + 1] = id
