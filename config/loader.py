@@ -21,7 +21,7 @@ from typing import Any
 from handoff.config.errors import ConfigError
 from handoff.config.pool import SECRET_FIELDS, RedisPoolConfig
 from handoff.config.presets import PRESETS
-from handoff.config.settings import Settings
+from handoff.config.settings import Settings, parse_agent_counts
 
 PRESET_ENV = "HANDOFF_PRESET"
 CONFIG_ENV = "HANDOFF_CONFIG"
@@ -171,19 +171,9 @@ def _optional_str(text: str) -> str | None:
     return text or None  # an empty variable means "not set"
 
 
-def _agents(text: str) -> dict[str, int]:
-    agents: dict[str, int] = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        name, sep, count = item.partition("=")
-        if not sep:
-            raise ValueError("expected name=count pairs like 'a=2,b=1'")
-        agents[name.strip()] = _int(count)
-    return agents
-
-
 _PARSERS: dict[Any, Callable[[str], Any]] = {
     int: _int,
     float: _float,
     bool: _bool,
-    dict[str, int]: _agents,
+    dict[str, int]: lambda text: parse_agent_counts(text) if text.strip() else {},
 }

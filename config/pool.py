@@ -2,64 +2,23 @@
 
 Fields and defaults are the seed document's (PoolSize 25, MinIdleConns 5, ...), with
 the unit in every name. Validation runs on construction, so a config built by hand is
-checked the same way as one loaded from a file. The small `check_*` helpers here are
-shared with settings.py: every message is one line, "name = value: what is allowed".
+checked the same way as one loaded from a file. The `check_*` helpers (checks.py) make
+every message one line, "name = value: what is allowed".
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, fields
 from typing import Any, NoReturn
 from urllib.parse import SplitResult, urlsplit
 
+from handoff.config.checks import check_bool, check_int, check_seconds, fail, show
 from handoff.config.defaults import default_redis_url
 from handoff.config.errors import ConfigError
 from handoff.config.redact import MASK, redact_url
 
 URL_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster")
 SECRET_FIELDS = frozenset({"password", "sentinel_password"})
-
-
-def show(value: object) -> str:
-    """Format a value for an error message (floats without a trailing noise of digits)."""
-    if isinstance(value, float):
-        return format(value, "g")
-    return repr(value)
-
-
-def fail(name: str, value: object, rule: str) -> NoReturn:
-    raise ConfigError(f"{name} = {show(value)}: {rule}")
-
-
-def check_int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
-    # bool is an int subclass; `pool_size = true` is a mistake, not 1.
-    if isinstance(value, bool) or not isinstance(value, int):
-        fail(name, value, "must be an integer")
-    if hi is not None and not lo <= value <= hi:
-        fail(name, value, f"must be between {lo} and {hi}")
-    if value < lo:
-        fail(name, value, f"must be >= {lo}")
-    return value
-
-
-def check_seconds(name: str, value: Any, *, zero_ok: bool) -> float:
-    """A duration or size as a float; `zero_ok` for fields where 0 means "off"."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        fail(name, value, "must be a number")
-    if not math.isfinite(value):
-        fail(name, value, "must be a finite number")
-    if zero_ok and value < 0:
-        fail(name, value, "must be >= 0")
-    if not zero_ok and value <= 0:
-        fail(name, value, "must be > 0")
-    return float(value)
-
-
-def check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        fail(name, value, "must be true or false")
-    return value
 
 
 def check_optional_str(name: str, value: Any, *, secret: bool = False) -> str | None:

@@ -11,8 +11,9 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from handoff.config.checks import check_int, check_seconds, fail
 from handoff.config.errors import ConfigError
-from handoff.config.pool import SECRET_FIELDS, RedisPoolConfig, check_int, check_seconds, fail
+from handoff.config.pool import SECRET_FIELDS, RedisPoolConfig
 from handoff.config.redact import MASK, redact_url
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -122,6 +123,25 @@ def _log_level(value: Any) -> str:
     if level not in LOG_LEVELS:
         fail("log_level", value, f"must be one of {', '.join(LOG_LEVELS)}")
     return level
+
+
+def parse_agent_counts(text: str) -> dict[str, int]:
+    """'a=2,b=1' -> {'a': 2, 'b': 1}: the one parser of process counts (--agents, scale,
+    HANDOFF_AGENTS). ValueError, naming the bad part, for a malformed pair, a bad agent
+    name, a count out of range, an agent named twice, or nothing at all."""
+    counts: dict[str, int] = {}
+    for part in (p.strip() for p in text.split(",")):
+        name, sep, number = (s.strip() for s in part.partition("="))
+        if not sep or not number.isdigit():
+            raise ValueError(f"{part!r}: expected AGENT=N with N a whole number, like 'a=2,b=1'")
+        if not AGENT_NAME_RE.fullmatch(name):
+            raise ValueError(f"{part!r}: agent names must match ^{AGENT_NAME_RE.pattern}$")
+        if name in counts:
+            raise ValueError(f"{part!r}: agent {name!r} is named twice")
+        if int(number) > MAX_AGENT_PROCESSES:
+            raise ValueError(f"{part!r}: N must be between 0 and {MAX_AGENT_PROCESSES}")
+        counts[name] = int(number)
+    return counts
 
 
 def _agents(value: Any) -> dict[str, int]:

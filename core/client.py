@@ -15,6 +15,7 @@ import orjson
 
 from handoff.backoff import Backoff
 from handoff.config import Settings, load_settings
+from handoff.config.checks import check_range
 from handoff.connection.manager import RedisManager
 from handoff.errors import HandoffError, InvalidPayload
 from handoff.protocol.keys import check_agent
@@ -81,9 +82,7 @@ MAX_DELAY_S = 366 * 86_400.0
 
 
 def _check_number(name: str, value: object, low: float, high: float, integer=False) -> None:
-    kinds = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high:
-        raise InvalidPayload(f"{name} = {value!r}: must be a number between {low} and {high}")
+    check_range(name, value, low, high, integer=integer, error=InvalidPayload)
 
 
 def check_delay_ms(delay_s: object) -> int:

@@ -163,7 +163,7 @@ def test_without_an_app_an_agent_the_server_has_not_seen_is_refused(
     "args, fragment",
     [
         (["--priority", "5000"], "priority = 5000"),
-        (["--delay-s", "-3"], "delay_s = -3.0"),
+        (["--delay-s", "-3"], "delay_s = -3: must be between 0 and"),
         (["--delay-s", "nan"], "delay_s = nan"),
     ],
 )
@@ -268,3 +268,20 @@ def test_without_an_app_running_agents_is_a_one_line_error_naming_app(
         run()
     assert e.value.code != 0
     assert_one_line_error(capsys.readouterr().err, "no app module", "--app MODULE")
+
+
+@pytest.mark.parametrize(
+    ("command", "fragment"),
+    [
+        (["supervise", "--agents", "planner=1,planner=2"], "agent 'planner' is named twice"),
+        (["scale", ""], "'': expected AGENT=N"),
+        (["scale", "planner=1,"], "'': expected AGENT=N"),
+        (["scale", "planner=1001"], "N must be between 0 and 1000"),
+    ],
+)
+def test_bad_process_counts_are_refused_naming_the_part(
+    redis_url, monkeypatch, capsys, command, fragment
+):
+    code, err = failing_cli(monkeypatch, capsys, redis_url, *command)
+    assert code == 2
+    assert err.splitlines()[-1].startswith("Error: Invalid value: ") and fragment in err, err

@@ -428,8 +428,9 @@ def test_unknown_override_keys_are_errors():
         ),
         ({"HANDOFF_LEASE_S": "30s"}, "HANDOFF_LEASE_S = '30s': must be a number (lease_s)"),
         ({"HANDOFF_REDIS_TLS": "maybe"}, "HANDOFF_REDIS_TLS = 'maybe': must be one of 1/0"),
-        ({"HANDOFF_AGENTS": "a:2"}, "HANDOFF_AGENTS = 'a:2': expected name=count pairs"),
-        ({"HANDOFF_AGENTS": "a=two"}, "HANDOFF_AGENTS = 'a=two': must be an integer (agents)"),
+        ({"HANDOFF_AGENTS": "a:2"}, "HANDOFF_AGENTS = 'a:2': 'a:2': expected AGENT=N"),
+        ({"HANDOFF_AGENTS": "a=two"}, "HANDOFF_AGENTS = 'a=two': 'a=two': expected AGENT=N"),
+        ({"HANDOFF_AGENTS": "a=1,a=2"}, "HANDOFF_AGENTS = 'a=1,a=2': 'a=2': agent 'a' is named"),
         ({"HANDOFF_PRESET": "prod"}, "preset = 'prod': must be one of"),
     ],
 )

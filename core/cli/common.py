@@ -44,24 +44,15 @@ def setup_logging(level: str) -> None:
 
 
 def parse_counts(text: str) -> dict[str, int]:
-    """'a=2,b=1' -> {'a': 2, 'b': 1}, with a one-line error naming the bad part."""
+    """'a=2,b=1' -> {'a': 2, 'b': 1}, or a usage error naming the bad part."""
     import click
 
-    from handoff.errors import InvalidAgentName
-    from handoff.protocol.keys import check_agent
+    from handoff.config.settings import parse_agent_counts
 
-    counts: dict[str, int] = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        name, sep, number = part.partition("=")
-        if not sep or not number.strip().isdigit():
-            raise click.BadParameter(f"{part!r}: expected AGENT=N with N a whole number")
-        try:
-            counts[check_agent(name.strip())] = int(number)
-        except InvalidAgentName as e:
-            raise click.BadParameter(str(e)) from None
-        if counts[name.strip()] > 1000:
-            raise click.BadParameter(f"{part!r}: N must be between 0 and 1000")
-    return counts
+    try:
+        return parse_agent_counts(text)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
 
 
 def print_json(value: object) -> None:

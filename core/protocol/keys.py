@@ -30,12 +30,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from handoff.config.settings import AGENT_NAME_RE as AGENT_NAME
 from handoff.config.settings import KEY_PREFIX_RE
 from handoff.errors import InvalidAgentName, InvalidPayload
 
-AGENT_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 # '<agent>.<suffix>': generated ids are '<agent>.<26 hex>' or '<agent>.k<24 hex>'.
-TASK_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}\.[A-Za-z0-9_-]{1,64}")
+TASK_ID = re.compile(AGENT_NAME.pattern + r"\.[A-Za-z0-9_-]{1,64}")
 # A claim id names a replay key and is the lease token: a plain token, no key syntax.
 CLAIM_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
@@ -44,7 +44,7 @@ def check_agent(name: object) -> str:
     """Return name if it is a valid agent name, else raise InvalidAgentName (one line)."""
     if not isinstance(name, str) or AGENT_NAME.fullmatch(name) is None:
         raise InvalidAgentName(
-            f"invalid agent name {_shown(name)}: must match ^[a-z0-9][a-z0-9_-]{{0,62}}$"
+            f"invalid agent name {_shown(name)}: must match ^{AGENT_NAME.pattern}$"
         )
     return name
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 
+from handoff.config.checks import check_range
 from handoff.errors import InvalidPayload
 from handoff.protocol.keys import check_task_id
 
@@ -65,13 +66,9 @@ def score_for(priority: int, enqueued_ms: int) -> int:
 
 
 def check_priority(priority: object) -> int:
-    if isinstance(priority, bool) or not isinstance(priority, int):
-        raise InvalidPayload(f"priority = {priority!r}: must be an integer")
-    if not MIN_PRIORITY <= priority <= MAX_PRIORITY:
-        raise InvalidPayload(
-            f"priority = {priority}: must be between {MIN_PRIORITY} and {MAX_PRIORITY}"
-        )
-    return priority
+    return check_range(
+        "priority", priority, MIN_PRIORITY, MAX_PRIORITY, integer=True, error=InvalidPayload
+    )
 
 
 # Stored fields, the JSON types they may have, and whether null is allowed (an absent

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from handoff.config.checks import check_range
 from handoff.errors import ConfigError, HandoffError
 from handoff.protocol.keys import check_agent
 from handoff.protocol.task import check_priority
@@ -53,8 +54,7 @@ class AgentSpec:
 
 
 def _check_range(name: str, field: str, value: Any, low: float, high: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
-        raise ConfigError(f"agent {name!r}: {field} = {value!r}: must be between {low} and {high}")
+    check_range(f"agent {name!r}: {field}", value, low, high)
 
 
 def agent(
