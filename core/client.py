@@ -304,21 +304,17 @@ class Client:
 
     def dead_requeue(self, agent: str, ids: Sequence[str] = (), limit: int = 1000) -> list[str]:
         """Put dead tasks (ids, or the oldest limit) back in the queue with fresh counts."""
-        fixed = self.queue.keys.agent(agent).all()
-        args = _dead_args(agent, ids, limit)
-        reply = self.queue.run_scripts([("dead_requeue", fixed, args)])[0]
-        return [i.decode() for i in reply]
+        _check_dead_selection(agent, ids, limit)
+        return self.queue.dead_requeue(agent, ids, limit)
 
     def dead_purge(self, agent: str, ids: Sequence[str] = (), limit: int = 1000) -> int:
         """Delete dead tasks (ids, or the oldest limit) and their payloads for good."""
-        fixed = self.queue.keys.agent(agent).all()
-        args = _dead_args(agent, ids, limit)
-        return int(self.queue.run_scripts([("dead_purge", fixed, args)])[0])
+        _check_dead_selection(agent, ids, limit)
+        return self.queue.dead_purge(agent, ids, limit)
 
 
-def _dead_args(agent: str, ids: Sequence[str], limit: int) -> list[Any]:
+def _check_dead_selection(agent: str, ids: Sequence[str], limit: int) -> None:
     _check_number("limit", limit, 1, 1_000_000, integer=True)
     for task_id in ids:
         if agent_of(task_id) != agent:
             raise InvalidPayload(f"task {task_id!r} does not belong to agent {agent!r}")
-    return [limit, *ids]

@@ -230,7 +230,7 @@ def test_the_snapshot_names_the_deployment_and_on_a_cluster_each_agents_node(
 
 
 def test_the_monitor_logs_each_change_once_not_each_tick(caplog):
-    from handoff.cli.monitor_cmds import _log_changes
+    from handoff.observe.watch import ChangeLog
 
     def snap(redis_ok=True, workers=(), nodes=None):
         redis_view = {"ok": redis_ok, "error": "refused"}
@@ -241,7 +241,7 @@ def test_the_monitor_logs_each_change_once_not_each_tick(caplog):
         views = [{"id": w, "healthy": True, "problems": []} for w in workers]
         return {"redis": redis_view, "workers": views}
 
-    health: dict[str, bool] = {}
+    changes = ChangeLog()
     ticks = [
         snap(workers=["w1"], nodes={"n1": True, "n2": True}),
         snap(redis_ok=False),
@@ -252,7 +252,7 @@ def test_the_monitor_logs_each_change_once_not_each_tick(caplog):
     ]
     with caplog.at_level("INFO", logger="handoff.observe.monitor"):
         for tick in ticks:
-            _log_changes(tick, health)
+            changes.note(tick)
     said = [r.getMessage() for r in caplog.records]
     assert said == [
         "worker w1 is gone",

@@ -66,10 +66,6 @@ def print_table(headers: list[str], rows: list[list[object]]) -> None:
     """A plain left-aligned table that fits narrow terminals."""
     import click
 
-    text_rows = [[str(cell) for cell in row] for row in rows]
-    widths = [len(h) for h in headers]
-    for row in text_rows:
-        widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
-    click.echo("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
-    for row in text_rows:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    from handoff.observe.view import table_lines
+
+    click.echo("\n".join(table_lines(headers, rows)))

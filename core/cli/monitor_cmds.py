@@ -6,14 +6,12 @@ import logging
 import signal
 import sys
 import threading
-import time
 
 import click
 
 from handoff.cli.common import print_json, print_table
 
 log = logging.getLogger("handoff.observe.monitor")
-LOG_EVERY_S = 10.0
 
 
 def _monitor(state):
@@ -38,7 +36,7 @@ def monitor(state, once, as_json, interval_s, metrics_port, metrics_addr) -> Non
     On a terminal: a refreshing table. Otherwise (under honcho): a line per agent every
     10 s, and one log line whenever a worker's health changes.
     """
-    from handoff.observe.view import log_lines, problem_lines, render
+    from handoff.observe.view import render
 
     watcher = _monitor(state)
     if once:
@@ -48,7 +46,8 @@ def monitor(state, once, as_json, interval_s, metrics_port, metrics_addr) -> Non
         else:
             click.echo(render(snapshot))
         return
-    interval = interval_s or state.settings.monitor_interval_s
+    from handoff.observe.watch import watch
+
     latest: dict = {}
     if metrics_port:
         from handoff.observe.metrics_export import serve
@@ -57,59 +56,17 @@ def monitor(state, once, as_json, interval_s, metrics_port, metrics_addr) -> Non
         log.info("monitor: Prometheus metrics on http://%s:%d/metrics", metrics_addr, metrics_port)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    tty = sys.stdout.isatty()
-    health: dict[str, bool] = {}
-    last_log = 0.0
     try:
-        while not stop.is_set():
-            snapshot = watcher.snapshot()
-            latest["snapshot"] = snapshot
-            _log_changes(snapshot, health)
-            try:
-                watcher.publish(snapshot)
-            except Exception as e:
-                log.debug("monitor: publish failed: %s", e)
-            if tty:
-                click.echo("\x1b[2J\x1b[H" + render(snapshot))
-            elif time.monotonic() - last_log >= LOG_EVERY_S:
-                last_log = time.monotonic()
-                for line in log_lines(snapshot) or problem_lines(snapshot):
-                    click.echo(line)
-            stop.wait(interval)
+        watch(
+            watcher,
+            interval_s or state.settings.monitor_interval_s,
+            stop,
+            tty=sys.stdout.isatty(),
+            emit=click.echo,
+            on_snapshot=lambda snapshot: latest.update(snapshot=snapshot),
+        )
     except KeyboardInterrupt:
         pass
-
-
-def _log_changes(snapshot: dict, health: dict[str, bool]) -> None:
-    """One log line per health change, not one per tick."""
-    seen = set()
-    for worker in snapshot["workers"]:
-        seen.add(worker["id"])
-        was = health.get(worker["id"])
-        if was is None or was != worker["healthy"]:
-            if worker["healthy"] and was is not None:
-                log.info("worker %s is healthy again", worker["id"])
-            elif not worker["healthy"]:
-                log.warning("worker %s: %s", worker["id"], "; ".join(worker["problems"]))
-            health[worker["id"]] = worker["healthy"]
-    for gone in {k for k in health if not k.startswith("<")} - seen:  # "<...>": not workers
-        log.warning("worker %s is gone", gone)
-        del health[gone]
-    redis_ok = snapshot.get("redis", {}).get("ok", True)
-    if health.get("<redis>", True) != redis_ok:
-        if redis_ok:
-            log.info("Redis reachable again")
-        else:
-            log.error("Redis unreachable: %s", snapshot["redis"].get("error"))
-        health["<redis>"] = redis_ok
-    for node in snapshot.get("redis", {}).get("nodes", []):  # a cluster's primaries
-        key = f"<node {node['node']}>"
-        if health.get(key, True) != node["ok"]:
-            if node["ok"]:
-                log.info("cluster primary %s reachable again", node["node"])
-            else:
-                log.error("cluster primary %s unreachable: %s", node["node"], node["error"])
-            health[key] = node["ok"]
 
 
 @click.command()

@@ -5,6 +5,7 @@ Runs in: `handoff monitor`, `handoff inspect workers`. Fits an 80-column termina
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 NODE_COLUMNS = ("primary", "state", "mem_mb", "agents")
@@ -12,7 +13,9 @@ AGENT_COLUMNS = ("agent", "queued", "run", "delay", "dead", "done", "fail", "/s"
 WORKER_COLUMNS = ("worker", "state", "busy", "done", "rss_mb", "cpu%", "beat_s", "health")
 
 
-def _table(headers: tuple[str, ...], rows: list[list[str]]) -> list[str]:
+def table_lines(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
+    """A plain left-aligned table, as lines: the one table layout of every command."""
+    rows = [[str(cell) for cell in row] for row in rows]
     widths = [len(h) for h in headers]
     for row in rows:
         widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
@@ -82,12 +85,14 @@ def render(snapshot: dict[str, Any]) -> str:
     if not redis.get("ok", True):
         lines.append(f"Redis: {redis.get('error', 'unreachable')}")
     columns = AGENT_COLUMNS + (("node",) if mode == "cluster" else ())
-    lines += _table(columns, agent_rows(snapshot)) if snapshot["agents"] else ["no agents"]
+    lines += table_lines(columns, agent_rows(snapshot)) if snapshot["agents"] else ["no agents"]
     if redis.get("nodes"):
-        lines += ["", *_table(NODE_COLUMNS, node_rows(snapshot))]
+        lines += ["", *table_lines(NODE_COLUMNS, node_rows(snapshot))]
     lines.append("")
     lines += (
-        _table(WORKER_COLUMNS, worker_rows(snapshot)) if snapshot["workers"] else ["no workers"]
+        table_lines(WORKER_COLUMNS, worker_rows(snapshot))
+        if snapshot["workers"]
+        else ["no workers"]
     )
     problems = problem_lines(snapshot)
     if problems:

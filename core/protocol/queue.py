@@ -397,6 +397,19 @@ class TaskQueue:
             a: (int(r[0]), int(r[1])) for a, r in zip(agents, self.run_scripts(calls), strict=True)
         }
 
+    # -- dead letters ----------------------------------------------------------------------
+
+    def dead_requeue(self, agent: str, ids: Sequence[str], limit: int) -> list[str]:
+        """Put dead tasks (ids, or the oldest limit) back in the queue with fresh counts."""
+        fixed = self.keys.agent(agent).all()
+        reply = self.run_scripts([("dead_requeue", fixed, [limit, *ids])])[0]
+        return [i.decode() for i in reply]
+
+    def dead_purge(self, agent: str, ids: Sequence[str], limit: int) -> int:
+        """Delete dead tasks (ids, or the oldest limit) and their payloads for good."""
+        fixed = self.keys.agent(agent).all()
+        return int(self.run_scripts([("dead_purge", fixed, [limit, *ids])])[0])
+
     # -- registry --------------------------------------------------------------------------
 
     def known_agents(self) -> list[str]:
