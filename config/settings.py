@@ -47,6 +47,10 @@ class Settings:
     max_tasks_per_worker: int = 0  # recycle a worker after N tasks; 0 = unlimited
     max_rss_mb: float = 0.0  # 0 = unlimited
     max_worker_age_s: float = 0.0  # 0 = unlimited
+    # The most processes a control message (`handoff scale`) or SIGTTIN may ask a
+    # supervisor for, per agent type: a bound on what anyone who can write a control
+    # message can make a host run.
+    max_processes_per_agent: int = 100
     monitor_interval_s: float = 1.0
     # WAIT for n replicas after each enqueue (on the same connection), so a failover cannot
     # lose an enqueue the producer was told about; 0 = off (asynchronous replication).
@@ -84,6 +88,7 @@ _INT_RANGES: dict[str, tuple[int, int | None]] = {
     "max_tasks_per_worker": (0, None),
     "enqueue_wait_replicas": (0, 100),
     "enqueue_wait_timeout_ms": (1, 600_000),
+    "max_processes_per_agent": (1, MAX_AGENT_PROCESSES),
 }
 
 

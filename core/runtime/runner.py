@@ -35,8 +35,18 @@ class Outcome:
     timed_out: bool = False
 
 
+@dataclass(slots=True, frozen=True)
+class Finished:
+    """Outcomes of coroutines that finished in one event-loop iteration, reported together."""
+
+    outcomes: list[Outcome]
+
+
+Report = Callable[[Outcome | Finished], None]
+
+
 class _BaseRunner:
-    def __init__(self, spec: AgentSpec, report: Callable[[Outcome], None]) -> None:
+    def __init__(self, spec: AgentSpec, report: Report) -> None:
         self.spec = spec
         self.report = report
         self.max_concurrent = spec.max_concurrent
@@ -67,7 +77,7 @@ class _BaseRunner:
 class SyncRunner(_BaseRunner):
     """max_concurrent threads pulling from one deque of ready tasks."""
 
-    def __init__(self, spec: AgentSpec, report: Callable[[Outcome], None]) -> None:
+    def __init__(self, spec: AgentSpec, report: Report) -> None:
         super().__init__(spec, report)
         self._ready: deque[Task | None] = deque()
         self._cond = threading.Condition()
@@ -150,7 +160,7 @@ class PreciseSelector(selectors.DefaultSelector):  # type: ignore[misc, valid-ty
 class AsyncRunner(_BaseRunner):
     """One event loop thread; at most max_concurrent coroutines; real timeouts."""
 
-    def __init__(self, spec: AgentSpec, report: Callable[[Outcome], None]) -> None:
+    def __init__(self, spec: AgentSpec, report: Report) -> None:
         super().__init__(spec, report)
         self._pending: deque[Task] = deque()
         self._finished: list[Outcome] = []
@@ -197,7 +207,7 @@ class AsyncRunner(_BaseRunner):
         self._flush_scheduled = False
         finished, self._finished = self._finished, []
         if finished:
-            self.report(finished)
+            self.report(Finished(finished))
 
     def take_unstarted(self) -> list[Task]:
         done = threading.Event()
@@ -219,7 +229,7 @@ class AsyncRunner(_BaseRunner):
         self._loop.call_soon_threadsafe(self._loop.stop)
 
 
-def make_runner(spec: AgentSpec, report: Callable[[Outcome], None]) -> _BaseRunner:
+def make_runner(spec: AgentSpec, report: Report) -> _BaseRunner:
     return AsyncRunner(spec, report) if spec.is_async else SyncRunner(spec, report)
 
 

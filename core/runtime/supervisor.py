@@ -21,7 +21,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
 import psutil
 
 from handoff.backoff import exponential_s
@@ -35,6 +34,7 @@ from handoff.protocol.queue import TaskQueue
 from handoff.protocol.task import now_ms
 from handoff.runtime import exits
 from handoff.runtime.agents import AgentSpec, AppLoadError, load_app
+from handoff.runtime.control import BadControlMessage, ScaleRequest, Signalled, parse_control
 from handoff.runtime.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ class Supervisor:
         return self.exit_code
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
-        self.signals.put_nowait(signum)
+        self.signals.put_nowait(Signalled(signum))
 
     def _wait(self) -> None:
         try:
@@ -158,15 +158,20 @@ class Supervisor:
     def _handle_signals(self) -> None:
         while True:
             try:
-                signum = self.signals.get_nowait()
+                event = self.signals.get_nowait()
             except queue.Empty:
                 return
-            if isinstance(signum, tuple):  # a control message from the Redis thread
-                self._control(signum[1])
-                continue
-            handler = getattr(self, f"handle_{signal.Signals(signum).name.lower()}", None)
-            if handler is not None:
-                handler()
+            match event:
+                case ScaleRequest(counts=counts):
+                    for agent, count in counts.items():
+                        self._scale(agent, count)
+                case Signalled(signum=signum):
+                    name = signal.Signals(signum).name.lower()
+                    handler = getattr(self, f"handle_{name}", None)
+                    if handler is not None:
+                        handler()
+                case _:
+                    raise TypeError(f"unknown supervisor event {event!r}")
 
     def handle_sigchld(self) -> None:
         pass  # _reap_children runs every tick
@@ -200,7 +205,7 @@ class Supervisor:
 
     def handle_sigttin(self) -> None:
         for name, state in self.states.items():
-            self._scale(name, state.target + 1)
+            self._scale(name, min(state.target + 1, self.settings.max_processes_per_agent))
 
     def handle_sigttou(self) -> None:
         for name, state in self.states.items():
@@ -212,12 +217,6 @@ class Supervisor:
             return
         log.info("supervisor: scale %s %d -> %d", agent, self.states[agent].target, count)
         self.states[agent].target = count
-
-    def _control(self, message: dict) -> None:
-        if message.get("op") == "scale":
-            for agent, count in message.get("agents", {}).items():
-                if isinstance(count, int) and 0 <= count <= 1000:
-                    self._scale(agent, count)
 
     # -- children --------------------------------------------------------------------------
 
@@ -358,9 +357,12 @@ class Supervisor:
             messages = self._manager.execute(self._heartbeat_and_poll)
             for raw in messages:
                 try:
-                    self.signals.put(("control", orjson.loads(raw)))
-                except orjson.JSONDecodeError:
-                    log.warning("supervisor: ignoring malformed control message")
+                    request = parse_control(raw, self.states, self.settings.max_processes_per_agent)
+                except BadControlMessage as e:
+                    log.warning("supervisor: control message dropped: %s", e)
+                    continue
+                if request.counts:
+                    self.signals.put(request)
         except HandoffError as e:
             if time.monotonic() - self._last_redis_error > 5:
                 self._last_redis_error = time.monotonic()

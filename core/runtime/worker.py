@@ -21,6 +21,7 @@ import signal
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -37,12 +38,40 @@ from handoff.protocol.task import Task, derived_task_id, now_ms
 from handoff.runtime import exits
 from handoff.runtime.agents import AgentSpec, Handoff
 from handoff.runtime.prefetch import PrefetchSizer
-from handoff.runtime.runner import Outcome, make_runner
+from handoff.runtime.runner import Finished, Outcome, make_runner
 from handoff.runtime.worker_stats import WorkerStats
 
 log = logging.getLogger(__name__)
 
-_WAKE = "wake"
+
+# The main thread's events: one small type each (besides the runner's Outcome and
+# Finished), matched by type.
+@dataclass(slots=True, frozen=True)
+class WakeFailed:
+    """The waker could not reach Redis: the main thread retries (and backs off)."""
+
+
+@dataclass(slots=True, frozen=True)
+class Claimed:
+    """The waker claimed these after a wake-up: the main thread takes them."""
+
+    tasks: list[Task]
+
+
+@dataclass(slots=True, frozen=True)
+class LeasesLost:
+    """Their leases expired and were re-claimed elsewhere: forget them."""
+
+    tasks: list[Task]
+
+
+@dataclass(slots=True, frozen=True)
+class Signalled:
+    """A stop signal arrived, or a helper thread asks the worker to stop."""
+
+    signum: int
+
+
 _TICK_S = 1.0
 # Between claims while Redis is unreachable: long enough not to hammer a server that is
 # failing over, short enough to resume within a couple of seconds once it is back.
@@ -107,7 +136,7 @@ class Worker:
             threading.Thread(target=target, name=name, daemon=True).start()
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
-        self.events.put_nowait(("signal", signum))
+        self.events.put_nowait(Signalled(signum))
 
     # -- main loop -------------------------------------------------------------------------
 
@@ -176,20 +205,23 @@ class Worker:
         try:
             item = self.events.get(timeout=block_s) if block_s > 0 else self.events.get_nowait()
             while True:
-                if isinstance(item, Outcome):
-                    outcomes.append(item)
-                elif isinstance(item, list):
-                    outcomes.extend(item)
-                elif item == _WAKE:
-                    self.want_work.clear()
-                elif item[0] == "claimed":
-                    self.want_work.clear()
-                    self._take(item[1])
-                elif item[0] == "abandon":
-                    for task in item[1]:
-                        self._forget(task)
-                else:
-                    self._handle_signal(item[1])
+                match item:
+                    case Outcome():
+                        outcomes.append(item)
+                    case Finished(outcomes=finished):
+                        outcomes.extend(finished)
+                    case WakeFailed():
+                        self.want_work.clear()
+                    case Claimed(tasks=tasks):
+                        self.want_work.clear()
+                        self._take(tasks)
+                    case LeasesLost(tasks=tasks):
+                        for task in tasks:
+                            self._forget(task)
+                    case Signalled(signum=signum):
+                        self._handle_signal(signum)
+                    case _:
+                        raise TypeError(f"unknown worker event {item!r}")
                 item = self.events.get_nowait()
         except queue.Empty:
             pass
@@ -456,13 +488,13 @@ class Worker:
             except HandoffError as e:
                 self.outage.failed("wait for work", e)
                 self.stop_event.wait(max(0.1, self.backoff.current_s()))
-                self.events.put(_WAKE)  # let the main thread retry (and back off)
+                self.events.put(WakeFailed())  # let the main thread retry (and back off)
                 continue
             if tasks:
                 # Claim nothing more until the main thread has taken these: until then
                 # self.held does not show them (room and "solo" would be wrong).
                 self.want_work.clear()
-                self.events.put(("claimed", tasks))
+                self.events.put(Claimed(tasks))
 
     def _lease_loop(self) -> None:
         """Renew every held lease each third of the lease; fail tasks past their timeout."""
@@ -479,7 +511,7 @@ class Worker:
                     )
                     # The thread is stuck in the handler: replace the process once drained.
                     self.exit_code = exits.EXIT_RECYCLE
-                    self.events.put(("signal", signal.SIGTERM))
+                    self.events.put(Signalled(signal.SIGTERM))
             held = list(self.held.values())
             if not held:
                 continue
@@ -498,7 +530,7 @@ class Worker:
             "worker %s: lost the lease of %d task(s); abandoning them", self.worker_id, len(tasks)
         )
         self.runner.skip.update((t.id, t.token) for t in tasks)
-        self.events.put(("abandon", tasks))
+        self.events.put(LeasesLost(tasks))
 
     def _heartbeat_loop(self) -> None:
         interval = self.settings.heartbeat_interval_s
@@ -546,4 +578,4 @@ class Worker:
             self._recycle_reason = reason
             log.info("worker %s: recycling (%s)", self.worker_id, reason)
             self.exit_code = exits.EXIT_RECYCLE
-            self.events.put(("signal", signal.SIGTERM))
+            self.events.put(Signalled(signal.SIGTERM))

@@ -1,0 +1,69 @@
+"""What reaches a supervisor's main loop: a signal, or a scale request read from its
+control list in Redis. One small type each, matched by type.
+
+A control message is data from outside the process (anyone with write access to
+`<prefix>:control:<supervisor>`), so it is parsed and checked here, in the Redis thread,
+before it becomes an event: a malformed one is refused with a one-line reason and never
+reaches the main loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+
+import orjson
+
+MAX_MESSAGE_BYTES = 64 * 1024
+
+
+@dataclass(slots=True, frozen=True)
+class Signalled:
+    signum: int
+
+
+@dataclass(slots=True, frozen=True)
+class ScaleRequest:
+    """Run this many processes of each agent type (all supervised here)."""
+
+    counts: dict[str, int]
+
+
+class BadControlMessage(ValueError):
+    """A control message that is not a well-formed request for this supervisor."""
+
+
+def parse_control(raw: bytes, supervised: Collection[str], max_count: int) -> ScaleRequest:
+    """The scale request in `raw`, or BadControlMessage naming what is wrong.
+
+    Agent types this supervisor does not run are left out (`handoff scale` sends every
+    request to every supervisor), so a request may come back empty."""
+    if len(raw) > MAX_MESSAGE_BYTES:
+        raise BadControlMessage(f"{len(raw)} bytes, over {MAX_MESSAGE_BYTES}")
+    try:
+        message = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise BadControlMessage("not JSON") from None
+    if not isinstance(message, dict):
+        raise BadControlMessage(f"a JSON {type(message).__name__}, not an object")
+    if message.get("op") != "scale":
+        raise BadControlMessage(f"unknown op {_short(message.get('op'))} (known: 'scale')")
+    agents = message.get("agents")
+    if not isinstance(agents, dict) or not agents:
+        raise BadControlMessage("'agents' must be an object of agent type -> process count")
+    counts = {}
+    for name, count in agents.items():
+        if name not in supervised:
+            continue  # another supervisor's business
+        if type(count) is not int or not 0 <= count <= max_count:
+            raise BadControlMessage(
+                f"{_short(name)} = {_short(count)}: the count must be a whole number "
+                f"between 0 and {max_count} (max_processes_per_agent)"
+            )
+        counts[name] = count
+    return ScaleRequest(counts)
+
+
+def _short(value: object) -> str:
+    shown = repr(value)
+    return shown if len(shown) <= 60 else shown[:57] + "..."

@@ -1,0 +1,63 @@
+"""Hostile input from inside Redis: control messages a supervisor did not expect.
+
+A real supervisor and its workers; the messages are pushed with plain RPUSH, as anyone
+with write access to the control list could.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from handoff.runtime.control import BadControlMessage, parse_control
+from harness.procs import wait_until
+
+pytestmark = pytest.mark.slow
+
+HOSTILE = [
+    b"[1,2]",
+    b'{"op":"scale","agents":[1]}',
+    b'{"op":"scale","agents":{"probe":"5"}}',
+    b'{"op":"scale","agents":{"probe":-1}}',
+    b'{"op":"scale","agents":{"probe":100000}}',
+    b'{"op":"scale","agents":{"probe":true}}',
+    b'{"op":"scale"}',
+    b'{"op":"rm -rf"}',
+    b"not json",
+    b'"scale"',
+    b"x" * 70_000,
+]
+
+
+@pytest.mark.parametrize("raw", HOSTILE, ids=lambda raw: raw[:30].decode())
+def test_parse_control_refuses_each_malformed_message_in_one_line(raw):
+    with pytest.raises(BadControlMessage) as e:
+        parse_control(raw, {"probe"}, 100)
+    assert "\n" not in str(e.value) and len(str(e.value)) < 200
+
+
+def test_parse_control_keeps_only_the_agent_types_supervised_here():
+    request = parse_control(b'{"op":"scale","agents":{"probe":3,"other":2}}', {"probe"}, 100)
+    assert request.counts == {"probe": 3}
+    assert parse_control(b'{"op":"scale","agents":{"other":2}}', {"probe"}, 100).counts == {}
+
+
+def test_malformed_control_messages_are_dropped_and_the_supervisor_keeps_going(start, raw_redis):
+    sup = start(["supervise", "--agents", "probe=1"], max_processes_per_agent=3)
+    wait_until(lambda: raw_redis.zcard("handoff:supervisors") == 1, 15, "the supervisor")
+    (sid,) = [s.decode() for s in raw_redis.zrange("handoff:supervisors", 0, -1)]
+    wait_until(lambda: len(sup.live_children()) == 1, 15, "one worker")
+    workers = {p.pid for p in sup.live_children()}
+    control = f"handoff:control:{sid}"
+    raw_redis.rpush(control, *HOSTILE)
+    wait_until(
+        lambda: sup.output().count("control message dropped") == len(HOSTILE),
+        15,
+        "every hostile message to be dropped",
+    )
+    assert sup.proc.poll() is None
+    assert {p.pid for p in sup.live_children()} == workers  # nothing restarted or scaled
+    assert "Traceback" not in sup.output()
+    raw_redis.rpush(control, b'{"op":"scale","agents":{"probe":4}}')  # over the bound
+    raw_redis.rpush(control, b'{"op":"scale","agents":{"probe":2,"elsewhere":9}}')
+    wait_until(lambda: len(sup.live_children()) == 2, 15, "two workers after a valid request")
+    assert sup.output().count("control message dropped") == len(HOSTILE) + 1
