@@ -311,7 +311,7 @@ def test_calls_for_many_agent_types_take_one_round_trip_per_node(queue, raw_redi
     with trips:
         claimed = queue.claim(requests, now_ms=T0)
     assert trips.count == len(nodes)
-    assert sorted(claimed) == sorted(agents)
+    assert sorted(claimed.tasks) == sorted(agents)
 
 
 def test_claim_and_ack_of_a_hundred_take_one_round_trip_each(queue, monkeypatch):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -44,6 +44,22 @@ class ClaimRequest:
     # to a caller holding nothing else (solo), and alone. See claim.lua.
     isolate_suspects: bool = False
     solo: bool = True
+
+
+@dataclass
+class ClaimResult:
+    """What one claim() call leased, per agent, and what the server said on the way: its
+    clock, the earliest delayed task it saw (so an idle waker sleeps until then), and
+    whether a suspect waits for a solo claim. Returned, not kept on the queue, so two
+    threads claiming on one TaskQueue never read each other's answer."""
+
+    tasks: dict[str, list[Task]] = field(default_factory=dict)
+    server_ms: int = 0
+    next_due_ms: dict[str, int] = field(default_factory=dict)  # -1: nothing delayed
+    suspects_waiting: dict[str, bool] = field(default_factory=dict)
+
+    def __getitem__(self, agent: str) -> list[Task]:
+        return self.tasks[agent]
 
 
 @dataclass(frozen=True)
@@ -97,9 +113,6 @@ class TaskQueue:
         self.keys = Keys(settings.key_prefix)
         self._registered_agents: set[str] = set()
         self._max_bytes = str(settings.max_payload_bytes)
-        self.last_now_ms = 0  # server time of the last claim
-        self.next_due_ms = -1  # earliest delayed task seen by the last claim (-1: none)
-        self.suspects_waiting = False  # the last isolating claim left a suspect for a solo one
 
     # -- script calls ----------------------------------------------------------------------
 
@@ -248,12 +261,13 @@ class TaskQueue:
 
     # -- claim -----------------------------------------------------------------------------
 
-    def claim(self, requests: Sequence[ClaimRequest], *, now_ms: int | None = None) -> dict:
+    def claim(self, requests: Sequence[ClaimRequest], *, now_ms: int | None = None) -> ClaimResult:
         """Lease up to n tasks per request, one script call each, one round trip in all.
 
-        Returns {agent: [Task, ...]}. A corrupt task JSON is dead-lettered with the reason
-        (one more round trip, only when it happens) and never reaches a handler. A request
-        with an explicit claim_id is a retry of that claim: it gets the same batch back.
+        Returns the tasks per agent (result[agent]) and what the server said. A corrupt
+        task JSON is dead-lettered with the reason (one more round trip, only when it
+        happens) and never reaches a handler. A request with an explicit claim_id is a
+        retry of that claim: it gets the same batch back.
         """
         calls = []
         s = self.settings
@@ -280,16 +294,17 @@ class TaskQueue:
             ]
             calls.append(("claim", [*agent_keys.all(), agent_keys.claim(claim_id)], args))
         replies = self.run_scripts(calls)
-        claimed: dict[str, list[Task]] = {}
+        result = ClaimResult()
+        claimed = result.tasks
         corrupt: list[Failure] = []
         from_json = Task.from_json
         for request, (_, _, args), reply in zip(requests, calls, replies, strict=True):
             token, agent = args[2], request.agent
             tasks = claimed.setdefault(agent, [])
-            self.last_now_ms, self.next_due_ms = int(reply[0]), int(reply[1])
+            result.server_ms, result.next_due_ms[agent] = int(reply[0]), int(reply[1])
             first = 2
             if request.isolate_suspects:
-                self.suspects_waiting = bool(int(reply[2]))
+                result.suspects_waiting[agent] = bool(int(reply[2]))
                 first = 3
             for i in range(first, len(reply), 4):
                 task_id = reply[i].decode()
@@ -309,7 +324,7 @@ class TaskQueue:
         if corrupt:
             log.warning("dead-lettering %d corrupt task(s): %s", len(corrupt), corrupt[0].error)
             self.nack(corrupt, now_ms=now_ms)
-        return claimed
+        return result
 
     # -- finishing -------------------------------------------------------------------------
 

@@ -33,7 +33,7 @@ from handoff.connection.outage import OutageLog
 from handoff.connection.server_checks import UnsafeServer, check_eviction_policy
 from handoff.errors import HandoffError, InvalidPayload
 from handoff.protocol.keys import Keys
-from handoff.protocol.queue import ClaimRequest, Completion, Failure, TaskQueue
+from handoff.protocol.queue import ClaimRequest, ClaimResult, Completion, Failure, TaskQueue
 from handoff.protocol.task import Task, derived_task_id, now_ms
 from handoff.runtime import exits
 from handoff.runtime.agents import AgentSpec, Handoff
@@ -122,6 +122,7 @@ class Worker:
         self.sizer = PrefetchSizer(self.spec.max_concurrent, floor, ceiling)
         self.outage = OutageLog(log, f"worker {self.worker_id}")
         self.backoff = Backoff(0.05, MAX_BACKOFF_S)
+        self.last_claim = ClaimResult()  # swapped whole by whichever thread claims
         self._backoff_until = 0.0
         self._recycle_reason = ""
         self._unsent: list[tuple[list, list, list]] = []  # batches Redis did not take yet
@@ -193,7 +194,8 @@ class Worker:
 
     def _isolating(self) -> bool:
         """A suspect runs alone: hold one, or one waits for us -> drain, then claim solo."""
-        return bool(self.held) and (self.queue.suspects_waiting or self._holds_suspect())
+        waiting = self.last_claim.suspects_waiting.get(self.spec.name, False)
+        return bool(self.held) and (waiting or self._holds_suspect())
 
     def _holds_suspect(self) -> bool:
         """A task delivered before without finishing (its worker died) runs alone here."""
@@ -273,7 +275,8 @@ class Worker:
             solo=not self.held,
         )
         started = time.perf_counter()
-        tasks = self.queue.claim([request])[self.spec.name]
+        self.last_claim = result = self.queue.claim([request])
+        tasks = result[self.spec.name]
         self.sizer.observe_round_trip(time.perf_counter() - started)
         self.stats.last_claim_at = time.time()
         return tasks
@@ -475,9 +478,10 @@ class Worker:
                 continue
             # Block for less than the socket timeout, or the read would time out first.
             timeout_s = min(_TICK_S, self._socket_timeout_s / 2)
-            due = self.queue.next_due_ms
+            last = self.last_claim  # one read: the main thread may swap it meanwhile
+            due = last.next_due_ms.get(self.spec.name, -1)
             if due >= 0:
-                until_due = (due - self.queue.last_now_ms) / 1000.0
+                until_due = (due - last.server_ms) / 1000.0
                 timeout_s = min(timeout_s, max(0.01, until_due))
             try:
                 self.manager.execute(lambda c, t=timeout_s: c.blpop([wake_key], timeout=t))
