@@ -12,7 +12,7 @@ one cluster slot. Agent names are validated before any key is built.
     <prefix>:{<agent>}:scores       HASH  id -> queue score (to requeue in place)
     <prefix>:{<agent>}:delayed      ZSET  id -> due time (ms)
     <prefix>:{<agent>}:dead         ZSET  id -> time dead-lettered (ms)
-    <prefix>:{<agent>}:dead_reasons HASH  id -> JSON {reason, error, at}
+    <prefix>:{<agent>}:dead_reasons HASH  id -> JSON {reason, traceback, attempt} or {reason, at}
     <prefix>:{<agent>}:stats        HASH  counters (enqueued, done, failed, ...)
     <prefix>:{<agent>}:wake         LIST  wake-up tokens idle workers block on (BLPOP)
     <prefix>:{<agent>}:result:<id>  STRING done record + result, with a TTL
