@@ -27,7 +27,10 @@ TARGETS = (
 def write(results: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "benchmarks.md").write_text(render_markdown(results))
-    render_chart(results, out_dir / "drain_rates.png")
+    try:
+        render_chart(results, out_dir / "drain_rates.png")
+    except ModuleNotFoundError as e:  # matplotlib comes with the bench extra (./scripts/bench)
+        print(f"no chart: {e} (./scripts/bench installs it)", file=sys.stderr)
 
 
 # -- numbers -------------------------------------------------------------------------------
