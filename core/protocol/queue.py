@@ -344,7 +344,19 @@ class TaskQueue:
             calls.append(("ack", keys, args))
         if not calls:
             return []
-        return [i.decode() for reply in self.run_scripts(calls) for i in reply]
+        stale: list[str] = []
+        for reply in self.run_scripts(calls):
+            if b"|" not in reply:
+                stale.extend(i.decode() for i in reply)
+                continue
+            cut = reply.index(b"|")
+            stale.extend(i.decode() for i in reply[:cut])
+            dropped = reply[cut + 1 :]
+            log.warning(
+                "%d result(s) not stored (the tasks are done all the same): %s: %s",
+                len(dropped) // 2, dropped[0].decode(), dropped[1].decode()[:200],
+            )  # fmt: skip
+        return stale
 
     def nack(self, failures: Sequence[Failure], *, now_ms: int | None = None) -> list[str]:
         """Record failures: retry later with backoff, or dead-letter. Returns stale ids."""

@@ -38,11 +38,18 @@ def key_header() -> str:
     return f"local {names} = {keys}\nlocal FIXED_KEYS = {len(AGENT_KEY_NAMES)}\n"
 
 
+# Scripts that run at the memory limit (maxmemory with noeviction): they finish, fail,
+# release, reap and dead-letter tasks, which frees memory; refusing them would leave a full
+# server unable to drain. enqueue is not among them: at the limit it is refused, unwritten.
+ALLOW_OOM = frozenset(NAMES) - {"enqueue"}
+
+
 @cache
 def source(name: str) -> str:
     folder = resources.files(__package__) / "lua"
     prelude = (folder / "_prelude.lua").read_text()
-    return key_header() + prelude + "\n" + (folder / f"{name}.lua").read_text()
+    flags = "#!lua flags=allow-oom\n" if name in ALLOW_OOM else ""
+    return flags + key_header() + prelude + "\n" + (folder / f"{name}.lua").read_text()
 
 
 @cache

@@ -10,11 +10,34 @@ local function now_ms(arg)
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
--- Put a task back in the ready queue at its original place (its stored score).
-local function requeue(id)
-  local score = redis.call('HGET', K_SCORES, id)
-  if not score then score = '0' end
-  redis.call('ZADD', K_QUEUE, score, id)
+-- Add n to a counter in the stats hash. Counting is never why a script fails: a counter
+-- someone overwrote with text starts again from n.
+local function count(field, n)
+  if n == 0 then return end
+  local reply = redis.pcall('HINCRBY', K_STATS, field, n)
+  if type(reply) == 'table' and reply.err then redis.pcall('HSET', K_STATS, field, n) end
+end
+
+-- Bookkeeping read from the agent's hashes is checked before a script writes anything
+-- that depends on it: a value someone else wrote there would otherwise stop the script
+-- half way (Redis does not roll a script back), leaving tasks in no state at all.
+
+-- A score as stored (a string, passed on as is), absent = '0'; nil and a reason if it is
+-- not a finite number.
+local function score_in(raw, id)
+  if not raw then return '0' end
+  local value = tonumber(raw)
+  if value and value == value and value ~= math.huge and value ~= -math.huge then return raw end
+  return nil, 'corrupt bookkeeping: scores[' .. id .. '] = ' .. string.sub(raw, 1, 40) ..
+    ' is not a number'
+end
+
+-- A count (deliveries, failures), absent = 0; nil and a reason if not a whole number.
+local function count_in(hash, raw, id)
+  if not raw then return 0 end
+  if string.match(raw, '^%-?%d+$') and #raw < 16 then return tonumber(raw) end
+  return nil, 'corrupt bookkeeping: ' .. hash .. '[' .. id .. '] = ' .. string.sub(raw, 1, 40) ..
+    ' is not a whole number'
 end
 
 -- Dead-letter a task: kept with its payload and the reason, out of every other state.
@@ -23,7 +46,27 @@ local function bury(id, now, reason_json)
   redis.call('HDEL', K_TOKENS, id)
   redis.call('ZADD', K_DEAD, now, id)
   redis.call('HSET', K_DEAD_REASONS, id, reason_json)
-  redis.call('HINCRBY', K_STATS, 'dead', 1)
+  count('dead', 1)
+end
+
+-- Dead-letter a task whose bookkeeping field `key` held garbage (`why` names it). The
+-- field goes: a requeue from the dead letters starts the task afresh.
+local function bury_corrupt(id, now, key, why)
+  redis.call('HDEL', key, id)
+  bury(id, now, cjson.encode({reason = why, at = now}))
+  count('corrupt', 1)
+end
+
+-- Put a task back in the ready queue at its original place (its stored score). Returns
+-- false when the score was corrupt and the task was dead-lettered instead.
+local function requeue(id, now)
+  local score, why = score_in(redis.call('HGET', K_SCORES, id), id)
+  if not score then
+    bury_corrupt(id, now, K_SCORES, why)
+    return false
+  end
+  redis.call('ZADD', K_QUEUE, score, id)
+  return true
 end
 
 -- Forget a finished task's bookkeeping (the payload too).
@@ -35,28 +78,31 @@ local function forget(id)
   redis.call('HDEL', K_SCORES, id)
 end
 
--- Move leases that expired before `now` back to the queue; bounded by `limit`.
+-- Move leases that expired before `now` back to the queue; bounded by `limit`. Returns
+-- how many were queued again.
 local function reap_expired(now, limit)
   if limit <= 0 then return 0 end
   local expired = redis.call('ZRANGEBYSCORE', K_LEASES, '-inf', now, 'LIMIT', 0, limit)
+  local queued = 0
   for _, id in ipairs(expired) do
     redis.call('ZREM', K_LEASES, id)
     redis.call('HDEL', K_TOKENS, id)
-    requeue(id)
+    if requeue(id, now) then queued = queued + 1 end
   end
-  if #expired > 0 then redis.call('HINCRBY', K_STATS, 'reaped', #expired) end
-  return #expired
+  count('reaped', #expired)
+  return queued
 end
 
--- Move delayed tasks that are due to the queue; bounded by `limit`.
+-- Move delayed tasks that are due to the queue; bounded by `limit`. Returns how many.
 local function promote_due(now, limit)
   if limit <= 0 then return 0 end
   local due = redis.call('ZRANGEBYSCORE', K_DELAYED, '-inf', now, 'LIMIT', 0, limit)
+  local queued = 0
   for _, id in ipairs(due) do
     redis.call('ZREM', K_DELAYED, id)
-    requeue(id)
+    if requeue(id, now) then queued = queued + 1 end
   end
-  return #due
+  return queued
 end
 
 -- Wake up to n idle workers blocked on the wake list (BLPOP). Tokens are hints, not

@@ -5,15 +5,17 @@
 -- ARGV[3] n, then n groups of 5: id, token, result_json ('' = null), result_key_index, handoffs
 -- A task whose token no longer matches (its lease expired and another worker holds it, or it
 -- already finished, or it appears earlier in this batch) is left exactly as it is and
--- reported. The bookkeeping of finished tasks is deleted in bulk commands per batch.
--- Returns: the list of stale ids.
+-- reported. The bookkeeping of finished tasks is deleted in bulk commands per batch, before
+-- the results are stored: at the memory limit the ack frees first. A result the server
+-- will not store is reported, and the task is finished all the same.
+-- Returns: {stale ids..., ['|', id, error, id, error, ...] for results not stored}.
 local now = now_ms(ARGV[1])
 local ttl = tonumber(ARGV[2])
 local n = tonumber(ARGV[3])
 local ids = {}
 for i = 1, n do ids[i] = ARGV[3 + (i - 1) * 5 + 1] end
 local holders = hget_each(K_TOKENS, ids)
-local stale, finished, seen = {}, {}, {}
+local stale, finished, seen, results = {}, {}, {}, {}
 local handed_off = 0
 for i = 1, n do
   local o = 3 + (i - 1) * 5
@@ -25,8 +27,8 @@ for i = 1, n do
     if ttl > 0 and rk > 0 then
       local result = ARGV[o + 3]
       if result == '' then result = 'null' end
-      redis.call('SET', KEYS[FIXED_KEYS + rk],
-        '{"status":"done","finished_at":' .. now .. ',"result":' .. result .. '}', 'PX', ttl)
+      results[#results + 1] = {id, rk,
+        '{"status":"done","finished_at":' .. now .. ',"result":' .. result .. '}'}
     end
     handed_off = handed_off + tonumber(ARGV[o + 5])
   else
@@ -36,8 +38,21 @@ end
 if #finished > 0 then
   bulk_call('ZREM', K_LEASES, finished)
   forget_all(finished)
-  redis.call('HINCRBY', K_STATS, 'done', #finished)
 end
-if handed_off > 0 then redis.call('HINCRBY', K_STATS, 'handed_off', handed_off) end
-if #stale > 0 then redis.call('HINCRBY', K_STATS, 'stale_acks', #stale) end
+local dropped = {}
+for _, r in ipairs(results) do
+  local reply = redis.pcall('SET', KEYS[FIXED_KEYS + r[2]], r[3], 'PX', ttl)
+  if type(reply) == 'table' and reply.err then
+    dropped[#dropped + 1] = r[1]
+    dropped[#dropped + 1] = reply.err
+  end
+end
+count('done', #finished)
+count('handed_off', handed_off)
+count('stale_acks', #stale)
+count('results_dropped', #dropped / 2)
+if #dropped > 0 then
+  stale[#stale + 1] = '|'
+  for _, item in ipairs(dropped) do stale[#stale + 1] = item end
+end
 return stale

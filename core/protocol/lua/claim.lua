@@ -47,8 +47,9 @@ if redis.call('EXISTS', claim_key) == 1 then
   local failures = hget_each(K_FAILURES, ids)
   local deliveries = hget_each(K_DELIVERIES, ids)
   for i, id in ipairs(ids) do
-    if holders[i] == token then
-      emit(id, payloads[i], tonumber(failures[i] or '0'), tonumber(deliveries[i] or '0'))
+    if holders[i] == token then  -- counts as leased: a corrupt one reads as 0 here
+      emit(id, payloads[i], count_in('failures', failures[i], id) or 0,
+        count_in('deliveries', deliveries[i], id) or 0)
     end
   end
   return out
@@ -75,19 +76,25 @@ local counts, leases, tokens, leased = {}, {}, {}, {}
 local c = 0  -- pairs written so far (counts, leases and tokens grow in step)
 local took_suspect = false
 for i, id in ipairs(ids) do
-  local suspect = isolate and payloads[i]
-    and tonumber(delivered[i] or '0') - tonumber(failures[i] or '0') >= 1
-  if payloads[i] and (took_suspect or (suspect and (not solo or c > 0))) then
+  local before, bad_deliveries = count_in('deliveries', delivered[i], id)
+  local failed, bad_failures = count_in('failures', failures[i], id)
+  local suspect = isolate and payloads[i] and before and failed and before - failed >= 1
+  if payloads[i] and (bad_deliveries or bad_failures) then
+    if bad_deliveries then
+      bury_corrupt(id, now, K_DELIVERIES, bad_deliveries)
+    else
+      bury_corrupt(id, now, K_FAILURES, bad_failures)
+    end
+  elseif payloads[i] and (took_suspect or (suspect and (not solo or c > 0))) then
     -- Not for this caller: back to its place in the queue.
     redis.call('ZADD', K_QUEUE, popped[2 * i], id)
     if suspect then out[3] = 1 end
   elseif not payloads[i] then
     -- A queue entry with no payload: nothing to run, nothing to lose. Count it and move on.
-    redis.call('HINCRBY', K_STATS, 'orphans', 1)
+    count('orphans', 1)
     redis.call('HDEL', K_SCORES, id)
   else
-    local deliveries = tonumber(delivered[i] or '0') + 1
-    local failed = tonumber(failures[i] or '0')
+    local deliveries = before + 1
     counts[#counts + 1] = id
     counts[#counts + 1] = deliveries
     if deliveries - failed > max_deliveries then

@@ -9,14 +9,14 @@ if #ARGV > 1 then
 else
   ids = redis.call('ZRANGE', K_DEAD, 0, limit - 1)
 end
+local now = now_ms('')
 local moved = {}
 for _, id in ipairs(ids) do
   if redis.call('ZREM', K_DEAD, id) == 1 then
     redis.call('HDEL', K_DEAD_REASONS, id)
     redis.call('HDEL', K_DELIVERIES, id)
     redis.call('HDEL', K_FAILURES, id)
-    requeue(id)
-    moved[#moved + 1] = id
+    if requeue(id, now) then moved[#moved + 1] = id end
   end
 end
 wake(#moved)

@@ -32,7 +32,7 @@ end
 
 local added, seen = {}, {}
 local tasks, scores, ready, later = {}, {}, {}, {}
-local count = 0
+local added_count = 0
 for i = 1, n do
   local o = base + (i - 1) * 3
   local id, score = ARGV[o + 1], ARGV[o + 2]
@@ -46,7 +46,7 @@ for i = 1, n do
   else
     added[i] = 1
     seen[id] = true
-    count = count + 1
+    added_count = added_count + 1
     push2(tasks, id, ARGV[o + 3])
     push2(scores, id, score)
     local d = delay[i]
@@ -57,6 +57,6 @@ bulk_write('HSET', K_TASKS, tasks)
 bulk_write('HSET', K_SCORES, scores)
 bulk_write('ZADD', K_QUEUE, ready)
 bulk_write('ZADD', K_DELAYED, later)
-if count > 0 then redis.call('HINCRBY', K_STATS, 'enqueued', count) end
+count('enqueued', added_count)
 wake(#ready / 2)
 return added

@@ -15,13 +15,18 @@ for i = 0, n - 1 do
   local id, token, max_attempts, delay_ms, reason = ARGV[o + 1], ARGV[o + 2], tonumber(ARGV[o + 3]), tonumber(ARGV[o + 4]), ARGV[o + 5]
   if redis.call('HGET', K_TOKENS, id) == token then
     failed = failed + 1
-    local attempts = redis.call('HINCRBY', K_FAILURES, id, 1)
-    if delay_ms < 0 or attempts >= max_attempts then
+    local so_far, why = count_in('failures', redis.call('HGET', K_FAILURES, id), id)
+    if not so_far then
+      bury_corrupt(id, now, K_FAILURES, why)
+      dead[#dead + 1] = id
+    elseif delay_ms < 0 or so_far + 1 >= max_attempts then
+      redis.call('HSET', K_FAILURES, id, so_far + 1)
       bury(id, now, reason)
       dead[#dead + 1] = id
     else
       redis.call('ZREM', K_LEASES, id)
       redis.call('HDEL', K_TOKENS, id)
+      redis.call('HSET', K_FAILURES, id, so_far + 1)
       redis.call('ZADD', K_DELAYED, now + delay_ms, id)
       retried = retried + 1
     end
@@ -29,9 +34,9 @@ for i = 0, n - 1 do
     stale[#stale + 1] = id
   end
 end
-if failed > 0 then redis.call('HINCRBY', K_STATS, 'failed', failed) end
-if retried > 0 then redis.call('HINCRBY', K_STATS, 'retried', retried) end
-if #stale > 0 then redis.call('HINCRBY', K_STATS, 'stale_acks', #stale) end
+count('failed', failed)
+count('retried', retried)
+count('stale_acks', #stale)
 stale[#stale + 1] = '|'
 for _, id in ipairs(dead) do stale[#stale + 1] = id end
 return stale

@@ -1,0 +1,202 @@
+"""Bookkeeping someone overwrote in Redis: every script, every field it reads.
+
+For each script and each bookkeeping field it reads, six tasks are put in the state the
+script works on, one task's field is overwritten with text, and the script runs: it must
+not fail, the damaged task must be dead-lettered with a reason naming the field, and its
+five neighbours must end where the script puts them. Redis does not roll a failed script
+back, so a script that fails half way leaves tasks in no state at all; these tests show
+no script does. The table of what each script reads is checked against the scripts.
+
+Time is virtual (every script takes now_ms), except for release and dead_requeue, which
+read the server clock only to date a dead letter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import orjson
+import pytest
+
+from handoff.client import Client
+from handoff.config import RedisPoolConfig, Settings
+from handoff.connection.manager import RedisManager
+from handoff.protocol import scripts
+from handoff.protocol.keys import Keys
+from handoff.protocol.queue import ClaimRequest, Completion, Failure, TaskQueue
+from handoff.protocol.task import Task, new_task_id
+
+BACKENDS = ("server", "cluster")
+
+AGENT = "a"
+KEYS = Keys().agent(AGENT)
+T0 = 1_800_000_000_000
+LEASE_MS = 10_000
+GARBAGE = "garbage\u2603"
+
+# The bookkeeping numbers each script reads before writing, by hash. A script missing
+# here, or a field read by a script without a scenario below, fails the coverage test.
+READS: dict[str, set[str]] = {
+    "enqueue": set(),
+    "claim": {"deliveries", "failures", "scores"},  # scores: promoting and reaping
+    "ack": set(),
+    "nack": {"failures"},
+    "release": {"deliveries", "scores"},
+    "extend": set(),
+    "reap": {"scores"},
+    "dead_requeue": {"scores"},
+    "dead_purge": set(),
+}
+
+
+@pytest.fixture
+def queue(redis_url) -> Iterator[TaskQueue]:
+    settings = Settings(redis=RedisPoolConfig(url=redis_url))
+    q = TaskQueue(RedisManager(settings.redis, background=False), settings)
+    yield q
+    q.manager.close()
+
+
+def six_tasks(q: TaskQueue) -> list[Task]:
+    tasks = [
+        Task(id=new_task_id(AGENT, T0), agent=AGENT, payload={"n": i}, created_at=T0,
+             enqueued_at=T0)
+        for i in range(6)
+    ]  # fmt: skip
+    q.enqueue(tasks, now_ms=T0)
+    return tasks
+
+
+def claim_all(q: TaskQueue, now: int = T0) -> list[Task]:
+    return q.claim([ClaimRequest(AGENT, 10, LEASE_MS)], now_ms=now)[AGENT]
+
+
+# -- getting six tasks into the state a script works on ----------------------------------
+
+
+def queued(q: TaskQueue) -> list[Task]:
+    return six_tasks(q)
+
+
+def leased(q: TaskQueue) -> list[Task]:
+    six_tasks(q)
+    return claim_all(q)
+
+
+def expired(q: TaskQueue) -> list[Task]:
+    return leased(q)  # the operation runs after the lease deadline
+
+
+def delayed_due(q: TaskQueue) -> list[Task]:
+    tasks = leased(q)
+    q.nack([Failure(t, "flaky", retry_delay_s=0.001) for t in tasks], now_ms=T0)
+    return tasks  # due one to two ms later
+
+
+def dead(q: TaskQueue) -> list[Task]:
+    tasks = leased(q)
+    q.nack([Failure(t, "broken", dead_now=True) for t in tasks], now_ms=T0)
+    return tasks
+
+
+LATER = T0 + LEASE_MS + 1_000  # past every lease and every retry delay
+
+
+@dataclass(frozen=True)
+class Scenario:
+    script: str
+    field: str
+    setup: Callable[[TaskQueue], list[Task]]
+    run: Callable[[TaskQueue, list[Task]], object]
+    neighbours_end: str  # the state the five undamaged tasks end in
+
+
+SCENARIOS = [
+    Scenario("claim", "deliveries", queued, lambda q, _: claim_all(q), "leased"),
+    Scenario("claim", "failures", queued, lambda q, _: claim_all(q), "leased"),
+    Scenario("claim", "scores", delayed_due, lambda q, _: claim_all(q, LATER), "leased"),
+    Scenario("claim", "scores", expired, lambda q, _: claim_all(q, LATER), "leased"),
+    Scenario(
+        "nack",
+        "failures",
+        leased,
+        lambda q, ts: q.nack([Failure(t, "flaky", retry_delay_s=60) for t in ts], now_ms=T0),
+        "delayed",
+    ),
+    Scenario("release", "deliveries", leased, lambda q, ts: q.release(ts), "queued"),
+    Scenario("release", "scores", leased, lambda q, ts: q.release(ts), "queued"),
+    Scenario("reap", "scores", expired, lambda q, _: q.reap([AGENT], now_ms=LATER), "queued"),
+    Scenario("reap", "scores", delayed_due, lambda q, _: q.reap([AGENT], now_ms=LATER), "queued"),
+    Scenario(
+        "dead_requeue",
+        "scores",
+        dead,
+        lambda q, _: Client(settings=q.settings).dead_requeue(AGENT),
+        "queued",
+    ),
+]
+
+
+def states(r) -> dict[str, str]:
+    """Every task id the agent's sorted sets hold -> its state; fails on one in two."""
+    seen: dict[str, str] = {}
+    for state, key in (("queued", KEYS.queue), ("delayed", KEYS.delayed),
+                       ("leased", KEYS.leases), ("dead", KEYS.dead)):  # fmt: skip
+        for member in r.zrange(key, 0, -1):
+            task_id = member.decode()
+            assert task_id not in seen, f"{task_id} is {seen[task_id]} and {state}"
+            seen[task_id] = state
+    return seen
+
+
+def test_every_script_and_every_field_it_reads_has_a_scenario():
+    assert set(READS) == set(scripts.NAMES)
+    covered = {(s.script, s.field) for s in SCENARIOS}
+    assert covered == {(script, field) for script, fields in READS.items() for field in fields}
+    for script, fields in READS.items():  # the table is not stale: each field is read there
+        source = scripts.source(script)
+        for field in fields:
+            assert f"'{field}'" in source or f"K_{field.upper()}" in source, (script, field)
+
+
+@pytest.mark.parametrize(
+    "scenario", SCENARIOS, ids=lambda s: f"{s.script}-{s.field}-{s.setup.__name__}"
+)
+def test_a_corrupt_field_dead_letters_its_task_and_spares_the_neighbours(
+    queue, raw_redis, scenario
+):
+    tasks = scenario.setup(queue)
+    victim, neighbours = tasks[0], tasks[1:]
+    raw_redis.hset(getattr(KEYS, scenario.field), victim.id, GARBAGE)
+    scenario.run(queue, tasks)
+    now = states(raw_redis)
+    assert now.get(victim.id) == "dead", now
+    reason = orjson.loads(raw_redis.hget(KEYS.dead_reasons, victim.id))["reason"]
+    assert reason.startswith(f"corrupt bookkeeping: {scenario.field}[{victim.id}] = garbage")
+    assert {now.get(t.id) for t in neighbours} == {scenario.neighbours_end}, now
+    assert int(raw_redis.hget(KEYS.stats, "corrupt")) == 1
+    # Requeued from the dead letters, the victim runs like any other task.
+    assert Client(settings=queue.settings).dead_requeue(AGENT, [victim.id]) == [victim.id]
+    assert states(raw_redis)[victim.id] == "queued"
+
+
+def test_corrupt_counters_in_the_stats_hash_stop_no_script(queue, raw_redis):
+    """Every counter overwritten with text: a whole life cycle still runs, and each
+    counter starts again from what happened after."""
+    for name in ("enqueued", "done", "failed", "retried", "dead", "reaped", "stale_acks",
+                 "handed_off", "orphans", "corrupt"):  # fmt: skip
+        raw_redis.hset(KEYS.stats, name, GARBAGE)
+    six_tasks(queue)
+    first = claim_all(queue)
+    queue.ack([Completion(t) for t in first[:2]], now_ms=T0)
+    queue.ack([Completion(first[0])], now_ms=T0)  # stale
+    queue.nack([Failure(first[2], "flaky", retry_delay_s=0.001)], now_ms=T0)
+    queue.nack([Failure(first[3], "broken", dead_now=True)], now_ms=T0)
+    queue.reap([AGENT], now_ms=LATER)
+    assert states(raw_redis) == {
+        first[2].id: "queued", first[3].id: "dead", first[4].id: "queued", first[5].id: "queued"
+    }  # fmt: skip
+    stats = {k.decode(): v.decode() for k, v in raw_redis.hgetall(KEYS.stats).items()}
+    assert stats["enqueued"] == "6" and stats["done"] == "2" and stats["stale_acks"] == "1"
+    assert stats["failed"] == "2" and stats["dead"] == "1" and stats["reaped"] == "2"
