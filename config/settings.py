@@ -38,6 +38,7 @@ class Settings:
     # agent name -> process count. hash=False keeps Settings hashable despite the dict.
     agents: dict[str, int] = field(default_factory=dict, hash=False)
     max_payload_bytes: int = 1_048_576
+    max_result_bytes: int = 1_048_576  # a larger result fails its task (kept in Redis)
     prefetch: int = 2  # extra tasks claimed beyond free slots
     claim_batch_max: int = 100
     graceful_timeout_s: float = 4.0  # fits inside honcho's 5 s SIGKILL window
@@ -81,6 +82,7 @@ _POSITIVE_S = ("heartbeat_interval_s", "lease_s", "reaper_interval_s", "monitor_
 _ZERO_OK_S = ("result_ttl_s", "graceful_timeout_s", "max_rss_mb", "max_worker_age_s")
 _INT_RANGES: dict[str, tuple[int, int | None]] = {
     "max_payload_bytes": (1, MAX_PAYLOAD_LIMIT),
+    "max_result_bytes": (1, MAX_PAYLOAD_LIMIT),
     "prefetch": (0, 10_000),
     "claim_batch_max": (1, 10_000),
     "max_deliveries": (1, 1000),

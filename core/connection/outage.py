@@ -1,8 +1,9 @@
 """Say a Redis outage once when it starts, now and then while it lasts, once when it ends.
 
-Runs in: workers (main thread, waker, lease keeper share one). A failover can take tens
-of seconds; a worker keeps trying all along (capped backoff), and without this it would
-log one line per failed call and thread. Thread-safe.
+Runs in: workers (main thread, waker, lease keeper share one; the heartbeat has its own).
+A failover can take tens of seconds; a worker keeps trying all along (capped backoff), and
+without this it would log one line per failed call and thread. A server at its memory
+limit is not down: that outage is named for what it is. Thread-safe.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+
+from handoff.errors import ServerOutOfMemory
 
 
 class OutageLog:
@@ -21,6 +24,7 @@ class OutageLog:
         self._since: float | None = None  # monotonic start of the current outage
         self._last_said = 0.0
         self._failures = 0
+        self._out_of_memory = False  # what the current outage is
 
     def failed(self, what: str, error: BaseException) -> None:
         now = time.monotonic()
@@ -28,12 +32,14 @@ class OutageLog:
             self._failures += 1
             if self._since is None:
                 self._since = self._last_said = now
+                self._out_of_memory = isinstance(error, ServerOutOfMemory)
                 self.log.error("%s: %s failed: %s (retrying)", self.who, what, error)
             elif now - self._last_said >= self.repeat_every_s:
                 self._last_said = now
+                state = "out of memory" if self._out_of_memory else "failing"
                 self.log.error(
-                    "%s: Redis still failing after %.0fs (%d failed calls); last: %s failed: %s",
-                    self.who, now - self._since, self._failures, what, error,
+                    "%s: Redis still %s after %.0fs (%d failed calls); last: %s failed: %s",
+                    self.who, state, now - self._since, self._failures, what, error,
                 )  # fmt: skip
 
     def recovered(self) -> None:
@@ -43,9 +49,10 @@ class OutageLog:
             if self._since is None:
                 return
             lasted = time.monotonic() - self._since
+            state = "accepts writes" if self._out_of_memory else "reachable"
             self.log.warning(
-                "%s: Redis reachable again after %.1fs (%d failed calls)",
-                self.who, lasted, self._failures,
+                "%s: Redis %s again after %.1fs (%d failed calls)",
+                self.who, state, lasted, self._failures,
             )  # fmt: skip
             self._since = None
             self._failures = 0

@@ -113,6 +113,16 @@ def _judge(view: dict[str, Any], queued: int, interval_s: float) -> None:
     view["problems"] = problems
 
 
+def _memory_view(info: dict[str, Any]) -> dict[str, Any]:
+    """Used memory, the limit, and whether the server is at it (enqueues are refused)."""
+    used, limit = int(info.get("used_memory", 0)), int(info.get("maxmemory", 0))
+    return {
+        "used_memory_mb": round(used / 2**20, 1),
+        "maxmemory_mb": round(limit / 2**20, 1),
+        "out_of_memory": bool(limit) and used >= limit,
+    }
+
+
 class Monitor:
     """Builds snapshots; keeps the throughput window between them."""
 
@@ -125,7 +135,7 @@ class Monitor:
     def snapshot(self) -> dict[str, Any]:
         now = time.time()
         try:
-            agents, workers = self._registries()
+            agents, workers, memory = self._registries()
         except HandoffError as e:
             return {"healthy": False, "redis": {"ok": False, "error": str(e)}, "agents": {},
                     "workers": []}  # fmt: skip
@@ -146,24 +156,38 @@ class Monitor:
                 pass
         redis_view: dict[str, Any] = {"ok": True, "mode": self.queue.manager.mode}
         if self.queue.manager.is_cluster:
-            redis_view["nodes"] = self._nodes(agents)
+            redis_view["nodes"] = nodes = self._nodes(agents)
+            full = [n for n in nodes if n.get("out_of_memory")]
+            redis_view["out_of_memory"] = bool(full)
+        else:
+            redis_view.update(_memory_view(memory))
         return {
-            "healthy": all(v["healthy"] for v in views),
+            "healthy": all(v["healthy"] for v in views) and not redis_view["out_of_memory"],
             "redis": redis_view,
             "taken_at": round(now, 3),
             "agents": self._agents(stats, views, now),
             "workers": views,
         }
 
-    def _registries(self) -> tuple[list[str], list[str]]:
+    def _registries(self) -> tuple[list[str], list[str], dict]:
+        """The agent and worker registries and (one server) the server's memory, in one
+        round trip; a cluster's primaries report their memory in _nodes()."""
+        cluster = self.queue.manager.is_cluster
+
         def read(client) -> list:
             pipe = client.pipeline(transaction=False)
             pipe.smembers(self.keys.agents)
             pipe.zrange(self.keys.workers, 0, -1)
+            if not cluster:
+                pipe.info("memory")
             return pipe.execute()
 
-        agents, workers = self.queue.manager.execute(read)
-        return sorted(a.decode() for a in agents), [w.decode() for w in workers]
+        agents, workers, *memory = self.queue.manager.execute(read)
+        return (
+            sorted(a.decode() for a in agents),
+            [w.decode() for w in workers],
+            memory[0] if memory else {},
+        )
 
     def _read(self, agents: list[str], worker_ids: list[str]) -> tuple[dict, list[dict]]:
         stats = queue_stats(self.queue, agents) if agents else {}
@@ -216,8 +240,7 @@ class Monitor:
         for node in self.queue.manager.client.get_primaries():
             entry: dict[str, Any] = {"node": node.name, "agents": serving.get(node.name, [])}
             try:
-                info = node.redis_connection.info("memory")
-                entry.update(ok=True, used_memory_mb=round(info["used_memory"] / 2**20, 1))
+                entry.update(ok=True, **_memory_view(node.redis_connection.info("memory")))
             except (redis.RedisError, OSError) as e:
                 entry.update(ok=False, error=f"{type(e).__name__}: {e}"[:200])
             nodes.append(entry)

@@ -103,8 +103,19 @@ def render(snapshot: dict[str, Any]) -> str:
 def problem_lines(snapshot: dict[str, Any]) -> list[str]:
     """One line per problem (what `handoff health` prints)."""
     lines = []
-    if not snapshot.get("redis", {}).get("ok", True):
-        lines.append(f"redis: {snapshot['redis'].get('error', 'unreachable')}")
+    redis_view = snapshot.get("redis", {})
+    if not redis_view.get("ok", True):
+        lines.append(f"redis: {redis_view.get('error', 'unreachable')}")
+    full = [n for n in redis_view.get("nodes", []) if n.get("out_of_memory")] or (
+        [redis_view] if redis_view.get("out_of_memory") else []
+    )
+    for server in full:
+        where = f" {server['node']}" if "node" in server else ""
+        lines.append(
+            f"redis{where}: server out of memory: {server['used_memory_mb']} MB used of "
+            f"maxmemory {server['maxmemory_mb']} MB (enqueues are refused; workers keep "
+            "draining)"
+        )
     for w in snapshot["workers"]:
         for problem in w.get("problems", []):
             lines.append(f"worker {w['id']} ({w['agent']}): {problem}")

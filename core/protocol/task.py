@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -58,6 +59,17 @@ def derived_task_id(agent: str, *parts: str) -> str:
 def agent_of(task_id: str) -> str:
     """The agent a task id belongs to; raises InvalidPayload for a malformed id."""
     return check_task_id(task_id).partition(".")[0]
+
+
+def has_non_finite(value: Any) -> bool:
+    """True when a NaN or an infinity hides anywhere in a JSON-like value."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(has_non_finite(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(has_non_finite(v) for v in value)
+    return False
 
 
 def score_for(priority: int, enqueued_ms: int) -> int:

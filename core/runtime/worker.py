@@ -31,10 +31,10 @@ from handoff.config import Settings
 from handoff.connection.manager import get_manager
 from handoff.connection.outage import OutageLog
 from handoff.connection.server_checks import UnsafeServer, check_eviction_policy
-from handoff.errors import HandoffError, InvalidPayload
+from handoff.errors import HandoffError, InvalidPayload, ServerOutOfMemory
 from handoff.protocol.keys import Keys
 from handoff.protocol.queue import ClaimRequest, ClaimResult, Completion, Failure, TaskQueue
-from handoff.protocol.task import Task, derived_task_id, now_ms
+from handoff.protocol.task import Task, derived_task_id, has_non_finite, now_ms
 from handoff.runtime import exits
 from handoff.runtime.agents import AgentSpec, Handoff
 from handoff.runtime.prefetch import PrefetchSizer
@@ -73,6 +73,10 @@ class Signalled:
 
 
 _TICK_S = 1.0
+MIXED_RESULT = (
+    "result is a list mixing Handoff and other values: return Handoffs only (a fan-out) "
+    "or data only"
+)
 # Between claims while Redis is unreachable: long enough not to hammer a server that is
 # failing over, short enough to resume within a couple of seconds once it is back.
 MAX_BACKOFF_S = 2.0
@@ -121,6 +125,9 @@ class Worker:
         ceiling = floor if self.spec.global_limit else self.settings.claim_batch_max
         self.sizer = PrefetchSizer(self.spec.max_concurrent, floor, ceiling)
         self.outage = OutageLog(log, f"worker {self.worker_id}")
+        # At the memory limit heartbeats fail while claims and acks go through: that is
+        # said on its own (other failures are the main loop's to say).
+        self.heartbeat_outage = OutageLog(log, f"worker {self.worker_id} heartbeat")
         self.backoff = Backoff(0.05, MAX_BACKOFF_S)
         self.last_claim = ClaimResult()  # swapped whole by whichever thread claims
         self._backoff_until = 0.0
@@ -324,9 +331,12 @@ class Worker:
                 continue
             value = outcome.value
             if isinstance(value, Handoff) or (
-                isinstance(value, list) and value and all(isinstance(v, Handoff) for v in value)
+                isinstance(value, list) and value and any(isinstance(v, Handoff) for v in value)
             ):
                 handoffs = [value] if isinstance(value, Handoff) else value
+                if not all(isinstance(v, Handoff) for v in handoffs):
+                    failures.append(Failure(task, MIXED_RESULT, dead_now=True))
+                    continue
                 made = self._children(task, handoffs)
                 if isinstance(made, Failure):
                     failures.append(made)
@@ -335,15 +345,26 @@ class Worker:
                 result_json = orjson.dumps({"handoff": [c.id for c in made]})
                 completions.append(Completion(task, result_json, len(made)))
                 continue
-            try:
-                result_json = orjson.dumps(value)
-            except (TypeError, orjson.JSONEncodeError) as e:
-                failures.append(
-                    Failure(task, f"result is not JSON-serialisable: {e}", dead_now=True)
-                )
+            result_json, problem = self._result_json(value)
+            if problem:
+                failures.append(Failure(task, problem, dead_now=True))
                 continue
             completions.append(Completion(task, result_json))
         self._send(completions, failures, children)
+
+    def _result_json(self, value: Any) -> tuple[bytes, str]:
+        """The result as JSON, or a one-line reason it cannot be stored as returned."""
+        try:
+            result_json = orjson.dumps(value)
+        except (TypeError, orjson.JSONEncodeError) as e:
+            return b"", f"result is not JSON-serialisable: {e}"
+        # orjson writes NaN and infinities as null: look only when a null is there at all.
+        if b"null" in result_json and has_non_finite(value):
+            return b"", "result holds a NaN or infinite number, which JSON cannot represent"
+        limit = self.settings.max_result_bytes
+        if len(result_json) > limit:
+            return b"", f"result is {len(result_json)} bytes, over max_result_bytes ({limit})"
+        return result_json, ""
 
     def _children(self, parent: Task, handoffs: list[Handoff]) -> list[Task] | Failure:
         trace = [*parent.trace, parent.id]
@@ -403,12 +424,26 @@ class Worker:
                 if failures:
                     self.stats.stale += len(self.queue.nack(failures))
             except HandoffError as e:
+                if not self._still_held(completions, failures):
+                    # Every lease of the batch was lost (re-claimed elsewhere): its acks
+                    # would change nothing, so a batch Redis keeps refusing never blocks
+                    # the ones behind it, nor the claims they free room for.
+                    self._unsent.pop(0)
+                    log.warning(
+                        "worker %s: dropped %d ack(s) whose leases were lost: %s",
+                        self.worker_id, len(completions) + len(failures), e,
+                    )  # fmt: skip
+                    continue
                 self._redis_trouble("ack", e)
                 return
             self._unsent.pop(0)
             self._account(completions, failures)
         self.backoff.reset()
         self.outage.recovered()
+
+    def _still_held(self, completions: list[Completion], failures: list[Failure]) -> bool:
+        tasks = [c.task for c in completions] + [f.task for f in failures]
+        return any(self.held.get(t.id) is t for t in tasks)
 
     def _forget(self, task: Task) -> None:
         """Stop holding this delivery (not a newer delivery of the same id)."""
@@ -566,8 +601,12 @@ class Worker:
 
         try:
             self.manager.execute(write, retry=False)
+        except ServerOutOfMemory as e:  # the monitor sees the heartbeat missing
+            self.heartbeat_outage.failed("heartbeat", e)
         except HandoffError:
-            pass  # the health checker records it; the monitor sees the missing heartbeat
+            pass  # an outage: the main loop's outage log says it
+        else:
+            self.heartbeat_outage.recovered()
 
     def _check_recycle(self) -> None:
         s = self.settings

@@ -96,6 +96,27 @@ def leaker(task):
     return len(hoard)
 
 
+@agent("filler", max_concurrent=8)
+def filler(task):
+    """Does nothing and returns a small result (the memory-limit drain)."""
+    return {"n": len(task.payload.get("pad", ""))}
+
+
+@agent("returner", max_concurrent=2)
+def returner(task):
+    """Returns what payload['kind'] names: the return values a worker must refuse."""
+    kind = task.payload["kind"]
+    if kind == "mixed":
+        return [Handoff("probe", {"n": 0}), 5]
+    if kind == "nan":
+        return {"score": float("nan")}
+    if kind == "inf":
+        return [1.0, [float("-inf")]]
+    if kind == "big":
+        return "x" * task.payload["size"]
+    return {"kind": kind, "null": None}
+
+
 @agent("sleeper", max_concurrent=1, timeout_s=0.5, max_attempts=1)
 def sleeper(task):
     client().rpush("executed", f"{os.getpid()} {task.id}")

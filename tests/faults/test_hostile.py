@@ -61,3 +61,24 @@ def test_malformed_control_messages_are_dropped_and_the_supervisor_keeps_going(s
     raw_redis.rpush(control, b'{"op":"scale","agents":{"probe":2,"elsewhere":9}}')
     wait_until(lambda: len(sup.live_children()) == 2, 15, "two workers after a valid request")
     assert sup.output().count("control message dropped") == len(HOSTILE) + 1
+
+
+# -- return values a handler should not get away with (defect 7) --------------------------
+
+RETURNED = {
+    "mixed": "result is a list mixing Handoff and other values",
+    "nan": "result holds a NaN or infinite number",
+    "inf": "result holds a NaN or infinite number",
+    "big": "result is 2002 bytes, over max_result_bytes (1000)",
+}
+
+
+def test_mixed_lists_non_finite_numbers_and_oversized_results_fail_their_task(start, client):
+    ids = {kind: client.enqueue("returner", {"kind": kind, "size": 2000}) for kind in RETURNED}
+    fine = client.enqueue("returner", {"kind": "fine"})
+    start(["worker", "returner"], max_result_bytes=1000)
+    for kind, reason in RETURNED.items():
+        wait_until(lambda i=ids[kind]: client.status(i) == "dead", 15, f"the {kind} task dead")
+        assert client.dead_reason(ids[kind]).startswith(reason), kind
+    assert client.result(fine, wait_s=15) == {"kind": "fine", "null": None}  # a real null
+    assert client.queue_stats(["probe"]).get("probe", {}).get("enqueued", 0) == 0  # no child
