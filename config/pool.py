@@ -8,6 +8,7 @@ every message one line, "name = value: what is allowed".
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any, NoReturn
 from urllib.parse import SplitResult, urlsplit
@@ -42,6 +43,7 @@ def check_url(name: str, url: Any) -> str:
         parts = urlsplit(url)
     except ValueError:
         bad("is not a valid URL")
+    _check_query(name, parts.query)
     scheme = parts.scheme.lower()
     if scheme not in URL_SCHEMES:
         bad(f"scheme must be one of {', '.join(URL_SCHEMES)}")
@@ -64,6 +66,54 @@ def check_url(name: str, url: Any) -> str:
     if db and not (db.isascii() and db.isdigit()):
         bad("db path must be a number (redis://host:6379/0)")
     return url
+
+
+def _whole(value: str) -> bool:
+    return value.isascii() and value.isdigit()
+
+
+def _number(value: str) -> bool:
+    try:
+        return math.isfinite(float(value)) and float(value) > 0
+    except ValueError:
+        return False
+
+
+def _flag(value: str) -> bool:
+    return value.lower() in ("", "0", "1", "true", "false", "yes", "no", "on", "off")
+
+
+# What redis-py reads from a URL's query string, and what each must be: it would fail
+# on anything else only when connecting (a traceback, or "unreachable"), and pass an
+# unknown name to the connection as a keyword argument.
+_QUERY: dict[str, tuple[Any, str]] = {
+    "db": (_whole, "a whole number"),
+    "socket_timeout": (_number, "a number of seconds > 0"),
+    "socket_connect_timeout": (_number, "a number of seconds > 0"),
+    "timeout": (_number, "a number of seconds > 0"),
+    "socket_read_size": (_whole, "a whole number"),
+    "max_connections": (_whole, "a whole number"),
+    "health_check_interval": (_whole, "a whole number of seconds"),
+    "socket_keepalive": (_flag, "true or false"),
+    "retry_on_timeout": (_flag, "true or false"),
+    "ssl_check_hostname": (_flag, "true or false"),
+    "protocol": (lambda v: v in ("2", "3"), "2 or 3"),
+    "client_name": (lambda v: True, ""),
+    "username": (lambda v: True, ""),
+    "password": (lambda v: True, ""),
+}
+
+
+def _check_query(name: str, query: str) -> None:
+    """The message names the parameter, not the URL: a misspelt `password` would not be
+    masked."""
+    for key, _, value in (item.partition("=") for item in query.split("&") if item):
+        check = _QUERY.get(key)
+        if check is None:
+            known = ", ".join(sorted(_QUERY))
+            raise ConfigError(f"{name}: unknown query parameter {key[:40]!r} (known: {known})")
+        if not check[0](value):
+            raise ConfigError(f"{name}: query parameter {key}={value[:40]!r}: must be {check[1]}")
 
 
 def _check_host_port(parts: SplitResult, bad) -> None:

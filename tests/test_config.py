@@ -376,6 +376,32 @@ def test_well_formed_urls_are_accepted(url):
 
 
 @pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("db=x", "query parameter db='x': must be a whole number"),
+        ("socket_timeout=abc", "query parameter socket_timeout='abc': must be a number"),
+        ("socket_timeout=nan", "query parameter socket_timeout='nan': must be a number"),
+        ("protocol=9", "query parameter protocol='9': must be 2 or 3"),
+        ("health_check_interval=1.5", "health_check_interval='1.5': must be a whole number"),
+        ("retry_on_timeout=maybe", "retry_on_timeout='maybe': must be true or false"),
+        ("nonsense=1", "unknown query parameter 'nonsense' (known: client_name, db, "),
+        ("pasword=s3cret-pw", "unknown query parameter 'pasword'"),
+        ("password=s3cret-pw&db=x", "query parameter db='x'"),
+    ],
+)
+def test_bad_query_parameters_in_the_url_are_one_line_errors(query, expected):
+    """Before: a 50-line traceback when connecting, or "unreachable" for protocol=9."""
+    message = config_error(RedisPoolConfig, url=f"redis://:s3cret-pw@h:6379/0?{query}")
+    assert message.startswith("redis.url: ") and expected in message, message
+    assert "\n" not in message and "s3cret-pw" not in message
+
+
+def test_good_query_parameters_are_accepted():
+    url = "redis://h:6379/0?db=2&socket_timeout=1.5&protocol=3&retry_on_timeout=yes"
+    assert RedisPoolConfig(url=url).url == url
+
+
+@pytest.mark.parametrize(
     ("fields", "mode"),
     [
         ({"url": "redis://h:6379/0"}, "server"),
