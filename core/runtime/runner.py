@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import selectors
+import signal
+import sys
 import threading
 import time
 import traceback
@@ -23,6 +26,32 @@ from typing import Any
 
 from handoff.protocol.task import Task
 from handoff.runtime.agents import AgentSpec
+
+# A handler that forks: only the forking thread lives on in the child, and it would go back
+# to the runner for the next (prefetched) task, ack into a queue nobody reads and ignore
+# SIGTERM (its handler only queues an event). The child belongs to the handler's code: it
+# takes the default signal actions and ends when that code returns.
+_runner_pid: int | None = None  # the process whose runner runs handlers
+_forked_from_handler = False
+
+
+def _after_fork_in_child() -> None:
+    global _forked_from_handler
+    if _runner_pid is not None and _runner_pid != os.getpid():
+        _forked_from_handler = True
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _end_if_forked() -> None:
+    """Where a handler returns: in a process the handler forked, stop here."""
+    if _forked_from_handler:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 @dataclass(slots=True)
@@ -47,6 +76,8 @@ Report = Callable[[Outcome | Finished], None]
 
 class _BaseRunner:
     def __init__(self, spec: AgentSpec, report: Report) -> None:
+        global _runner_pid
+        _runner_pid = os.getpid()
         self.spec = spec
         self.report = report
         self.max_concurrent = spec.max_concurrent
@@ -128,6 +159,7 @@ class SyncRunner(_BaseRunner):
                 outcome = Outcome(task, handler(task))
             except BaseException as e:  # the handler's failure is the task's, not ours
                 outcome = Outcome(task, error=f"{type(e).__name__}: {e}", traceback=_tb())
+            _end_if_forked()
             outcome.elapsed_s = time.perf_counter() - started
             self.started_at.pop(task.id, None)
             self.report(outcome)
@@ -193,6 +225,7 @@ class AsyncRunner(_BaseRunner):
             outcome = Outcome(task, error=f"timed out after {limit}s", timed_out=True)
         except BaseException as e:
             outcome = Outcome(task, error=f"{type(e).__name__}: {e}", traceback=_tb())
+        _end_if_forked()
         outcome.elapsed_s = time.perf_counter() - started
         self.started_at.pop(task.id, None)
         self._finished.append(outcome)

@@ -117,6 +117,31 @@ def returner(task):
     return {"kind": kind, "null": None}
 
 
+@agent("forker", max_concurrent=2)
+def forker(task):
+    """Forks; the child records itself, lingers payload['child_s'] and returns without
+    exiting, as careless handler code would (it must not go on as a worker)."""
+    pid = os.fork()
+    if pid == 0:
+        client().rpush("forked", os.getpid())
+        time.sleep(task.payload.get("child_s", 0))
+        return "from the child"
+    client().rpush("executed", f"{os.getpid()} {task.id}")
+    return "from the parent"
+
+
+@agent("aforker", max_concurrent=2)
+async def aforker(task):
+    """forker, as a coroutine."""
+    pid = os.fork()
+    if pid == 0:
+        client().rpush("forked", os.getpid())
+        await asyncio.sleep(task.payload.get("child_s", 0))
+        return "from the child"
+    client().rpush("executed", f"{os.getpid()} {task.id}")
+    return "from the parent"
+
+
 @agent("sleeper", max_concurrent=1, timeout_s=0.5, max_attempts=1)
 def sleeper(task):
     client().rpush("executed", f"{os.getpid()} {task.id}")

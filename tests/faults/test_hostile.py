@@ -6,10 +6,14 @@ with write access to the control list could.
 
 from __future__ import annotations
 
+import os
+import signal
+
+import psutil
 import pytest
 
 from handoff.runtime.control import BadControlMessage, parse_control
-from harness.procs import wait_until
+from harness.procs import executions, stat, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -82,3 +86,42 @@ def test_mixed_lists_non_finite_numbers_and_oversized_results_fail_their_task(st
         assert client.dead_reason(ids[kind]).startswith(reason), kind
     assert client.result(fine, wait_s=15) == {"kind": "fine", "null": None}  # a real null
     assert client.queue_stats(["probe"]).get("probe", {}).get("enqueued", 0) == 0  # no child
+
+
+# -- a handler that forks (defect 6) -------------------------------------------------------
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.mark.parametrize("agent", ["forker", "aforker"])
+def test_a_process_forked_by_a_handler_never_runs_tasks_and_ends_with_its_code(
+    start, client, raw_redis, agent
+):
+    ids = client.enqueue_many(agent, [{"n": i, "child_s": 0.3} for i in range(12)])
+    worker = start(["worker", agent])
+    wait_until(lambda: stat(client, agent, "done") == 12, 30, "every task done by the parent")
+    runs = executions(raw_redis)
+    assert sorted(task_id for _, task_id in runs) == sorted(ids)  # each once
+    assert {pid for pid, _ in runs} == {worker.proc.pid}  # and never by a forked child
+    children = [int(p) for p in raw_redis.lrange("forked", 0, -1)]
+    assert len(children) == 12
+    wait_until(lambda: all(_gone(pid) for pid in children), 15, "every forked child to end")
+    assert client.result(ids[0], wait_s=5) == "from the parent"
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(10) == 0
+
+
+def test_a_forked_child_that_lingers_obeys_sigterm(start, client, raw_redis):
+    client.enqueue("forker", {"child_s": 600})
+    worker = start(["worker", "forker"])
+    wait_until(lambda: raw_redis.llen("forked") == 1, 15, "the child")
+    child = int(raw_redis.lindex("forked", 0))
+    os.kill(child, signal.SIGTERM)
+    wait_until(lambda: _gone(child), 10, "the child to obey SIGTERM")
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(10) == 0
