@@ -33,6 +33,10 @@ class Settings:
     heartbeat_interval_s: float = 1.0
     lease_s: float = 30.0
     result_ttl_s: float = 3600.0  # 0 = do not keep results
+    # How long after a task with a key or a parent finishes an enqueue of the same id (the
+    # same key, or the child a rerun parent makes again) is still refused; 0 = only while
+    # the task exists. Costs about 100 bytes per such task for the window.
+    dedupe_window_s: float = 3600.0
     log_level: str = "INFO"
     app: str = ""  # module where agents are defined; "" = none given (--app names it)
     # agent name -> process count. hash=False keeps Settings hashable despite the dict.
@@ -79,7 +83,13 @@ def settings_to_dict(settings: Settings, *, redact: bool = True) -> dict[str, An
 
 
 _POSITIVE_S = ("heartbeat_interval_s", "lease_s", "reaper_interval_s", "monitor_interval_s")
-_ZERO_OK_S = ("result_ttl_s", "graceful_timeout_s", "max_rss_mb", "max_worker_age_s")
+_ZERO_OK_S = (
+    "result_ttl_s",
+    "dedupe_window_s",
+    "graceful_timeout_s",
+    "max_rss_mb",
+    "max_worker_age_s",
+)
 _INT_RANGES: dict[str, tuple[int, int | None]] = {
     "max_payload_bytes": (1, MAX_PAYLOAD_LIMIT),
     "max_result_bytes": (1, MAX_PAYLOAD_LIMIT),

@@ -453,6 +453,38 @@ def test_a_repeated_parent_makes_no_second_child(queue, raw_redis):
     assert raw_redis.zcard(b.queue) == 0 and raw_redis.hlen(b.tasks) == 0
 
 
+@pytest.mark.parametrize("result_ttl_s", [0, 3600])
+def test_duplicate_protection_lasts_its_own_window_whatever_the_result_ttl(
+    redis_url, raw_redis, result_ttl_s
+):
+    """Before: with result_ttl_s = 0 a rerun parent made its finished child again, and a
+    finished idempotency key was accepted again. Now both are refused for dedupe_window_s
+    after they finish, and accepted once it has passed (and been swept)."""
+    q = make_queue(redis_url, result_ttl_s=result_ttl_s, dedupe_window_s=60)
+    try:
+        keyed = Task(id=derived_task_id("a", "key", "k"), agent="a", payload=1, key="k")
+        q.enqueue([keyed, task()], now_ms=T0)
+        parent, plain = claim(q, 2, now=T0)
+        assert parent.id == keyed.id
+        assert q.enqueue([child_of(parent)], now_ms=T0) == [True]
+        [child] = claim(q, 1, agent="b", now=T0)
+        assert q.ack([Completion(child), Completion(plain)], now_ms=T0) == []  # child done
+        # The parent's lease is lost; it runs again and hands off the same child.
+        later = T0 + LEASE_MS + 1
+        [again] = claim(q, 1, now=later)
+        assert q.enqueue([child_of(again)], now_ms=later) == [False]
+        assert q.ack([Completion(again, handoffs=1)], now_ms=later) == []
+        assert q.enqueue([keyed], now_ms=later + 1) == [False]  # the key finished: refused
+        assert raw_redis.zcard(Keys().agent("a").finished) == 1  # plain ids cost nothing
+        past = later + 60_001
+        q.reap(["a", "b"], now_ms=past)  # sweeps ids past their window
+        assert raw_redis.zcard(Keys().agent("a").finished) == 0
+        assert q.enqueue([keyed], now_ms=past) == [True]
+        assert q.enqueue([child_of(again)], now_ms=past) == [True]
+    finally:
+        q.manager.close()
+
+
 def test_duplicate_ids_in_one_batch_report_the_first_as_added(queue):
     keyed = Task(id=derived_task_id("a", "key", "k"), agent="a", payload=1, key="k")
     assert queue.enqueue([keyed, keyed, task()], now_ms=T0) == [True, False, True]

@@ -13,6 +13,8 @@ one cluster slot. Agent names are validated before any key is built.
     <prefix>:{<agent>}:delayed      ZSET  id -> due time (ms)
     <prefix>:{<agent>}:dead         ZSET  id -> time dead-lettered (ms)
     <prefix>:{<agent>}:dead_reasons HASH  id -> JSON {reason, traceback, attempt} or {reason, at}
+    <prefix>:{<agent>}:finished     ZSET  id -> until (ms): finished tasks with a key or a
+                                          parent, refused again until then (dedupe window)
     <prefix>:{<agent>}:stats        HASH  counters (enqueued, done, failed, ...)
     <prefix>:{<agent>}:wake         LIST  wake-up tokens idle workers block on (BLPOP)
     <prefix>:{<agent>}:result:<id>  STRING done record + result, with a TTL
@@ -84,6 +86,7 @@ AGENT_KEY_NAMES = (
     "delayed",
     "dead",
     "dead_reasons",
+    "finished",
     "stats",
     "wake",
 )
@@ -115,6 +118,10 @@ class AgentKeys:
     @property
     def deliveries(self) -> str:
         return f"{self.base}:deliveries"
+
+    @property
+    def finished(self) -> str:
+        return f"{self.base}:finished"
 
     @property
     def failures(self) -> str:

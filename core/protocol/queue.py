@@ -211,8 +211,7 @@ class TaskQueue:
             id_prefix = agent + "."
             for start in range(0, len(group), ENQUEUE_CHUNK):
                 chunk = group[start : start + ENQUEUE_CHUNK]
-                extra_keys: list[str] = []
-                special: list[Any] = []  # position, delay_ms, result key index
+                special: list[Any] = []  # position, delay_ms, deterministic (1/0)
                 args: list[Any] = [self._max_bytes, now_arg, len(chunk), 0]
                 for position, index in enumerate(chunk, 1):
                     task = tasks[index]
@@ -238,14 +237,11 @@ class TaskQueue:
                     else:
                         delay = max(0, not_before - task.enqueued_at)
                         args += (task_id, score_for(task.priority, not_before), blob)
-                    result_index = 0
-                    if task.key is not None or task.parent_id is not None:
-                        extra_keys.append(agent_keys.result(task_id))
-                        result_index = len(extra_keys)
-                    special += (position, delay, result_index)
+                    deterministic = task.key is not None or task.parent_id is not None
+                    special += (position, delay, 1 if deterministic else 0)
                 args[3] = len(special) // 3
                 args += special
-                calls.append(("enqueue", fixed + extra_keys if extra_keys else fixed, args))
+                calls.append(("enqueue", fixed, args))
                 order.append(chunk)
         if not calls:
             return []
@@ -331,6 +327,7 @@ class TaskQueue:
     def ack(self, completions: Sequence[Completion], *, now_ms: int | None = None) -> list[str]:
         """Finish tasks (token-checked). Returns the ids whose ack was stale (changed nothing)."""
         ttl_ms = int(self.settings.result_ttl_s * 1000)
+        window_ms = int(self.settings.dedupe_window_s * 1000)
         calls = []
         for agent, group in _group(completions, lambda c: c.task.agent).items():
             agent_keys = self.keys.agent(agent)
@@ -340,7 +337,8 @@ class TaskQueue:
             for position, done in enumerate(group, 1):
                 task = done.task
                 keys.append(result_key(task.id))
-                args += (task.id, task.token, done.result_json, position, done.handoffs)
+                remember = window_ms if task.key is not None or task.parent_id is not None else 0
+                args += (task.id, task.token, done.result_json, position, done.handoffs, remember)
             calls.append(("ack", keys, args))
         if not calls:
             return []

@@ -105,6 +105,13 @@ local function promote_due(now, limit)
   return queued
 end
 
+-- Forget finished ids whose dedupe window has passed; bounded by `limit`.
+local function expire_finished(now, limit)
+  if limit <= 0 then return end
+  local passed = redis.call('ZRANGEBYSCORE', K_FINISHED, '-inf', now, 'LIMIT', 0, limit)
+  if #passed > 0 then redis.call('ZREM', K_FINISHED, unpack(passed)) end
+end
+
 -- Wake up to n idle workers blocked on the wake list (BLPOP). Tokens are hints, not
 -- work: a spurious wake-up costs one empty claim. The list is bounded.
 local function wake(n)

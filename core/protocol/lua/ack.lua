@@ -2,7 +2,8 @@
 -- KEYS[1..12]  the agent's fixed keys (see _prelude.lua)
 -- KEYS[13..]   result keys, by index
 -- ARGV[1] now in ms ('' = server TIME)   ARGV[2] result TTL ms (0 = keep no result)
--- ARGV[3] n, then n groups of 5: id, token, result_json ('' = null), result_key_index, handoffs
+-- ARGV[3] n, then n groups of 6: id, token, result_json ('' = null), result_key_index,
+--   handoffs, dedupe window ms (0 = none: a task with neither a key nor a parent)
 -- A task whose token no longer matches (its lease expired and another worker holds it, or it
 -- already finished, or it appears earlier in this batch) is left exactly as it is and
 -- reported. The bookkeeping of finished tasks is deleted in bulk commands per batch, before
@@ -13,12 +14,12 @@ local now = now_ms(ARGV[1])
 local ttl = tonumber(ARGV[2])
 local n = tonumber(ARGV[3])
 local ids = {}
-for i = 1, n do ids[i] = ARGV[3 + (i - 1) * 5 + 1] end
+for i = 1, n do ids[i] = ARGV[3 + (i - 1) * 6 + 1] end
 local holders = hget_each(K_TOKENS, ids)
-local stale, finished, seen, results = {}, {}, {}, {}
+local stale, finished, seen, results, remembered = {}, {}, {}, {}, {}
 local handed_off = 0
 for i = 1, n do
-  local o = 3 + (i - 1) * 5
+  local o = 3 + (i - 1) * 6
   local id, token = ARGV[o + 1], ARGV[o + 2]
   if holders[i] == token and not seen[id] then
     seen[id] = true
@@ -31,6 +32,8 @@ for i = 1, n do
         '{"status":"done","finished_at":' .. now .. ',"result":' .. result .. '}'}
     end
     handed_off = handed_off + tonumber(ARGV[o + 5])
+    local window = tonumber(ARGV[o + 6])
+    if window > 0 then push2(remembered, now + window, id) end
   else
     stale[#stale + 1] = id
   end
@@ -39,6 +42,7 @@ if #finished > 0 then
   bulk_call('ZREM', K_LEASES, finished)
   forget_all(finished)
 end
+bulk_write('ZADD', K_FINISHED, remembered)
 local dropped = {}
 for _, r in ipairs(results) do
   local reply = redis.pcall('SET', KEYS[FIXED_KEYS + r[2]], r[3], 'PX', ttl)

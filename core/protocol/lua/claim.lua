@@ -56,6 +56,7 @@ if redis.call('EXISTS', claim_key) == 1 then
 end
 
 wake(promote_due(now, bound) + reap_expired(now, bound))
+expire_finished(now, bound)
 local head = redis.call('ZRANGE', K_DELAYED, 0, 0, 'WITHSCORES')
 if #head > 0 then out[2] = tonumber(head[2]) end
 

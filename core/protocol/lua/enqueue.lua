@@ -1,15 +1,15 @@
 -- enqueue: add a batch of tasks of one agent type, atomically.
--- KEYS[1..12]  the agent's fixed keys (see _prelude.lua)
--- KEYS[13..]   result keys of tasks with a deterministic id (done-dedupe), by index
+-- KEYS[1..]    the agent's fixed keys (see _prelude.lua)
 -- ARGV[1]      max payload bytes
 -- ARGV[2]      now in ms ('' = server TIME)
 -- ARGV[3]      n, the number of tasks
--- ARGV[4]      m, the number of tasks with a delay or a result key
+-- ARGV[4]      m, the number of tasks with a delay or a deterministic id
 -- then n groups of 3: id, score, task_json
--- then m groups of 3: position (1..n), delay_ms (0 = ready now), result_key_index (0 = none)
+-- then m groups of 3: position (1..n), delay_ms (0 = ready now), deterministic (1 = its id
+--   comes from a key or a parent: refused while in the finished set's dedupe window)
 -- Returns: a list of n integers, 1 = added, 0 = duplicate (already queued/leased/delayed/dead,
--- done within the result TTL, or earlier in this batch). A payload over the limit fails the
--- whole batch, unwritten. Writes go in a few bulk commands per batch, not a few per task.
+-- finished within the dedupe window, or earlier in this batch). A payload over the limit
+-- fails the whole batch, unwritten. Writes go in a few bulk commands per batch.
 local max_bytes = tonumber(ARGV[1])
 local now = now_ms(ARGV[2])
 local n = tonumber(ARGV[3])
@@ -22,12 +22,12 @@ for i = 0, n - 1 do
       ' bytes, over the limit of ' .. max_bytes .. ' bytes')
   end
 end
-local delay, result_key = {}, {}
+local delay, deterministic = {}, {}
 for j = 0, m - 1 do
   local o = base + n * 3 + j * 3
   local position = tonumber(ARGV[o + 1])
   delay[position] = tonumber(ARGV[o + 2])
-  result_key[position] = tonumber(ARGV[o + 3])
+  deterministic[position] = ARGV[o + 3] == '1'
 end
 
 local added, seen = {}, {}
@@ -37,9 +37,9 @@ for i = 1, n do
   local o = base + (i - 1) * 3
   local id, score = ARGV[o + 1], ARGV[o + 2]
   local duplicate = seen[id] or redis.call('HEXISTS', K_TASKS, id) == 1
-  local rk = result_key[i]
-  if not duplicate and rk and rk > 0 then
-    duplicate = redis.call('EXISTS', KEYS[FIXED_KEYS + rk]) == 1
+  if not duplicate and deterministic[i] then
+    local until_ms = redis.call('ZSCORE', K_FINISHED, id)
+    duplicate = until_ms and tonumber(until_ms) > now
   end
   if duplicate then
     added[i] = 0
