@@ -103,3 +103,32 @@ def _try(fn):
         return fn()
     except Exception:
         return None
+
+
+def _dev_server(tmp_path: Path, *flags: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [str(Path(sys.executable).parent / "handoff"), "redis", *flags],
+        env=_env(tmp_path),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+@pytest.mark.parametrize(("flags", "kept"), [((), 100), (("--no-persist",), 0)])
+def test_the_development_server_keeps_queued_tasks_across_a_restart(tmp_path, flags, kept):
+    url = f"unix://{tmp_path / 'run' / 'redis.sock'}"
+    pool = RedisPoolConfig(url=url, max_retries=0, breaker_cooldown_s=0.05)
+    settings = Settings(redis=pool)
+    for run in range(2):
+        server = _dev_server(tmp_path, *flags)
+        try:
+            with Client(settings=settings) as client:
+                wait_until(lambda c=client: _try(c.agents) is not None, 15, "the server")
+                if run == 0:
+                    client.enqueue_many("coder", [{"n": i} for i in range(100)])
+                else:
+                    assert client.queue_stats(["coder"])["coder"]["queued"] == kept
+        finally:
+            os.killpg(server.pid, signal.SIGTERM)  # a clean stop, as Ctrl-C under honcho
+            assert server.wait(15) == 0

@@ -59,7 +59,12 @@ def worker(state, agent: str) -> None:
 
 @click.command()
 @click.option("--port", type=int, default=0, help="Also listen on this TCP port (0 = socket only).")
-@click.option("--persist", is_flag=True, help="Keep data in the run folder (AOF, everysec).")
+@click.option(
+    "--persist/--no-persist",
+    default=True,
+    show_default=True,
+    help="Keep data across restarts: an append-only file in the run folder, fsync every second.",
+)
 @click.option(
     "--if-needed",
     is_flag=True,

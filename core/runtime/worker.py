@@ -568,6 +568,14 @@ class Worker:
         log.warning(
             "worker %s: lost the lease of %d task(s); abandoning them", self.worker_id, len(tasks)
         )
+        for task in tasks:
+            if task.id in self.runner.started_at:
+                log.warning(
+                    "worker %s: the lease of task %s was lost while its handler was still "
+                    "running (lease_s=%g): it may run again elsewhere. A call that holds the "
+                    "GIL longer than lease_s starves the lease keeper; see docs/reliability.md",
+                    self.worker_id, task.id, self.lease_ms / 1000,
+                )  # fmt: skip
         self.runner.skip.update((t.id, t.token) for t in tasks)
         self.events.put(LeasesLost(tasks))
 

@@ -11,6 +11,7 @@ Each counter and its peak share a hash tag, so the tests run on a cluster too.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
 import time
 
@@ -140,6 +141,16 @@ async def aforker(task):
         return "from the child"
     client().rpush("executed", f"{os.getpid()} {task.id}")
     return "from the parent"
+
+
+@agent("gilhog", max_concurrent=1, lease_s=1.0)
+def gilhog(task):
+    """On its first delivery, one C call that holds the GIL for payload['hold_s'] (libc's
+    usleep through PyDLL, which keeps the GIL), then payload['then_s'] more of work."""
+    if task.deliveries == 1:
+        ctypes.PyDLL(None).usleep(int(task.payload["hold_s"] * 1_000_000))
+        time.sleep(task.payload["then_s"])
+    return {"by": os.getpid()}
 
 
 @agent("sleeper", max_concurrent=1, timeout_s=0.5, max_attempts=1)

@@ -156,3 +156,14 @@ def test_supervisor_cpu_stays_low_while_a_worker_crash_loops(start, client):
     after = process.cpu_times()
     assert (after.user + after.system - before.user - before.system) / 3 < 0.10
     assert sup.output().count("spawned worker") - spawns_before <= 3  # backing off, not hot
+
+
+def test_a_handler_holding_the_gil_past_its_lease_is_named_in_one_warning(start, client):
+    """docs/reliability.md: a C call holding the GIL longer than lease_s starves the lease
+    keeper; the task runs again, and the worker says which task and which lease_s."""
+    tid = client.enqueue("gilhog", {"hold_s": 2.5, "then_s": 1.0})
+    sup = start(["supervise", "--agents", "gilhog=1"])
+    warning = f"the lease of task {tid} was lost while its handler was still running (lease_s=1)"
+    wait_until(lambda: warning in sup.output(), 30, "the warning")
+    wait_until(lambda: client.status(tid) == "done", 30, "the task done by its second run")
+    assert sup.output().count(warning) == 1

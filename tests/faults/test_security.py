@@ -32,6 +32,7 @@ pytestmark = pytest.mark.slow
 ACL_FILE = ROOT / "config" / "acl.conf"
 PRODUCER = ("handoff-producer", "change-me-producer")
 MONITOR = ("handoff-monitor", "change-me-monitor")
+OPERATOR = ("handoff-operator", "change-me-operator")
 
 
 def _acl_rules(agent: str) -> list[list[str]]:
@@ -41,6 +42,7 @@ def _acl_rules(agent: str) -> list[list[str]]:
         if not line.startswith("user ") or line.startswith("user default"):
             continue
         line = line.replace("{probe}", "{" + agent + "}").replace("worker-probe", f"worker-{agent}")
+        line = line.replace("worker:probe-", f"worker:{agent}-")
         users.append(line.split()[1:])
     return users
 
@@ -59,8 +61,8 @@ def acl_users(raw_redis):
         for rule in _acl_rules(agent):
             _on_every_node(raw_redis, "ACL", "SETUSER", *rule)
     yield
-    for name in ("handoff-producer", "handoff-monitor", "handoff-worker-holder",
-                 "handoff-worker-probe"):  # fmt: skip
+    for name in ("handoff-producer", "handoff-monitor", "handoff-operator",
+                 "handoff-worker-holder", "handoff-worker-probe"):  # fmt: skip
         _on_every_node(raw_redis, "ACL", "DELUSER", name)
 
 
@@ -93,7 +95,7 @@ def test_13_least_privilege_users_run_kill_and_bad_input_scenarios(
     wait_until(lambda: raw_redis.llen("executed") == 50, 30, "the victim to hold 50")
     held = {t for _, t in executions(raw_redis)}
     victim.proc.send_signal(signal.SIGKILL)
-    start(["supervise", "--agents", "holder=1"], prefetch=0, **worker_user)
+    supervisor = start(["supervise", "--agents", "holder=1"], prefetch=0, **worker_user)
     admin = Client(settings=Settings(redis=RedisPoolConfig(url=redis_url)))
     wait_until(lambda: stat(admin, "holder", "done") == 1000, 60, "1000 done as least privilege")
     result = check(admin, ids, executions(raw_redis))
@@ -111,7 +113,23 @@ def test_13_least_privilege_users_run_kill_and_bad_input_scenarios(
         queue.manager.execute(lambda c: c.hgetall("handoff:{probe}:tasks"))
     with pytest.raises(PermissionDenied):
         queue.manager.execute(lambda c: c.config_set("maxmemory-policy", "allkeys-lru"))
+    # Control belongs to the operator: a worker user reads its supervisor's requests but
+    # cannot send any; it writes its own agent type's health keys, not another's.
+    with pytest.raises(PermissionDenied):
+        queue.manager.execute(lambda c: c.rpush("handoff:control:anyone", b"{}"))
+    assert queue.manager.execute(lambda c: c.lpop("handoff:control:anyone")) is None
+    with pytest.raises(PermissionDenied):
+        queue.manager.execute(lambda c: c.hset("handoff:worker:probe-h-1", "state", "x"))
+    queue.manager.execute(lambda c: c.hset("handoff:worker:holder-h-1", "state", "x"))
     queue.manager.close()
+
+    # The operator scales the least-privilege supervisor through its control list.
+    env = handoff_env(redis_url, app="apps.probe", redis_username=OPERATOR[0],
+                      redis_password=OPERATOR[1])  # fmt: skip
+    scale = HandoffProcess(["scale", "holder=2"], env, tmp_path / "scale.log")
+    assert scale.wait(30) == 0, scale.output()
+    scale.stop()
+    wait_until(lambda: len(supervisor.live_children()) == 2, 30, "two workers after scale")
 
     # The monitor user reads everything and writes nothing.
     env = handoff_env(redis_url, app="apps.probe", redis_username=MONITOR[0],
