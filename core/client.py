@@ -28,6 +28,7 @@ from handoff.protocol.task import (
     new_task_id,
     now_ms,
 )
+from handoff.runtime.agents import payload_for, registered
 
 
 class TaskDead(HandoffError):
@@ -36,6 +37,9 @@ class TaskDead(HandoffError):
 
 class ResultTimeout(HandoffError, TimeoutError):
     """The task did not finish within wait_s."""
+
+
+_JSON_TYPES = frozenset({dict, list, str, int, float, bool, type(None)})
 
 
 def build_task(
@@ -67,7 +71,7 @@ def build_task(
     return Task(
         id=task_id,
         agent=agent,
-        payload=payload,
+        payload=payload_for(agent, payload),
         priority=priority,
         max_attempts=max_attempts,
         timeout_s=timeout_s,
@@ -170,7 +174,13 @@ class Client:
         not_before = stamp + delay_ms if delay_ms > 0 else None
         tasks = []
         append = tasks.append
+        typed = registered(agent) is not None and registered(agent).payload_type is not None
         for index, payload in enumerate(payloads):
+            if typed or type(payload) not in _JSON_TYPES:  # a model, or a declared type
+                try:
+                    payload = payload_for(agent, payload)
+                except InvalidPayload as e:
+                    raise TaskRejected(index, str(e), f"payloads[{index}]") from None
             key = None if keys is None else keys[index]
             if key is None:
                 task_id = new_task_id(agent, stamp)

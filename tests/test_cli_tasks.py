@@ -26,8 +26,8 @@ from handoff.protocol.queue import ClaimRequest, Failure, TaskQueue
 BACKENDS = ("server", "cluster")
 
 ROOT = Path(__file__).resolve().parent.parent
-AGENT = "planner"  # defined by the demo app, workers.demo
-APP = ("--app", "workers.demo")
+AGENT = "probe"  # defined by the test app, tests/apps/probe.py
+APP = ("--app", "apps.probe")
 KEYS = Keys().agent(AGENT)
 
 
@@ -140,7 +140,7 @@ def test_an_unknown_agent_is_refused_naming_the_defined_ones(
 ):
     code, err = failing_cli(monkeypatch, capsys, redis_url, "enqueue", "nosuch", "{}")
     assert code != 0
-    assert_one_line_error(err, "unknown agent 'nosuch'", "planner", "--app")
+    assert_one_line_error(err, "unknown agent 'nosuch'", "probe", "--app")
     assert raw_redis.dbsize() == 0
 
 
@@ -178,7 +178,8 @@ def test_the_installed_command_reports_malformed_json_in_one_line(redis_url, raw
     done = subprocess.run(
         [str(ROOT / ".venv" / "bin" / "handoff"), "--redis-url", redis_url, *APP,
          "enqueue", AGENT, "{nope"],
-        capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"},
+        capture_output=True, text=True, timeout=60,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"},
     )  # fmt: skip
     assert done.returncode != 0
     assert_one_line_error(done.stderr, "invalid JSON")
@@ -207,13 +208,13 @@ def bury(q: TaskQueue, n: int) -> list[str]:
 def test_inspect_queues_and_task(redis_url, worker_queue):
     with Client(settings=Settings(redis=RedisPoolConfig(url=redis_url))) as client:
         ids = client.enqueue_many(AGENT, [{"n": i} for i in range(4)])
-        client.enqueue("coder", {}, delay_s=600)
+        client.enqueue("flaky", {}, delay_s=600)
     bury(worker_queue, 1)
 
     table = cli(redis_url, "inspect", "queues").output.splitlines()
     assert table[0].split()[:5] == ["agent", "queued", "running", "delayed", "dead"]
     rows = {line.split()[0]: line.split()[1:5] for line in table[1:]}
-    assert rows == {"coder": ["0", "0", "1", "0"], "planner": ["3", "0", "0", "1"]}
+    assert rows == {"flaky": ["0", "0", "1", "0"], "probe": ["3", "0", "0", "1"]}
 
     stats = orjson.loads(cli(redis_url, "inspect", "queues", "--json").output)
     assert stats[AGENT]["queued"] == 3 and stats[AGENT]["dead"] == 1
@@ -259,7 +260,7 @@ def test_dead_commands_reject_bad_agent_names(redis_url, monkeypatch, capsys):
         assert_one_line_error(err, "invalid agent name")
 
 
-@pytest.mark.parametrize("command", [["supervise", "--agents", "planner=1"], ["worker", "planner"]])
+@pytest.mark.parametrize("command", [["supervise", "--agents", "probe=1"], ["worker", "probe"]])
 def test_without_an_app_running_agents_is_a_one_line_error_naming_app(
     redis_url, monkeypatch, capsys, command
 ):
@@ -273,10 +274,10 @@ def test_without_an_app_running_agents_is_a_one_line_error_naming_app(
 @pytest.mark.parametrize(
     ("command", "fragment"),
     [
-        (["supervise", "--agents", "planner=1,planner=2"], "agent 'planner' is named twice"),
+        (["supervise", "--agents", "probe=1,probe=2"], "agent 'probe' is named twice"),
         (["scale", ""], "'': expected AGENT=N"),
-        (["scale", "planner=1,"], "'': expected AGENT=N"),
-        (["scale", "planner=1001"], "N must be between 0 and 1000"),
+        (["scale", "probe=1,"], "'': expected AGENT=N"),
+        (["scale", "probe=1001"], "N must be between 0 and 1000"),
     ],
 )
 def test_bad_process_counts_are_refused_naming_the_part(

@@ -126,9 +126,9 @@ def test_the_development_server_keeps_queued_tasks_across_a_restart(tmp_path, fl
             with Client(settings=settings) as client:
                 wait_until(lambda c=client: _try(c.agents) is not None, 15, "the server")
                 if run == 0:
-                    client.enqueue_many("coder", [{"n": i} for i in range(100)])
+                    client.enqueue_many("probe", [{"n": i} for i in range(100)])
                 else:
-                    assert client.queue_stats(["coder"])["coder"]["queued"] == kept
+                    assert client.queue_stats(["probe"])["probe"]["queued"] == kept
         finally:
             os.killpg(server.pid, signal.SIGTERM)  # a clean stop, as Ctrl-C under honcho
             assert server.wait(15) == 0

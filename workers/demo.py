@@ -14,37 +14,63 @@ import signal
 import time
 
 import click
+from pydantic import BaseModel, Field
 
 from handoff import Client, Handoff, RedisUnavailable, agent
 
 
-@agent("planner", max_concurrent=2)
+class FeatureRequest(BaseModel):
+    feature: str = "something"
+    steps: int = Field(default=2, ge=1, le=10)
+
+
+class CodeStep(BaseModel):
+    feature: str
+    step: int
+    round: int = 1
+    note: str = ""
+
+
+class CodeForReview(CodeStep):
+    code: str
+
+
+class Review(BaseModel):
+    approved: bool
+    step: int
+    rounds: int
+
+
+@agent("planner", max_concurrent=2, payload=FeatureRequest)
 def plan(task):
     """Split a feature request into steps and hand each to the coder (fan-out)."""
     time.sleep(random.uniform(0.01, 0.05))
-    feature = task.payload.get("feature", "something")
-    steps = task.payload.get("steps", 2)
-    return [Handoff("coder", {"feature": feature, "step": i, "round": 1}) for i in range(steps)]
+    request = task.payload
+    return [
+        Handoff("coder", CodeStep(feature=request.feature, step=i)) for i in range(request.steps)
+    ]
 
 
-@agent("coder", max_concurrent=4, timeout_s=10, max_attempts=3, retry_delay_s=0.2)
+@agent("coder", max_concurrent=4, timeout_s=10, max_attempts=3, retry_delay_s=0.2, payload=CodeStep)
 async def write_code(task):
     """Write the code for one step; fails now and then (retried with backoff)."""
     await asyncio.sleep(random.uniform(0.02, 0.1))
     if random.random() < 0.05:
         raise RuntimeError("compiler crashed (simulated flake)")
-    code = f"def step_{task.payload['step']}(): ...  # {task.payload['feature']}"
-    return Handoff("reviewer", {**task.payload, "code": code})
+    step = task.payload
+    code = f"def step_{step.step}(): ...  # {step.feature}"
+    return Handoff("reviewer", CodeForReview(**step.model_dump(), code=code))
 
 
-@agent("reviewer", max_concurrent=2)
+@agent("reviewer", max_concurrent=2, payload=CodeForReview, result=Review)
 def review(task):
     """Approve, or send it back to the coder (at most two rounds)."""
     time.sleep(random.uniform(0.01, 0.04))
-    rounds = task.payload.get("round", 1)
-    if rounds < 3 and random.random() < 0.3:
-        return Handoff("coder", {**task.payload, "round": rounds + 1, "note": "add tests"})
-    return {"approved": True, "step": task.payload["step"], "rounds": rounds}
+    work = task.payload
+    if work.round < 3 and random.random() < 0.3:
+        again = CodeStep(feature=work.feature, step=work.step, round=work.round + 1)
+        return Handoff("coder", again.model_copy(update={"note": "add tests"}))
+    return Review(approved=True, step=work.step, rounds=work.round)
 
 
 FEATURES = ["login page", "search", "billing", "export to CSV", "dark mode", "audit log"]

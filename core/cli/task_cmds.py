@@ -142,6 +142,32 @@ def inspect_queues(state, as_json: bool) -> None:
     print_table(["agent", *columns, "oldest_s"], rows)
 
 
+@inspect.command("agents")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (with JSON Schemas).")
+@click.pass_obj
+def inspect_agents(state, as_json: bool) -> None:
+    """The agents the app (--app) defines: limits, and payload and result types."""
+    from handoff.runtime.agents import describe as describe_agent
+    from handoff.runtime.agents import load_app
+
+    if not state.settings.app:
+        raise click.UsageError("inspect agents reads the app's definitions: pass --app MODULE")
+    app = state.settings.app
+    specs = sorted(load_app(app).items())
+    # Only this app's (its module or below), when this process has loaded others too.
+    mine = [(n, s) for n, s in specs if f"{s.handler.__module__}.".startswith(f"{app}.")]
+    described = {name: describe_agent(spec) for name, spec in mine or specs}
+    if as_json:
+        print_json(described)
+        return
+    columns = ["max_concurrent", "global_limit", "timeout_s", "max_attempts", "payload", "result"]
+    rows = [
+        [name, *(d[c] if d[c] is not None else "-" for c in columns)]
+        for name, d in described.items()
+    ]
+    print_table(["agent", *columns], rows)
+
+
 @inspect.command("task")
 @click.argument("task_id")
 @click.pass_obj

@@ -18,6 +18,8 @@ from handoff.config.checks import check_range
 from handoff.errors import ConfigError, HandoffError
 from handoff.protocol.keys import check_agent
 from handoff.protocol.task import check_priority
+from handoff.runtime import payload_types as types
+from handoff.runtime.payload_types import TypedValue
 
 _REGISTRY: dict[str, AgentSpec] = {}
 
@@ -47,10 +49,38 @@ class AgentSpec:
     max_attempts: int = 3
     lease_s: float | None = None  # None: the settings' lease_s
     retry_delay_s: float = 1.0
+    payload_type: TypedValue | None = None  # declared with payload= (pydantic)
+    result_type: TypedValue | None = None  # declared with result= (pydantic)
 
     @property
     def is_async(self) -> bool:
         return inspect.iscoroutinefunction(self.handler)
+
+
+def describe(spec: AgentSpec) -> dict[str, Any]:
+    """What `handoff inspect agents` shows: limits, type names and their JSON Schemas."""
+    return {
+        "max_concurrent": spec.max_concurrent,
+        "global_limit": spec.global_limit,
+        "timeout_s": spec.timeout_s,
+        "max_attempts": spec.max_attempts,
+        "async": spec.is_async,
+        "payload": spec.payload_type.name if spec.payload_type else None,
+        "result": spec.result_type.name if spec.result_type else None,
+        "payload_schema": spec.payload_type.schema() if spec.payload_type else None,
+        "result_schema": spec.result_type.schema() if spec.result_type else None,
+    }
+
+
+def registered(name: str) -> AgentSpec | None:
+    """The agent's definition when its app is loaded in this process, else None."""
+    return _REGISTRY.get(name)
+
+
+def payload_for(agent: str, payload: Any) -> Any:
+    """What a producer stores for `agent` (see payload_types.payload_for)."""
+    spec = _REGISTRY.get(agent)
+    return types.payload_for(spec.payload_type if spec else None, agent, payload)
 
 
 def _check_range(name: str, field: str, value: Any, low: float, high: float) -> None:
@@ -66,8 +96,14 @@ def agent(
     max_attempts: int = 3,
     lease_s: float | None = None,
     retry_delay_s: float = 1.0,
+    payload: Any = None,
+    result: Any = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register a handler (plain function or coroutine) for an agent type."""
+    """Register a handler (plain function or coroutine) for an agent type.
+
+    payload= and result= declare types (pydantic models, or anything pydantic's
+    TypeAdapter takes): payloads are checked at enqueue and at claim, and the handler
+    gets the model in task.payload; a result is checked before the ack."""
     check_agent(name)
     _check_range(name, "max_concurrent", max_concurrent, 1, 10_000)
     if global_limit is not None:
@@ -78,6 +114,13 @@ def agent(
     if lease_s is not None:
         _check_range(name, "lease_s", lease_s, 0.1, 86_400)
     _check_range(name, "retry_delay_s", retry_delay_s, 0, 3600)
+    if result is not None and types.mentions(result, (Handoff,)):
+        raise ConfigError(
+            f"agent {name!r}: result= declares the data an agent returns; an agent that "
+            "hands off returns Handoff, which is not a result"
+        )
+    payload_type = types.TypedValue(name, "payload", payload) if payload is not None else None
+    result_type = types.TypedValue(name, "result", result) if result is not None else None
 
     def register(handler: Callable[..., Any]) -> Callable[..., Any]:
         spec = AgentSpec(
@@ -89,6 +132,8 @@ def agent(
             max_attempts,
             lease_s,
             retry_delay_s,
+            payload_type,
+            result_type,
         )
         existing = _REGISTRY.get(name)
         if existing is not None and _qualname(existing.handler) != _qualname(handler):

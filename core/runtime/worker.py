@@ -24,21 +24,20 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
 from handoff.backoff import Backoff
 from handoff.config import Settings
 from handoff.connection.manager import get_manager
 from handoff.connection.outage import OutageLog
 from handoff.connection.server_checks import UnsafeServer, check_eviction_policy
-from handoff.errors import HandoffError, InvalidPayload, ServerOutOfMemory
+from handoff.errors import HandoffError, ServerOutOfMemory
 from handoff.protocol.keys import Keys
 from handoff.protocol.queue import ClaimRequest, ClaimResult, Completion, Failure, TaskQueue
-from handoff.protocol.task import Task, derived_task_id, has_non_finite, now_ms
+from handoff.protocol.task import Task, now_ms
 from handoff.runtime import exits
-from handoff.runtime.agents import AgentSpec, Handoff
+from handoff.runtime.agents import AgentSpec
 from handoff.runtime.prefetch import PrefetchSizer
 from handoff.runtime.runner import Finished, Outcome, make_runner
+from handoff.runtime.settle import check_payload, settle
 from handoff.runtime.worker_stats import WorkerStats
 
 log = logging.getLogger(__name__)
@@ -73,10 +72,6 @@ class Signalled:
 
 
 _TICK_S = 1.0
-MIXED_RESULT = (
-    "result is a list mixing Handoff and other values: return Handoffs only (a fan-out) "
-    "or data only"
-)
 # Between claims while Redis is unreachable: long enough not to hammer a server that is
 # failing over, short enough to resume within a couple of seconds once it is back.
 MAX_BACKOFF_S = 2.0
@@ -293,11 +288,19 @@ class Worker:
         if self.draining:
             self._release(tasks)
             return
+        refused: list[Failure] = []
         for task in tasks:
             if task.max_attempts is None:
                 task.max_attempts = self.spec.max_attempts
             self.held[task.id] = task
+            failure = check_payload(self.spec, task)
+            if failure is not None:
+                refused.append(failure)
         self.state = "busy"
+        if refused:
+            refused_ids = {f.task.id for f in refused}
+            tasks = [t for t in tasks if t.id not in refused_ids]
+            self._send([], refused, [])
         self.runner.submit(tasks)
 
     def _redis_trouble(self, what: str, error: Exception) -> None:
@@ -319,85 +322,13 @@ class Worker:
                 continue  # timed out earlier (already nacked), or its lease was lost
             stats.latencies_s.append(outcome.elapsed_s)
             self.sizer.observe_task(outcome.elapsed_s)
-            if outcome.error is not None:
-                failures.append(
-                    Failure(
-                        task,
-                        outcome.error,
-                        outcome.traceback,
-                        retry_delay_s=self.spec.retry_delay_s,
-                    )
-                )
-                continue
-            value = outcome.value
-            if isinstance(value, Handoff) or (
-                isinstance(value, list) and value and any(isinstance(v, Handoff) for v in value)
-            ):
-                handoffs = [value] if isinstance(value, Handoff) else value
-                if not all(isinstance(v, Handoff) for v in handoffs):
-                    failures.append(Failure(task, MIXED_RESULT, dead_now=True))
-                    continue
-                made = self._children(task, handoffs)
-                if isinstance(made, Failure):
-                    failures.append(made)
-                    continue
+            completion, failure, made = settle(outcome, self.spec, self.settings)
+            if failure is not None:
+                failures.append(failure)
+            else:
+                completions.append(completion)
                 children.extend(made)
-                result_json = orjson.dumps({"handoff": [c.id for c in made]})
-                completions.append(Completion(task, result_json, len(made)))
-                continue
-            result_json, problem = self._result_json(value)
-            if problem:
-                failures.append(Failure(task, problem, dead_now=True))
-                continue
-            completions.append(Completion(task, result_json))
         self._send(completions, failures, children)
-
-    def _result_json(self, value: Any) -> tuple[bytes, str]:
-        """The result as JSON, or a one-line reason it cannot be stored as returned."""
-        try:
-            result_json = orjson.dumps(value)
-        except (TypeError, orjson.JSONEncodeError) as e:
-            return b"", f"result is not JSON-serialisable: {e}"
-        # orjson writes NaN and infinities as null: look only when a null is there at all.
-        if b"null" in result_json and has_non_finite(value):
-            return b"", "result holds a NaN or infinite number, which JSON cannot represent"
-        limit = self.settings.max_result_bytes
-        if len(result_json) > limit:
-            return b"", f"result is {len(result_json)} bytes, over max_result_bytes ({limit})"
-        return result_json, ""
-
-    def _children(self, parent: Task, handoffs: list[Handoff]) -> list[Task] | Failure:
-        trace = [*parent.trace, parent.id]
-        if len(trace) > self.settings.max_hops:
-            return Failure(
-                parent, f"handoff hop limit reached ({self.settings.max_hops} hops)", dead_now=True
-            )
-        stamp = now_ms()
-        children = []
-        for index, handoff in enumerate(handoffs):
-            child = Task(
-                # Deterministic: a redelivered parent makes the same child id, deduplicated.
-                id=derived_task_id(handoff.agent, parent.id, str(index)),
-                agent=handoff.agent,
-                payload=handoff.payload,
-                priority=handoff.priority,
-                created_at=stamp,
-                enqueued_at=stamp,
-                parent_id=parent.id,
-                trace=trace,
-            )
-            try:
-                size = len(child.to_json())
-            except InvalidPayload as e:
-                return Failure(parent, f"handoff to {handoff.agent}: {e}", dead_now=True)
-            if size > self.settings.max_payload_bytes:
-                return Failure(
-                    parent,
-                    f"handoff to {handoff.agent}: {size} bytes, over max_payload_bytes",
-                    dead_now=True,
-                )
-            children.append(child)
-        return children
 
     def _send(self, completions: list[Completion], failures: list[Failure], children) -> None:
         """Children first, then the parents' acks: a crash in between only repeats a

@@ -6,9 +6,8 @@
 --   handoffs, dedupe window ms (0 = none: a task with neither a key nor a parent)
 -- A task whose token no longer matches (its lease expired and another worker holds it, or it
 -- already finished, or it appears earlier in this batch) is left exactly as it is and
--- reported. The bookkeeping of finished tasks is deleted in bulk commands per batch, before
--- the results are stored: at the memory limit the ack frees first. A result the server
--- will not store is reported, and the task is finished all the same.
+-- reported. The bookkeeping of finished tasks is deleted in bulk commands per batch. A
+-- result the server will not store is reported, and the task is finished all the same.
 -- Returns: {stale ids..., ['|', id, error, id, error, ...] for results not stored}.
 local now = now_ms(ARGV[1])
 local ttl = tonumber(ARGV[2])
@@ -16,7 +15,7 @@ local n = tonumber(ARGV[3])
 local ids = {}
 for i = 1, n do ids[i] = ARGV[3 + (i - 1) * 6 + 1] end
 local holders = hget_each(K_TOKENS, ids)
-local stale, finished, seen, results, remembered = {}, {}, {}, {}, {}
+local stale, finished, seen, remembered, dropped = {}, {}, {}, {}, {}
 local handed_off = 0
 for i = 1, n do
   local o = 3 + (i - 1) * 6
@@ -28,8 +27,12 @@ for i = 1, n do
     if ttl > 0 and rk > 0 then
       local result = ARGV[o + 3]
       if result == '' then result = 'null' end
-      results[#results + 1] = {id, rk,
-        '{"status":"done","finished_at":' .. now .. ',"result":' .. result .. '}'}
+      local reply = redis.pcall('SET', KEYS[FIXED_KEYS + rk],
+        '{"status":"done","finished_at":' .. now .. ',"result":' .. result .. '}', 'PX', ttl)
+      if type(reply) == 'table' and reply.err then
+        dropped[#dropped + 1] = id
+        dropped[#dropped + 1] = reply.err
+      end
     end
     handed_off = handed_off + tonumber(ARGV[o + 5])
     local window = tonumber(ARGV[o + 6])
@@ -43,14 +46,6 @@ if #finished > 0 then
   forget_all(finished)
 end
 bulk_write('ZADD', K_FINISHED, remembered)
-local dropped = {}
-for _, r in ipairs(results) do
-  local reply = redis.pcall('SET', KEYS[FIXED_KEYS + r[2]], r[3], 'PX', ttl)
-  if type(reply) == 'table' and reply.err then
-    dropped[#dropped + 1] = r[1]
-    dropped[#dropped + 1] = reply.err
-  end
-end
 count('done', #finished)
 count('handed_off', handed_off)
 count('stale_acks', #stale)

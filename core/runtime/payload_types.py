@@ -1,0 +1,89 @@
+"""Typed payloads and results: what an agent declares with `payload=` and `result=`.
+
+Runs in: every process that loads the app (a producer checks at enqueue, a worker checks
+at claim and before the ack). The types are pydantic models, or anything pydantic's
+TypeAdapter accepts; pydantic is imported only when an agent declares a type (the
+`handoff[pydantic]` extra), so untyped agents cost nothing and need nothing.
+
+Every failure is one line naming the agent and the field: a pydantic ValidationError
+prints a paragraph, which is cut down to its first error here.
+"""
+
+from __future__ import annotations
+
+import typing
+from typing import Any
+
+from handoff.errors import ConfigError, InvalidPayload
+
+
+class TypedValue:
+    """One declared type: validate to it, and turn it back into JSON-able data."""
+
+    def __init__(self, agent: str, role: str, declared: Any) -> None:
+        try:
+            import pydantic
+        except ImportError:
+            raise ConfigError(
+                f"agent {agent!r}: {role}= needs pydantic: pip install 'handoff[pydantic]'"
+            ) from None
+        self.declared = declared
+        self.name = getattr(declared, "__name__", repr(declared))
+        self._error = pydantic.ValidationError
+        try:
+            self.adapter = pydantic.TypeAdapter(declared)
+            self.adapter.json_schema()  # a type without a schema fails here, not later
+        except Exception as e:  # pydantic's own errors are several kinds
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(
+                f"agent {agent!r}: {role}={self.name} is not a type pydantic can validate: {first}"
+            ) from None
+
+    def validate(self, value: Any) -> Any:
+        """The value as the declared type (a model instance), or ValueError in one line."""
+        try:
+            return self.adapter.validate_python(value)
+        except self._error as e:
+            raise ValueError(f"does not match {self.name}: {one_line(e)}") from None
+
+    def to_data(self, value: Any) -> Any:
+        """Validated, then as plain JSON-able data (what goes into Redis)."""
+        return self.adapter.dump_python(self.validate(value), mode="json")
+
+    def schema(self) -> dict[str, Any]:
+        return self.adapter.json_schema()
+
+
+def one_line(error: Any) -> str:
+    """The first error of a pydantic ValidationError: its field path, message and input."""
+    errors = error.errors(include_url=False)
+    first = errors[0]
+    where = ".".join(str(part) for part in first["loc"]) or "(the value itself)"
+    got = repr(first.get("input"))
+    got = got if len(got) <= 60 else got[:57] + "..."
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"field {where!r}: {first['msg']} (got {got}){more}"
+
+
+def mentions(declared: Any, kinds: tuple[type, ...]) -> bool:
+    """True when a declared type is, or contains (list[X], X | None, ...), one of kinds."""
+    if isinstance(declared, type) and issubclass(declared, kinds):
+        return True
+    return any(mentions(arg, kinds) for arg in typing.get_args(declared))
+
+
+def plain(value: Any) -> Any:
+    """A pydantic model given where no type is declared, as JSON-able data; else value."""
+    dump = getattr(value, "model_dump", None)
+    return dump(mode="json") if callable(dump) else value
+
+
+def payload_for(typed: TypedValue | None, agent: str, payload: Any) -> Any:
+    """What a producer stores for `agent`: checked against its declared type when the app
+    is loaded in this process; a model instance turned into data either way."""
+    if typed is None:
+        return plain(payload)
+    try:
+        return typed.to_data(payload)
+    except ValueError as e:
+        raise InvalidPayload(f"payload for agent {agent!r} {e}") from None

@@ -1,0 +1,160 @@
+"""Typed payloads and results: checked at enqueue, at claim and before the ack.
+
+The typed agents are in tests/apps/typed.py (pydantic models). Producers check in-process
+(no Redis for a bad payload); workers are real processes.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import orjson
+import pytest
+from click.testing import CliRunner
+from pydantic import BaseModel
+
+from handoff import Handoff, InvalidPayload, agent
+from handoff.cli import main
+from handoff.client import Client, build_task
+from handoff.errors import ConfigError
+from harness.procs import wait_until
+
+from apps import typed
+
+BACKENDS = ("server", "cluster")
+APP = ("--app", "apps.typed")
+
+
+def seen(raw_redis) -> list[list[str]]:
+    return [entry.decode().split() for entry in raw_redis.lrange("seen", 0, -1)]
+
+
+# -- at decoration ------------------------------------------------------------------------
+
+
+class NotATypePydanticKnows:
+    pass
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"payload": NotATypePydanticKnows}, "payload=NotATypePydanticKnows is not a type"),
+        ({"result": NotATypePydanticKnows}, "result=NotATypePydanticKnows is not a type"),
+        ({"result": Handoff}, "an agent that hands off returns Handoff"),
+        ({"result": list[Handoff] | None}, "an agent that hands off returns Handoff"),
+    ],
+)
+def test_a_type_pydantic_cannot_use_is_one_line_at_decoration(kwargs, fragment):
+    with pytest.raises(ConfigError) as e:
+        agent("badly-typed", **kwargs)
+    assert str(e.value).startswith("agent 'badly-typed': ") and fragment in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_untyped_apps_never_import_pydantic():
+    code = (
+        "import sys; from handoff import agent, Client\n"
+        "@agent('plain')\ndef plain(task): return 1\n"
+        "assert 'pydantic' not in sys.modules, 'pydantic was imported'"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+# -- at enqueue -----------------------------------------------------------------------------
+
+
+def test_a_wrong_field_type_is_one_line_naming_it_and_nothing_is_written(redis_url, raw_redis):
+    with Client(redis_url) as client:
+        with pytest.raises(InvalidPayload) as e:
+            client.enqueue("tcoder", {"feature": "x", "step": "three"})
+        assert str(e.value).startswith("payload for agent 'tcoder' does not match Step: ")
+        assert "field 'step': Input should be a valid integer" in str(e.value)
+        with pytest.raises(InvalidPayload, match=r"payloads\[1\]: .*field 'feature'"):
+            client.enqueue_many("tcoder", [{"feature": "a", "step": 1}, {"step": 2}])
+        assert raw_redis.dbsize() == 0
+        # Models and plain dicts both go in, stored as data.
+        by_model = client.enqueue("tcoder", typed.Step(feature="m", step=1))
+        by_dict = client.enqueue(
+            "tcoder", {"feature": "d", "step": "2"}
+        )  # coerced, as pydantic does
+        assert client.task(by_model)["task"]["payload"] == {"feature": "m", "step": 1}
+        assert client.task(by_dict)["task"]["payload"] == {"feature": "d", "step": 2}
+
+
+def test_the_command_line_checks_against_the_app(redis_url, raw_redis):
+    result = CliRunner().invoke(
+        main, ["--redis-url", redis_url, *APP, "enqueue", "tcoder", '{"feature": 1, "step": 1}']
+    )
+    assert isinstance(result.exception, InvalidPayload)
+    assert "field 'feature': Input should be a valid string" in str(result.exception)
+    assert raw_redis.dbsize() == 0
+
+
+def test_inspect_agents_lists_each_agent_with_its_json_schema():
+    result = CliRunner().invoke(main, [*APP, "inspect", "agents", "--json"])
+    agents = orjson.loads(result.output)
+    assert agents["treviewer"]["payload"] == "Step" and agents["treviewer"]["result"] == "Review"
+    assert agents["tcoder"]["payload_schema"]["properties"]["step"]["maximum"] == 100
+    assert agents["tcoder"]["result_schema"] is None
+
+
+# -- in the worker -------------------------------------------------------------------------
+
+
+def test_the_handler_gets_the_model_and_results_are_checked(start, client, raw_redis):
+    ids = [client.enqueue("tcoder", {"feature": "f", "step": i}) for i in range(4)]
+    start([*APP, "supervise", "--agents", "tcoder=1,treviewer=1"])
+    wait_until(lambda: len(seen(raw_redis)) == 8, 30, "four coders and four reviewers")
+    assert {(a, t) for a, t, _ in seen(raw_redis)} == {("tcoder", "Step"), ("treviewer", "Step")}
+    for i, tid in enumerate(ids):
+        (child,) = client.result(tid, wait_s=10)["handoff"]
+        assert client.result(child, wait_s=10) == {"approved": bool(i % 2), "step": i}
+
+
+def test_a_hand_written_bad_payload_is_dead_lettered_after_one_delivery(start, client, raw_redis):
+    """A producer without the app (or an older one) wrote what the type refuses."""
+    task = build_task("tcoder", {"feature": "f", "step": 5})
+    task.payload = {"feature": "f", "step": 500}  # over the model's maximum
+    client.queue.enqueue([task])  # the protocol layer stores what it is given
+    start([*APP, "worker", "tcoder"])
+    wait_until(lambda: client.status(task.id) == "dead", 15, "the bad payload dead")
+    reason = client.dead_reason(task.id)
+    assert reason.startswith("payload does not match Step: field 'step': Input should be less")
+    assert client.task(task.id)["deliveries"] == 1 and seen(raw_redis) == []
+
+
+def test_a_result_that_does_not_match_fails_and_a_bad_handoff_fails_its_parent(
+    start, client, raw_redis
+):
+    junk = client.enqueue("treviewer", {"feature": "bad_result", "step": 1})
+    parent = client.enqueue("tcoder", {"feature": "bad_handoff", "step": 1})
+    start([*APP, "supervise", "--agents", "tcoder=1,treviewer=1"])
+    wait_until(lambda: client.status(junk) == "dead", 15, "the junk result's task dead")
+    assert client.dead_reason(junk).startswith("result does not match Review: field 'approved'")
+    assert [a for a, _, t in seen(raw_redis) if t == junk] == ["treviewer", "treviewer"]  # retried
+    wait_until(lambda: client.status(parent) == "dead", 15, "the bad handoff's parent dead")
+    assert client.dead_reason(parent).startswith(
+        "handoff to treviewer: payload for agent 'treviewer' does not match Step: field 'step'"
+    )
+
+
+class Untyped(BaseModel):
+    text: str
+
+
+def test_a_model_given_to_an_untyped_agent_is_stored_as_data(redis_url):
+    with Client(redis_url) as client:
+        tid = client.enqueue("somewhere-untyped", Untyped(text="hi"))
+        assert client.task(tid)["task"]["payload"] == {"text": "hi"}
+
+
+def test_the_demo_agents_are_typed():
+    result = CliRunner().invoke(main, ["--app", "workers.demo", "inspect", "agents", "--json"])
+    agents = orjson.loads(result.output)
+    assert {name: a["payload"] for name, a in agents.items()} == {
+        "coder": "CodeStep", "planner": "FeatureRequest", "reviewer": "CodeForReview",
+    }  # fmt: skip
+    assert agents["reviewer"]["result"] == "Review"
