@@ -21,7 +21,8 @@ def main() -> None:
 @click.option(
     "--systems",
     default=None,
-    help="Comma-separated: handoff,handoff-pf32,celery,dramatiq,huey,rq,arq (default: all).",
+    help="Comma-separated: handoff,handoff-pf32,handoff-typed,celery,dramatiq,huey,rq,arq "
+    "(default: all).",
 )
 @click.option(
     "--out",

@@ -25,6 +25,7 @@ LAYERS: dict[str, int] = {
     "handoff.client": 5,
     "handoff.bench": 6,
     "handoff.cli": 7,
+    "handoff.testing": 7,
     "handoff.__main__": 8,
     "handoff": 8,  # the package's __init__: the public interface
 }
@@ -103,6 +104,6 @@ def test_a_planted_upward_import_is_found(tmp_path):
 
 
 def test_each_layer_says_what_it_may_import():
-    for package in ("connection", "protocol", "runtime", "observe", "bench"):
+    for package in ("connection", "protocol", "runtime", "observe", "bench", "testing"):
         doc = ast.get_docstring(ast.parse((ROOT / "core" / package / "__init__.py").read_text()))
         assert doc and "May import:" in doc, package

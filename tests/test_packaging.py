@@ -9,6 +9,7 @@ worker process of that environment against this test's server.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -164,3 +165,109 @@ def test_an_app_with_its_own_config_and_core_runs_a_task(fresh_env, tmp_path, re
         os.killpg(worker.pid, signal.SIGTERM)
         wait_until(lambda: worker.poll() is not None, 15, "the worker to stop")
     assert worker.returncode == 0, worker.stdout.read()
+
+
+SAMPLE_PYPROJECT = """
+[project]
+name = "sample-agents"
+version = "0.0.1"
+
+[tool.pytest.ini_options]
+pythonpath = ["."]
+"""
+
+SAMPLE_AGENTS = """
+from pydantic import BaseModel
+
+from handoff import Handoff, agent
+
+
+class Draft(BaseModel):
+    topic: str
+    words: int = 0
+
+
+@agent("intake", payload=Draft)
+def intake(task):
+    return Handoff("writer", Draft(topic=task.payload.topic.strip()))
+
+
+@agent("writer", payload=Draft, max_attempts=3, retry_delay_s=30)
+def writer(task):
+    if task.payload.topic == "flaky" and task.attempt == 1:
+        raise TimeoutError("the model did not answer")
+    words = 100 * len(task.payload.topic.split())
+    return Handoff("editor", Draft(topic=task.payload.topic, words=words))
+
+
+@agent("editor", payload=Draft)
+def editor(task):
+    return {"topic": task.payload.topic, "words": task.payload.words, "edited": True}
+"""
+
+SAMPLE_TESTS = """
+import pytest
+
+from handoff import InvalidPayload
+
+
+def test_the_chain_ends_with_an_edit(handoff_app):
+    app = handoff_app("agents")
+    root = app.enqueue("intake", {"topic": " release notes "})
+    runs = app.run_until_idle()
+    assert runs.result(root) == {"topic": "release notes", "words": 200, "edited": True}
+    assert [runs[t].agent for t in runs] == ["intake", "writer", "editor"]
+
+
+def test_a_flaky_writer_is_retried_without_waiting_its_delay(handoff_app):
+    app = handoff_app("agents")
+    root = app.enqueue("intake", {"topic": "flaky"})
+    runs = app.run_until_idle()
+    (writer,) = runs[root].children
+    assert runs[writer].attempts == 2 and runs.result(root)["edited"] is True
+
+
+def test_a_bad_payload_is_one_line_naming_the_field(handoff_app):
+    app = handoff_app("agents")
+    with pytest.raises(InvalidPayload, match="field 'topic'"):
+        app.enqueue("intake", {"topic": 5})
+
+
+def test_one_agent_alone_leaves_the_next_one_queued(handoff_app):
+    app = handoff_app("agents", agents=["intake"])
+    root = app.enqueue("intake", {"topic": "a b c"})
+    (writer,) = app.run_until_idle()[root].children
+    assert app.client.status(writer) == "queued"
+"""
+
+
+def test_a_user_project_tests_its_agents_with_the_plugin(
+    fresh_env, built, tmp_path, record_property
+):
+    """A project of its own (pyproject, agents, tests using only the plugin's fixtures),
+    against the installed package with its testing and pydantic extras, under xdist."""
+    wheel, _ = built
+    python = str(fresh_env / "bin" / "python")
+    done = subprocess.run(
+        [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+         f"handoff[testing,pydantic] @ {wheel.as_uri()}", "pytest", "pytest-xdist"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    project = tmp_path / "sample"
+    project.mkdir()
+    (project / "pyproject.toml").write_text(SAMPLE_PYPROJECT)
+    (project / "agents.py").write_text(SAMPLE_AGENTS)
+    (project / "test_agents.py").write_text(SAMPLE_TESTS)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "REDIS_URL")}
+    env = {k: v for k, v in env.items() if not k.startswith(("HANDOFF_", "PYTEST_"))}
+    run = subprocess.run(
+        [python, "-m", "pytest", "-n", "2", "-q", "-p", "no:cacheprovider",
+         "--junitxml", str(tmp_path / "junit.xml")],
+        cwd=project, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "4 passed" in run.stdout
+    junit = (tmp_path / "junit.xml").read_text()
+    seconds = sum(float(s) for s in re.findall(r'<testcase [^>]*time="([0-9.]+)"', junit))
+    record_property("sample_tests_total_s", round(seconds, 3))

@@ -17,6 +17,7 @@ from benchmarks.peers.base import Peer
 REGISTRY: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "handoff": ("handoff_peer", "HandoffPeer", ()),
     "handoff-pf32": ("handoff_peer", "HandoffPrefetchPeer", ()),
+    "handoff-typed": ("handoff_peer", "HandoffTypedPeer", ("pydantic",)),
     "celery": ("celery_peer", "CeleryPeer", ("celery", "gevent")),
     "dramatiq": ("dramatiq_peer", "DramatiqPeer", ("dramatiq",)),
     "huey": ("huey_peer", "HueyPeer", ("huey",)),

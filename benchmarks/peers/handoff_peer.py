@@ -81,3 +81,21 @@ class HandoffPrefetchPeer(HandoffPeer):
         env = super().worker_env()
         env["HANDOFF_PREFETCH"] = str(self.prefetch)
         return env
+
+
+class HandoffTypedPeer(HandoffPeer):
+    """handoff with typed payloads (app_handoff_typed: payload=tuple[float, int]): what
+    checking a small payload costs the workers (at claim), beside the untyped agents. The
+    producer does not load the app (its share is `handoff bench payloads`): loading it
+    here would type the untyped runs of the same process too."""
+
+    name = "handoff-typed"
+    settings_note = {
+        NOOP: "as handoff, payload=tuple[float, int] (pydantic, checked at claim)",
+        IO: "as handoff, payload=tuple[float, int]",
+    }
+
+    def worker_env(self) -> dict[str, str]:
+        env = super().worker_env()
+        env["HANDOFF_APP"] = "app_handoff_typed"
+        return env

@@ -68,3 +68,22 @@ def protocol(runs: int, quick: bool, as_json: bool) -> None:
         print_json(result)
     else:
         click.echo(format_markdown(result))
+
+
+@bench.command("payloads")
+@click.option(
+    "--runs", type=click.IntRange(1, 100), default=5, show_default=True, help="Runs per figure."
+)
+@click.option("--quick", is_flag=True, help="A tenth of the tasks.")
+@click.option("--json", "as_json", is_flag=True, help="Print every figure and sample as JSON.")
+def payloads(runs: int, quick: bool, as_json: bool) -> None:
+    """What a declared payload type (pydantic) costs per task, beside the untyped path."""
+    from handoff.bench.payloads import format_markdown, run_payloads_bench
+
+    result = run_payloads_bench(runs=runs, quick=quick)
+    if as_json:
+        from handoff.cli.common import print_json
+
+        print_json(result)
+    else:
+        click.echo(format_markdown(result))

@@ -147,16 +147,13 @@ def inspect_queues(state, as_json: bool) -> None:
 @click.pass_obj
 def inspect_agents(state, as_json: bool) -> None:
     """The agents the app (--app) defines: limits, and payload and result types."""
+    from handoff.runtime.agents import app_agents
     from handoff.runtime.agents import describe as describe_agent
-    from handoff.runtime.agents import load_app
 
     if not state.settings.app:
         raise click.UsageError("inspect agents reads the app's definitions: pass --app MODULE")
-    app = state.settings.app
-    specs = sorted(load_app(app).items())
-    # Only this app's (its module or below), when this process has loaded others too.
-    mine = [(n, s) for n, s in specs if f"{s.handler.__module__}.".startswith(f"{app}.")]
-    described = {name: describe_agent(spec) for name, spec in mine or specs}
+    specs = sorted(app_agents(state.settings.app).items())
+    described = {name: describe_agent(spec) for name, spec in specs}
     if as_json:
         print_json(described)
         return

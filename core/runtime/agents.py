@@ -178,6 +178,14 @@ def load_app(module: str) -> dict[str, AgentSpec]:
     return dict(_REGISTRY)
 
 
+def app_agents(module: str) -> dict[str, AgentSpec]:
+    """The agents an app module defines (its handlers live in it or below it), even when
+    this process has loaded other apps too; all loaded agents if none live there."""
+    specs = load_app(module)
+    mine = {n: s for n, s in specs.items() if f"{s.handler.__module__}.".startswith(f"{module}.")}
+    return mine or specs
+
+
 def get_spec(module: str, name: str) -> AgentSpec:
     specs = load_app(module)
     if name not in specs:

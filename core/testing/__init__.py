@@ -1,0 +1,204 @@
+"""handoff.testing: run your agents in your tests, for real and at unit-test speed.
+
+The pytest plugin (registered through an entry point, nothing to copy into a conftest)
+gives two fixtures:
+
+    handoff_server   the URL of a real server (the embedded one, `handoff[testing]`), one
+                     per test session or pytest-xdist worker, emptied before each test
+    handoff_app      handoff_app("myapp.agents", agents=[...]) -> InProcessApp
+
+An InProcessApp runs the chosen agents of an app in the test's own process, through the
+same protocol as a worker: real claims and leases, the task JSON stored and read back,
+payload types checked, results and handoffs settled by the worker's own code. Time is
+virtual: retries and delays do not make a test wait.
+
+May import: every layer below (client, runtime, protocol, connection, config).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import traceback
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from handoff.client import Client
+from handoff.config import RedisPoolConfig, Settings
+from handoff.protocol.queue import ClaimRequest, Completion, Failure
+from handoff.protocol.task import Task
+from handoff.runtime.agents import AgentSpec, app_agents
+from handoff.runtime.runner import Outcome
+from handoff.runtime.settle import check_payload, settle
+
+__all__ = ["Ended", "InProcessApp", "Runs", "VirtualClock"]
+
+
+class VirtualClock:
+    """Milliseconds that move only when told: retries and delays come due at once."""
+
+    def __init__(self, start_ms: int | None = None) -> None:
+        self.now_ms = start_ms if start_ms is not None else int(time.time() * 1000)
+
+    def advance(self, seconds: float) -> None:
+        self.now_ms += int(seconds * 1000)
+
+
+@dataclass
+class Ended:
+    """One task as the in-process run left it."""
+
+    id: str
+    agent: str
+    status: str  # "done" | "dead" | "retrying"
+    result: Any = None  # what the handler returned (a handoff's: the children's ids)
+    reason: str = ""  # why it failed, for "dead" and "retrying"
+    parent_id: str | None = None
+    children: list[str] = field(default_factory=list)
+    attempts: int = 0
+
+
+class Runs(dict[str, Ended]):
+    """Every task the agents ran, by id, with a way to follow a chain to its ends."""
+
+    def ends(self, task_id: str) -> list[Ended]:
+        """The tasks a chain ended in (followed through every handoff), in order."""
+        task = self[task_id]
+        if not task.children:
+            return [task]
+        return [end for child in task.children if child in self for end in self.ends(child)]
+
+    def result(self, task_id: str) -> Any:
+        """The chain's final result: the single end's, or the ends' in order."""
+        results = [end.result for end in self.ends(task_id)]
+        return results[0] if len(results) == 1 else results
+
+
+class InProcessApp:
+    """Chosen agents of an app, run in this process against a real server."""
+
+    def __init__(
+        self,
+        app: str,
+        redis_url: str,
+        agents: Iterable[str] | None = None,
+        *,
+        clock: VirtualClock | None = None,
+        **settings: Any,
+    ) -> None:
+        defined = app_agents(app)
+        names = list(agents) if agents is not None else sorted(defined)
+        unknown = [n for n in names if n not in defined]
+        if unknown:
+            raise ValueError(f"app {app!r} does not define {', '.join(unknown)}")
+        self.specs: dict[str, AgentSpec] = {name: defined[name] for name in names}
+        self.settings = Settings(redis=RedisPoolConfig(url=redis_url), app=app, **settings)
+        self.client = Client(settings=self.settings)
+        self.queue = self.client.queue
+        self.clock = clock or VirtualClock()
+        self.runs = Runs()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def enqueue(self, agent: str, payload: Any, **options: Any) -> str:
+        """Client.enqueue (payload types checked as a producer's would be)."""
+        return self.client.enqueue(agent, payload, **options)
+
+    def run_until_idle(self, timeout_s: float = 10.0, batch: int = 100) -> Runs:
+        """Run the app's agents until none of them has a task left to run, the virtual
+        clock jumping over retry delays. Tasks for agents not chosen stay queued.
+        Returns every task run so far (this call and earlier ones)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            ran, next_due = 0, -1
+            for name in self.specs:
+                ran += self._run_batch(name, batch, deadline)
+                due = self._next_due(name)
+                if due >= 0 and (next_due < 0 or due < next_due):
+                    next_due = due
+            if ran:
+                continue
+            if next_due < 0:
+                return self.runs
+            self.clock.now_ms = max(self.clock.now_ms, next_due)  # a retry comes due now
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"agents still busy after {timeout_s}s (a handoff loop?)")
+
+    def close(self) -> None:
+        if self._loop is not None:
+            self._loop.close()
+        self.client.close()
+
+    # -- one batch, as a worker would --------------------------------------------------
+
+    def _run_batch(self, name: str, batch: int, deadline: float) -> int:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"agents still busy after the deadline (agent {name!r})")
+        spec = self.specs[name]
+        lease_ms = int((spec.lease_s or self.settings.lease_s) * 1000)
+        now = self.clock.now_ms
+        tasks = self.queue.claim([ClaimRequest(name, batch, lease_ms)], now_ms=now)[name]
+        completions: list[Completion] = []
+        failures: list[Failure] = []
+        children: list[Task] = []
+        for task in tasks:
+            if task.max_attempts is None:
+                task.max_attempts = spec.max_attempts
+            refused = check_payload(spec, task)
+            if refused is not None:
+                failures.append(refused)
+                continue
+            completion, failure, made = settle(self._call(spec, task), spec, self.settings)
+            if failure is not None:
+                failures.append(failure)
+            else:
+                completions.append(completion)
+                children.extend(made)
+        if children:
+            self.queue.enqueue(children, now_ms=now)
+        if completions:
+            self.queue.ack(completions, now_ms=now)
+        if failures:
+            self.queue.nack(failures, now_ms=now)
+        self._record(completions, failures, children)
+        return len(tasks)
+
+    def _call(self, spec: AgentSpec, task: Task) -> Outcome:
+        try:
+            if spec.is_async:
+                if self._loop is None:
+                    self._loop = asyncio.new_event_loop()
+                return Outcome(task, self._loop.run_until_complete(spec.handler(task)))
+            return Outcome(task, spec.handler(task))
+        except Exception as e:  # the handler's failure is the task's, as in a worker
+            return Outcome(task, error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
+
+    def _next_due(self, name: str) -> int:
+        keys = self.queue.keys.agent(name)
+        head = self.queue.manager.execute(lambda c: c.zrange(keys.delayed, 0, 0, withscores=True))
+        return int(head[0][1]) if head else -1
+
+    def _record(self, completions, failures, children: list[Task]) -> None:
+        by_parent: dict[str, list[str]] = {}
+        for child in children:
+            by_parent.setdefault(child.parent_id or "", []).append(child.id)
+        for done in completions:
+            task = done.task
+            ended = self._ended(task)
+            ended.status, ended.reason = "done", ""
+            ended.children = by_parent.get(task.id, [])
+            ended.result = ended.children or orjson.loads(done.result_json)
+        for failure in failures:
+            task = failure.task
+            ended = self._ended(task)
+            last = failure.dead_now or task.attempt >= (task.max_attempts or 3)
+            ended.status, ended.reason = ("dead" if last else "retrying"), failure.error
+
+    def _ended(self, task: Task) -> Ended:
+        ended = self.runs.get(task.id)
+        if ended is None:
+            ended = self.runs[task.id] = Ended(task.id, task.agent, "", parent_id=task.parent_id)
+        ended.attempts += 1
+        return ended
