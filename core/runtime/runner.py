@@ -32,15 +32,26 @@ from handoff.runtime.agents import AgentSpec
 # SIGTERM (its handler only queues an event). The child belongs to the handler's code: it
 # takes the default signal actions and ends when that code returns.
 _runner_pid: int | None = None  # the process whose runner runs handlers
+_runner_loop: asyncio.AbstractEventLoop | None = None  # its event loop (async handlers)
 _forked_from_handler = False
+_forking_task: asyncio.Task | None = None  # the coroutine that forked (async handlers)
 
 
 def _after_fork_in_child() -> None:
-    global _forked_from_handler
+    global _forked_from_handler, _forking_task
     if _runner_pid is not None and _runner_pid != os.getpid():
         _forked_from_handler = True
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
+        # A coroutine that forked: the loop's other handlers are not the child's. (The
+        # loop is named: asyncio sees no running loop in a forked child.) A thread that
+        # forked came alone: the other handler threads are not in the child.
+        loop = _runner_loop
+        _forking_task = asyncio.current_task(loop) if loop is not None else None
+        if _forking_task is not None:
+            for other in asyncio.all_tasks(loop):
+                if other is not _forking_task:
+                    other.cancel()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -197,7 +208,8 @@ class AsyncRunner(_BaseRunner):
         self._pending: deque[Task] = deque()
         self._finished: list[Outcome] = []
         self._flush_scheduled = False
-        self._loop = asyncio.SelectorEventLoop(PreciseSelector())
+        global _runner_loop
+        self._loop = _runner_loop = asyncio.SelectorEventLoop(PreciseSelector())
         self._thread = threading.Thread(target=self._loop.run_forever, name="asyncio", daemon=True)
         self._thread.start()
 
@@ -225,7 +237,10 @@ class AsyncRunner(_BaseRunner):
             outcome = Outcome(task, error=f"timed out after {limit}s", timed_out=True)
         except BaseException as e:
             outcome = Outcome(task, error=f"{type(e).__name__}: {e}", traceback=_tb())
-        _end_if_forked()
+        if _forked_from_handler:  # in a process a handler forked
+            if asyncio.current_task(self._loop) is _forking_task:
+                _end_if_forked()
+            return  # another handler's coroutine, cancelled in the child: nothing to report
         outcome.elapsed_s = time.perf_counter() - started
         self.started_at.pop(task.id, None)
         self._finished.append(outcome)

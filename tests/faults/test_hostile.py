@@ -108,8 +108,8 @@ def test_a_process_forked_by_a_handler_never_runs_tasks_and_ends_with_its_code(
     runs = executions(raw_redis)
     assert sorted(task_id for _, task_id in runs) == sorted(ids)  # each once
     assert {pid for pid, _ in runs} == {worker.proc.pid}  # and never by a forked child
+    wait_until(lambda: raw_redis.llen("forked") == 12, 15, "every child to record itself")
     children = [int(p) for p in raw_redis.lrange("forked", 0, -1)]
-    assert len(children) == 12
     wait_until(lambda: all(_gone(pid) for pid in children), 15, "every forked child to end")
     assert client.result(ids[0], wait_s=5) == "from the parent"
     worker.signal(signal.SIGTERM)
