@@ -202,6 +202,7 @@ def test_snapshot_cost_does_not_grow_with_queued_tasks(watcher, raw_redis, queue
     before, nodes = commands_processed(raw_redis)
     snap = watcher.snapshot()
     commands = commands_processed(raw_redis)[0] - before - nodes  # minus our INFOs
+    assert "probe" in snap["agents"], snap  # else the snapshot says what failed
     assert snap["agents"]["probe"]["queued"] == queued
     # 2 registry reads + 6 per agent, and the server's memory (one INFO; on a cluster one
     # per primary): the same for 1 and 1,000,000 queued tasks.
@@ -213,6 +214,7 @@ def test_the_snapshot_names_the_deployment_and_on_a_cluster_each_agents_node(
 ):
     raw_redis.sadd("handoff:agents", "probe")
     snap = watcher.snapshot()
+    assert snap["redis"]["ok"], snap
     assert snap["redis"]["mode"] == backend
     view = render(snap)
     if backend == "cluster":
