@@ -7,6 +7,9 @@ comparison with Celery, Dramatiq, Huey, RQ and arq runs from a checkout
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import click
 
 
@@ -15,11 +18,37 @@ def bench() -> None:
     """Benchmarks: medians of several runs, side by side with reference figures."""
 
 
+def _figures_options(quick_help: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """--runs, --quick and --json: what every benchmark here takes."""
+
+    def add(command: Callable[..., Any]) -> Callable[..., Any]:
+        command = click.option(
+            "--json", "as_json", is_flag=True, help="Print every figure and sample as JSON."
+        )(command)
+        command = click.option("--quick", is_flag=True, help=quick_help)(command)
+        return click.option(
+            "--runs", type=click.IntRange(1, 100), default=5, show_default=True,
+            help="Runs per figure.",
+        )(command)  # fmt: skip
+
+    return add
+
+
+def _show(result: dict[str, Any], as_json: bool, format_markdown: Callable[[dict], str]) -> None:
+    if as_json:
+        from handoff.cli.common import print_json
+
+        print_json(result)
+    else:
+        click.echo(format_markdown(result))
+
+
+def _progress(name: str) -> Callable[[str], None]:
+    return lambda line: click.echo(f"bench {name}: {line}", err=True)
+
+
 @bench.command("pool")
-@click.option(
-    "--runs", type=click.IntRange(1, 100), default=5, show_default=True, help="Runs per figure."
-)
-@click.option("--quick", is_flag=True, help="A tenth of the operations (a smoke run).")
+@_figures_options("A tenth of the operations (a smoke run).")
 @click.option(
     "--transport",
     type=click.Choice(["both", "tcp", "unix"]),
@@ -27,63 +56,31 @@ def bench() -> None:
     show_default=True,
     help="TCP compares fairly with the seed's figures; unix is what local workers use.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print every figure and sample as JSON.")
 def pool(runs: int, quick: bool, transport: str, as_json: bool) -> None:
     """The Redis pool manager: single, batch, concurrent ops/s and connection overhead."""
     from handoff.bench.pool import TRANSPORTS, format_markdown, run_pool_bench
 
     transports = TRANSPORTS if transport == "both" else (transport,)
     result = run_pool_bench(
-        runs=runs,
-        quick=quick,
-        transports=transports,
-        progress=lambda line: click.echo(f"bench pool: {line}", err=True),
+        runs=runs, quick=quick, transports=transports, progress=_progress("pool")
     )
-    if as_json:
-        from handoff.cli.common import print_json
-
-        print_json(result)
-    else:
-        click.echo(format_markdown(result))
+    _show(result, as_json, format_markdown)
 
 
 @bench.command("protocol")
-@click.option(
-    "--runs", type=click.IntRange(1, 100), default=5, show_default=True, help="Runs per figure."
-)
-@click.option("--quick", is_flag=True, help="A tenth of the tasks and at most 2 runs.")
-@click.option("--json", "as_json", is_flag=True, help="Print every figure and sample as JSON.")
+@_figures_options("A tenth of the tasks and at most 2 runs.")
 def protocol(runs: int, quick: bool, as_json: bool) -> None:
     """The queue protocol: enqueue and claim+ack tasks/s beside the bare-command limit."""
     from handoff.bench.protocol import format_markdown, run_protocol_bench
 
-    result = run_protocol_bench(
-        runs=runs,
-        quick=quick,
-        progress=lambda line: click.echo(f"bench protocol: {line}", err=True),
-    )
-    if as_json:
-        from handoff.cli.common import print_json
-
-        print_json(result)
-    else:
-        click.echo(format_markdown(result))
+    result = run_protocol_bench(runs=runs, quick=quick, progress=_progress("protocol"))
+    _show(result, as_json, format_markdown)
 
 
 @bench.command("payloads")
-@click.option(
-    "--runs", type=click.IntRange(1, 100), default=5, show_default=True, help="Runs per figure."
-)
-@click.option("--quick", is_flag=True, help="A tenth of the tasks.")
-@click.option("--json", "as_json", is_flag=True, help="Print every figure and sample as JSON.")
+@_figures_options("A tenth of the tasks.")
 def payloads(runs: int, quick: bool, as_json: bool) -> None:
     """What a declared payload type (pydantic) costs per task, beside the untyped path."""
     from handoff.bench.payloads import format_markdown, run_payloads_bench
 
-    result = run_payloads_bench(runs=runs, quick=quick)
-    if as_json:
-        from handoff.cli.common import print_json
-
-        print_json(result)
-    else:
-        click.echo(format_markdown(result))
+    _show(run_payloads_bench(runs=runs, quick=quick), as_json, format_markdown)

@@ -112,6 +112,17 @@ local function expire_finished(now, limit)
   if #passed > 0 then redis.call('ZREM', K_FINISHED, unpack(passed)) end
 end
 
+-- The dead tasks a dead-letter operation works on: ARGV[1] limit, ARGV[2..] ids (none =
+-- the oldest `limit`).
+local function dead_selection(argv)
+  if #argv > 1 then
+    local ids = {}
+    for i = 2, #argv do ids[#ids + 1] = argv[i] end
+    return ids
+  end
+  return redis.call('ZRANGE', K_DEAD, 0, tonumber(argv[1]) - 1)
+end
+
 -- Wake up to n idle workers blocked on the wake list (BLPOP). Tokens are hints, not
 -- work: a spurious wake-up costs one empty claim. The list is bounded.
 local function wake(n)

@@ -1,6 +1,6 @@
 -- ack: finish a batch of leased tasks, token-checked, atomically.
--- KEYS[1..12]  the agent's fixed keys (see _prelude.lua)
--- KEYS[13..]   result keys, by index
+-- KEYS[1..FIXED_KEYS]  the agent's fixed keys (see _prelude.lua)
+-- KEYS[FIXED_KEYS + 1..]  result keys, by index
 -- ARGV[1] now in ms ('' = server TIME)   ARGV[2] result TTL ms (0 = keep no result)
 -- ARGV[3] n, then n groups of 6: id, token, result_json ('' = null), result_key_index,
 --   handoffs, dedupe window ms (0 = none: a task with neither a key nor a parent)

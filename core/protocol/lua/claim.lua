@@ -1,6 +1,6 @@
 -- claim: lease up to n ready tasks of one agent type, atomically, in one call.
--- KEYS[1..12]  the agent's fixed keys (see _prelude.lua)
--- KEYS[13]     this claim's replay key (LIST of the ids it leased)
+-- KEYS[1..FIXED_KEYS]  the agent's fixed keys (see _prelude.lua)
+-- KEYS[FIXED_KEYS + 1]  this claim's replay key (LIST of the ids it leased)
 -- ARGV[1] n (capped at ARGV[7])   ARGV[2] lease_ms      ARGV[3] claim_id (the lease token)
 -- ARGV[4] max_deliveries          ARGV[5] global_limit (0 = none)
 -- ARGV[6] now in ms ('' = server TIME)                    ARGV[7] cap on n

@@ -1,14 +1,8 @@
 -- dead_requeue: give dead-lettered tasks a fresh start in the ready queue, atomically.
--- KEYS[1..12]  the agent's fixed keys (see _prelude.lua)
+-- KEYS[1..FIXED_KEYS]  the agent's fixed keys (see _prelude.lua)
 -- ARGV[1] limit, ARGV[2..] ids (none = the oldest `limit` dead tasks)
 -- Returns: the ids requeued.
-local limit = tonumber(ARGV[1])
-local ids = {}
-if #ARGV > 1 then
-  for i = 2, #ARGV do ids[#ids + 1] = ARGV[i] end
-else
-  ids = redis.call('ZRANGE', K_DEAD, 0, limit - 1)
-end
+local ids = dead_selection(ARGV)
 local now = now_ms('')
 local moved = {}
 for _, id in ipairs(ids) do

@@ -1,5 +1,5 @@
 -- enqueue: add a batch of tasks of one agent type, atomically.
--- KEYS[1..]    the agent's fixed keys (see _prelude.lua)
+-- KEYS[1..FIXED_KEYS]  the agent's fixed keys (see _prelude.lua)
 -- ARGV[1]      max payload bytes
 -- ARGV[2]      now in ms ('' = server TIME)
 -- ARGV[3]      n, the number of tasks

@@ -1,5 +1,5 @@
 -- reap: move expired leases back to the ready queue, atomically and bounded.
--- KEYS[1..12]  the agent's fixed keys (see _prelude.lua)
+-- KEYS[1..FIXED_KEYS]  the agent's fixed keys (see _prelude.lua)
 -- ARGV[1] now in ms ('' = server TIME)   ARGV[2] at most this many per call
 -- Safe with several reapers at once: each id leaves the lease set exactly once.
 -- Also promotes due delayed tasks and forgets finished ids past their dedupe window (same

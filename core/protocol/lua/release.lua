@@ -1,5 +1,5 @@
 -- release: give leased tasks back unstarted (graceful shutdown), token-checked, atomically.
--- KEYS[1..12]  the agent's fixed keys (see _prelude.lua)
+-- KEYS[1..FIXED_KEYS]  the agent's fixed keys (see _prelude.lua)
 -- ARGV[1] n, then n groups of 2: id, token
 -- The delivery is not counted (the task never ran) and the task returns to its place.
 -- Returns: the number released.
