@@ -100,7 +100,7 @@ def scratch(prefix: str, keep: bool = False) -> Iterator[Path]:
 
 
 def medians(items: list[dict], spread: tuple[str, ...] = ()) -> dict[str, float]:
-    """core.bench.e2e.medians over the numeric figures only (flags and None, "did not happen",
+    """benchmarks.e2e.medians over the numeric figures only (flags and None, "did not happen",
     left out), plus <key>_min and <key>_max for the keys in `spread`."""
     numeric = [
         {k: v for k, v in item.items() if isinstance(v, int | float) and not isinstance(v, bool)}

@@ -318,7 +318,7 @@ def medians(runs: list[dict]) -> dict[str, float]:
 
 def pool_rows(quick: bool) -> list[dict] | None:
     """Hook for the seed's pool rows (single, batch, concurrent Redis ops/s) from
-    core.bench.pool, when that module exists; None otherwise (the report says so)."""
+    handoff.bench.pool, when that module exists; None otherwise (the report says so)."""
     try:
         from handoff.bench import pool
     except ImportError:

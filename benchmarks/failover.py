@@ -2,7 +2,7 @@
 
 Runs in: `scripts/bench-failover [--trials 3] [--preset NAME] [--json PATH]`, a plain
 process that starts, for every trial, a fresh Sentinel group on loopback
-(tests/topologies.start_sentinel_group: one primary, one replica, three sentinels, quorum 2,
+(harness/topologies.start_sentinel_group: one primary, one replica, three sentinels, quorum 2,
 down-after 1 s) and a fresh `handoff supervise --agents blip=2` (a no-op agent from
 benchmarks/agents.py) on its redis+sentinel:// URL.
 

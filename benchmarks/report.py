@@ -1,7 +1,7 @@
 """Turn e2e results into docs/benchmarks.md (Markdown tables) and a PNG of the drain rates.
 
 Runs in: the benchmark process, after the run (or on a saved e2e.json: `python -m
-core.bench.report e2e.json OUT_DIR`). Ratios are handoff's figure divided by the peer's,
+benchmarks.report e2e.json OUT_DIR`). Ratios are handoff's figure divided by the peer's,
 in their own column: above 1 is better for handoff on rates, below 1 on latency and RSS.
 """
 
@@ -262,7 +262,7 @@ def _pool_section(results) -> list[str]:
     if not rows:
         return [
             *head,
-            "Not included: `core.bench.pool.run_pool_rows` was not available in this run"
+            "Not included: `handoff.bench.pool.run_pool_rows` was not available in this run"
             " (see `handoff bench pool`).",
             "",
         ]

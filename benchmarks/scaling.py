@@ -2,8 +2,8 @@
 
 Runs in: `scripts/bench-scaling [--runs 3] [--tasks 20000] [--workers 4] [--json PATH]
 [--quick]`, a plain process that starts everything it measures on loopback: one server
-(core.server.spawn_server) and one 3-primary cluster (tests/topologies.start_cluster), both
-kept for the whole benchmark and emptied (FLUSHALL) before every run, and for every run a
+(handoff.connection.embedded_server.spawn_server) and one 3-primary cluster
+(harness/topologies.start_cluster), both kept for the whole benchmark and emptied (FLUSHALL) before every run, and for every run a
 fresh `handoff supervise` with W worker processes (agents from benchmarks/agents.py).
 
 Configurations (the same W worker processes in each):

@@ -2,7 +2,7 @@
 
 The protocol, kill-9, bad-input, client, CLI and monitor tests run on a cluster too
 (BACKENDS in those modules); these are the cluster's own scenarios, with real worker
-processes against this xdist worker's 3-primary cluster (tests/topologies.py).
+processes against this xdist worker's 3-primary cluster (harness/topologies.py).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Sentinel failover: workers follow the new primary on their own; WAIT 1 loses nothing.
 
-Each test starts its own primary + replica + 3 sentinels (tests/topologies.py, about a
+Each test starts its own primary + replica + 3 sentinels (harness/topologies.py, about a
 second) and stops them at the end. The test agents record what ran in this xdist
 worker's own server (TEST_REDIS_URL), which no failover touches.
 """

@@ -1,4 +1,4 @@
-"""The systems `handoff bench e2e` compares, one module each, behind one small interface.
+"""The systems `python -m benchmarks e2e` compares, one module each, behind one small interface.
 
 Runs in: the benchmark process. Importing this package stays cheap: a peer module (and
 its system's library) is imported only when that peer is loaded. The worker-side app
