@@ -3,8 +3,9 @@
 Runs in: `scripts/bench-scaling [--runs 3] [--tasks 20000] [--workers 4] [--json PATH]
 [--quick]`, a plain process that starts everything it measures on loopback: one server
 (handoff.connection.embedded_server.spawn_server) and one 3-primary cluster
-(harness/topologies.start_cluster), both kept for the whole benchmark and emptied (FLUSHALL) before every run, and for every run a
-fresh `handoff supervise` with W worker processes (agents from benchmarks/agents.py).
+(harness/topologies.start_cluster), both kept for the whole benchmark and emptied
+(FLUSHALL) before every run, and for every run a fresh `handoff supervise` with W worker
+processes (agents from benchmarks/agents.py).
 
 Configurations (the same W worker processes in each):
   a  one server, one agent type, W workers
