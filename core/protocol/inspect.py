@@ -24,6 +24,15 @@ def enqueued_ms_from_score(score: float) -> int:
     return score - priority * PRIORITY_SHIFT + EPOCH_MS
 
 
+def _count(raw: bytes) -> int:
+    """A stats counter; one someone overwrote with text reads as 0 (the scripts restart
+    it from the next event) instead of failing every view."""
+    try:
+        return int(raw)
+    except ValueError:
+        return 0
+
+
 def queue_stats(queue: TaskQueue, agents: Sequence[str] | None = None) -> dict[str, dict]:
     """Per agent: queued, running, delayed, dead, the counters, and the head's age."""
     names = list(agents) if agents is not None else queue.known_agents()
@@ -47,7 +56,7 @@ def queue_stats(queue: TaskQueue, agents: Sequence[str] | None = None) -> dict[s
     out: dict[str, dict[str, Any]] = {}
     for i, name in enumerate(names):
         queued, running, delayed, dead, counters, head = replies[i * 6 : i * 6 + 6]
-        counts = {k.decode(): int(v) for k, v in counters.items()}
+        counts = {k.decode(): _count(v) for k, v in counters.items()}
         age_s = 0.0
         if head:
             age_s = max(0.0, (now - enqueued_ms_from_score(head[0][1])) / 1000.0)

@@ -187,6 +187,8 @@ def test_corrupt_counters_in_the_stats_hash_stop_no_script(queue, raw_redis):
     for name in ("enqueued", "done", "failed", "retried", "dead", "reaped", "stale_acks",
                  "handed_off", "orphans", "corrupt"):  # fmt: skip
         raw_redis.hset(KEYS.stats, name, GARBAGE)
+    client = Client(settings=queue.settings)
+    assert client.queue_stats([AGENT])[AGENT]["done"] == 0  # views read garbage as 0
     six_tasks(queue)
     first = claim_all(queue)
     queue.ack([Completion(t) for t in first[:2]], now_ms=T0)
