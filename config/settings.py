@@ -56,6 +56,13 @@ class Settings:
     # supervisor for, per agent type: a bound on what anyone who can write a control
     # message can make a host run.
     max_processes_per_agent: int = 100
+    # Autoscaling (handoff supervise --autoscale, or here): "coder=1:8,reviewer=0:4[:2.5]"
+    # is MIN:MAX processes per agent type on this host, and optionally its target wait.
+    autoscale: str = ""
+    autoscale_target_wait_s: float = 5.0  # aim: a queued task waits at most this long
+    autoscale_cooldown_s: float = 30.0  # mostly idle this long before removing a process
+    max_processes: int = 64  # this supervisor's cap on processes, all agent types together
+    min_free_memory_mb: float = 256.0  # no process is added below this available memory
     monitor_interval_s: float = 1.0
     # WAIT for n replicas after each enqueue (on the same connection), so a failover cannot
     # lose an enqueue the producer was told about; 0 = off (asynchronous replication).
@@ -82,8 +89,16 @@ def settings_to_dict(settings: Settings, *, redact: bool = True) -> dict[str, An
     return data
 
 
-_POSITIVE_S = ("heartbeat_interval_s", "lease_s", "reaper_interval_s", "monitor_interval_s")
+_POSITIVE_S = (
+    "heartbeat_interval_s",
+    "lease_s",
+    "reaper_interval_s",
+    "monitor_interval_s",
+    "autoscale_target_wait_s",
+)
 _ZERO_OK_S = (
+    "autoscale_cooldown_s",
+    "min_free_memory_mb",
     "result_ttl_s",
     "dedupe_window_s",
     "graceful_timeout_s",
@@ -101,6 +116,7 @@ _INT_RANGES: dict[str, tuple[int, int | None]] = {
     "enqueue_wait_replicas": (0, 100),
     "enqueue_wait_timeout_ms": (1, 600_000),
     "max_processes_per_agent": (1, MAX_AGENT_PROCESSES),
+    "max_processes": (1, MAX_AGENT_PROCESSES),
 }
 
 
@@ -116,6 +132,13 @@ def _normalized(s: Settings) -> dict[str, Any]:
     }
     for name in _POSITIVE_S:
         out[name] = check_seconds(name, getattr(s, name), zero_ok=False)
+    if s.autoscale:  # checked here so a bad value stops everything before it starts
+        from handoff.config.autoscale import parse_autoscale
+
+        try:
+            parse_autoscale(s.autoscale, s.max_processes)
+        except ValueError as e:
+            fail("autoscale", s.autoscale, str(e))
     for name in _ZERO_OK_S:
         out[name] = check_seconds(name, getattr(s, name), zero_ok=True)
     for name, (lo, hi) in _INT_RANGES.items():

@@ -16,13 +16,18 @@ from handoff.cli.common import parse_counts
 def scale(state, counts: tuple[str, ...]) -> None:
     """Change running supervisors' process counts: handoff scale AGENT=N [AGENT=N ...].
 
-    Sent as a control message through Redis to every live supervisor (each runs N).
+    Sent as a control message through Redis to every live supervisor (each runs N). On an
+    autoscaled agent type a count pins it; AGENT=auto gives it back to the autoscaler.
     """
     from handoff.connection.manager import get_manager
     from handoff.protocol.keys import Keys
     from handoff.protocol.task import now_ms
 
-    wanted = parse_counts(",".join(counts))
+    parts = ",".join(counts).split(",")
+    resumed = {p.partition("=")[0].strip(): None for p in parts if p.strip().endswith("=auto")}
+    fixed = ",".join(p for p in parts if not p.strip().endswith("=auto"))
+    wanted: dict[str, int | None] = {**(parse_counts(fixed) if fixed or not resumed else {})}
+    wanted.update(resumed)
     settings = state.settings
     keys = Keys(settings.key_prefix)
     manager = get_manager(settings.redis)

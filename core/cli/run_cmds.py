@@ -18,21 +18,38 @@ from handoff.runtime.agents import AppLoadError, get_spec
 
 @click.command()
 @click.option("--agents", "agents_arg", help="AGENT=N[,AGENT=N...]; default: the config's agents.")
+@click.option(
+    "--autoscale",
+    "autoscale_arg",
+    help="AGENT=MIN:MAX[:TARGET_WAIT_S][,...]: sized to the backlog; default: the config's.",
+)
 @click.pass_obj
-def supervise(state, agents_arg: str | None) -> None:
-    """Fork and keep N worker processes per agent type.
+def supervise(state, agents_arg: str | None, autoscale_arg: str | None) -> None:
+    """Fork and keep N worker processes per agent type (or MIN to MAX, autoscaled).
 
     Signals: TERM/INT stop gracefully (a second one, a second later, stops fast);
     QUIT stops fast; HUP re-reads the config and rolls the workers one by one;
     TTIN/TTOU add/remove one worker per agent type.
     """
+    from handoff.config.autoscale import parse_autoscale
     from handoff.runtime.supervisor import Supervisor
 
     settings = state.settings
     agents = parse_counts(agents_arg) if agents_arg else dict(settings.agents)
-    if not agents:
-        raise click.UsageError("no agents to supervise: pass --agents a=2,b=1 or set agents")
-    supervisor = Supervisor(settings, agents, reload_settings=state.reload_settings)
+    try:
+        autoscale = parse_autoscale(autoscale_arg or settings.autoscale, settings.max_processes)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="'--autoscale'") from None
+    both = sorted(set(agents) & set(autoscale))
+    if both:
+        raise click.UsageError(f"{', '.join(both)}: in both --agents and --autoscale")
+    if not agents and not autoscale:
+        raise click.UsageError(
+            "no agents to supervise: pass --agents a=2,b=1 or --autoscale a=1:4, or set agents"
+        )
+    supervisor = Supervisor(
+        settings, agents, autoscale=autoscale, reload_settings=state.reload_settings
+    )
     try:
         code = supervisor.run()
     except (AppLoadError, UnsafeServer) as e:

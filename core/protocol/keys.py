@@ -19,6 +19,7 @@ one cluster slot. Agent names are validated before any key is built.
     <prefix>:{<agent>}:wake         LIST  wake-up tokens idle workers block on (BLPOP)
     <prefix>:{<agent>}:result:<id>  STRING done record + result, with a TTL
     <prefix>:{<agent>}:claim:<cid>  LIST  ids leased by one claim call (replay on retry)
+    <prefix>:{<agent>}:autoscalers  HASH  supervisor id -> JSON {min, max, current, until}
     <prefix>:agents                 SET   registry of agent names
     <prefix>:workers                ZSET  worker id -> last heartbeat (ms)
     <prefix>:worker:<id>            HASH  one worker's health and metrics (TTL)
@@ -154,6 +155,10 @@ class AgentKeys:
     def all(self) -> list[str]:
         """The fixed per-agent keys in AGENT_KEY_NAMES order (a script's KEYS prefix)."""
         return [f"{self.base}:{name}" for name in AGENT_KEY_NAMES]
+
+    @property
+    def autoscalers(self) -> str:
+        return f"{self.base}:autoscalers"
 
     def result(self, task_id: str) -> str:
         return f"{self.base}:result:{task_id}"

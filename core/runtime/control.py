@@ -24,9 +24,19 @@ class Signalled:
 
 @dataclass(slots=True, frozen=True)
 class ScaleRequest:
-    """Run this many processes of each agent type (all supervised here)."""
+    """Run this many processes of each agent type (all supervised here); None: let the
+    autoscaler decide again (a count pins an autoscaled agent type until then)."""
 
-    counts: dict[str, int]
+    counts: dict[str, int | None]
+
+
+@dataclass(slots=True, frozen=True)
+class Autoscaled:
+    """The autoscaler's new count for one agent type on this supervisor, and why."""
+
+    agent: str
+    count: int
+    reason: str
 
 
 class BadControlMessage(ValueError):
@@ -55,6 +65,9 @@ def parse_control(raw: bytes, supervised: Collection[str], max_count: int) -> Sc
     for name, count in agents.items():
         if name not in supervised:
             continue  # another supervisor's business
+        if count == "auto":
+            counts[name] = None
+            continue
         if type(count) is not int or not 0 <= count <= max_count:
             raise BadControlMessage(
                 f"{_short(name)} = {_short(count)}: the count must be a whole number "

@@ -21,20 +21,30 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 import psutil
 
 from handoff.backoff import exponential_s
 from handoff.config import Settings
+from handoff.config.autoscale import Bounds
 from handoff.connection.manager import get_manager
 from handoff.connection.operations import apply_memory_settings
 from handoff.connection.server_checks import UnsafeServer, check_eviction_policy
 from handoff.errors import ConfigError, HandoffError
+from handoff.protocol.inspect import queue_stats
 from handoff.protocol.keys import Keys
 from handoff.protocol.queue import TaskQueue
 from handoff.protocol.task import now_ms
 from handoff.runtime import exits
 from handoff.runtime.agents import AgentSpec, AppLoadError, load_app
-from handoff.runtime.control import BadControlMessage, ScaleRequest, Signalled, parse_control
+from handoff.runtime.autoscale import AgentScaler, Observation
+from handoff.runtime.control import (
+    Autoscaled,
+    BadControlMessage,
+    ScaleRequest,
+    Signalled,
+    parse_control,
+)
 from handoff.runtime.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -76,11 +86,21 @@ class Supervisor:
         settings: Settings,
         agents: dict[str, int],
         *,
+        autoscale: dict[str, Bounds] | None = None,
         reload_settings: Callable[[], Settings] | None = None,
     ) -> None:
         self.settings = settings
         self.reload_settings = reload_settings
         self.states = {name: AgentState(count) for name, count in agents.items()}
+        self.scalers = {
+            name: AgentScaler(
+                bounds, settings.autoscale_target_wait_s, settings.autoscale_cooldown_s
+            )
+            for name, bounds in (autoscale or {}).items()
+        }
+        for name, bounds in (autoscale or {}).items():
+            self.states[name] = AgentState(bounds.min)
+        self._capped = False  # the host cap is in the way (said once per time it starts)
         self.children: dict[int, Child] = {}
         self.generation = 0
         self.signals: queue.SimpleQueue = queue.SimpleQueue()
@@ -164,7 +184,13 @@ class Supervisor:
             match event:
                 case ScaleRequest(counts=counts):
                     for agent, count in counts.items():
-                        self._scale(agent, count)
+                        self._pin(agent, count)
+                case Autoscaled(agent=agent, count=count, reason=reason):
+                    state = self.states[agent]
+                    log.info(
+                        "supervisor: autoscale %s %d -> %d: %s", agent, state.target, count, reason
+                    )
+                    state.target = count
                 case Signalled(signum=signum):
                     name = signal.Signals(signum).name.lower()
                     handler = getattr(self, f"handle_{name}", None)
@@ -210,6 +236,18 @@ class Supervisor:
     def handle_sigttou(self) -> None:
         for name, state in self.states.items():
             self._scale(name, max(0, state.target - 1))
+
+    def _pin(self, agent: str, count: int | None) -> None:
+        """`handoff scale`: a count pins an autoscaled agent type; None resumes autoscaling."""
+        scaler = self.scalers.get(agent)
+        if scaler is not None:
+            scaler.pinned = count
+            log.info(
+                "supervisor: autoscale %s %s", agent,
+                "resumed" if count is None else f"pinned at {count} (scale {agent}=auto resumes)",
+            )  # fmt: skip
+        if count is not None:
+            self._scale(agent, count)
 
     def _scale(self, agent: str, count: int) -> None:
         if agent not in self.states:
@@ -354,6 +392,8 @@ class Supervisor:
             moved = sum(r for r, _ in reaped.values())
             if moved:
                 log.info("supervisor: requeued %d task(s) with expired leases", moved)
+            if self.scalers:
+                self._autoscale_tick()
             messages = self._manager.execute(self._heartbeat_and_poll)
             for raw in messages:
                 try:
@@ -367,6 +407,72 @@ class Supervisor:
             if time.monotonic() - self._last_redis_error > 5:
                 self._last_redis_error = time.monotonic()
                 log.error("supervisor: Redis: %s", e)
+
+    def _autoscale_tick(self) -> None:
+        """Observe each autoscaled agent type, publish this supervisor's part, read the
+        peers', and send the main loop any new count (one round trip for the peers)."""
+        names = list(self.scalers)
+        stats = queue_stats(self._task_queue, names)
+        now_ms_ = now_ms()
+        until = now_ms_ + int(max(3.0, 5 * self.settings.reaper_interval_s) * 1000)
+
+        def publish_and_read(client) -> list:
+            pipe = client.pipeline(transaction=False)
+            for name in names:
+                bounds = self.scalers[name].bounds
+                mine = {"min": bounds.min, "max": bounds.max, "current": self.states[name].target,
+                        "until": until}  # fmt: skip
+                key = self._keys.agent(name).autoscalers
+                pipe.hset(key, self.supervisor_id, orjson.dumps(mine))
+                pipe.hgetall(key)
+            return pipe.execute()
+
+        replies = self._manager.execute(publish_and_read)
+        total_here = sum(s.target for s in self.states.values())
+        for index, name in enumerate(names):
+            peers = [orjson.loads(v) for v in replies[2 * index + 1].values()]
+            live = [p for p in peers if p["until"] >= now_ms_]
+            total = sum(p["current"] for p in live)
+            share = self.scalers[name].bounds.max / max(1, sum(p["max"] for p in live))
+            s = stats[name]
+            obs = Observation(time.monotonic(), s["queued"], s["running"],
+                              s["oldest_queued_age_s"], s["done"])  # fmt: skip
+            scaler = self.scalers[name]
+            scaler.observe(obs, total, self.specs[name].max_concurrent)
+            mine = self.states[name].target
+            decision = scaler.decide(obs, mine, total, self.specs[name].max_concurrent, share)
+            if decision is None:
+                continue
+            if decision.count > mine:
+                room = self._host_room(total_here)
+                if room <= 0:
+                    continue
+                decision = Autoscaled(name, min(decision.count, mine + room), decision.reason)
+            else:
+                decision = Autoscaled(name, decision.count, decision.reason)
+            total_here += decision.count - mine
+            self.signals.put(decision)
+
+    def _host_room(self, processes: int) -> int:
+        """How many more processes this host takes (max_processes, min_free_memory_mb);
+        says once when a cap starts to be in the way, and once when it no longer is."""
+        free_mb = psutil.virtual_memory().available / 2**20
+        room = self.settings.max_processes - processes
+        if free_mb < self.settings.min_free_memory_mb:
+            room = 0
+        capped = room <= 0
+        if capped != self._capped:
+            self._capped = capped
+            if capped:
+                log.warning(
+                    "supervisor: host cap reached (%d of max_processes %d, %.0f MB free of "
+                    "min_free_memory_mb %g): not adding processes",
+                    processes, self.settings.max_processes, free_mb,
+                    self.settings.min_free_memory_mb,
+                )  # fmt: skip
+            else:
+                log.info("supervisor: below the host cap again")
+        return room
 
     def _heartbeat_and_poll(self, client) -> list[bytes]:
         pipe = client.pipeline(transaction=False)

@@ -153,6 +153,13 @@ def gilhog(task):
     return {"by": os.getpid()}
 
 
+@agent("busy", max_concurrent=4)
+def busy(task):
+    """The autoscaling load: records itself, then works payload['sleep_s'] (20 ms)."""
+    client().rpush("executed", f"{os.getpid()} {task.id}")
+    time.sleep(task.payload.get("sleep_s", 0.02))
+
+
 @agent("sleeper", max_concurrent=1, timeout_s=0.5, max_attempts=1)
 def sleeper(task):
     client().rpush("executed", f"{os.getpid()} {task.id}")
