@@ -12,6 +12,7 @@ import threading
 import time
 from collections import Counter
 
+import orjson
 import pytest
 
 from handoff.config.autoscale import Bounds, parse_autoscale
@@ -46,25 +47,40 @@ def test_bad_bounds_are_one_line_naming_the_part(text, fragment):
 
 def test_the_rule_adds_for_a_backlog_and_removes_only_after_a_quiet_cooldown():
     scaler = AgentScaler(Bounds(1, 6), target_wait_s=1.0, cooldown_s=10.0)
-    busy = Observation(0.0, queued=500, running=4, oldest_age_s=0.0, done=0)
-    scaler.observe(busy, 1, 4)
-    burst = Observation(1.0, queued=1000, running=4, oldest_age_s=0.2, done=50)
-    scaler.observe(burst, 1, 4)  # 50 tasks/s per process
-    decision = scaler.decide(burst, mine=1, total=1, slots=4, my_share=1.0)
-    assert decision is not None and decision.count == 6  # 1000 / 50 needs 20: capped at 6
-    quiet = Observation(5.0, queued=0, running=0, oldest_age_s=0.0, done=1050)
+    first = Observation(0.0, queued=1000, oldest_age_s=0.0, done=0)
+    assert scaler.decide(first, mine=1, total=1, slots=4, my_share=1.0).count == 2  # no task time
+    burst = Observation(1.0, queued=1000, oldest_age_s=0.2, done=50, task_s=0.02)
+    scaler.observe(first)
+    scaler.observe(burst)
+    decision = scaler.decide(burst, mine=2, total=2, slots=4, my_share=1.0)
+    assert decision is not None and decision.count == 6  # 1000 / 200 per s needs 5 more: 6
+    quiet = Observation(5.0, queued=0, oldest_age_s=0.0, done=1050, task_s=0.02)
     assert scaler.decide(quiet, mine=6, total=6, slots=4, my_share=1.0) is None  # not yet
-    later = Observation(12.0, queued=0, running=0, oldest_age_s=0.0, done=1050)
+    later = Observation(12.0, queued=0, oldest_age_s=0.0, done=1050, task_s=0.02)
+    scaler.observe(later)
     down = scaler.decide(later, mine=6, total=6, slots=4, my_share=1.0)
     assert down is not None and 1 <= down.count < 6 and down.reason.startswith("down after")
 
 
+def test_a_steady_load_keeps_its_count():
+    """300 tasks/s of 20 ms tasks on 4-slot processes (200/s each): 3 processes, kept."""
+    scaler = AgentScaler(Bounds(1, 6), target_wait_s=0.5, cooldown_s=2.0)
+    changes, mine = 0, 3
+    for tick in range(100):
+        obs = Observation(tick * 0.2, queued=tick % 3, oldest_age_s=0.01, done=60 * tick,
+                          task_s=0.02)  # fmt: skip
+        scaler.observe(obs)
+        decision = scaler.decide(obs, mine=mine, total=mine, slots=4, my_share=1.0)
+        if decision is not None:
+            changes, mine = changes + 1, decision.count
+    assert mine == 3 and changes == 0
+
+
 def test_min_zero_starts_one_for_the_first_task_and_shares_split_by_maximum():
     scaler = AgentScaler(Bounds(0, 4), target_wait_s=1.0, cooldown_s=10.0)
-    first = Observation(0.0, queued=1, running=0, oldest_age_s=0.0, done=0)
+    first = Observation(0.0, queued=1, oldest_age_s=0.0, done=0)
     assert scaler.decide(first, mine=0, total=0, slots=4, my_share=0.5).count == 1
-    scaler.rate_per_process = 10.0
-    burst = Observation(1.0, queued=400, running=8, oldest_age_s=0.1, done=0)
+    burst = Observation(1.0, queued=400, oldest_age_s=0.1, done=0, task_s=0.4)  # 10/s each
     decision = scaler.decide(burst, mine=1, total=2, slots=4, my_share=0.5)
     assert decision.total == 40 and decision.count == 4  # half of 40, capped at its max
 
@@ -165,3 +181,49 @@ def test_a_steady_load_does_not_flap_and_scaling_down_under_load_loses_nothing(
     wait_until(lambda: len(sup.live_children()) == 1, 30, "back to one after the load")
     counts = Counter(task_id for _, task_id in executions(raw_redis))
     assert set(counts) == set(sent) and max(counts.values()) == 1
+
+
+def test_scale_pins_an_autoscaled_agent_and_auto_resumes_it(start, client, redis_url, tmp_path):
+    sup = start(["supervise", "--autoscale", "busy=1:6"], **LEAN)
+    wait_until(lambda: len(sup.live_children()) == 1, 15, "one process")
+    wait_until(
+        lambda: client.queue.manager.execute(lambda c: c.zcard("handoff:supervisors")),
+        10,
+        "the supervisor registered",
+    )
+    scale = start(["scale", "busy=3"])
+    assert scale.wait(30) == 0
+    wait_until(lambda: len(sup.live_children()) == 3, 15, "three, pinned")
+    wait_until(lambda: "busy pinned at 3" in sup.output(), 10, "the pin logged")
+    monitor = start(["monitor", "--once", "--json"])
+    assert monitor.wait(30) == 0
+    snap = orjson.loads(monitor.output()[monitor.output().index("{") :])
+    assert snap["agents"]["busy"]["autoscale"] == {
+        "min": 1, "max": 6, "current": 3, "supervisors": 1, "capped": False,
+    }  # fmt: skip
+    resume = start(["scale", "busy=auto"])
+    assert resume.wait(30) == 0
+    wait_until(lambda: "autoscale busy resumed" in sup.output(), 10, "autoscaling resumed")
+    wait_until(lambda: len(sup.live_children()) == 1, 30, "back to the minimum, idle")
+
+
+def test_the_host_cap_holds_and_is_said_once(start, client):
+    sup = start(["supervise", "--autoscale", "busy=0:3,probe=0:3"], max_processes=3, **LEAN)
+    client.enqueue_many("busy", [{"n": i} for i in range(2000)])
+    client.enqueue_many("probe", [{"n": i, "sleep_s": 0.02} for i in range(2000)])
+    wait_until(lambda: "host cap reached" in sup.output(), 15, "the cap reached")
+    wait_until(
+        lambda: stat(client, "busy", "done") + stat(client, "probe", "done") > 500, 30, "work"
+    )
+    assert len(sup.live_children()) <= 3
+    assert sup.output().count("host cap reached") == 1
+
+
+@pytest.mark.parametrize(
+    ("spec", "fragment"),
+    [("busy=3:1", "MIN 3 is over MAX 1"), ("nosuch=1:2", "nosuch"), ("busy=1:99", "max_processes")],
+)
+def test_bad_autoscale_arguments_start_nothing(start, spec, fragment):
+    sup = start(["supervise", "--autoscale", spec])
+    assert sup.wait(15) == 2
+    assert fragment in sup.output() and "spawned" not in sup.output()

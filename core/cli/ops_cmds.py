@@ -8,6 +8,8 @@ import click
 import orjson
 
 from handoff.cli.common import parse_counts
+from handoff.errors import InvalidAgentName
+from handoff.protocol.keys import check_agent
 
 
 @click.command()
@@ -24,9 +26,14 @@ def scale(state, counts: tuple[str, ...]) -> None:
     from handoff.protocol.task import now_ms
 
     parts = ",".join(counts).split(",")
-    resumed = {p.partition("=")[0].strip(): None for p in parts if p.strip().endswith("=auto")}
+    resumed = {p.partition("=")[0].strip(): "auto" for p in parts if p.strip().endswith("=auto")}
     fixed = ",".join(p for p in parts if not p.strip().endswith("=auto"))
-    wanted: dict[str, int | None] = {**(parse_counts(fixed) if fixed or not resumed else {})}
+    wanted: dict[str, int | str] = {**(parse_counts(fixed) if fixed or not resumed else {})}
+    for name in resumed:
+        try:
+            check_agent(name)
+        except InvalidAgentName as e:
+            raise click.BadParameter(str(e)) from None
     wanted.update(resumed)
     settings = state.settings
     keys = Keys(settings.key_prefix)

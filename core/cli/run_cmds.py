@@ -40,6 +40,21 @@ def supervise(state, agents_arg: str | None, autoscale_arg: str | None) -> None:
         autoscale = parse_autoscale(autoscale_arg or settings.autoscale, settings.max_processes)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="'--autoscale'") from None
+    if autoscale:  # an unknown agent type is a usage error here, before anything starts
+        from handoff.runtime.agents import load_app
+
+        try:
+            defined = load_app(settings.app)
+        except AppLoadError as e:
+            click.echo(f"handoff: error: {e}", err=True)
+            sys.exit(exits.EXIT_BOOT_ERROR)
+        unknown = sorted(set(autoscale) - set(defined))
+        if unknown:
+            known = ", ".join(sorted(defined)) or "none"
+            raise click.BadParameter(
+                f"{', '.join(unknown)}: not defined in app {settings.app!r} (defined: {known})",
+                param_hint="'--autoscale'",
+            )
     both = sorted(set(agents) & set(autoscale))
     if both:
         raise click.UsageError(f"{', '.join(both)}: in both --agents and --autoscale")

@@ -123,6 +123,21 @@ def _memory_view(info: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _autoscale_view(parts: dict[bytes, bytes]) -> dict[str, Any] | None:
+    """The live autoscaling supervisors of one agent type, added up: bounds and current."""
+    now = time.time() * 1000
+    live = [p for p in (orjson.loads(v) for v in parts.values()) if p["until"] >= now]
+    if not live:
+        return None
+    return {
+        "min": sum(p["min"] for p in live),
+        "max": sum(p["max"] for p in live),
+        "current": sum(p["current"] for p in live),
+        "supervisors": len(live),
+        "capped": any(p.get("capped") for p in live),
+    }
+
+
 class Monitor:
     """Builds snapshots; keeps the throughput window between them."""
 
@@ -196,10 +211,16 @@ class Monitor:
             pipe = client.pipeline(transaction=False)
             for worker_id in worker_ids:
                 pipe.hgetall(self.keys.worker(worker_id))
+            for agent in agents:  # the autoscaling supervisors' parts, if any
+                pipe.hgetall(self.keys.agent(agent).autoscalers)
             return pipe.execute()
 
-        raw = self.queue.manager.execute(read) if worker_ids else []
-        hashes = [{k.decode(): v.decode() for k, v in h.items()} for h in raw]
+        raw = self.queue.manager.execute(read) if worker_ids or agents else []
+        hashes = [{k.decode(): v.decode() for k, v in h.items()} for h in raw[: len(worker_ids)]]
+        for agent, parts in zip(agents, raw[len(worker_ids) :], strict=True):
+            autoscale = _autoscale_view(parts)
+            if autoscale:
+                stats[agent]["autoscale"] = autoscale
         return stats, hashes
 
     def _agents(self, stats: dict, views: list[dict], now: float) -> dict[str, dict]:
@@ -225,6 +246,8 @@ class Monitor:
                 "latency_p50_ms": p50s[len(p50s) // 2] if p50s else 0.0,
                 "latency_p95_ms": max((v["latency_p95_ms"] for v in mine), default=0.0),
             }
+            if "autoscale" in s:
+                out[name]["autoscale"] = s["autoscale"]
             if self.queue.manager.is_cluster:
                 out[name]["node"] = self._node_of(name)
         return out

@@ -39,12 +39,21 @@ def agent_rows(snapshot: dict[str, Any]) -> list[list[str]]:
             str(a["done"]),
             str(a["failed"]),
             f"{a['throughput_per_s']:.1f}",
-            str(a["workers"]),
+            _workers(a),
             f"{a['oldest_queued_age_s']:.1f}",
             *([a.get("node", "?")] if on_cluster else []),
         ]
         for name, a in sorted(snapshot["agents"].items())
     ]
+
+
+def _workers(agent: dict[str, Any]) -> str:
+    """Live workers, and for an autoscaled agent type the target and bounds: 3>4(1-6)."""
+    auto = agent.get("autoscale")
+    if not auto:
+        return str(agent["workers"])
+    cap = "!" if auto["capped"] else ""
+    return f"{agent['workers']}>{auto['current']}({auto['min']}-{auto['max']}){cap}"
 
 
 def node_rows(snapshot: dict[str, Any]) -> list[list[str]]:

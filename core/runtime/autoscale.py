@@ -28,13 +28,14 @@ HEADROOM = 0.6
 
 @dataclass(frozen=True)
 class Observation:
-    """One tick's look at an agent type's queue (every supervisor sees the same)."""
+    """One tick's look at an agent type (the queue, which every supervisor sees alike, and
+    the task time this supervisor's own workers report)."""
 
     at: float  # monotonic seconds
     queued: int
-    running: int
     oldest_age_s: float
     done: int  # the agent's done counter (all hosts)
+    task_s: float = 0.0  # a task's typical run time (its workers' median); 0: not known yet
 
 
 @dataclass(frozen=True)
@@ -45,38 +46,29 @@ class Decision:
 
 
 class AgentScaler:
-    """One agent type's autoscaling state on one supervisor."""
+    """One agent type's autoscaling state on one supervisor.
+
+    What a process can do is its slots over the task time (the workers measure it: not
+    distorted by prefetched tasks, nor by a load below capacity); the load is the done
+    counter's growth. Capacity needed = the larger of load / HEADROOM and load + the
+    queue / the target wait (what is left over drains the queue in time)."""
 
     def __init__(self, bounds: Bounds, target_wait_s: float, cooldown_s: float) -> None:
         self.bounds = bounds
         self.target_wait_s = bounds.target_wait_s or target_wait_s
         self.cooldown_s = cooldown_s
-        # Tasks/s one process finishes when it has all it can take (measured while a
-        # backlog waits), and tasks/s finished on all hosts: recent averages.
-        self.rate_per_process = 0.0
-        self.throughput = 0.0
+        self.throughput = 0.0  # tasks/s finished on all hosts (recent average)
         self._last: Observation | None = None
-        self._busy_at = 0.0  # last time the agent was not mostly idle
+        self._busy_at = 0.0  # last time the agent was not quiet
         self._changed_at = -math.inf
         self.pinned: int | None = None  # `handoff scale` set a count: no autoscaling
 
-    def observe(self, obs: Observation, total_processes: int, slots: int) -> None:
-        """Learn the load (tasks/s finished on all hosts) and, while work waited through
-        the whole interval (the processes had all they could take), what one process
-        can do."""
+    def observe(self, obs: Observation) -> None:
+        """Learn the load: tasks/s finished on all hosts since the last look."""
         last, self._last = self._last, obs
-        if last is None or obs.at <= last.at:
-            return
-        rate = max(0, obs.done - last.done) / (obs.at - last.at)
-        self.throughput = 0.7 * self.throughput + 0.3 * rate
-        saturated = waiting(last, total_processes, slots) and waiting(obs, total_processes, slots)
-        if total_processes == 0 or not saturated:
-            return  # not saturated: what a process does now is not what it can do
-        per_process = rate / total_processes
-        if self.rate_per_process == 0:
-            self.rate_per_process = per_process
-        else:
-            self.rate_per_process = 0.7 * self.rate_per_process + 0.3 * per_process
+        if last is not None and obs.at > last.at:
+            rate = max(0, obs.done - last.done) / (obs.at - last.at)
+            self.throughput = 0.7 * self.throughput + 0.3 * rate
 
     def decide(
         self, obs: Observation, mine: int, total: int, slots: int, my_share: float
@@ -88,41 +80,36 @@ class AgentScaler:
         total (its max over the live peers' maxima)."""
         if self.pinned is not None:
             return None
-        wanted = self._wanted_total(obs, total, slots)
+        wanted = self.wanted_total(obs, total, slots)
         share = min(self.bounds.max, max(self.bounds.min, math.ceil(wanted * my_share)))
-        if waiting(obs, total, slots) or wanted >= total:  # not quiet: cool-down restarts
+        if obs.queued or wanted >= total:  # not quiet: the cool-down starts again
             self._busy_at = obs.at
+        capacity = f"{slots / obs.task_s:.0f}/s" if obs.task_s else "not measured yet"
         reason = (
-            f"backlog {obs.queued}, running {obs.running}, oldest {obs.oldest_age_s:.1f}s, "
-            f"rate {self.rate_per_process:.1f}/s per process, target wait "
+            f"backlog {obs.queued}, oldest {obs.oldest_age_s:.1f}s, load "
+            f"{self.throughput:.0f}/s, per process {capacity}, target wait "
             f"{self.target_wait_s:g}s, all hosts {total} -> {wanted}"
         )
         if share > mine:
             self._changed_at = obs.at
             return Decision(share, wanted, f"up: {reason}")
-        idle_for = obs.at - max(self._busy_at, self._changed_at)
-        if share < mine and idle_for >= self.cooldown_s:
+        quiet_for = obs.at - max(self._busy_at, self._changed_at)
+        if share < mine and quiet_for >= self.cooldown_s:
             self._changed_at = obs.at
-            return Decision(share, wanted, f"down after {idle_for:.0f}s mostly idle: {reason}")
+            return Decision(share, wanted, f"down after {quiet_for:.0f}s quiet: {reason}")
         return None
 
-    def _wanted_total(self, obs: Observation, total: int, slots: int) -> int:
-        """Processes all hosts together need: enough for the load with headroom, plus
-        enough to drain what waits within the target wait."""
-        backlog = waiting(obs, total, slots)
-        rate = self.rate_per_process
-        if rate <= 0:  # not measured yet: keep what runs, one more while work waits
-            if backlog == 0:
-                return total if self.throughput > 0 or obs.running else 0
-            return total + 1
-        wanted = math.ceil(self.throughput / (HEADROOM * rate) - 1e-9)
-        if backlog:
-            wanted += math.ceil(backlog / (rate * self.target_wait_s))
+    def wanted_total(self, obs: Observation, total: int, slots: int) -> int:
+        """Processes all hosts together need for this load and this backlog."""
+        if not obs.task_s:  # nothing measured yet: keep what runs, one more while work waits
+            if obs.queued:
+                return total + 1
+            return total if self.throughput > 0 else 0
+        capacity = slots / obs.task_s  # tasks/s one process can do
+        # Enough for the load with headroom, and enough that what is left over drains
+        # the queue within the target wait.
+        needed = max(self.throughput / HEADROOM, self.throughput + obs.queued / self.target_wait_s)
+        wanted = math.ceil(needed / capacity - 1e-9)
         if obs.oldest_age_s > self.target_wait_s and total > 0:
             wanted = max(wanted, total + 1)  # already late: one more at least
         return wanted
-
-
-def waiting(obs: Observation, total: int, slots: int) -> int:
-    """Tasks that wait for a slot: queued, and leased beyond the slots (prefetched)."""
-    return obs.queued + max(0, obs.running - total * slots)

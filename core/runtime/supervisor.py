@@ -101,6 +101,7 @@ class Supervisor:
         for name, bounds in (autoscale or {}).items():
             self.states[name] = AgentState(bounds.min)
         self._capped = False  # the host cap is in the way (said once per time it starts)
+        self._live_pids: dict[str, list[int]] = {}
         self.children: dict[int, Child] = {}
         self.generation = 0
         self.signals: queue.SimpleQueue = queue.SimpleQueue()
@@ -295,6 +296,11 @@ class Supervisor:
 
     def _manage(self) -> None:
         now = time.monotonic()
+        live: dict[str, list[int]] = {}
+        for child in self.children.values():
+            if child.stop_sent_at is None:
+                live.setdefault(child.agent, []).append(child.pid)
+        self._live_pids = live  # read by the Redis thread (autoscaling)
         for name, state in self.states.items():
             mine = [c for c in self.children.values() if c.agent == name and c.stop_sent_at is None]
             current = [c for c in mine if c.generation == self.generation]
@@ -416,29 +422,40 @@ class Supervisor:
         now_ms_ = now_ms()
         until = now_ms_ + int(max(3.0, 5 * self.settings.reaper_interval_s) * 1000)
 
+        live_pids = self._live_pids  # the main thread swaps it whole
+        host = socket.gethostname()
+
         def publish_and_read(client) -> list:
             pipe = client.pipeline(transaction=False)
             for name in names:
                 bounds = self.scalers[name].bounds
                 mine = {"min": bounds.min, "max": bounds.max, "current": self.states[name].target,
-                        "until": until}  # fmt: skip
+                        "until": until, "capped": self._capped}  # fmt: skip
                 key = self._keys.agent(name).autoscalers
                 pipe.hset(key, self.supervisor_id, orjson.dumps(mine))
                 pipe.hgetall(key)
+            pipe.sadd(self._keys.agents, *names)  # shown by the monitor before any task
+            for name in names:  # the task time this supervisor's workers measure
+                for pid in live_pids.get(name, ()):
+                    pipe.hget(self._keys.worker(f"{name}-{host}-{pid}"), "latency_p50_ms")
             return pipe.execute()
 
         replies = self._manager.execute(publish_and_read)
+        latencies = iter(replies[2 * len(names) + 1 :])
         total_here = sum(s.target for s in self.states.values())
         for index, name in enumerate(names):
             peers = [orjson.loads(v) for v in replies[2 * index + 1].values()]
             live = [p for p in peers if p["until"] >= now_ms_]
             total = sum(p["current"] for p in live)
             share = self.scalers[name].bounds.max / max(1, sum(p["max"] for p in live))
+            measured = [float(next(latencies) or 0) for _ in live_pids.get(name, ())]
+            known = sorted(ms for ms in measured if ms > 0)
+            task_s = known[len(known) // 2] / 1000 if known else 0.0
             s = stats[name]
-            obs = Observation(time.monotonic(), s["queued"], s["running"],
-                              s["oldest_queued_age_s"], s["done"])  # fmt: skip
+            obs = Observation(time.monotonic(), s["queued"], s["oldest_queued_age_s"], s["done"],
+                              task_s)  # fmt: skip
             scaler = self.scalers[name]
-            scaler.observe(obs, total, self.specs[name].max_concurrent)
+            scaler.observe(obs)
             mine = self.states[name].target
             decision = scaler.decide(obs, mine, total, self.specs[name].max_concurrent, share)
             if decision is None:
