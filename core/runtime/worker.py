@@ -131,6 +131,7 @@ class Worker:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
             signal.signal(sig, self._on_signal)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the supervisor rolls us instead
+        self._waker_claiming = threading.Lock()
         for name, target in (
             ("waker", self._waker_loop),
             ("lease-keeper", self._lease_loop),
@@ -409,6 +410,12 @@ class Worker:
 
     def _shutdown(self) -> None:
         self.stop_event.set()
+        # A claim the waker made while the main loop was stopping: wait for one in flight
+        # (it gives its tasks back itself once it sees the stop), then give back those it
+        # handed over that the main loop did not take.
+        with self._waker_claiming:
+            pass
+        self._release(self._claimed_but_not_taken())
         leftovers = list(self.held.values())
         if leftovers:
             # Still running past the grace period: give them back now rather than wait for
@@ -426,6 +433,16 @@ class Worker:
             "worker %s stopped: processed=%d failed=%d (%s)",
             self.worker_id, self.stats.processed, self.stats.failed, exits.NAMES[self.exit_code],
         )  # fmt: skip
+
+    def _claimed_but_not_taken(self) -> list[Task]:
+        tasks: list[Task] = []
+        try:
+            while True:
+                event = self.events.get_nowait()
+                if isinstance(event, Claimed):
+                    tasks.extend(event.tasks)
+        except queue.Empty:
+            return tasks
 
     def _deregister(self, client) -> None:
         pipe = client.pipeline(transaction=False)
@@ -452,19 +469,24 @@ class Worker:
             try:
                 self.manager.execute(lambda c, t=timeout_s: c.blpop([wake_key], timeout=t))
                 self.outage.recovered()
-                # held only shrinks while the main thread waits, so this room is safe.
-                room = 0 if self._isolating() else self.sizer.capacity - len(self.held)
-                tasks = self._claim_batch(room) if room > 0 and not self.draining else []
+                with self._waker_claiming:  # _shutdown waits for a claim in flight
+                    self._claim_after_wake()
             except HandoffError as e:
                 self.outage.failed("wait for work", e)
                 self.stop_event.wait(max(0.1, self.backoff.current_s()))
                 self.events.put(WakeFailed())  # let the main thread retry (and back off)
-                continue
-            if tasks:
-                # Claim nothing more until the main thread has taken these: until then
-                # self.held does not show them (room and "solo" would be wrong).
-                self.want_work.clear()
-                self.events.put(Claimed(tasks))
+
+    def _claim_after_wake(self) -> None:
+        # held only shrinks while the main thread waits, so this room is safe.
+        room = 0 if self._isolating() else self.sizer.capacity - len(self.held)
+        tasks = self._claim_batch(room) if room > 0 and not self.draining else []
+        if tasks and self.stop_event.is_set():
+            self.queue.release(tasks)  # claimed while the worker stopped: give back
+        elif tasks:
+            # Claim nothing more until the main thread has taken these: until then
+            # self.held does not show them (room and "solo" would be wrong).
+            self.want_work.clear()
+            self.events.put(Claimed(tasks))
 
     def _lease_loop(self) -> None:
         """Renew every held lease each third of the lease; fail tasks past their timeout."""

@@ -58,7 +58,7 @@ def test_2_sigterm_under_load_loses_nothing_runs_nothing_twice(
     assert sup.wait(10) == 0
     record_property("exit_after_s", round(time.monotonic() - sent, 2))
     assert time.monotonic() - sent < 2 + 1.0
-    assert client.queue_stats(["probe"])["probe"]["running"] == 0
+    assert client.queue_stats(["probe"])["probe"]["running"] == 0, sup.output()[-3000:]
     start(["supervise", "--agents", "probe=2"])
     wait_until(lambda: stat(client, "probe", "done") == 2000, 60, "the rest")
     result = check(client, ids, executions(raw_redis))
