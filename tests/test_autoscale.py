@@ -131,6 +131,11 @@ def test_min_zero_holds_no_process_until_a_task_arrives(start, client, record_pr
     wait_until(lambda: client.status(tid) == "done", 15, "the first task done")
     record_property("first_task_s", round(time.monotonic() - began, 3))
     assert len(sup.live_children()) == 1
+    parts = lambda: client.queue.manager.execute(lambda c: c.hlen("handoff:{busy}:autoscalers"))  # noqa: E731
+    assert parts() == 1
+    sup.signal(signal.SIGTERM)
+    assert sup.wait(15) == 0
+    assert parts() == 0  # a stopped supervisor's part is gone at once
 
 
 def test_two_supervisors_share_a_burst_and_one_takes_over_when_the_other_dies(

@@ -162,6 +162,11 @@ class Supervisor:
                 self._manage()
             self._wait()
         self._redis_stop.set()
+        for agent in self.scalers:  # stopped: this supervisor's part no longer counts
+            try:
+                self._sweep_parts(agent, [self.supervisor_id])
+            except HandoffError:
+                pass  # it expires on its own
         log.info("supervisor %s stopped (%s)", self.supervisor_id, exits.NAMES[self.exit_code])
         return self.exit_code
 
@@ -415,13 +420,32 @@ class Supervisor:
                 log.error("supervisor: Redis: %s", e)
 
     def _autoscale_tick(self) -> None:
-        """Observe each autoscaled agent type, publish this supervisor's part, read the
-        peers', and send the main loop any new count (one round trip for the peers)."""
+        """Observe each autoscaled agent type and send the main loop any new count."""
+        total_here = sum(s.target for s in self.states.values())
+        for name, (obs, total, share) in self._autoscale_observations().items():
+            mine = self.states[name].target
+            slots = self.specs[name].max_concurrent
+            decision = self.scalers[name].decide(obs, mine, total, slots, share)
+            if decision is None:
+                continue
+            count = decision.count
+            if count > mine:
+                room = self._host_room(total_here)
+                if room <= 0:
+                    continue
+                count = min(count, mine + room)
+            total_here += count - mine
+            self.signals.put(Autoscaled(name, count, decision.reason))
+
+    def _autoscale_observations(self) -> dict[str, tuple[Observation, int, float]]:
+        """Per autoscaled agent type: what the queue and this supervisor's workers say,
+        all live supervisors' processes together, and this one's share. One round trip
+        beside the queue figures: publish this supervisor's part (and sweep expired
+        parts), read the peers', read the task time its workers report."""
         names = list(self.scalers)
         stats = queue_stats(self._task_queue, names)
-        now_ms_ = now_ms()
-        until = now_ms_ + int(max(3.0, 5 * self.settings.reaper_interval_s) * 1000)
-
+        now = now_ms()
+        until = now + int(max(3.0, 5 * self.settings.reaper_interval_s) * 1000)
         live_pids = self._live_pids  # the main thread swaps it whole
         host = socket.gethostname()
 
@@ -429,46 +453,42 @@ class Supervisor:
             pipe = client.pipeline(transaction=False)
             for name in names:
                 bounds = self.scalers[name].bounds
-                mine = {"min": bounds.min, "max": bounds.max, "current": self.states[name].target,
+                part = {"min": bounds.min, "max": bounds.max, "current": self.states[name].target,
                         "until": until, "capped": self._capped}  # fmt: skip
                 key = self._keys.agent(name).autoscalers
-                pipe.hset(key, self.supervisor_id, orjson.dumps(mine))
+                pipe.hset(key, self.supervisor_id, orjson.dumps(part))
                 pipe.hgetall(key)
             pipe.sadd(self._keys.agents, *names)  # shown by the monitor before any task
-            for name in names:  # the task time this supervisor's workers measure
+            for name in names:
                 for pid in live_pids.get(name, ()):
                     pipe.hget(self._keys.worker(f"{name}-{host}-{pid}"), "latency_p50_ms")
             return pipe.execute()
 
         replies = self._manager.execute(publish_and_read)
         latencies = iter(replies[2 * len(names) + 1 :])
-        total_here = sum(s.target for s in self.states.values())
+        out = {}
         for index, name in enumerate(names):
-            peers = [orjson.loads(v) for v in replies[2 * index + 1].values()]
-            live = [p for p in peers if p["until"] >= now_ms_]
+            parts = {k.decode(): orjson.loads(v) for k, v in replies[2 * index + 1].items()}
+            live = [p for p in parts.values() if p["until"] >= now]
+            self._sweep_parts(name, [sid for sid, p in parts.items() if p["until"] < now])
             total = sum(p["current"] for p in live)
             share = self.scalers[name].bounds.max / max(1, sum(p["max"] for p in live))
-            measured = [float(next(latencies) or 0) for _ in live_pids.get(name, ())]
-            known = sorted(ms for ms in measured if ms > 0)
-            task_s = known[len(known) // 2] / 1000 if known else 0.0
+            measured = sorted(
+                ms for ms in (float(next(latencies) or 0) for _ in live_pids.get(name, ())) if ms
+            )
+            task_s = measured[len(measured) // 2] / 1000 if measured else 0.0
             s = stats[name]
             obs = Observation(time.monotonic(), s["queued"], s["oldest_queued_age_s"], s["done"],
                               task_s)  # fmt: skip
-            scaler = self.scalers[name]
-            scaler.observe(obs)
-            mine = self.states[name].target
-            decision = scaler.decide(obs, mine, total, self.specs[name].max_concurrent, share)
-            if decision is None:
-                continue
-            if decision.count > mine:
-                room = self._host_room(total_here)
-                if room <= 0:
-                    continue
-                decision = Autoscaled(name, min(decision.count, mine + room), decision.reason)
-            else:
-                decision = Autoscaled(name, decision.count, decision.reason)
-            total_here += decision.count - mine
-            self.signals.put(decision)
+            self.scalers[name].observe(obs)
+            out[name] = (obs, total, share)
+        return out
+
+    def _sweep_parts(self, agent: str, expired: list[str]) -> None:
+        """Forget the parts of supervisors that stopped refreshing them (dead or gone)."""
+        if expired:
+            key = self._keys.agent(agent).autoscalers
+            self._manager.execute(lambda c: c.hdel(key, *expired))
 
     def _host_room(self, processes: int) -> int:
         """How many more processes this host takes (max_processes, min_free_memory_mb);
