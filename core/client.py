@@ -29,6 +29,7 @@ from handoff.protocol.task import (
     now_ms,
 )
 from handoff.runtime.agents import payload_for, registered
+from handoff.runtime.payload_types import JSON_TYPES
 
 
 class TaskDead(HandoffError):
@@ -37,9 +38,6 @@ class TaskDead(HandoffError):
 
 class ResultTimeout(HandoffError, TimeoutError):
     """The task did not finish within wait_s."""
-
-
-_JSON_TYPES = frozenset({dict, list, str, int, float, bool, type(None)})
 
 
 def build_task(
@@ -174,9 +172,10 @@ class Client:
         not_before = stamp + delay_ms if delay_ms > 0 else None
         tasks = []
         append = tasks.append
-        typed = registered(agent) is not None and registered(agent).payload_type is not None
+        spec = registered(agent)
+        typed = spec is not None and spec.payload_type is not None
         for index, payload in enumerate(payloads):
-            if typed or type(payload) not in _JSON_TYPES:  # a model, or a declared type
+            if typed or type(payload) not in JSON_TYPES:  # a model, or a declared type
                 try:
                     payload = payload_for(agent, payload)
                 except InvalidPayload as e:

@@ -72,8 +72,14 @@ def mentions(declared: Any, kinds: tuple[type, ...]) -> bool:
     return any(mentions(arg, kinds) for arg in typing.get_args(declared))
 
 
+JSON_TYPES = frozenset({dict, list, str, int, float, bool, type(None)})
+
+
 def plain(value: Any) -> Any:
-    """A pydantic model given where no type is declared, as JSON-able data; else value."""
+    """A pydantic model given where no type is declared, as JSON-able data; else value.
+    Plain JSON values (nearly every result, on the per-task path) return at once."""
+    if type(value) in JSON_TYPES:
+        return value
     dump = getattr(value, "model_dump", None)
     return dump(mode="json") if callable(dump) else value
 
