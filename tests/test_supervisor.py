@@ -124,7 +124,10 @@ def test_scale_command_and_ttin_ttou_change_the_process_count(start, client, red
     sup.signal(signal.SIGTTIN)
     wait_until(lambda: len(sup.live_children()) == 2, 15, "two workers after SIGTTIN")
     sup.signal(signal.SIGTTOU)
-    wait_until(lambda: len(sup.live_children()) == 1, 15, "one worker after SIGTTOU")
+    try:
+        wait_until(lambda: len(sup.live_children()) == 1, 15, "one worker after SIGTTOU")
+    except AssertionError as e:  # say what the supervisor and its workers did
+        raise AssertionError(f"{e}\n{sup.output()[-4000:]}") from None
     env = handoff_env(redis_url, app="apps.probe")
     wait_until(
         lambda: client.queue.manager.execute(lambda c: c.zcard("handoff:supervisors")),

@@ -323,12 +323,23 @@ class Supervisor:
     def _spawn(self, agent: str) -> None:
         spec = self.specs[agent]
         worker = Worker(spec, self.settings, parent_pid=self.pid)
-        pid = os.fork()
+        # Signals wait while the child still has the supervisor's handlers: a stop sent
+        # right after the fork (SIGTTOU, scale down) would otherwise land in a copy of the
+        # supervisor's queue that nobody reads, and the worker would run on.
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+        try:
+            pid = os.fork()
+        except BaseException:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
+            raise
+        if pid != 0:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
         if pid == 0:  # the child: never return into the supervisor's stack
             code = exits.EXIT_CRASH
             try:
                 for sig in HANDLED:
                     signal.signal(sig, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)  # a pending stop: exit
                 code = worker.run()
             except BaseException:
                 log.exception("worker for %s crashed", agent)
