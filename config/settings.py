@@ -37,6 +37,13 @@ class Settings:
     # same key, or the child a rerun parent makes again) is still refused; 0 = only while
     # the task exists. Costs about 100 bytes per such task for the window.
     dedupe_window_s: float = 3600.0
+    # How long a finished task's record (status, times, attempts, edges, result) stays
+    # readable in its run's tree (`handoff inspect tree`); 0 = keep no tree (joins and
+    # result(follow=True) still work). Results stay at least result_ttl_s.
+    run_ttl_s: float = 3600.0
+    max_join_branches: int = 10_000  # branches one Join may start
+    max_ends_per_branch: int = 1000  # ends of one branch (or run) kept for its join/waiter
+    tree_result_bytes: int = 200  # result bytes kept in the tree when results are not
     log_level: str = "INFO"
     app: str = ""  # module where agents are defined; "" = none given (--app names it)
     # agent name -> process count. hash=False keeps Settings hashable despite the dict.
@@ -100,6 +107,7 @@ _ZERO_OK_S = (
     "autoscale_cooldown_s",
     "min_free_memory_mb",
     "result_ttl_s",
+    "run_ttl_s",
     "dedupe_window_s",
     "graceful_timeout_s",
     "max_rss_mb",
@@ -112,6 +120,9 @@ _INT_RANGES: dict[str, tuple[int, int | None]] = {
     "claim_batch_max": (1, 10_000),
     "max_deliveries": (1, 1000),
     "max_hops": (1, 10_000),
+    "max_join_branches": (1, 1_000_000),
+    "max_ends_per_branch": (1, 1_000_000),
+    "tree_result_bytes": (0, 65_536),
     "max_tasks_per_worker": (0, None),
     "enqueue_wait_replicas": (0, 100),
     "enqueue_wait_timeout_ms": (1, 600_000),

@@ -1,6 +1,6 @@
 """handoff: hand tasks between agents through Redis. The public interface:
 
-    from handoff import agent, Handoff, Client
+    from handoff import agent, Handoff, Join, Client
 
 plus Task and the errors a user catches; everything else lives in the layer subpackages.
 """
@@ -16,7 +16,7 @@ from handoff.errors import (
     RedisUnavailable,
 )
 from handoff.protocol.task import Task
-from handoff.runtime.agents import Handoff, agent
+from handoff.runtime.agents import Handoff, Join, agent
 
 __all__ = [
     "CircuitOpen",
@@ -26,6 +26,7 @@ __all__ = [
     "HandoffError",
     "InvalidAgentName",
     "InvalidPayload",
+    "Join",
     "NotReplicated",
     "RedisUnavailable",
     "ResultTimeout",

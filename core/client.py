@@ -18,6 +18,7 @@ from handoff.config import Settings, load_settings
 from handoff.config.checks import check_range
 from handoff.connection.manager import RedisManager
 from handoff.errors import HandoffError, InvalidPayload
+from handoff.protocol import runs
 from handoff.protocol.keys import check_agent
 from handoff.protocol.queue import TaskQueue, TaskRejected
 from handoff.protocol.task import (
@@ -240,12 +241,20 @@ class Client:
                 return "queued", None
         return "unknown", None
 
-    def result(self, task_id: str, wait_s: float = 5.0) -> Any:
+    def result(self, task_id: str, wait_s: float = 5.0, *, follow: bool = False) -> Any:
         """The task's result, waiting up to wait_s for it to finish.
 
-        Raises TaskDead (with the reason) for a dead-lettered task and ResultTimeout when
-        it is not done in time. Waits by polling with backoff (1 ms doubling to 50 ms).
+        follow=True waits for the whole run the task started (or, for a task inside a
+        run, the run it belongs to) and returns its ends: the single end's result when
+        there is one, else the list of ends' results in the order they ended.
+
+        Raises TaskDead (with the reason; for a run, naming its first dead end) and
+        ResultTimeout when it is not done in time. follow=False waits by polling with
+        backoff (1 ms doubling to 50 ms); follow=True blocks on the run's end notice.
         """
+        check_range("wait_s", wait_s, 0, 86_400 * 7, error=InvalidPayload)
+        if follow:
+            return self._follow(task_id, wait_s)
         deadline = time.monotonic() + wait_s
         pause = Backoff(0.001, 0.05)
         while True:
@@ -258,6 +267,37 @@ class Client:
             if remaining <= 0:
                 raise ResultTimeout(f"task {task_id} is still {status} after {wait_s}s")
             time.sleep(min(pause.next_s(), remaining))
+
+    def _follow(self, task_id: str, wait_s: float) -> Any:
+        agent_of(task_id)
+        deadline = time.monotonic() + wait_s
+        root = runs.run_of(self.queue, task_id)
+        block_s = max(0.05, self.settings.redis.read_timeout_s / 2)
+        while True:
+            remaining = deadline - time.monotonic()
+            flag_ms = int((min(remaining, block_s) + 5) * 1000)
+            state = runs.run_state(self.queue, root, flag_ms)
+            if state.kind == "single":
+                return state.record.get("result") if state.record else None
+            if state.kind == "dead":
+                raise TaskDead(f"run {root} ended dead: task {root}: {state.reason}")
+            if state.kind == "ended":
+                return _run_result(root, state.ends)
+            if state.kind == "unknown":
+                raise ResultTimeout(f"run {root} is unknown (never enqueued, or long gone)")
+            if remaining <= 0:
+                raise ResultTimeout(f"run {root} has not ended after {wait_s}s")
+            runs.wait_ended(self.queue, root, min(remaining, block_s))
+
+    def tree(self, run_id: str) -> dict[str, Any]:
+        """The run as nested dicts: each task's id, agent, status, attempt, times (ms),
+        (shortened) result or reason, children, and a join's then. Raises InvalidPayload
+        for an unknown or expired run."""
+        agent_of(run_id)
+        tree = runs.read_tree(self.queue, run_id, self.settings.tree_result_bytes)
+        if tree is None:
+            raise InvalidPayload(f"run {run_id} is unknown (never enqueued, or its tree expired)")
+        return tree
 
     def dead_reason(self, task_id: str) -> str:
         keys = self.queue.keys.agent(agent_of(task_id))
@@ -320,6 +360,18 @@ class Client:
         """Delete dead tasks (ids, or the oldest limit) and their payloads for good."""
         _check_dead_selection(agent, ids, limit)
         return self.queue.dead_purge(agent, ids, limit)
+
+
+def _run_result(root: str, ends: list[dict]) -> Any:
+    for end in ends:
+        if end.get("status") != "done":
+            raise TaskDead(
+                f"run {root} has a {end.get('status')} end: task {end.get('id')} "
+                f"({end.get('agent')}): {end.get('reason', '')}"
+            )
+    if len(ends) == 1:
+        return ends[0].get("result")
+    return [end.get("result") for end in ends]
 
 
 def _check_dead_selection(agent: str, ids: Sequence[str], limit: int) -> None:

@@ -20,6 +20,11 @@ one cluster slot. Agent names are validated before any key is built.
     <prefix>:{<agent>}:result:<id>  STRING done record + result, with a TTL
     <prefix>:{<agent>}:claim:<cid>  LIST  ids leased by one claim call (replay on retry)
     <prefix>:{<agent>}:autoscalers  HASH  supervisor id -> JSON {min, max, current, until}
+    <prefix>:{<agent>}:outbox       HASH  field -> time + notice for a scope in another slot
+    <prefix>:{<agent>}:scope:<id>   HASH  a run (root id) or join (then id): open tasks...
+    <prefix>:{<agent>}:ends:<id>    LIST  that scope's ends (JSON), in the order they came
+    <prefix>:{<agent>}:ended:<run>  LIST  a token pushed when the run ends (waiters block)
+    <prefix>:{<agent>}:waiting:<run> STRING a waiter is blocked on this run (with a TTL)
     <prefix>:agents                 SET   registry of agent names
     <prefix>:workers                ZSET  worker id -> last heartbeat (ms)
     <prefix>:worker:<id>            HASH  one worker's health and metrics (TTL)
@@ -90,6 +95,7 @@ AGENT_KEY_NAMES = (
     "finished",
     "stats",
     "wake",
+    "outbox",
 )
 
 
@@ -155,6 +161,19 @@ class AgentKeys:
     def all(self) -> list[str]:
         """The fixed per-agent keys in AGENT_KEY_NAMES order (a script's KEYS prefix)."""
         return [f"{self.base}:{name}" for name in AGENT_KEY_NAMES]
+
+    @property
+    def outbox(self) -> str:
+        return f"{self.base}:outbox"
+
+    def scope(self, scope_id: str) -> str:
+        return f"{self.base}:scope:{scope_id}"
+
+    def ends(self, scope_id: str) -> str:
+        return f"{self.base}:ends:{scope_id}"
+
+    def ended(self, run_id: str) -> str:
+        return f"{self.base}:ended:{run_id}"
 
     @property
     def autoscalers(self) -> str:

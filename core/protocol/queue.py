@@ -21,7 +21,8 @@ from handoff.backoff import exponential_s
 from handoff.config import Settings
 from handoff.connection.cluster_calls import check_replicated, run_script_calls
 from handoff.connection.manager import RedisManager
-from handoff.errors import InvalidPayload
+from handoff.errors import HandoffError, InvalidPayload
+from handoff.protocol import notices as notice
 from handoff.protocol import scripts
 from handoff.protocol.keys import TASK_ID, Keys, check_claim_id
 from handoff.protocol.task import Task, score_for
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 ENQUEUE_CHUNK = 250  # tasks per script call: bounds how long one call holds the server (~1 ms)
 BOUND_PER_CALL = 200  # delayed promotions / lease reaps per claim or reap call
 RETRY_MAX_DELAY_S = 300.0
+OUTBOX_GRACE_MS = 5000  # a notice still in an outbox this long is the reaper's to deliver
+MAX_DELIVERED_KEPT = 10_000  # delivered outbox fields remembered for the next ack to forget
 
 
 @dataclass(frozen=True)
@@ -64,11 +67,14 @@ class ClaimResult:
 
 @dataclass(frozen=True)
 class Completion:
-    """A finished task for ack(): its result (already JSON) and how many children it made."""
+    """A finished task for ack(): its result (already JSON), how many children it made,
+    the notices its run or join gets (notices.py) and its record's tree fields."""
 
     task: Task
     result_json: bytes = b"null"
     handoffs: int = 0
+    notices: tuple[bytes, ...] = ()
+    extras: bytes = b""  # ',"ran_ms":..' fields for the run tree, or nothing
 
 
 @dataclass(frozen=True)
@@ -113,6 +119,14 @@ class TaskQueue:
         self.keys = Keys(settings.key_prefix)
         self._registered_agents: set[str] = set()
         self._max_bytes = str(settings.max_payload_bytes)
+        # Outbox fields (per agent) whose notices were delivered: the agent's next ack
+        # forgets them (the reaper forgets what no ack came for).
+        self._delivered: dict[str, list[str]] = {}
+        ttl_s = settings.result_ttl_s
+        if settings.run_ttl_s > 0:
+            ttl_s = max(ttl_s, settings.run_ttl_s)
+        self._record_ttl_ms = int(ttl_s * 1000)
+        self._keep_ms = max(60_000, self._record_ttl_ms)  # a run's ends, for its waiters
 
     # -- script calls ----------------------------------------------------------------------
 
@@ -320,26 +334,67 @@ class TaskQueue:
         if corrupt:
             log.warning("dead-lettering %d corrupt task(s): %s", len(corrupt), corrupt[0].error)
             self.nack(corrupt, now_ms=now_ms)
+        thens = [task for tasks in claimed.values() for task in tasks if task.join is not None]
+        if thens:
+            self._read_branches(thens)
         return result
+
+    def _read_branches(self, thens: list[Task]) -> None:
+        """A join's then-task finds its branches' ends in task.branches (one round trip,
+        only for then-tasks): per branch, in the order they ended, without "branch"."""
+
+        def read(client) -> list:
+            pipe = client.pipeline(transaction=False)
+            for task in thens:
+                pipe.lrange(self.keys.agent(task.agent).ends(task.id), 0, -1)
+            return pipe.execute()
+
+        for task, ends in zip(thens, self.manager.execute_pipelined(read, len(thens)), strict=True):
+            count = task.join.get("branches", 0) if task.join else 0
+            branches: list[list[dict]] = [[] for _ in range(count if type(count) is int else 0)]
+            for end in orjson.loads(b"[" + b",".join(ends) + b"]"):
+                index = end.pop("branch", 0)
+                if type(index) is int and 0 <= index < len(branches):
+                    branches[index].append(end)
+            task.branches = branches
 
     # -- finishing -------------------------------------------------------------------------
 
+    @property
+    def keep_ms(self) -> int:
+        """How long an ended run's ends stay for result(follow=True)."""
+        return self._keep_ms
+
     def ack(self, completions: Sequence[Completion], *, now_ms: int | None = None) -> list[str]:
-        """Finish tasks (token-checked). Returns the ids whose ack was stale (changed nothing)."""
-        ttl_ms = int(self.settings.result_ttl_s * 1000)
+        """Finish tasks (token-checked). Returns the ids whose ack was stale (changed nothing).
+
+        Their notices go with the ack (applied in the script, or kept in the outbox) and
+        those kept are delivered in one more round trip, only when there are any."""
+        ttl_ms = self._record_ttl_ms
         window_ms = int(self.settings.dedupe_window_s * 1000)
-        calls = []
+        preview = self.settings.result_ttl_s == 0 and ttl_ms > 0  # only the tree keeps it
+        calls, groups = [], []
         for agent, group in _group(completions, lambda c: c.task.agent).items():
             agent_keys = self.keys.agent(agent)
             result_key = agent_keys.result
             keys = agent_keys.all()
-            args: list[Any] = ["" if now_ms is None else now_ms, ttl_ms, len(group)]
+            forget = self._delivered.pop(agent, [])
+            args: list[Any] = ["" if now_ms is None else now_ms, ttl_ms, len(group), len(forget)]
+            args += forget
             for position, done in enumerate(group, 1):
                 task = done.task
                 keys.append(result_key(task.id))
                 remember = window_ms if task.key is not None or task.parent_id is not None else 0
-                args += (task.id, task.token, done.result_json, position, done.handoffs, remember)
+                result = done.result_json
+                if preview:
+                    cut = result[: self.settings.tree_result_bytes].decode(errors="ignore")
+                    result = orjson.dumps(cut)
+                args += (
+                    task.id, task.token, result, position, done.handoffs, remember,
+                    done.extras, notice.NOTICE_SEP.join(done.notices),
+                )  # fmt: skip
             calls.append(("ack", keys, args))
+            groups.append((agent, group))
         if not calls:
             return []
         stale: list[str] = []
@@ -354,12 +409,49 @@ class TaskQueue:
                 "%d result(s) not stored (the tasks are done all the same): %s: %s",
                 len(dropped) // 2, dropped[0].decode(), dropped[1].decode()[:200],
             )  # fmt: skip
+        outgoing: list[tuple[str, str, bytes]] = []
+        stale_ids = set(stale)
+        for agent, group in groups:
+            for done in group:
+                if not done.notices or done.task.id in stale_ids:
+                    continue
+                for k, item in enumerate(done.notices):
+                    if notice.target_agent(item) != agent:
+                        outgoing.append((agent, f"{done.task.id}:{k}", item))
+        if outgoing:
+            self.deliver(outgoing, now_ms=now_ms)
         return stale
+
+    def deliver(
+        self, outgoing: Sequence[tuple[str, str, bytes]], *, now_ms: int | None = None
+    ) -> bool:
+        """Apply notices kept in outboxes ((source agent, outbox field, notice)) to their
+        scopes: one script call per target agent, one round trip. On success the fields
+        are remembered for the source agent's next ack to forget; on failure they stay
+        for the reaper (idempotent either way). Returns whether they were applied."""
+        by_target: dict[str, list[bytes]] = {}
+        for _, _, item in outgoing:
+            by_target.setdefault(notice.target_agent(item), []).append(item)
+        now_arg = "" if now_ms is None else now_ms
+        calls = [
+            ("scope", self._fixed(target), [now_arg, *items]) for target, items in by_target.items()
+        ]
+        try:
+            self.run_scripts(calls)
+        except HandoffError as e:
+            log.warning("%d run notice(s) left for the reaper to deliver: %s", len(outgoing), e)
+            return False
+        for source, field_name, _ in outgoing:
+            kept = self._delivered.setdefault(source, [])
+            if len(kept) < MAX_DELIVERED_KEPT:
+                kept.append(field_name)
+        return True
 
     def nack(self, failures: Sequence[Failure], *, now_ms: int | None = None) -> list[str]:
         """Record failures: retry later with backoff, or dead-letter. Returns stale ids."""
-        calls = []
+        calls, agents = [], []
         for agent, group in _group(failures, lambda f: f.task.agent).items():
+            agents.append(agent)
             args: list[Any] = ["" if now_ms is None else now_ms, len(group)]
             for failure in group:
                 task = failure.task
@@ -377,11 +469,16 @@ class TaskQueue:
                 args += [task.id, task.token, max_attempts, delay, reason]
             calls.append(("nack", self._fixed(agent), args))
         stale: list[str] = []
-        for reply in self.run_scripts(calls) if calls else []:
-            for item in reply:
-                if item == b"|":
-                    break
-                stale.append(item.decode())
+        outgoing: list[tuple[str, str, bytes]] = []
+        for source, reply in zip(agents, self.run_scripts(calls) if calls else [], strict=True):
+            first = reply.index(b"|")
+            stale.extend(item.decode() for item in reply[:first])
+            kept = reply[reply.index(b"|", first + 1) + 1 :]
+            outgoing += [
+                (source, kept[i].decode(), kept[i + 1]) for i in range(0, len(kept), 2)
+            ]  # fmt: skip
+        if outgoing:
+            self.deliver(outgoing, now_ms=now_ms)
         return stale
 
     def release(self, tasks: Sequence[Task]) -> int:
@@ -413,14 +510,31 @@ class TaskQueue:
     ) -> dict[str, tuple[int, int]]:
         """Move expired leases back to their queues; {agent: (reaped, promoted)}."""
         agents = list(agents)
-        calls = [
-            ("reap", self._fixed(a), ["" if now_ms is None else now_ms, limit]) for a in agents
-        ]
+        now_arg = "" if now_ms is None else now_ms
+        calls = [("reap", self._fixed(a), [now_arg, limit, OUTBOX_GRACE_MS]) for a in agents]
         if not calls:
             return {}
-        return {
-            a: (int(r[0]), int(r[1])) for a, r in zip(agents, self.run_scripts(calls), strict=True)
-        }
+        counts, left = {}, []
+        for agent, reply in zip(agents, self.run_scripts(calls), strict=True):
+            counts[agent] = (int(reply[0]), int(reply[1]))
+            left += [(agent, reply[i].decode(), reply[i + 1]) for i in range(2, len(reply), 2)]
+        if left:
+            self._deliver_left(left, now_ms)
+        return counts
+
+    def _deliver_left(self, left: list[tuple[str, str, bytes]], now_ms: int | None) -> None:
+        """Deliver notices their workers did not (they died), then forget them."""
+        log.info("delivering %d run notice(s) left in outboxes", len(left))
+        if not self.deliver(left, now_ms=now_ms):
+            return
+        by_source: dict[str, list[str]] = {}
+        for source, field_name, _ in left:
+            by_source.setdefault(source, []).append(field_name)
+        for source in by_source:
+            self._delivered.pop(source, None)
+        self.manager.execute_pipelined(
+            lambda c: _forget_fields(c, self.keys, by_source), len(by_source)
+        )
 
     # -- dead letters ----------------------------------------------------------------------
 
@@ -440,6 +554,13 @@ class TaskQueue:
     def known_agents(self) -> list[str]:
         members = self.manager.execute(lambda c: c.smembers(self.keys.agents))
         return sorted(m.decode() for m in members)
+
+
+def _forget_fields(client, keys: Keys, by_source: dict[str, list[str]]) -> list:
+    pipe = client.pipeline(transaction=False)
+    for source, fields in by_source.items():
+        pipe.hdel(keys.agent(source).outbox, *fields)
+    return pipe.execute()
 
 
 def _group(items, key) -> dict[str, list]:

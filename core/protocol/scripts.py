@@ -16,6 +16,7 @@ from functools import cache
 from importlib import resources
 
 from handoff.protocol.keys import AGENT_KEY_NAMES
+from handoff.protocol.task import EPOCH_MS, PRIORITY_SHIFT
 
 NAMES = (
     "enqueue",
@@ -27,21 +28,27 @@ NAMES = (
     "reap",
     "dead_requeue",
     "dead_purge",
+    "scope",
+    "follow",
 )
 
 
 def key_header() -> str:
     """`local K_QUEUE, K_TASKS, ... = KEYS[1], KEYS[2], ...` and FIXED_KEYS, from
-    AGENT_KEY_NAMES: the one list of per-agent keys, so Lua and Python cannot disagree."""
+    AGENT_KEY_NAMES: the one list of per-agent keys, so Lua and Python cannot disagree
+    (and task.py's score constants, for the then-task a join enqueues)."""
     names = ", ".join(f"K_{name.upper()}" for name in AGENT_KEY_NAMES)
     keys = ", ".join(f"KEYS[{i}]" for i in range(1, len(AGENT_KEY_NAMES) + 1))
-    return f"local {names} = {keys}\nlocal FIXED_KEYS = {len(AGENT_KEY_NAMES)}\n"
+    return (
+        f"local {names} = {keys}\nlocal FIXED_KEYS = {len(AGENT_KEY_NAMES)}\n"
+        f"local PRIORITY_SHIFT, EPOCH_MS = {PRIORITY_SHIFT}, {EPOCH_MS}\n"
+    )
 
 
 # Scripts that run at the memory limit (maxmemory with noeviction): they finish, fail,
 # release, reap and dead-letter tasks, which frees memory; refusing them would leave a full
 # server unable to drain. enqueue is not among them: at the limit it is refused, unwritten.
-ALLOW_OOM = frozenset(NAMES) - {"enqueue"}
+ALLOW_OOM = frozenset(NAMES) - {"enqueue", "follow"}
 
 
 @cache

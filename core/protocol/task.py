@@ -97,6 +97,10 @@ _FIELD_TYPES = (
     ("parent_id", (str,), True),
     ("key", (str,), True),
     ("trace", (list,), True),
+    ("run", (str,), True),
+    ("scope", (str,), True),
+    ("branch", (int,), True),
+    ("join", (dict,), True),
 )
 
 
@@ -131,17 +135,43 @@ class Task:
     key: str | None = None  # idempotency key
     deliveries: int = 0
     token: str = ""  # this delivery's lease token
+    # Its place in a run (see handoff.runtime.runs): the root's id (None: this is a root),
+    # the scope it reports its end to (the run, or the join whose branch it is on) and
+    # that branch's index. A join's then-task has join = {"on_dead", "branches": n}.
+    run: str | None = None
+    scope: str | None = None
+    branch: int = 0
+    join: dict | None = None
+    branches: list[list[dict]] | None = None  # a then-task's branch ends, read at claim
+
+    @property
+    def run_id(self) -> str:
+        """The id of the task that started this task's run (its own id for a root)."""
+        return self.run or self.id
+
+    @property
+    def scope_id(self) -> str:
+        """Where this task's end is counted: its join's then-task id, or its run's root."""
+        return self.scope or self.run or self.id
 
     def to_json(self) -> bytes:
-        """The stored form: immutable after enqueue (attempts and leases live beside it)."""
-        record: dict[str, Any] = {
-            "id": self.id,
-            "agent": self.agent,
+        """The stored form: immutable after enqueue (attempts and leases live beside it).
+
+        run, scope and branch come right after id and agent, in this order: the scripts
+        that dead-letter a task read them there without decoding the payload."""
+        record: dict[str, Any] = {"id": self.id, "agent": self.agent}
+        if self.run is not None:
+            record["run"] = self.run
+            record["scope"] = self.scope or self.run
+            record["branch"] = self.branch
+        record.update({
             "payload": self.payload,
             "priority": self.priority,
             "created_at": self.created_at,
             "enqueued_at": self.enqueued_at,
-        }
+        })  # fmt: skip
+        if self.join is not None:
+            record["join"] = self.join
         if self.max_attempts is not None:
             record["max_attempts"] = self.max_attempts
         if self.timeout_s is not None:
@@ -185,6 +215,15 @@ class Task:
         parent_id = get("parent_id")
         trace = get("trace")
         key = get("key")
+        run = get("run")
+        if run is not None:
+            scope, branch, join = get("scope"), get("branch", 0), get("join")
+            if type(run) is not str or type(scope) is not str or type(branch) is not int:
+                raise ValueError(_wrong_types(record))
+        else:
+            scope, branch, join = None, 0, get("join")
+        if join is not None and type(join) is not dict:
+            raise ValueError(_wrong_types(record))
         if (
             type(task_id) is not str
             or type(agent) is not str
@@ -205,7 +244,8 @@ class Task:
             raise ValueError("task JSON trace is not a list of task ids")
         return cls(
             task_id, agent, payload, priority, attempt, max_attempts, timeout_s, created_at,
-            enqueued_at, not_before, parent_id, trace, key, deliveries, token,
+            enqueued_at, not_before, parent_id, trace, key, deliveries, token, run, scope,
+            branch, join,
         )  # fmt: skip
 
     @property

@@ -37,6 +37,23 @@ class Handoff:
         check_priority(self.priority)
 
 
+ON_DEAD = ("fail", "continue")
+
+
+@dataclass(frozen=True)
+class Join:
+    """Returned by a handler: start one branch per Handoff, and once every branch has
+    ended, run `then` exactly once with the branches' ends in `task.branches`.
+
+    on_dead="fail": a branch that ended dead dead-letters `then` (it never runs);
+    "continue": `then` runs and finds the dead ends listed. Checked when the handler
+    returns it (a bad Join fails that task with a one-line reason)."""
+
+    branches: list[Handoff]
+    then: Handoff
+    on_dead: str = "fail"
+
+
 @dataclass(frozen=True)
 class AgentSpec:
     """One agent type's handler and capabilities."""

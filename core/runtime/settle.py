@@ -13,9 +13,10 @@ import orjson
 
 from handoff.config import Settings
 from handoff.errors import InvalidPayload
+from handoff.protocol import notices as notice
 from handoff.protocol.queue import Completion, Failure
 from handoff.protocol.task import Task, derived_task_id, has_non_finite, now_ms
-from handoff.runtime.agents import AgentSpec, Handoff, payload_for
+from handoff.runtime.agents import ON_DEAD, AgentSpec, Handoff, Join, payload_for
 from handoff.runtime.payload_types import plain
 from handoff.runtime.runner import Outcome
 
@@ -29,7 +30,15 @@ Settled = tuple[Completion | None, Failure | None, list[Task]]
 
 def check_payload(spec: AgentSpec, task: Task) -> Failure | None:
     """A typed agent's payload becomes its model (task.payload); one that does not match
-    (an older producer, or a hand-written task) is dead-lettered, not retried."""
+    (an older producer, or a hand-written task) is dead-lettered, not retried. A join's
+    then-task whose join fails on a dead branch is dead-lettered naming that end."""
+    if task.join is not None and task.join.get("on_dead") == "fail" and task.branches:
+        for index, ends in enumerate(task.branches):
+            for end in ends:
+                if end.get("status") != "done":
+                    reason = f"join branch {index} ended {end.get('status')}: task {end.get('id')}"
+                    reason += f" ({end.get('agent')}): {str(end.get('reason', ''))[:300]}"
+                    return Failure(task, reason, dead_now=True)
     if spec.payload_type is None:
         return None
     try:
@@ -46,6 +55,9 @@ def settle(outcome: Outcome, spec: AgentSpec, settings: Settings) -> Settled:
         failure = Failure(task, outcome.error, outcome.traceback, retry_delay_s=spec.retry_delay_s)
         return None, failure, []
     value = outcome.value
+    extras = _tree_fields(outcome, settings)
+    if isinstance(value, Join):
+        return _settle_join(task, value, settings, extras)
     if isinstance(value, Handoff) or (
         isinstance(value, list) and value and any(isinstance(v, Handoff) for v in value)
     ):
@@ -55,8 +67,11 @@ def settle(outcome: Outcome, spec: AgentSpec, settings: Settings) -> Settled:
         made = children_of(task, handoffs, settings)
         if isinstance(made, Failure):
             return None, made, []
-        result_json = orjson.dumps({"handoff": [c.id for c in made]})
-        return Completion(task, result_json, len(made)), None, made
+        ids = [c.id for c in made]
+        result_json = orjson.dumps({"handoff": ids})
+        step = notice.stepped(task.scope_id, task.run_id, task.id, ids, *_limits(settings))
+        notices = (*_closing(task), step)
+        return Completion(task, result_json, len(made), notices, extras), None, made
     if spec.result_type is not None:
         try:
             value = spec.result_type.to_data(value)
@@ -66,7 +81,102 @@ def settle(outcome: Outcome, spec: AgentSpec, settings: Settings) -> Settled:
     result_json, problem = result_json_of(plain(value), settings.max_result_bytes)
     if problem:
         return None, Failure(task, problem, dead_now=True), []
-    return Completion(task, result_json), None, []
+    if task.run is None:
+        ending = notice.root_ended(task.id, *_limits(settings))
+    else:
+        end_json = notice.done_end(task.id, task.agent, task.branch, result_json)
+        ending = notice.ended(task.scope_id, task.run, task.id, task.branch, end_json)
+    return Completion(task, result_json, 0, (*_closing(task), ending), extras), None, []
+
+
+def _limits(settings: Settings) -> tuple[int, int]:
+    """What a run or join keeps: ends per branch, and how long after it ended (ms)."""
+    keep_s = max(60.0, settings.result_ttl_s, settings.run_ttl_s)
+    return settings.max_ends_per_branch, int(keep_s * 1000)
+
+
+def _closing(task: Task) -> tuple[bytes, ...]:
+    """A then-task that finishes lets its join's state go."""
+    return (notice.dropped(task.id),) if task.join is not None else ()
+
+
+def _tree_fields(outcome: Outcome, settings: Settings) -> bytes:
+    """The record's fields for the run tree: run time, attempt, enqueue time, lineage."""
+    if settings.run_ttl_s <= 0:
+        return b""
+    task = outcome.task
+    fields = b',"ran_ms":%.1f,"attempt":%d,"enqueued_at":%d' % (
+        outcome.elapsed_s * 1000, task.attempt, task.enqueued_at,
+    )  # fmt: skip
+    if task.run is not None:
+        parent = (task.parent_id or "").encode()
+        fields += b',"run":"%s","parent":"%s"' % (task.run.encode(), parent)
+    return fields
+
+
+def _settle_join(task: Task, join: Join, settings: Settings, extras: bytes) -> Settled:
+    """A Join: its branches' first tasks are children (enqueued before the ack); its
+    then-task waits in the join's scope, enqueued there when the last branch ends."""
+    problem = _join_problem(join, settings)
+    if problem:
+        return None, Failure(task, problem, dead_now=True), []
+    made = children_of(task, list(join.branches), settings)
+    if isinstance(made, Failure):
+        return None, made, []
+    then = join.then
+    then_id = derived_task_id(then.agent, task.id, "then")
+    for index, branch in enumerate(made):
+        branch.scope, branch.branch = then_id, index
+    stamp = now_ms()
+    try:
+        then_task = Task(
+            id=then_id,
+            agent=then.agent,
+            payload=payload_for(then.agent, then.payload),
+            priority=then.priority,
+            created_at=stamp,
+            enqueued_at=stamp,
+            parent_id=task.id,
+            trace=[*task.trace, task.id],
+            run=task.run_id,
+            scope=task.scope_id,
+            branch=task.branch,
+            join={"on_dead": join.on_dead, "branches": len(made)},
+        )
+        then_json = then_task.to_json()
+    except InvalidPayload as e:
+        return None, Failure(task, f"join then {then.agent}: {e}", dead_now=True), []
+    if len(then_json) > settings.max_payload_bytes:
+        reason = f"join then {then.agent}: {len(then_json)} bytes, over max_payload_bytes"
+        return None, Failure(task, reason, dead_now=True), []
+    ids = [b.id for b in made]
+    cap, keep_ms = _limits(settings)
+    notices = (
+        *_closing(task),
+        notice.joined(then_id, task.run_id, task.id, ids, then.priority, then_json, cap, keep_ms),
+        notice.stepped(task.scope_id, task.run_id, task.id, [then_id], cap, keep_ms),
+    )
+    result_json = orjson.dumps({"join": {"branches": ids, "then": then_id}})
+    return Completion(task, result_json, len(made), notices, extras), None, made
+
+
+def _join_problem(join: Join, settings: Settings) -> str:
+    """Why a Join cannot start (one line), or ""."""
+    branches = join.branches
+    if not isinstance(branches, list | tuple) or not branches:
+        return "join has no branches: pass a non-empty list of Handoff"
+    if not all(isinstance(b, Handoff) for b in branches):
+        return "join branches must all be Handoff"
+    if len(branches) > settings.max_join_branches:
+        return (
+            f"join has {len(branches)} branches, over max_join_branches "
+            f"({settings.max_join_branches})"
+        )
+    if not isinstance(join.then, Handoff):
+        return f"join then must be a Handoff, not {type(join.then).__name__}"
+    if join.on_dead not in ON_DEAD:
+        return f"join on_dead {join.on_dead!r} is not one of {', '.join(ON_DEAD)}"
+    return ""
 
 
 def result_json_of(value: Any, limit: int) -> tuple[bytes, str]:
@@ -103,6 +213,9 @@ def children_of(parent: Task, handoffs: list[Handoff], settings: Settings) -> li
                 enqueued_at=stamp,
                 parent_id=parent.id,
                 trace=trace,
+                run=parent.run_id,
+                scope=parent.scope_id,
+                branch=parent.branch,
             )
             size = len(child.to_json())
         except InvalidPayload as e:

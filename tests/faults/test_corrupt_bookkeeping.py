@@ -47,6 +47,8 @@ READS: dict[str, set[str]] = {
     "reap": {"scores"},
     "dead_requeue": {"scores"},
     "dead_purge": set(),
+    "scope": set(),  # reads runs' own counters only (tonumber, or 0)
+    "follow": set(),
 }
 
 

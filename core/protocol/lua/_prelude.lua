@@ -40,8 +40,12 @@ local function count_in(hash, raw, id)
     ' is not a whole number'
 end
 
+-- Reports a dead-lettered task's end to its scope (defined with the runs helpers below).
+local notice_dead
+
 -- Dead-letter a task: kept with its payload and the reason, out of every other state.
 local function bury(id, now, reason_json)
+  notice_dead(id, now, reason_json)
   redis.call('ZREM', K_LEASES, id)
   redis.call('HDEL', K_TOKENS, id)
   redis.call('ZADD', K_DEAD, now, id)
@@ -177,4 +181,186 @@ local function hget_each(key, fields)
   local out = {}
   for i, field in ipairs(fields) do out[i] = redis.call('HGET', key, field) end
   return out
+end
+
+-- Runs and joins (the picture: handoff/protocol/runs.py) -----------------------------------
+-- A scope counts the open tasks of a run (in the root's slot) or of a join's branches (in
+-- the then-task's slot): HASH <base>:scope:<id> with t:<task> = '1' open / '0' ended,
+-- n (open count), reg (the opening notice arrived), cap and keep, c:<branch> (ends per
+-- branch), done (when it ended), and for a join then (the then-task's JSON) and prio.
+-- Its ends, in the order they arrived: LIST <base>:ends:<id>. Notices are idempotent: a
+-- task closes once, a closed task is never reopened, so a notice that arrives twice, or
+-- a child's end that arrives before its parent's step, changes nothing it should not.
+local AGENT_BASE = string.sub(K_QUEUE, 1, -7)  -- '<prefix>:{<agent>}' (K_QUEUE minus ':queue')
+local AGENT = string.match(AGENT_BASE, '{(.*)}$')
+local SEP = '\31'
+local NOTICE_SEP = '\30'
+
+local function run_key(kind, id) return AGENT_BASE .. ':' .. kind .. ':' .. id end
+
+-- The first n SEP-separated fields of s, and the rest (which may hold anything) as n + 1.
+local function split_fields(s, n)
+  local out, from = {}, 1
+  for i = 1, n do
+    local at = string.find(s, SEP, from, true)
+    if not at then
+      out[i] = string.sub(s, from)
+      return out
+    end
+    out[i] = string.sub(s, from, at - 1)
+    from = at + 1
+  end
+  out[n + 1] = string.sub(s, from)
+  return out
+end
+
+-- Wake whoever waits for this run's end (client.result(follow=True) blocks on this list).
+local function run_ended_notice(run, keep)
+  local ended = run_key('ended', run)
+  redis.call('RPUSH', ended, '1')
+  redis.call('PEXPIRE', ended, keep)
+end
+
+local function scope_close(sk, tid)
+  local state = redis.call('HGET', sk, 't:' .. tid)
+  if state == '0' then return false end
+  redis.call('HSET', sk, 't:' .. tid, '0')
+  if state == '1' then redis.call('HINCRBY', sk, 'n', -1) end
+  return true
+end
+
+local function scope_open(sk, ids_csv)
+  for id in string.gmatch(ids_csv, '[^,]+') do
+    if redis.call('HSETNX', sk, 't:' .. id, '1') == 1 then redis.call('HINCRBY', sk, 'n', 1) end
+  end
+end
+
+local function record_end(scope, sk, branch, end_json)
+  local cap = tonumber(redis.call('HGET', sk, 'cap') or '1000') or 1000
+  if redis.call('HINCRBY', sk, 'c:' .. branch, 1) <= cap then
+    redis.call('RPUSH', run_key('ends', scope), end_json)
+  else
+    redis.call('HINCRBY', sk, 'dropped', 1)
+  end
+end
+
+-- A join's branches have all ended: enqueue its then-task (its id is the scope's), once.
+local function fire_then(id, sk, now)
+  local json = redis.call('HGET', sk, 'then')
+  if not json then return end
+  redis.call('HDEL', sk, 'then')
+  if redis.call('HEXISTS', K_TASKS, id) == 1 then return end
+  local until_ms = redis.call('ZSCORE', K_FINISHED, id)
+  if until_ms and tonumber(until_ms) > now then return end
+  local priority = tonumber(redis.call('HGET', sk, 'prio') or '0') or 0
+  local score = string.format('%.0f', priority * PRIORITY_SHIFT + (now - EPOCH_MS))
+  redis.call('HSET', K_TASKS, id, json)
+  redis.call('HSET', K_SCORES, id, score)
+  redis.call('ZADD', K_QUEUE, score, id)
+  count('enqueued', 1)
+  count('joins_fired', 1)
+  wake(1)
+end
+
+-- Once the opening notice has arrived and nothing is open, the scope has ended: a run
+-- wakes its waiters and is kept `keep` ms; a join enqueues its then-task.
+local function scope_settle(scope, sk, run, now)
+  if redis.call('HGET', sk, 'reg') ~= '1' or redis.call('HEXISTS', sk, 'done') == 1 then return end
+  if (tonumber(redis.call('HGET', sk, 'n') or '0') or 0) > 0 then return end
+  redis.call('HSET', sk, 'done', now)
+  if scope == run then
+    local keep = tonumber(redis.call('HGET', sk, 'keep') or '3600000') or 3600000
+    redis.call('PEXPIRE', sk, keep)
+    redis.call('PEXPIRE', run_key('ends', scope), keep)
+    run_ended_notice(run, keep)
+    count('runs_ended', 1)
+  else
+    fire_then(scope, sk, now)
+  end
+end
+
+-- Apply one notice to a scope that lives in this slot. Notices (built by
+-- handoff/protocol/runs.py, or by notice_dead below), fields separated by SEP:
+--   E scope run task branch end_json          a task ended (done or dead)
+--   R root root root cap keep                 a root ended without handing off
+--   S scope run task cap keep children_csv    a task handed off: children replace it
+--   J join run task cap keep branches_csv priority then_json     a join starts
+--   D join                                    the then-task finished: drop the join
+-- root_result: the result JSON of a root ending with R (its ack has it).
+local function apply_notice(notice, now, root_result)
+  local op = string.sub(notice, 1, 1)
+  if op == 'D' then
+    local join = string.sub(notice, 3)
+    redis.call('DEL', run_key('scope', join), run_key('ends', join))
+    return
+  end
+  local f
+  if op == 'E' then f = split_fields(notice, 5)
+  elseif op == 'J' then f = split_fields(notice, 8)
+  else f = split_fields(notice, 6) end
+  local scope, run, tid = f[2], f[3], f[4]
+  local sk = run_key('scope', scope)
+  if (op == 'R' or op == 'E') and tid == run then
+    -- A root ended without handing off (done, or dead): its run is itself, and the
+    -- result record or the dead letter says it all. Nothing to write, unless someone
+    -- waits, or an earlier delivery of it handed off (then its children made the scope).
+    if redis.call('EXISTS', sk) == 0 then
+      if redis.call('EXISTS', run_key('waiting', run)) == 1 then run_ended_notice(run, 60000) end
+      return
+    end
+    if scope_close(sk, tid) then
+      local end_json = f[6]
+      if op == 'R' then
+        end_json = '{"id":"' .. tid .. '","agent":"' .. AGENT .. '","branch":0,"status":"done","result":' ..
+          (root_result ~= '' and root_result or 'null') .. '}'
+        redis.call('HSET', sk, 'cap', f[5], 'keep', f[6])
+      end
+      record_end(scope, sk, '0', end_json)
+    end
+    redis.call('HSET', sk, 'reg', '1')
+  elseif op == 'E' then
+    if scope_close(sk, tid) then record_end(scope, sk, f[5], f[6]) end
+  elseif op == 'S' then
+    if scope_close(sk, tid) then scope_open(sk, f[7]) end
+    if tid == run then redis.call('HSET', sk, 'reg', '1', 'cap', f[5], 'keep', f[6]) end
+  elseif op == 'J' then
+    if redis.call('HSETNX', sk, 'reg', '1') == 1 then
+      redis.call('HSET', sk, 'cap', f[5], 'then', f[9], 'prio', f[8])
+      scope_open(sk, f[7])
+    end
+  else
+    return
+  end
+  scope_settle(scope, sk, run, now)
+end
+
+-- Send a notice to its scope: applied here when the scope lives in this slot, else kept
+-- in this agent's outbox (written in the same script as the state change it reports)
+-- until a worker or the reaper has delivered it: <base>:outbox HASH field -> at SEP notice.
+local function emit_notice(notice, field, now, root_result)
+  local scope = string.match(notice, '^.' .. SEP .. '([^' .. SEP .. ']*)')
+  if string.match(scope, '^([^.]*)') == AGENT then
+    apply_notice(notice, now, root_result)
+  else
+    redis.call('HSET', K_OUTBOX, field, now .. SEP .. notice)
+  end
+end
+
+-- A task was dead-lettered: its end goes to its scope. Its place in its run is read from
+-- the head of its JSON (task.py writes run, scope, branch right after id and agent).
+notice_dead = function(id, now, reason_json)
+  local json = redis.call('HGET', K_TASKS, id)
+  local run, scope, branch
+  if json then
+    run, scope, branch = string.match(json,
+      '^{"id":"[^"]*","agent":"[^"]*","run":"([^"]*)","scope":"([^"]*)","branch":(%d+)')
+  end
+  if not run then run, scope, branch = id, id, '0' end
+  local ok, decoded = pcall(cjson.decode, reason_json)
+  local reason = ok and type(decoded) == 'table' and decoded.reason or 'dead-lettered'
+  if type(reason) ~= 'string' then reason = 'dead-lettered' end
+  local end_json = cjson.encode({id = id, agent = AGENT, branch = tonumber(branch), status = 'dead',
+    reason = reason})
+  emit_notice('E' .. SEP .. scope .. SEP .. run .. SEP .. id .. SEP .. branch .. SEP .. end_json,
+    id .. ':dead', now, '')
 end

@@ -1,34 +1,47 @@
 -- ack: finish a batch of leased tasks, token-checked, atomically.
 -- KEYS[1..FIXED_KEYS]  the agent's fixed keys (see _prelude.lua)
 -- KEYS[FIXED_KEYS + 1..]  result keys, by index
--- ARGV[1] now in ms ('' = server TIME)   ARGV[2] result TTL ms (0 = keep no result)
--- ARGV[3] n, then n groups of 6: id, token, result_json ('' = null), result_key_index,
---   handoffs, dedupe window ms (0 = none: a task with neither a key nor a parent)
+-- ARGV[1] now in ms ('' = server TIME)   ARGV[2] record TTL ms (0 = keep no record)
+-- ARGV[3] n   ARGV[4] m, then m outbox fields this agent's notices were delivered from
+--   (forgotten here), then n groups of 8: id, token, result_json ('' = null),
+--   result_key_index, handoffs, dedupe window ms (0 = none: a task with neither a key nor
+--   a parent), record extras (',"ran_ms":..' tree fields, or ''), notices (NOTICE_SEP-
+--   separated, see apply_notice; '' = none)
 -- A task whose token no longer matches (its lease expired and another worker holds it, or it
 -- already finished, or it appears earlier in this batch) is left exactly as it is and
--- reported. The bookkeeping of finished tasks is deleted in bulk commands per batch. A
--- result the server will not store is reported, and the task is finished all the same.
+-- reported, and its notices are not sent. A notice for a scope in this slot is applied
+-- here; any other waits in the outbox (field '<id>:<i>') until it is delivered. The
+-- bookkeeping of finished tasks is deleted in bulk commands per batch. A record the server
+-- will not store is reported, and the task is finished all the same.
 -- Returns: {stale ids..., ['|', id, error, id, error, ...] for results not stored}.
 local now = now_ms(ARGV[1])
 local ttl = tonumber(ARGV[2])
 local n = tonumber(ARGV[3])
+local m = tonumber(ARGV[4])
+local base = 4 + m
+if m > 0 then
+  local delivered = {}
+  for i = 1, m do delivered[i] = ARGV[4 + i] end
+  bulk_call('HDEL', K_OUTBOX, delivered)
+end
 local ids = {}
-for i = 1, n do ids[i] = ARGV[3 + (i - 1) * 6 + 1] end
+for i = 1, n do ids[i] = ARGV[base + (i - 1) * 8 + 1] end
 local holders = hget_each(K_TOKENS, ids)
 local stale, finished, seen, remembered, dropped = {}, {}, {}, {}, {}
 local handed_off = 0
 for i = 1, n do
-  local o = 3 + (i - 1) * 6
+  local o = base + (i - 1) * 8
   local id, token = ARGV[o + 1], ARGV[o + 2]
   if holders[i] == token and not seen[id] then
     seen[id] = true
     finished[#finished + 1] = id
     local rk = tonumber(ARGV[o + 4])
+    local result = ARGV[o + 3]
+    if result == '' then result = 'null' end
     if ttl > 0 and rk > 0 then
-      local result = ARGV[o + 3]
-      if result == '' then result = 'null' end
       local reply = redis.pcall('SET', KEYS[FIXED_KEYS + rk],
-        '{"status":"done","finished_at":' .. now .. ',"result":' .. result .. '}', 'PX', ttl)
+        '{"status":"done","finished_at":' .. now .. ARGV[o + 7] .. ',"result":' .. result .. '}',
+        'PX', ttl)
       if type(reply) == 'table' and reply.err then
         dropped[#dropped + 1] = id
         dropped[#dropped + 1] = reply.err
@@ -37,6 +50,16 @@ for i = 1, n do
     handed_off = handed_off + tonumber(ARGV[o + 5])
     local window = tonumber(ARGV[o + 6])
     if window > 0 then push2(remembered, now + window, id) end
+    local notices = ARGV[o + 8]
+    if notices ~= '' then
+      local k, from = 0, 1
+      while from <= #notices do
+        local at = string.find(notices, NOTICE_SEP, from, true) or (#notices + 1)
+        emit_notice(string.sub(notices, from, at - 1), id .. ':' .. k, now, result)
+        k = k + 1
+        from = at + 1
+      end
+    end
   else
     stale[#stale + 1] = id
   end

@@ -8,6 +8,7 @@ for _, id in ipairs(ids) do
   if redis.call('ZREM', K_DEAD, id) == 1 then
     redis.call('HDEL', K_DEAD_REASONS, id)
     forget(id)
+    redis.call('DEL', run_key('scope', id), run_key('ends', id))  -- a then-task's join
     purged = purged + 1
   end
 end

@@ -5,7 +5,10 @@
 --   retry_delay_ms < 0 means dead-letter now (corrupt task, hop limit, ...).
 -- A failure counts one attempt; at max_attempts the task is dead-lettered with the reason,
 -- otherwise it waits in the delayed set (the caller computed backoff and jitter).
--- Returns: {stale ids..., '|', dead ids...}
+-- A dead-lettered task's end goes to its run or join (notice_dead): applied here when
+-- that scope lives in this slot, else written to the outbox and returned for the caller
+-- to deliver at once (the reaper delivers it otherwise).
+-- Returns: {stale ids..., '|', dead ids..., '|', outbox field, notice, ...}
 local now = now_ms(ARGV[1])
 local n = tonumber(ARGV[2])
 local stale, dead = {}, {}
@@ -39,4 +42,13 @@ count('retried', retried)
 count('stale_acks', #stale)
 stale[#stale + 1] = '|'
 for _, id in ipairs(dead) do stale[#stale + 1] = id end
+stale[#stale + 1] = '|'
+for _, id in ipairs(dead) do
+  local kept = redis.call('HGET', K_OUTBOX, id .. ':dead')
+  local at = kept and string.find(kept, SEP, 1, true)
+  if at then
+    stale[#stale + 1] = id .. ':dead'
+    stale[#stale + 1] = string.sub(kept, at + 1)
+  end
+end
 return stale

@@ -1,0 +1,191 @@
+"""Reading runs: where a run stands (for result(follow=True)) and its tree.
+
+Runs in: producers and operators (client, `handoff inspect tree`). Reads only, but for
+the waiter flag the follow script sets. See notices.py for how runs are kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from handoff.protocol.keys import AgentKeys
+from handoff.protocol.queue import TaskQueue
+from handoff.protocol.task import agent_of
+
+TREE_LEVEL_CHUNK = 500  # tasks read per pipeline while walking a tree
+
+
+@dataclass
+class RunState:
+    """What the follow script said: kind is ended | single | dead | wait | unknown."""
+
+    kind: str
+    ends: list[dict] = field(default_factory=list)  # ended: in the order they arrived
+    dropped: int = 0  # ends over max_ends_per_branch, not kept
+    record: dict | None = None  # single: the root's record
+    reason: str = ""  # dead: why the root was dead-lettered
+
+
+def run_state(queue: TaskQueue, root: str, waiter_ttl_ms: int) -> RunState:
+    """One call of the follow script: the run's ends, or a waiter flag set if it is open."""
+    keys = queue.keys.agent(agent_of(root))
+    reply = queue.run_scripts([("follow", keys.all(), [root, waiter_ttl_ms])])[0]
+    kind = reply[0].decode()
+    if kind == "ended":
+        ends = orjson.loads(b"[" + b",".join(reply[2:]) + b"]")
+        return RunState(kind, ends=ends, dropped=int(reply[1]))
+    if kind == "single":
+        return RunState(kind, record=orjson.loads(reply[1]))
+    if kind == "dead":
+        return RunState(kind, reason=str(orjson.loads(reply[1]).get("reason", "")))
+    return RunState(kind)
+
+
+def run_of(queue: TaskQueue, task_id: str) -> str:
+    """The root of the run task_id belongs to (its own id for a root, or when unknown)."""
+    keys = queue.keys.agent(agent_of(task_id))
+
+    def read(client) -> list:
+        pipe = client.pipeline(transaction=False)
+        pipe.hget(keys.tasks, task_id)
+        pipe.get(keys.result(task_id))
+        return pipe.execute()
+
+    for raw in queue.manager.execute(read):
+        if raw is None:
+            continue
+        try:
+            run = orjson.loads(raw).get("run")
+        except (orjson.JSONDecodeError, AttributeError):
+            continue
+        if isinstance(run, str):
+            return run
+    return task_id
+
+
+def wait_ended(queue: TaskQueue, root: str, timeout_s: float) -> None:
+    """Block (no polling) until the run's end notice, or timeout_s: BLMOVE of the list
+    onto itself, so every waiter sees the token and it stays for late ones."""
+    ended = queue.keys.agent(agent_of(root)).ended(root)
+    queue.manager.execute(
+        lambda c: c.blmove(ended, ended, timeout_s, src="RIGHT", dest="LEFT"), retry=False
+    )
+
+
+# -- the tree ---------------------------------------------------------------------------
+
+
+def read_tree(queue: TaskQueue, run_id: str, result_bytes: int = 200) -> dict[str, Any] | None:
+    """The run as nested dicts (children, and a join's then), or None if nothing of it
+    is known: finished tasks from their records, live ones from the queue's state."""
+    root = _read_nodes(queue, [run_id], result_bytes)[0]
+    if root["status"] == "unknown":
+        return None
+    level = [root]
+    while level:
+        pending: list[tuple[dict, str, str]] = []  # (node, "children" | "then", id)
+        for node in level:
+            for child in node.pop("_children", []):
+                pending.append((node, "children", child))
+            if node.get("_then"):
+                pending.append((node, "then", node.pop("_then")))
+        level = []
+        for start in range(0, len(pending), TREE_LEVEL_CHUNK):
+            chunk = pending[start : start + TREE_LEVEL_CHUNK]
+            nodes = _read_nodes(queue, [task_id for _, _, task_id in chunk], result_bytes)
+            for (parent, slot, _), node in zip(chunk, nodes, strict=True):
+                if slot == "then":
+                    if node["status"] == "unknown":
+                        node["status"] = "waiting"  # its join has not fired yet
+                    parent["then"] = node
+                else:
+                    parent["children"].append(node)
+                level.append(node)
+    return root
+
+
+_READS_PER_TASK = 9
+
+
+def _read_nodes(queue: TaskQueue, ids: list[str], result_bytes: int) -> list[dict[str, Any]]:
+    all_keys = [queue.keys.agent(agent_of(task_id)) for task_id in ids]
+
+    def read(client) -> list:
+        pipe = client.pipeline(transaction=False)
+        for task_id, keys in zip(ids, all_keys, strict=True):
+            pipe.get(keys.result(task_id))
+            pipe.hget(keys.tasks, task_id)
+            pipe.zscore(keys.dead, task_id)
+            pipe.hget(keys.dead_reasons, task_id)
+            pipe.zscore(keys.leases, task_id)
+            pipe.zscore(keys.delayed, task_id)
+            pipe.zscore(keys.queue, task_id)
+            pipe.hget(keys.deliveries, task_id)
+            pipe.hget(keys.failures, task_id)
+        return pipe.execute()
+
+    replies = queue.manager.execute_pipelined(read, len(ids) * _READS_PER_TASK)
+    nodes = []
+    for i, (task_id, keys) in enumerate(zip(ids, all_keys, strict=True)):
+        parts = replies[i * _READS_PER_TASK : (i + 1) * _READS_PER_TASK]
+        nodes.append(_node(task_id, keys, parts, result_bytes))
+    return nodes
+
+
+def _node(task_id: str, keys: AgentKeys, parts: list, result_bytes: int) -> dict[str, Any]:
+    record, stored, dead, reason, leased, delayed, queued, deliveries, failures = parts
+    node: dict[str, Any] = {"id": task_id, "agent": keys.agent, "status": "unknown"}
+    node["children"] = []
+    if record is not None:
+        data = orjson.loads(record)
+        finished = data.get("finished_at")
+        ran_ms = data.get("ran_ms")
+        node.update(status="done", attempt=data.get("attempt"), finished_at=finished)
+        node.update(enqueued_at=data.get("enqueued_at"), ran_ms=ran_ms)
+        if isinstance(finished, int) and isinstance(ran_ms, int | float):
+            node["started_at"] = int(finished - ran_ms)
+        result = data.get("result")
+        if isinstance(result, dict) and set(result) == {"handoff"}:
+            node["_children"] = list(result["handoff"])
+        elif isinstance(result, dict) and set(result) == {"join"}:
+            node["_children"] = list(result["join"].get("branches", []))
+            node["_then"] = result["join"].get("then")
+            node["join"] = True
+        else:
+            node["result"] = _shortened(result, result_bytes)
+        return node
+    task: dict = {}
+    if stored is not None:
+        try:
+            task = orjson.loads(stored)
+        except orjson.JSONDecodeError:
+            task = {}
+    node["enqueued_at"] = task.get("enqueued_at") if isinstance(task, dict) else None
+    node["attempt"] = int(failures or 0) + 1
+    node["deliveries"] = int(deliveries or 0)
+    if dead is not None:
+        why = orjson.loads(reason) if reason else {}
+        node.update(status="dead", finished_at=int(dead), attempt=int(failures or 0))
+        node["reason"] = str(why.get("reason", ""))[:result_bytes]
+    elif leased is not None:
+        node["status"] = "running"
+    elif delayed is not None:
+        node["status"] = "delayed"
+    elif queued is not None:
+        node["status"] = "queued"
+    elif stored is None:
+        node.pop("enqueued_at", None)
+        node.pop("attempt", None)
+        node.pop("deliveries", None)
+    return node
+
+
+def _shortened(value: Any, limit: int) -> Any:
+    """The value itself when its JSON fits the limit, else the JSON text cut to it."""
+    text = orjson.dumps(value)
+    if len(text) <= limit:
+        return value
+    return text[:limit].decode(errors="ignore") + "..."

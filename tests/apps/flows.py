@@ -1,0 +1,92 @@
+"""Agents for the runs and joins tests. What the then-handler saw is recorded in the
+test's server (TEST_REDIS_URL), outside handoff, so a test can count its executions:
+
+    merged          LIST  one JSON per merge execution: {id, at_ms, branches}
+    step_ends       LIST  one JSON per step that returned a value: {id, at_ms}
+
+payloads:
+    planner  {"n": branches, "hops": handoffs per branch, "fan": split every branch in
+              two at its first hop, "poison": [branch indices that fail], "on_dead",
+              "nest": [branch indices that join again]}
+    step     {"i", "hops", "fan", "poison", "nest"}
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import orjson
+
+from handoff import Handoff, Join, agent
+from harness.procs import plain_client
+
+_client = None
+_client_pid = 0
+
+
+def client():
+    global _client, _client_pid
+    if _client is None or _client_pid != os.getpid():
+        _client = plain_client(os.environ["TEST_REDIS_URL"])
+        _client_pid = os.getpid()
+    return _client
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@agent("planner", max_concurrent=4)
+def planner(task):
+    p = task.payload
+    branches = [
+        Handoff(
+            "step",
+            {
+                "i": i,
+                "hops": p.get("hops", 0),
+                "fan": p.get("fan", False),
+                "poison": i in p.get("poison", []),
+                "nest": i in p.get("nest", []),
+            },
+        )
+        for i in range(p["n"])
+    ]
+    return Join(branches, then=Handoff("merge", {"run": task.id}), on_dead=p.get("on_dead", "fail"))
+
+
+@agent("step", max_concurrent=16, max_attempts=1)
+def step(task):
+    p = task.payload
+    if p.get("poison"):
+        raise RuntimeError(f"poisoned branch {p['i']}")
+    if p.get("nest"):
+        inner = [Handoff("step", {"i": p["i"] * 100 + k, "hops": 0}) for k in range(2)]
+        return Join(inner, then=Handoff("step", {"i": p["i"], "hops": 0, "after_nest": True}))
+    if p.get("hops", 0) > 0:
+        nxt = {**p, "hops": p["hops"] - 1, "fan": False}
+        if p.get("fan"):
+            return [Handoff("step", {**nxt, "i": p["i"]}), Handoff("step", {**nxt, "i": p["i"]})]
+        return Handoff("step", nxt)
+    if p.get("after_nest"):
+        inner = [[end["result"] for end in ends] for ends in task.branches]
+        client().rpush("step_ends", orjson.dumps({"id": task.id, "at_ms": _now_ms()}))
+        return {"i": p["i"], "inner": inner}
+    client().rpush("step_ends", orjson.dumps({"id": task.id, "at_ms": _now_ms()}))
+    return {"i": p["i"]}
+
+
+@agent("merge", max_concurrent=4)
+def merge(task):
+    record = {"id": task.id, "at_ms": _now_ms(), "branches": task.branches, "run": task.run_id}
+    client().rpush("merged", orjson.dumps(record))
+    return {"merged": [[end.get("result") for end in ends] for ends in task.branches]}
+
+
+@agent("echo")
+def echo(task):
+    p = task.payload
+    if isinstance(p, dict) and p.get("next"):
+        return Handoff(p["next"], {k: v for k, v in p.items() if k != "next"})
+    return p
