@@ -122,7 +122,7 @@ def _parse(text: str, *, where: str) -> Any:
 
 @click.group()
 def inspect() -> None:
-    """One-shot views: queues, workers, one task."""
+    """One-shot views: queues, agents, one task, a run's tree."""
 
 
 @inspect.command("queues")
@@ -171,6 +171,23 @@ def inspect_agents(state, as_json: bool) -> None:
 def inspect_task(state, task_id: str) -> None:
     """Everything known about one task (JSON)."""
     print_json(_call(state, "task", task_id))
+
+
+@inspect.command("tree")
+@click.argument("run_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the tree as nested JSON.")
+@click.pass_obj
+def inspect_tree(state, run_id: str, as_json: bool) -> None:
+    """A run as a tree: every task handed off from RUN_ID, with status, attempts and
+    times, joins and their then-tasks (finished tasks are kept for run_ttl_s)."""
+    from handoff.cli.tree_view import tree_lines
+
+    tree = _call(state, "tree", run_id)
+    if as_json:
+        print_json(tree)
+        return
+    for line in tree_lines(tree):
+        click.echo(line)
 
 
 @click.group()

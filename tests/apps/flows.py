@@ -21,16 +21,16 @@ import orjson
 from handoff import Handoff, Join, agent
 from harness.procs import plain_client
 
-_client = None
-_client_pid = 0
+_clients: dict[tuple[int, str], object] = {}
 
 
 def client():
-    global _client, _client_pid
-    if _client is None or _client_pid != os.getpid():
-        _client = plain_client(os.environ["TEST_REDIS_URL"])
-        _client_pid = os.getpid()
-    return _client
+    """A client of the test's server, per process and per URL (one test process runs
+    tests against a server and a cluster in turn)."""
+    where = (os.getpid(), os.environ["TEST_REDIS_URL"])
+    if where not in _clients:
+        _clients[where] = plain_client(where[1])
+    return _clients[where]
 
 
 def _now_ms() -> int:

@@ -1,0 +1,217 @@
+"""Runs and joins, run in this process against a real server and a 3-primary cluster
+(handoff.testing.InProcessApp settles tasks exactly as a worker does): a join's then-task
+and the ends it finds, failure policies, nesting, result(follow=True), the run tree, and
+bad joins. Killed processes: tests/faults/test_joins_killed.py."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import orjson
+import pytest
+
+from handoff import Handoff, Join
+from handoff.client import ResultTimeout, TaskDead
+from handoff.errors import InvalidPayload
+from handoff.testing import InProcessApp
+from harness.procs import wait_until
+
+BACKENDS = ("server", "cluster")
+
+
+@pytest.fixture
+def app(redis_url, monkeypatch):
+    monkeypatch.setenv("TEST_REDIS_URL", redis_url)  # where tests/apps/flows.py records
+    made = InProcessApp("apps.flows", redis_url)
+    yield made
+    made.close()
+
+
+def merged(raw_redis) -> list[dict]:
+    return [orjson.loads(item) for item in raw_redis.lrange("merged", 0, -1)]
+
+
+def test_the_then_task_runs_once_after_every_branch_with_their_ends_in_order(app, raw_redis):
+    root = app.enqueue("planner", {"n": 4, "hops": 2, "fan": True})
+    app.run_until_idle()
+    [record] = merged(raw_redis)
+    branches = record["branches"]
+    assert len(branches) == 4  # one entry per listed handoff, in order
+    for index, ends in enumerate(branches):
+        assert len(ends) == 2  # each branch split in two at its first hop
+        for end in ends:
+            assert set(end) == {"id", "agent", "status", "result"}
+            assert end["agent"] == "step" and end["status"] == "done"
+            assert end["result"] == {"i": index}
+    assert record["run"] == root
+    ends_at = [orjson.loads(e)["at_ms"] for e in raw_redis.lrange("step_ends", 0, -1)]
+    assert len(ends_at) == 8 and record["at_ms"] >= max(ends_at)
+    assert app.client.result(root, 5, follow=True) == {
+        "merged": [[{"i": i}, {"i": i}] for i in range(4)]
+    }
+
+
+def test_on_dead_fail_dead_letters_the_then_task_naming_the_end(app, raw_redis):
+    root = app.enqueue("planner", {"n": 3, "poison": [1], "on_dead": "fail"})
+    app.run_until_idle()
+    assert merged(raw_redis) == []  # the then handler never ran
+    then_id = app.client.result(root)["join"]["then"]
+    assert app.client.status(then_id) == "dead"
+    dead_branch = app.client.result(root)["join"]["branches"][1]
+    reason = app.client.dead_reason(then_id)
+    assert reason.startswith(f"join branch 1 ended dead: task {dead_branch} (step): RuntimeError")
+    with pytest.raises(TaskDead, match=f"task {then_id} \\(merge\\): join branch 1 ended dead"):
+        app.client.result(root, 5, follow=True)
+
+
+def test_on_dead_continue_runs_the_then_task_with_the_dead_end_listed(app, raw_redis):
+    root = app.enqueue("planner", {"n": 3, "poison": [0, 2], "on_dead": "continue"})
+    app.run_until_idle()
+    [record] = merged(raw_redis)
+    statuses = [[end["status"] for end in ends] for ends in record["branches"]]
+    assert statuses == [["dead"], ["done"], ["dead"]]
+    dead_end = record["branches"][0][0]
+    assert set(dead_end) == {"id", "agent", "status", "reason"}
+    assert dead_end["reason"] == "RuntimeError: poisoned branch 0"
+    assert app.client.result(root, 5, follow=True) == {"merged": [[None], [{"i": 1}], [None]]}
+
+
+def test_nested_joins_end_inside_out(app, raw_redis):
+    root = app.enqueue("planner", {"n": 3, "nest": [0, 2]})
+    app.run_until_idle()
+    [record] = merged(raw_redis)
+    results = [[end["result"] for end in ends] for ends in record["branches"]]
+    assert results == [
+        [{"i": 0, "inner": [[{"i": 0}], [{"i": 1}]]}],
+        [{"i": 1}],
+        [{"i": 2, "inner": [[{"i": 200}], [{"i": 201}]]}],
+    ]
+    inner_then = [orjson.loads(e) for e in raw_redis.lrange("step_ends", 0, -1)]
+    nested_at = [e["at_ms"] for e in inner_then if e["id"] in {ends[0]["id"] for ends in
+                 (record["branches"][0], record["branches"][2])}]  # fmt: skip
+    assert len(nested_at) == 2 and record["at_ms"] >= max(nested_at)
+    tree = app.client.tree(root)
+    nested = tree["children"][0]
+    assert nested["join"] and [c["status"] for c in nested["children"]] == ["done", "done"]
+    assert nested["then"]["id"] == record["branches"][0][0]["id"]
+
+
+def test_follow_returns_the_single_end_the_list_of_ends_or_the_task_itself(app):
+    single = app.enqueue("echo", {"x": 1})
+    chain = app.enqueue("echo", {"x": 2, "next": "echo"})
+    app.run_until_idle()
+    assert app.client.result(single, 5, follow=True) == {"x": 1}
+    assert app.client.result(chain, 5, follow=True) == {"x": 2}
+    assert app.client.result(chain, 5) == {"handoff": [app.client.tree(chain)["children"][0]["id"]]}
+    fan = app.enqueue("planner", {"n": 2, "hops": 1, "fan": True})
+    app.run_until_idle()
+    step = app.client.tree(fan)["children"][0]["id"]
+    # A task inside a run follows the run it belongs to.
+    assert app.client.result(step, 5, follow=True) == {"merged": [[{"i": 0}] * 2, [{"i": 1}] * 2]}
+
+
+def test_a_follow_waiter_blocks_without_polling_and_wakes_at_the_end(app, raw_redis, backend):
+    root = app.enqueue("planner", {"n": 20})
+    got: dict = {}
+    waiter = threading.Thread(
+        target=lambda: got.update(value=app.client.result(root, 30, follow=True))
+    )
+    before = _calls(raw_redis)
+    waiter.start()
+    time.sleep(1.0)  # the waiter sits in Redis for this long: count what it sent meanwhile
+    during = _calls(raw_redis)
+    app.run_until_idle()
+    waiter.join(10)
+    assert got["value"] == {"merged": [[{"i": i}] for i in range(20)]}
+    sent = {name: during.get(name, 0) - before.get(name, 0) for name in during}
+    assert sent.get("blmove", 0) <= 2, sent  # one blocking call per read_timeout_s / 2
+    assert sent.get("evalsha", 0) <= 2, sent  # the follow script, not a polling loop
+
+
+def _calls(raw_redis) -> dict[str, int]:
+    nodes = raw_redis.get_primaries() if hasattr(raw_redis, "get_primaries") else [None]
+    totals: dict[str, int] = {}
+    for node in nodes:
+        info = raw_redis.info("commandstats", target_nodes=node) if node else raw_redis.info(
+            "commandstats"
+        )  # fmt: skip
+        for name, stats in info.items():
+            if name.startswith("cmdstat_"):
+                totals[name[8:]] = totals.get(name[8:], 0) + stats["calls"]
+    return totals
+
+
+def test_follow_times_out_on_an_open_run_and_fails_on_an_unknown_one(app):
+    root = app.enqueue("planner", {"n": 1})
+    with pytest.raises(ResultTimeout, match=f"run {root} has not ended after 0.2s"):
+        app.client.result(root, 0.2, follow=True)
+    with pytest.raises(ResultTimeout, match="is unknown"):
+        app.client.result("planner.nosuchtask", 1, follow=True)
+
+
+def test_the_tree_matches_what_the_handlers_did(app, raw_redis):
+    root = app.enqueue("planner", {"n": 2, "hops": 1, "fan": True, "poison": [1]})
+    runs = app.run_until_idle()
+    tree = app.client.tree(root)
+    assert tree["id"] == root and tree["status"] == "done" and tree["join"]
+    assert [c["id"] for c in tree["children"]] == app.client.result(root)["join"]["branches"]
+    first, poisoned = tree["children"]
+    assert [c["id"] for c in first["children"]] == runs[first["id"]].children
+    assert all(c["status"] == "done" and c["result"] == {"i": 0} for c in first["children"])
+    assert poisoned["status"] == "dead" and poisoned["reason"].startswith("RuntimeError")
+    then = tree["then"]
+    assert then["agent"] == "merge" and then["status"] == "dead"  # on_dead="fail"
+    for node in (tree, first, *first["children"]):
+        assert node["attempt"] == 1 and isinstance(node["ran_ms"], float)
+        assert isinstance(node["enqueued_at"], int) and isinstance(node["finished_at"], int)
+
+
+def test_an_unknown_tree_is_a_one_line_error(app):
+    with pytest.raises(InvalidPayload, match=r"^run planner\.nope is unknown"):
+        app.client.tree("planner.nope")
+
+
+@pytest.mark.parametrize(
+    ("join", "reason"),
+    [
+        (Join([], then=Handoff("merge", {})), "join has no branches"),
+        (Join([Handoff("step", {})], then="merge"), "join then must be a Handoff, not str"),
+        (
+            Join([Handoff("step", {})], then=Handoff("merge", {}), on_dead="ignore"),
+            "join on_dead 'ignore' is not one of fail, continue",
+        ),
+        (
+            Join([Handoff("step", {"i": i}) for i in range(4)], then=Handoff("merge", {})),
+            "join has 4 branches, over max_join_branches (3)",
+        ),
+        (Join([Handoff("step", {}), {"x": 1}], then=Handoff("merge", {})), "join branches must"),
+    ],
+)
+def test_a_bad_join_fails_its_task_with_one_line_and_nothing_else(
+    redis_url, raw_redis, monkeypatch, join, reason
+):
+    from handoff.protocol.queue import ClaimRequest
+    from handoff.runtime.agents import get_spec
+    from handoff.runtime.runner import Outcome
+    from handoff.runtime.settle import settle
+
+    monkeypatch.setenv("TEST_REDIS_URL", redis_url)
+    app = InProcessApp("apps.flows", redis_url, max_join_branches=3)
+    try:
+        neighbour = app.enqueue("echo", {"x": 1})
+        bad = app.enqueue("planner", {"n": 1})
+        [task] = app.queue.claim([ClaimRequest("planner", 1, 10_000)])["planner"]
+        assert task.id == bad
+        spec = get_spec("apps.flows", "planner")
+        completion, failure, made = settle(Outcome(task, join), spec, app.settings)
+        assert completion is None and made == [] and failure.dead_now
+        assert failure.error.startswith(reason) and "\n" not in failure.error
+        app.queue.nack([failure])
+        assert app.client.status(bad) == "dead"
+        assert app.client.dead_reason(bad) == failure.error
+        assert app.client.status(neighbour) == "queued"
+        assert raw_redis.llen("merged") == 0
+        wait_until(lambda: app.client.status(bad) == "dead", 1, "the dead letter")
+    finally:
+        app.close()
