@@ -59,6 +59,9 @@ class Settings:
     max_tasks_per_worker: int = 0  # recycle a worker after N tasks; 0 = unlimited
     max_rss_mb: float = 0.0  # 0 = unlimited
     max_worker_age_s: float = 0.0  # 0 = unlimited
+    # A crashed worker is restarted after 0.1 s doubling per crash in the last minute, up
+    # to this: a crash loop costs the host little, a one-off crash is replaced at once.
+    crash_backoff_max_s: float = 30.0
     # The most processes a control message (`handoff scale`) or SIGTTIN may ask a
     # supervisor for, per agent type: a bound on what anyone who can write a control
     # message can make a host run.
@@ -97,6 +100,7 @@ def settings_to_dict(settings: Settings, *, redact: bool = True) -> dict[str, An
 
 
 _POSITIVE_S = (
+    "crash_backoff_max_s",
     "heartbeat_interval_s",
     "lease_s",
     "reaper_interval_s",

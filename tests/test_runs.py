@@ -215,3 +215,54 @@ def test_a_bad_join_fails_its_task_with_one_line_and_nothing_else(
         wait_until(lambda: app.client.status(bad) == "dead", 1, "the dead letter")
     finally:
         app.close()
+
+
+def test_a_joiner_that_died_before_its_ack_returns_its_join_again_and_then_runs_once(
+    app, raw_redis
+):
+    """The crash window between a Join's branches (enqueued) and its ack: the lease
+    expires, the planner runs again and returns the same Join; branches are the same
+    ids, and the then-task runs once."""
+    from handoff.protocol.queue import ClaimRequest
+    from handoff.runtime.agents import get_spec
+    from handoff.runtime.runner import Outcome
+    from handoff.runtime.settle import settle
+
+    spec = get_spec("apps.flows", "planner")
+    root = app.enqueue("planner", {"n": 3})
+    now = app.clock.now_ms
+    [first] = app.queue.claim([ClaimRequest("planner", 1, 1000)], now_ms=now)["planner"]
+    _, _, made = settle(Outcome(first, spec.handler(first)), spec, app.settings)
+    app.queue.enqueue(made, now_ms=now)  # ... and the worker dies before its ack
+    app.run_until_idle()  # the branches run meanwhile; the join cannot fire yet
+    assert raw_redis.llen("merged") == 0
+    app.clock.advance(2.0)  # past the lease: the planner is delivered again
+    runs = app.run_until_idle()
+    assert raw_redis.llen("planned") == 2 and runs[root].status == "done"
+    [record] = merged(raw_redis)
+    assert [[e["result"] for e in ends] for ends in record["branches"]] == [
+        [{"i": 0}], [{"i": 1}], [{"i": 2}]
+    ]  # fmt: skip
+    assert app.client.result(root, 5, follow=True)["merged"] == [[{"i": 0}], [{"i": 1}], [{"i": 2}]]
+
+
+def test_notices_a_dead_worker_left_in_its_outbox_are_delivered_by_the_reaper(
+    app, raw_redis, monkeypatch
+):
+    """The crash window between an ack (its notices written to the outbox in the same
+    script) and their delivery: the run stays open until the reaper delivers them."""
+    root = app.enqueue("echo", {"i": 7, "next": "step"})  # the step reports to echo's slot
+    monkeypatch.setattr(type(app.queue), "deliver", lambda self, *a, **k: False)  # dies here
+    app.run_until_idle()
+    monkeypatch.undo()
+    child = app.client.tree(root)["children"][0]["id"]
+    assert app.client.status(child) == "done"
+    with pytest.raises(ResultTimeout):
+        app.client.result(root, 0.1, follow=True)  # the child's end is still in its outbox
+    outbox = app.queue.keys.agent("step").outbox
+    assert raw_redis.hlen(outbox) == 1
+    app.queue.reap(["step"], now_ms=app.clock.now_ms + 1000)  # within the grace: not yet
+    assert raw_redis.hlen(outbox) == 1
+    app.queue.reap(["step"], now_ms=app.clock.now_ms + 6000)
+    assert raw_redis.hlen(outbox) == 0
+    assert app.client.result(root, 5, follow=True) == {"i": 7}

@@ -51,7 +51,6 @@ log = logging.getLogger(__name__)
 
 TICK_S = 0.2
 CRASH_WINDOW_S = 60.0
-MAX_CRASH_BACKOFF_S = 30.0
 FAST_AFTER_S = 1.0  # a second stop signal this long after the first means "fast"
 HANDLED = (
     signal.SIGTERM,
@@ -292,7 +291,7 @@ class Supervisor:
             return
         now = time.monotonic()
         state.crashes = [t for t in state.crashes if now - t < CRASH_WINDOW_S] + [now]
-        delay = exponential_s(len(state.crashes), 0.1, MAX_CRASH_BACKOFF_S)
+        delay = exponential_s(len(state.crashes), 0.1, self.settings.crash_backoff_max_s)
         state.next_spawn_at = now + delay
         log.warning(
             "worker %d (%s) crashed: %s; restarting in %.1fs (%d crash(es) in %ds)",

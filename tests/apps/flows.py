@@ -1,14 +1,16 @@
 """Agents for the runs and joins tests. What the then-handler saw is recorded in the
 test's server (TEST_REDIS_URL), outside handoff, so a test can count its executions:
 
-    merged          LIST  one JSON per merge execution: {id, at_ms, branches}
-    step_ends       LIST  one JSON per step that returned a value: {id, at_ms}
+    merged          LIST  one JSON per merge execution: {id, at_ms, branches, run}
+    step_ends       LIST  one JSON per step that returned a value: {id, at_ms, run}
+    planned         LIST  one planner task id per planner execution
 
 payloads:
-    planner  {"n": branches, "hops": handoffs per branch, "fan": split every branch in
-              two at its first hop, "poison": [branch indices that fail], "on_dead",
+    planner  {"n": branches, "planner_sleep_s", "hops": handoffs per branch, "fan": split
+              every branch in two at its first hop (or "fan_at": [the indices that split]),
+              "poison": [branch indices that fail], "on_dead",
               "nest": [branch indices that join again]}
-    step     {"i", "hops", "fan", "poison", "nest"}
+    step     {"i", "hops", "fan", "poison", "nest", "sleep_s"} (planner's "step_sleep_s")
 """
 
 from __future__ import annotations
@@ -40,15 +42,19 @@ def _now_ms() -> int:
 @agent("planner", max_concurrent=4)
 def planner(task):
     p = task.payload
+    client().rpush("planned", task.id)
+    time.sleep(p.get("planner_sleep_s", 0))
+    fan_at = set(p.get("fan_at", range(p["n"]) if p.get("fan") else []))
     branches = [
         Handoff(
             "step",
             {
                 "i": i,
                 "hops": p.get("hops", 0),
-                "fan": p.get("fan", False),
+                "fan": i in fan_at,
                 "poison": i in p.get("poison", []),
                 "nest": i in p.get("nest", []),
+                "sleep_s": p.get("step_sleep_s", 0),
             },
         )
         for i in range(p["n"])
@@ -59,6 +65,8 @@ def planner(task):
 @agent("step", max_concurrent=16, max_attempts=1)
 def step(task):
     p = task.payload
+    if p.get("sleep_s"):
+        time.sleep(p["sleep_s"])
     if p.get("poison"):
         raise RuntimeError(f"poisoned branch {p['i']}")
     if p.get("nest"):
@@ -71,10 +79,15 @@ def step(task):
         return Handoff("step", nxt)
     if p.get("after_nest"):
         inner = [[end["result"] for end in ends] for ends in task.branches]
-        client().rpush("step_ends", orjson.dumps({"id": task.id, "at_ms": _now_ms()}))
+        _step_ended(task)
         return {"i": p["i"], "inner": inner}
-    client().rpush("step_ends", orjson.dumps({"id": task.id, "at_ms": _now_ms()}))
+    _step_ended(task)
     return {"i": p["i"]}
+
+
+def _step_ended(task) -> None:
+    record = {"id": task.id, "at_ms": _now_ms(), "run": task.run_id}
+    client().rpush("step_ends", orjson.dumps(record))
 
 
 @agent("merge", max_concurrent=4)
