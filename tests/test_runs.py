@@ -33,7 +33,7 @@ def merged(raw_redis) -> list[dict]:
 
 
 def test_the_then_task_runs_once_after_every_branch_with_their_ends_in_order(app, raw_redis):
-    root = app.enqueue("planner", {"n": 4, "hops": 2, "fan": True})
+    root = app.enqueue("splitter", {"n": 4, "hops": 2, "fan": True})
     app.run_until_idle()
     [record] = merged(raw_redis)
     branches = record["branches"]
@@ -53,7 +53,7 @@ def test_the_then_task_runs_once_after_every_branch_with_their_ends_in_order(app
 
 
 def test_on_dead_fail_dead_letters_the_then_task_naming_the_end(app, raw_redis):
-    root = app.enqueue("planner", {"n": 3, "poison": [1], "on_dead": "fail"})
+    root = app.enqueue("splitter", {"n": 3, "poison": [1], "on_dead": "fail"})
     app.run_until_idle()
     assert merged(raw_redis) == []  # the then handler never ran
     then_id = app.client.result(root)["join"]["then"]
@@ -66,7 +66,7 @@ def test_on_dead_fail_dead_letters_the_then_task_naming_the_end(app, raw_redis):
 
 
 def test_on_dead_continue_runs_the_then_task_with_the_dead_end_listed(app, raw_redis):
-    root = app.enqueue("planner", {"n": 3, "poison": [0, 2], "on_dead": "continue"})
+    root = app.enqueue("splitter", {"n": 3, "poison": [0, 2], "on_dead": "continue"})
     app.run_until_idle()
     [record] = merged(raw_redis)
     statuses = [[end["status"] for end in ends] for ends in record["branches"]]
@@ -78,7 +78,7 @@ def test_on_dead_continue_runs_the_then_task_with_the_dead_end_listed(app, raw_r
 
 
 def test_nested_joins_end_inside_out(app, raw_redis):
-    root = app.enqueue("planner", {"n": 3, "nest": [0, 2]})
+    root = app.enqueue("splitter", {"n": 3, "nest": [0, 2]})
     app.run_until_idle()
     [record] = merged(raw_redis)
     results = [[end["result"] for end in ends] for ends in record["branches"]]
@@ -104,7 +104,7 @@ def test_follow_returns_the_single_end_the_list_of_ends_or_the_task_itself(app):
     assert app.client.result(single, 5, follow=True) == {"x": 1}
     assert app.client.result(chain, 5, follow=True) == {"x": 2}
     assert app.client.result(chain, 5) == {"handoff": [app.client.tree(chain)["children"][0]["id"]]}
-    fan = app.enqueue("planner", {"n": 2, "hops": 1, "fan": True})
+    fan = app.enqueue("splitter", {"n": 2, "hops": 1, "fan": True})
     app.run_until_idle()
     step = app.client.tree(fan)["children"][0]["id"]
     # A task inside a run follows the run it belongs to.
@@ -112,7 +112,7 @@ def test_follow_returns_the_single_end_the_list_of_ends_or_the_task_itself(app):
 
 
 def test_a_follow_waiter_blocks_without_polling_and_wakes_at_the_end(app, raw_redis, backend):
-    root = app.enqueue("planner", {"n": 20})
+    root = app.enqueue("splitter", {"n": 20})
     got: dict = {}
     waiter = threading.Thread(
         target=lambda: got.update(value=app.client.result(root, 30, follow=True))
@@ -143,15 +143,15 @@ def _calls(raw_redis) -> dict[str, int]:
 
 
 def test_follow_times_out_on_an_open_run_and_fails_on_an_unknown_one(app):
-    root = app.enqueue("planner", {"n": 1})
+    root = app.enqueue("splitter", {"n": 1})
     with pytest.raises(ResultTimeout, match=f"run {root} has not ended after 0.2s"):
         app.client.result(root, 0.2, follow=True)
     with pytest.raises(ResultTimeout, match="is unknown"):
-        app.client.result("planner.nosuchtask", 1, follow=True)
+        app.client.result("splitter.nosuchtask", 1, follow=True)
 
 
 def test_the_tree_matches_what_the_handlers_did(app, raw_redis):
-    root = app.enqueue("planner", {"n": 2, "hops": 1, "fan": True, "poison": [1]})
+    root = app.enqueue("splitter", {"n": 2, "hops": 1, "fan": True, "poison": [1]})
     runs = app.run_until_idle()
     tree = app.client.tree(root)
     assert tree["id"] == root and tree["status"] == "done" and tree["join"]
@@ -168,8 +168,8 @@ def test_the_tree_matches_what_the_handlers_did(app, raw_redis):
 
 
 def test_an_unknown_tree_is_a_one_line_error(app):
-    with pytest.raises(InvalidPayload, match=r"^run planner\.nope is unknown"):
-        app.client.tree("planner.nope")
+    with pytest.raises(InvalidPayload, match=r"^run splitter\.nope is unknown"):
+        app.client.tree("splitter.nope")
 
 
 @pytest.mark.parametrize(
@@ -200,10 +200,10 @@ def test_a_bad_join_fails_its_task_with_one_line_and_nothing_else(
     app = InProcessApp("apps.flows", redis_url, max_join_branches=3)
     try:
         neighbour = app.enqueue("echo", {"x": 1})
-        bad = app.enqueue("planner", {"n": 1})
-        [task] = app.queue.claim([ClaimRequest("planner", 1, 10_000)])["planner"]
+        bad = app.enqueue("splitter", {"n": 1})
+        [task] = app.queue.claim([ClaimRequest("splitter", 1, 10_000)])["splitter"]
         assert task.id == bad
-        spec = get_spec("apps.flows", "planner")
+        spec = get_spec("apps.flows", "splitter")
         completion, failure, made = settle(Outcome(task, join), spec, app.settings)
         assert completion is None and made == [] and failure.dead_now
         assert failure.error.startswith(reason) and "\n" not in failure.error
@@ -221,22 +221,22 @@ def test_a_joiner_that_died_before_its_ack_returns_its_join_again_and_then_runs_
     app, raw_redis
 ):
     """The crash window between a Join's branches (enqueued) and its ack: the lease
-    expires, the planner runs again and returns the same Join; branches are the same
+    expires, the splitter runs again and returns the same Join; branches are the same
     ids, and the then-task runs once."""
     from handoff.protocol.queue import ClaimRequest
     from handoff.runtime.agents import get_spec
     from handoff.runtime.runner import Outcome
     from handoff.runtime.settle import settle
 
-    spec = get_spec("apps.flows", "planner")
-    root = app.enqueue("planner", {"n": 3})
+    spec = get_spec("apps.flows", "splitter")
+    root = app.enqueue("splitter", {"n": 3})
     now = app.clock.now_ms
-    [first] = app.queue.claim([ClaimRequest("planner", 1, 1000)], now_ms=now)["planner"]
+    [first] = app.queue.claim([ClaimRequest("splitter", 1, 1000)], now_ms=now)["splitter"]
     _, _, made = settle(Outcome(first, spec.handler(first)), spec, app.settings)
     app.queue.enqueue(made, now_ms=now)  # ... and the worker dies before its ack
     app.run_until_idle()  # the branches run meanwhile; the join cannot fire yet
     assert raw_redis.llen("merged") == 0
-    app.clock.advance(2.0)  # past the lease: the planner is delivered again
+    app.clock.advance(2.0)  # past the lease: the splitter is delivered again
     runs = app.run_until_idle()
     assert raw_redis.llen("planned") == 2 and runs[root].status == "done"
     [record] = merged(raw_redis)

@@ -20,13 +20,18 @@ def test_the_planner_hands_each_step_to_a_coder(handoff_app):
     assert app.client.task(reviews[0])["task"]["payload"]["code"].startswith("def step_0()")
 
 
-def test_a_whole_chain_runs_to_its_reviews(handoff_app):
+def test_a_whole_chain_runs_through_its_reviews_to_the_integrator(handoff_app):
     app = handoff_app("workers.demo")
     root = app.enqueue("planner", {"feature": "export", "steps": 2})
     runs = app.run_until_idle()
-    ends = runs.ends(root)
-    assert [e.agent for e in ends] == ["reviewer", "reviewer"]
-    assert [e.result["step"] for e in ends] == [0, 1] and all(e.status == "done" for e in ends)
+    reviews = [e for e in runs.values() if e.agent == "reviewer" and e.status == "done"]
+    assert {e.result["step"] for e in reviews if isinstance(e.result, dict)} == {0, 1}
+    merged = app.client.result(root, 5, follow=True)  # the run's one end: the integrator's
+    assert merged["feature"] == "export"
+    assert sorted(merged["approved_steps"] + merged["failed_steps"]) == [0, 1]
+    tree = app.client.tree(root)
+    assert [c["agent"] for c in tree["children"]] == ["coder", "coder"]
+    assert tree["then"]["agent"] == "integrator" and tree["then"]["status"] == "done"
 
 
 def test_retries_come_due_on_the_virtual_clock_and_end_dead(

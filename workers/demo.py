@@ -1,9 +1,12 @@
 """The demo: a small team of agents that hand work to each other.
 
-planner -> coder -> reviewer, and the reviewer sometimes sends the code back to the coder
-(at most twice), so `./scripts/run` shows real handoffs, retries of a flaky step, and a
-chain you can follow with `handoff inspect task ID`. The Procfile runs the team with
-`handoff --app workers.demo supervise ...` and feeds it with `python -m workers.demo`.
+planner -> coders -> reviewers -> integrator: the planner splits a feature into steps and
+joins them (Join), each step goes coder -> reviewer, and the reviewer sometimes sends the
+code back to the coder (at most twice); when every step has ended the integrator merges
+the approved ones. `./scripts/run` shows real handoffs, retries of a flaky step, a join,
+and runs you can look at with `handoff inspect tree ID`. The Procfile runs the team with
+`handoff --app workers.demo supervise ...` and feeds it with `python -m workers.demo`,
+which prints each feature's merged result as its run ends (result(follow=True)).
 """
 
 from __future__ import annotations
@@ -12,11 +15,12 @@ import asyncio
 import random
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import click
 from pydantic import BaseModel, Field
 
-from handoff import Client, Handoff, RedisUnavailable, agent
+from handoff import Client, Handoff, HandoffError, Join, RedisUnavailable, agent
 
 
 class FeatureRequest(BaseModel):
@@ -41,14 +45,23 @@ class Review(BaseModel):
     rounds: int
 
 
+class Merged(BaseModel):
+    feature: str
+    approved_steps: list[int]
+    review_rounds: int
+    failed_steps: list[int]
+
+
 @agent("planner", max_concurrent=2, payload=FeatureRequest)
 def plan(task):
-    """Split a feature request into steps and hand each to the coder (fan-out)."""
+    """Split a feature request into steps, one branch each, joined by the integrator."""
     time.sleep(random.uniform(0.01, 0.05))
     request = task.payload
-    return [
+    steps = [
         Handoff("coder", CodeStep(feature=request.feature, step=i)) for i in range(request.steps)
     ]
+    then = Handoff("integrator", FeatureRequest(feature=request.feature, steps=request.steps))
+    return Join(steps, then=then, on_dead="continue")
 
 
 @agent("coder", max_concurrent=4, timeout_s=10, max_attempts=3, retry_delay_s=0.2, payload=CodeStep)
@@ -73,24 +86,58 @@ def review(task):
     return Review(approved=True, step=work.step, rounds=work.round)
 
 
+@agent("integrator", max_concurrent=2, payload=FeatureRequest, result=Merged)
+def integrate(task):
+    """Merge the approved steps once every step has ended (task.branches: one list of
+    ends per step, in order; a step whose coder kept failing ended dead)."""
+    approved, failed, rounds = [], [], 0
+    for index, ends in enumerate(task.branches):
+        reviews = [end["result"] for end in ends if end["status"] == "done"]
+        if reviews and all(r["approved"] for r in reviews):
+            approved.append(index)
+            rounds += sum(r["rounds"] for r in reviews)
+        else:
+            failed.append(index)
+    return Merged(
+        feature=task.payload.feature,
+        approved_steps=approved,
+        review_rounds=rounds,
+        failed_steps=failed,
+    )
+
+
+WAITERS = 16  # runs followed at once by the producer (each blocks in Redis, no polling)
 FEATURES = ["login page", "search", "billing", "export to CSV", "dark mode", "audit log"]
 
 
-def produce(client, *, rate_per_s: float, count: int | None = None) -> int:
-    """Feed the planner: `rate_per_s` feature requests a second (forever unless count)."""
+def produce(client, *, rate_per_s: float, count: int | None = None, report=None) -> int:
+    """Feed the planner: `rate_per_s` feature requests a second (forever unless count).
+    report(root_id) is called after each enqueue (the CLI waits for the run there)."""
     sent = 0
     interval = 1.0 / rate_per_s
     next_at = time.monotonic()
     while count is None or sent < count:
-        client.enqueue(
+        root = client.enqueue(
             "planner", {"feature": random.choice(FEATURES), "steps": random.randint(1, 3)}
         )
+        if report is not None:
+            report(root)
         sent += 1
         next_at += interval
         pause = next_at - time.monotonic()
         if pause > 0:
             time.sleep(pause)
     return sent
+
+
+def describe_merged(root: str, merged: dict) -> str:
+    """One line per finished feature: what the integrator merged."""
+    approved = ", ".join(str(i) for i in merged["approved_steps"]) or "none"
+    line = f"{merged['feature']!r} ({root}): merged step(s) {approved}"
+    line += f" after {merged['review_rounds']} review round(s)"
+    if merged["failed_steps"]:
+        line += f"; failed: {', '.join(str(i) for i in merged['failed_steps'])}"
+    return line
 
 
 def _wait_for_server(client: Client, timeout_s: float = 30.0) -> None:
@@ -115,14 +162,26 @@ def _stop(_signum, _frame) -> None:
 @click.option("--count", type=click.IntRange(1), default=None, help="Stop after this many.")
 def main(rate: float, count: int | None) -> None:
     """Feed the demo planner with feature requests (REDIS_URL, or the embedded server)."""
-    with Client() as client:
+    with Client() as client, ThreadPoolExecutor(WAITERS, thread_name_prefix="follow") as pool:
         _wait_for_server(client)
         click.echo(f"demo producer: {rate:g} feature request(s)/s to planner", err=True)
         signal.signal(signal.SIGTERM, _stop)
+
+        def follow(root: str) -> None:
+            try:
+                merged = client.result(root, 120, follow=True)
+            except HandoffError as e:
+                click.echo(f"demo: {root}: {e}", err=True)
+                return
+            click.echo(f"demo: feature {describe_merged(root, merged)}")
+
         try:
-            sent = produce(client, rate_per_s=rate, count=count)
+            sent = produce(
+                client, rate_per_s=rate, count=count, report=lambda r: pool.submit(follow, r)
+            )
         except KeyboardInterrupt:
             sent = None
+            pool.shutdown(wait=False, cancel_futures=True)
     click.echo(
         "demo producer: stopped" if sent is None else f"demo producer: sent {sent}", err=True
     )

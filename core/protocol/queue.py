@@ -374,6 +374,7 @@ class TaskQueue:
         window_ms = int(self.settings.dedupe_window_s * 1000)
         preview = self.settings.result_ttl_s == 0 and ttl_ms > 0  # only the tree keeps it
         calls, groups = [], []
+        new_agents: set[str] = set()  # a join's then agent is enqueued to by a script
         for agent, group in _group(completions, lambda c: c.task.agent).items():
             agent_keys = self.keys.agent(agent)
             result_key = agent_keys.result
@@ -393,12 +394,22 @@ class TaskQueue:
                     task.id, task.token, result, position, done.handoffs, remember,
                     done.extras, notice.NOTICE_SEP.join(done.notices),
                 )  # fmt: skip
+                for item in done.notices:
+                    if (
+                        item[:1] == b"J"
+                        and notice.target_agent(item) not in self._registered_agents
+                    ):
+                        new_agents.add(notice.target_agent(item))
             calls.append(("ack", keys, args))
             groups.append((agent, group))
         if not calls:
             return []
+        joined = sorted(new_agents)
+        extra = [lambda p: p.sadd(self.keys.agents, *joined)] if joined else []
+        replies = self.run_scripts(calls, extra)
+        self._registered_agents.update(new_agents)
         stale: list[str] = []
-        for reply in self.run_scripts(calls):
+        for reply in replies[: len(calls)]:
             if b"|" not in reply:
                 stale.extend(i.decode() for i in reply)
                 continue

@@ -3,14 +3,14 @@ test's server (TEST_REDIS_URL), outside handoff, so a test can count its executi
 
     merged          LIST  one JSON per merge execution: {id, at_ms, branches, run}
     step_ends       LIST  one JSON per step that returned a value: {id, at_ms, run}
-    planned         LIST  one planner task id per planner execution
+    planned         LIST  one splitter task id per splitter execution
 
 payloads:
-    planner  {"n": branches, "planner_sleep_s", "hops": handoffs per branch, "fan": split
+    splitter  {"n": branches, "splitter_sleep_s", "hops": handoffs per branch, "fan": split
               every branch in two at its first hop (or "fan_at": [the indices that split]),
               "poison": [branch indices that fail], "on_dead",
               "nest": [branch indices that join again]}
-    step     {"i", "hops", "fan", "poison", "nest", "sleep_s"} (planner's "step_sleep_s")
+    step     {"i", "hops", "fan", "poison", "nest", "sleep_s"} (splitter's "step_sleep_s")
 """
 
 from __future__ import annotations
@@ -39,11 +39,11 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-@agent("planner", max_concurrent=4)
-def planner(task):
+@agent("splitter", max_concurrent=4)
+def splitter(task):
     p = task.payload
     client().rpush("planned", task.id)
-    time.sleep(p.get("planner_sleep_s", 0))
+    time.sleep(p.get("splitter_sleep_s", 0))
     fan_at = set(p.get("fan_at", range(p["n"]) if p.get("fan") else []))
     branches = [
         Handoff(

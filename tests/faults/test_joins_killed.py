@@ -1,5 +1,5 @@
 """Joins under SIGKILL: workers of every agent but the then agent killed at random every
-200 ms until every run has ended (the joining planner's included, so a planner can
+200 ms until every run has ended (the joining splitter's included, so a splitter can
 return its Join again), on one server and on a 3-primary cluster. What the then handler
 saw is recorded outside handoff (tests/apps/flows.py)."""
 
@@ -26,7 +26,7 @@ FAN_AT = list(range(0, BRANCHES, 5))  # these branches split in two at their fir
 ENDS_PER_RUN = BRANCHES + len(FAN_AT)
 KILL_EVERY_S = 0.2
 STEP_S = 0.03  # each step's work: long enough that kills land while runs are open
-PLANNER_S = 0.2  # and the planners': kills land on planners too
+PLANNER_S = 0.2  # and the splitters': kills land on splitters too
 BOOT_S = 0.3  # a worker killed before it claims tests nothing
 
 
@@ -56,20 +56,20 @@ def run_killing(redis_url, tmp_path, client, raw_redis, kill_then_agent, record_
     env = handoff_env(
         redis_url, app="apps.flows", lease_s=1, max_deliveries=1000, crash_backoff_max_s=0.2
     )
-    killed = "planner=1,step=3" + (",merge=1" if kill_then_agent else "")
+    killed = "splitter=1,step=3" + (",merge=1" if kill_then_agent else "")
     victims = HandoffProcess(["supervise", "--agents", killed], env, tmp_path / "victims.log")
     spared = None
     if not kill_then_agent:
         spared = HandoffProcess(["supervise", "--agents", "merge=1"], env, tmp_path / "then.log")
     payload = {"n": BRANCHES, "hops": 2, "fan_at": FAN_AT, "step_sleep_s": STEP_S}
-    payload["planner_sleep_s"] = PLANNER_S
+    payload["splitter_sleep_s"] = PLANNER_S
     roots: list[str] = []
     rng = random.Random(0)
     kills = 0
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if len(roots) < RUNS:  # runs start while the killing goes on
-            roots.append(client.enqueue("planner", payload))
+            roots.append(client.enqueue("splitter", payload))
         ended = {orjson.loads(r)["run"] for r in raw_redis.lrange("merged", 0, -1)}
         if len(roots) == RUNS and ended >= set(roots):
             break
@@ -82,7 +82,7 @@ def run_killing(redis_url, tmp_path, client, raw_redis, kill_then_agent, record_
             f"{client.queue_stats()}; victims: {victims.output()[-2000:]}"
         )
     record_property("kills", kills)
-    record_property("planner_runs", raw_redis.llen("planned"))
+    record_property("splitter_runs", raw_redis.llen("planned"))
     results = {root: client.result(root, 60, follow=True) for root in roots}
     victims.stop()
     if spared is not None:
