@@ -448,7 +448,9 @@ class TaskQueue:
             ("scope", self._fixed(target), [now_arg, *items]) for target, items in by_target.items()
         ]
         try:
-            self.run_scripts(calls)
+            # Replicated before the outbox may forget them (enqueue_wait_replicas): a
+            # failover must not lose a notice whose copy in the outbox is gone.
+            self.run_scripts(calls, wait_replicas=self.settings.enqueue_wait_replicas)
         except HandoffError as e:
             log.warning("%d run notice(s) left for the reaper to deliver: %s", len(outgoing), e)
             return False

@@ -14,7 +14,7 @@ import orjson
 import psutil
 import pytest
 
-from harness.procs import HandoffProcess, handoff_env
+from harness.procs import HandoffProcess, handoff_env, wait_until
 
 BACKENDS = ("server", "cluster")
 
@@ -136,3 +136,71 @@ def test_a_killed_then_agent_still_runs_its_one_then_task_to_completion(
         check_every_end_seen(records[-1])
         assert client.status(records[0]["id"]) == "done"
         assert len(results[root]["merged"]) == BRANCHES
+
+
+@pytest.fixture
+def replicated_cluster(tmp_path):
+    """A cluster of its own, 3 primaries each with a replica: this test kills one."""
+    from harness.topologies import start_cluster
+
+    cluster = start_cluster(tmp_path / "replicated", replicas_per_primary=1)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.mark.backends("cluster")
+def test_joins_ride_out_the_failover_of_their_branches_primary(
+    backend, replicated_cluster, tmp_path, record_property
+):
+    """splitter and merge (the join's slot) on one primary, step (the branches) on
+    another, which is killed mid-run; every write a process was told succeeded was
+    confirmed by a replica (enqueue_wait_replicas=1, notices included)."""
+    from redis.cluster import key_slot
+
+    from handoff.client import Client
+    from handoff.config import RedisPoolConfig, Settings
+    from handoff.protocol.keys import Keys
+
+    cluster = replicated_cluster
+    keys = Keys()
+
+    def slot(agent: str) -> int:
+        return key_slot(keys.agent(agent).queue.encode())
+
+    home = cluster.owner_port(slot("splitter"))
+    for agent in ("merge",):
+        if cluster.owner_port(slot(agent)) != home:
+            cluster.migrate_slot(slot(agent), home)
+    if cluster.owner_port(slot("step")) == home:
+        other = next(p.port for p in cluster.primaries if p.port != home)
+        cluster.migrate_slot(slot("step"), other)
+    victim = cluster.owner_port(slot("step"))
+    raw = cluster.client()
+    env = handoff_env(cluster.url, app="apps.flows", lease_s=1, enqueue_wait_replicas=1)
+    sup = HandoffProcess(
+        ["supervise", "--agents", "splitter=1,step=2,merge=1"], env, tmp_path / "sup.log"
+    )
+    settings = Settings(redis=RedisPoolConfig(url=cluster.url), enqueue_wait_replicas=1)
+    payload = {"n": BRANCHES, "hops": 2, "fan_at": FAN_AT, "step_sleep_s": 0.05}
+    runs = 5
+    try:
+        with Client(settings=settings) as client:
+            roots = client.enqueue_many("splitter", [payload] * runs)
+            wait_until(lambda: raw.llen("step_ends") >= 50, 60, "the branches to get going")
+            next(n for n in cluster.nodes if n.port == victim).stop(sig_kill=True)
+            killed_at = time.monotonic()
+            wait_until(lambda: cluster.owner_port(slot("step")) != victim, 30, "a promotion")
+            record_property("promoted_after_s", round(time.monotonic() - killed_at, 2))
+            results = {root: client.result(root, 120, follow=True) for root in roots}
+            record_property("runs_ended_after_s", round(time.monotonic() - killed_at, 2))
+        by_run = merges_by_run(raw)
+        for root in roots:
+            [record] = by_run[root]  # exactly once
+            check_every_end_seen(record)
+            assert results[root]["merged"] == [
+                [e["result"] for e in ends] for ends in record["branches"]
+            ]
+        assert sup.proc.poll() is None, sup.output()[-2000:]
+    finally:
+        sup.stop()
+        raw.close()
