@@ -21,8 +21,8 @@ def main() -> None:
 @click.option(
     "--systems",
     default=None,
-    help="Comma-separated: handoff,handoff-pf32,handoff-typed,celery,dramatiq,huey,rq,arq "
-    "(default: all).",
+    help="Comma-separated: handoff,handoff-pf32,handoff-typed,handoff-notree,celery,dramatiq,"
+    "huey,rq,arq (default: all).",
 )
 @click.option(
     "--out",
@@ -40,6 +40,15 @@ def e2e(quick: bool, runs: int | None, systems: str | None, out_dir: Path | None
     target = out_dir or Path(".run/bench" if quick else "docs")
     results = run_e2e(quick, runs or (1 if quick else 3), chosen, target)
     click.echo(render_markdown(results))
+
+
+@main.command("runs", context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def runs_cmd(args: tuple[str, ...]) -> None:
+    """Joins and run tracking: join and follow latency, memory per finished task."""
+    from benchmarks.runs import main as runs_main
+
+    raise SystemExit(runs_main(list(args)))
 
 
 @main.command("compare")

@@ -47,11 +47,16 @@ class RunFailed(RuntimeError):
 
 
 def start_supervisor(
-    url: str, agents: dict[str, int], log_path: Path, bench_env: dict[str, str], **settings: object
+    url: str,
+    agents: dict[str, int],
+    log_path: Path,
+    bench_env: dict[str, str],
+    app: str = "benchmarks.agents",
+    **settings: object,
 ) -> HandoffProcess:
-    """`handoff supervise` on the agents of benchmarks/agents.py. `settings` become
-    HANDOFF_* variables (procs.handoff_env); `bench_env` (BENCH_*_DIR) is added as is."""
-    env = handoff_env(url, app="benchmarks.agents", **settings)
+    """`handoff supervise` on the agents of benchmarks/agents.py (or `app`). `settings`
+    become HANDOFF_* variables (procs.handoff_env); `bench_env` (BENCH_*_DIR) is added as is."""
+    env = handoff_env(url, app=app, **settings)
     env["PYTHONPATH"] = str(ROOT)
     env.update(bench_env)
     spec = ",".join(f"{name}={n}" for name, n in agents.items())

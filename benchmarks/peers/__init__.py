@@ -18,6 +18,7 @@ REGISTRY: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "handoff": ("handoff_peer", "HandoffPeer", ()),
     "handoff-pf32": ("handoff_peer", "HandoffPrefetchPeer", ()),
     "handoff-typed": ("handoff_peer", "HandoffTypedPeer", ("pydantic",)),
+    "handoff-notree": ("handoff_peer", "HandoffNoTreePeer", ()),
     "celery": ("celery_peer", "CeleryPeer", ("celery", "gevent")),
     "dramatiq": ("dramatiq_peer", "DramatiqPeer", ("dramatiq",)),
     "huey": ("huey_peer", "HueyPeer", ("huey",)),

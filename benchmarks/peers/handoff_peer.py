@@ -99,3 +99,21 @@ class HandoffTypedPeer(HandoffPeer):
         env = super().worker_env()
         env["HANDOFF_APP"] = "app_handoff_typed"
         return env
+
+
+class HandoffNoTreePeer(HandoffPeer):
+    """handoff with HANDOFF_RUN_TTL_S=0: no run tree kept (a finished task's record holds
+    its result only). Beside the defaults it shows what tracking runs costs the hot path:
+    the tree's fields in each record and its longer TTL (a run's notices, applied in the
+    ack, are the same in both)."""
+
+    name = "handoff-notree"
+    settings_note = {
+        NOOP: "as handoff, run_ttl_s=0 (no run tree)",
+        IO: "as handoff, run_ttl_s=0",
+    }
+
+    def worker_env(self) -> dict[str, str]:
+        env = super().worker_env()
+        env["HANDOFF_RUN_TTL_S"] = "0"
+        return env

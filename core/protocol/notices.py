@@ -26,10 +26,10 @@ def _csv(ids: list[str]) -> bytes:
     return ",".join(ids).encode()
 
 
-def ended(scope: str, run: str, task_id: str, branch: int, end_json: bytes) -> bytes:
-    """A task ended (done or dead): end_json is what its join or waiter will see."""
-    return b"E\x1f%s\x1f%s\x1f%s\x1f%d\x1f%s" % (
-        scope.encode(), run.encode(), task_id.encode(), branch, end_json,
+def ended(scope: str, run: str, task_id: str, branch: int, status: str, end_json: bytes) -> bytes:
+    """A task ended (status done or dead): end_json is what its join or waiter will see."""
+    return b"E\x1f%s\x1f%s\x1f%s\x1f%d\x1f%s\x1f%s" % (
+        scope.encode(), run.encode(), task_id.encode(), branch, status.encode(), end_json,
     )  # fmt: skip
 
 

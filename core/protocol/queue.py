@@ -340,23 +340,22 @@ class TaskQueue:
         return result
 
     def _read_branches(self, thens: list[Task]) -> None:
-        """A join's then-task finds its branches' ends in task.branches (one round trip,
-        only for then-tasks): per branch, in the order they ended, without "branch"."""
+        """A join's then-task gets its branches' ends (task.branches) and the first dead
+        one: one round trip, only for then-tasks."""
 
         def read(client) -> list:
             pipe = client.pipeline(transaction=False)
             for task in thens:
-                pipe.lrange(self.keys.agent(task.agent).ends(task.id), 0, -1)
+                keys = self.keys.agent(task.agent)
+                pipe.lrange(keys.ends(task.id), 0, -1)
+                pipe.hget(keys.scope(task.id), "dead")
             return pipe.execute()
 
-        for task, ends in zip(thens, self.manager.execute_pipelined(read, len(thens)), strict=True):
-            count = task.join.get("branches", 0) if task.join else 0
-            branches: list[list[dict]] = [[] for _ in range(count if type(count) is int else 0)]
-            for end in orjson.loads(b"[" + b",".join(ends) + b"]"):
-                index = end.pop("branch", 0)
-                if type(index) is int and 0 <= index < len(branches):
-                    branches[index].append(end)
-            task.branches = branches
+        replies = self.manager.execute_pipelined(read, 2 * len(thens))
+        for i, task in enumerate(thens):
+            task.ends_raw = replies[2 * i]
+            dead = replies[2 * i + 1]
+            task.first_dead = orjson.loads(dead) if dead else None
 
     # -- finishing -------------------------------------------------------------------------
 

@@ -104,6 +104,16 @@ _FIELD_TYPES = (
 )
 
 
+def group_ends(ends_raw: list[bytes], count: object) -> list[list[dict]]:
+    """Stored ends (JSON, each with its branch index) -> one list per branch, in order."""
+    branches: list[list[dict]] = [[] for _ in range(count if type(count) is int else 0)]
+    for end in orjson.loads(b"[" + b",".join(ends_raw) + b"]"):
+        index = end.pop("branch", 0)
+        if type(index) is int and 0 <= index < len(branches):
+            branches[index].append(end)
+    return branches
+
+
 def _wrong_types(record: dict) -> str:
     """The reason a decoded task failed its type checks (the slow path of from_json)."""
     for name, kinds, nullable in _FIELD_TYPES:
@@ -142,7 +152,20 @@ class Task:
     scope: str | None = None
     branch: int = 0
     join: dict | None = None
-    branches: list[list[dict]] | None = None  # a then-task's branch ends, read at claim
+    # A then-task's branches' ends as stored (read at claim; decoded on first use of
+    # task.branches, in the handler: a join of 10,000 branches starts its then-task
+    # without waiting for 10,000 decodes) and the first dead one (decoded: on_dead).
+    ends_raw: list[bytes] | None = None
+    first_dead: dict | None = None
+    _branches: list[list[dict]] | None = None
+
+    @property
+    def branches(self) -> list[list[dict]] | None:
+        """A join's then-task: one list per branch of its ends, in the order they ended,
+        each {"id", "agent", "status", "result"} ("reason" for a dead one); else None."""
+        if self._branches is None and self.join is not None:
+            self._branches = group_ends(self.ends_raw or [], self.join.get("branches", 0))
+        return self._branches
 
     @property
     def run_id(self) -> str:

@@ -32,13 +32,11 @@ def check_payload(spec: AgentSpec, task: Task) -> Failure | None:
     """A typed agent's payload becomes its model (task.payload); one that does not match
     (an older producer, or a hand-written task) is dead-lettered, not retried. A join's
     then-task whose join fails on a dead branch is dead-lettered naming that end."""
-    if task.join is not None and task.join.get("on_dead") == "fail" and task.branches:
-        for index, ends in enumerate(task.branches):
-            for end in ends:
-                if end.get("status") != "done":
-                    reason = f"join branch {index} ended {end.get('status')}: task {end.get('id')}"
-                    reason += f" ({end.get('agent')}): {str(end.get('reason', ''))[:300]}"
-                    return Failure(task, reason, dead_now=True)
+    dead = task.first_dead
+    if dead is not None and task.join is not None and task.join.get("on_dead") == "fail":
+        reason = f"join branch {dead.get('branch')} ended {dead.get('status')}: task "
+        reason += f"{dead.get('id')} ({dead.get('agent')}): {str(dead.get('reason', ''))[:300]}"
+        return Failure(task, reason, dead_now=True)
     if spec.payload_type is None:
         return None
     try:
@@ -85,7 +83,7 @@ def settle(outcome: Outcome, spec: AgentSpec, settings: Settings) -> Settled:
         ending = notice.root_ended(task.id, *_limits(settings))
     else:
         end_json = notice.done_end(task.id, task.agent, task.branch, result_json)
-        ending = notice.ended(task.scope_id, task.run, task.id, task.branch, end_json)
+        ending = notice.ended(task.scope_id, task.run, task.id, task.branch, "done", end_json)
     return Completion(task, result_json, 0, (*_closing(task), ending), extras), None, []
 
 

@@ -235,7 +235,8 @@ local function scope_open(sk, ids_csv)
   end
 end
 
-local function record_end(scope, sk, branch, end_json)
+local function record_end(scope, sk, branch, status, end_json)
+  if status ~= 'done' then redis.call('HSETNX', sk, 'dead', end_json) end  -- the first
   local cap = tonumber(redis.call('HGET', sk, 'cap') or '1000') or 1000
   if redis.call('HINCRBY', sk, 'c:' .. branch, 1) <= cap then
     redis.call('RPUSH', run_key('ends', scope), end_json)
@@ -281,7 +282,7 @@ end
 
 -- Apply one notice to a scope that lives in this slot. Notices (built by
 -- handoff/protocol/runs.py, or by notice_dead below), fields separated by SEP:
---   E scope run task branch end_json          a task ended (done or dead)
+--   E scope run task branch status end_json   a task ended (status done or dead)
 --   R root root root cap keep                 a root ended without handing off
 --   S scope run task cap keep children_csv    a task handed off: children replace it
 --   J join run task cap keep branches_csv priority then_json     a join starts
@@ -295,7 +296,7 @@ local function apply_notice(notice, now, root_result)
     return
   end
   local f
-  if op == 'E' then f = split_fields(notice, 5)
+  if op == 'E' then f = split_fields(notice, 6)
   elseif op == 'J' then f = split_fields(notice, 8)
   else f = split_fields(notice, 6) end
   local scope, run, tid = f[2], f[3], f[4]
@@ -309,17 +310,18 @@ local function apply_notice(notice, now, root_result)
       return
     end
     if scope_close(sk, tid) then
-      local end_json = f[6]
+      local end_json, status = f[7], f[6]
       if op == 'R' then
+        status = 'done'
         end_json = '{"id":"' .. tid .. '","agent":"' .. AGENT .. '","branch":0,"status":"done","result":' ..
           (root_result ~= '' and root_result or 'null') .. '}'
         redis.call('HSET', sk, 'cap', f[5], 'keep', f[6])
       end
-      record_end(scope, sk, '0', end_json)
+      record_end(scope, sk, '0', status, end_json)
     end
     redis.call('HSET', sk, 'reg', '1')
   elseif op == 'E' then
-    if scope_close(sk, tid) then record_end(scope, sk, f[5], f[6]) end
+    if scope_close(sk, tid) then record_end(scope, sk, f[5], f[6], f[7]) end
   elseif op == 'S' then
     if scope_close(sk, tid) then scope_open(sk, f[7]) end
     if tid == run then redis.call('HSET', sk, 'reg', '1', 'cap', f[5], 'keep', f[6]) end
@@ -361,6 +363,6 @@ notice_dead = function(id, now, reason_json)
   if type(reason) ~= 'string' then reason = 'dead-lettered' end
   local end_json = cjson.encode({id = id, agent = AGENT, branch = tonumber(branch), status = 'dead',
     reason = reason})
-  emit_notice('E' .. SEP .. scope .. SEP .. run .. SEP .. id .. SEP .. branch .. SEP .. end_json,
-    id .. ':dead', now, '')
+  emit_notice('E' .. SEP .. scope .. SEP .. run .. SEP .. id .. SEP .. branch .. SEP .. 'dead' ..
+    SEP .. end_json, id .. ':dead', now, '')
 end
