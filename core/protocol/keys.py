@@ -22,7 +22,7 @@ one cluster slot. Agent names are validated before any key is built.
     <prefix>:{<agent>}:autoscalers  HASH  supervisor id -> JSON {min, max, current, until}
     <prefix>:{<agent>}:outbox       HASH  field -> time + notice for a scope in another slot
     <prefix>:{<agent>}:scope:<id>   HASH  a run (root id) or join (then id): open tasks...
-    <prefix>:{<agent>}:ends:<id>    LIST  that scope's ends (JSON), in the order they came
+    <prefix>:{<agent>}:ends:<id>    STRING that scope's ends ("<JSON>,<JSON>,"), in order
     <prefix>:{<agent>}:ended:<run>  LIST  a token pushed when the run ends (waiters block)
     <prefix>:{<agent>}:waiting:<run> STRING a waiter is blocked on this run (with a TTL)
     <prefix>:agents                 SET   registry of agent names

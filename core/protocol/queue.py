@@ -316,12 +316,15 @@ class TaskQueue:
             if request.isolate_suspects:
                 result.suspects_waiting[agent] = bool(int(reply[2]))
                 first = 3
-            for i in range(first, len(reply), 4):
+            for i in range(first, len(reply), 5):
                 task_id = reply[i].decode()
                 try:
                     task = from_json(
                         reply[i + 1], attempt=reply[i + 2], deliveries=reply[i + 3], token=token
                     )
+                    if task.join is not None:  # a then-task: its join's ends, when asked
+                        task.ends_loader = self._ends_loader(task)
+                        task.first_dead = orjson.loads(reply[i + 4]) if reply[i + 4] else None
                     if task.id != task_id or task.agent != agent:
                         raise ValueError(
                             f"task JSON says id {task.id[:80]!r} of agent {task.agent[:80]!r}"
@@ -334,28 +337,11 @@ class TaskQueue:
         if corrupt:
             log.warning("dead-lettering %d corrupt task(s): %s", len(corrupt), corrupt[0].error)
             self.nack(corrupt, now_ms=now_ms)
-        thens = [task for tasks in claimed.values() for task in tasks if task.join is not None]
-        if thens:
-            self._read_branches(thens)
         return result
 
-    def _read_branches(self, thens: list[Task]) -> None:
-        """A join's then-task gets its branches' ends (task.branches) and the first dead
-        one: one round trip, only for then-tasks."""
-
-        def read(client) -> list:
-            pipe = client.pipeline(transaction=False)
-            for task in thens:
-                keys = self.keys.agent(task.agent)
-                pipe.lrange(keys.ends(task.id), 0, -1)
-                pipe.hget(keys.scope(task.id), "dead")
-            return pipe.execute()
-
-        replies = self.manager.execute_pipelined(read, 2 * len(thens))
-        for i, task in enumerate(thens):
-            task.ends_raw = replies[2 * i]
-            dead = replies[2 * i + 1]
-            task.first_dead = orjson.loads(dead) if dead else None
+    def _ends_loader(self, task: Task):
+        ends_key = self.keys.agent(task.agent).ends(task.id)
+        return lambda: self.manager.execute(lambda c: c.get(ends_key)) or b""
 
     # -- finishing -------------------------------------------------------------------------
 
@@ -403,12 +389,24 @@ class TaskQueue:
             groups.append((agent, group))
         if not calls:
             return []
+        # Notices for scopes in other slots: on one server they ride right behind the
+        # acks, in the same round trip (scope.lua checks each against its outbox); on a
+        # cluster they are delivered after the acks returned.
+        outgoing: list[tuple[str, str, bytes]] = []
+        for agent, group in groups:
+            for done in group:
+                for k, item in enumerate(done.notices):
+                    if notice.target_agent(item) != agent:
+                        outgoing.append((agent, f"{done.task.id}:{k}", item))
+        inline = outgoing and not self.manager.is_cluster
+        if inline:
+            calls += self._checked_deliveries(outgoing, now_ms)
         joined = sorted(new_agents)
         extra = [lambda p: p.sadd(self.keys.agents, *joined)] if joined else []
         replies = self.run_scripts(calls, extra)
         self._registered_agents.update(new_agents)
         stale: list[str] = []
-        for reply in replies[: len(calls)]:
+        for reply in replies[: len(groups)]:
             if b"|" not in reply:
                 stale.extend(i.decode() for i in reply)
                 continue
@@ -419,18 +417,25 @@ class TaskQueue:
                 "%d result(s) not stored (the tasks are done all the same): %s: %s",
                 len(dropped) // 2, dropped[0].decode(), dropped[1].decode()[:200],
             )  # fmt: skip
-        outgoing: list[tuple[str, str, bytes]] = []
-        stale_ids = set(stale)
-        for agent, group in groups:
-            for done in group:
-                if not done.notices or done.task.id in stale_ids:
-                    continue
-                for k, item in enumerate(done.notices):
-                    if notice.target_agent(item) != agent:
-                        outgoing.append((agent, f"{done.task.id}:{k}", item))
-        if outgoing:
-            self.deliver(outgoing, now_ms=now_ms)
+        if outgoing and not inline:
+            stale_ids = set(stale)
+            fresh = [item for item in outgoing if item[1].rpartition(":")[0] not in stale_ids]
+            if fresh:
+                self.deliver(fresh, now_ms=now_ms)
         return stale
+
+    def _checked_deliveries(
+        self, outgoing: list[tuple[str, str, bytes]], now_ms: int | None
+    ) -> list[tuple[str, list[str], list[Any]]]:
+        """scope calls that apply each notice only if its outbox field exists (one server)."""
+        by_pair: dict[tuple[str, str], list[Any]] = {}
+        for source, field_name, item in outgoing:
+            by_pair.setdefault((source, notice.target_agent(item)), []).extend((field_name, item))
+        now_arg = "" if now_ms is None else now_ms
+        return [
+            ("scope", [*self._fixed(target), self.keys.agent(source).outbox], [now_arg, *pairs])
+            for (source, target), pairs in by_pair.items()
+        ]
 
     def deliver(
         self, outgoing: Sequence[tuple[str, str, bytes]], *, now_ms: int | None = None

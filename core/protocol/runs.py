@@ -13,7 +13,7 @@ import orjson
 
 from handoff.protocol.keys import AgentKeys
 from handoff.protocol.queue import TaskQueue
-from handoff.protocol.task import agent_of
+from handoff.protocol.task import agent_of, decode_ends
 
 TREE_LEVEL_CHUNK = 500  # tasks read per pipeline while walking a tree
 
@@ -35,8 +35,7 @@ def run_state(queue: TaskQueue, root: str, waiter_ttl_ms: int) -> RunState:
     reply = queue.run_scripts([("follow", keys.all(), [root, waiter_ttl_ms])])[0]
     kind = reply[0].decode()
     if kind == "ended":
-        ends = orjson.loads(b"[" + b",".join(reply[2:]) + b"]")
-        return RunState(kind, ends=ends, dropped=int(reply[1]))
+        return RunState(kind, ends=decode_ends(reply[2]), dropped=int(reply[1]))
     if kind == "single":
         return RunState(kind, record=orjson.loads(reply[1]))
     if kind == "dead":

@@ -11,6 +11,7 @@ import itertools
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,10 +105,15 @@ _FIELD_TYPES = (
 )
 
 
-def group_ends(ends_raw: list[bytes], count: object) -> list[list[dict]]:
-    """Stored ends (JSON, each with its branch index) -> one list per branch, in order."""
+def decode_ends(ends_raw: bytes) -> list[dict]:
+    """Stored ends (each end's JSON followed by a comma) -> the ends, in order."""
+    return orjson.loads(b"[" + ends_raw[:-1] + b"]") if ends_raw else []
+
+
+def group_ends(ends_raw: bytes, count: object) -> list[list[dict]]:
+    """Stored ends (each with its branch index) -> one list per branch, in order."""
     branches: list[list[dict]] = [[] for _ in range(count if type(count) is int else 0)]
-    for end in orjson.loads(b"[" + b",".join(ends_raw) + b"]"):
+    for end in decode_ends(ends_raw):
         index = end.pop("branch", 0)
         if type(index) is int and 0 <= index < len(branches):
             branches[index].append(end)
@@ -152,19 +158,22 @@ class Task:
     scope: str | None = None
     branch: int = 0
     join: dict | None = None
-    # A then-task's branches' ends as stored (read at claim; decoded on first use of
-    # task.branches, in the handler: a join of 10,000 branches starts its then-task
-    # without waiting for 10,000 decodes) and the first dead one (decoded: on_dead).
-    ends_raw: list[bytes] | None = None
+    # A then-task's branches' ends are read (one GET) and decoded when its handler first
+    # asks for task.branches: a join of 10,000 branches starts its then-task without
+    # moving a megabyte first (as BullMQ's getChildrenValues()). Its join's first dead
+    # end comes with the claim (on_dead is applied before the handler runs).
+    ends_loader: Callable[[], bytes] | None = None
     first_dead: dict | None = None
     _branches: list[list[dict]] | None = None
 
     @property
     def branches(self) -> list[list[dict]] | None:
         """A join's then-task: one list per branch of its ends, in the order they ended,
-        each {"id", "agent", "status", "result"} ("reason" for a dead one); else None."""
+        each {"id", "agent", "status", "result"} ("reason" for a dead one); else None.
+        The first use reads them from Redis (a blocking call, also in a coroutine)."""
         if self._branches is None and self.join is not None:
-            self._branches = group_ends(self.ends_raw or [], self.join.get("branches", 0))
+            raw = self.ends_loader() if self.ends_loader is not None else b""
+            self._branches = group_ends(raw, self.join.get("branches", 0))
         return self._branches
 
     @property

@@ -188,7 +188,9 @@ end
 -- the then-task's slot): HASH <base>:scope:<id> with t:<task> = '1' open / '0' ended,
 -- n (open count), reg (the opening notice arrived), cap and keep, c:<branch> (ends per
 -- branch), done (when it ended), and for a join then (the then-task's JSON) and prio.
--- Its ends, in the order they arrived: LIST <base>:ends:<id>. Notices are idempotent: a
+-- Its ends, in the order they arrived: STRING <base>:ends:<id>, each end's JSON followed by
+-- a comma (APPEND: a then-task or a waiter reads all of them as one value, cheap to pass
+-- through a script and to decode as one JSON array). Notices are idempotent: a
 -- task closes once, a closed task is never reopened, so a notice that arrives twice, or
 -- a child's end that arrives before its parent's step, changes nothing it should not.
 local AGENT_BASE = string.sub(K_QUEUE, 1, -7)  -- '<prefix>:{<agent>}' (K_QUEUE minus ':queue')
@@ -239,7 +241,7 @@ local function record_end(scope, sk, branch, status, end_json)
   if status ~= 'done' then redis.call('HSETNX', sk, 'dead', end_json) end  -- the first
   local cap = tonumber(redis.call('HGET', sk, 'cap') or '1000') or 1000
   if redis.call('HINCRBY', sk, 'c:' .. branch, 1) <= cap then
-    redis.call('RPUSH', run_key('ends', scope), end_json)
+    redis.call('APPEND', run_key('ends', scope), end_json .. ',')
   else
     redis.call('HINCRBY', sk, 'dropped', 1)
   end

@@ -15,9 +15,11 @@
 -- delivered more than max_deliveries times without finishing; lease the rest with the token
 -- and a deadline from server time; count the delivery. Writes go in bulk commands per batch
 -- (HSET, ZADD of many members); reads are one HGET each (see hget_each in _prelude.lua).
+-- A join's then-task comes with its join's first dead end ('' if none: its on_dead policy
+-- is applied at claim); its branches' ends are read when its handler first asks for them.
 -- Returns: {now, next_due (ms of the earliest delayed task, -1 if none),
 --           [suspects_waiting (0/1), only when isolating,] id1, json1, attempt1,
---           deliveries1, id2, ...}
+--           deliveries1, join1, id2, ...}
 local claim_key = KEYS[FIXED_KEYS + 1]
 local n = math.min(tonumber(ARGV[1]), tonumber(ARGV[7]))
 local lease_ms = tonumber(ARGV[2])
@@ -31,12 +33,20 @@ local solo = ARGV[10] == '1'
 local out = {now, -1}
 if isolate then out[3] = 0 end
 
+-- The first dead end of a then-task's join ('' for other tasks, and when none). Only a
+-- task whose JSON has a join looks (a payload that happens to hold the text reads '').
+local function join_state(id, json)
+  if not json or not string.find(json, '"join":{"on_dead":', 1, true) then return '' end
+  return redis.call('HGET', run_key('scope', id), 'dead') or ''
+end
+
 local function emit(id, json, failures, deliveries)
   local len = #out
   out[len + 1] = id
   out[len + 2] = json
   out[len + 3] = failures + 1
   out[len + 4] = deliveries
+  out[len + 5] = join_state(id, json)
 end
 
 -- A retried claim: return what the first call leased and still holds; lease nothing new.
@@ -107,8 +117,7 @@ for i, id in ipairs(ids) do
       leases[c - 1], leases[c] = deadline, id
       tokens[c - 1], tokens[c] = id, token
       leased[c / 2] = id
-      local len = #out
-      out[len + 1], out[len + 2], out[len + 3], out[len + 4] = id, payloads[i], failed + 1, deliveries
+      emit(id, payloads[i], failed, deliveries)
     end
   end
 end

@@ -2,7 +2,8 @@
 -- KEYS[1..FIXED_KEYS]  the root agent's fixed keys (see _prelude.lua)
 -- ARGV[1] the run's root id   ARGV[2] how long the waiter flag lives, ms
 -- Returns one of:
---   {'ended', dropped, end_json...}     the run ended: its ends in the order they arrived
+--   {'ended', dropped, ends}           the run ended: its ends in the order they arrived
+--                                       (each end's JSON followed by a comma)
 --   {'single', record_json}             the root ended without handing off: its record
 --   {'dead', reason_json}               the root was dead-lettered without handing off
 --   {'wait'}                            still running: block on <base>:ended:<root>
@@ -11,11 +12,8 @@ local root = ARGV[1]
 local sk = run_key('scope', root)
 if redis.call('EXISTS', sk) == 1 then
   if redis.call('HEXISTS', sk, 'done') == 1 then
-    local out = {'ended', redis.call('HGET', sk, 'dropped') or '0'}
-    for _, item in ipairs(redis.call('LRANGE', run_key('ends', root), 0, -1)) do
-      out[#out + 1] = item
-    end
-    return out
+    return {'ended', redis.call('HGET', sk, 'dropped') or '0',
+      redis.call('GET', run_key('ends', root)) or ''}
   end
   redis.call('SET', run_key('waiting', root), '1', 'PX', tonumber(ARGV[2]))
   return {'wait'}
