@@ -269,3 +269,24 @@ def test_notices_a_dead_worker_left_in_its_outbox_are_delivered_by_the_reaper(
     app.queue.reap(["step"], now_ms=app.clock.now_ms + 6000)
     assert raw_redis.hlen(outbox) == 0
     assert app.client.result(root, 5, follow=True) == {"i": 7}
+
+
+def test_a_root_that_handed_off_then_lost_its_ack_and_ended_plainly_still_ends_its_run(app):
+    """A handler that is not deterministic: the root's first delivery handed off (the child
+    ran and reported to the run) but its ack was lost; run again, it returns a value. The
+    run ends with both ends, in the order they came (first transition wins)."""
+    from handoff.protocol.queue import ClaimRequest
+    from handoff.runtime.agents import get_spec
+    from handoff.runtime.runner import Outcome
+    from handoff.runtime.settle import settle
+
+    spec = get_spec("apps.flows", "echo")
+    root = app.enqueue("echo", {"i": 3})
+    now = app.clock.now_ms
+    [first] = app.queue.claim([ClaimRequest("echo", 1, 1000)], now_ms=now)["echo"]
+    _, _, made = settle(Outcome(first, Handoff("step", {"i": 4})), spec, app.settings)
+    app.queue.enqueue(made, now_ms=now)  # ... and the ack is lost
+    app.run_until_idle()  # the child runs and reports to the run, before the root's step
+    app.clock.advance(2.0)
+    app.run_until_idle()  # the root runs again and returns {"i": 3}
+    assert app.client.result(root, 5, follow=True) == [{"i": 4}, {"i": 3}]

@@ -24,7 +24,8 @@ one cluster slot. Agent names are validated before any key is built.
     <prefix>:{<agent>}:scope:<id>   HASH  a run (root id) or join (then id): open tasks...
     <prefix>:{<agent>}:ends:<id>    STRING that scope's ends ("<JSON>,<JSON>,"), in order
     <prefix>:{<agent>}:ended:<run>  LIST  a token pushed when the run ends (waiters block)
-    <prefix>:{<agent>}:waiting:<run> STRING a waiter is blocked on this run (with a TTL)
+    <prefix>:{<agent>}:watched:runs ZSET roots whose end an ack must report: waited on
+                                          (until ms), or ended out of order (+inf)
     <prefix>:agents                 SET   registry of agent names
     <prefix>:workers                ZSET  worker id -> last heartbeat (ms)
     <prefix>:worker:<id>            HASH  one worker's health and metrics (TTL)

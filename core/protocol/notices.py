@@ -7,7 +7,7 @@ The picture. Every task belongs to a run (the task a client enqueued, and everyt
 handed off from it) and reports to one scope: the run itself, or the join whose branch
 it is on. A scope lives in one agent's slot (the run's root agent, or the join's then
 agent) and counts its open tasks. A task's settle sends its scope one notice: it ended
-(E, or R for a root that handed nothing off) or it handed off (S: its children replace
+(E; R for a root that handed nothing off) or it handed off (S: its children replace
 it); a join sends J to its new scope (its branches open there) and S to its own (the
 then-task replaces the task that joined). The ack applies notices whose scope is in its
 own slot inside the same script; any other notice is written to the agent's outbox in
@@ -40,10 +40,9 @@ def done_end(task_id: str, agent: str, branch: int, result_json: bytes) -> bytes
     )  # fmt: skip
 
 
-def root_ended(root: str, cap: int, keep_ms: int) -> bytes:
-    """A root ended without handing off: its run is itself (almost free: see apply_notice)."""
-    r = root.encode()
-    return b"R\x1f%s\x1f%s\x1f%s\x1f%d\x1f%d" % (r, r, r, cap, keep_ms)
+# A root ended without handing off: its run is itself. The ack knows the root's id and
+# result, so the notice is this one byte (the hot path: see root_done in _prelude.lua).
+ROOT_DONE = b"R"
 
 
 def stepped(
@@ -78,6 +77,7 @@ def dropped(join_id: str) -> bytes:
 
 
 def target_agent(notice: bytes) -> str:
-    """The agent whose slot holds the notice's scope (a scope id is a task id)."""
+    """The agent whose slot holds the notice's scope (a scope id is a task id); not for
+    R and D, which always go to the acking task's own slot."""
     scope = notice.split(SEP, 2)[1]
     return scope.partition(b".")[0].decode()

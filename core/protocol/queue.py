@@ -379,12 +379,10 @@ class TaskQueue:
                     task.id, task.token, result, position, done.handoffs, remember,
                     done.extras, notice.NOTICE_SEP.join(done.notices),
                 )  # fmt: skip
-                for item in done.notices:
-                    if (
-                        item[:1] == b"J"
-                        and notice.target_agent(item) not in self._registered_agents
-                    ):
-                        new_agents.add(notice.target_agent(item))
+                if done.handoffs:
+                    for item in done.notices:
+                        if item[:1] == b"J":
+                            new_agents.add(notice.target_agent(item))
             calls.append(("ack", keys, args))
             groups.append((agent, group))
         if not calls:
@@ -395,13 +393,15 @@ class TaskQueue:
         outgoing: list[tuple[str, str, bytes]] = []
         for agent, group in groups:
             for done in group:
+                if done.task.run is None and not done.handoffs:
+                    continue  # a root that ended: its notice is for its own slot
                 for k, item in enumerate(done.notices):
-                    if notice.target_agent(item) != agent:
+                    if item[:1] not in b"RD" and notice.target_agent(item) != agent:
                         outgoing.append((agent, f"{done.task.id}:{k}", item))
         inline = outgoing and not self.manager.is_cluster
         if inline:
             calls += self._checked_deliveries(outgoing, now_ms)
-        joined = sorted(new_agents)
+        joined = sorted(new_agents - self._registered_agents)
         extra = [lambda p: p.sadd(self.keys.agents, *joined)] if joined else []
         replies = self.run_scripts(calls, extra)
         self._registered_agents.update(new_agents)

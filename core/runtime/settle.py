@@ -26,6 +26,7 @@ MIXED_RESULT = (
 )
 
 Settled = tuple[Completion | None, Failure | None, list[Task]]
+ROOT_DONE = (notice.ROOT_DONE,)
 
 
 def check_payload(spec: AgentSpec, task: Task) -> Failure | None:
@@ -80,10 +81,9 @@ def settle(outcome: Outcome, spec: AgentSpec, settings: Settings) -> Settled:
     if problem:
         return None, Failure(task, problem, dead_now=True), []
     if task.run is None:
-        ending = notice.root_ended(task.id, *_limits(settings))
-    else:
-        end_json = notice.done_end(task.id, task.agent, task.branch, result_json)
-        ending = notice.ended(task.scope_id, task.run, task.id, task.branch, "done", end_json)
+        return Completion(task, result_json, 0, ROOT_DONE, extras), None, []
+    end_json = notice.done_end(task.id, task.agent, task.branch, result_json)
+    ending = notice.ended(task.scope_id, task.run, task.id, task.branch, "done", end_json)
     return Completion(task, result_json, 0, (*_closing(task), ending), extras), None, []
 
 

@@ -282,15 +282,44 @@ local function scope_settle(scope, sk, run, now)
   end
 end
 
+-- A root ended without handing off (done, or dead): its run is itself, and its result
+-- record or its dead letter says it all. Nothing to write (the hot path: two reads),
+-- unless someone waits, or an earlier delivery of it handed off (its children's ends
+-- made the scope: this end joins them and the run ends).
+-- Roots whose end needs more than their record (ZSET <base>:watched:runs, root -> until
+-- ms): a client waits on the run (result(follow=True), until its flag's TTL), or an end
+-- of a task of its run arrived before the root's own step (+inf: an earlier delivery of
+-- the root handed off, then its ack was lost). An ack looks at this set once per call, and
+-- per root only when it exists: the hot path for a run of one task is no command at all.
+local WATCHED = run_key('watched', 'runs')
+
+-- A root ended without handing off (done, or dead): its run is itself, and its result
+-- record or its dead letter says it all, unless it is watched (see WATCHED).
+-- end_json: the end as stored, or nil to make it from result_json (a done root).
+local function root_ended(root, now, status, end_json, result_json)
+  redis.call('ZREM', WATCHED, root)
+  local sk = run_key('scope', root)
+  if redis.call('EXISTS', sk) == 0 then
+    run_ended_notice(root, 60000)  -- a waiter: the run of one task has ended
+    return
+  end
+  if not end_json then
+    end_json = '{"id":"' .. root .. '","agent":"' .. AGENT .. '","branch":0,"status":"done",' ..
+      '"result":' .. (result_json ~= '' and result_json or 'null') .. '}'
+  end
+  if scope_close(sk, root) then record_end(root, sk, '0', status, end_json) end
+  redis.call('HSET', sk, 'reg', '1')
+  scope_settle(root, sk, root, now)
+end
+
 -- Apply one notice to a scope that lives in this slot. Notices (built by
 -- handoff/protocol/runs.py, or by notice_dead below), fields separated by SEP:
 --   E scope run task branch status end_json   a task ended (status done or dead)
---   R root root root cap keep                 a root ended without handing off
+--   (a root that ends without handing off sends 'R' alone in its ack: root_done)
 --   S scope run task cap keep children_csv    a task handed off: children replace it
 --   J join run task cap keep branches_csv priority then_json     a join starts
 --   D join                                    the then-task finished: drop the join
--- root_result: the result JSON of a root ending with R (its ack has it).
-local function apply_notice(notice, now, root_result)
+local function apply_notice(notice, now)
   local op = string.sub(notice, 1, 1)
   if op == 'D' then
     local join = string.sub(notice, 3)
@@ -298,35 +327,27 @@ local function apply_notice(notice, now, root_result)
     return
   end
   local f
-  if op == 'E' then f = split_fields(notice, 6)
-  elseif op == 'J' then f = split_fields(notice, 8)
-  else f = split_fields(notice, 6) end
+  if op == 'J' then f = split_fields(notice, 8) else f = split_fields(notice, 6) end
   local scope, run, tid = f[2], f[3], f[4]
   local sk = run_key('scope', scope)
-  if (op == 'R' or op == 'E') and tid == run then
-    -- A root ended without handing off (done, or dead): its run is itself, and the
-    -- result record or the dead letter says it all. Nothing to write, unless someone
-    -- waits, or an earlier delivery of it handed off (then its children made the scope).
-    if redis.call('EXISTS', sk) == 0 then
-      if redis.call('EXISTS', run_key('waiting', run)) == 1 then run_ended_notice(run, 60000) end
-      return
+  if op == 'E' and tid == run then
+    if redis.call('ZSCORE', WATCHED, tid) or redis.call('EXISTS', sk) == 1 then
+      root_ended(tid, now, f[6], f[7], nil)
     end
-    if scope_close(sk, tid) then
-      local end_json, status = f[7], f[6]
-      if op == 'R' then
-        status = 'done'
-        end_json = '{"id":"' .. tid .. '","agent":"' .. AGENT .. '","branch":0,"status":"done","result":' ..
-          (root_result ~= '' and root_result or 'null') .. '}'
-        redis.call('HSET', sk, 'cap', f[5], 'keep', f[6])
-      end
-      record_end(scope, sk, '0', status, end_json)
-    end
-    redis.call('HSET', sk, 'reg', '1')
-  elseif op == 'E' then
+    return
+  end
+  if scope == run and tid ~= run and op ~= 'J' and redis.call('HGET', sk, 'reg') ~= '1' then
+    -- before the root's own step: should the root end without it, its ack must know
+    redis.call('ZADD', WATCHED, '+inf', run)
+  end
+  if op == 'E' then
     if scope_close(sk, tid) then record_end(scope, sk, f[5], f[6], f[7]) end
   elseif op == 'S' then
     if scope_close(sk, tid) then scope_open(sk, f[7]) end
-    if tid == run then redis.call('HSET', sk, 'reg', '1', 'cap', f[5], 'keep', f[6]) end
+    if tid == run then
+      redis.call('HSET', sk, 'reg', '1', 'cap', f[5], 'keep', f[6])
+      redis.call('ZREM', WATCHED, run)
+    end
   elseif op == 'J' then
     if redis.call('HSETNX', sk, 'reg', '1') == 1 then
       redis.call('HSET', sk, 'cap', f[5], 'then', f[9], 'prio', f[8])
@@ -341,10 +362,10 @@ end
 -- Send a notice to its scope: applied here when the scope lives in this slot, else kept
 -- in this agent's outbox (written in the same script as the state change it reports)
 -- until a worker or the reaper has delivered it: <base>:outbox HASH field -> at SEP notice.
-local function emit_notice(notice, field, now, root_result)
-  local scope = string.match(notice, '^.' .. SEP .. '([^' .. SEP .. ']*)')
-  if string.match(scope, '^([^.]*)') == AGENT then
-    apply_notice(notice, now, root_result)
+local SCOPE_OF = '^.' .. SEP .. '([^.' .. SEP .. ']*)'  -- a notice's scope's agent
+local function emit_notice(notice, field, now)
+  if string.match(notice, SCOPE_OF) == AGENT then
+    apply_notice(notice, now)
   else
     redis.call('HSET', K_OUTBOX, field, now .. SEP .. notice)
   end
@@ -366,5 +387,5 @@ notice_dead = function(id, now, reason_json)
   local end_json = cjson.encode({id = id, agent = AGENT, branch = tonumber(branch), status = 'dead',
     reason = reason})
   emit_notice('E' .. SEP .. scope .. SEP .. run .. SEP .. id .. SEP .. branch .. SEP .. 'dead' ..
-    SEP .. end_json, id .. ':dead', now, '')
+    SEP .. end_json, id .. ':dead', now)
 end

@@ -6,7 +6,7 @@
 --   (forgotten here), then n groups of 8: id, token, result_json ('' = null),
 --   result_key_index, handoffs, dedupe window ms (0 = none: a task with neither a key nor
 --   a parent), record extras (',"ran_ms":..' tree fields, or ''), notices (NOTICE_SEP-
---   separated, see apply_notice; '' = none)
+--   separated, see apply_notice; '' = none; 'R' = a root that ended without handing off)
 -- A task whose token no longer matches (its lease expired and another worker holds it, or it
 -- already finished, or it appears earlier in this batch) is left exactly as it is and
 -- reported, and its notices are not sent. A notice for a scope in this slot is applied
@@ -27,6 +27,7 @@ end
 local ids = {}
 for i = 1, n do ids[i] = ARGV[base + (i - 1) * 8 + 1] end
 local holders = hget_each(K_TOKENS, ids)
+local watching = redis.call('EXISTS', WATCHED) == 1  -- see WATCHED in _prelude.lua
 local stale, finished, seen, remembered, dropped = {}, {}, {}, {}, {}
 local handed_off = 0
 for i = 1, n do
@@ -51,11 +52,13 @@ for i = 1, n do
     local window = tonumber(ARGV[o + 6])
     if window > 0 then push2(remembered, now + window, id) end
     local notices = ARGV[o + 8]
-    if notices ~= '' then
+    if notices == 'R' then
+      if watching and redis.call('ZSCORE', WATCHED, id) then root_ended(id, now, 'done', nil, result) end
+    elseif notices ~= '' then
       local k, from = 0, 1
       while from <= #notices do
         local at = string.find(notices, NOTICE_SEP, from, true) or (#notices + 1)
-        emit_notice(string.sub(notices, from, at - 1), id .. ':' .. k, now, result)
+        emit_notice(string.sub(notices, from, at - 1), id .. ':' .. k, now)
         k = k + 1
         from = at + 1
       end

@@ -36,7 +36,11 @@ if isolate then out[3] = 0 end
 -- The first dead end of a then-task's join ('' for other tasks, and when none). Only a
 -- task whose JSON has a join looks (a payload that happens to hold the text reads '').
 local function join_state(id, json)
-  if not json or not string.find(json, '"join":{"on_dead":', 1, true) then return '' end
+  if not json then return '' end
+  -- A root (no "run" right after id and agent, where task.py writes it) is never one.
+  local at = #id + #AGENT + 20
+  if string.sub(json, at, at + 6) ~= ',"run":' then return '' end
+  if not string.find(json, '"join":{"on_dead":', at, true) then return '' end
   return redis.call('HGET', run_key('scope', id), 'dead') or ''
 end
 

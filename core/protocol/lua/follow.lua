@@ -1,4 +1,5 @@
--- follow: where a run stands, for client.result(follow=True); registers a waiter if open.
+-- follow: where a run stands, for client.result(follow=True); registers a waiter if open
+-- (WATCHED, see _prelude.lua: the run's root until now + ARGV[2] ms).
 -- KEYS[1..FIXED_KEYS]  the root agent's fixed keys (see _prelude.lua)
 -- ARGV[1] the run's root id   ARGV[2] how long the waiter flag lives, ms
 -- Returns one of:
@@ -10,12 +11,19 @@
 --   {'unknown'}                         no such task (never enqueued, or long gone)
 local root = ARGV[1]
 local sk = run_key('scope', root)
+local function watch()
+  local now = now_ms('')
+  redis.call('ZREMRANGEBYSCORE', WATCHED, '-inf', now)  -- waiters gone (never +inf marks)
+  local until_ms = now + tonumber(ARGV[2])
+  local known = tonumber(redis.call('ZSCORE', WATCHED, root) or '0')
+  if until_ms > known then redis.call('ZADD', WATCHED, until_ms, root) end
+end
 if redis.call('EXISTS', sk) == 1 then
   if redis.call('HEXISTS', sk, 'done') == 1 then
     return {'ended', redis.call('HGET', sk, 'dropped') or '0',
       redis.call('GET', run_key('ends', root)) or ''}
   end
-  redis.call('SET', run_key('waiting', root), '1', 'PX', tonumber(ARGV[2]))
+  watch()
   return {'wait'}
 end
 local record = redis.call('GET', run_key('result', root))
@@ -28,7 +36,7 @@ if redis.call('ZSCORE', K_DEAD, root) then
   return {'dead', redis.call('HGET', K_DEAD_REASONS, root) or '{}'}
 end
 if redis.call('HEXISTS', K_TASKS, root) == 1 then
-  redis.call('SET', run_key('waiting', root), '1', 'PX', tonumber(ARGV[2]))
+  watch()
   return {'wait'}
 end
 return {'unknown'}

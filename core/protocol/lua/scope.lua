@@ -18,12 +18,12 @@ local applied = 0
 if source then
   for i = 2, #ARGV, 2 do
     if redis.call('HDEL', source, ARGV[i]) == 1 then
-      apply_notice(ARGV[i + 1], now, '')
+      apply_notice(ARGV[i + 1], now)
       applied = applied + 1
     end
   end
 else
-  for i = 2, #ARGV do apply_notice(ARGV[i], now, '') end
+  for i = 2, #ARGV do apply_notice(ARGV[i], now) end
   applied = #ARGV - 1
 end
 return applied
