@@ -65,7 +65,7 @@ class ClaimResult:
         return self.tasks[agent]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: made once per task, and frozen init costs 4x
 class Completion:
     """A finished task for ack(): its result (already JSON), how many children it made,
     the notices its run or join gets (notices.py) and its record's tree fields."""
@@ -77,7 +77,7 @@ class Completion:
     extras: bytes = b""  # ',"ran_ms":..' fields for the run tree, or nothing
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Failure:
     """A failed task for nack(): why, and whether it must be dead-lettered at once."""
 
