@@ -121,6 +121,8 @@ def render_markdown(results: dict) -> str:
         f" {sizes['io_seconds']:g} s of work at the system's own concurrency bound",
         "- ratio columns: handoff's figure ÷ the system's (rates: above 1 favours handoff;"
         " latency and RSS: below 1 favours handoff)",
+        "- runs and joins (join and follow latency, memory kept per finished task):"
+        " [benchmarks-runs.md](benchmarks-runs.md), `./scripts/bench runs`",
         "",
     ]
     for name, reason in results.get("skipped", {}).items():

@@ -50,13 +50,13 @@ def _ctrl_c(proc: subprocess.Popen) -> int:
 
 
 def _follow_chain(client: Client) -> list[str]:
-    """A planner task whose coder child handed off to a reviewer that finished."""
+    """A planner task whose coder branch handed off to a reviewer that finished."""
     keys = client.queue.manager.execute(
         lambda c: list(c.scan_iter(match="handoff:{planner}:result:*", count=1000))
     )
     for key in keys:
         planner_id = key.decode().rsplit(":", 1)[1]
-        for coder_id in client.result(planner_id, wait_s=0)["handoff"]:
+        for coder_id in client.result(planner_id, wait_s=0)["join"]["branches"]:
             if client.status(coder_id) != "done":
                 continue
             coder_result = client.result(coder_id, wait_s=0)
@@ -75,6 +75,14 @@ def test_honcho_start_runs_the_demo_chain_on_the_embedded_server(tmp_path):
             chain = wait_until(lambda: _try(lambda: _follow_chain(client)), 60, "a full chain")
             reviewer = client.task(chain[2])["result"]["result"]
             assert reviewer.get("approved") is True or "handoff" in reviewer
+            # The run ends with the integrator's merge of its steps; the producer printed it.
+            merged = client.result(chain[0], wait_s=60, follow=True)
+            steps = client.task(chain[0])["result"]["result"]["join"]["branches"]
+            assert sorted(merged["approved_steps"] + merged["failed_steps"]) == list(
+                range(len(steps))
+            )
+            assert client.tree(chain[0])["then"]["agent"] == "integrator"
+            wait_until(lambda: "demo: feature '" in _log(tmp_path), 30, "a merged feature printed")
         assert _ctrl_c(proc) in (0, 130)  # honcho exits 130 after SIGINT
     finally:
         if proc.poll() is None:
@@ -96,6 +104,10 @@ def test_ctrl_c_under_honcho_leaves_nothing_running(tmp_path, redis_url):
         assert all(s["running"] == 0 for s in stats.values()), orjson.dumps(stats)
         log = (tmp_path / "honcho.log").read_text()
         assert "Traceback" not in log and "rc=-" not in log
+
+
+def _log(tmp_path: Path) -> str:
+    return (tmp_path / "honcho.log").read_text(errors="replace")
 
 
 def _try(fn):

@@ -290,3 +290,32 @@ def test_a_root_that_handed_off_then_lost_its_ack_and_ended_plainly_still_ends_i
     app.clock.advance(2.0)
     app.run_until_idle()  # the root runs again and returns {"i": 3}
     assert app.client.result(root, 5, follow=True) == [{"i": 4}, {"i": 3}]
+
+
+def test_inspect_tree_prints_the_run_indented_and_as_json(app, redis_url, monkeypatch, capsys):
+    from click.testing import CliRunner
+
+    from handoff.cli import main, run
+
+    root = app.enqueue("splitter", {"n": 2, "hops": 1, "poison": [1]})
+    app.run_until_idle()
+    base = ["--redis-url", redis_url, "--app", "apps.flows", "inspect", "tree"]
+    shown = CliRunner().invoke(main, [*base, root])
+    assert shown.exit_code == 0, shown.output
+    lines = shown.output.splitlines()
+    assert lines[0].startswith(f"[ok]  splitter  {root}") and "join of 2" in lines[0]
+    assert lines[1].startswith("├─ [ok]  step  ") and lines[1].endswith("-> 1")
+    assert lines[2].startswith("│  └─ [ok]  step  ") and lines[2].endswith('= {"i":0}')
+    assert (
+        lines[3].startswith("├─ [DEAD]  step  ") and "! RuntimeError: poisoned branch 1" in lines[3]
+    )
+    assert lines[4].startswith("└─ then [DEAD]  merge  ") and "join branch 1 ended dead" in lines[4]
+    assert len(lines) == 5
+    as_json = CliRunner().invoke(main, [*base, root, "--json"])
+    assert orjson.loads(as_json.output) == app.client.tree(root)
+    monkeypatch.setattr("sys.argv", ["handoff", *base, "splitter.nosuchrun"])
+    with pytest.raises(SystemExit) as exit_:
+        run()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1
+    assert "run splitter.nosuchrun is unknown (never enqueued, or its tree expired)" in err

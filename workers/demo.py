@@ -14,13 +14,14 @@ from __future__ import annotations
 import asyncio
 import random
 import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import click
 from pydantic import BaseModel, Field
 
-from handoff import Client, Handoff, HandoffError, Join, RedisUnavailable, agent
+from handoff import Client, Handoff, HandoffError, Join, RedisUnavailable, ResultTimeout, agent
 
 
 class FeatureRequest(BaseModel):
@@ -107,6 +108,7 @@ def integrate(task):
 
 
 WAITERS = 16  # runs followed at once by the producer (each blocks in Redis, no polling)
+FOLLOW_S = 120.0  # how long the producer waits for one feature's run
 FEATURES = ["login page", "search", "billing", "export to CSV", "dark mode", "audit log"]
 
 
@@ -162,26 +164,40 @@ def _stop(_signum, _frame) -> None:
 @click.option("--count", type=click.IntRange(1), default=None, help="Stop after this many.")
 def main(rate: float, count: int | None) -> None:
     """Feed the demo planner with feature requests (REDIS_URL, or the embedded server)."""
-    with Client() as client, ThreadPoolExecutor(WAITERS, thread_name_prefix="follow") as pool:
+    stopping = threading.Event()
+    pool = ThreadPoolExecutor(WAITERS, thread_name_prefix="follow")
+    with Client() as client:
         _wait_for_server(client)
         click.echo(f"demo producer: {rate:g} feature request(s)/s to planner", err=True)
         signal.signal(signal.SIGTERM, _stop)
 
         def follow(root: str) -> None:
-            try:
-                merged = client.result(root, 120, follow=True)
-            except HandoffError as e:
-                click.echo(f"demo: {root}: {e}", err=True)
+            """Wait for the run in short blocking calls, so a stop is seen within a second."""
+            deadline = time.monotonic() + FOLLOW_S
+            while not stopping.is_set():
+                try:
+                    merged = client.result(root, 1.0, follow=True)
+                except ResultTimeout:
+                    if time.monotonic() < deadline:
+                        continue
+                    click.echo(f"demo: {root}: not done after {FOLLOW_S:.0f}s", err=True)
+                    return
+                except HandoffError as e:
+                    click.echo(f"demo: {root}: {e}", err=True)
+                    return
+                click.echo(f"demo: feature {describe_merged(root, merged)}")
                 return
-            click.echo(f"demo: feature {describe_merged(root, merged)}")
 
         try:
             sent = produce(
                 client, rate_per_s=rate, count=count, report=lambda r: pool.submit(follow, r)
             )
+            pool.shutdown(wait=True)  # --count: print every run's end before exiting
         except KeyboardInterrupt:
             sent = None
-            pool.shutdown(wait=False, cancel_futures=True)
+        finally:
+            stopping.set()
+            pool.shutdown(wait=True, cancel_futures=True)
     click.echo(
         "demo producer: stopped" if sent is None else f"demo producer: sent {sent}", err=True
     )
