@@ -14,7 +14,11 @@ plain process that starts a server and `handoff supervise` on benchmarks/run_age
      (handoff.testing.InProcessApp, the workers' settle and ack), used_memory after minus
      before (claims' replay keys expired: they live one lease), per task: with results
      and the tree off (run_ttl_s=0, result_ttl_s=0), the tree only (result_ttl_s=0), and
-     the defaults (results and tree, 1 h each).
+     the defaults (results and tree, 1 h each);
+  4. noop drain with and without the run tree (run_ttl_s 3600 vs 0), interleaved: N noop
+     tasks (20,000; --quick 5,000) queued first, then `handoff supervise --agents blip=2`
+     (benchmarks/agents.py), timed from the gate opening (every worker holds a task) to
+     the last done; a fresh server per drain.
 Figures are medians over the runs (latencies: p50 of the runs, with min-max).
 """
 
@@ -23,6 +27,7 @@ from __future__ import annotations
 import json
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -98,6 +103,34 @@ def memory_per_task(tmp: Path, tasks: int) -> dict[str, float]:
     return out
 
 
+def drain_rate(tmp: Path, tasks: int, run_ttl_s: float) -> float:
+    """Noop tasks/s of 2 worker processes behind a gate (see benchmarks/agents.py)."""
+    folder = Path(tempfile.mkdtemp(dir=tmp))
+    gate = folder / "gate"
+    gate.mkdir()
+    server = spawn_server(port=free_tcp_port(), data_dir=str(folder))
+    sup = None
+    try:
+        settings = Settings(redis=RedisPoolConfig(url=server.url))
+        with Client(settings=settings) as client:
+            for start in range(0, tasks, 1000):
+                client.enqueue_many("blip", [0] * min(1000, tasks - start))
+            sup = common.start_supervisor(
+                server.url, {"blip": 2}, folder / "sup.log", {"BENCH_GATE_DIR": str(gate)},
+                log_level="WARNING", run_ttl_s=run_ttl_s,
+            )  # fmt: skip
+            wait_until(lambda: len(list(gate.glob("ready-*"))) >= 2, 60, "the workers")
+            (gate / "open").touch()
+            started = time.monotonic()
+            while int(client.queue_stats(["blip"])["blip"]["done"]) < tasks:
+                time.sleep(0.005)
+            return tasks / (time.monotonic() - started)
+    finally:
+        if sup is not None:
+            common.stop_supervisor(sup)
+        server.stop()
+
+
 def run(quick: bool, runs: int) -> dict:
     branches = 2_000 if quick else 10_000
     memory_tasks = 5_000 if quick else 20_000
@@ -133,6 +166,19 @@ def run(quick: bool, runs: int) -> dict:
                 common.stop_supervisor(sup)
             server.stop()
         results["memory_bytes_per_task"] = memory_per_task(tmp, memory_tasks)
+        drains: dict[str, list[float]] = {"tree": [], "no_tree": []}
+        for i in range(runs):  # interleaved, the order alternating
+            order = [("tree", 3600.0), ("no_tree", 0.0)]
+            for name, ttl in order if i % 2 == 0 else order[::-1]:
+                drains[name].append(drain_rate(tmp, memory_tasks, ttl))
+            print(
+                f"drain {i + 1}/{runs}: tree {drains['tree'][-1]:,.0f}/s, "
+                f"no tree {drains['no_tree'][-1]:,.0f}/s",
+                file=sys.stderr,
+            )
+        results["drain_per_s"] = {name: _spread(v) for name, v in drains.items()}
+        ratios = [a / b for a, b in zip(drains["tree"], drains["no_tree"], strict=True)]
+        results["drain_ratio"] = _spread(ratios)
     results["meta"]["elapsed_s"] = round(time.monotonic() - started, 1)
     return results
 
@@ -156,6 +202,16 @@ The noop drain with and without the run tree is in docs/benchmarks.md when the e
 includes `handoff-notree` (`./scripts/bench e2e --systems handoff,handoff-notree`).
 
 """
+
+
+DRAIN_ROWS = (
+    ("tree", "run tree kept (run_ttl_s=3600)"),
+    ("no_tree", "no run tree (run_ttl_s=0)"),
+)
+
+
+def _drain_row(figures: dict[str, float], label: str) -> str:
+    return f"| {label} | {figures['p50']:,.0f} | {figures['min']:,.0f} | {figures['max']:,.0f} |"
 
 
 def render(results: dict) -> str:
@@ -185,6 +241,13 @@ def render(results: dict) -> str:
         f"| nothing kept (result_ttl_s=0, run_ttl_s=0) | {memory['nothing_kept']:.0f} |",
         f"| the run tree only (result_ttl_s=0) | {memory['tree_only']:.0f} |",
         f"| defaults (result and tree kept 1 h) | {memory['defaults']:.0f} |",
+        "",
+        f"| noop drain, 2 worker processes ({meta['memory_tasks']:,} tasks) | tasks/s p50 |"
+        " min | max |",
+        "|---|---|---|---|",
+        *(_drain_row(results["drain_per_s"][key], label) for key, label in DRAIN_ROWS),
+        f"| ratio, pair by pair (goal: within 5 %) | {results['drain_ratio']['p50']:.3f} | "
+        f"{results['drain_ratio']['min']:.3f} | {results['drain_ratio']['max']:.3f} |",
     ]
     return "\n".join(lines)
 
