@@ -125,28 +125,11 @@ def _settle_join(task: Task, join: Join, settings: Settings, extras: bytes) -> S
     then_id = derived_task_id(then.agent, task.id, "then")
     for index, branch in enumerate(made):
         branch.scope, branch.branch = then_id, index
-    stamp = now_ms()
-    try:
-        then_task = Task(
-            id=then_id,
-            agent=then.agent,
-            payload=payload_for(then.agent, then.payload),
-            priority=then.priority,
-            created_at=stamp,
-            enqueued_at=stamp,
-            parent_id=task.id,
-            trace=[*task.trace, task.id],
-            run=task.run_id,
-            scope=task.scope_id,
-            branch=task.branch,
-            join={"on_dead": join.on_dead, "branches": len(made)},
-        )
-        then_json = then_task.to_json()
-    except InvalidPayload as e:
-        return None, Failure(task, f"join then {then.agent}: {e}", dead_now=True), []
-    if len(then_json) > settings.max_payload_bytes:
-        reason = f"join then {then.agent}: {len(then_json)} bytes, over max_payload_bytes"
-        return None, Failure(task, reason, dead_now=True), []
+    joined = {"on_dead": join.on_dead, "branches": len(made)}
+    made_then = _child(task, then, then_id, now_ms(), settings, "join then", joined)
+    if isinstance(made_then, Failure):
+        return None, made_then, []
+    then_json = made_then[1]
     ids = [b.id for b in made]
     cap, keep_ms = _limits(settings)
     notices = (
@@ -191,6 +174,42 @@ def result_json_of(value: Any, limit: int) -> tuple[bytes, str]:
     return result_json, ""
 
 
+def _child(
+    parent: Task,
+    handoff: Handoff,
+    child_id: str,
+    stamp: int,
+    settings: Settings,
+    what: str,
+    join: dict | None = None,
+) -> tuple[Task, bytes] | Failure:
+    """One task handed off from parent (its run, scope and branch; join for a then-task),
+    checked as an enqueue would be: it and its JSON, or a Failure of the parent naming
+    what was wrong."""
+    try:
+        child = Task(
+            id=child_id,
+            agent=handoff.agent,
+            payload=payload_for(handoff.agent, handoff.payload),
+            priority=handoff.priority,
+            created_at=stamp,
+            enqueued_at=stamp,
+            parent_id=parent.id,
+            trace=[*parent.trace, parent.id],
+            run=parent.run_id,
+            scope=parent.scope_id,
+            branch=parent.branch,
+            join=join,
+        )
+        blob = child.to_json()
+    except InvalidPayload as e:
+        return Failure(parent, f"{what}: {e}", dead_now=True)
+    if len(blob) > settings.max_payload_bytes:
+        reason = f"{what}: {len(blob)} bytes, over max_payload_bytes"
+        return Failure(parent, reason, dead_now=True)
+    return child, blob
+
+
 def children_of(parent: Task, handoffs: list[Handoff], settings: Settings) -> list[Task] | Failure:
     """The child tasks of a handoff or fan-out, each checked as an enqueue would be."""
     trace = [*parent.trace, parent.id]
@@ -200,26 +219,10 @@ def children_of(parent: Task, handoffs: list[Handoff], settings: Settings) -> li
     stamp = now_ms()
     children = []
     for index, handoff in enumerate(handoffs):
-        try:
-            child = Task(
-                # Deterministic: a redelivered parent makes the same child id, deduplicated.
-                id=derived_task_id(handoff.agent, parent.id, str(index)),
-                agent=handoff.agent,
-                payload=payload_for(handoff.agent, handoff.payload),
-                priority=handoff.priority,
-                created_at=stamp,
-                enqueued_at=stamp,
-                parent_id=parent.id,
-                trace=trace,
-                run=parent.run_id,
-                scope=parent.scope_id,
-                branch=parent.branch,
-            )
-            size = len(child.to_json())
-        except InvalidPayload as e:
-            return Failure(parent, f"handoff to {handoff.agent}: {e}", dead_now=True)
-        if size > settings.max_payload_bytes:
-            reason = f"handoff to {handoff.agent}: {size} bytes, over max_payload_bytes"
-            return Failure(parent, reason, dead_now=True)
-        children.append(child)
+        # Deterministic: a redelivered parent makes the same child id, deduplicated.
+        child_id = derived_task_id(handoff.agent, parent.id, str(index))
+        made = _child(parent, handoff, child_id, stamp, settings, f"handoff to {handoff.agent}")
+        if isinstance(made, Failure):
+            return made
+        children.append(made[0])
     return children
