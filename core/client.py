@@ -13,7 +13,6 @@ from typing import Any
 
 import orjson
 
-from handoff.backoff import Backoff
 from handoff.config import Settings, load_settings
 from handoff.config.checks import check_range
 from handoff.connection.manager import RedisManager
@@ -249,30 +248,40 @@ class Client:
         there is one, else the list of ends' results in the order they ended.
 
         Raises TaskDead (with the reason; for a run, naming its first dead end) and
-        ResultTimeout when it is not done in time. follow=False waits by polling with
-        backoff (1 ms doubling to 50 ms); follow=True blocks on the run's end notice.
+        ResultTimeout when it is not done in time. Either way it blocks in Redis on the
+        end notice the ack writes (no polling), in calls of up to half the read timeout.
         """
         check_range("wait_s", wait_s, 0, 86_400 * 7, error=InvalidPayload)
         if follow:
             return self._follow(task_id, wait_s)
+        agent_of(task_id)
         deadline = time.monotonic() + wait_s
-        pause = Backoff(0.001, 0.05)
+        block_s = self._block_s()
         while True:
-            status, raw = self._status_and_result(task_id)
-            if status == "done":
-                return orjson.loads(raw)["result"]
-            if status == "dead":
-                raise TaskDead(f"task {task_id} is dead: {self.dead_reason(task_id)}")
             remaining = deadline - time.monotonic()
+            flag_ms = int((min(remaining, block_s) + 5) * 1000)
+            state = runs.task_state(self.queue, task_id, flag_ms)
+            if state.kind == "done":
+                return state.record.get("result") if state.record else None
+            if state.kind == "dead":
+                raise TaskDead(f"task {task_id} is dead: {state.reason}")
             if remaining <= 0:
+                status = "unknown" if state.kind == "unknown" else self.status(task_id)
                 raise ResultTimeout(f"task {task_id} is still {status} after {wait_s}s")
-            time.sleep(min(pause.next_s(), remaining))
+            if state.kind == "unknown":  # nothing will push: wait out the time, then say so
+                time.sleep(min(remaining, block_s))
+                continue
+            runs.wait_done(self.queue, task_id, min(remaining, block_s))
+
+    def _block_s(self) -> float:
+        """How long one blocking wait may last: under the socket's read timeout."""
+        return max(0.05, self.settings.redis.read_timeout_s / 2)
 
     def _follow(self, task_id: str, wait_s: float) -> Any:
         agent_of(task_id)
         deadline = time.monotonic() + wait_s
         root = runs.run_of(self.queue, task_id)
-        block_s = max(0.05, self.settings.redis.read_timeout_s / 2)
+        block_s = self._block_s()
         while True:
             remaining = deadline - time.monotonic()
             flag_ms = int((min(remaining, block_s) + 5) * 1000)

@@ -17,6 +17,7 @@ from handoff.errors import InvalidAgentName, InvalidPayload
 from handoff.protocol.keys import Keys
 from handoff.protocol.queue import ClaimRequest, Completion, Failure, TaskQueue, TaskRejected
 from handoff.protocol.task import PRIORITY_SHIFT
+from harness.procs import wait_until
 
 # Every test here runs on one server and on a 3-primary cluster (tests/conftest.py).
 BACKENDS = ("server", "cluster")
@@ -73,26 +74,51 @@ def test_a_delayed_task_reports_delayed(client):
     assert client.status(tid) == "delayed"
 
 
-def test_result_waits_for_the_task_to_finish(client, worker_queue, monkeypatch):
+def test_result_waits_for_the_task_to_finish(client, worker_queue, raw_redis):
     tid = client.enqueue("a", {"q": "?"})
     task = claim_one(worker_queue)
-    polled_while_running = threading.Event()
-    probe = client._status_and_result
-
-    def watched(task_id):
-        status, raw = probe(task_id)
-        if status == "running":
-            polled_while_running.set()
-        return status, raw
-
-    monkeypatch.setattr(client, "_status_and_result", watched)
     results: list = []
     waiter = threading.Thread(target=lambda: results.append(client.result(tid, wait_s=30)))
     waiter.start()
-    assert polled_while_running.wait(30)  # result() is really waiting on a running task
+    watched = f"{client.queue.keys.agent('a').base}:watched:runs"
+    # result() is really waiting on the running task: it has registered for its end.
+    wait_until(lambda: raw_redis.zscore(watched, tid) is not None, 10, "the waiter")
     worker_queue.ack([Completion(task, b'"forty-two"')])
     waiter.join(30)
     assert results == ["forty-two"]
+
+
+def test_a_result_waiter_blocks_in_redis_and_wakes_at_the_ack(client, worker_queue, raw_redis):
+    """No polling: across 2 s of waiting, the waiter sends the await script and a blocking
+    BLMOVE per read_timeout_s / 2 (1.5 s), and it returns at the ack."""
+    tid = client.enqueue("a", {})
+    task = claim_one(worker_queue)
+    got: dict = {}
+    waiter = threading.Thread(target=lambda: got.update(value=client.result(tid, 30)))
+    before = _commands(raw_redis)
+    waiter.start()
+    watched = f"{client.queue.keys.agent('a').base}:watched:runs"
+    wait_until(lambda: raw_redis.zscore(watched, tid) is not None, 10, "the waiter")
+    time.sleep(2.0)  # the idle wait being measured, not a synchronisation
+    during = _commands(raw_redis)
+    worker_queue.ack([Completion(task, b'"ok"')])
+    waiter.join(10)
+    assert got["value"] == "ok"
+    sent = {name: during.get(name, 0) - before.get(name, 0) for name in ("evalsha", "blmove")}
+    assert sent["evalsha"] <= 3 and sent["blmove"] <= 2, sent  # polling would send dozens
+
+
+def _commands(raw_redis) -> dict[str, int]:
+    nodes = raw_redis.get_primaries() if hasattr(raw_redis, "get_primaries") else [None]
+    totals: dict[str, int] = {}
+    for node in nodes:
+        info = raw_redis.info("commandstats", target_nodes=node) if node else raw_redis.info(
+            "commandstats"
+        )  # fmt: skip
+        for name, stats in info.items():
+            if name.startswith("cmdstat_"):
+                totals[name[8:]] = totals.get(name[8:], 0) + stats["calls"]
+    return totals
 
 
 def test_result_raises_task_dead_with_the_reason(client, worker_queue):

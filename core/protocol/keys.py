@@ -24,8 +24,9 @@ one cluster slot. Agent names are validated before any key is built.
     <prefix>:{<agent>}:scope:<id>   HASH  a run (root id) or join (then id): open tasks...
     <prefix>:{<agent>}:ends:<id>    STRING that scope's ends ("<JSON>,<JSON>,"), in order
     <prefix>:{<agent>}:ended:<run>  LIST  a token pushed when the run ends (waiters block)
-    <prefix>:{<agent>}:watched:runs ZSET roots whose end an ack must report: waited on
+    <prefix>:{<agent>}:watched:runs ZSET tasks whose end an ack must report: waited on
                                           (until ms), or ended out of order (+inf)
+    <prefix>:{<agent>}:done:<id>    LIST  a token pushed when a waited-on task ends
     <prefix>:agents                 SET   registry of agent names
     <prefix>:workers                ZSET  worker id -> last heartbeat (ms)
     <prefix>:worker:<id>            HASH  one worker's health and metrics (TTL)
@@ -175,6 +176,9 @@ class AgentKeys:
 
     def ended(self, run_id: str) -> str:
         return f"{self.base}:ended:{run_id}"
+
+    def done(self, task_id: str) -> str:
+        return f"{self.base}:done:{task_id}"
 
     @property
     def autoscalers(self) -> str:

@@ -1,4 +1,5 @@
-"""Reading runs: where a run stands (for result(follow=True)) and its tree.
+"""Reading runs and results: where a task or a run stands (client.result, with or
+without follow), waiting for their end notices, and a run's tree.
 
 Runs in: producers and operators (client, `handoff inspect tree`). Reads only, but for
 the waiter flag the follow script sets. See notices.py for how runs are kept.
@@ -25,7 +26,7 @@ class RunState:
     kind: str
     ends: list[dict] = field(default_factory=list)  # ended: in the order they arrived
     dropped: int = 0  # ends over max_ends_per_branch, not kept
-    record: dict | None = None  # single: the root's record
+    record: dict | None = None  # single (done): the root's (the task's) record
     reason: str = ""  # dead: why the root was dead-lettered
 
 
@@ -41,6 +42,27 @@ def run_state(queue: TaskQueue, root: str, waiter_ttl_ms: int) -> RunState:
     if kind == "dead":
         return RunState(kind, reason=str(orjson.loads(reply[1]).get("reason", "")))
     return RunState(kind)
+
+
+def task_state(queue: TaskQueue, task_id: str, waiter_ttl_ms: int) -> RunState:
+    """One call of the await script: the task's record or dead letter, or a waiter flag
+    set if it has not ended (kind done | dead | wait | unknown)."""
+    keys = queue.keys.agent(agent_of(task_id))
+    reply = queue.run_scripts([("await", keys.all(), [task_id, waiter_ttl_ms])])[0]
+    kind = reply[0].decode()
+    if kind == "done":
+        return RunState(kind, record=orjson.loads(reply[1]))
+    if kind == "dead":
+        return RunState(kind, reason=str(orjson.loads(reply[1]).get("reason", "")))
+    return RunState(kind)
+
+
+def wait_done(queue: TaskQueue, task_id: str, timeout_s: float) -> None:
+    """Block (no polling) until the task's end notice, or timeout_s (see wait_ended)."""
+    done = queue.keys.agent(agent_of(task_id)).done(task_id)
+    queue.manager.execute(
+        lambda c: c.blmove(done, done, timeout_s, src="RIGHT", dest="LEFT"), retry=False
+    )
 
 
 def run_of(queue: TaskQueue, task_id: str) -> str:

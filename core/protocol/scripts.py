@@ -30,6 +30,7 @@ NAMES = (
     "dead_purge",
     "scope",
     "follow",
+    "await",
 )
 
 
@@ -48,7 +49,7 @@ def key_header() -> str:
 # Scripts that run at the memory limit (maxmemory with noeviction): they finish, fail,
 # release, reap and dead-letter tasks, which frees memory; refusing them would leave a full
 # server unable to drain. enqueue is not among them: at the limit it is refused, unwritten.
-ALLOW_OOM = frozenset(NAMES) - {"enqueue", "follow"}
+ALLOW_OOM = frozenset(NAMES) - {"enqueue", "follow", "await"}
 
 
 @cache

@@ -49,6 +49,7 @@ READS: dict[str, set[str]] = {
     "dead_purge": set(),
     "scope": set(),  # reads runs' own counters only (tonumber, or 0)
     "follow": set(),
+    "await": set(),
 }
 
 

@@ -282,16 +282,30 @@ local function scope_settle(scope, sk, run, now)
   end
 end
 
+-- Wake whoever waits for this task's own result (client.result: BLMOVE on this list).
+local function result_ready(id)
+  local done = run_key('done', id)
+  redis.call('RPUSH', done, '1')
+  redis.call('PEXPIRE', done, 60000)
+end
+
 -- A root ended without handing off (done, or dead): its run is itself, and its result
 -- record or its dead letter says it all. Nothing to write (the hot path: two reads),
 -- unless someone waits, or an earlier delivery of it handed off (its children's ends
 -- made the scope: this end joins them and the run ends).
--- Roots whose end needs more than their record (ZSET <base>:watched:runs, root -> until
--- ms): a client waits on the run (result(follow=True), until its flag's TTL), or an end
--- of a task of its run arrived before the root's own step (+inf: an earlier delivery of
--- the root handed off, then its ack was lost). An ack looks at this set once per call, and
--- per root only when it exists: the hot path for a run of one task is no command at all.
+-- Tasks whose end needs more than their record (ZSET <base>:watched:runs, id -> until
+-- ms): a client waits for its result or its run (client.result, until its flag's TTL), or
+-- an end of a task of its run arrived before the root's own step (+inf: an earlier
+-- delivery of the root handed off, then its ack was lost). An ack looks at this set once
+-- per call, and per task only when it exists: the hot path is no command at all.
 local WATCHED = run_key('watched', 'runs')
+
+-- Wake whoever waits for this task's own result (client.result: BLMOVE on this list).
+local function result_ready(id)
+  local done = run_key('done', id)
+  redis.call('RPUSH', done, '1')
+  redis.call('PEXPIRE', done, 60000)
+end
 
 -- A root ended without handing off (done, or dead): its run is itself, and its result
 -- record or its dead letter says it all, unless it is watched (see WATCHED).
@@ -374,6 +388,7 @@ end
 -- A task was dead-lettered: its end goes to its scope. Its place in its run is read from
 -- the head of its JSON (task.py writes run, scope, branch right after id and agent).
 notice_dead = function(id, now, reason_json)
+  if redis.call('ZSCORE', WATCHED, id) then result_ready(id) end
   local json = redis.call('HGET', K_TASKS, id)
   local run, scope, branch
   if json then

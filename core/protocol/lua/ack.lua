@@ -52,8 +52,10 @@ for i = 1, n do
     local window = tonumber(ARGV[o + 6])
     if window > 0 then push2(remembered, now + window, id) end
     local notices = ARGV[o + 8]
+    local watched = watching and redis.call('ZSCORE', WATCHED, id)
+    if watched then result_ready(id) end
     if notices == 'R' then
-      if watching and redis.call('ZSCORE', WATCHED, id) then root_ended(id, now, 'done', nil, result) end
+      if watched then root_ended(id, now, 'done', nil, result) end
     elseif notices ~= '' then
       local k, from = 0, 1
       while from <= #notices do
