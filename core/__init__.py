@@ -13,6 +13,7 @@ from handoff.errors import (
     InvalidAgentName,
     InvalidPayload,
     NotReplicated,
+    RateLimited,
     RedisUnavailable,
 )
 from handoff.protocol.task import Task
@@ -28,6 +29,7 @@ __all__ = [
     "InvalidPayload",
     "Join",
     "NotReplicated",
+    "RateLimited",
     "RedisUnavailable",
     "ResultTimeout",
     "Task",

@@ -14,6 +14,7 @@ __all__ = [
     "NotReplicated",
     "PermissionDenied",
     "PoolExhausted",
+    "RateLimited",
     "ReadOnlyServer",
     "RedisCommandError",
     "RedisUnavailable",
@@ -37,6 +38,24 @@ class CircuitOpen(RedisUnavailable):
 
 class PoolExhausted(RedisUnavailable):
     """No free connection within the pool timeout."""
+
+
+class RateLimited(HandoffError):
+    """Raised by a handler when the API it calls says to slow down (a 429): its task goes
+    back to its place, not counted as a failure or a delivery, and its agent type starts
+    nothing anywhere for retry_after_s."""
+
+    def __init__(self, retry_after_s: float = 1.0) -> None:
+        if (
+            isinstance(retry_after_s, bool)
+            or not isinstance(retry_after_s, int | float)
+            or not 0 < retry_after_s <= 86_400
+        ):
+            raise InvalidPayload(
+                f"RateLimited retry_after_s {retry_after_s!r}: a number of seconds, 0 < s <= 86400"
+            )
+        super().__init__(f"rate limited: retry after {retry_after_s:g}s")
+        self.retry_after_s = float(retry_after_s)
 
 
 class InvalidAgentName(HandoffError, ValueError):

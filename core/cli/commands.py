@@ -5,7 +5,7 @@ from __future__ import annotations
 from handoff.cli.bench_cmd import bench
 from handoff.cli.config_cmd import config_group
 from handoff.cli.monitor_cmds import health, inspect_workers_command, monitor
-from handoff.cli.ops_cmds import scale
+from handoff.cli.ops_cmds import limits, scale
 from handoff.cli.run_cmds import redis, supervise, worker
 from handoff.cli.task_cmds import dead, enqueue, inspect
 
@@ -18,6 +18,7 @@ ALL: list = [
     inspect,
     dead,
     scale,
+    limits,
     monitor,
     health,
     redis,

@@ -53,3 +53,80 @@ def scale(state, counts: tuple[str, ...]) -> None:
 
     manager.execute(send)
     click.echo(f"scale {wanted} sent to {len(supervisors)} supervisor(s)")
+
+
+@click.command()
+@click.argument("agent")
+@click.argument("changes", nargs=-1)
+@click.pass_obj
+def limits(state, agent: str, changes: tuple[str, ...]) -> None:
+    """Show or change an agent type's start-rate limit, live, on every worker at once:
+
+    handoff limits AGENT [rate=5/s|rate=none|rate=default] [burst=N] [resume]
+
+    rate=none lifts the limit, rate=default goes back to the code's (@agent(rate=...));
+    resume ends a pause a handler's RateLimited began. Workers read it at their next claim.
+    """
+    from handoff.client import Client
+    from handoff.errors import InvalidPayload
+    from handoff.protocol.keys import Keys
+    from handoff.protocol.limits import check_burst, parse_rate
+
+    try:
+        check_agent(agent)
+    except InvalidAgentName as e:
+        raise click.BadParameter(str(e)) from None
+    sets: dict[str, str] = {}
+    drops: list[str] = []
+    for change in changes:
+        name, _, value = change.partition("=")
+        try:
+            if change == "rate=none":
+                sets["rate"] = "none"
+            elif change == "rate=default":
+                drops += ["rate", "burst"]
+            elif name == "rate":
+                rate = parse_rate(value)
+                sets["rate"] = f"{rate.count:g}/{rate.window_ms}"
+            elif name == "burst":
+                sets["burst"] = str(check_burst(int(value) if value.isdigit() else value))
+            elif change == "resume":
+                drops.append("paused_until")
+            else:
+                raise click.BadParameter(
+                    f"{change!r}: expected rate=N/s|N/min|N/h|none|default, burst=N or resume"
+                )
+        except InvalidPayload as e:
+            raise click.BadParameter(str(e)) from None
+    key = Keys(state.settings.key_prefix).agent(agent).limits
+
+    def apply(client) -> dict:
+        pipe = client.pipeline(transaction=False)
+        if sets:
+            pipe.hset(key, mapping=sets)
+        if drops:
+            pipe.hdel(key, *drops)
+        pipe.hgetall(key)
+        replies = pipe.execute()
+        return {"limits": replies[-1], "now": client.time()}  # (no TIME in a cluster pipeline)
+
+    with Client(settings=state.settings) as client:  # (not the process-wide manager)
+        shown = client.queue.manager.execute(apply)
+    current = {k.decode(): v.decode() for k, v in shown["limits"].items()}
+    now = shown["now"][0] * 1000 + shown["now"][1] // 1000
+    live = current.get("rate")
+    if live is None:
+        rate_text = "the code's (@agent(rate=...))"
+    elif live == "none":
+        rate_text = "none (lifted live)"
+    else:
+        count, _, window = live.partition("/")
+        unit = {"1000": "s", "60000": "min", "3600000": "h"}.get(window, f"{window}ms")
+        rate_text = f"{count}/{unit} (set live)"
+    line = f"{agent}: rate {rate_text}"
+    if "burst" in current:
+        line += f", burst {current['burst']}"
+    paused = float(current.get("paused_until", 0)) - now
+    if paused > 0:
+        line += f", paused {paused / 1000:.1f}s more"
+    click.echo(line)

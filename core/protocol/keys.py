@@ -21,6 +21,8 @@ one cluster slot. Agent names are validated before any key is built.
     <prefix>:{<agent>}:claim:<cid>  LIST  ids leased by one claim call (replay on retry)
     <prefix>:{<agent>}:autoscalers  HASH  supervisor id -> JSON {min, max, current, until}
     <prefix>:{<agent>}:outbox       HASH  field -> time + notice for a scope in another slot
+    <prefix>:{<agent>}:limits       HASH  start-rate limit: rate/burst set live (override the
+                                          code's), tat (the limiter's clock), paused_until
     <prefix>:{<agent>}:scope:<id>   HASH  a run (root id) or join (then id): open tasks...
     <prefix>:{<agent>}:ends:<id>    STRING that scope's ends ("<JSON>,<JSON>,"), in order
     <prefix>:{<agent>}:ended:<run>  LIST  a token pushed when the run ends (waiters block)
@@ -98,6 +100,7 @@ AGENT_KEY_NAMES = (
     "stats",
     "wake",
     "outbox",
+    "limits",
 )
 
 
@@ -163,6 +166,10 @@ class AgentKeys:
     def all(self) -> list[str]:
         """The fixed per-agent keys in AGENT_KEY_NAMES order (a script's KEYS prefix)."""
         return [f"{self.base}:{name}" for name in AGENT_KEY_NAMES]
+
+    @property
+    def limits(self) -> str:
+        return f"{self.base}:limits"
 
     @property
     def outbox(self) -> str:

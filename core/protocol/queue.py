@@ -25,6 +25,7 @@ from handoff.errors import HandoffError, InvalidPayload
 from handoff.protocol import notices as notice
 from handoff.protocol import scripts
 from handoff.protocol.keys import TASK_ID, Keys, check_claim_id
+from handoff.protocol.limits import GUARD, Rate
 from handoff.protocol.task import Task, score_for
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,10 @@ class ClaimRequest:
     # to a caller holding nothing else (solo), and alone. See claim.lua.
     isolate_suspects: bool = False
     solo: bool = True
+    # The agent's declared start-rate limit (a live one in Redis overrides it): starts
+    # per window_ms, and a burst. See limits.py.
+    rate: Rate | None = None
+    burst: int = 0
 
 
 @dataclass
@@ -301,6 +306,10 @@ class TaskQueue:
                 BOUND_PER_CALL,
                 "1" if request.isolate_suspects else "0",
                 "1" if request.solo else "0",
+                request.rate.count if request.rate else 0,
+                request.rate.window_ms if request.rate else 0,
+                request.burst,
+                GUARD,
             ]
             calls.append(("claim", [*agent_keys.all(), agent_keys.claim(claim_id)], args))
         replies = self.run_scripts(calls)
@@ -498,11 +507,13 @@ class TaskQueue:
             self.deliver(outgoing, now_ms=now_ms)
         return stale
 
-    def release(self, tasks: Sequence[Task]) -> int:
-        """Give unstarted leased tasks back to their queue (graceful shutdown)."""
+    def release(self, tasks: Sequence[Task], *, pause_s: float = 0.0) -> int:
+        """Give unstarted leased tasks back to their place (graceful shutdown), uncounted;
+        pause_s > 0 (a handler's RateLimited): their agent types start nothing anywhere
+        for that long."""
         calls = []
         for agent, group in _group(tasks, lambda t: t.agent).items():
-            args: list[Any] = [len(group)]
+            args: list[Any] = [int(pause_s * 1000), len(group)]
             for task in group:
                 args += [task.id, task.token]
             calls.append(("release", self._fixed(agent), args))

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from handoff.config.checks import check_range
-from handoff.errors import ConfigError, HandoffError
+from handoff.errors import ConfigError, HandoffError, InvalidPayload
 from handoff.protocol.keys import check_agent
+from handoff.protocol.limits import Rate, check_burst, parse_rate
 from handoff.protocol.task import check_priority
 from handoff.runtime import payload_types as types
 from handoff.runtime.payload_types import TypedValue
@@ -68,6 +69,8 @@ class AgentSpec:
     retry_delay_s: float = 1.0
     payload_type: TypedValue | None = None  # declared with payload= (pydantic)
     result_type: TypedValue | None = None  # declared with result= (pydantic)
+    rate: Rate | None = None  # starts per window across every worker (rate="10/s")
+    burst: int = 0
 
     @property
     def is_async(self) -> bool:
@@ -81,6 +84,8 @@ def describe(spec: AgentSpec) -> dict[str, Any]:
         "global_limit": spec.global_limit,
         "timeout_s": spec.timeout_s,
         "max_attempts": spec.max_attempts,
+        "rate": str(spec.rate) if spec.rate else None,
+        "burst": spec.burst,
         "async": spec.is_async,
         "payload": spec.payload_type.name if spec.payload_type else None,
         "result": spec.result_type.name if spec.result_type else None,
@@ -115,13 +120,24 @@ def agent(
     retry_delay_s: float = 1.0,
     payload: Any = None,
     result: Any = None,
+    rate: str | None = None,
+    burst: int = 0,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a handler (plain function or coroutine) for an agent type.
 
     payload= and result= declare types (pydantic models, or anything pydantic's
     TypeAdapter takes): payloads are checked at enqueue and at claim, and the handler
-    gets the model in task.payload; a result is checked before the ack."""
+    gets the model in task.payload; a result is checked before the ack.
+
+    rate="10/s" (or "/min", "/h") bounds how many tasks start per window across every
+    worker and host, burst= lets that many more start at once; `handoff limits` changes
+    it live. A handler raising RateLimited(retry_after_s) pauses the agent type."""
     check_agent(name)
+    try:
+        parsed_rate = parse_rate(rate, f"agent {name!r}: rate") if rate is not None else None
+        check_burst(burst)
+    except InvalidPayload as e:
+        raise ConfigError(str(e)) from None
     _check_range(name, "max_concurrent", max_concurrent, 1, 10_000)
     if global_limit is not None:
         _check_range(name, "global_limit", global_limit, 1, 1_000_000)
@@ -151,6 +167,8 @@ def agent(
             retry_delay_s,
             payload_type,
             result_type,
+            parsed_rate,
+            burst,
         )
         existing = _REGISTRY.get(name)
         if existing is not None and _qualname(existing.handler) != _qualname(handler):

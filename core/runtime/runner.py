@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from handoff.errors import RateLimited
 from handoff.protocol.task import Task
 from handoff.runtime.agents import AgentSpec
 
@@ -73,6 +74,7 @@ class Outcome:
     traceback: str = ""
     elapsed_s: float = 0.0
     timed_out: bool = False
+    pause_s: float | None = None  # the handler raised RateLimited(pause_s)
 
 
 @dataclass(slots=True, frozen=True)
@@ -168,6 +170,8 @@ class SyncRunner(_BaseRunner):
             started = time.perf_counter()
             try:
                 outcome = Outcome(task, handler(task))
+            except RateLimited as e:
+                outcome = Outcome(task, error=str(e), pause_s=e.retry_after_s)
             except BaseException as e:  # the handler's failure is the task's, not ours
                 outcome = Outcome(task, error=f"{type(e).__name__}: {e}", traceback=_tb())
             _end_if_forked()
@@ -235,6 +239,8 @@ class AsyncRunner(_BaseRunner):
             outcome = Outcome(task, await asyncio.wait_for(self.spec.handler(task), limit))
         except TimeoutError:
             outcome = Outcome(task, error=f"timed out after {limit}s", timed_out=True)
+        except RateLimited as e:
+            outcome = Outcome(task, error=str(e), pause_s=e.retry_after_s)
         except BaseException as e:
             outcome = Outcome(task, error=f"{type(e).__name__}: {e}", traceback=_tb())
         if _forked_from_handler:  # in a process a handler forked

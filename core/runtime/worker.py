@@ -276,6 +276,8 @@ class Worker:
             self.spec.global_limit or 0,
             isolate_suspects=True,
             solo=not self.held,
+            rate=self.spec.rate,
+            burst=self.spec.burst,
         )
         started = time.perf_counter()
         self.last_claim = result = self.queue.claim([request])
@@ -321,6 +323,9 @@ class Worker:
             task = outcome.task
             if self.held.get(task.id) is not task:
                 continue  # timed out earlier (already nacked), or its lease was lost
+            if outcome.pause_s is not None:
+                self._rate_limited(task, outcome.pause_s)
+                continue
             stats.latencies_s.append(outcome.elapsed_s)
             self.sizer.observe_task(outcome.elapsed_s)
             completion, failure, made = settle(outcome, self.spec, self.settings)
@@ -330,6 +335,17 @@ class Worker:
                 completions.append(completion)
                 children.extend(made)
         self._send(completions, failures, children)
+
+    def _rate_limited(self, task: Task, pause_s: float) -> None:
+        """The handler's API said to slow down: back to its place, uncounted, and the
+        agent type pauses everywhere. If Redis cannot be told, its lease runs out (the
+        task runs again) and the pause is lost: a 429 is a hint, not a task."""
+        try:
+            self.queue.release([task], pause_s=pause_s)
+        except HandoffError as e:
+            self._redis_trouble("release", e)
+        self._forget(task)
+        log.info("worker %s: %s rate limited, agent paused %.1fs", self.worker_id, task.id, pause_s)
 
     def _send(self, completions: list[Completion], failures: list[Failure], children) -> None:
         """Children first, then the parents' acks: a crash in between only repeats a
@@ -463,11 +479,18 @@ class Worker:
             timeout_s = min(_TICK_S, self._socket_timeout_s / 2)
             last = self.last_claim  # one read: the main thread may swap it meanwhile
             due = last.next_due_ms.get(self.spec.name, -1)
+            until_due = -1.0
             if due >= 0:
                 until_due = (due - last.server_ms) / 1000.0
                 timeout_s = min(timeout_s, max(0.01, until_due))
             try:
-                self.manager.execute(lambda c, t=timeout_s: c.blpop([wake_key], timeout=t))
+                if due >= 0 and timeout_s == max(0.01, until_due):
+                    # Work is due at a known time (a retry, a rate limit's next start):
+                    # wait for it here, to the millisecond, not in BLPOP's coarser timeout.
+                    if self.stop_event.wait(max(0.0, until_due)):
+                        continue
+                else:
+                    self.manager.execute(lambda c, t=timeout_s: c.blpop([wake_key], timeout=t))
                 self.outage.recovered()
                 with self._waker_claiming:  # _shutdown waits for a claim in flight
                     self._claim_after_wake()

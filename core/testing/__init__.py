@@ -28,6 +28,7 @@ import orjson
 
 from handoff.client import Client
 from handoff.config import RedisPoolConfig, Settings
+from handoff.errors import RateLimited
 from handoff.protocol.queue import ClaimRequest, Completion, Failure
 from handoff.protocol.task import Task
 from handoff.runtime.agents import AgentSpec, app_agents
@@ -139,7 +140,8 @@ class InProcessApp:
         spec = self.specs[name]
         lease_ms = int((spec.lease_s or self.settings.lease_s) * 1000)
         now = self.clock.now_ms
-        tasks = self.queue.claim([ClaimRequest(name, batch, lease_ms)], now_ms=now)[name]
+        request = ClaimRequest(name, batch, lease_ms, rate=spec.rate, burst=spec.burst)
+        tasks = self.queue.claim([request], now_ms=now)[name]
         completions: list[Completion] = []
         failures: list[Failure] = []
         children: list[Task] = []
@@ -150,7 +152,11 @@ class InProcessApp:
             if refused is not None:
                 failures.append(refused)
                 continue
-            completion, failure, made = settle(self._call(spec, task), spec, self.settings)
+            outcome = self._call(spec, task)
+            if outcome.pause_s is not None:  # RateLimited: back to its place, agent paused
+                self.queue.release([task], pause_s=outcome.pause_s)
+                continue
+            completion, failure, made = settle(outcome, spec, self.settings)
             if failure is not None:
                 failures.append(failure)
             else:
@@ -172,6 +178,8 @@ class InProcessApp:
                     self._loop = asyncio.new_event_loop()
                 return Outcome(task, self._loop.run_until_complete(spec.handler(task)))
             return Outcome(task, spec.handler(task))
+        except RateLimited as e:
+            return Outcome(task, error=str(e), pause_s=e.retry_after_s)
         except Exception as e:  # the handler's failure is the task's, as in a worker
             return Outcome(task, error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
 

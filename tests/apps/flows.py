@@ -20,7 +20,7 @@ import time
 
 import orjson
 
-from handoff import Handoff, Join, agent
+from handoff import Handoff, Join, RateLimited, agent
 from harness.procs import plain_client
 
 _clients: dict[tuple[int, str], object] = {}
@@ -103,3 +103,23 @@ def echo(task):
     if isinstance(p, dict) and p.get("next"):
         return Handoff(p["next"], {k: v for k, v in p.items() if k != "next"})
     return p
+
+
+@agent("metered", max_concurrent=50, rate="5/s")
+def metered(task):
+    """Records its start (wall clock, ms) in `starts`: the rate-limit tests. (The time is
+    taken first: a process's first client() builds its connection.)"""
+    started_ms = time.time() * 1000
+    client().rpush("starts", orjson.dumps({"id": task.id, "at_ms": started_ms}))
+    return task.payload
+
+
+@agent("throttled", max_concurrent=4)
+def throttled(task):
+    """The first delivery of a task whose payload has "limited_s" is told to slow down;
+    every start is recorded in `throttled` ({id, attempt, at_ms})."""
+    record = {"id": task.id, "attempt": task.attempt, "at_ms": time.time() * 1000}
+    client().rpush("throttled", orjson.dumps(record))  # (the time taken first, as above)
+    if task.payload.get("limited_s") and client().set(f"limited:{task.id}", 1, nx=True):
+        raise RateLimited(task.payload["limited_s"])
+    return task.payload

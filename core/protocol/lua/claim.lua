@@ -6,6 +6,12 @@
 -- ARGV[6] now in ms ('' = server TIME)                    ARGV[7] cap on n
 -- ARGV[8] promote/reap bound per call
 -- ARGV[9] '1' = isolate suspects      ARGV[10] '1' = the caller holds no other task (solo)
+-- ARGV[11] the agent's declared start rate: starts per window ('' or 0 = none), ARGV[12]
+--   the window ms, ARGV[13] burst; a rate set live in K_LIMITS ('count/window_ms', or
+--   'none') overrides them. Starts are admitted by GCRA (see handoff/protocol/limits.py),
+--   spaced GUARD (ARGV[14]) wider than the rate; an agent paused (a handler raised
+--   RateLimited: K_LIMITS paused_until) admits nothing until then. When the rate or the
+--   pause holds tasks back, next_due says when to claim again.
 --   A suspect was delivered before and neither finished nor failed: its worker died or
 --   stalled. It may be a poison task that kills its process, so it is leased only to a
 --   solo caller and alone; a non-solo caller leaves it queued and is told it waits (so it
@@ -79,6 +85,42 @@ if global_limit > 0 then
 end
 if n <= 0 then return out end
 
+-- The start-rate limit, and a pause.
+local function due_at(ms)
+  if out[2] < 0 or ms < out[2] then out[2] = math.ceil(ms) end
+end
+local paused = tonumber(redis.call('HGET', K_LIMITS, 'paused_until') or '0') or 0
+if paused > now then
+  if redis.call('ZCARD', K_QUEUE) > 0 then due_at(paused) end
+  return out
+end
+local rate_count, rate_window = tonumber(ARGV[11]) or 0, tonumber(ARGV[12]) or 0
+local burst = tonumber(ARGV[13]) or 0
+local live = redis.call('HGET', K_LIMITS, 'rate')
+if live == 'none' then
+  rate_count = 0
+elseif live then
+  local c, w = string.match(live, '^([%d.]+)/(%d+)$')
+  if c then rate_count, rate_window = tonumber(c), tonumber(w) end
+  burst = tonumber(redis.call('HGET', K_LIMITS, 'burst') or '') or burst
+end
+local interval, tat = 0, 0
+if rate_count > 0 and rate_window > 0 then
+  local guard = tonumber(ARGV[14]) or 0
+  interval = rate_window / rate_count * (1 + guard)
+  -- A claim late by less than `slack` keeps the schedule (the rate is held whatever the
+  -- claimers' punctuality); later than that, the schedule starts again from now.
+  local slack = math.min(interval / 2, rate_window * guard / 4)
+  tat = tonumber(redis.call('HGET', K_LIMITS, 'tat') or '0') or 0
+  if now - tat >= slack then tat = now end
+  local allowed = math.floor((now + burst * interval - tat) / interval) + 1
+  if allowed <= 0 then
+    if redis.call('ZCARD', K_QUEUE) > 0 then due_at(tat - burst * interval) end
+    return out
+  end
+  n = math.min(n, allowed)
+end
+
 local popped = redis.call('ZPOPMIN', K_QUEUE, n)
 if #popped == 0 then return out end
 local ids = {}
@@ -124,6 +166,11 @@ for i, id in ipairs(ids) do
       emit(id, payloads[i], failed, deliveries)
     end
   end
+end
+if interval > 0 and c > 0 then  -- each start admitted takes one interval of the limit
+  tat = tat + (c / 2) * interval
+  redis.call('HSET', K_LIMITS, 'tat', string.format('%.3f', tat))
+  if redis.call('ZCARD', K_QUEUE) > 0 then due_at(tat - burst * interval) end
 end
 bulk_write('HSET', K_DELIVERIES, counts)
 bulk_write('ZADD', K_LEASES, leases)

@@ -1,13 +1,22 @@
--- release: give leased tasks back unstarted (graceful shutdown), token-checked, atomically.
+-- release: give leased tasks back unstarted (graceful shutdown), or rate limited by the API
+-- their handler called (RateLimited), token-checked, atomically.
 -- KEYS[1..FIXED_KEYS]  the agent's fixed keys (see _prelude.lua)
--- ARGV[1] n, then n groups of 2: id, token
--- The delivery is not counted (the task never ran) and the task returns to its place.
+-- ARGV[1] pause ms (0 = none): the agent type starts nothing anywhere for this long
+-- ARGV[2] n, then n groups of 2: id, token
+-- The delivery is not counted (nor is a failure) and the task returns to its place.
 -- Returns: the number released.
-local n = tonumber(ARGV[1])
+local pause_ms = tonumber(ARGV[1]) or 0
+local n = tonumber(ARGV[2])
 local now = now_ms('')
+if pause_ms > 0 then
+  local until_ms = now + pause_ms
+  if until_ms > (tonumber(redis.call('HGET', K_LIMITS, 'paused_until') or '0') or 0) then
+    redis.call('HSET', K_LIMITS, 'paused_until', until_ms)
+  end
+end
 local released = 0
 for i = 0, n - 1 do
-  local id, token = ARGV[2 + i * 2], ARGV[3 + i * 2]
+  local id, token = ARGV[3 + i * 2], ARGV[4 + i * 2]
   if redis.call('HGET', K_TOKENS, id) == token then
     local delivered, why = count_in('deliveries', redis.call('HGET', K_DELIVERIES, id), id)
     redis.call('ZREM', K_LEASES, id)
