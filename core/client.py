@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -30,6 +31,8 @@ from handoff.protocol.task import (
 )
 from handoff.runtime.agents import payload_for, registered
 from handoff.runtime.payload_types import JSON_TYPES
+
+WAIT_CHUNK_S = 300.0  # the longest single blocking wait for a result
 
 
 class TaskDead(HandoffError):
@@ -102,19 +105,37 @@ class Client:
         self.settings = settings
         self._pid = -1
         self._queue: TaskQueue | None = None
+        self._waiting: TaskQueue | None = None
 
     @property
     def queue(self) -> TaskQueue:
         if self._queue is None or self._pid != os.getpid():
             # A new process: drop (never close) the parent's sockets and build our own.
             self._queue = TaskQueue(RedisManager(self.settings.redis), self.settings)
+            self._waiting = None
             self._pid = os.getpid()
         return self._queue
+
+    @property
+    def waiting(self) -> TaskQueue:
+        """For blocking waits only (result): its own connections, whose read timeout
+        outlasts one wait, so an idle waiter sends nothing until the end notice (the
+        main pool's read timeout stays short, to notice a dead server soon)."""
+        self.queue  # noqa: B018 - checks the process (a Client used after fork)
+        if self._waiting is None:
+            config = replace(
+                self.settings.redis, read_timeout_s=WAIT_CHUNK_S + 10, min_idle_conns=0
+            )
+            self._waiting = TaskQueue(RedisManager(config, background=False), self.settings)
+        return self._waiting
 
     def close(self) -> None:
         if self._queue is not None and self._pid == os.getpid():
             self._queue.manager.close()
+            if self._waiting is not None:
+                self._waiting.manager.close()
         self._queue = None
+        self._waiting = None
 
     def __enter__(self) -> Client:
         return self
@@ -249,7 +270,7 @@ class Client:
 
         Raises TaskDead (with the reason; for a run, naming its first dead end) and
         ResultTimeout when it is not done in time. Either way it blocks in Redis on the
-        end notice the ack writes (no polling), in calls of up to half the read timeout.
+        end notice the ack writes (no polling): one blocking call per WAIT_CHUNK_S.
         """
         check_range("wait_s", wait_s, 0, 86_400 * 7, error=InvalidPayload)
         if follow:
@@ -271,11 +292,12 @@ class Client:
             if state.kind == "unknown":  # nothing will push: wait out the time, then say so
                 time.sleep(min(remaining, block_s))
                 continue
-            runs.wait_done(self.queue, task_id, min(remaining, block_s))
+            runs.wait_done(self.waiting, task_id, min(remaining, block_s))
 
     def _block_s(self) -> float:
-        """How long one blocking wait may last: under the socket's read timeout."""
-        return max(0.05, self.settings.redis.read_timeout_s / 2)
+        """How long one blocking wait lasts at most (its connection's read timeout is
+        longer): a wait of an hour sends a command every WAIT_CHUNK_S."""
+        return WAIT_CHUNK_S
 
     def _follow(self, task_id: str, wait_s: float) -> Any:
         agent_of(task_id)
@@ -296,7 +318,7 @@ class Client:
                 raise ResultTimeout(f"run {root} is unknown (never enqueued, or long gone)")
             if remaining <= 0:
                 raise ResultTimeout(f"run {root} has not ended after {wait_s}s")
-            runs.wait_ended(self.queue, root, min(remaining, block_s))
+            runs.wait_ended(self.waiting, root, min(remaining, block_s))
 
     def tree(self, run_id: str) -> dict[str, Any]:
         """The run as nested dicts: each task's id, agent, status, attempt, times (ms),
