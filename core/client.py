@@ -7,6 +7,7 @@ in a new process (after fork), so a Client made before fork is safe in the child
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
@@ -106,6 +107,7 @@ class Client:
         self._pid = -1
         self._queue: TaskQueue | None = None
         self._waiting: TaskQueue | None = None
+        self._waiting_lock = threading.Lock()
 
     @property
     def queue(self) -> TaskQueue:
@@ -122,12 +124,14 @@ class Client:
         outlasts one wait, so an idle waiter sends nothing until the end notice (the
         main pool's read timeout stays short, to notice a dead server soon)."""
         self.queue  # noqa: B018 - checks the process (a Client used after fork)
-        if self._waiting is None:
-            config = replace(
-                self.settings.redis, read_timeout_s=WAIT_CHUNK_S + 10, min_idle_conns=0
-            )
-            self._waiting = TaskQueue(RedisManager(config, background=False), self.settings)
-        return self._waiting
+        with self._waiting_lock:  # threads of one Client (the demo's waiters) share it
+            if self._waiting is None:
+                config = replace(
+                    self.settings.redis, read_timeout_s=WAIT_CHUNK_S + 10, min_idle_conns=0
+                )
+                manager = RedisManager(config, background=False)
+                self._waiting = TaskQueue(manager, self.settings)
+            return self._waiting
 
     def close(self) -> None:
         if self._queue is not None and self._pid == os.getpid():
