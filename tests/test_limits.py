@@ -175,3 +175,19 @@ def test_a_handler_raising_rate_limited_pauses_its_agent_on_every_worker(
     assert 900 <= paused_ms <= 1100, paused_ms
     again = [s for s in later if s["id"] == limited]
     assert len(again) == 1 and again[0]["attempt"] == 1
+
+
+def test_inspect_shows_a_live_rate_and_a_pause(app, redis_url):
+    cli = ["--redis-url", redis_url]
+    assert CliRunner().invoke(main, [*cli, "limits", "throttled", "rate=2/s"]).exit_code == 0
+    app.enqueue("throttled", {})
+    [task] = app.queue.claim([ClaimRequest("throttled", 1, 60_000)])["throttled"]
+    app.queue.release([task], pause_s=30)
+    stats = app.client.queue_stats(["throttled"])["throttled"]
+    assert stats["rate_live"] == "2/s" and 29 <= stats["paused_s"] <= 30
+    shown = CliRunner().invoke(main, [*cli, "inspect", "queues"])
+    row = next(line for line in shown.output.splitlines() if line.startswith("throttled"))
+    assert row.rstrip().endswith("2/s paused 30.0s") or "2/s paused 29." in row
+    resumed = CliRunner().invoke(main, [*cli, "limits", "throttled", "resume"])
+    assert resumed.output == "throttled: rate 2/s (set live)\n"
+    assert app.client.queue_stats(["throttled"])["throttled"]["paused_s"] == 0

@@ -129,17 +129,25 @@ def inspect() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
 def inspect_queues(state, as_json: bool) -> None:
-    """Per agent type: queued, running, delayed, dead and counters."""
+    """Per agent type: queued, running, delayed, dead, counters, and a limit set live."""
     stats = _call(state, "queue_stats")
     if as_json:
         print_json(stats)
         return
     columns = ["queued", "running", "delayed", "dead", "done", "failed", "retried", "handed_off"]
     rows = [
-        [name, *(s[c] for c in columns), f"{s['oldest_queued_age_s']:.1f}"]
+        [name, *(s[c] for c in columns), f"{s['oldest_queued_age_s']:.1f}", _limit_cell(s)]
         for name, s in sorted(stats.items())
     ]
-    print_table(["agent", *columns, "oldest_s"], rows)
+    print_table(["agent", *columns, "oldest_s", "limit"], rows)
+
+
+def _limit_cell(stats: dict[str, Any]) -> str:
+    """A rate set live (the code's own shows as "-": only its workers know it), a pause."""
+    cell = stats.get("rate_live") or "-"
+    if stats.get("paused_s"):
+        cell += f" paused {stats['paused_s']:.1f}s"
+    return cell
 
 
 @inspect.command("agents")

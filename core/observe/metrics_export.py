@@ -23,6 +23,12 @@ AGENT_GAUGES = (
     ("throughput_per_s", "handoff_throughput_tasks_per_second", "Tasks done per second."),
     ("workers", "handoff_workers", "Live worker processes."),
     ("max_concurrent", "handoff_capacity_slots", "Handler slots across live workers."),
+    ("paused_s", "handoff_paused_seconds", "Time left in a pause a handler's RateLimited began."),
+    (
+        "rate_ahead_s",
+        "handoff_rate_limit_ahead_seconds",
+        "How far the start-rate limiter's schedule runs ahead of now (0: not limiting).",
+    ),
 )
 AGENT_COUNTERS = (
     ("enqueued", "handoff_tasks_enqueued", "Tasks enqueued."),

@@ -49,13 +49,14 @@ def queue_stats(queue: TaskQueue, agents: Sequence[str] | None = None) -> dict[s
             pipe.zcard(keys.dead)
             pipe.hgetall(keys.stats)
             pipe.zrange(keys.queue, 0, 0, withscores=True)
+            pipe.hgetall(keys.limits)
         return pipe.execute()
 
-    replies = queue.manager.execute_pipelined(read, 6 * len(names))
+    replies = queue.manager.execute_pipelined(read, 7 * len(names))
     now = now_ms()
     out: dict[str, dict[str, Any]] = {}
     for i, name in enumerate(names):
-        queued, running, delayed, dead, counters, head = replies[i * 6 : i * 6 + 6]
+        queued, running, delayed, dead, counters, head, limits = replies[i * 7 : i * 7 + 7]
         counts = {k.decode(): _count(v) for k, v in counters.items()}
         age_s = 0.0
         if head:
@@ -68,8 +69,28 @@ def queue_stats(queue: TaskQueue, agents: Sequence[str] | None = None) -> dict[s
             **{c: counts.get(c, 0) for c in COUNTERS if c != "dead"},
             "dead_total": counts.get("dead", 0),
             "oldest_queued_age_s": round(age_s, 3),
+            **_limit_figures(limits, now),
         }
     return out
+
+
+def _limit_figures(limits: dict[bytes, bytes], now: int) -> dict[str, Any]:
+    """The start-rate limit set live ("" = the code's, "none" = lifted; the code's own is
+    known to its workers only), how long the agent stays paused by a RateLimited, and how
+    far ahead of now the limiter's schedule runs (0: it is not holding anything back)."""
+    live = limits.get(b"rate", b"").decode(errors="replace")
+    if live and live != "none":
+        count, _, window = live.partition("/")
+        unit = {"1000": "s", "60000": "min", "3600000": "h"}.get(window, f"{window}ms")
+        live = f"{count}/{unit}"
+    figures: dict[str, Any] = {"rate_live": live}
+    for name, field in (("paused_s", b"paused_until"), ("rate_ahead_s", b"tat")):
+        try:
+            ahead = (float(limits.get(field, b"0")) - now) / 1000.0
+        except ValueError:
+            ahead = 0.0
+        figures[name] = round(max(0.0, ahead), 3)
+    return figures
 
 
 def dead_list(queue: TaskQueue, agent: str, limit: int = 100) -> list[dict[str, Any]]:
