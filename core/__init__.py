@@ -5,7 +5,7 @@
 plus Task and the errors a user catches; everything else lives in the layer subpackages.
 """
 
-from handoff.client import Client, ResultTimeout, TaskDead
+from handoff.client import Client, ResultTimeout, TaskDead, TaskExpired
 from handoff.errors import (
     CircuitOpen,
     ConfigError,
@@ -34,5 +34,6 @@ __all__ = [
     "ResultTimeout",
     "Task",
     "TaskDead",
+    "TaskExpired",
     "agent",
 ]

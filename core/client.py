@@ -40,6 +40,10 @@ class TaskDead(HandoffError):
     """The task was dead-lettered; the message carries the reason."""
 
 
+class TaskExpired(HandoffError):
+    """The task was not started by its deadline (expires_in_s, or its run's); it never ran."""
+
+
 class ResultTimeout(HandoffError, TimeoutError):
     """The task did not finish within wait_s."""
 
@@ -54,6 +58,8 @@ def build_task(
     max_attempts: int | None = None,
     timeout_s: float | None = None,
     at_ms: int | None = None,
+    expires_in_s: float | None = None,
+    run_deadline_s: float | None = None,
 ) -> Task:
     """Validate one task's fields and build it (no Redis)."""
     check_agent(agent)
@@ -70,6 +76,7 @@ def build_task(
         task_id = derived_task_id(agent, "key", key)
     else:
         task_id = new_task_id(agent, stamp)
+    expires_at, run_deadline_at = deadlines_at(stamp, expires_in_s, run_deadline_s)
     return Task(
         id=task_id,
         agent=agent,
@@ -81,7 +88,24 @@ def build_task(
         enqueued_at=stamp,
         not_before=stamp + delay_ms if delay_ms > 0 else None,
         key=key,
+        expires_at=expires_at,
+        run_deadline_at=run_deadline_at,
     )
+
+
+def deadlines_at(
+    stamp: int, expires_in_s: float | None, run_deadline_s: float | None
+) -> tuple[int | None, int | None]:
+    """(expires_at, run_deadline_at) in ms: a task's own deadline is its run's too, at most."""
+    expires_at = run_deadline_at = None
+    if expires_in_s is not None:
+        _check_number("expires_in_s", expires_in_s, 0.001, MAX_DELAY_S)
+        expires_at = stamp + int(expires_in_s * 1000)
+    if run_deadline_s is not None:
+        _check_number("run_deadline_s", run_deadline_s, 0.001, MAX_DELAY_S)
+        run_deadline_at = stamp + int(run_deadline_s * 1000)
+        expires_at = run_deadline_at if expires_at is None else min(expires_at, run_deadline_at)
+    return expires_at, run_deadline_at
 
 
 MAX_DELAY_S = 366 * 86_400.0
@@ -159,8 +183,14 @@ class Client:
         key: str | None = None,
         max_attempts: int | None = None,
         timeout_s: float | None = None,
+        expires_in_s: float | None = None,
+        run_deadline_s: float | None = None,
     ) -> str:
-        """Add one task; returns its id (the same id again for a repeated key)."""
+        """Add one task; returns its id (the same id again for a repeated key).
+
+        expires_in_s: not started by then, it ends expired and never runs (a running task
+        is not interrupted: that is timeout_s). run_deadline_s: the same for every task of
+        the run it starts."""
         task = build_task(
             agent,
             payload,
@@ -169,6 +199,8 @@ class Client:
             key=key,
             max_attempts=max_attempts,
             timeout_s=timeout_s,
+            expires_in_s=expires_in_s,
+            run_deadline_s=run_deadline_s,
         )
         self.queue.enqueue([task])
         return task.id
@@ -181,6 +213,8 @@ class Client:
         priority: int = 0,
         delay_s: float = 0,
         keys: Sequence[str] | None = None,
+        expires_in_s: float | None = None,
+        run_deadline_s: float | None = None,
     ) -> list[str]:
         """Add many tasks in one round trip; all are validated before any is sent.
 
@@ -195,6 +229,7 @@ class Client:
             raise InvalidPayload(f"keys: {len(keys)} given for {len(payloads)} payloads")
         stamp = now_ms()
         not_before = stamp + delay_ms if delay_ms > 0 else None
+        expires_at, run_deadline_at = deadlines_at(stamp, expires_in_s, run_deadline_s)
         tasks = []
         append = tasks.append
         spec = registered(agent)
@@ -224,6 +259,8 @@ class Client:
                     enqueued_at=stamp,
                     not_before=not_before,
                     key=key,
+                    expires_at=expires_at,
+                    run_deadline_at=run_deadline_at,
                 )
             )
         if tasks:
@@ -236,7 +273,7 @@ class Client:
     # -- looking ---------------------------------------------------------------------------
 
     def status(self, task_id: str) -> str:
-        """queued | delayed | running | done | dead | unknown (one round trip)."""
+        """queued | delayed | running | done | dead | expired | unknown (one round trip)."""
         return self._status_and_result(task_id)[0]
 
     def _status_and_result(self, task_id: str) -> tuple[str, bytes | None]:
@@ -257,7 +294,7 @@ class Client:
         for _ in range(3):
             done, dead, running, delayed, queued = self.queue.manager.execute(probe)
             if done is not None:
-                return "done", done
+                return ("expired" if done.startswith(b'{"status":"expired"') else "done"), done
             for name, score in (("dead", dead), ("running", running), ("delayed", delayed)):
                 if score is not None:
                     return name, None
@@ -287,7 +324,10 @@ class Client:
             flag_ms = int((min(remaining, block_s) + 5) * 1000)
             state = runs.task_state(self.queue, task_id, flag_ms)
             if state.kind == "done":
-                return state.record.get("result") if state.record else None
+                record = state.record or {}
+                if record.get("status") == "expired":
+                    raise TaskExpired(f"task {task_id} expired: not started by its deadline")
+                return record.get("result")
             if state.kind == "dead":
                 raise TaskDead(f"task {task_id} is dead: {state.reason}")
             if remaining <= 0:

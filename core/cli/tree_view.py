@@ -9,6 +9,7 @@ import orjson
 STATUS_MARK = {
     "done": "ok",
     "dead": "DEAD",
+    "expired": "EXPIRED",
     "running": "..",
     "queued": "--",
     "delayed": "~~",

@@ -238,6 +238,7 @@ class Monitor:
                 "retried": s["retried"],
                 "handed_off": s["handed_off"],
                 "enqueued": s["enqueued"],
+                "expired": s.get("expired", 0),
                 "workers": len(mine),
                 "max_concurrent": sum(v["max_concurrent"] for v in mine),
                 "global_limit": next((v["global_limit"] for v in mine if v["global_limit"]), None),

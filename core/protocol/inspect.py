@@ -14,7 +14,10 @@ import orjson
 from handoff.protocol.queue import TaskQueue
 from handoff.protocol.task import EPOCH_MS, PRIORITY_SHIFT, now_ms
 
-COUNTERS = ("enqueued", "done", "failed", "retried", "dead", "handed_off", "reaped", "stale_acks")
+COUNTERS = (
+    "enqueued", "done", "failed", "retried", "dead", "handed_off", "reaped", "stale_acks",
+    "expired",
+)  # fmt: skip
 
 
 def enqueued_ms_from_score(score: float) -> int:

@@ -21,6 +21,7 @@ one cluster slot. Agent names are validated before any key is built.
     <prefix>:{<agent>}:claim:<cid>  LIST  ids leased by one claim call (replay on retry)
     <prefix>:{<agent>}:autoscalers  HASH  supervisor id -> JSON {min, max, current, until}
     <prefix>:{<agent>}:outbox       HASH  field -> time + notice for a scope in another slot
+    <prefix>:{<agent>}:deadlines    HASH  id -> ms: tasks that expire if not started by then
     <prefix>:{<agent>}:limits       HASH  start-rate limit: rate/burst set live (override the
                                           code's), tat (the limiter's clock), paused_until
     <prefix>:{<agent>}:scope:<id>   HASH  a run (root id) or join (then id): open tasks...
@@ -101,6 +102,7 @@ AGENT_KEY_NAMES = (
     "wake",
     "outbox",
     "limits",
+    "deadlines",
 )
 
 
@@ -166,6 +168,10 @@ class AgentKeys:
     def all(self) -> list[str]:
         """The fixed per-agent keys in AGENT_KEY_NAMES order (a script's KEYS prefix)."""
         return [f"{self.base}:{name}" for name in AGENT_KEY_NAMES]
+
+    @property
+    def deadlines(self) -> str:
+        return f"{self.base}:deadlines"
 
     @property
     def limits(self) -> str:

@@ -230,7 +230,7 @@ class TaskQueue:
             id_prefix = agent + "."
             for start in range(0, len(group), ENQUEUE_CHUNK):
                 chunk = group[start : start + ENQUEUE_CHUNK]
-                special: list[Any] = []  # position, delay_ms, deterministic (1/0)
+                special: list[Any] = []  # position, delay_ms, deterministic (1/0), expires_at
                 args: list[Any] = [self._max_bytes, now_arg, len(chunk), 0]
                 for position, index in enumerate(chunk, 1):
                     task = tasks[index]
@@ -250,15 +250,15 @@ class TaskQueue:
                     not_before = task.not_before
                     if not_before is None:
                         args += (task_id, score_for(task.priority, task.enqueued_at), blob)
-                        if task.key is None and task.parent_id is None:
+                        if task.key is None and task.parent_id is None and not task.expires_at:
                             continue
                         delay = 0
                     else:
                         delay = max(0, not_before - task.enqueued_at)
                         args += (task_id, score_for(task.priority, not_before), blob)
                     deterministic = task.key is not None or task.parent_id is not None
-                    special += (position, delay, 1 if deterministic else 0)
-                args[3] = len(special) // 3
+                    special += (position, delay, 1 if deterministic else 0, task.expires_at or 0)
+                args[3] = len(special) // 4
                 args += special
                 calls.append(("enqueue", fixed, args))
                 order.append(chunk)
@@ -310,12 +310,14 @@ class TaskQueue:
                 request.rate.window_ms if request.rate else 0,
                 request.burst,
                 GUARD,
+                self._record_ttl_ms,
             ]
             calls.append(("claim", [*agent_keys.all(), agent_keys.claim(claim_id)], args))
         replies = self.run_scripts(calls)
         result = ClaimResult()
         claimed = result.tasks
         corrupt: list[Failure] = []
+        outgoing: list[tuple[str, str, bytes]] = []
         from_json = Task.from_json
         for request, (_, _, args), reply in zip(requests, calls, replies, strict=True):
             token, agent = args[2], request.agent
@@ -325,7 +327,12 @@ class TaskQueue:
             if request.isolate_suspects:
                 result.suspects_waiting[agent] = bool(int(reply[2]))
                 first = 3
-            for i in range(first, len(reply), 5):
+            end = len(reply)
+            if b"|" in reply[first:]:  # notices it wrote to the outbox: deliver them now
+                end = reply.index(b"|", first)
+                kept = reply[end + 1 :]
+                outgoing += [(agent, kept[k].decode(), kept[k + 1]) for k in range(0, len(kept), 2)]
+            for i in range(first, end, 5):
                 task_id = reply[i].decode()
                 try:
                     task = from_json(
@@ -343,6 +350,8 @@ class TaskQueue:
                     corrupt.append(Failure(stub, f"corrupt task JSON: {e}", dead_now=True))
                     continue
                 tasks.append(task)
+        if outgoing:
+            self.deliver(outgoing, now_ms=now_ms)
         if corrupt:
             log.warning("dead-lettering %d corrupt task(s): %s", len(corrupt), corrupt[0].error)
             self.nack(corrupt, now_ms=now_ms)

@@ -164,7 +164,8 @@ def _node(task_id: str, keys: AgentKeys, parts: list, result_bytes: int) -> dict
         data = orjson.loads(record)
         finished = data.get("finished_at")
         ran_ms = data.get("ran_ms")
-        node.update(status="done", attempt=data.get("attempt"), finished_at=finished)
+        node.update(status=data.get("status", "done"), attempt=data.get("attempt"))
+        node["finished_at"] = finished
         node.update(enqueued_at=data.get("enqueued_at"), ran_ms=ran_ms)
         if isinstance(finished, int) and isinstance(ran_ms, int | float):
             node["started_at"] = int(finished - ran_ms)
@@ -175,6 +176,8 @@ def _node(task_id: str, keys: AgentKeys, parts: list, result_bytes: int) -> dict
             node["_children"] = list(result["join"].get("branches", []))
             node["_then"] = result["join"].get("then")
             node["join"] = True
+        elif node["status"] == "expired":
+            node["reason"] = "not started by its deadline"
         else:
             node["result"] = _shortened(result, result_bytes)
         return node

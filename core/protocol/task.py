@@ -102,6 +102,8 @@ _FIELD_TYPES = (
     ("scope", (str,), True),
     ("branch", (int,), True),
     ("join", (dict,), True),
+    ("expires_at", (int,), True),
+    ("run_deadline_at", (int,), True),
 )
 
 
@@ -158,6 +160,10 @@ class Task:
     scope: str | None = None
     branch: int = 0
     join: dict | None = None
+    # Deadlines (ms, unix): a task not started by expires_at ends "expired" instead of
+    # running; run_deadline_at bounds every task of its run (children inherit it).
+    expires_at: int | None = None
+    run_deadline_at: int | None = None
     # A then-task's branches' ends are read (one GET) and decoded when its handler first
     # asks for task.branches: a join of 10,000 branches starts its then-task without
     # moving a megabyte first (as BullMQ's getChildrenValues()). Its join's first dead
@@ -189,13 +195,15 @@ class Task:
     def to_json(self) -> bytes:
         """The stored form: immutable after enqueue (attempts and leases live beside it).
 
-        run, scope and branch come right after id and agent, in this order: the scripts
-        that dead-letter a task read them there without decoding the payload."""
+        run, scope, branch and expires_at come right after id and agent, in this order:
+        the scripts read them there without decoding the payload."""
         record: dict[str, Any] = {"id": self.id, "agent": self.agent}
         if self.run is not None:
             record["run"] = self.run
             record["scope"] = self.scope or self.run
             record["branch"] = self.branch
+        if self.expires_at is not None:  # here too for the scripts (a join's then-task)
+            record["expires_at"] = self.expires_at
         record.update({
             "payload": self.payload,
             "priority": self.priority,
@@ -204,6 +212,8 @@ class Task:
         })  # fmt: skip
         if self.join is not None:
             record["join"] = self.join
+        if self.run_deadline_at is not None:
+            record["run_deadline_at"] = self.run_deadline_at
         if self.max_attempts is not None:
             record["max_attempts"] = self.max_attempts
         if self.timeout_s is not None:
@@ -256,6 +266,11 @@ class Task:
             scope, branch, join = None, 0, get("join")
         if join is not None and type(join) is not dict:
             raise ValueError(_wrong_types(record))
+        expires_at, run_deadline_at = get("expires_at"), get("run_deadline_at")
+        if (expires_at is not None and type(expires_at) is not int) or (
+            run_deadline_at is not None and type(run_deadline_at) is not int
+        ):
+            raise ValueError(_wrong_types(record))
         if (
             type(task_id) is not str
             or type(agent) is not str
@@ -277,7 +292,7 @@ class Task:
         return cls(
             task_id, agent, payload, priority, attempt, max_attempts, timeout_s, created_at,
             enqueued_at, not_before, parent_id, trace, key, deliveries, token, run, scope,
-            branch, join,
+            branch, join, expires_at, run_deadline_at,
         )  # fmt: skip
 
     @property

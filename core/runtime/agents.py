@@ -32,10 +32,16 @@ class Handoff:
     agent: str
     payload: Any
     priority: int = 0
+    expires_in_s: float | None = None  # not started by then: it ends expired
 
     def __post_init__(self) -> None:
         check_agent(self.agent)
         check_priority(self.priority)
+        if self.expires_in_s is not None:
+            check_range(
+                "Handoff expires_in_s", self.expires_in_s, 0.001, 366 * 86_400.0,
+                error=InvalidPayload,
+            )  # fmt: skip
 
 
 ON_DEAD = ("fail", "continue")

@@ -200,6 +200,8 @@ def _child(
             scope=parent.scope_id,
             branch=parent.branch,
             join=join,
+            run_deadline_at=parent.run_deadline_at,
+            expires_at=_expires_at(stamp, handoff, parent.run_deadline_at),
         )
         blob = child.to_json()
     except InvalidPayload as e:
@@ -208,6 +210,14 @@ def _child(
         reason = f"{what}: {len(blob)} bytes, over max_payload_bytes"
         return Failure(parent, reason, dead_now=True)
     return child, blob
+
+
+def _expires_at(stamp: int, handoff: Handoff, run_deadline_at: int | None) -> int | None:
+    """A child's deadline: its own (Handoff expires_in_s), its run's, the earlier."""
+    own = None if handoff.expires_in_s is None else stamp + int(handoff.expires_in_s * 1000)
+    if own is None or run_deadline_at is None:
+        return own if own is not None else run_deadline_at
+    return min(own, run_deadline_at)
 
 
 def children_of(parent: Task, handoffs: list[Handoff], settings: Settings) -> list[Task] | Failure:

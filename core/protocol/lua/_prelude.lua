@@ -75,6 +75,7 @@ end
 
 -- Forget a finished task's bookkeeping (the payload too).
 local function forget(id)
+  redis.call('HDEL', K_DEADLINES, id)
   redis.call('HDEL', K_TASKS, id)
   redis.call('HDEL', K_TOKENS, id)
   redis.call('HDEL', K_DELIVERIES, id)
@@ -173,6 +174,7 @@ local function forget_all(ids)
   for _, key in ipairs({K_TASKS, K_TOKENS, K_DELIVERIES, K_FAILURES, K_SCORES}) do
     bulk_call('HDEL', key, ids)
   end
+  if redis.call('EXISTS', K_DEADLINES) == 1 then bulk_call('HDEL', K_DEADLINES, ids) end
 end
 
 -- HGET of many fields, one call each: HMGET is not in every least-privilege ACL
@@ -260,6 +262,9 @@ local function fire_then(id, sk, now)
   redis.call('HSET', K_TASKS, id, json)
   redis.call('HSET', K_SCORES, id, score)
   redis.call('ZADD', K_QUEUE, score, id)
+  local expires = string.match(json,
+    '^{"id":"[^"]*","agent":"[^"]*","run":"[^"]*","scope":"[^"]*","branch":%d+,"expires_at":(%d+)')
+  if expires then redis.call('HSET', K_DEADLINES, id, expires) end  -- its run's deadline
   count('enqueued', 1)
   count('joins_fired', 1)
   wake(1)
@@ -377,17 +382,23 @@ end
 -- in this agent's outbox (written in the same script as the state change it reports)
 -- until a worker or the reaper has delivered it: <base>:outbox HASH field -> at SEP notice.
 local SCOPE_OF = '^.' .. SEP .. '([^.' .. SEP .. ']*)'  -- a notice's scope's agent
+local OUTBOXED = {}  -- field, notice, ...: what this call wrote to the outbox (to return)
 local function emit_notice(notice, field, now)
   if string.match(notice, SCOPE_OF) == AGENT then
     apply_notice(notice, now)
   else
     redis.call('HSET', K_OUTBOX, field, now .. SEP .. notice)
+    OUTBOXED[#OUTBOXED + 1] = field
+    OUTBOXED[#OUTBOXED + 1] = notice
   end
 end
 
 -- A task was dead-lettered: its end goes to its scope. Its place in its run is read from
 -- the head of its JSON (task.py writes run, scope, branch right after id and agent).
-notice_dead = function(id, now, reason_json)
+-- A task ended without running to a result (status 'dead' or 'expired'): its end goes
+-- to its scope. Its place in its run is read from the head of its JSON (task.py writes
+-- run, scope, branch right after id and agent), so call this before forgetting it.
+local function notice_ended(id, now, status, reason)
   if redis.call('ZSCORE', WATCHED, id) then result_ready(id) end
   local json = redis.call('HGET', K_TASKS, id)
   local run, scope, branch
@@ -396,11 +407,28 @@ notice_dead = function(id, now, reason_json)
       '^{"id":"[^"]*","agent":"[^"]*","run":"([^"]*)","scope":"([^"]*)","branch":(%d+)')
   end
   if not run then run, scope, branch = id, id, '0' end
+  local end_json = cjson.encode({id = id, agent = AGENT, branch = tonumber(branch),
+    status = status, reason = reason})
+  emit_notice('E' .. SEP .. scope .. SEP .. run .. SEP .. id .. SEP .. branch .. SEP .. status ..
+    SEP .. end_json, id .. ':' .. status, now)
+end
+
+notice_dead = function(id, now, reason_json)
   local ok, decoded = pcall(cjson.decode, reason_json)
   local reason = ok and type(decoded) == 'table' and decoded.reason or 'dead-lettered'
   if type(reason) ~= 'string' then reason = 'dead-lettered' end
-  local end_json = cjson.encode({id = id, agent = AGENT, branch = tonumber(branch), status = 'dead',
-    reason = reason})
-  emit_notice('E' .. SEP .. scope .. SEP .. run .. SEP .. id .. SEP .. branch .. SEP .. 'dead' ..
-    SEP .. end_json, id .. ':dead', now)
+  notice_ended(id, now, 'dead', reason)
+end
+
+-- A task not started by its deadline: it ends 'expired' and is forgotten, its record
+-- says so for record_ttl ms (result() raises TaskExpired), its run or join is told.
+local function expire(id, now, deadline, record_ttl)
+  if record_ttl > 0 then
+    redis.call('SET', run_key('result', id), '{"status":"expired","finished_at":' .. now ..
+      ',"expired_at":' .. deadline .. '}', 'PX', record_ttl)
+  end
+  notice_ended(id, now, 'expired', 'not started by its deadline')
+  forget(id)
+  redis.call('HDEL', K_DEADLINES, id)
+  count('expired', 1)
 end

@@ -12,6 +12,8 @@
 --   spaced GUARD (ARGV[14]) wider than the rate; an agent paused (a handler raised
 --   RateLimited: K_LIMITS paused_until) admits nothing until then. When the rate or the
 --   pause holds tasks back, next_due says when to claim again.
+-- ARGV[15] record TTL ms: a task popped after its deadline (K_DEADLINES) is not leased but
+--   ends expired, its record kept this long (see expire in _prelude.lua).
 --   A suspect was delivered before and neither finished nor failed: its worker died or
 --   stalled. It may be a poison task that kills its process, so it is leased only to a
 --   solo caller and alone; a non-solo caller leaves it queued and is told it waits (so it
@@ -23,9 +25,11 @@
 -- (HSET, ZADD of many members); reads are one HGET each (see hget_each in _prelude.lua).
 -- A join's then-task comes with its join's first dead end ('' if none: its on_dead policy
 -- is applied at claim); its branches' ends are read when its handler first asks for them.
+-- A task it dead-letters (poison, corrupt) or expires sends its end to its run or join;
+-- what went to the outbox is returned for the caller to deliver at once.
 -- Returns: {now, next_due (ms of the earliest delayed task, -1 if none),
 --           [suspects_waiting (0/1), only when isolating,] id1, json1, attempt1,
---           deliveries1, join1, id2, ...}
+--           deliveries1, join1, id2, ..., ['|', outbox field, notice, ...]}
 local claim_key = KEYS[FIXED_KEYS + 1]
 local n = math.min(tonumber(ARGV[1]), tonumber(ARGV[7]))
 local lease_ms = tonumber(ARGV[2])
@@ -128,6 +132,17 @@ for i = 1, #popped, 2 do ids[#ids + 1] = popped[i] end
 local payloads = hget_each(K_TASKS, ids)
 local failures = hget_each(K_FAILURES, ids)
 local delivered = hget_each(K_DELIVERIES, ids)
+local expired_now = {}
+if redis.call('EXISTS', K_DEADLINES) == 1 then  -- some task has a deadline: look per task
+  local record_ttl = tonumber(ARGV[15]) or 0
+  local due_by = hget_each(K_DEADLINES, ids)
+  for i, id in ipairs(ids) do
+    if payloads[i] and due_by[i] and (tonumber(due_by[i]) or 0) <= now then
+      expire(id, now, due_by[i], record_ttl)
+      expired_now[i] = true
+    end
+  end
+end
 local deadline = now + lease_ms
 local counts, leases, tokens, leased = {}, {}, {}, {}
 local c = 0  -- pairs written so far (counts, leases and tokens grow in step)
@@ -136,7 +151,9 @@ for i, id in ipairs(ids) do
   local before, bad_deliveries = count_in('deliveries', delivered[i], id)
   local failed, bad_failures = count_in('failures', failures[i], id)
   local suspect = isolate and payloads[i] and before and failed and before - failed >= 1
-  if payloads[i] and (bad_deliveries or bad_failures) then
+  if expired_now[i] then
+    -- ended expired above: not leased
+  elseif payloads[i] and (bad_deliveries or bad_failures) then
     if bad_deliveries then
       bury_corrupt(id, now, K_DELIVERIES, bad_deliveries)
     else
@@ -178,5 +195,9 @@ bulk_write('HSET', K_TOKENS, tokens)
 if #leased > 0 then
   bulk_call('RPUSH', claim_key, leased)
   redis.call('PEXPIRE', claim_key, lease_ms)
+end
+if #OUTBOXED > 0 then
+  out[#out + 1] = '|'
+  for _, item in ipairs(OUTBOXED) do out[#out + 1] = item end
 end
 return out

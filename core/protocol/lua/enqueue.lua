@@ -5,8 +5,9 @@
 -- ARGV[3]      n, the number of tasks
 -- ARGV[4]      m, the number of tasks with a delay or a deterministic id
 -- then n groups of 3: id, score, task_json
--- then m groups of 3: position (1..n), delay_ms (0 = ready now), deterministic (1 = its id
---   comes from a key or a parent: refused while in the finished set's dedupe window)
+-- then m groups of 4: position (1..n), delay_ms (0 = ready now), deterministic (1 = its id
+--   comes from a key or a parent: refused while in the finished set's dedupe window),
+--   expires_at (ms; 0 = none: a task not started by then ends expired, see claim.lua)
 -- Returns: a list of n integers, 1 = added, 0 = duplicate (already queued/leased/delayed/dead,
 -- finished within the dedupe window, or earlier in this batch). A payload over the limit
 -- fails the whole batch, unwritten. Writes go in a few bulk commands per batch.
@@ -22,16 +23,17 @@ for i = 0, n - 1 do
       ' bytes, over the limit of ' .. max_bytes .. ' bytes')
   end
 end
-local delay, deterministic = {}, {}
+local delay, deterministic, expires = {}, {}, {}
 for j = 0, m - 1 do
-  local o = base + n * 3 + j * 3
+  local o = base + n * 3 + j * 4
   local position = tonumber(ARGV[o + 1])
   delay[position] = tonumber(ARGV[o + 2])
   deterministic[position] = ARGV[o + 3] == '1'
+  expires[position] = ARGV[o + 4]
 end
 
 local added, seen = {}, {}
-local tasks, scores, ready, later = {}, {}, {}, {}
+local tasks, scores, ready, later, deadlines = {}, {}, {}, {}, {}
 local added_count = 0
 for i = 1, n do
   local o = base + (i - 1) * 3
@@ -51,12 +53,14 @@ for i = 1, n do
     push2(scores, id, score)
     local d = delay[i]
     if d and d > 0 then push2(later, now + d, id) else push2(ready, score, id) end
+    if expires[i] and expires[i] ~= '0' then push2(deadlines, id, expires[i]) end
   end
 end
 bulk_write('HSET', K_TASKS, tasks)
 bulk_write('HSET', K_SCORES, scores)
 bulk_write('ZADD', K_QUEUE, ready)
 bulk_write('ZADD', K_DELAYED, later)
+bulk_write('HSET', K_DEADLINES, deadlines)
 count('enqueued', added_count)
 wake(#ready / 2)
 return added
