@@ -143,3 +143,19 @@ def executions(raw_redis) -> list[tuple[int, str]]:
 
 def stat(client, agent: str, name: str) -> int:
     return client.queue_stats([agent])[agent][name]
+
+
+def command_calls(raw_redis) -> dict[str, int]:
+    """Calls per command so far (INFO commandstats), summed over a cluster's primaries:
+    what a test compares before and after to count what a client sent."""
+    nodes = raw_redis.get_primaries() if hasattr(raw_redis, "get_primaries") else [None]
+    totals: dict[str, int] = {}
+    for node in nodes:
+        if node is None:
+            info = raw_redis.info("commandstats")
+        else:
+            info = raw_redis.info("commandstats", target_nodes=node)
+        for name, stats in info.items():
+            if name.startswith("cmdstat_"):
+                totals[name[8:]] = totals.get(name[8:], 0) + stats["calls"]
+    return totals

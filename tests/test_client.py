@@ -17,7 +17,7 @@ from handoff.errors import InvalidAgentName, InvalidPayload
 from handoff.protocol.keys import Keys
 from handoff.protocol.queue import ClaimRequest, Completion, Failure, TaskQueue, TaskRejected
 from handoff.protocol.task import PRIORITY_SHIFT
-from harness.procs import wait_until
+from harness.procs import command_calls, wait_until
 
 # Every test here runs on one server and on a 3-primary cluster (tests/conftest.py).
 BACKENDS = ("server", "cluster")
@@ -95,30 +95,17 @@ def test_a_result_waiter_blocks_in_redis_and_wakes_at_the_ack(client, worker_que
     task = claim_one(worker_queue)
     got: dict = {}
     waiter = threading.Thread(target=lambda: got.update(value=client.result(tid, 30)))
-    before = _commands(raw_redis)
+    before = command_calls(raw_redis)
     waiter.start()
     watched = f"{client.queue.keys.agent('a').base}:watched:runs"
     wait_until(lambda: raw_redis.zscore(watched, tid) is not None, 10, "the waiter")
     time.sleep(5.0)  # the idle wait being measured, not a synchronisation
-    during = _commands(raw_redis)
+    during = command_calls(raw_redis)
     worker_queue.ack([Completion(task, b'"ok"')])
     waiter.join(10)
     assert got["value"] == "ok"
     sent = {name: during.get(name, 0) - before.get(name, 0) for name in ("evalsha", "blmove")}
     assert sent["evalsha"] == 1 and sent["blmove"] <= 1, sent  # polling would send dozens
-
-
-def _commands(raw_redis) -> dict[str, int]:
-    nodes = raw_redis.get_primaries() if hasattr(raw_redis, "get_primaries") else [None]
-    totals: dict[str, int] = {}
-    for node in nodes:
-        info = raw_redis.info("commandstats", target_nodes=node) if node else raw_redis.info(
-            "commandstats"
-        )  # fmt: skip
-        for name, stats in info.items():
-            if name.startswith("cmdstat_"):
-                totals[name[8:]] = totals.get(name[8:], 0) + stats["calls"]
-    return totals
 
 
 def test_result_raises_task_dead_with_the_reason(client, worker_queue):

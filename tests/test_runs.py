@@ -15,7 +15,7 @@ from handoff import Handoff, Join
 from handoff.client import ResultTimeout, TaskDead
 from handoff.errors import InvalidPayload
 from handoff.testing import InProcessApp
-from harness.procs import wait_until
+from harness.procs import command_calls, wait_until
 
 BACKENDS = ("server", "cluster")
 
@@ -117,29 +117,16 @@ def test_a_follow_waiter_blocks_without_polling_and_wakes_at_the_end(app, raw_re
     waiter = threading.Thread(
         target=lambda: got.update(value=app.client.result(root, 30, follow=True))
     )
-    before = _calls(raw_redis)
+    before = command_calls(raw_redis)
     waiter.start()
     time.sleep(1.0)  # the waiter sits in Redis for this long: count what it sent meanwhile
-    during = _calls(raw_redis)
+    during = command_calls(raw_redis)
     app.run_until_idle()
     waiter.join(10)
     assert got["value"] == {"merged": [[{"i": i}] for i in range(20)]}
     sent = {name: during.get(name, 0) - before.get(name, 0) for name in during}
     assert sent.get("blmove", 0) <= 2, sent  # one blocking call per read_timeout_s / 2
     assert sent.get("evalsha", 0) <= 2, sent  # the follow script, not a polling loop
-
-
-def _calls(raw_redis) -> dict[str, int]:
-    nodes = raw_redis.get_primaries() if hasattr(raw_redis, "get_primaries") else [None]
-    totals: dict[str, int] = {}
-    for node in nodes:
-        info = raw_redis.info("commandstats", target_nodes=node) if node else raw_redis.info(
-            "commandstats"
-        )  # fmt: skip
-        for name, stats in info.items():
-            if name.startswith("cmdstat_"):
-                totals[name[8:]] = totals.get(name[8:], 0) + stats["calls"]
-    return totals
 
 
 def test_follow_times_out_on_an_open_run_and_fails_on_an_unknown_one(app):
