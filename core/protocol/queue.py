@@ -371,8 +371,9 @@ class TaskQueue:
     def ack(self, completions: Sequence[Completion], *, now_ms: int | None = None) -> list[str]:
         """Finish tasks (token-checked). Returns the ids whose ack was stale (changed nothing).
 
-        Their notices go with the ack (applied in the script, or kept in the outbox) and
-        those kept are delivered in one more round trip, only when there are any."""
+        Their notices go with the ack (applied in the script, or kept in the outbox); those
+        kept are delivered in the same round trip on one server, in one more on a cluster
+        (only when there are any)."""
         ttl_ms = self._record_ttl_ms
         window_ms = int(self.settings.dedupe_window_s * 1000)
         preview = self.settings.result_ttl_s == 0 and ttl_ms > 0  # only the tree keeps it
