@@ -43,12 +43,5 @@ count('stale_acks', #stale)
 stale[#stale + 1] = '|'
 for _, id in ipairs(dead) do stale[#stale + 1] = id end
 stale[#stale + 1] = '|'
-for _, id in ipairs(dead) do
-  local kept = redis.call('HGET', K_OUTBOX, id .. ':dead')
-  local at = kept and string.find(kept, SEP, 1, true)
-  if at then
-    stale[#stale + 1] = id .. ':dead'
-    stale[#stale + 1] = string.sub(kept, at + 1)
-  end
-end
+for _, item in ipairs(OUTBOXED) do stale[#stale + 1] = item end  -- see emit_notice
 return stale
