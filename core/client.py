@@ -33,7 +33,9 @@ from handoff.protocol.task import (
 from handoff.runtime.agents import payload_for, registered
 from handoff.runtime.payload_types import JSON_TYPES
 
-WAIT_CHUNK_S = 300.0  # the longest single blocking wait for a result
+# The longest single blocking wait for a result (its connection's read timeout is
+# longer): a wait of an hour sends a command every WAIT_CHUNK_S.
+WAIT_CHUNK_S = 300.0
 
 
 class TaskDead(HandoffError):
@@ -318,7 +320,7 @@ class Client:
             return self._follow(task_id, wait_s)
         agent_of(task_id)
         deadline = time.monotonic() + wait_s
-        block_s = self._block_s()
+        block_s = WAIT_CHUNK_S
         while True:
             remaining = deadline - time.monotonic()
             flag_ms = int((min(remaining, block_s) + 5) * 1000)
@@ -338,16 +340,11 @@ class Client:
                 continue
             runs.wait_done(self.waiting, task_id, min(remaining, block_s))
 
-    def _block_s(self) -> float:
-        """How long one blocking wait lasts at most (its connection's read timeout is
-        longer): a wait of an hour sends a command every WAIT_CHUNK_S."""
-        return WAIT_CHUNK_S
-
     def _follow(self, task_id: str, wait_s: float) -> Any:
         agent_of(task_id)
         deadline = time.monotonic() + wait_s
         root = runs.run_of(self.queue, task_id)
-        block_s = self._block_s()
+        block_s = WAIT_CHUNK_S
         while True:
             remaining = deadline - time.monotonic()
             flag_ms = int((min(remaining, block_s) + 5) * 1000)

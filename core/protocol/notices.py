@@ -41,7 +41,7 @@ def done_end(task_id: str, agent: str, branch: int, result_json: bytes) -> bytes
 
 
 # A root ended without handing off: its run is itself. The ack knows the root's id and
-# result, so the notice is this one byte (the hot path: see root_done in _prelude.lua).
+# result, so the notice is this one byte (the hot path: see root_ended in _prelude.lua).
 ROOT_DONE = b"R"
 
 

@@ -131,7 +131,6 @@ class TaskQueue:
         if settings.run_ttl_s > 0:
             ttl_s = max(ttl_s, settings.run_ttl_s)
         self._record_ttl_ms = int(ttl_s * 1000)
-        self._keep_ms = max(60_000, self._record_ttl_ms)  # a run's ends, for its waiters
 
     # -- script calls ----------------------------------------------------------------------
 
@@ -362,11 +361,6 @@ class TaskQueue:
         return lambda: self.manager.execute(lambda c: c.get(ends_key)) or b""
 
     # -- finishing -------------------------------------------------------------------------
-
-    @property
-    def keep_ms(self) -> int:
-        """How long an ended run's ends stay for result(follow=True)."""
-        return self._keep_ms
 
     def ack(self, completions: Sequence[Completion], *, now_ms: int | None = None) -> list[str]:
         """Finish tasks (token-checked). Returns the ids whose ack was stale (changed nothing).

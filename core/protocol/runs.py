@@ -31,26 +31,24 @@ class RunState:
 
 
 def run_state(queue: TaskQueue, root: str, waiter_ttl_ms: int) -> RunState:
-    """One call of the follow script: the run's ends, or a waiter flag set if it is open."""
-    keys = queue.keys.agent(agent_of(root))
-    reply = queue.run_scripts([("follow", keys.all(), [root, waiter_ttl_ms])])[0]
-    kind = reply[0].decode()
-    if kind == "ended":
-        return RunState(kind, ends=decode_ends(reply[2]), dropped=int(reply[1]))
-    if kind == "single":
-        return RunState(kind, record=orjson.loads(reply[1]))
-    if kind == "dead":
-        return RunState(kind, reason=str(orjson.loads(reply[1]).get("reason", "")))
-    return RunState(kind)
+    """One call of the follow script: the run's ends, or a waiter flag set if it is open
+    (kind ended | single | dead | wait | unknown)."""
+    return _state(queue, "follow", root, waiter_ttl_ms)
 
 
 def task_state(queue: TaskQueue, task_id: str, waiter_ttl_ms: int) -> RunState:
     """One call of the await script: the task's record or dead letter, or a waiter flag
     set if it has not ended (kind done | dead | wait | unknown)."""
+    return _state(queue, "await", task_id, waiter_ttl_ms)
+
+
+def _state(queue: TaskQueue, script: str, task_id: str, waiter_ttl_ms: int) -> RunState:
     keys = queue.keys.agent(agent_of(task_id))
-    reply = queue.run_scripts([("await", keys.all(), [task_id, waiter_ttl_ms])])[0]
+    reply = queue.run_scripts([(script, keys.all(), [task_id, waiter_ttl_ms])])[0]
     kind = reply[0].decode()
-    if kind == "done":
+    if kind == "ended":
+        return RunState(kind, ends=decode_ends(reply[2]), dropped=int(reply[1]))
+    if kind in ("single", "done"):
         return RunState(kind, record=orjson.loads(reply[1]))
     if kind == "dead":
         return RunState(kind, reason=str(orjson.loads(reply[1]).get("reason", "")))
@@ -58,10 +56,21 @@ def task_state(queue: TaskQueue, task_id: str, waiter_ttl_ms: int) -> RunState:
 
 
 def wait_done(queue: TaskQueue, task_id: str, timeout_s: float) -> None:
-    """Block (no polling) until the task's end notice, or timeout_s (see wait_ended)."""
-    done = queue.keys.agent(agent_of(task_id)).done(task_id)
+    """Block (no polling) until the task's end notice, or timeout_s."""
+    _block_on(queue, queue.keys.agent(agent_of(task_id)).done(task_id), timeout_s)
+
+
+def wait_ended(queue: TaskQueue, root: str, timeout_s: float) -> None:
+    """Block (no polling) until the run's end notice, or timeout_s."""
+    _block_on(queue, queue.keys.agent(agent_of(root)).ended(root), timeout_s)
+
+
+def _block_on(queue: TaskQueue, notice_list: str, timeout_s: float) -> None:
+    """BLMOVE of the list onto itself: every waiter sees the token, and it stays for late
+    ones (the list expires on its own)."""
     queue.manager.execute(
-        lambda c: c.blmove(done, done, timeout_s, src="RIGHT", dest="LEFT"), retry=False
+        lambda c: c.blmove(notice_list, notice_list, timeout_s, src="RIGHT", dest="LEFT"),
+        retry=False,
     )
 
 
@@ -85,15 +94,6 @@ def run_of(queue: TaskQueue, task_id: str) -> str:
         if isinstance(run, str):
             return run
     return task_id
-
-
-def wait_ended(queue: TaskQueue, root: str, timeout_s: float) -> None:
-    """Block (no polling) until the run's end notice, or timeout_s: BLMOVE of the list
-    onto itself, so every waiter sees the token and it stays for late ones."""
-    ended = queue.keys.agent(agent_of(root)).ended(root)
-    queue.manager.execute(
-        lambda c: c.blmove(ended, ended, timeout_s, src="RIGHT", dest="LEFT"), retry=False
-    )
 
 
 # -- the tree ---------------------------------------------------------------------------

@@ -334,7 +334,7 @@ end
 -- Apply one notice to a scope that lives in this slot. Notices (built by
 -- handoff/protocol/runs.py, or by notice_dead below), fields separated by SEP:
 --   E scope run task branch status end_json   a task ended (status done or dead)
---   (a root that ends without handing off sends 'R' alone in its ack: root_done)
+--   (a root that ends without handing off sends 'R' alone in its ack: root_ended)
 --   S scope run task cap keep children_csv    a task handed off: children replace it
 --   J join run task cap keep branches_csv priority then_json     a join starts
 --   D join                                    the then-task finished: drop the join
