@@ -15,6 +15,7 @@ from handoff.config.checks import check_int, check_seconds, fail
 from handoff.config.errors import ConfigError
 from handoff.config.pool import SECRET_FIELDS, RedisPoolConfig
 from handoff.config.redact import MASK, redact_url
+from handoff.config.schedules import schedules_from_tables
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 KEY_PREFIX_RE = re.compile(r"[A-Za-z0-9_.-]{1,32}")
@@ -48,11 +49,18 @@ class Settings:
     app: str = ""  # module where agents are defined; "" = none given (--app names it)
     # agent name -> process count. hash=False keeps Settings hashable despite the dict.
     agents: dict[str, int] = field(default_factory=dict, hash=False)
+    # schedule name -> ScheduleSpec: the file's [schedules.<name>] tables (config/schedules.py;
+    # schedules declared in code live with the app). Read by supervisors and `handoff
+    # schedules`; the environment cannot set them.
+    schedules: dict[str, Any] = field(default_factory=dict, hash=False)
     max_payload_bytes: int = 1_048_576
     max_result_bytes: int = 1_048_576  # a larger result fails its task (kept in Redis)
     prefetch: int = 2  # extra tasks claimed beyond free slots
     claim_batch_max: int = 100
     graceful_timeout_s: float = 4.0  # fits inside honcho's 5 s SIGKILL window
+    # A sync handler still running this long after its task was cancelled is stopped the
+    # way a timeout stops one: its worker process is replaced (nothing else in it is lost).
+    cancel_grace_s: float = 5.0
     reaper_interval_s: float = 1.0
     max_deliveries: int = 10  # deliveries before a task is dead-lettered (poison limit)
     max_hops: int = 32  # handoff chain length limit
@@ -90,6 +98,7 @@ class Settings:
 def settings_to_dict(settings: Settings, *, redact: bool = True) -> dict[str, Any]:
     """Nested plain data for `config show` and logs; secrets masked unless redact=False."""
     data = asdict(settings)
+    data["schedules"] = {name: spec.to_table() for name, spec in settings.schedules.items()}
     if redact:
         pool = data["redis"]
         pool["url"] = redact_url(pool["url"])
@@ -100,6 +109,7 @@ def settings_to_dict(settings: Settings, *, redact: bool = True) -> dict[str, An
 
 
 _POSITIVE_S = (
+    "cancel_grace_s",
     "crash_backoff_max_s",
     "heartbeat_interval_s",
     "lease_s",
@@ -144,6 +154,7 @@ def _normalized(s: Settings) -> dict[str, Any]:
         "eviction_policy": _choice("eviction_policy", s.eviction_policy, ("refuse", "warn")),
         "app": _match("app", s.app, MODULE_PATH_RE, what="a dotted module path"),
         "agents": _agents(s.agents),
+        "schedules": schedules_from_tables(s.schedules),
     }
     for name in _POSITIVE_S:
         out[name] = check_seconds(name, getattr(s, name), zero_ok=False)

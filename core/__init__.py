@@ -15,9 +15,11 @@ from handoff.errors import (
     NotReplicated,
     RateLimited,
     RedisUnavailable,
+    TaskCancelled,
 )
 from handoff.protocol.task import Task
 from handoff.runtime.agents import Handoff, Join, agent
+from handoff.runtime.schedules import schedule
 
 __all__ = [
     "CircuitOpen",
@@ -33,7 +35,9 @@ __all__ = [
     "RedisUnavailable",
     "ResultTimeout",
     "Task",
+    "TaskCancelled",
     "TaskDead",
     "TaskExpired",
     "agent",
+    "schedule",
 ]

@@ -18,8 +18,9 @@ import orjson
 from handoff.config import Settings, load_settings
 from handoff.config.checks import check_range
 from handoff.connection.manager import RedisManager
-from handoff.errors import HandoffError, InvalidPayload
+from handoff.errors import HandoffError, InvalidPayload, TaskCancelled
 from handoff.protocol import runs
+from handoff.protocol.cancel import CancelReport, cancel
 from handoff.protocol.keys import check_agent
 from handoff.protocol.queue import TaskQueue, TaskRejected
 from handoff.protocol.task import (
@@ -275,7 +276,8 @@ class Client:
     # -- looking ---------------------------------------------------------------------------
 
     def status(self, task_id: str) -> str:
-        """queued | delayed | running | done | dead | expired | unknown (one round trip)."""
+        """queued | delayed | running | done | dead | expired | cancelled | unknown (one
+        round trip)."""
         return self._status_and_result(task_id)[0]
 
     def _status_and_result(self, task_id: str) -> tuple[str, bytes | None]:
@@ -296,7 +298,7 @@ class Client:
         for _ in range(3):
             done, dead, running, delayed, queued = self.queue.manager.execute(probe)
             if done is not None:
-                return ("expired" if done.startswith(b'{"status":"expired"') else "done"), done
+                return _finished_status(done), done
             for name, score in (("dead", dead), ("running", running), ("delayed", delayed)):
                 if score is not None:
                     return name, None
@@ -326,10 +328,7 @@ class Client:
             flag_ms = int((min(remaining, block_s) + 5) * 1000)
             state = runs.task_state(self.queue, task_id, flag_ms)
             if state.kind == "done":
-                record = state.record or {}
-                if record.get("status") == "expired":
-                    raise TaskExpired(f"task {task_id} expired: not started by its deadline")
-                return record.get("result")
+                return _result_of(task_id, state.record or {})
             if state.kind == "dead":
                 raise TaskDead(f"task {task_id} is dead: {state.reason}")
             if remaining <= 0:
@@ -350,7 +349,7 @@ class Client:
             flag_ms = int((min(remaining, block_s) + 5) * 1000)
             state = runs.run_state(self.queue, root, flag_ms)
             if state.kind == "single":
-                return state.record.get("result") if state.record else None
+                return _result_of(root, state.record or {})
             if state.kind == "dead":
                 raise TaskDead(f"run {root} ended dead: task {root}: {state.reason}")
             if state.kind == "ended":
@@ -360,6 +359,17 @@ class Client:
             if remaining <= 0:
                 raise ResultTimeout(f"run {root} has not ended after {wait_s}s")
             runs.wait_ended(self.waiting, root, min(remaining, block_s))
+
+    def cancel(self, task_id: str, *, run: bool = False) -> CancelReport:
+        """Cancel a task, or (run=True) every task of the run it belongs to, on every agent.
+
+        Queued and delayed tasks end cancelled and never start; running ones end cancelled
+        and their handlers are told at once (an async one gets CancelledError, a sync one
+        sees task.cancelled); whatever they return afterwards, handoffs included, is
+        dropped. After a run cancel no task of the run starts. A finished or unknown task is
+        left as it is: the report says so (report.line() is one line for a person)."""
+        keep_ms = int(max(self.settings.result_ttl_s, self.settings.run_ttl_s) * 1000)
+        return cancel(self.queue, task_id, run=run, keep_ms=keep_ms)
 
     def tree(self, run_id: str) -> dict[str, Any]:
         """The run as nested dicts: each task's id, agent, status, attempt, times (ms),
@@ -434,8 +444,30 @@ class Client:
         return self.queue.dead_purge(agent, ids, limit)
 
 
+def _finished_status(record: bytes) -> str:
+    for status in ("expired", "cancelled"):
+        if record.startswith(b'{"status":"%s"' % status.encode()):
+            return status
+    return "done"
+
+
+def _result_of(task_id: str, record: dict) -> Any:
+    """A finished task's result, or the error that says why it has none."""
+    status = record.get("status")
+    if status == "expired":
+        raise TaskExpired(f"task {task_id} expired: not started by its deadline")
+    if status == "cancelled":
+        raise TaskCancelled(f"task {task_id} was cancelled")
+    return record.get("result")
+
+
 def _run_result(root: str, ends: list[dict]) -> Any:
     for end in ends:
+        if end.get("status") == "cancelled":
+            raise TaskCancelled(
+                f"run {root} was cancelled: task {end.get('id')} ({end.get('agent')}) "
+                "ended cancelled"
+            )
         if end.get("status") != "done":
             raise TaskDead(
                 f"run {root} has a {end.get('status')} end: task {end.get('id')} "

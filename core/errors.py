@@ -58,6 +58,11 @@ class RateLimited(HandoffError):
         self.retry_after_s = float(retry_after_s)
 
 
+class TaskCancelled(HandoffError):
+    """The task was cancelled (client.cancel): from client.result, and from
+    task.check_cancelled() inside a handler whose task was cancelled while it ran."""
+
+
 class InvalidAgentName(HandoffError, ValueError):
     """An agent name does not match the allowed pattern."""
 

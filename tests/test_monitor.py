@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import socket
+import time
 import urllib.request
 
 import orjson
@@ -141,6 +142,11 @@ def _free_port() -> int:
 
 def test_prometheus_endpoint_matches_the_json_snapshot(start, client, redis_url, tmp_path):
     client.enqueue_many("probe", [{"n": i, "sleep_s": 0} for i in range(200)])
+    for task_id in client.enqueue_many("probe", [{"n": -1}] * 3, delay_s=60):
+        client.cancel(task_id)
+    late = client.enqueue("probe", {"n": -2}, expires_in_s=0.01)
+    expires_at = client.task(late)["task"]["expires_at"]
+    wait_until(lambda: time.time() * 1000 > expires_at + 5, 5, "the deadline to pass")
     start(["supervise", "--agents", "probe=1"])
     wait_until(lambda: stat(client, "probe", "done") == 200, 60, "200 done")
     port = _free_port()
@@ -171,7 +177,9 @@ def test_prometheus_endpoint_matches_the_json_snapshot(start, client, redis_url,
     label = (("agent", "probe"),)
     assert values[("handoff_queue_depth", label)] == probe["queued"] == 0
     assert values[("handoff_tasks_running", label)] == probe["running"]
-    assert values[("handoff_tasks_enqueued_total", label)] == probe["enqueued"] == 200
+    assert values[("handoff_tasks_enqueued_total", label)] == probe["enqueued"] == 204
+    assert values[("handoff_tasks_cancelled_total", label)] == probe["cancelled"] == 3
+    assert values[("handoff_tasks_expired_total", label)] == probe["expired"] == 1
     assert values[("handoff_workers", label)] == probe["workers"] == 1
     assert values[("handoff_healthy", ())] == 1.0
     (worker,) = snap["workers"]

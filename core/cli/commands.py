@@ -7,7 +7,8 @@ from handoff.cli.config_cmd import config_group
 from handoff.cli.monitor_cmds import health, inspect_workers_command, monitor
 from handoff.cli.ops_cmds import limits, scale
 from handoff.cli.run_cmds import redis, supervise, worker
-from handoff.cli.task_cmds import dead, enqueue, inspect
+from handoff.cli.schedule_cmds import schedules
+from handoff.cli.task_cmds import cancel, dead, enqueue, inspect
 
 inspect_workers_command(inspect)
 
@@ -15,8 +16,10 @@ ALL: list = [
     supervise,
     worker,
     enqueue,
+    cancel,
     inspect,
     dead,
+    schedules,
     scale,
     limits,
     monitor,

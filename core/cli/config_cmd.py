@@ -43,16 +43,19 @@ def show(state: CliState, as_json: bool) -> None:
 
 
 def to_toml(data: dict[str, Any], mode: str = "server") -> str:
-    """Top-level keys first, then [redis] and [agents] (TOML requires tables last)."""
+    """Top-level keys first, then [redis], [agents] and [schedules.<name>] (TOML requires
+    tables last)."""
     tables = {k: v for k, v in data.items() if isinstance(v, dict)}
     lines = [
         "# effective handoff configuration (secrets redacted)",
         f"# deployment: {mode} (from redis.url and redis.cluster; docs/scaling.md)",
     ]
     lines += _lines({k: v for k, v in data.items() if k not in tables})
-    for name in ("redis", *sorted(set(tables) - {"redis"})):
+    for name in ("redis", *sorted(set(tables) - {"redis", "schedules"})):
         if name in tables:
             lines += ["", f"[{name}]", *_lines(tables[name])]
+    for name, table in tables.get("schedules", {}).items():  # names are bare keys too
+        lines += ["", f"[schedules.{name}]", *_lines(table)]
     return "\n".join(lines)
 
 
@@ -72,5 +75,10 @@ def _value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
+    if isinstance(value, dict):  # a schedule's payload, as an inline table (quoted keys)
+        items = (f"{_value(str(k))} = {_value(v)}" for k, v in value.items())
+        return "{" + ", ".join(items) + "}"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_value(v) for v in value) + "]"
     # JSON's string escapes are valid TOML; TOML also forbids a raw DEL.
     return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")

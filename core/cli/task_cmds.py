@@ -22,9 +22,9 @@ def _client(state):
     return Client(settings=state.settings)
 
 
-def _call(state, method: str, *args):
+def _call(state, method: str, *args, **kwargs):
     with _client(state) as client:
-        return getattr(client, method)(*args)
+        return getattr(client, method)(*args, **kwargs)
 
 
 @click.command()
@@ -171,6 +171,23 @@ def inspect_agents(state, as_json: bool) -> None:
         for name, d in described.items()
     ]
     print_table(["agent", *columns], rows)
+
+
+@click.command()
+@click.argument("task_id")
+@click.option("--run", "whole_run", is_flag=True, help="Cancel every task of its run.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was found as JSON.")
+@click.pass_obj
+def cancel(state, task_id: str, whole_run: bool, as_json: bool) -> None:
+    """Cancel a task (queued, delayed or running), or with --run every task of its run.
+
+    Queued and delayed tasks never start; running handlers are told at once. Cancelling
+    a finished or unknown task changes nothing and says so."""
+    report = _call(state, "cancel", task_id, run=whole_run)
+    if as_json:
+        print_json({"task": report.task_id, "run": report.run, "was": dict(report.was)})
+    else:
+        click.echo(report.line())
 
 
 @inspect.command("task")

@@ -10,6 +10,7 @@ STATUS_MARK = {
     "done": "ok",
     "dead": "DEAD",
     "expired": "EXPIRED",
+    "cancelled": "CANCELLED",
     "running": "..",
     "queued": "--",
     "delayed": "~~",

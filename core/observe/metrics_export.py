@@ -35,6 +35,7 @@ AGENT_COUNTERS = (
     ("done", "handoff_tasks_done", "Tasks finished."),
     ("failed", "handoff_tasks_failed", "Handler failures."),
     ("expired", "handoff_tasks_expired", "Tasks not started by their deadline (never run)."),
+    ("cancelled", "handoff_tasks_cancelled", "Tasks cancelled (queued, delayed or running)."),
     ("retried", "handoff_tasks_retried", "Failures scheduled for a retry."),
     ("handed_off", "handoff_handoffs", "Child tasks handed to other agents."),
 )

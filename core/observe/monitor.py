@@ -114,12 +114,15 @@ def _judge(view: dict[str, Any], queued: int, interval_s: float) -> None:
 
 
 def _memory_view(info: dict[str, Any]) -> dict[str, Any]:
-    """Used memory, the limit, and whether the server is at it (enqueues are refused)."""
+    """Used memory, the limit, and whether the server is at it (enqueues are refused).
+
+    Within 1 % of the limit counts as at it: a refused write frees its client's buffers,
+    so a full server reads a little under its limit between refusals."""
     used, limit = int(info.get("used_memory", 0)), int(info.get("maxmemory", 0))
     return {
         "used_memory_mb": round(used / 2**20, 1),
         "maxmemory_mb": round(limit / 2**20, 1),
-        "out_of_memory": bool(limit) and used >= limit,
+        "out_of_memory": bool(limit) and used >= limit * 0.99,
     }
 
 
@@ -239,6 +242,7 @@ class Monitor:
                 "handed_off": s["handed_off"],
                 "enqueued": s["enqueued"],
                 "expired": s.get("expired", 0),
+                "cancelled": s.get("cancelled", 0),
                 "workers": len(mine),
                 "max_concurrent": sum(v["max_concurrent"] for v in mine),
                 "global_limit": next((v["global_limit"] for v in mine if v["global_limit"]), None),

@@ -16,7 +16,7 @@ from handoff.protocol.task import EPOCH_MS, PRIORITY_SHIFT, now_ms
 
 COUNTERS = (
     "enqueued", "done", "failed", "retried", "dead", "handed_off", "reaped", "stale_acks",
-    "expired",
+    "expired", "cancelled",
 )  # fmt: skip
 
 

@@ -24,6 +24,11 @@ one cluster slot. Agent names are validated before any key is built.
     <prefix>:{<agent>}:deadlines    HASH  id -> ms: tasks that expire if not started by then
     <prefix>:{<agent>}:limits       HASH  start-rate limit: rate/burst set live (override the
                                           code's), tat (the limiter's clock), paused_until
+    <prefix>:{<agent>}:cancelled    ZSET  id -> until (ms): a cancelled run or task, marked in
+                                          every agent's slot (its tasks and children end
+                                          cancelled at enqueue, claim, or a join's firing)
+    <prefix>:{<agent>}:inbox:<tag>  LIST  ids of running tasks cancelled: the worker whose
+                                          claim ids start with <tag> blocks on it
     <prefix>:{<agent>}:scope:<id>   HASH  a run (root id) or join (then id): open tasks...
     <prefix>:{<agent>}:ends:<id>    STRING that scope's ends ("<JSON>,<JSON>,"), in order
     <prefix>:{<agent>}:ended:<run>  LIST  a token pushed when the run ends (waiters block)
@@ -36,6 +41,8 @@ one cluster slot. Agent names are validated before any key is built.
     <prefix>:control:<supervisor>   LIST  control messages (scale) for a supervisor
     <prefix>:supervisors            ZSET  supervisor id -> last heartbeat (ms)
     <prefix>:monitor                HASH  the monitor's last aggregate (JSON fields)
+    <prefix>:schedules              ZSET  schedule name -> last fired tick (ms); moved only
+                                          forward (ZADD GT) by the supervisors firing it
 """
 
 from __future__ import annotations
@@ -103,6 +110,7 @@ AGENT_KEY_NAMES = (
     "outbox",
     "limits",
     "deadlines",
+    "cancelled",
 )
 
 
@@ -172,6 +180,13 @@ class AgentKeys:
     @property
     def deadlines(self) -> str:
         return f"{self.base}:deadlines"
+
+    @property
+    def cancelled(self) -> str:
+        return f"{self.base}:cancelled"
+
+    def inbox(self, tag: str) -> str:
+        return f"{self.base}:inbox:{tag}"
 
     @property
     def limits(self) -> str:
@@ -244,3 +259,7 @@ class Keys:
     @property
     def monitor(self) -> str:
         return f"{self.prefix}:monitor"
+
+    @property
+    def schedules(self) -> str:
+        return f"{self.prefix}:schedules"

@@ -48,6 +48,9 @@ class ClaimRequest:
     # to a caller holding nothing else (solo), and alone. See claim.lua.
     isolate_suspects: bool = False
     solo: bool = True
+    # A worker's inbox tag: its claim ids (lease tokens) start '<tag>-', so a cancel
+    # knows where to push the news (see cancel.lua).
+    claim_tag: str = ""
     # The agent's declared start-rate limit (a live one in Redis overrides it): starts
     # per window_ms, and a burst. See limits.py.
     rate: Rate | None = None
@@ -111,8 +114,17 @@ def retry_delay_ms(base_s: float, attempt: int) -> int:
     return max(1, int(1000 * exponential_s(attempt, base_s, RETRY_MAX_DELAY_S, jitter="half")))
 
 
-def new_claim_id() -> str:
-    return os.urandom(8).hex()
+def new_claim_id(tag: str = "") -> str:
+    """A fresh lease token; '<tag>-...' names the worker inbox a cancel is pushed to."""
+    return f"{tag}-{os.urandom(6).hex()}" if tag else os.urandom(8).hex()
+
+
+class LostLeases(list):
+    """Ids whose lease was lost; .cancelled: those of them that were cancelled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cancelled: list[str] = []
 
 
 class TaskQueue:
@@ -229,7 +241,7 @@ class TaskQueue:
             id_prefix = agent + "."
             for start in range(0, len(group), ENQUEUE_CHUNK):
                 chunk = group[start : start + ENQUEUE_CHUNK]
-                special: list[Any] = []  # position, delay_ms, deterministic (1/0), expires_at
+                special: list[Any] = []  # position, delay_ms, deterministic, expires_at, parent
                 args: list[Any] = [self._max_bytes, now_arg, len(chunk), 0]
                 for position, index in enumerate(chunk, 1):
                     task = tasks[index]
@@ -256,8 +268,11 @@ class TaskQueue:
                         delay = max(0, not_before - task.enqueued_at)
                         args += (task_id, score_for(task.priority, not_before), blob)
                     deterministic = task.key is not None or task.parent_id is not None
-                    special += (position, delay, 1 if deterministic else 0, task.expires_at or 0)
-                args[3] = len(special) // 4
+                    special += (
+                        position, delay, 1 if deterministic else 0, task.expires_at or 0,
+                        task.parent_id or "",
+                    )  # fmt: skip
+                args[3] = len(special) // 5
                 args += special
                 calls.append(("enqueue", fixed, args))
                 order.append(chunk)
@@ -268,9 +283,17 @@ class TaskQueue:
         replies = self.run_scripts(calls, extra, wait_replicas=self.settings.enqueue_wait_replicas)
         self._registered_agents.update(new_agents)
         added = [False] * len(tasks)
+        outgoing: list[tuple[str, str, bytes]] = []
         for chunk, reply in zip(order, replies, strict=False):
+            if len(reply) > len(chunk):  # ends of cancelled tasks for other slots' scopes
+                kept = reply[len(chunk) + 1 :]
+                agent = tasks[chunk[0]].agent
+                outgoing += [(agent, kept[k].decode(), kept[k + 1]) for k in range(0, len(kept), 2)]
+                reply = reply[: len(chunk)]
             for index, flag in zip(chunk, reply, strict=True):
                 added[index] = flag == 1
+        if outgoing:
+            self.deliver(outgoing, now_ms=now_ms)
         return added
 
     # -- claim -----------------------------------------------------------------------------
@@ -287,7 +310,11 @@ class TaskQueue:
         s = self.settings
         now_arg = "" if now_ms is None else now_ms
         for request in requests:
-            claim_id = check_claim_id(request.claim_id) if request.claim_id else new_claim_id()
+            claim_id = (
+                check_claim_id(request.claim_id)
+                if request.claim_id
+                else new_claim_id(request.claim_tag)
+            )
             if request.lease_ms < 1 or request.n < 0:
                 raise InvalidPayload(
                     f"claim for {request.agent!r}: n = {request.n} must be >= 0 and "
@@ -525,17 +552,21 @@ class TaskQueue:
 
     def extend(
         self, tasks: Sequence[Task], lease_ms: int, *, now_ms: int | None = None
-    ) -> list[str]:
-        """Renew leases; returns the ids whose lease was lost (abandon those tasks)."""
+    ) -> LostLeases:
+        """Renew leases; returns the ids whose lease was lost (abandon those tasks), and
+        in .cancelled those of them that were cancelled (stop their handlers)."""
         calls = []
         for agent, group in _group(tasks, lambda t: t.agent).items():
             args: list[Any] = ["" if now_ms is None else now_ms, lease_ms, len(group)]
             for task in group:
                 args += [task.id, task.token]
             calls.append(("extend", self._fixed(agent), args))
-        if not calls:
-            return []
-        return [i.decode() for reply in self.run_scripts(calls) for i in reply]
+        lost = LostLeases()
+        for reply in self.run_scripts(calls) if calls else []:
+            cut = reply.index(b"|")
+            lost += [i.decode() for i in reply[:cut]]
+            lost.cancelled += [i.decode() for i in reply[cut + 1 :]]
+        return lost
 
     def reap(
         self, agents: Iterable[str], *, limit: int = 1000, now_ms: int | None = None

@@ -31,6 +31,7 @@ NAMES = (
     "scope",
     "follow",
     "await",
+    "cancel",
 )
 
 

@@ -10,6 +10,7 @@ import hashlib
 import itertools
 import math
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from typing import Any
 import orjson
 
 from handoff.config.checks import check_range
-from handoff.errors import InvalidPayload
+from handoff.errors import InvalidPayload, TaskCancelled
 from handoff.protocol.keys import check_task_id
 
 EPOCH_MS = 1_735_689_600_000  # 2025-01-01T00:00:00Z: scores stay well inside 2**53
@@ -134,6 +135,16 @@ def _wrong_types(record: dict) -> str:
     return "task JSON has a field of the wrong type"
 
 
+class CancelFlag(threading.Event):
+    """A threading.Event that is true once set: `if task.cancelled: ...`."""
+
+    def __bool__(self) -> bool:
+        return self.is_set()
+
+
+_FLAG_LOCK = threading.Lock()
+
+
 @dataclass(slots=True)
 class Task:
     """One unit of work for one agent type, as a handler sees it."""
@@ -171,6 +182,24 @@ class Task:
     ends_loader: Callable[[], bytes] | None = None
     first_dead: dict | None = None
     _branches: list[list[dict]] | None = None
+    _cancel: CancelFlag | None = None  # made on first use (see cancelled)
+
+    @property
+    def cancelled(self) -> CancelFlag:
+        """Set once this task is cancelled while it runs (client.cancel): true as a bool,
+        and an event a sync handler can wait on (task.cancelled.wait(timeout))."""
+        flag = self._cancel
+        if flag is None:
+            with _FLAG_LOCK:  # the worker's main thread may set it while a handler looks
+                if self._cancel is None:
+                    self._cancel = CancelFlag()
+                flag = self._cancel
+        return flag
+
+    def check_cancelled(self) -> None:
+        """Raise TaskCancelled if this task was cancelled: a sync handler's checkpoint."""
+        if self._cancel is not None and self._cancel.is_set():
+            raise TaskCancelled(f"task {self.id} was cancelled")
 
     @property
     def branches(self) -> list[list[dict]] | None:

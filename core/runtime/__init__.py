@@ -1,5 +1,5 @@
 """The runtime: agent definitions, the runner (capability-limited concurrency), the worker
-process and the supervisor that forks them.
+process, the supervisor that forks them, and the schedules it fires.
 
 May import: handoff.protocol and the layers below it. Nothing above it.
 """

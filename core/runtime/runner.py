@@ -97,6 +97,7 @@ class _BaseRunner:
         self.started_at: dict[str, tuple[float, Task]] = {}  # running: id -> (monotonic, task)
         self.skip: set[tuple[str, str]] = set()  # (id, token) deliveries not to start
         self.peak_running = 0
+        self.cancelled_at: dict[str, float] = {}  # running, cancelled: id -> monotonic
 
     @property
     def running(self) -> int:
@@ -107,6 +108,27 @@ class _BaseRunner:
         running = len(self.started_at)
         if running > self.peak_running:
             self.peak_running = running
+
+    def cancel(self, task: Task) -> None:
+        """The task was cancelled: do not start it, or tell its running handler (its flag;
+        an async runner also cancels its coroutine). Its outcome is the caller's to drop."""
+        self.skip.add((task.id, task.token))
+        task.cancelled.set()
+        running = self.started_at.get(task.id)
+        if running is not None and running[1] is task:
+            self.cancelled_at.setdefault(task.id, time.monotonic())
+
+    def ignoring_cancel(self, now: float, grace_s: float) -> list[Task]:
+        """Running tasks cancelled more than grace_s ago whose handlers go on."""
+        out = []
+        for task_id, at in list(self.cancelled_at.items()):
+            running = self.started_at.get(task_id)
+            if running is None or not running[1].cancelled:
+                self.cancelled_at.pop(task_id, None)  # it ended (or a new delivery runs)
+                self.skip = {entry for entry in self.skip if entry[0] != task_id}
+            elif now - at > grace_s:
+                out.append(running[1])
+        return out
 
     def overdue(self, now: float) -> list[tuple[Task, float]]:
         """Running tasks past their timeout: (task, seconds running)."""
@@ -210,6 +232,7 @@ class AsyncRunner(_BaseRunner):
     def __init__(self, spec: AgentSpec, report: Report) -> None:
         super().__init__(spec, report)
         self._pending: deque[Task] = deque()
+        self._coroutines: dict[str, asyncio.Task] = {}  # running: id -> its coroutine
         self._finished: list[Outcome] = []
         self._flush_scheduled = False
         global _runner_loop
@@ -230,7 +253,7 @@ class AsyncRunner(_BaseRunner):
             if (task.id, task.token) in self.skip:
                 continue
             self._mark_started(task)
-            self._loop.create_task(self._run(task))
+            self._coroutines[task.id] = self._loop.create_task(self._run(task))
 
     async def _run(self, task: Task) -> None:
         started = time.perf_counter()
@@ -249,6 +272,7 @@ class AsyncRunner(_BaseRunner):
             return  # another handler's coroutine, cancelled in the child: nothing to report
         outcome.elapsed_s = time.perf_counter() - started
         self.started_at.pop(task.id, None)
+        self._coroutines.pop(task.id, None)
         self._finished.append(outcome)
         if not self._flush_scheduled:
             # Coroutines finishing in the same loop iteration are reported together:
@@ -262,6 +286,16 @@ class AsyncRunner(_BaseRunner):
         finished, self._finished = self._finished, []
         if finished:
             self.report(Finished(finished))
+
+    def cancel(self, task: Task) -> None:
+        super().cancel(task)
+        self._loop.call_soon_threadsafe(self._cancel_coroutine, task)
+
+    def _cancel_coroutine(self, task: Task) -> None:
+        coroutine = self._coroutines.get(task.id)
+        running = self.started_at.get(task.id)
+        if coroutine is not None and running is not None and running[1] is task:
+            coroutine.cancel()  # CancelledError at the handler's next await
 
     def take_unstarted(self) -> list[Task]:
         done = threading.Event()

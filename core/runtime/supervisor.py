@@ -5,7 +5,9 @@ only record the signal; one main loop reaps children (exit statuses decide polic
 spawns what is missing (with crash backoff), stops extras, rolls workers on SIGHUP and
 kills the ones that overstay a stop. Redis work (the lease reaper, `handoff scale`
 control messages, the supervisor's heartbeat) runs in one side thread, so the main loop
-never blocks on the network. Children build their own pool after fork.
+never blocks on the network; schedules fire from a second one (schedules.py), which
+sleeps until the next tick is due rather than for the reaper's interval. Children build
+their own pool after fork.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import psutil
 from handoff.backoff import exponential_s
 from handoff.config import Settings
 from handoff.config.autoscale import Bounds
+from handoff.config.schedules import ScheduleSpec
 from handoff.connection.manager import get_manager
 from handoff.connection.operations import apply_memory_settings
 from handoff.connection.server_checks import UnsafeServer, check_eviction_policy
@@ -45,6 +48,7 @@ from handoff.runtime.control import (
     Signalled,
     parse_control,
 )
+from handoff.runtime.schedules import Scheduler, declared_schedules
 from handoff.runtime.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -108,12 +112,15 @@ class Supervisor:
         self.stop_started = 0.0
         self.exit_code = exits.EXIT_OK
         self.specs: dict[str, AgentSpec] = {}
+        self.schedules: list[ScheduleSpec] = []
+        self._scheduler: Scheduler | None = None
         self.supervisor_id = f"{socket.gethostname()}-{os.getpid()}"
 
     # -- boot ------------------------------------------------------------------------------
 
     def load_specs(self) -> None:
-        """Import the app before forking: an import error halts here, once, clearly."""
+        """Import the app before forking: an import error halts here, once, clearly; so
+        does a schedule naming an agent the app does not define (ConfigError)."""
         specs = load_app(self.settings.app)
         unknown = [name for name in self.states if name not in specs]
         if unknown:
@@ -123,6 +130,7 @@ class Supervisor:
                 f"(defined: {known})"
             )
         self.specs = specs
+        self.schedules = declared_schedules(self.settings, specs)
 
     def run(self) -> int:
         self.pid = os.getpid()
@@ -145,6 +153,8 @@ class Supervisor:
             log.warning("supervisor: could not check the server: %s", e)
         self._redis_tick()
         threading.Thread(target=self._redis_loop, name="supervisor-redis", daemon=True).start()
+        if self.schedules:
+            self._start_schedules()
         log.info(
             "supervisor %s started: %s",
             self.supervisor_id,
@@ -231,8 +241,25 @@ class Supervisor:
             except ConfigError as e:
                 log.error("supervisor: SIGHUP: config not reloaded: %s", e)
                 return
+            self._reload_schedules()
         self.generation += 1
         log.info("supervisor: SIGHUP: rolling workers to generation %d", self.generation)
+
+    def _reload_schedules(self) -> None:
+        """The config file's schedules may have changed (the app's cannot: it is not
+        imported again). A bad one keeps the running set."""
+        try:
+            schedules = declared_schedules(self.settings, self.specs)
+        except ConfigError as e:
+            log.error("supervisor: SIGHUP: schedules not changed: %s", e)
+            return
+        if schedules == self.schedules:
+            return
+        self.schedules = schedules
+        if self._scheduler is None:
+            self._start_schedules()
+        else:
+            self._scheduler.replace(schedules)
 
     def handle_sigttin(self) -> None:
         for name, state in self.states.items():
@@ -401,6 +428,21 @@ class Supervisor:
         self._task_queue = TaskQueue(self._manager, self.settings)
         self._control_key = self._keys.control(self.supervisor_id)
         self._last_redis_error = 0.0
+
+    def _start_schedules(self) -> None:
+        """The first step (catch-up) runs here, in the main thread, before any worker is
+        forked (see run() on imports and threads); then the schedules' own thread."""
+        scheduler = Scheduler(TaskQueue(self._manager, self.settings), self.schedules)
+        try:
+            scheduler.step()
+        except HandoffError as e:  # Redis down: its thread keeps trying
+            log.error("supervisor: schedules: Redis: %s", e)
+        self._scheduler = scheduler
+        log.info("supervisor: running schedules %s", ", ".join(scheduler.names))
+        threading.Thread(
+            target=scheduler.run, args=(self._redis_stop,), name="supervisor-schedules",
+            daemon=True,
+        ).start()  # fmt: skip
 
     def _redis_loop(self) -> None:
         """Reap expired leases, read control messages, heartbeat. Never blocks the loop."""

@@ -65,6 +65,13 @@ class LeasesLost:
 
 
 @dataclass(slots=True, frozen=True)
+class CancelRequested:
+    """These tasks were cancelled (client.cancel): stop their handlers, drop outcomes."""
+
+    ids: list[str]
+
+
+@dataclass(slots=True, frozen=True)
 class Signalled:
     """A stop signal arrived, or a helper thread asks the worker to stop."""
 
@@ -132,8 +139,11 @@ class Worker:
             signal.signal(sig, self._on_signal)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the supervisor rolls us instead
         self._waker_claiming = threading.Lock()
+        # Our lease tokens start with this tag: a cancel pushes to our inbox by it.
+        self.claim_tag = os.urandom(4).hex()
         for name, target in (
             ("waker", self._waker_loop),
+            ("inbox", self._inbox_loop),
             ("lease-keeper", self._lease_loop),
             ("heartbeat", self._heartbeat_loop),
         ):
@@ -223,6 +233,8 @@ class Worker:
                     case LeasesLost(tasks=tasks):
                         for task in tasks:
                             self._forget(task)
+                    case CancelRequested(ids=ids):
+                        self._cancel_held(ids)
                     case Signalled(signum=signum):
                         self._handle_signal(signum)
                     case _:
@@ -278,6 +290,7 @@ class Worker:
             solo=not self.held,
             rate=self.spec.rate,
             burst=self.spec.burst,
+            claim_tag=self.claim_tag,
         )
         started = time.perf_counter()
         self.last_claim = result = self.queue.claim([request])
@@ -335,6 +348,20 @@ class Worker:
                 completions.append(completion)
                 children.extend(made)
         self._send(completions, failures, children)
+
+    def _cancel_held(self, ids: list[str]) -> None:
+        """Cancelled tasks (their leases are gone already): an unstarted one never
+        starts, a running one's handler is told, and no outcome of theirs is sent."""
+        for task_id in ids:
+            task = self.held.get(task_id)
+            if task is None:
+                continue
+            self.runner.cancel(task)
+            self._forget(task)
+            self.stats.cancelled += 1
+            log.info("worker %s: task %s cancelled", self.worker_id, task_id)
+        if not self.held and not self.draining:
+            self.state = "idle"
 
     def _rate_limited(self, task: Task, pause_s: float) -> None:
         """The handler's API said to slow down: back to its place, uncounted, and the
@@ -511,10 +538,37 @@ class Worker:
             self.want_work.clear()
             self.events.put(Claimed(tasks))
 
+    def _inbox_loop(self) -> None:
+        """Block in Redis on this worker's inbox: the ids of its tasks that were cancelled
+        while it held them (cancel.lua pushes them), passed to the main thread at once."""
+        inbox = self.agent_keys.inbox(self.claim_tag)
+        timeout_s = max(0.1, self._socket_timeout_s / 2)
+
+        def pop_all(client) -> list[bytes]:
+            first = client.blpop([inbox], timeout=timeout_s)
+            if first is None:
+                return []
+            return [first[1], *(client.lpop(inbox, 1000) or [])]
+
+        while not self.stop_event.is_set():
+            try:
+                ids = self.manager.execute(pop_all, retry=False)
+            except HandoffError as e:
+                self.outage.failed("wait for cancels", e)
+                self.stop_event.wait(max(0.1, self.backoff.current_s()))
+                continue
+            if ids:
+                self.events.put(CancelRequested([i.decode() for i in ids]))
+
     def _lease_loop(self) -> None:
-        """Renew every held lease each third of the lease; fail tasks past their timeout."""
+        """Renew every held lease each third of the lease; fail tasks past their timeout;
+        replace this process when a cancelled handler outstays cancel_grace_s."""
         interval = max(0.05, self.lease_ms / 3000.0)
-        while not self.stop_event.wait(interval):
+        renew_at = time.monotonic() + interval
+        # Renewals keep their schedule; timeouts and ignored cancels are also looked at in
+        # between (at least every 0.25 s), so a cancel's grace is kept to that.
+        while not self.stop_event.wait(max(0.0, min(renew_at - time.monotonic(), 0.25))):
+            self._check_ignored_cancels()
             for task, ran_s in self.runner.overdue(time.monotonic()):
                 if self.runner.started_at.pop(task.id, None) is not None:
                     log.warning(
@@ -527,6 +581,9 @@ class Worker:
                     # The thread is stuck in the handler: replace the process once drained.
                     self.exit_code = exits.EXIT_RECYCLE
                     self.events.put(Signalled(signal.SIGTERM))
+            if time.monotonic() < renew_at:
+                continue
+            renew_at = time.monotonic() + interval
             held = list(self.held.values())
             if not held:
                 continue
@@ -535,8 +592,23 @@ class Worker:
             except HandoffError as e:
                 self.outage.failed("lease renewal", e)
                 continue
-            if lost:
-                self._abandon([t for t in held if t.id in set(lost)])
+            if lost.cancelled:
+                self.events.put(CancelRequested(lost.cancelled))
+            gone = set(lost) - set(lost.cancelled)
+            if gone:
+                self._abandon([t for t in held if t.id in gone])
+
+    def _check_ignored_cancels(self) -> None:
+        grace_s = self.settings.cancel_grace_s
+        ignoring = self.runner.ignoring_cancel(time.monotonic(), grace_s)
+        if ignoring and self.exit_code != exits.EXIT_RECYCLE:
+            log.warning(
+                "worker %s: the handler of cancelled task %s still runs %gs after the "
+                "cancel; recycling this worker",
+                self.worker_id, ignoring[0].id, grace_s,
+            )  # fmt: skip
+            self.exit_code = exits.EXIT_RECYCLE
+            self.events.put(Signalled(signal.SIGTERM))
 
     def _abandon(self, tasks: list[Task]) -> None:
         """Leases lost (expired and re-claimed elsewhere): never start these deliveries;
@@ -581,6 +653,8 @@ class Worker:
             pipe.hset(key, mapping=fields)
             pipe.pexpire(key, ttl_ms)
             pipe.zadd(self.keys.workers, {self.worker_id: now_ms()})
+            # Known before any task of it is enqueued: a run cancel marks every agent known.
+            pipe.sadd(self.keys.agents, self.spec.name)
             pipe.execute()
 
         try:

@@ -24,6 +24,7 @@ class WorkerStats:
         self.processed = 0
         self.failed = 0
         self.retried = 0
+        self.cancelled = 0  # held tasks cancelled while this worker had them
         self.handed_off = 0
         self.stale = 0
         self.last_claim_at = 0.0
@@ -65,6 +66,7 @@ class WorkerStats:
             "processed": self.processed,
             "failed": self.failed,
             "retried": self.retried,
+            "cancelled": self.cancelled,
             "handed_off": self.handed_off,
             "stale_acks": self.stale,
             "in_flight": in_flight,

@@ -102,6 +102,7 @@ class InProcessApp:
         self.clock = clock or VirtualClock()
         self.runs = Runs()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._registered = False
 
     def enqueue(self, agent: str, payload: Any, **options: Any) -> str:
         """Client.enqueue (payload types checked as a producer's would be)."""
@@ -112,6 +113,9 @@ class InProcessApp:
         clock jumping over retry delays. Tasks for agents not chosen stay queued.
         Returns every task run so far (this call and earlier ones)."""
         deadline = time.monotonic() + timeout_s
+        if not self._registered:  # as a worker registers its agent (a run cancel marks it)
+            self.queue.manager.execute(lambda c: c.sadd(self.queue.keys.agents, *self.specs))
+            self._registered = True
         while True:
             ran, next_due = 0, -1
             for name in self.specs:

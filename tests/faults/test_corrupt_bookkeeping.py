@@ -50,6 +50,7 @@ READS: dict[str, set[str]] = {
     "scope": set(),  # reads runs' own counters only (tonumber, or 0)
     "follow": set(),
     "await": set(),
+    "cancel": set(),  # reads no counters: it ends tasks and forgets them
 }
 
 

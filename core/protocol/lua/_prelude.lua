@@ -249,6 +249,29 @@ local function record_end(scope, sk, branch, status, end_json)
   end
 end
 
+-- Cancellation (handoff/protocol/cancel.py). <base>:cancelled ZSET id -> until ms marks a
+-- cancelled run (or a running task that was cancelled) in every agent's slot, for as
+-- long as its records live: a task of a marked run, or whose parent is marked, ends
+-- cancelled instead of being stored (enqueue), leased (claim) or fired (a join's
+-- then-task). Looked at only when the set exists (the hot path: one EXISTS per call).
+local RUN_OF = '^{"id":"[^"]*","agent":"[^"]*","run":"([^"]*)"'
+local MARKS  -- nil until looked at
+local function marked(id, now)
+  if MARKS == nil then
+    MARKS = redis.call('EXISTS', K_CANCELLED) == 1
+    if MARKS then redis.call('ZREMRANGEBYSCORE', K_CANCELLED, '-inf', now) end
+  end
+  if not MARKS or not id or id == '' then return nil end
+  local until_ms = tonumber(redis.call('ZSCORE', K_CANCELLED, id) or '0') or 0
+  if until_ms > now then return until_ms end
+  return nil
+end
+
+-- A task ends cancelled without running (or with its outcome to be dropped): its record
+-- says so for ttl ms, its scope is told (defined below, with notice_ended). The caller
+-- removes the task's state.
+local end_cancelled
+
 -- A join's branches have all ended: enqueue its then-task (its id is the scope's), once.
 local function fire_then(id, sk, now)
   local json = redis.call('HGET', sk, 'then')
@@ -257,6 +280,11 @@ local function fire_then(id, sk, now)
   if redis.call('HEXISTS', K_TASKS, id) == 1 then return end
   local until_ms = redis.call('ZSCORE', K_FINISHED, id)
   if until_ms and tonumber(until_ms) > now then return end
+  local until_ms = marked(string.match(json, RUN_OF), now)
+  if until_ms then  -- its run was cancelled: it ends so, never queued
+    end_cancelled(id, now, until_ms - now, json)
+    return
+  end
   local priority = tonumber(redis.call('HGET', sk, 'prio') or '0') or 0
   local score = string.format('%.0f', priority * PRIORITY_SHIFT + (now - EPOCH_MS))
   redis.call('HSET', K_TASKS, id, json)
@@ -287,17 +315,6 @@ local function scope_settle(scope, sk, run, now)
   end
 end
 
--- Wake whoever waits for this task's own result (client.result: BLMOVE on this list).
-local function result_ready(id)
-  local done = run_key('done', id)
-  redis.call('RPUSH', done, '1')
-  redis.call('PEXPIRE', done, 60000)
-end
-
--- A root ended without handing off (done, or dead): its run is itself, and its result
--- record or its dead letter says it all. Nothing to write (the hot path: two reads),
--- unless someone waits, or an earlier delivery of it handed off (its children's ends
--- made the scope: this end joins them and the run ends).
 -- Tasks whose end needs more than their record (ZSET <base>:watched:runs, id -> until
 -- ms): a client waits for its result or its run (client.result, until its flag's TTL), or
 -- an end of a task of its run arrived before the root's own step (+inf: an earlier
@@ -356,8 +373,14 @@ local function apply_notice(notice, now)
     return
   end
   if scope == run and tid ~= run and op ~= 'J' and redis.call('HGET', sk, 'reg') ~= '1' then
-    -- before the root's own step: should the root end without it, its ack must know
-    redis.call('ZADD', WATCHED, '+inf', run)
+    local record = redis.call('GET', run_key('result', run))
+    if record and string.sub(record, 1, 21) == '{"status":"cancelled"' then
+      -- the root was cancelled while it ran: its step never comes, this end counts now
+      redis.call('HSET', sk, 'reg', '1')
+    else
+      -- before the root's own step: should the root end without it, its ack must know
+      redis.call('ZADD', WATCHED, '+inf', run)
+    end
   end
   if op == 'E' then
     if scope_close(sk, tid) then record_end(scope, sk, f[5], f[6], f[7]) end
@@ -393,14 +416,13 @@ local function emit_notice(notice, field, now)
   end
 end
 
--- A task was dead-lettered: its end goes to its scope. Its place in its run is read from
--- the head of its JSON (task.py writes run, scope, branch right after id and agent).
--- A task ended without running to a result (status 'dead' or 'expired'): its end goes
+-- A task ended without running to a result (dead, expired, cancelled): its end goes
 -- to its scope. Its place in its run is read from the head of its JSON (task.py writes
 -- run, scope, branch right after id and agent), so call this before forgetting it.
-local function notice_ended(id, now, status, reason)
+-- json: the task's JSON when it is not (or no longer) in the tasks hash.
+local function notice_ended(id, now, status, reason, json)
   if redis.call('ZSCORE', WATCHED, id) then result_ready(id) end
-  local json = redis.call('HGET', K_TASKS, id)
+  json = json or redis.call('HGET', K_TASKS, id)
   local run, scope, branch
   if json then
     run, scope, branch = string.match(json,
@@ -431,4 +453,18 @@ local function expire(id, now, deadline, record_ttl)
   forget(id)
   redis.call('HDEL', K_DEADLINES, id)
   count('expired', 1)
+end
+
+end_cancelled = function(id, now, ttl, json)
+  ttl = math.max(60000, math.floor(ttl))
+  redis.call('SET', run_key('result', id), '{"status":"cancelled","finished_at":' .. now .. '}',
+    'PX', ttl)
+  notice_ended(id, now, 'cancelled', 'cancelled', json)
+  -- An id from a key or a parent is refused again while its record lives (a parent that
+  -- runs again hands off the same ids: what was cancelled stays so). A payload holding
+  -- the text only adds a refusal nobody asks for.
+  if string.find(json, '"parent_id":', 1, true) or string.find(json, '"key":', 1, true) then
+    redis.call('ZADD', K_FINISHED, now + ttl, id)
+  end
+  count('cancelled', 1)
 end

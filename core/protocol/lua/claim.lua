@@ -13,7 +13,8 @@
 --   RateLimited: K_LIMITS paused_until) admits nothing until then. When the rate or the
 --   pause holds tasks back, next_due says when to claim again.
 -- ARGV[15] record TTL ms: a task popped after its deadline (K_DEADLINES) is not leased but
---   ends expired, its record kept this long (see expire in _prelude.lua).
+--   ends expired, its record kept this long (see expire in _prelude.lua). A task of a
+--   cancelled run (K_CANCELLED) is not leased either: it ends cancelled.
 --   A suspect was delivered before and neither finished nor failed: its worker died or
 --   stalled. It may be a poison task that kills its process, so it is leased only to a
 --   solo caller and alone; a non-solo caller leaves it queued and is told it waits (so it
@@ -142,6 +143,18 @@ if redis.call('EXISTS', K_DEADLINES) == 1 then  -- some task has a deadline: loo
       expired_now[i] = true
     end
   end
+end
+for i, id in ipairs(ids) do  -- cancelled (its run, or itself): ends so, never leased
+  local json = payloads[i]
+  if json and not expired_now[i] then
+    local until_ms = marked(id, now) or marked(string.match(json, RUN_OF), now)
+    if until_ms then
+      end_cancelled(id, now, until_ms - now, json)
+      forget(id)
+      expired_now[i] = true
+    end
+  end
+  if MARKS == false then break end  -- nothing is cancelled: look no further
 end
 local deadline = now + lease_ms
 local counts, leases, tokens, leased = {}, {}, {}, {}

@@ -5,12 +5,16 @@
 -- ARGV[3]      n, the number of tasks
 -- ARGV[4]      m, the number of tasks with a delay or a deterministic id
 -- then n groups of 3: id, score, task_json
--- then m groups of 4: position (1..n), delay_ms (0 = ready now), deterministic (1 = its id
+-- then m groups of 5: position (1..n), delay_ms (0 = ready now), deterministic (1 = its id
 --   comes from a key or a parent: refused while in the finished set's dedupe window),
---   expires_at (ms; 0 = none: a task not started by then ends expired, see claim.lua)
+--   expires_at (ms; 0 = none: a task not started by then ends expired, see claim.lua),
+--   parent id ('' = none)
+-- A task of a cancelled run, or handed off by a cancelled task (marked in K_CANCELLED,
+-- see cancel.lua), is not stored: it ends cancelled at once (it counts as added).
 -- Returns: a list of n integers, 1 = added, 0 = duplicate (already queued/leased/delayed/dead,
--- finished within the dedupe window, or earlier in this batch). A payload over the limit
--- fails the whole batch, unwritten. Writes go in a few bulk commands per batch.
+-- finished within the dedupe window, or earlier in this batch), then, if a cancelled task's
+-- end went to another slot, '|' and outbox field/notice pairs to deliver. A payload over
+-- the limit fails the whole batch, unwritten. Writes go in a few bulk commands per batch.
 local max_bytes = tonumber(ARGV[1])
 local now = now_ms(ARGV[2])
 local n = tonumber(ARGV[3])
@@ -23,13 +27,14 @@ for i = 0, n - 1 do
       ' bytes, over the limit of ' .. max_bytes .. ' bytes')
   end
 end
-local delay, deterministic, expires = {}, {}, {}
+local delay, deterministic, expires, parents = {}, {}, {}, {}
 for j = 0, m - 1 do
-  local o = base + n * 3 + j * 4
+  local o = base + n * 3 + j * 5
   local position = tonumber(ARGV[o + 1])
   delay[position] = tonumber(ARGV[o + 2])
   deterministic[position] = ARGV[o + 3] == '1'
   expires[position] = ARGV[o + 4]
+  parents[position] = ARGV[o + 5]
 end
 
 local added, seen = {}, {}
@@ -43,8 +48,16 @@ for i = 1, n do
     local until_ms = redis.call('ZSCORE', K_FINISHED, id)
     duplicate = until_ms and tonumber(until_ms) > now
   end
+  local cancelled_until
+  if not duplicate and parents[i] and parents[i] ~= '' then  -- (a task of a run has one)
+    cancelled_until = marked(string.match(ARGV[o + 3], RUN_OF), now) or marked(parents[i], now)
+  end
   if duplicate then
     added[i] = 0
+  elseif cancelled_until then
+    added[i] = 1
+    seen[id] = true
+    end_cancelled(id, now, cancelled_until - now, ARGV[o + 3])
   else
     added[i] = 1
     seen[id] = true
@@ -63,4 +76,8 @@ bulk_write('ZADD', K_DELAYED, later)
 bulk_write('HSET', K_DEADLINES, deadlines)
 count('enqueued', added_count)
 wake(#ready / 2)
+if #OUTBOXED > 0 then
+  added[#added + 1] = '|'
+  for _, item in ipairs(OUTBOXED) do added[#added + 1] = item end
+end
 return added

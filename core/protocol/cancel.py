@@ -1,0 +1,121 @@
+"""Cancelling a task, or a whole run, wherever its tasks are.
+
+Runs in: producers and operators (client.cancel, `handoff cancel`).
+
+The picture. A task lives in its agent's slot; a run spreads over many. Cancelling marks
+first, then ends: the id (a run's root, or a running task) is marked in every agent's slot
+(<base>:cancelled), so whatever of it appears from now on (a child handed off at this
+instant, a join's then-task, a retry coming due) ends cancelled instead of starting; then
+the cancel script ends the tasks themselves: queued and delayed ones at once, running ones
+too (their leases go, and their workers are told through their inboxes, which stop the
+handlers). For a run, each cancel reply names the open tasks of the scopes it met (the
+run's, a join's), and those are cancelled in turn until none is left.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from handoff.protocol.queue import TaskQueue
+from handoff.protocol.task import agent_of
+
+# Records of cancelled tasks, and the marks, live this long at least (ms).
+MIN_KEEP_MS = 60_000
+# Passes over a run's scopes: each goes one level deeper (joins within joins).
+MAX_PASSES = 64
+
+
+@dataclass
+class CancelReport:
+    """What a cancel found: how many tasks were in each state (queued, delayed and
+    running ones are now cancelled; the others were left as they were)."""
+
+    task_id: str
+    run: str | None = None  # the run's root, for a run cancel
+    was: Counter = field(default_factory=Counter)
+
+    @property
+    def cancelled(self) -> int:
+        return self.was["queued"] + self.was["delayed"] + self.was["running"]
+
+    def line(self) -> str:
+        """One line for a person: what happened."""
+        if self.run is None:
+            state = next(iter(self.was), "unknown")
+            if state in ("queued", "delayed"):
+                return f"task {self.task_id} cancelled (it was {state}: it never starts)"
+            if state == "running":
+                return f"task {self.task_id} cancelled (it was running: its handler is told)"
+            if state == "unknown":
+                return f"task {self.task_id} is unknown: nothing to cancel"
+            return f"task {self.task_id} is already {state}: nothing changed"
+        parts = ", ".join(f"{n} {state}" for state, n in sorted(self.was.items()))
+        return f"run {self.run}: {self.cancelled} task(s) cancelled ({parts or 'none found'})"
+
+
+def cancel(queue: TaskQueue, task_id: str, *, run: bool, keep_ms: int) -> CancelReport:
+    """Cancel one task, or (run=True) every task of the run it belongs to."""
+    agent_of(task_id)  # a malformed id fails here, before anything is written
+    keep_ms = max(MIN_KEEP_MS, keep_ms)
+    if not run:
+        report = CancelReport(task_id)
+        _mark_everywhere(queue, task_id, keep_ms, skip=agent_of(task_id))
+        was, _ = _cancel_in(queue, {agent_of(task_id): [task_id]}, task_id, keep_ms)
+        report.was[was[task_id]] += 1
+        return report
+    from handoff.protocol.runs import run_of  # runs imports queue too: no cycle at import
+
+    root = run_of(queue, task_id)
+    report = CancelReport(task_id, run=root)
+    _mark_everywhere(queue, root, keep_ms, skip="")
+    pending, seen = [root], {root}
+    for _ in range(MAX_PASSES):
+        if not pending:
+            break
+        by_agent: dict[str, list[str]] = {}
+        for tid in pending:
+            by_agent.setdefault(agent_of(tid), []).append(tid)
+        was, opened = _cancel_in(queue, by_agent, root, keep_ms)
+        for tid in pending:
+            # A join's then-task that was never created is not a task of the run yet.
+            if not (was[tid] == "unknown" and tid != root):
+                report.was[was[tid]] += 1
+        pending = [tid for tid in opened if tid not in seen]
+        seen.update(pending)
+    return report
+
+
+def _mark_everywhere(queue: TaskQueue, mark: str, keep_ms: int, *, skip: str) -> None:
+    """Mark the id in every known agent's slot: one round trip (the agent of a single
+    task is marked by its own cancel call, in the same script that ends it)."""
+    agents = [a for a in queue.known_agents() if a != skip]
+    calls = [("cancel", queue.keys.agent(a).all(), ["", keep_ms, mark]) for a in agents]
+    if calls:
+        queue.run_scripts(calls)
+
+
+def _cancel_in(
+    queue: TaskQueue, by_agent: dict[str, list[str]], mark: str, keep_ms: int
+) -> tuple[dict[str, str], list[str]]:
+    """One cancel call per agent, one round trip: what each id was, and the open tasks
+    of the scopes met. Ends written to other slots' outboxes are delivered right away."""
+    agents = list(by_agent)
+    calls = [
+        ("cancel", queue.keys.agent(a).all(), ["", keep_ms, mark, *by_agent[a]]) for a in agents
+    ]
+    was: dict[str, str] = {}
+    opened: list[str] = []
+    outgoing: list[tuple[str, str, bytes]] = []
+    for agent, reply in zip(agents, queue.run_scripts(calls), strict=True):
+        ids = by_agent[agent]
+        for i, tid in enumerate(ids):
+            was[tid] = reply[2 * i].decode()
+            scope_open = reply[2 * i + 1]
+            if scope_open:
+                opened += scope_open.decode().split(",")
+        kept = reply[2 * len(ids) + 1 :]
+        outgoing += [(agent, kept[k].decode(), kept[k + 1]) for k in range(0, len(kept), 2)]
+    if outgoing:
+        queue.deliver(outgoing)
+    return was, opened

@@ -1,0 +1,80 @@
+-- cancel: cancel tasks of one agent type, and mark a cancelled run or task in its slot.
+-- KEYS[1..FIXED_KEYS]  the agent's fixed keys (see _prelude.lua)
+-- ARGV[1] now in ms ('' = server TIME)   ARGV[2] how long records and the mark live, ms
+-- ARGV[3] the id to mark ('' = none: see marked() in _prelude.lua)
+-- ARGV[4..] ids of this agent's tasks to cancel
+-- A queued or delayed task ends cancelled here and never starts. A running one ends
+-- cancelled too: its lease goes (its worker's ack or nack is stale and changes nothing,
+-- whatever its handler returns), its id is marked here (extend tells its worker so) and
+-- pushed to its worker's inbox, <base>:inbox:<tag> for a claim id '<tag>-...', so the
+-- handler is told at once. A finished, dead or unknown task is left as it is.
+-- An id that names a run or a join whose scope lives here and is still open also
+-- returns that scope's open tasks (the caller cancels them in turn: a whole run).
+-- Returns: per id, what it was (queued | delayed | running | done | expired | cancelled |
+-- dead | unknown) and the open tasks of its scope ('' or 'id,id,...'); then, if any of
+-- its ends went to another slot's scope, '|' and outbox field/notice pairs to deliver.
+local now = now_ms(ARGV[1])
+local ttl = tonumber(ARGV[2])
+local mark = ARGV[3]
+if mark ~= '' then
+  local until_ms = now + ttl
+  if until_ms > (tonumber(redis.call('ZSCORE', K_CANCELLED, mark) or '0') or 0) then
+    redis.call('ZADD', K_CANCELLED, until_ms, mark)
+  end
+end
+
+local function open_in_scope(id)
+  local sk = run_key('scope', id)
+  if redis.call('EXISTS', sk) == 0 or redis.call('HEXISTS', sk, 'done') == 1 then return '' end
+  local open, flat = {}, redis.call('HGETALL', sk)
+  for i = 1, #flat, 2 do
+    if flat[i + 1] == '1' and string.sub(flat[i], 1, 2) == 't:' then
+      open[#open + 1] = string.sub(flat[i], 3)
+    end
+  end
+  return table.concat(open, ',')
+end
+
+local function finished_as(id)
+  local record = redis.call('GET', run_key('result', id))
+  if record then return string.match(record, '^{"status":"(%a+)"') or 'done' end
+  if redis.call('ZSCORE', K_DEAD, id) then return 'dead' end
+  return 'unknown'
+end
+
+local out = {}
+for i = 4, #ARGV do
+  local id = ARGV[i]
+  local was
+  local json = redis.call('HGET', K_TASKS, id)
+  if not json or redis.call('ZSCORE', K_DEAD, id) then
+    was = finished_as(id)
+  elseif redis.call('ZSCORE', K_LEASES, id) then
+    was = 'running'
+    local tag = string.match(redis.call('HGET', K_TOKENS, id) or '', '^(%w+)%-')
+    if tag then
+      local inbox = run_key('inbox', tag)
+      redis.call('RPUSH', inbox, id)
+      redis.call('PEXPIRE', inbox, 600000)
+    end
+    redis.call('ZADD', K_CANCELLED, now + ttl, id)
+    redis.call('ZREM', K_LEASES, id)
+  elseif redis.call('ZREM', K_DELAYED, id) == 1 then
+    was = 'delayed'
+  elseif redis.call('ZREM', K_QUEUE, id) == 1 then
+    was = 'queued'
+  else
+    was = 'queued'  -- in no set (a moment's state no script leaves): it ends all the same
+  end
+  if json and was ~= 'dead' then
+    end_cancelled(id, now, ttl, json)
+    forget(id)
+  end
+  out[#out + 1] = was
+  out[#out + 1] = open_in_scope(id)
+end
+if #OUTBOXED > 0 then
+  out[#out + 1] = '|'
+  for _, item in ipairs(OUTBOXED) do out[#out + 1] = item end
+end
+return out

@@ -1,0 +1,268 @@
+"""Cancellation (issue 15): client.cancel and `handoff cancel` end queued, delayed and
+running tasks, or a whole run on every agent; real worker processes and real signals, on
+a server and a 3-primary cluster."""
+
+from __future__ import annotations
+
+import random
+import signal
+import statistics
+import sys
+import time
+
+import orjson
+import psutil
+import pytest
+from click.testing import CliRunner
+
+from handoff import TaskCancelled
+from handoff.cli import main, run
+from handoff.errors import InvalidPayload
+from harness.procs import HandoffProcess, handoff_env, stat, wait_until
+
+BACKENDS = ("server", "cluster")
+
+
+@pytest.fixture
+def run_handoff(redis_url, tmp_path):
+    """run_handoff(args, **settings): a `handoff` process with the apps.cancels agents."""
+    started: list[HandoffProcess] = []
+
+    def _start(args: list[str], **settings) -> HandoffProcess:
+        env = handoff_env(redis_url, app="apps.cancels", **settings)
+        proc = HandoffProcess(args, env, tmp_path / f"proc{len(started)}.log")
+        started.append(proc)
+        return proc
+
+    yield _start
+    for proc in started:
+        proc.stop()
+
+
+def _records(raw_redis, name: str) -> list[dict]:
+    return [orjson.loads(item) for item in raw_redis.lrange(name, 0, -1)]
+
+
+def _wait_started(raw_redis, task_id: str, timeout_s: float = 20) -> dict:
+    def started():
+        return next((r for r in _records(raw_redis, "starts") if r["id"] == task_id), None)
+
+    return wait_until(started, timeout_s, f"{task_id} to start", step_s=0.002)
+
+
+def test_cancelled_queued_tasks_never_start_and_the_others_all_run(client, raw_redis, run_handoff):
+    ids = []
+    for start in range(0, 10_000, 2_000):
+        ids += client.enqueue_many("noop", [{"n": n} for n in range(start, start + 2_000)])
+    doomed = set(random.Random(15).sample(ids, 1_000))
+    for task_id in doomed:
+        assert client.cancel(task_id).was == {"queued": 1}
+    run_handoff(["worker", "noop"])
+    wait_until(lambda: stat(client, "noop", "done") == 9_000, 60, "the 9,000 others to run")
+    ran = [i.decode() for i in raw_redis.lrange("ran", 0, -1)]
+    assert len(ran) == 9_000 and set(ran) == set(ids) - doomed  # each once, none cancelled
+    assert {client.status(t) for t in random.Random(1).sample(sorted(doomed), 20)} == {"cancelled"}
+    stats = client.queue_stats(["noop"])["noop"]
+    assert stats["cancelled"] == 1_000 and stats["queued"] == 0
+    with pytest.raises(TaskCancelled, match="was cancelled"):
+        client.result(next(iter(doomed)), 1)
+
+
+def test_a_delayed_task_is_cancelled_and_a_finished_or_unknown_one_is_left_alone(client):
+    later = client.enqueue("noop", {}, delay_s=60)
+    report = client.cancel(later)
+    assert report.was == {"delayed": 1} and "never starts" in report.line()
+    assert client.status(later) == "cancelled"
+    again = client.cancel(later)
+    assert again.was == {"cancelled": 1} and again.line().endswith("nothing changed")
+    unknown = client.cancel("noop.nothing-here")
+    assert unknown.line() == "task noop.nothing-here is unknown: nothing to cancel"
+
+
+def test_cancel_of_a_malformed_id_is_one_line_and_exit_2(redis_url, client, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["handoff", "--redis-url", redis_url, "cancel", "a b"])
+    with pytest.raises(SystemExit) as exited:
+        run()
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("handoff: error: invalid task id 'a b'")
+    with pytest.raises(InvalidPayload, match="invalid task id"):
+        client.cancel("{bad}")
+
+
+def test_a_cancelled_async_handler_gets_cancelled_error_at_once(client, raw_redis, run_handoff):
+    """50 trials: the time from the cancel call to the handler's CancelledError."""
+    run_handoff(["worker", "patient"])
+    delays_ms = []
+    for trial in range(50):
+        task_id = client.enqueue("patient", {"trial": trial})
+        _wait_started(raw_redis, task_id)
+        called_ms = time.time() * 1000
+        assert client.cancel(task_id).was == {"running": 1}
+        stop = wait_until(
+            lambda t=task_id: next((r for r in _records(raw_redis, "stopped") if r["id"] == t), 0),
+            10, f"{task_id}'s handler to see the cancel", step_s=0.002,
+        )  # fmt: skip
+        assert stop["how"] == "CancelledError"
+        delays_ms.append(stop["at_ms"] - called_ms)
+        assert client.status(task_id) == "cancelled"
+    delays_ms.sort()
+    p99 = delays_ms[int(len(delays_ms) * 0.99) - 1]
+    print(f"cancel -> CancelledError: p50 {statistics.median(delays_ms):.1f} ms, p99 {p99:.1f} ms")
+    assert p99 < 100, delays_ms
+
+
+def test_a_sync_handler_waiting_on_its_flag_stops_at_once(client, raw_redis, run_handoff):
+    run_handoff(["worker", "polite"])
+    for trial in range(10):
+        task_id = client.enqueue("polite", {"trial": trial})
+        _wait_started(raw_redis, task_id)
+        called_ms = time.time() * 1000
+        client.cancel(task_id)
+        stop = wait_until(
+            lambda t=task_id: next((r for r in _records(raw_redis, "stopped") if r["id"] == t), 0),
+            10, "the handler to see its flag", step_s=0.002,
+        )  # fmt: skip
+        assert stop["how"] == "flag" and stop["at_ms"] - called_ms < 100
+    stats = client.queue_stats(["polite"])["polite"]
+    assert stats["cancelled"] == 10 and stats["failed"] == 0 and stats["done"] == 0
+
+
+def test_a_handler_that_ignores_its_cancel_is_stopped_and_nothing_else_is_lost(
+    client, raw_redis, run_handoff
+):
+    sup = run_handoff(["supervise", "--agents", "stubborn=1"], cancel_grace_s=1, lease_s=3)
+    wait_until(lambda: sup.live_children(), 20, "the worker")
+    first = sup.live_children()[0].pid
+    long = client.enqueue("stubborn", {"sleep_s": 60})
+    _wait_started(raw_redis, long)
+    short = client.enqueue_many("stubborn", [{"sleep_s": 1.5} for _ in range(3)])
+    for task_id in short:
+        _wait_started(raw_redis, task_id)
+    client.cancel(long)
+    # past the grace the worker drains (the short tasks finish) and is replaced
+    wait_until(
+        lambda: [p.pid for p in sup.live_children()] not in ([], [first]), 30, "a new worker"
+    )
+    wait_until(lambda: stat(client, "stubborn", "done") == 3, 30, "the short tasks")
+    ran = [i.decode() for i in raw_redis.lrange("ran", 0, -1)]
+    assert sorted(ran) == sorted(short)  # each once: none lost, none run again
+    starts = [r["id"] for r in _records(raw_redis, "starts")]
+    assert starts.count(long) == 1 and all(starts.count(t) == 1 for t in short)
+    assert client.status(long) == "cancelled"
+    assert "still runs 1s after the cancel; recycling" in sup.output()
+
+
+def _statuses(node: dict) -> list[str]:
+    out = [node["status"]]
+    for child in node.get("children", []):
+        out += _statuses(child)
+    if node.get("then"):
+        out += _statuses(node["then"])
+    return out
+
+
+def test_cancelling_a_run_while_workers_are_killed_stops_every_task_of_it(
+    client, raw_redis, run_handoff
+):
+    sup = run_handoff(
+        ["supervise", "--agents", "planner=1,coder=2,reviewer=1"], lease_s=2, cancel_grace_s=1
+    )
+    root = client.enqueue("planner", {"coders": 5, "sleep_s": 0.8})
+    wait_until(
+        lambda: sum(r["agent"] == "coder" for r in _records(raw_redis, "starts")) >= 5,
+        30, "the five coders to start",
+    )  # fmt: skip
+    coders = [w for w in raw_redis.zrange("handoff:workers", 0, -1) if w.startswith(b"coder-")]
+    victim = int(random.Random(7).choice(coders).rsplit(b"-", 1)[1])
+    assert victim in [p.pid for p in sup.live_children()]
+    psutil.Process(victim).send_signal(signal.SIGKILL)
+    report = client.cancel(root, run=True)
+    cancelled_at_ms = time.time() * 1000
+    assert report.run == root and report.cancelled >= 1, report.was
+    with pytest.raises(TaskCancelled, match=f"run {root} was cancelled"):
+        client.result(root, 20, follow=True)
+    # the killed worker's leases expire (lease_s=2) and what they held comes back: it
+    # must end cancelled, not start; a reviewer handed off at the instant neither
+    wait_until(lambda: client.queue_stats(["coder"])["coder"]["running"] == 0, 20, "leases")
+    late = [r for r in _records(raw_redis, "starts") if r["at_ms"] > cancelled_at_ms]
+    assert late == []
+    statuses = _statuses(client.tree(root))
+    assert set(statuses) <= {"done", "cancelled"} and "cancelled" in statuses, statuses
+    for agent in ("planner", "coder", "reviewer"):
+        stats = client.queue_stats([agent])[agent]
+        assert stats["queued"] == stats["running"] == stats["delayed"] == 0, (agent, stats)
+
+
+def test_handoff_cancel_prints_one_line(redis_url, client):
+    task_id = client.enqueue("noop", {})
+    result = CliRunner().invoke(main, ["--redis-url", redis_url, "cancel", task_id])
+    assert result.exit_code == 0
+    assert result.output == f"task {task_id} cancelled (it was queued: it never starts)\n"
+    result = CliRunner().invoke(main, ["--redis-url", redis_url, "cancel", task_id, "--json"])
+    assert orjson.loads(result.output) == {"task": task_id, "run": None, "was": {"cancelled": 1}}
+
+
+@pytest.fixture
+def flows(redis_url, monkeypatch):
+    from handoff.testing import InProcessApp
+
+    monkeypatch.setenv("TEST_REDIS_URL", redis_url)
+    made = InProcessApp("apps.flows", redis_url, agents=["splitter", "step", "merge", "echo"])
+    yield made
+    made.close()
+
+
+def test_a_child_handed_off_as_its_run_is_cancelled_never_starts(flows, raw_redis):
+    """The instant between a parent's children (enqueued) and its ack: the run is
+    cancelled in between; the children end cancelled at enqueue, the ack is stale."""
+    from handoff.protocol.queue import ClaimRequest
+    from handoff.runtime.agents import get_spec
+    from handoff.runtime.runner import Outcome
+    from handoff.runtime.settle import settle
+
+    spec = get_spec("apps.flows", "echo")
+    raw_redis.sadd("handoff:agents", "step")  # as its worker does when it starts
+    root = flows.enqueue("echo", {"i": 1, "next": "step", "hops": 0})
+    now = flows.clock.now_ms
+    [parent] = flows.queue.claim([ClaimRequest("echo", 1, 60_000)], now_ms=now)["echo"]
+    completion, _, made = settle(Outcome(parent, spec.handler(parent)), spec, flows.settings)
+    report = flows.client.cancel(root, run=True)
+    assert report.was == {"running": 1}
+    assert flows.queue.enqueue(made, now_ms=now) == [True]  # ... it ends cancelled there
+    assert flows.queue.ack([completion], now_ms=now) == [root]  # stale: the lease is gone
+    assert flows.run_until_idle() == {} and raw_redis.llen("step_ends") == 0
+    assert flows.client.status(made[0].id) == "cancelled"
+    with pytest.raises(TaskCancelled, match=f"run {root} was cancelled"):
+        flows.client.result(root, 1, follow=True)
+
+
+@pytest.mark.parametrize("on_dead", ["continue", "fail"])
+def test_a_cancelled_branch_ends_its_join_as_a_dead_one_would(
+    on_dead, redis_url, raw_redis, monkeypatch
+):
+    """on_dead="continue": the then-task runs and sees the branch's end as cancelled;
+    "fail" (the default) dead-letters it, naming the cancelled branch."""
+    from handoff.testing import InProcessApp
+
+    monkeypatch.setenv("TEST_REDIS_URL", redis_url)
+    planner = InProcessApp("apps.flows", redis_url, agents=["splitter"])
+    rest = InProcessApp("apps.flows", redis_url, agents=["step", "merge"], clock=planner.clock)
+    try:
+        root = planner.enqueue("splitter", {"n": 2, "on_dead": on_dead})
+        planner.run_until_idle()  # the join starts; its two branches wait
+        first, second = (c["id"] for c in planner.client.tree(root)["children"])
+        assert planner.client.cancel(first).was == {"queued": 1}
+        rest.run_until_idle()
+        then = planner.client.tree(root)["then"]
+        if on_dead == "continue":
+            [record] = [orjson.loads(m) for m in raw_redis.lrange("merged", 0, -1)]
+            ends = [[e["status"] for e in branch] for branch in record["branches"]]
+            assert ends == [["cancelled"], ["done"]] and then["status"] == "done"
+        else:
+            assert raw_redis.llen("merged") == 0 and then["status"] == "dead"
+            assert f"join branch 0 ended cancelled: task {first}" in then["reason"]
+        assert planner.client.status(second) == "done"
+    finally:
+        planner.close()
+        rest.close()
