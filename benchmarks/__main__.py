@@ -21,8 +21,8 @@ def main() -> None:
 @click.option(
     "--systems",
     default=None,
-    help="Comma-separated: handoff,handoff-pf32,handoff-typed,handoff-notree,celery,dramatiq,"
-    "huey,rq,arq (default: all).",
+    help="Comma-separated: handoff,handoff-pf32,handoff-typed,handoff-notree,handoff-groups,"
+    "celery,dramatiq,huey,rq,arq (default: all).",
 )
 @click.option(
     "--out",
@@ -49,6 +49,15 @@ def runs_cmd(args: tuple[str, ...]) -> None:
     from benchmarks.runs import main as runs_main
 
     raise SystemExit(runs_main(list(args)))
+
+
+@main.command("rates", context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def rates_cmd(args: tuple[str, ...]) -> None:
+    """The same 10/s limit over 4 worker processes: handoff beside Celery's rate_limit."""
+    from benchmarks.rate_limits import main as rates_main
+
+    rates_main(list(args))
 
 
 @main.command("compare")

@@ -21,6 +21,7 @@ from handoff.connection.manager import RedisManager
 from handoff.errors import HandoffError, InvalidPayload, TaskCancelled
 from handoff.protocol import runs
 from handoff.protocol.cancel import CancelReport, cancel
+from handoff.protocol.groups import check_group
 from handoff.protocol.keys import check_agent
 from handoff.protocol.queue import TaskQueue, TaskRejected
 from handoff.protocol.task import (
@@ -31,6 +32,7 @@ from handoff.protocol.task import (
     new_task_id,
     now_ms,
 )
+from handoff.runtime import tracing
 from handoff.runtime.agents import payload_for, registered
 from handoff.runtime.payload_types import JSON_TYPES
 
@@ -188,12 +190,14 @@ class Client:
         timeout_s: float | None = None,
         expires_in_s: float | None = None,
         run_deadline_s: float | None = None,
+        group: str | None = None,
     ) -> str:
         """Add one task; returns its id (the same id again for a repeated key).
 
         expires_in_s: not started by then, it ends expired and never runs (a running task
         is not interrupted: that is timeout_s). run_deadline_s: the same for every task of
-        the run it starts."""
+        the run it starts. group: its group takes turns with the others at every claim,
+        under the agent's group_rate and group_concurrency; its handoffs inherit it."""
         task = build_task(
             agent,
             payload,
@@ -205,6 +209,9 @@ class Client:
             expires_in_s=expires_in_s,
             run_deadline_s=run_deadline_s,
         )
+        task.traceparent = tracing.current_traceparent()  # the run's parent span, if any
+        if group is not None:
+            task.group = check_group(group)
         self.queue.enqueue([task])
         return task.id
 
@@ -218,6 +225,7 @@ class Client:
         keys: Sequence[str] | None = None,
         expires_in_s: float | None = None,
         run_deadline_s: float | None = None,
+        group: str | None = None,
     ) -> list[str]:
         """Add many tasks in one round trip; all are validated before any is sent.
 
@@ -235,6 +243,9 @@ class Client:
         expires_at, run_deadline_at = deadlines_at(stamp, expires_in_s, run_deadline_s)
         tasks = []
         append = tasks.append
+        traceparent = tracing.current_traceparent()  # the runs' parent span, if any
+        if group is not None:
+            check_group(group)
         spec = registered(agent)
         typed = spec is not None and spec.payload_type is not None
         for index, payload in enumerate(payloads):
@@ -264,6 +275,8 @@ class Client:
                     key=key,
                     expires_at=expires_at,
                     run_deadline_at=run_deadline_at,
+                    traceparent=traceparent,
+                    group=group,
                 )
             )
         if tasks:
@@ -291,12 +304,15 @@ class Client:
             pipe.zscore(keys.leases, task_id)
             pipe.zscore(keys.delayed, task_id)
             pipe.zscore(keys.queue, task_id)
+            pipe.hget(keys.task_groups, task_id)
             return pipe.execute()
 
         # The five reads are not one snapshot: a task that moved between two of them (say
         # queue -> leases) can be missed by both. Such a miss looks "unknown"; look again.
         for _ in range(3):
-            done, dead, running, delayed, queued = self.queue.manager.execute(probe)
+            done, dead, running, delayed, queued, group = self.queue.manager.execute(probe)
+            if group is not None and {queued, running, delayed, dead} == {None}:
+                queued = self._grouped_score(keys.group_queue(group.decode()), task_id)
             if done is not None:
                 return _finished_status(done), done
             for name, score in (("dead", dead), ("running", running), ("delayed", delayed)):
@@ -305,6 +321,10 @@ class Client:
             if queued is not None:
                 return "queued", None
         return "unknown", None
+
+    def _grouped_score(self, group_queue: str, task_id: str) -> float | None:
+        """A grouped task's place in its group's ready set (None: not ready)."""
+        return self.queue.manager.execute(lambda c: c.zscore(group_queue, task_id))
 
     def result(self, task_id: str, wait_s: float = 5.0, *, follow: bool = False) -> Any:
         """The task's result, waiting up to wait_s for it to finish.

@@ -140,7 +140,14 @@ def test_a_handler_that_ignores_its_cancel_is_stopped_and_nothing_else_is_lost(
     for task_id in short:
         _wait_started(raw_redis, task_id)
     client.cancel(long)
-    # past the grace the worker drains (the short tasks finish) and is replaced
+
+    def recycle_reasons() -> set[bytes]:
+        ids = raw_redis.zrange("handoff:workers", 0, -1)
+        return {raw_redis.hget(b"handoff:worker:" + w, "recycle_reason") or b"" for w in ids}
+
+    # past the grace the worker says why it drains (monitor, dashboard) and is replaced
+    reason = f"cancelled task {long} ignored its cancel".encode()
+    wait_until(lambda: reason in recycle_reasons(), 10, "the recycle reason in its health")
     wait_until(
         lambda: [p.pid for p in sup.live_children()] not in ([], [first]), 30, "a new worker"
     )

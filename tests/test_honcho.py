@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import orjson
@@ -13,7 +14,7 @@ import pytest
 
 from handoff.client import Client
 from handoff.config import RedisPoolConfig, Settings
-from harness.procs import ROOT, wait_until
+from harness.procs import ROOT, free_tcp_port, wait_until
 
 HONCHO = Path(sys.executable).with_name("honcho")
 
@@ -34,6 +35,8 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
     env.pop("REDIS_URL", None)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["HANDOFF_RUN_DIR"] = str(tmp_path / "run")
+    # The Procfile's monitor serves the dashboard: on a free port, not the default 8321.
+    env["HANDOFF_MONITOR_WEB"] = f"127.0.0.1:{free_tcp_port()}"
     env.update(extra)
     return env
 
@@ -68,7 +71,8 @@ def _follow_chain(client: Client) -> list[str]:
 
 @pytest.mark.slow
 def test_honcho_start_runs_the_demo_chain_on_the_embedded_server(tmp_path):
-    proc = _honcho(tmp_path, _env(tmp_path))
+    env = _env(tmp_path)
+    proc = _honcho(tmp_path, env)
     try:
         url = f"unix://{tmp_path / 'run' / 'redis.sock'}"
         with Client(settings=Settings(redis=RedisPoolConfig(url=url, max_retries=0))) as client:
@@ -83,6 +87,10 @@ def test_honcho_start_runs_the_demo_chain_on_the_embedded_server(tmp_path):
             )
             assert client.tree(chain[0])["then"]["agent"] == "integrator"
             wait_until(lambda: "demo: feature '" in _log(tmp_path), 30, "a merged feature printed")
+            page = wait_until(
+                lambda: _try(lambda: _get(f"http://{env['HANDOFF_MONITOR_WEB']}/")), 15, "dashboard"
+            )
+            assert 'href="/agents/integrator"' in page  # the monitor serves the dashboard
         assert _ctrl_c(proc) in (0, 130)  # honcho exits 130 after SIGINT
     finally:
         if proc.poll() is None:
@@ -104,6 +112,11 @@ def test_ctrl_c_under_honcho_leaves_nothing_running(tmp_path, redis_url):
         assert all(s["running"] == 0 for s in stats.values()), orjson.dumps(stats)
         log = (tmp_path / "honcho.log").read_text()
         assert "Traceback" not in log and "rc=-" not in log
+
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return response.read().decode()
 
 
 def _log(tmp_path: Path) -> str:

@@ -212,9 +212,10 @@ def test_snapshot_cost_does_not_grow_with_queued_tasks(watcher, raw_redis, queue
     commands = commands_processed(raw_redis)[0] - before - nodes  # minus our INFOs
     assert "probe" in snap["agents"], snap  # else the snapshot says what failed
     assert snap["agents"]["probe"]["queued"] == queued
-    # 2 registry reads + 8 per agent (6 queue figures, its limits, the autoscalers), and the
-    # server's memory (one INFO; on a cluster one per primary): the same for 1 and 1,000,000.
-    assert commands == 10 + (nodes if isinstance(raw_redis, RedisCluster) else 1)
+    # 2 registry reads + 10 per agent (6 queue figures, its limits, its groups ready and
+    # waiting, the autoscalers), and the server's memory (one INFO; on a cluster one per
+    # primary): the same for 1 and 1,000,000.
+    assert commands == 12 + (nodes if isinstance(raw_redis, RedisCluster) else 1)
 
 
 def test_the_snapshot_names_the_deployment_and_on_a_cluster_each_agents_node(

@@ -75,6 +75,9 @@ def test_the_wheel_holds_only_the_handoff_package(built):
         names = set(archive.namelist())
     assert {"handoff/__init__.py", "handoff/config/__init__.py", "handoff/cli/__init__.py"} <= names
     assert "handoff/protocol/lua/claim.lua" in names and "handoff/config/acl.conf" in names
+    web = "handoff/observe/web/"  # the dashboard's templates and static files ship with it
+    assert {web + "templates/page.html", web + "static/dashboard.js"} <= names
+    assert web + "static/dashboard.css" in names
     assert not any(n.startswith(("handoff/bench/peers", "benchmarks/", "workers/")) for n in names)
 
 

@@ -19,6 +19,7 @@ REGISTRY: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "handoff-pf32": ("handoff_peer", "HandoffPrefetchPeer", ()),
     "handoff-typed": ("handoff_peer", "HandoffTypedPeer", ("pydantic",)),
     "handoff-notree": ("handoff_peer", "HandoffNoTreePeer", ()),
+    "handoff-groups": ("handoff_peer", "HandoffGroupsPeer", ()),
     "celery": ("celery_peer", "CeleryPeer", ("celery", "gevent")),
     "dramatiq": ("dramatiq_peer", "DramatiqPeer", ("dramatiq",)),
     "huey": ("huey_peer", "HueyPeer", ("huey",)),

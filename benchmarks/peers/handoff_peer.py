@@ -117,3 +117,38 @@ class HandoffNoTreePeer(HandoffPeer):
         env = super().worker_env()
         env["HANDOFF_RUN_TTL_S"] = "0"
         return env
+
+
+GROUPS = 100
+
+
+class HandoffGroupsPeer(HandoffPeer):
+    """handoff with every task in one of 100 groups (round robin), taken in rotation, each
+    group under a start rate far above the drain rate (app_handoff_groups: group_rate
+    100000/s): what fair sharing and a per-group limiter cost a drain, beside the plain
+    queue. Bulk enqueue writes the same 1,000-task batches, each task with its group."""
+
+    name = "handoff-groups"
+    settings_note = {
+        NOOP: f"as handoff, tasks in {GROUPS} groups in rotation, group_rate 100000/s",
+        IO: f"as handoff, tasks in {GROUPS} groups in rotation, group_rate 100000/s",
+    }
+
+    def enqueue_bulk(self, kind: str, payloads: list[tuple[float, int]]) -> None:
+        from handoff.client import build_task
+
+        for i in range(0, len(payloads), CHUNK):
+            tasks = []
+            for n, payload in enumerate(payloads[i : i + CHUNK], i):
+                task = build_task(kind, payload)
+                task.group = f"g{n % GROUPS}"
+                tasks.append(task)
+            self.client.queue.enqueue(tasks)
+
+    def enqueue_one(self, kind: str, payload: tuple[float, int]) -> None:
+        self.client.enqueue(kind, payload, group="g0")
+
+    def worker_env(self) -> dict[str, str]:
+        env = super().worker_env()
+        env["HANDOFF_APP"] = "app_handoff_groups"
+        return env

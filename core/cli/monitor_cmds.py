@@ -29,12 +29,28 @@ def _monitor(state):
 @click.option("--interval-s", type=click.FloatRange(0.05, 3600), help="Refresh (default 1 s).")
 @click.option("--metrics-port", type=click.IntRange(1, 65535), help="Serve Prometheus here.")
 @click.option("--metrics-addr", default="127.0.0.1", show_default=True)
+@click.option(
+    "--web",
+    "web_addr",
+    metavar="HOST:PORT",
+    envvar="HANDOFF_MONITOR_WEB",
+    help="Serve the dashboard here, e.g. 127.0.0.1:8321 (env HANDOFF_MONITOR_WEB).",
+)
+@click.option(
+    "--web-token",
+    envvar="HANDOFF_MONITOR_WEB_TOKEN",
+    help="Allow the dashboard's actions to whoever gives this token "
+    "(env HANDOFF_MONITOR_WEB_TOKEN); without it the dashboard is read-only.",
+)
 @click.pass_obj
-def monitor(state, once, as_json, interval_s, metrics_port, metrics_addr) -> None:
+def monitor(
+    state, once, as_json, interval_s, metrics_port, metrics_addr, web_addr, web_token
+) -> None:
     """Live aggregate view of agents and workers; writes the aggregate to Redis.
 
     On a terminal: a refreshing table. Otherwise (under honcho): a line per agent every
-    10 s, and one log line whenever a worker's health changes.
+    10 s, and one log line whenever a worker's health changes. With --web, the same
+    snapshots feed a dashboard in the browser (the `web` extra).
     """
     from handoff.observe.view import render
 
@@ -49,11 +65,20 @@ def monitor(state, once, as_json, interval_s, metrics_port, metrics_addr) -> Non
     from handoff.observe.watch import watch
 
     latest: dict = {}
+    metrics_url = None
     if metrics_port:
         from handoff.observe.metrics_export import serve
 
         serve(metrics_port, lambda: latest.get("snapshot"), addr=metrics_addr)
-        log.info("monitor: Prometheus metrics on http://%s:%d/metrics", metrics_addr, metrics_port)
+        metrics_url = f"http://{metrics_addr}:{metrics_port}/metrics"
+        log.info("monitor: Prometheus metrics on %s", metrics_url)
+    web = _start_web(state, web_addr, web_token, metrics_url) if web_addr else None
+
+    def on_snapshot(snapshot: dict) -> None:
+        latest.update(snapshot=snapshot)
+        if web is not None:
+            web.feed(snapshot)
+
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
@@ -63,10 +88,39 @@ def monitor(state, once, as_json, interval_s, metrics_port, metrics_addr) -> Non
             stop,
             tty=sys.stdout.isatty(),
             emit=click.echo,
-            on_snapshot=lambda snapshot: latest.update(snapshot=snapshot),
+            on_snapshot=on_snapshot,
         )
     except KeyboardInterrupt:
         pass
+    finally:
+        if web is not None:
+            web.stop()
+
+
+def _start_web(state, address: str, token: str | None, metrics_url: str | None):
+    """The dashboard, serving in a thread (a usage error for a bad address or a missing
+    extra, a one-line error when the address cannot be bound)."""
+    try:
+        from handoff.observe.web import server
+    except ImportError as e:
+        raise click.UsageError(
+            f"--web needs the web extra ({e.name} is missing): pip install 'handoff[web]'"
+        ) from None
+    from handoff.client import Client
+
+    try:
+        server.parse_address(address)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--web") from None
+    token = token or None  # an empty HANDOFF_MONITOR_WEB_TOKEN means unset, as elsewhere
+    if token is not None and len(token) < 8:
+        raise click.BadParameter("use a token of at least 8 characters", param_hint="--web-token")
+    try:
+        return server.start(address, Client(settings=state.settings), token=token,
+                            metrics_url=metrics_url)  # fmt: skip
+    except OSError as e:
+        click.echo(f"handoff: error: dashboard: {e}", err=True)
+        sys.exit(1)
 
 
 @click.command()

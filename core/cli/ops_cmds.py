@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 
 import click
-import orjson
 
 from handoff.cli.common import parse_counts
 from handoff.errors import InvalidAgentName
@@ -23,7 +22,7 @@ def scale(state, counts: tuple[str, ...]) -> None:
     """
     from handoff.connection.manager import get_manager
     from handoff.protocol.keys import Keys
-    from handoff.protocol.task import now_ms
+    from handoff.runtime.control import send_scale
 
     parts = ",".join(counts).split(",")
     resumed = {p.partition("=")[0].strip(): "auto" for p in parts if p.strip().endswith("=auto")}
@@ -36,23 +35,11 @@ def scale(state, counts: tuple[str, ...]) -> None:
             raise click.BadParameter(str(e)) from None
     wanted.update(resumed)
     settings = state.settings
-    keys = Keys(settings.key_prefix)
-    manager = get_manager(settings.redis)
-    alive_since = now_ms() - 30_000
-    supervisors = manager.execute(lambda c: c.zrangebyscore(keys.supervisors, alive_since, "+inf"))
-    if not supervisors:
+    sent = send_scale(get_manager(settings.redis), Keys(settings.key_prefix), wanted)
+    if not sent:
         click.echo("handoff: error: no live supervisor found", err=True)
         sys.exit(1)
-    message = orjson.dumps({"op": "scale", "agents": wanted})
-
-    def send(client) -> None:
-        pipe = client.pipeline(transaction=False)
-        for sid in supervisors:
-            pipe.rpush(keys.control(sid.decode()), message)
-        pipe.execute()
-
-    manager.execute(send)
-    click.echo(f"scale {wanted} sent to {len(supervisors)} supervisor(s)")
+    click.echo(f"scale {wanted} sent to {sent} supervisor(s)")
 
 
 @click.command()
@@ -63,9 +50,12 @@ def limits(state, agent: str, changes: tuple[str, ...]) -> None:
     """Show or change an agent type's start-rate limit, live, on every worker at once:
 
     handoff limits AGENT [rate=5/s|rate=none|rate=default] [burst=N] [resume]
+                         [group_rate=2/s|none|default] [group_concurrency=N|default]
 
     rate=none lifts the limit, rate=default goes back to the code's (@agent(rate=...));
-    resume ends a pause a handler's RateLimited began. Workers read it at their next claim.
+    resume ends a pause a handler's RateLimited began. group_rate and group_concurrency
+    bound each group (enqueue(..., group=)); group_concurrency=0 lifts the cap. Workers
+    read it at their next claim.
     """
     from handoff.client import Client
     from handoff.errors import InvalidPayload
@@ -92,9 +82,19 @@ def limits(state, agent: str, changes: tuple[str, ...]) -> None:
                 sets["burst"] = str(check_burst(int(value) if value.isdigit() else value))
             elif change == "resume":
                 drops.append("paused_until")
+            elif change == "group_rate=none":
+                sets["group_rate"] = "none"
+            elif change in ("group_rate=default", "group_concurrency=default"):
+                drops.append(name)
+            elif name == "group_rate":
+                rate = parse_rate(value, "group_rate")
+                sets["group_rate"] = f"{rate.count:g}/{rate.window_ms}"
+            elif name == "group_concurrency" and value.isdigit() and int(value) <= 1_000_000:
+                sets["group_concurrency"] = str(int(value))
             else:
                 raise click.BadParameter(
-                    f"{change!r}: expected rate=N/s|N/min|N/h|none|default, burst=N or resume"
+                    f"{change!r}: expected rate=N/s|N/min|N/h|none|default, burst=N, resume, "
+                    "group_rate=N/s|none|default or group_concurrency=N|default"
                 )
         except InvalidPayload as e:
             raise click.BadParameter(str(e)) from None
@@ -129,4 +129,13 @@ def limits(state, agent: str, changes: tuple[str, ...]) -> None:
     paused = float(current.get("paused_until", 0)) - now
     if paused > 0:
         line += f", paused {paused / 1000:.1f}s more"
+    if "group_rate" in current:
+        group_rate = current["group_rate"]
+        if group_rate != "none":
+            count, _, window = group_rate.partition("/")
+            unit = {"1000": "s", "60000": "min", "3600000": "h"}.get(window, f"{window}ms")
+            group_rate = f"{count}/{unit}"
+        line += f", group_rate {group_rate} (set live)"
+    if "group_concurrency" in current:
+        line += f", group_concurrency {current['group_concurrency']} (set live)"
     click.echo(line)

@@ -1,5 +1,5 @@
-"""Observation: the monitor (aggregate snapshot, change log), its terminal views and the
-Prometheus export.
+"""Observation: the monitor (aggregate snapshot, change log), its terminal views, the
+Prometheus export and the dashboard (web/, imported only by `handoff monitor --web`).
 
 May import: handoff.runtime and the layers below it. Nothing above it.
 """

@@ -84,6 +84,7 @@ def _worker_view(worker_id: str, fields: dict[str, str], now: float) -> dict[str
         "last_heartbeat_s_ago": round(now - heartbeat_at, 2),
         "redis_healthy": bool(_num(fields, "redis_healthy", int, 1)),
         "global_limit": _num(fields, "global_limit", int, 0) or None,
+        "recycle_reason": fields.get("recycle_reason", ""),
     }
     try:
         view["pool"] = orjson.loads(fields.get("pool", "{}"))

@@ -53,13 +53,19 @@ def queue_stats(queue: TaskQueue, agents: Sequence[str] | None = None) -> dict[s
             pipe.hgetall(keys.stats)
             pipe.zrange(keys.queue, 0, 0, withscores=True)
             pipe.hgetall(keys.limits)
+            pipe.zcard(keys.groups)
+            pipe.zcard(keys.parked)
         return pipe.execute()
 
-    replies = queue.manager.execute_pipelined(read, 7 * len(names))
+    per = 9
+    replies = queue.manager.execute_pipelined(read, per * len(names))
     now = now_ms()
     out: dict[str, dict[str, Any]] = {}
     for i, name in enumerate(names):
-        queued, running, delayed, dead, counters, head, limits = replies[i * 7 : i * 7 + 7]
+        queued, running, delayed, dead, counters, head, limits, turning, parked = replies[
+            i * per : i * per + per
+        ]
+        queued += _count(limits.get(b"grouped_ready", b"0"))  # in their groups' sets
         counts = {k.decode(): _count(v) for k, v in counters.items()}
         age_s = 0.0
         if head:
@@ -72,6 +78,8 @@ def queue_stats(queue: TaskQueue, agents: Sequence[str] | None = None) -> dict[s
             **{c: counts.get(c, 0) for c in COUNTERS if c != "dead"},
             "dead_total": counts.get("dead", 0),
             "oldest_queued_age_s": round(age_s, 3),
+            "groups_ready": turning,  # groups in the rotation (ready, may start)
+            "groups_waiting": parked,  # groups waiting for their rate or a pause
             **_limit_figures(limits, now),
         }
     return out

@@ -29,6 +29,13 @@ one cluster slot. Agent names are validated before any key is built.
                                           cancelled at enqueue, claim, or a join's firing)
     <prefix>:{<agent>}:inbox:<tag>  LIST  ids of running tasks cancelled: the worker whose
                                           claim ids start with <tag> blocks on it
+    <prefix>:{<agent>}:groups       ZSET  group -> rank: the fair rotation of groups with ready
+                                          tasks that may start (see groups.py)
+    <prefix>:{<agent>}:parked       ZSET  group -> until (ms): waiting for its rate or a pause
+    <prefix>:{<agent>}:task_groups  HASH  id -> group, for tasks enqueued with a group
+    <prefix>:{<agent>}:group_running HASH group -> leases its tasks hold (group_concurrency)
+    <prefix>:{<agent>}:gq:<group>   ZSET  id -> score: a group's ready tasks (not in queue)
+    <prefix>:{<agent>}:glimit:<group> HASH a group's limiter: tat, paused_until (expires)
     <prefix>:{<agent>}:scope:<id>   HASH  a run (root id) or join (then id): open tasks...
     <prefix>:{<agent>}:ends:<id>    STRING that scope's ends ("<JSON>,<JSON>,"), in order
     <prefix>:{<agent>}:ended:<run>  LIST  a token pushed when the run ends (waiters block)
@@ -111,6 +118,10 @@ AGENT_KEY_NAMES = (
     "limits",
     "deadlines",
     "cancelled",
+    "groups",
+    "parked",
+    "task_groups",
+    "group_running",
 )
 
 
@@ -184,6 +195,28 @@ class AgentKeys:
     @property
     def cancelled(self) -> str:
         return f"{self.base}:cancelled"
+
+    def group_queue(self, group: str) -> str:
+        return f"{self.base}:gq:{group}"
+
+    def group_limit(self, group: str) -> str:
+        return f"{self.base}:glimit:{group}"
+
+    @property
+    def groups(self) -> str:
+        return f"{self.base}:groups"
+
+    @property
+    def parked(self) -> str:
+        return f"{self.base}:parked"
+
+    @property
+    def task_groups(self) -> str:
+        return f"{self.base}:task_groups"
+
+    @property
+    def group_running(self) -> str:
+        return f"{self.base}:group_running"
 
     def inbox(self, tag: str) -> str:
         return f"{self.base}:inbox:{tag}"

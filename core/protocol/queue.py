@@ -55,6 +55,9 @@ class ClaimRequest:
     # per window_ms, and a burst. See limits.py.
     rate: Rate | None = None
     burst: int = 0
+    # Each group's limits (groups.py): starts per window, running at most (0 = none).
+    group_rate: Rate | None = None
+    group_concurrency: int = 0
 
 
 @dataclass
@@ -241,7 +244,7 @@ class TaskQueue:
             id_prefix = agent + "."
             for start in range(0, len(group), ENQUEUE_CHUNK):
                 chunk = group[start : start + ENQUEUE_CHUNK]
-                special: list[Any] = []  # position, delay_ms, deterministic, expires_at, parent
+                special: list[Any] = []  # position, delay, deterministic, expires_at, parent, group
                 args: list[Any] = [self._max_bytes, now_arg, len(chunk), 0]
                 for position, index in enumerate(chunk, 1):
                     task = tasks[index]
@@ -261,7 +264,12 @@ class TaskQueue:
                     not_before = task.not_before
                     if not_before is None:
                         args += (task_id, score_for(task.priority, task.enqueued_at), blob)
-                        if task.key is None and task.parent_id is None and not task.expires_at:
+                        if (
+                            task.key is None
+                            and task.parent_id is None
+                            and not task.expires_at
+                            and task.group is None
+                        ):
                             continue
                         delay = 0
                     else:
@@ -270,9 +278,9 @@ class TaskQueue:
                     deterministic = task.key is not None or task.parent_id is not None
                     special += (
                         position, delay, 1 if deterministic else 0, task.expires_at or 0,
-                        task.parent_id or "",
+                        task.parent_id or "", task.group or "",
                     )  # fmt: skip
-                args[3] = len(special) // 5
+                args[3] = len(special) // 6
                 args += special
                 calls.append(("enqueue", fixed, args))
                 order.append(chunk)
@@ -337,6 +345,9 @@ class TaskQueue:
                 request.burst,
                 GUARD,
                 self._record_ttl_ms,
+                request.group_rate.count if request.group_rate else 0,
+                request.group_rate.window_ms if request.group_rate else 0,
+                request.group_concurrency,
             ]
             calls.append(("claim", [*agent_keys.all(), agent_keys.claim(claim_id)], args))
         replies = self.run_scripts(calls)

@@ -198,8 +198,8 @@ def _node(task_id: str, keys: AgentKeys, parts: list, result_bytes: int) -> dict
         node["status"] = "running"
     elif delayed is not None:
         node["status"] = "delayed"
-    elif queued is not None:
-        node["status"] = "queued"
+    elif queued is not None or (isinstance(task, dict) and task.get("group") is not None):
+        node["status"] = "queued"  # (a grouped task waits in its group's set)
     elif stored is None:
         node.pop("enqueued_at", None)
         node.pop("attempt", None)

@@ -105,6 +105,8 @@ _FIELD_TYPES = (
     ("join", (dict,), True),
     ("expires_at", (int,), True),
     ("run_deadline_at", (int,), True),
+    ("tp", (str,), True),
+    ("group", (str,), True),
 )
 
 
@@ -175,6 +177,11 @@ class Task:
     # running; run_deadline_at bounds every task of its run (children inherit it).
     expires_at: int | None = None
     run_deadline_at: int | None = None
+    # The W3C traceparent of the span that made this task (OpenTelemetry, when on): the
+    # producer's current span for a root, the creating task's span for a child.
+    traceparent: str | None = None
+    # Fair sharing (groups.py): its group's turn in the rotation, its group's limits.
+    group: str | None = None
     # A then-task's branches' ends are read (one GET) and decoded when its handler first
     # asks for task.branches: a join of 10,000 branches starts its then-task without
     # moving a megabyte first (as BullMQ's getChildrenValues()). Its join's first dead
@@ -233,6 +240,8 @@ class Task:
             record["branch"] = self.branch
         if self.expires_at is not None:  # here too for the scripts (a join's then-task)
             record["expires_at"] = self.expires_at
+        if self.group is not None:  # last before the payload: read there by fire_then
+            record["group"] = self.group
         record.update({
             "payload": self.payload,
             "priority": self.priority,
@@ -254,6 +263,8 @@ class Task:
             record["trace"] = self.trace
         if self.key is not None:
             record["key"] = self.key
+        if self.traceparent is not None:
+            record["tp"] = self.traceparent
         try:
             return orjson.dumps(record)
         except (TypeError, orjson.JSONEncodeError) as e:
@@ -296,8 +307,12 @@ class Task:
         if join is not None and type(join) is not dict:
             raise ValueError(_wrong_types(record))
         expires_at, run_deadline_at = get("expires_at"), get("run_deadline_at")
-        if (expires_at is not None and type(expires_at) is not int) or (
-            run_deadline_at is not None and type(run_deadline_at) is not int
+        traceparent, group = get("tp"), get("group")
+        if (
+            (group is not None and type(group) is not str)
+            or (expires_at is not None and type(expires_at) is not int)
+            or (run_deadline_at is not None and type(run_deadline_at) is not int)
+            or (traceparent is not None and type(traceparent) is not str)
         ):
             raise ValueError(_wrong_types(record))
         if (
@@ -321,7 +336,7 @@ class Task:
         return cls(
             task_id, agent, payload, priority, attempt, max_attempts, timeout_s, created_at,
             enqueued_at, not_before, parent_id, trace, key, deliveries, token, run, scope,
-            branch, join, expires_at, run_deadline_at,
+            branch, join, expires_at, run_deadline_at, traceparent, group,
         )  # fmt: skip
 
     @property

@@ -16,6 +16,7 @@ from typing import Any
 
 from handoff.config.checks import check_range
 from handoff.errors import ConfigError, HandoffError, InvalidPayload
+from handoff.protocol.groups import check_group
 from handoff.protocol.keys import check_agent
 from handoff.protocol.limits import Rate, check_burst, parse_rate
 from handoff.protocol.task import check_priority
@@ -33,10 +34,13 @@ class Handoff:
     payload: Any
     priority: int = 0
     expires_in_s: float | None = None  # not started by then: it ends expired
+    group: str | None = None  # None: the group of the task that hands off (if any)
 
     def __post_init__(self) -> None:
         check_agent(self.agent)
         check_priority(self.priority)
+        if self.group is not None:
+            check_group(self.group, "Handoff group")
         if self.expires_in_s is not None:
             check_range(
                 "Handoff expires_in_s", self.expires_in_s, 0.001, 366 * 86_400.0,
@@ -77,6 +81,8 @@ class AgentSpec:
     result_type: TypedValue | None = None  # declared with result= (pydantic)
     rate: Rate | None = None  # starts per window across every worker (rate="10/s")
     burst: int = 0
+    group_rate: Rate | None = None  # each group's starts per window (group_rate="2/s")
+    group_concurrency: int = 0  # each group's running tasks at most (0 = no cap)
 
     @property
     def is_async(self) -> bool:
@@ -92,6 +98,8 @@ def describe(spec: AgentSpec) -> dict[str, Any]:
         "max_attempts": spec.max_attempts,
         "rate": str(spec.rate) if spec.rate else None,
         "burst": spec.burst,
+        "group_rate": str(spec.group_rate) if spec.group_rate else None,
+        "group_concurrency": spec.group_concurrency,
         "async": spec.is_async,
         "payload": spec.payload_type.name if spec.payload_type else None,
         "result": spec.result_type.name if spec.result_type else None,
@@ -128,6 +136,8 @@ def agent(
     result: Any = None,
     rate: str | None = None,
     burst: int = 0,
+    group_rate: str | None = None,
+    group_concurrency: int = 0,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a handler (plain function or coroutine) for an agent type.
 
@@ -137,13 +147,21 @@ def agent(
 
     rate="10/s" (or "/min", "/h") bounds how many tasks start per window across every
     worker and host, burst= lets that many more start at once; `handoff limits` changes
-    it live. A handler raising RateLimited(retry_after_s) pauses the agent type."""
+    it live. A handler raising RateLimited(retry_after_s) pauses the agent type (or, for
+    a task enqueued with a group, its group).
+
+    group_rate="2/s" and group_concurrency=3 bound each group's starts and running tasks
+    (enqueue(..., group="customer-42")); groups take turns at every claim."""
     check_agent(name)
     try:
         parsed_rate = parse_rate(rate, f"agent {name!r}: rate") if rate is not None else None
         check_burst(burst)
+        parsed_group_rate = None
+        if group_rate is not None:
+            parsed_group_rate = parse_rate(group_rate, f"agent {name!r}: group_rate")
     except InvalidPayload as e:
         raise ConfigError(str(e)) from None
+    _check_range(name, "group_concurrency", group_concurrency, 0, 1_000_000)
     _check_range(name, "max_concurrent", max_concurrent, 1, 10_000)
     if global_limit is not None:
         _check_range(name, "global_limit", global_limit, 1, 1_000_000)
@@ -175,6 +193,8 @@ def agent(
             result_type,
             parsed_rate,
             burst,
+            parsed_group_rate,
+            group_concurrency,
         )
         existing = _REGISTRY.get(name)
         if existing is not None and _qualname(existing.handler) != _qualname(handler):

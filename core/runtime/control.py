@@ -4,17 +4,23 @@ control list in Redis. One small type each, matched by type.
 A control message is data from outside the process (anyone with write access to
 `<prefix>:control:<supervisor>`), so it is parsed and checked here, in the Redis thread,
 before it becomes an event: a malformed one is refused with a one-line reason and never
-reaches the main loop.
+reaches the main loop. The sending side is here too (send_scale), for `handoff scale`
+and the dashboard's scale action alike.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 import orjson
 
+from handoff.connection.manager import RedisManager
+from handoff.protocol.keys import Keys
+from handoff.protocol.task import now_ms
+
 MAX_MESSAGE_BYTES = 64 * 1024
+SUPERVISOR_ALIVE_MS = 30_000  # a supervisor that refreshed its entry this recently is live
 
 
 @dataclass(slots=True, frozen=True)
@@ -80,3 +86,25 @@ def parse_control(raw: bytes, supervised: Collection[str], max_count: int) -> Sc
 def _short(value: object) -> str:
     shown = repr(value)
     return shown if len(shown) <= 60 else shown[:57] + "..."
+
+
+def send_scale(manager: RedisManager, keys: Keys, wanted: Mapping[str, int | str]) -> int:
+    """Ask every live supervisor to run `wanted` (agent type -> count, or "auto"): one
+    control message each, in one round trip. Returns how many were asked (0: none live).
+
+    Runs in: `handoff scale`, the dashboard. Each supervisor checks the message again
+    (parse_control) and keeps the agent types it runs."""
+    alive_since = now_ms() - SUPERVISOR_ALIVE_MS
+    supervisors = manager.execute(lambda c: c.zrangebyscore(keys.supervisors, alive_since, "+inf"))
+    if not supervisors:
+        return 0
+    message = orjson.dumps({"op": "scale", "agents": dict(wanted)})
+
+    def send(client) -> None:
+        pipe = client.pipeline(transaction=False)
+        for sid in supervisors:
+            pipe.rpush(keys.control(sid.decode()), message)
+        pipe.execute()
+
+    manager.execute(send)
+    return len(supervisors)

@@ -26,6 +26,7 @@ from typing import Any
 
 from handoff.errors import RateLimited
 from handoff.protocol.task import Task
+from handoff.runtime import tracing
 from handoff.runtime.agents import AgentSpec
 
 # A handler that forks: only the forking thread lives on in the child, and it would go back
@@ -75,6 +76,7 @@ class Outcome:
     elapsed_s: float = 0.0
     timed_out: bool = False
     pause_s: float | None = None  # the handler raised RateLimited(pause_s)
+    traceparent: str | None = None  # its span (OpenTelemetry): the parent of its children
 
 
 @dataclass(slots=True, frozen=True)
@@ -182,6 +184,7 @@ class SyncRunner(_BaseRunner):
 
     def _loop(self) -> None:
         handler = self.spec.handler
+        traced = tracing.active()  # decided once: a worker's tracing is set up at its start
         while True:
             task = self._next()
             if task is None:
@@ -190,12 +193,19 @@ class SyncRunner(_BaseRunner):
                 self.started_at.pop(task.id, None)
                 continue
             started = time.perf_counter()
+            span = None
             try:
-                outcome = Outcome(task, handler(task))
+                if traced:
+                    with tracing.task_span(task) as span:
+                        outcome = Outcome(task, handler(task))
+                else:
+                    outcome = Outcome(task, handler(task))
             except RateLimited as e:
                 outcome = Outcome(task, error=str(e), pause_s=e.retry_after_s)
             except BaseException as e:  # the handler's failure is the task's, not ours
                 outcome = Outcome(task, error=f"{type(e).__name__}: {e}", traceback=_tb())
+            if span is not None:
+                outcome.traceparent = span.traceparent
             _end_if_forked()
             outcome.elapsed_s = time.perf_counter() - started
             self.started_at.pop(task.id, None)
@@ -233,6 +243,7 @@ class AsyncRunner(_BaseRunner):
         super().__init__(spec, report)
         self._pending: deque[Task] = deque()
         self._coroutines: dict[str, asyncio.Task] = {}  # running: id -> its coroutine
+        self._traced = tracing.active()
         self._finished: list[Outcome] = []
         self._flush_scheduled = False
         global _runner_loop
@@ -258,14 +269,22 @@ class AsyncRunner(_BaseRunner):
     async def _run(self, task: Task) -> None:
         started = time.perf_counter()
         limit = task.timeout_s or self.spec.timeout_s
+        span = None
         try:
-            outcome = Outcome(task, await asyncio.wait_for(self.spec.handler(task), limit))
+            if self._traced:
+                with tracing.task_span(task) as span:
+                    value = await asyncio.wait_for(self.spec.handler(task), limit)
+            else:
+                value = await asyncio.wait_for(self.spec.handler(task), limit)
+            outcome = Outcome(task, value)
         except TimeoutError:
             outcome = Outcome(task, error=f"timed out after {limit}s", timed_out=True)
         except RateLimited as e:
             outcome = Outcome(task, error=str(e), pause_s=e.retry_after_s)
         except BaseException as e:
             outcome = Outcome(task, error=f"{type(e).__name__}: {e}", traceback=_tb())
+        if span is not None:
+            outcome.traceparent = span.traceparent
         if _forked_from_handler:  # in a process a handler forked
             if asyncio.current_task(self._loop) is _forking_task:
                 _end_if_forked()

@@ -55,15 +55,17 @@ def settle(outcome: Outcome, spec: AgentSpec, settings: Settings) -> Settled:
         return None, failure, []
     value = outcome.value
     extras = _tree_fields(outcome, settings)
+    # The tasks it creates carry its span (or, untraced here, the one it came with).
+    traceparent = outcome.traceparent or task.traceparent
     if isinstance(value, Join):
-        return _settle_join(task, value, settings, extras)
+        return _settle_join(task, value, settings, extras, traceparent)
     if isinstance(value, Handoff) or (
         isinstance(value, list) and value and any(isinstance(v, Handoff) for v in value)
     ):
         handoffs = [value] if isinstance(value, Handoff) else value
         if not all(isinstance(v, Handoff) for v in handoffs):
             return None, Failure(task, MIXED_RESULT, dead_now=True), []
-        made = children_of(task, handoffs, settings)
+        made = children_of(task, handoffs, settings, traceparent)
         if isinstance(made, Failure):
             return None, made, []
         ids = [c.id for c in made]
@@ -112,13 +114,15 @@ def _tree_fields(outcome: Outcome, settings: Settings) -> bytes:
     return fields
 
 
-def _settle_join(task: Task, join: Join, settings: Settings, extras: bytes) -> Settled:
+def _settle_join(
+    task: Task, join: Join, settings: Settings, extras: bytes, traceparent: str | None
+) -> Settled:
     """A Join: its branches' first tasks are children (enqueued before the ack); its
     then-task waits in the join's scope, enqueued there when the last branch ends."""
     problem = _join_problem(join, settings)
     if problem:
         return None, Failure(task, problem, dead_now=True), []
-    made = children_of(task, list(join.branches), settings)
+    made = children_of(task, list(join.branches), settings, traceparent)
     if isinstance(made, Failure):
         return None, made, []
     then = join.then
@@ -126,7 +130,7 @@ def _settle_join(task: Task, join: Join, settings: Settings, extras: bytes) -> S
     for index, branch in enumerate(made):
         branch.scope, branch.branch = then_id, index
     joined = {"on_dead": join.on_dead, "branches": len(made)}
-    made_then = _child(task, then, then_id, now_ms(), settings, "join then", joined)
+    made_then = _child(task, then, then_id, now_ms(), settings, "join then", joined, traceparent)
     if isinstance(made_then, Failure):
         return None, made_then, []
     then_json = made_then[1]
@@ -182,6 +186,7 @@ def _child(
     settings: Settings,
     what: str,
     join: dict | None = None,
+    traceparent: str | None = None,
 ) -> tuple[Task, bytes] | Failure:
     """One task handed off from parent (its run, scope and branch; join for a then-task),
     checked as an enqueue would be: it and its JSON, or a Failure of the parent naming
@@ -202,6 +207,8 @@ def _child(
             join=join,
             run_deadline_at=parent.run_deadline_at,
             expires_at=_expires_at(stamp, handoff, parent.run_deadline_at),
+            traceparent=traceparent,
+            group=handoff.group if handoff.group is not None else parent.group,
         )
         blob = child.to_json()
     except InvalidPayload as e:
@@ -220,7 +227,9 @@ def _expires_at(stamp: int, handoff: Handoff, run_deadline_at: int | None) -> in
     return min(own, run_deadline_at)
 
 
-def children_of(parent: Task, handoffs: list[Handoff], settings: Settings) -> list[Task] | Failure:
+def children_of(
+    parent: Task, handoffs: list[Handoff], settings: Settings, traceparent: str | None = None
+) -> list[Task] | Failure:
     """The child tasks of a handoff or fan-out, each checked as an enqueue would be."""
     trace = [*parent.trace, parent.id]
     if len(trace) > settings.max_hops:
@@ -231,7 +240,8 @@ def children_of(parent: Task, handoffs: list[Handoff], settings: Settings) -> li
     for index, handoff in enumerate(handoffs):
         # Deterministic: a redelivered parent makes the same child id, deduplicated.
         child_id = derived_task_id(handoff.agent, parent.id, str(index))
-        made = _child(parent, handoff, child_id, stamp, settings, f"handoff to {handoff.agent}")
+        what = f"handoff to {handoff.agent}"
+        made = _child(parent, handoff, child_id, stamp, settings, what, None, traceparent)
         if isinstance(made, Failure):
             return made
         children.append(made[0])

@@ -33,7 +33,7 @@ from handoff.errors import HandoffError, ServerOutOfMemory
 from handoff.protocol.keys import Keys
 from handoff.protocol.queue import ClaimRequest, ClaimResult, Completion, Failure, TaskQueue
 from handoff.protocol.task import Task, now_ms
-from handoff.runtime import exits
+from handoff.runtime import exits, tracing
 from handoff.runtime.agents import AgentSpec
 from handoff.runtime.prefetch import PrefetchSizer
 from handoff.runtime.runner import Finished, Outcome, make_runner
@@ -290,6 +290,8 @@ class Worker:
             solo=not self.held,
             rate=self.spec.rate,
             burst=self.spec.burst,
+            group_rate=self.spec.group_rate,
+            group_concurrency=self.spec.group_concurrency,
             claim_tag=self.claim_tag,
         )
         started = time.perf_counter()
@@ -468,6 +470,7 @@ class Worker:
             )
             self._release(leftovers)
         self.runner.stop()
+        tracing.flush()
         try:
             self.manager.execute(lambda c: self._deregister(c), retry=False)
         except HandoffError:
@@ -579,6 +582,7 @@ class Worker:
                         Outcome(task, error=f"timed out after {ran_s:.1f}s", timed_out=True)
                     )
                     # The thread is stuck in the handler: replace the process once drained.
+                    self.stats.recycle_reason = f"task {task.id} timed out"
                     self.exit_code = exits.EXIT_RECYCLE
                     self.events.put(Signalled(signal.SIGTERM))
             if time.monotonic() < renew_at:
@@ -608,6 +612,7 @@ class Worker:
                 self.worker_id, ignoring[0].id, grace_s,
             )  # fmt: skip
             self.exit_code = exits.EXIT_RECYCLE
+            self.stats.recycle_reason = f"cancelled task {ignoring[0].id} ignored its cancel"
             self.events.put(Signalled(signal.SIGTERM))
 
     def _abandon(self, tasks: list[Task]) -> None:
@@ -676,7 +681,7 @@ class Worker:
         elif s.max_worker_age_s and time.time() - self.stats.started > s.max_worker_age_s:
             reason = f"older than max_worker_age_s={s.max_worker_age_s:g}"
         if reason and not self._recycle_reason:
-            self._recycle_reason = reason
+            self._recycle_reason = self.stats.recycle_reason = reason
             log.info("worker %s: recycling (%s)", self.worker_id, reason)
             self.exit_code = exits.EXIT_RECYCLE
             self.events.put(Signalled(signal.SIGTERM))

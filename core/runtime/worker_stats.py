@@ -25,6 +25,7 @@ class WorkerStats:
         self.failed = 0
         self.retried = 0
         self.cancelled = 0  # held tasks cancelled while this worker had them
+        self.recycle_reason = ""  # why this worker is being replaced (shown while it drains)
         self.handed_off = 0
         self.stale = 0
         self.last_claim_at = 0.0
@@ -67,6 +68,7 @@ class WorkerStats:
             "failed": self.failed,
             "retried": self.retried,
             "cancelled": self.cancelled,
+            "recycle_reason": self.recycle_reason,
             "handed_off": self.handed_off,
             "stale_acks": self.stale,
             "in_flight": in_flight,

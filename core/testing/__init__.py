@@ -31,6 +31,7 @@ from handoff.config import RedisPoolConfig, Settings
 from handoff.errors import RateLimited
 from handoff.protocol.queue import ClaimRequest, Completion, Failure
 from handoff.protocol.task import Task
+from handoff.runtime import tracing
 from handoff.runtime.agents import AgentSpec, app_agents
 from handoff.runtime.runner import Outcome
 from handoff.runtime.settle import check_payload, settle
@@ -144,7 +145,10 @@ class InProcessApp:
         spec = self.specs[name]
         lease_ms = int((spec.lease_s or self.settings.lease_s) * 1000)
         now = self.clock.now_ms
-        request = ClaimRequest(name, batch, lease_ms, rate=spec.rate, burst=spec.burst)
+        request = ClaimRequest(
+            name, batch, lease_ms, rate=spec.rate, burst=spec.burst,
+            group_rate=spec.group_rate, group_concurrency=spec.group_concurrency,
+        )  # fmt: skip
         tasks = self.queue.claim([request], now_ms=now)[name]
         completions: list[Completion] = []
         failures: list[Failure] = []
@@ -176,16 +180,32 @@ class InProcessApp:
         return len(tasks)
 
     def _call(self, spec: AgentSpec, task: Task) -> Outcome:
+        """Run the handler as a worker's runner would: timed, and in a span when
+        OpenTelemetry is on."""
+        started = time.perf_counter()
+        span = None
         try:
-            if spec.is_async:
-                if self._loop is None:
-                    self._loop = asyncio.new_event_loop()
-                return Outcome(task, self._loop.run_until_complete(spec.handler(task)))
-            return Outcome(task, spec.handler(task))
+            if tracing.active():
+                with tracing.task_span(task) as span:
+                    outcome = Outcome(task, self._invoke(spec, task))
+            else:
+                outcome = Outcome(task, self._invoke(spec, task))
         except RateLimited as e:
-            return Outcome(task, error=str(e), pause_s=e.retry_after_s)
+            outcome = Outcome(task, error=str(e), pause_s=e.retry_after_s)
         except Exception as e:  # the handler's failure is the task's, as in a worker
-            return Outcome(task, error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
+            error = f"{type(e).__name__}: {e}"
+            outcome = Outcome(task, error=error, traceback=traceback.format_exc())
+        outcome.elapsed_s = time.perf_counter() - started
+        if span is not None:
+            outcome.traceparent = span.traceparent
+        return outcome
+
+    def _invoke(self, spec: AgentSpec, task: Task) -> Any:
+        if spec.is_async:
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+            return self._loop.run_until_complete(spec.handler(task))
+        return spec.handler(task)
 
     def _next_due(self, name: str) -> int:
         keys = self.queue.keys.agent(name)

@@ -40,13 +40,110 @@ local function count_in(hash, raw, id)
     ' is not a whole number'
 end
 
+-- Groups (fair sharing and per-group limits; handoff/protocol/groups.py). A task enqueued
+-- with a group waits in its group's own ready set, <base>:gq:<group>, not in the queue.
+-- The rotation (K_GROUPS, group -> rank) holds the groups with ready tasks that may start,
+-- ranked by their head's priority, then by when they were last served (a turn counter in
+-- K_LIMITS): a claim takes one task from the first group, which goes to the back of its
+-- priority. The ungrouped queue takes its turn in the same rotation. A group waiting for
+-- its rate or a pause is parked (K_PARKED, group -> until ms); one at its concurrency cap
+-- leaves the rotation until one of its leases ends. K_TASK_GROUPS (id -> group) and
+-- K_GROUP_RUNNING (group -> leases held) are read only when the agent has grouped tasks
+-- (the hot path: one EXISTS per call that needs to know).
+local GROUPS_USED
+local function groups_used()
+  if GROUPS_USED == nil then GROUPS_USED = redis.call('EXISTS', K_TASK_GROUPS) == 1 end
+  return GROUPS_USED
+end
+
+local function group_of(id)
+  if not groups_used() then return nil end
+  return redis.call('HGET', K_TASK_GROUPS, id)
+end
+
+-- Remember a task's group (enqueue, a join's then-task).
+local function group_set(id, group)
+  redis.call('HSET', K_TASK_GROUPS, id, group)
+  GROUPS_USED = true
+end
+
+-- A task's group as its JSON says (task.py writes it last in the head, before "payload").
+local GROUP_OF_JSON = '^{"id":"[^"]*","agent":"[^"]*"[^{]-"group":"([^"]*)","payload":'
+
+
+-- The agent's own keys named at run time (a group's, a run's): same hash tag, same slot.
+local AGENT_BASE = string.sub(K_QUEUE, 1, -7)  -- '<prefix>:{<agent>}' (K_QUEUE minus ':queue')
+local function run_key(kind, id) return AGENT_BASE .. ':' .. kind .. ':' .. id end
+
+-- Rank in the rotation: the head's priority first, then the turn it was last served.
+local PRIO_UNIT = 2 ^ 40
+local function rank_of(score, turn)
+  return (math.floor(tonumber(score) / PRIORITY_SHIFT) + 1000) * PRIO_UNIT + turn
+end
+
+-- A group with ready tasks takes a place in the rotation, at the back of its head's
+-- priority; one already there keeps its turn (its head's priority may have changed). A
+-- parked group stays parked.
+local function rotation_touch(group)
+  if redis.call('ZSCORE', K_PARKED, group) then return end
+  local head = redis.call('ZRANGE', run_key('gq', group), 0, 0, 'WITHSCORES')
+  if #head == 0 then
+    redis.call('ZREM', K_GROUPS, group)
+    return
+  end
+  local rank = redis.call('ZSCORE', K_GROUPS, group)
+  local turn
+  if rank then
+    turn = tonumber(rank) % PRIO_UNIT
+  else
+    turn = redis.call('HINCRBY', K_LIMITS, 'turn', 1)
+  end
+  redis.call('ZADD', K_GROUPS, rank_of(head[2], turn), group)
+end
+
+-- A task becomes ready: in its group's set (and the group in the rotation), or the queue.
+local function ready_add(id, score, group)
+  group = group or group_of(id)
+  if group then
+    if redis.call('ZADD', run_key('gq', group), score, id) == 1 then
+      redis.call('HINCRBY', K_LIMITS, 'grouped_ready', 1)  -- (queue_stats' count)
+    end
+    rotation_touch(group)
+  else
+    redis.call('ZADD', K_QUEUE, score, id)
+  end
+end
+
+-- A ready task leaves (cancelled): 1 if it was ready.
+local function ready_remove(id)
+  local group = group_of(id)
+  if group then
+    local removed = redis.call('ZREM', run_key('gq', group), id)
+    if removed == 1 then redis.call('HINCRBY', K_LIMITS, 'grouped_ready', -1) end
+    rotation_touch(group)
+    return removed
+  end
+  return redis.call('ZREM', K_QUEUE, id)
+end
+
+-- A lease ended (finished, failed, released, reaped, cancelled, buried): its group holds
+-- one less, and a group that was at its cap takes its place in the rotation again.
+local function lease_ended(id)
+  local group = group_of(id)
+  if not group then return end
+  if redis.call('HINCRBY', K_GROUP_RUNNING, group, -1) <= 0 then
+    redis.call('HDEL', K_GROUP_RUNNING, group)
+  end
+  rotation_touch(group)
+end
+
 -- Reports a dead-lettered task's end to its scope (defined with the runs helpers below).
 local notice_dead
 
 -- Dead-letter a task: kept with its payload and the reason, out of every other state.
 local function bury(id, now, reason_json)
   notice_dead(id, now, reason_json)
-  redis.call('ZREM', K_LEASES, id)
+  if redis.call('ZREM', K_LEASES, id) == 1 then lease_ended(id) end
   redis.call('HDEL', K_TOKENS, id)
   redis.call('ZADD', K_DEAD, now, id)
   redis.call('HSET', K_DEAD_REASONS, id, reason_json)
@@ -69,7 +166,7 @@ local function requeue(id, now)
     bury_corrupt(id, now, K_SCORES, why)
     return false
   end
-  redis.call('ZADD', K_QUEUE, score, id)
+  ready_add(id, score)
   return true
 end
 
@@ -81,6 +178,7 @@ local function forget(id)
   redis.call('HDEL', K_DELIVERIES, id)
   redis.call('HDEL', K_FAILURES, id)
   redis.call('HDEL', K_SCORES, id)
+  if group_of(id) then redis.call('HDEL', K_TASK_GROUPS, id) end
 end
 
 -- Move leases that expired before `now` back to the queue; bounded by `limit`. Returns
@@ -91,6 +189,7 @@ local function reap_expired(now, limit)
   local queued = 0
   for _, id in ipairs(expired) do
     redis.call('ZREM', K_LEASES, id)
+    lease_ended(id)
     redis.call('HDEL', K_TOKENS, id)
     if requeue(id, now) then queued = queued + 1 end
   end
@@ -175,6 +274,7 @@ local function forget_all(ids)
     bulk_call('HDEL', key, ids)
   end
   if redis.call('EXISTS', K_DEADLINES) == 1 then bulk_call('HDEL', K_DEADLINES, ids) end
+  if groups_used() then bulk_call('HDEL', K_TASK_GROUPS, ids) end
 end
 
 -- HGET of many fields, one call each: HMGET is not in every least-privilege ACL
@@ -195,12 +295,9 @@ end
 -- through a script and to decode as one JSON array). Notices are idempotent: a
 -- task closes once, a closed task is never reopened, so a notice that arrives twice, or
 -- a child's end that arrives before its parent's step, changes nothing it should not.
-local AGENT_BASE = string.sub(K_QUEUE, 1, -7)  -- '<prefix>:{<agent>}' (K_QUEUE minus ':queue')
 local AGENT = string.match(AGENT_BASE, '{(.*)}$')
 local SEP = '\31'
 local NOTICE_SEP = '\30'
-
-local function run_key(kind, id) return AGENT_BASE .. ':' .. kind .. ':' .. id end
 
 -- The first n SEP-separated fields of s, and the rest (which may hold anything) as n + 1.
 local function split_fields(s, n)
@@ -289,7 +386,9 @@ local function fire_then(id, sk, now)
   local score = string.format('%.0f', priority * PRIORITY_SHIFT + (now - EPOCH_MS))
   redis.call('HSET', K_TASKS, id, json)
   redis.call('HSET', K_SCORES, id, score)
-  redis.call('ZADD', K_QUEUE, score, id)
+  local group = string.match(json, GROUP_OF_JSON)
+  if group then group_set(id, group) end
+  ready_add(id, score, group)
   local expires = string.match(json,
     '^{"id":"[^"]*","agent":"[^"]*","run":"[^"]*","scope":"[^"]*","branch":%d+,"expires_at":(%d+)')
   if expires then redis.call('HSET', K_DEADLINES, id, expires) end  -- its run's deadline

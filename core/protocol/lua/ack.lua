@@ -71,6 +71,9 @@ for i = 1, n do
 end
 if #finished > 0 then
   bulk_call('ZREM', K_LEASES, finished)
+  if groups_used() then
+    for _, id in ipairs(finished) do lease_ended(id) end
+  end
   forget_all(finished)
 end
 bulk_write('ZADD', K_FINISHED, remembered)

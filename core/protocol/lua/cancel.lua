@@ -59,9 +59,10 @@ for i = 4, #ARGV do
     end
     redis.call('ZADD', K_CANCELLED, now + ttl, id)
     redis.call('ZREM', K_LEASES, id)
+    lease_ended(id)
   elseif redis.call('ZREM', K_DELAYED, id) == 1 then
     was = 'delayed'
-  elseif redis.call('ZREM', K_QUEUE, id) == 1 then
+  elseif ready_remove(id) == 1 then
     was = 'queued'
   else
     was = 'queued'  -- in no set (a moment's state no script leaves): it ends all the same

@@ -12,6 +12,7 @@
 --   spaced GUARD (ARGV[14]) wider than the rate; an agent paused (a handler raised
 --   RateLimited: K_LIMITS paused_until) admits nothing until then. When the rate or the
 --   pause holds tasks back, next_due says when to claim again.
+-- ARGV[16..18] the groups' limits (see pick_fairly below).
 -- ARGV[15] record TTL ms: a task popped after its deadline (K_DEADLINES) is not leased but
 --   ends expired, its record kept this long (see expire in _prelude.lua). A task of a
 --   cancelled run (K_CANCELLED) is not leased either: it ends cancelled.
@@ -91,12 +92,15 @@ end
 if n <= 0 then return out end
 
 -- The start-rate limit, and a pause.
+local function has_ready()
+  return redis.call('ZCARD', K_QUEUE) > 0 or redis.call('EXISTS', K_GROUPS) == 1
+end
 local function due_at(ms)
   if out[2] < 0 or ms < out[2] then out[2] = math.ceil(ms) end
 end
 local paused = tonumber(redis.call('HGET', K_LIMITS, 'paused_until') or '0') or 0
 if paused > now then
-  if redis.call('ZCARD', K_QUEUE) > 0 then due_at(paused) end
+  if has_ready() then due_at(paused) end
   return out
 end
 local rate_count, rate_window = tonumber(ARGV[11]) or 0, tonumber(ARGV[12]) or 0
@@ -120,13 +124,115 @@ if rate_count > 0 and rate_window > 0 then
   if now - tat >= slack then tat = now end
   local allowed = math.floor((now + burst * interval - tat) / interval) + 1
   if allowed <= 0 then
-    if redis.call('ZCARD', K_QUEUE) > 0 then due_at(tat - burst * interval) end
+    if has_ready() then due_at(tat - burst * interval) end
     return out
   end
   n = math.min(n, allowed)
 end
 
-local popped = redis.call('ZPOPMIN', K_QUEUE, n)
+-- Groups' limits: ARGV[16] group_rate count per ARGV[17] window ms, ARGV[18] the most
+-- running per group (0 = none); K_LIMITS group_rate ('count/window_ms' or 'none') and
+-- group_concurrency, set live, override them.
+local g_count, g_window = tonumber(ARGV[16]) or 0, tonumber(ARGV[17]) or 0
+local g_cap = tonumber(ARGV[18]) or 0
+local function group_limits()
+  local live = redis.call('HGET', K_LIMITS, 'group_rate')
+  if live == 'none' then
+    g_count = 0
+  elseif live then
+    local c, w = string.match(live, '^([%d.]+)/(%d+)$')
+    if c then g_count, g_window = tonumber(c), tonumber(w) end
+  end
+  g_cap = tonumber(redis.call('HGET', K_LIMITS, 'group_concurrency') or '') or g_cap
+end
+
+-- Whether group g may start one more now: nil = yes (its rate's clock moves on); a time
+-- (ms) = not before then (park it); false = at its concurrency cap (until a lease ends).
+local function group_blocked(g, taken, interval, slack)
+  local gl = run_key('glimit', g)
+  local paused = tonumber(redis.call('HGET', gl, 'paused_until') or '0') or 0
+  if paused > now then return paused end
+  if g_cap > 0 then
+    local running = tonumber(redis.call('HGET', K_GROUP_RUNNING, g) or '0') or 0
+    if running + (taken[g] or 0) >= g_cap then return false end
+  end
+  if interval > 0 then
+    local tat = tonumber(redis.call('HGET', gl, 'tat') or '0') or 0
+    if now - tat >= slack then tat = now end
+    if tat > now then return math.ceil(tat) end
+    redis.call('HSET', gl, 'tat', string.format('%.3f', tat + interval))
+    redis.call('PEXPIRE', gl, math.max(60000, math.ceil(2 * interval)))
+  end
+  return nil
+end
+
+-- Up to n ready tasks taken fairly: one at a time from the first of the rotation (the
+-- groups, and the ungrouped queue at its own turn), each then going to the back of its
+-- priority. Returns {id, score, ...} as ZPOPMIN would.
+local function pick_fairly(n)
+  group_limits()
+  local interval, slack = 0, 0
+  if g_count > 0 and g_window > 0 then
+    local guard = tonumber(ARGV[14]) or 0
+    interval = g_window / g_count * (1 + guard)
+    slack = math.min(interval / 2, g_window * guard / 4)
+  end
+  for _, g in ipairs(redis.call('ZRANGEBYSCORE', K_PARKED, '-inf', now, 'LIMIT', 0, bound)) do
+    redis.call('ZREM', K_PARKED, g)
+    rotation_touch(g)
+  end
+  local picked, taken = {}, {}
+  local turn = tonumber(redis.call('HGET', K_LIMITS, 'turn') or '0') or 0
+  local queue_turn = tonumber(redis.call('HGET', K_LIMITS, 'queue_turn') or '0') or 0
+  local looks = 0
+  while #picked < 2 * n and looks < 4 * n + 16 do
+    looks = looks + 1
+    local ghead = redis.call('ZRANGE', K_GROUPS, 0, 0, 'WITHSCORES')
+    local qhead = redis.call('ZRANGE', K_QUEUE, 0, 0, 'WITHSCORES')
+    if #ghead == 0 and #qhead == 0 then break end
+    turn = turn + 1
+    if #qhead > 0 and (#ghead == 0 or rank_of(qhead[2], queue_turn) <= tonumber(ghead[2])) then
+      redis.call('ZREM', K_QUEUE, qhead[1])
+      push2(picked, qhead[1], qhead[2])
+      queue_turn = turn
+    else
+      local g = ghead[1]
+      local gq = run_key('gq', g)
+      local wait = group_blocked(g, taken, interval, slack)
+      if wait == nil then
+        local head = redis.call('ZPOPMIN', gq, 1)
+        if #head > 0 then
+          push2(picked, head[1], head[2])
+          taken[g] = (taken[g] or 0) + 1
+          redis.call('HINCRBY', K_LIMITS, 'grouped_ready', -1)
+        end
+        local nxt = redis.call('ZRANGE', gq, 0, 0, 'WITHSCORES')
+        if #nxt == 0 then
+          redis.call('ZREM', K_GROUPS, g)
+        else
+          redis.call('ZADD', K_GROUPS, rank_of(nxt[2], turn), g)
+        end
+      else
+        redis.call('ZREM', K_GROUPS, g)
+        if wait then
+          redis.call('ZADD', K_PARKED, wait, g)
+          due_at(wait)
+        end
+      end
+    end
+  end
+  redis.call('HSET', K_LIMITS, 'turn', turn, 'queue_turn', queue_turn)
+  local first_parked = redis.call('ZRANGE', K_PARKED, 0, 0, 'WITHSCORES')
+  if #first_parked > 0 then due_at(tonumber(first_parked[2])) end  -- claim again then
+  return picked
+end
+
+local popped
+if redis.call('EXISTS', K_GROUPS) == 1 or redis.call('EXISTS', K_PARKED) == 1 then
+  popped = pick_fairly(n)
+else
+  popped = redis.call('ZPOPMIN', K_QUEUE, n)
+end
 if #popped == 0 then return out end
 local ids = {}
 for i = 1, #popped, 2 do ids[#ids + 1] = popped[i] end
@@ -173,8 +279,8 @@ for i, id in ipairs(ids) do
       bury_corrupt(id, now, K_FAILURES, bad_failures)
     end
   elseif payloads[i] and (took_suspect or (suspect and (not solo or c > 0))) then
-    -- Not for this caller: back to its place in the queue.
-    redis.call('ZADD', K_QUEUE, popped[2 * i], id)
+    -- Not for this caller: back to its place in the queue (or its group's).
+    ready_add(id, popped[2 * i])
     if suspect then out[3] = 1 end
   elseif not payloads[i] then
     -- A queue entry with no payload: nothing to run, nothing to lose. Count it and move on.
@@ -194,13 +300,15 @@ for i, id in ipairs(ids) do
       tokens[c - 1], tokens[c] = id, token
       leased[c / 2] = id
       emit(id, payloads[i], failed, deliveries)
+      local group = group_of(id)
+      if group then redis.call('HINCRBY', K_GROUP_RUNNING, group, 1) end
     end
   end
 end
 if interval > 0 and c > 0 then  -- each start admitted takes one interval of the limit
   tat = tat + (c / 2) * interval
   redis.call('HSET', K_LIMITS, 'tat', string.format('%.3f', tat))
-  if redis.call('ZCARD', K_QUEUE) > 0 then due_at(tat - burst * interval) end
+  if has_ready() then due_at(tat - burst * interval) end
 end
 bulk_write('HSET', K_DELIVERIES, counts)
 bulk_write('ZADD', K_LEASES, leases)

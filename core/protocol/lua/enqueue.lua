@@ -5,10 +5,11 @@
 -- ARGV[3]      n, the number of tasks
 -- ARGV[4]      m, the number of tasks with a delay or a deterministic id
 -- then n groups of 3: id, score, task_json
--- then m groups of 5: position (1..n), delay_ms (0 = ready now), deterministic (1 = its id
+-- then m groups of 6: position (1..n), delay_ms (0 = ready now), deterministic (1 = its id
 --   comes from a key or a parent: refused while in the finished set's dedupe window),
 --   expires_at (ms; 0 = none: a task not started by then ends expired, see claim.lua),
---   parent id ('' = none)
+--   parent id ('' = none), group ('' = none: a grouped task waits in its group's ready
+--   set, taken in rotation with the others; see groups in _prelude.lua)
 -- A task of a cancelled run, or handed off by a cancelled task (marked in K_CANCELLED,
 -- see cancel.lua), is not stored: it ends cancelled at once (it counts as added).
 -- Returns: a list of n integers, 1 = added, 0 = duplicate (already queued/leased/delayed/dead,
@@ -27,15 +28,17 @@ for i = 0, n - 1 do
       ' bytes, over the limit of ' .. max_bytes .. ' bytes')
   end
 end
-local delay, deterministic, expires, parents = {}, {}, {}, {}
+local delay, deterministic, expires, parents, groups = {}, {}, {}, {}, {}
 for j = 0, m - 1 do
-  local o = base + n * 3 + j * 5
+  local o = base + n * 3 + j * 6
   local position = tonumber(ARGV[o + 1])
   delay[position] = tonumber(ARGV[o + 2])
   deterministic[position] = ARGV[o + 3] == '1'
   expires[position] = ARGV[o + 4]
   parents[position] = ARGV[o + 5]
+  if ARGV[o + 6] ~= '' then groups[position] = ARGV[o + 6] end
 end
+local grouped_ready = 0
 
 local added, seen = {}, {}
 local tasks, scores, ready, later, deadlines = {}, {}, {}, {}, {}
@@ -65,7 +68,16 @@ for i = 1, n do
     push2(tasks, id, ARGV[o + 3])
     push2(scores, id, score)
     local d = delay[i]
-    if d and d > 0 then push2(later, now + d, id) else push2(ready, score, id) end
+    local group = groups[i]
+    if group then group_set(id, group) end
+    if d and d > 0 then
+      push2(later, now + d, id)
+    elseif group then
+      ready_add(id, score, group)
+      grouped_ready = grouped_ready + 1
+    else
+      push2(ready, score, id)
+    end
     if expires[i] and expires[i] ~= '0' then push2(deadlines, id, expires[i]) end
   end
 end
@@ -75,7 +87,7 @@ bulk_write('ZADD', K_QUEUE, ready)
 bulk_write('ZADD', K_DELAYED, later)
 bulk_write('HSET', K_DEADLINES, deadlines)
 count('enqueued', added_count)
-wake(#ready / 2)
+wake(#ready / 2 + grouped_ready)
 if #OUTBOXED > 0 then
   added[#added + 1] = '|'
   for _, item in ipairs(OUTBOXED) do added[#added + 1] = item end

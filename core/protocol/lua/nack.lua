@@ -28,6 +28,7 @@ for i = 0, n - 1 do
       dead[#dead + 1] = id
     else
       redis.call('ZREM', K_LEASES, id)
+      lease_ended(id)
       redis.call('HDEL', K_TOKENS, id)
       redis.call('HSET', K_FAILURES, id, so_far + 1)
       redis.call('ZADD', K_DELAYED, now + delay_ms, id)

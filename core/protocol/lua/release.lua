@@ -1,17 +1,18 @@
 -- release: give leased tasks back unstarted (graceful shutdown), or rate limited by the API
 -- their handler called (RateLimited), token-checked, atomically.
 -- KEYS[1..FIXED_KEYS]  the agent's fixed keys (see _prelude.lua)
--- ARGV[1] pause ms (0 = none): the agent type starts nothing anywhere for this long
+-- ARGV[1] pause ms (0 = none): the agent type starts nothing anywhere for this long; for a
+--   task with a group, only its group (it is parked until then)
 -- ARGV[2] n, then n groups of 2: id, token
 -- The delivery is not counted (nor is a failure) and the task returns to its place.
 -- Returns: the number released.
 local pause_ms = tonumber(ARGV[1]) or 0
 local n = tonumber(ARGV[2])
 local now = now_ms('')
-if pause_ms > 0 then
-  local until_ms = now + pause_ms
-  if until_ms > (tonumber(redis.call('HGET', K_LIMITS, 'paused_until') or '0') or 0) then
-    redis.call('HSET', K_LIMITS, 'paused_until', until_ms)
+local until_ms = now + pause_ms
+local function pause(key)
+  if until_ms > (tonumber(redis.call('HGET', key, 'paused_until') or '0') or 0) then
+    redis.call('HSET', key, 'paused_until', until_ms)
   end
 end
 local released = 0
@@ -20,6 +21,17 @@ for i = 0, n - 1 do
   if redis.call('HGET', K_TOKENS, id) == token then
     local delivered, why = count_in('deliveries', redis.call('HGET', K_DELIVERIES, id), id)
     redis.call('ZREM', K_LEASES, id)
+    local group = group_of(id)
+    if pause_ms > 0 and group then  -- the group waits; the others go on
+      local gl = run_key('glimit', group)
+      pause(gl)
+      redis.call('PEXPIRE', gl, math.max(60000, pause_ms * 2))
+      redis.call('ZREM', K_GROUPS, group)
+      redis.call('ZADD', K_PARKED, 'GT', until_ms, group)
+    elseif pause_ms > 0 then
+      pause(K_LIMITS)
+    end
+    lease_ended(id)
     redis.call('HDEL', K_TOKENS, id)
     if not delivered then
       bury_corrupt(id, now, K_DELIVERIES, why)

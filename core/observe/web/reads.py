@@ -1,0 +1,129 @@
+"""What a page reads beyond the monitor's snapshot: an agent's queue head, delayed tasks
+and dead letters; a task; a run's tree.
+
+Runs in: the dashboard, in a worker thread of the web server (redis-py blocks). Each read
+is bounded (LIST_LIMIT entries) and pipelined: an agent's page is two round trips, a task
+two, a tree one per level. The hub calls these once per tick per watched page, never once
+per viewer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import orjson
+
+from handoff.config import Settings
+from handoff.protocol.cancel import CancelReport
+from handoff.protocol.inspect import enqueued_ms_from_score
+from handoff.protocol.queue import TaskQueue
+from handoff.protocol.runs import run_of
+from handoff.protocol.task import PRIORITY_SHIFT
+
+LIST_LIMIT = 50  # entries per list on an agent's page (the head, delayed, dead)
+
+
+class Operations(Protocol):
+    """What the dashboard asks of a handoff Client. The monitor command hands one over:
+    observation sits below the client layer, so it is given a client, never imports one."""
+
+    settings: Settings
+
+    @property
+    def queue(self) -> TaskQueue: ...
+
+    def task(self, task_id: str) -> dict[str, Any]: ...
+
+    def tree(self, run_id: str) -> dict[str, Any]: ...
+
+    def cancel(self, task_id: str, *, run: bool = False) -> CancelReport: ...
+
+    def dead_requeue(self, agent: str, ids: Sequence[str] = (), limit: int = 1000) -> list[str]: ...
+
+    def dead_purge(self, agent: str, ids: Sequence[str] = (), limit: int = 1000) -> int: ...
+
+
+def _loads(raw: bytes | None) -> tuple[Any, bool]:
+    """(value, corrupt): a stored JSON value, or its text when it does not parse."""
+    if raw is None:
+        return None, False
+    try:
+        return orjson.loads(raw), False
+    except orjson.JSONDecodeError:
+        return raw.decode(errors="replace"), True
+
+
+def agent_lists(queue: TaskQueue, agent: str, limit: int = LIST_LIMIT) -> dict[str, list[dict]]:
+    """The queue's head (next to run first), the delayed tasks (soonest first) and the
+    dead letters (newest first), each with its payload; dead ones with reason and
+    traceback. Two round trips, whatever the queue's length."""
+    keys = queue.keys.agent(agent)
+
+    def ranges(client) -> list:
+        pipe = client.pipeline(transaction=False)
+        pipe.zrange(keys.queue, 0, limit - 1, withscores=True)
+        pipe.zrange(keys.delayed, 0, limit - 1, withscores=True)
+        pipe.zrevrange(keys.dead, 0, limit - 1, withscores=True)
+        return pipe.execute()
+
+    head, delayed, dead = queue.manager.execute(ranges)
+    ids = [member for member, _ in (*head, *delayed, *dead)]
+    dead_ids = [member for member, _ in dead]
+
+    def details(client) -> list:
+        pipe = client.pipeline(transaction=False)
+        pipe.hmget(keys.tasks, ids)
+        if dead_ids:
+            pipe.hmget(keys.dead_reasons, dead_ids)
+        return pipe.execute()
+
+    stored, *why = queue.manager.execute(details) if ids else ([],)
+    records = dict(zip(ids, stored, strict=True))
+    reasons = dict(zip(dead_ids, why[0] if why else [], strict=True))
+    return {
+        "head": [
+            _entry(m, records[m], enqueued_at=enqueued_ms_from_score(s),
+                   priority=int(s) // PRIORITY_SHIFT)
+            for m, s in head
+        ],
+        "delayed": [_entry(m, records[m], due_at=int(s)) for m, s in delayed],
+        "dead": [_dead_entry(m, records[m], reasons[m], int(s)) for m, s in dead],
+    }  # fmt: skip
+
+
+def _entry(member: bytes, record: bytes | None, **fields: Any) -> dict[str, Any]:
+    task, corrupt = _loads(record)
+    entry: dict[str, Any] = {"id": member.decode(errors="replace"), **fields}
+    if isinstance(task, dict):
+        entry["payload"] = task.get("payload")
+        entry["run"] = task.get("run")
+    else:  # gone meanwhile (None), or not a task record
+        entry["payload"] = task
+    entry["corrupt"] = corrupt
+    return entry
+
+
+def _dead_entry(member: bytes, record: bytes | None, reason: bytes | None, at_ms: int) -> dict:
+    entry = _entry(member, record, dead_at=at_ms)
+    why, _ = _loads(reason)
+    if not isinstance(why, dict):
+        why = {"reason": why or ""}
+    entry["reason"] = str(why.get("reason", ""))
+    entry["traceback"] = str(why.get("traceback") or "")
+    entry["attempt"] = why.get("attempt")
+    return entry
+
+
+def task_view(ops: Operations, task_id: str) -> dict[str, Any]:
+    """Everything known about one task (Client.task), and the run it belongs to."""
+    info = ops.task(task_id)
+    task = info.get("task")
+    run = task.get("run") if isinstance(task, dict) else None
+    info["run"] = run if isinstance(run, str) else None
+    return info
+
+
+def root_of(ops: Operations, task_id: str) -> str:
+    """The root of the run task_id belongs to (its own id for a root or an unknown id)."""
+    return run_of(ops.queue, task_id)

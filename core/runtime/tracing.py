@@ -1,0 +1,163 @@
+"""OpenTelemetry traces across handoffs: each task a span, a run one trace.
+
+Runs in: producers (the current span becomes the parent of the run it enqueues) and
+workers (a span around each handler, current while it runs, so the handler's own spans
+nest under it). Only with the `otel` extra installed and tracing configured: a tracer
+provider set by the application, or the standard OTEL_* environment (OTEL_TRACES_EXPORTER,
+OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT), from which handoff sets up the SDK itself. Without
+the extra nothing is imported (one find_spec per process); installed but not configured,
+a handoff process makes no span.
+
+The context travels in the task as a W3C traceparent (task.traceparent, "tp" in its JSON):
+a child, a fan-out's tasks, a join's branches and its then-task carry the span of the task
+that created them, so the run tree and the trace have the same shape. A span lasts the
+handler's run (the tree's ran_ms); the time queued is its attribute
+handoff.queue_wait_ms and the event "enqueued" at the enqueue time.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+_installed: bool | None = None
+_configured_from_env = False
+_provider: Any = None  # set_provider(): this one instead of the global tracer provider
+_ENV_SWITCHES = (
+    "OTEL_TRACES_EXPORTER",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+)
+
+
+def active() -> bool:
+    """Whether spans are made in this process (cheap after the first call)."""
+    global _installed
+    if _installed is None:
+        try:
+            _installed = importlib.util.find_spec("opentelemetry") is not None
+        except (ImportError, ValueError):
+            _installed = False
+    if _provider is not None:
+        return True
+    if not _installed or os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
+        return False
+    from opentelemetry import trace
+
+    if not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+        return True  # the application set one up
+    return _configure_from_env()
+
+
+def _configure_from_env() -> bool:
+    """The standard environment names an exporter: set the SDK up with it, once."""
+    global _configured_from_env
+    if _configured_from_env:
+        return True
+    exporter_name = os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower()
+    if exporter_name == "none" or not any(os.environ.get(name) for name in _ENV_SWITCHES):
+        return False
+    from opentelemetry import trace
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+
+    if exporter_name == "console":
+        exporter: Any = ConsoleSpanExporter()
+    else:  # otlp, the default
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        exporter = OTLPSpanExporter()
+    service = os.environ.get("OTEL_SERVICE_NAME", "handoff")
+    provider = TracerProvider(resource=Resource.create({"service.name": service}))
+    provider.add_span_processor(BatchSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    _configured_from_env = True
+    return True
+
+
+def set_provider(provider: Any) -> None:
+    """Make spans with this tracer provider rather than the global one (None: back to
+    the global): for a process that keeps its own, and for tests, which cannot unset a
+    global provider once set."""
+    global _provider
+    _provider = provider
+
+
+def current_traceparent() -> str | None:
+    """The producer's current span as a traceparent (the parent of the run it starts),
+    or None when there is none or tracing is off."""
+    if not active():
+        return None
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    carrier: dict[str, str] = {}
+    TraceContextTextMapPropagator().inject(carrier)
+    return carrier.get("traceparent")
+
+
+class SpanHandle:
+    """The running task's span: its traceparent goes to the tasks it creates."""
+
+    __slots__ = ("traceparent",)
+
+    def __init__(self) -> None:
+        self.traceparent: str | None = None
+
+
+@contextmanager
+def task_span(task) -> Iterator[SpanHandle]:
+    """A span around one run of a task's handler, current while it runs; an exception
+    passing through marks it failed (and goes on)."""
+    from opentelemetry import trace
+    from opentelemetry.trace import Status, StatusCode
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    propagator = TraceContextTextMapPropagator()
+    parent = propagator.extract({"traceparent": task.traceparent}) if task.traceparent else None
+    tracer = trace.get_tracer("handoff", tracer_provider=_provider)
+    started_ns = time.time_ns()
+    wait_ms = max(0, started_ns // 1_000_000 - task.enqueued_at) if task.enqueued_at else 0
+    attributes = {
+        "handoff.task_id": task.id,
+        "handoff.agent": task.agent,
+        "handoff.run_id": task.run_id,
+        "handoff.attempt": task.attempt,
+        "handoff.queue_wait_ms": wait_ms,
+    }
+    if task.parent_id:
+        attributes["handoff.parent_id"] = task.parent_id
+    span = tracer.start_span(
+        f"handoff {task.agent}", context=parent, kind=trace.SpanKind.CONSUMER,
+        attributes=attributes, start_time=started_ns,
+    )  # fmt: skip
+    if task.enqueued_at:
+        span.add_event("enqueued", timestamp=task.enqueued_at * 1_000_000)
+    handle = SpanHandle()
+    carrier: dict[str, str] = {}
+    propagator.inject(carrier, context=trace.set_span_in_context(span))
+    handle.traceparent = carrier.get("traceparent")
+    try:
+        with trace.use_span(span, end_on_exit=False, record_exception=False):
+            yield handle
+    except BaseException as e:
+        span.record_exception(e)
+        span.set_status(Status(StatusCode.ERROR, f"{type(e).__name__}: {e}"[:200]))
+        raise
+    finally:
+        span.end()
+
+
+def flush() -> None:
+    """Export what is buffered (a worker about to exit: its process ends with os._exit)."""
+    if _installed and active():
+        from opentelemetry import trace
+
+        provider = _provider or trace.get_tracer_provider()
+        force_flush = getattr(provider, "force_flush", None)
+        if force_flush is not None:
+            force_flush(2000)

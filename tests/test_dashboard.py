@@ -1,0 +1,510 @@
+"""The monitor's dashboard: a real monitor (`handoff monitor --web`), real demo workers, a
+real server, and headless Chromium (the system's `chromium`) driving the pages.
+
+One stack per module (a server of its own: the per-test fixtures flush theirs): a
+supervisor running the demo team and a monitor serving the dashboard with a token.
+Screenshots go to the test's folder, or to $DASHBOARD_SCREENSHOTS (docs/img for the
+README's pictures).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http.client
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+import pytest
+
+pytest.importorskip("starlette", reason="the web extra is not installed: pip install -e '.[web]'")
+
+from handoff.client import Client
+from handoff.config import RedisPoolConfig, Settings
+from handoff.connection.embedded_server import spawn_server
+from handoff.protocol.keys import Keys
+from harness.chromium import MISSING, Browser, find_chromium
+from harness.procs import (
+    HandoffProcess,
+    command_calls,
+    free_tcp_port,
+    handoff_env,
+    plain_client,
+    wait_until,
+)
+
+TOKEN = "dashboard-test-token"
+TICK_S = 0.25
+COUNTED = ("queued", "running", "delayed", "dead", "done", "failed", "handed_off")
+
+
+@dataclass
+class Stack:
+    url: str  # the server's
+    base: str  # the dashboard's, http://127.0.0.1:PORT
+    port: int
+    client: Client
+    raw: object
+    folder: Path
+    env: dict
+
+
+def _dashboard_up(port: int) -> bool:
+    try:
+        return _request(port, "GET", "/")[0] == 200
+    except OSError:
+        return False
+
+
+def _start_monitor(env: dict, port: int, log: Path, *extra: str) -> HandoffProcess:
+    args = ["monitor", "--web", f"127.0.0.1:{port}", "--interval-s", str(TICK_S), *extra]
+    proc = HandoffProcess(args, env, log)
+    wait_until(lambda: _dashboard_up(port), 30, f"the dashboard on port {port} ({log})")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory) -> Iterator[Stack]:
+    folder = tmp_path_factory.mktemp("dashboard")
+    server = spawn_server(port=free_tcp_port(), data_dir=str(folder))
+    env = handoff_env(server.url, app="workers.demo")
+    started: list[HandoffProcess] = []
+    client = Client(settings=Settings(redis=RedisPoolConfig(url=server.url)))
+    raw = plain_client(server.url)
+    try:
+        started.append(
+            HandoffProcess(
+                ["supervise", "--agents", "planner=1,coder=1,reviewer=1,integrator=1"],
+                env,
+                folder / "supervisor.log",
+            )
+        )
+        port = free_tcp_port()
+        web_env = {**env, "HANDOFF_MONITOR_WEB_TOKEN": TOKEN}
+        started.append(_start_monitor(web_env, port, folder / "monitor.log"))
+        yield Stack(server.url, f"http://127.0.0.1:{port}", port, client, raw, folder, env)
+    finally:
+        for proc in started:
+            proc.stop()
+        client.close()
+        raw.close()
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory) -> Iterator[Browser]:
+    binary = find_chromium()
+    if binary is None:
+        pytest.skip(MISSING)
+    with Browser(binary, tmp_path_factory.mktemp("chromium-profile")) as b:
+        yield b
+
+
+def screenshot_path(tmp_path: Path, name: str) -> Path:
+    folder = os.environ.get("DASHBOARD_SCREENSHOTS")
+    return (Path(folder) if folder else tmp_path) / name
+
+
+def _request(port: int, method: str, path: str, body: str = "", **headers: str):
+    """(status, body text, headers) of one request, no redirect followed."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        if body:
+            headers.setdefault("Content-Type", "application/x-www-form-urlencoded")
+        conn.request(method, path, body=body.encode() or None, headers=headers)
+        response = conn.getresponse()
+        return (
+            response.status,
+            response.read().decode(errors="replace"),
+            dict(response.getheaders()),
+        )
+    finally:
+        conn.close()
+
+
+def _run_features(client: Client, count: int, steps: int = 2) -> list[str]:
+    roots = [client.enqueue("planner", {"feature": f"f{i}", "steps": steps}) for i in range(count)]
+    for root in roots:
+        client.result(root, wait_s=60, follow=True)
+    return roots
+
+
+def _json_snapshot(stack: Stack) -> dict:
+    proc = HandoffProcess(["monitor", "--once", "--json"], stack.env, stack.folder / "once.json")
+    try:
+        assert proc.wait(30) == 0, proc.output()
+    finally:
+        proc.stop()
+    return orjson.loads(proc.output())
+
+
+PAGE_COUNTS = """
+Object.fromEntries([...document.querySelectorAll('#agents tr[data-agent]')].map(row => [
+  row.dataset.agent,
+  Object.fromEntries([...row.querySelectorAll('td[data-field]')].map(
+    cell => [cell.dataset.field, cell.textContent.trim()]))
+]))
+"""
+
+
+def _dead_letter(stack: Stack, marker: str) -> str:
+    """A dead letter of the demo's coder, by a real worker: a payload its type refuses
+    (no `step`), carrying markup that must show as text."""
+    payload = {
+        "feature": f"<script>window.__xss = '{marker}'</script>",
+        "note": f"<img src=x onerror=\"window.__xss = '{marker}'\">",
+    }
+    task_id = stack.client.enqueue("coder", payload)
+    wait_until(lambda: stack.client.status(task_id) == "dead", 30, f"{task_id} to die")
+    return task_id
+
+
+# -- the pages -----------------------------------------------------------------------------
+
+
+def _feed_for_pictures(client: Client, seconds: float = 60.0) -> None:
+    """When making the README's pictures, let the demo run a while: a chart with a
+    minute of history. (Not in a normal run: the tests stay quick.)"""
+    if not os.environ.get("DASHBOARD_SCREENSHOTS"):
+        return
+    roots, deadline = [], time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        roots.append(client.enqueue("planner", {"feature": "demo", "steps": 1 + len(roots) % 3}))
+        time.sleep(0.25)
+    for root in roots:
+        client.result(root, wait_s=60, follow=True)
+
+
+def test_overview_shows_the_demo_agents_with_the_json_snapshots_counts(stack, browser, tmp_path):
+    _feed_for_pictures(stack.client)
+    _run_features(stack.client, 3)
+    browser.goto(stack.base + "/")
+    browser.wait_for("document.body.dataset.updates", 10, "the first live update")
+
+    def matches() -> bool:
+        page = browser.evaluate(PAGE_COUNTS)
+        truth = _json_snapshot(stack)["agents"]
+        wanted = {a: {f: str(v[f]) for f in COUNTED} for a, v in truth.items()}
+        shown = {a: {f: cells[f] for f in COUNTED} for a, cells in page.items()}
+        return shown == wanted
+
+    wait_until(matches, 15, "the overview's counts to match `monitor --once --json`", step_s=0)
+    agents = browser.evaluate(PAGE_COUNTS)
+    assert {"planner", "coder", "reviewer", "integrator"} <= set(agents)
+    assert int(agents["planner"]["done"]) >= 3 and int(agents["integrator"]["done"]) >= 3
+    assert browser.evaluate("document.querySelector('#summary [data-field=healthy]').dataset.value")
+    browser.wait_for(
+        "document.querySelectorAll('#chart polyline').length >= 4", 10, "the chart's lines"
+    )
+    browser.screenshot(screenshot_path(tmp_path, "dashboard-overview.png"))
+
+
+def test_a_new_dead_letter_appears_without_reload_and_markup_stays_text(stack, browser):
+    stack.client.enqueue("coder", {"feature": "warm-up", "step": 0})  # the agent exists
+    browser.goto(stack.base + "/agents/coder")
+    browser.wait_for("document.body.dataset.updates", 10, "the first live update")
+    browser.evaluate("window.__sameDocument = true")
+
+    task_id = _dead_letter(stack, "dead-letter")
+    row = f"document.querySelector('[data-dead=\"{task_id}\"]')"
+    browser.wait_for(f"!!{row}", 10, "the new dead letter on the open page")
+    assert browser.evaluate("window.__sameDocument") is True  # no reload happened
+    payload = browser.evaluate(f"{row}.querySelector('code.payload').textContent")
+    assert "<script>window.__xss = 'dead-letter'</script>" in payload
+    assert "<img src=x" in payload
+    assert "payload does not match CodeStep" in browser.evaluate(f"{row}.textContent")
+    assert browser.evaluate("document.querySelectorAll('main script, main img').length") == 0
+    assert browser.evaluate("window.__xss") is None
+
+    browser.goto(f"{stack.base}/tasks/{task_id}")
+    text = browser.evaluate("document.querySelector('pre.payload').textContent")
+    assert "<script>window.__xss" in text
+    assert browser.evaluate("document.querySelectorAll('main script, main img').length") == 0
+    assert browser.evaluate("window.__xss") is None
+
+
+def test_requeue_works_with_the_token_and_without_it_is_refused(stack, browser):
+    task_id = _dead_letter(stack, "requeue")
+    dead_key = Keys().agent("coder").dead
+    died_at = stack.raw.zscore(dead_key, task_id)
+    browser.goto(stack.base + "/agents/coder")
+    browser.wait_for(f"!!document.querySelector('[data-dead=\"{task_id}\"]')", 10, "the row")
+
+    # From the page itself (same origin), without the token: 403, and nothing moves.
+    refused = browser.evaluate(
+        f"""fetch('/agents/coder/dead/requeue', {{method: 'POST',
+              headers: {{'Content-Type': 'application/x-www-form-urlencoded'}},
+              body: 'id={task_id}'}}).then(async r => [r.status, await r.text()])"""
+    )
+    assert refused == [403, "403: this action needs the dashboard's token: unlock first\n"]
+    status, text, _ = _request(
+        stack.port, "POST", "/agents/coder/dead/requeue", f"id={task_id}",
+        **{"X-Handoff-Token": "not-the-token"},
+    )  # fmt: skip
+    assert (status, text) == (403, "403: wrong token\n")
+    time.sleep(3 * TICK_S)
+    assert stack.raw.zscore(dead_key, task_id) == died_at
+    assert stack.client.status(task_id) == "dead"
+
+    # Unlock with the token in the page's form, then press the row's Requeue.
+    browser.evaluate(
+        f"""(() => {{ const form = document.querySelector('form[action="/unlock"]');
+            form.querySelector('input[name=token]').value = '{TOKEN}'; form.submit(); }})()"""
+    )
+    browser.wait_for(
+        "!!document.querySelector('.notice') && document.readyState === 'complete'", 10, "unlocked"
+    )
+    assert "unlocked" in browser.evaluate("document.querySelector('.notice').textContent")
+    browser.evaluate(
+        f"""document.querySelector('[data-dead="{task_id}"] form[action$="/requeue"]')
+            .querySelector('button').click()"""
+    )
+    browser.wait_for(
+        "(document.querySelector('.notice') || {}).textContent === "
+        "'requeued 1 dead letter(s) of coder'",
+        10,
+        "the requeue's notice",
+    )
+    # It ran again (and its payload is still refused: dead again, later).
+    wait_until(lambda: (stack.raw.zscore(dead_key, task_id) or 0) > died_at, 15, "the requeued run")
+    browser.evaluate("document.querySelector('form[action=\"/lock\"] button').click()")
+    browser.wait_for("!!document.querySelector('form[action=\"/unlock\"]')", 10, "locked again")
+
+
+def test_the_run_view_draws_planner_coders_reviewers_integrator(stack, browser, tmp_path):
+    root = stack.client.enqueue("planner", {"feature": "run view", "steps": 3})
+    browser.goto(f"{stack.base}/runs/{root}")
+    browser.evaluate("window.__sameDocument = true")
+    browser.wait_for(
+        "(document.querySelector('[data-field=run-state]') || {}).textContent === 'ended'",
+        30,
+        "the run to end on the open page",
+    )
+    assert browser.evaluate("window.__sameDocument") is True
+    nodes = browser.evaluate(
+        "[...document.querySelectorAll('.tree .node')]"
+        ".map(n => [n.dataset.agent, n.dataset.status])"
+    )
+    agents = [agent for agent, _ in nodes]
+    assert agents[0] == "planner" and agents[-1] == "integrator"
+    assert agents.count("coder") >= 3 and agents.count("reviewer") >= 3
+    assert all(status == "done" for _, status in nodes)
+    assert browser.evaluate("document.querySelectorAll('.tree .fan > .branch').length") == 3
+    chain = browser.evaluate("document.querySelector('[data-field=chain]').textContent")
+    assert " ".join(chain.split()) == "planner → coder → reviewer → integrator"
+    browser.screenshot(screenshot_path(tmp_path, "dashboard-run.png"))
+
+
+def test_cancel_and_scale_with_the_token(stack):
+    token = {"X-Handoff-Token": TOKEN}
+    later = stack.client.enqueue("coder", {"feature": "later", "step": 0}, delay_s=600)
+    path = f"/tasks/{later}/cancel"
+    status, _, headers = _request(stack.port, "POST", path, "scope=task", **token)
+    assert status == 303 and headers["location"].startswith(f"/tasks/{later}?notice=")
+    assert stack.client.status(later) == "cancelled"
+
+    def integrators() -> int:
+        return _json_snapshot(stack)["agents"]["integrator"]["workers"]
+
+    wait_until(lambda: integrators() == 1, 30, "the supervisor's integrator")
+    for count in (2, 1):
+        status, _, _ = _request(stack.port, "POST", "/scale", f"agent=integrator&count={count}",
+                                **token)  # fmt: skip
+        assert status == 303
+        wait_until(lambda c=count: integrators() == c, 30, f"{count} integrator worker(s)")
+
+
+# -- bad requests ----------------------------------------------------------------------------
+
+
+def test_bad_requests_get_a_status_and_one_line_and_the_server_keeps_serving(stack):
+    cases = [
+        ("GET", "/tasks/coder.nosuchtask", "", {}, 404,
+         "task coder.nosuchtask is unknown (never enqueued, or its record expired)"),
+        ("GET", "/search?q=not%20an%20id", "", {}, 400, "invalid task id 'not an id'"),
+        ("GET", "/search?q=" + "a" * 300, "", {}, 400, "query over 200 characters"),
+        ("GET", "/search?q=" + "a" * 3000, "", {}, 414, "URL over 2048 bytes"),
+        ("GET", "/runs/..", "", {}, 400, "invalid task id"),
+        ("GET", "/agents/NOT%20AN%20AGENT", "", {}, 400, "invalid agent name"),
+        ("GET", "/agents/nobody", "", {}, 404, "agent 'nobody' is unknown"),
+        ("POST", "/agents/coder/dead/purge", "all=1", {"X-Handoff-Token": "wrong-token"}, 403,
+         "wrong token"),
+        ("POST", "/scale", "agent=coder&count=3", {"Origin": "http://evil.example"}, 403,
+         "cross-origin request refused"),
+        ("GET", "/agents/coder/dead/purge?all=1", "", {}, 405, "GET is not allowed here"),
+        ("DELETE", "/tasks/coder.x1", "", {}, 405, "DELETE is not allowed here"),
+        ("POST", "/scale", "x" * 20_000, {"X-Handoff-Token": TOKEN}, 413, "request body over"),
+        ("POST", "/scale", "agent=coder&count=many", {"X-Handoff-Token": TOKEN}, 400,
+         "count must be a whole number"),
+        ("GET", "/", "", {"Host": "attacker.example:80"}, 400, "unexpected Host header"),
+        ("GET", "/events/nothing-here", "", {}, 400, "unknown page 'nothing-here'"),
+    ]  # fmt: skip
+    for method, path, body, headers, status, message in cases:
+        got, text, _ = _request(stack.port, method, path, body, **headers)
+        assert got == status, (method, path[:60], got, text)
+        assert text.startswith(f"{status}: ") and message in text, (path[:60], text)
+        assert text.count("\n") == 1, text  # one line
+    status, text, headers = _request(stack.port, "GET", "/", Accept="text/html")
+    assert status == 200 and "<main>" in text
+    assert "script-src 'self'" in headers["content-security-policy"]
+    assert (
+        "unexpected Host" in _request(stack.port, "GET", "/", Host="evil:1", Accept="text/html")[1]
+    )
+
+
+# -- cost ----------------------------------------------------------------------------------
+
+
+class SseReader(threading.Thread):
+    """One live page: an open event stream, read until stop()."""
+
+    def __init__(self, port: int, topic: str) -> None:
+        super().__init__(daemon=True)
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        self.conn.request("GET", f"/events/{topic}")
+        self.sock = self.conn.sock
+        self.response = self.conn.getresponse()
+        assert self.response.status == 200
+        self.events = 0
+        self.start()
+
+    def run(self) -> None:
+        try:
+            for line in self.response:
+                if line.startswith(b"event: regions"):
+                    self.events += 1
+        except (OSError, ValueError, AttributeError):
+            pass  # closed by stop()
+
+    def stop(self) -> None:
+        """Shut the socket first: a read blocked in the thread returns at once."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.join(5)
+        self.conn.close()
+
+
+def _commands_per_s(raw, window_s: float) -> tuple[float, dict[str, int]]:
+    before = command_calls(raw)
+    time.sleep(window_s)
+    after = command_calls(raw)
+    sent = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+    sent["info"] = sent.get("info", 1) - 1  # the measurement's own INFO
+    return sum(sent.values()) / window_s, sent
+
+
+def test_twenty_open_dashboards_cost_redis_no_more_than_one(private_server, tmp_path):
+    """Each dashboard watches the overview and an agent's page (the page that reads Redis
+    beyond the monitor's snapshot: queue head, delayed, dead letters). Read-only here."""
+    client = Client(settings=Settings(redis=RedisPoolConfig(url=private_server.url)))
+    raw = plain_client(private_server.url)
+    readers: list[SseReader] = []
+    monitor = None
+    try:
+        client.enqueue_many("a", [{"n": i} for i in range(5)])
+        client.enqueue("b", {"n": 1}, delay_s=600)
+        port = free_tcp_port()
+        env = handoff_env(private_server.url, app="workers.demo")
+        monitor = _start_monitor(env, port, tmp_path / "monitor.log")
+        _, text, _ = _request(port, "GET", "/", Accept="text/html")
+        assert "read-only: start the monitor with --web-token" in text
+        refused = _request(
+            port, "POST", "/agents/a/dead/purge", "all=1", **{"X-Handoff-Token": "x"}
+        )
+        assert refused[:2] == (403, "403: read-only dashboard: start it with --web-token "
+                                    "to allow actions\n")  # fmt: skip
+
+        def open_dashboards(n: int) -> None:
+            for _ in range(n):
+                readers.extend([SseReader(port, "overview"), SseReader(port, "agent/a")])
+
+        window_s = 16 * TICK_S
+        open_dashboards(1)
+        time.sleep(4 * TICK_S)
+        one, one_sent = _commands_per_s(raw, window_s)
+        open_dashboards(19)
+        time.sleep(4 * TICK_S)
+        twenty, twenty_sent = _commands_per_s(raw, window_s)
+        assert len(readers) == 40 and all(r.is_alive() for r in readers)
+        assert all(r.events >= 1 for r in readers)  # every page got its state
+        print(f"\ncommands/s with 1 dashboard: {one:.1f} {sorted(one_sent.items())}")
+        print(f"commands/s with 20 dashboards: {twenty:.1f} {sorted(twenty_sent.items())}")
+        assert twenty <= one * 1.25 + 1, (one_sent, twenty_sent)
+    finally:
+        for reader in readers:
+            reader.stop()
+        if monitor is not None:
+            monitor.stop()
+        client.close()
+        raw.close()
+
+
+# -- units ---------------------------------------------------------------------------------
+
+
+def test_addresses_and_hosts_parse_with_one_line_errors():
+    from handoff.observe.web.guard import LOOPBACK_NAMES, allowed_hosts
+    from handoff.observe.web.server import parse_address
+
+    assert parse_address("127.0.0.1:8321") == ("127.0.0.1", 8321)
+    assert parse_address(":8321") == parse_address("8321") == ("127.0.0.1", 8321)
+    assert parse_address("[::1]:9000") == ("::1", 9000)
+    for bad in ("127.0.0.1", "host:0", "host:70000", "[::1]", "a b:80"):
+        with pytest.raises(ValueError, match=r"expected|not a host"):
+            parse_address(bad)
+    assert allowed_hosts("127.0.0.1") == allowed_hosts("localhost") == LOOPBACK_NAMES
+    assert allowed_hosts("0.0.0.0") is None
+    assert "10.1.2.3" in allowed_hosts("10.1.2.3")
+
+
+def test_the_monitor_without_web_loads_no_web_framework(redis_url):
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "handoff", "monitor", "--once", "--json"],
+        env=handoff_env(redis_url), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    loaded = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines()}
+    assert not {m for m in loaded if m.split(".")[0] in ("starlette", "uvicorn", "jinja2")}
+    assert "handoff.cli.monitor_cmds" in loaded  # the right command ran
+
+
+def test_the_hub_builds_a_watched_page_once_a_tick_for_all_its_viewers():
+    from markupsafe import Markup
+
+    from handoff.observe.web.hub import Hub
+    from handoff.observe.web.pages import View
+
+    built: list[str] = []
+
+    def build(topic: str, snapshot: dict | None) -> View:
+        built.append(topic)
+        return View(regions={"n": Markup(str((snapshot or {}).get("n")))})
+
+    async def scenario() -> list[bytes | None]:
+        hub = Hub(build)
+        hub.attach(asyncio.get_running_loop())
+        viewers = [await hub.subscribe("overview") for _ in range(20)]
+        viewers.append(await hub.subscribe("agent/a"))
+        first = [await v.next(0.1) for v in viewers]
+        assert all(b'"n":"None"' in m for m in first)
+        for n in (1, 2, 3):
+            hub.feed({"n": n})
+            await asyncio.sleep(0.05)
+        latest = [await v.next(0.1) for v in viewers]
+        hub.close()
+        await asyncio.sleep(0)
+        assert all([await v.next(0.1) == b"" for v in viewers])  # closed: streams end
+        return latest
+
+    latest = asyncio.run(scenario())
+    assert all(b'"n":"3"' in m for m in latest)  # each viewer holds the latest state only
+    # Built on the first subscription, then at most once a tick: not once per viewer.
+    assert 2 <= built.count("overview") <= 4 and 2 <= built.count("agent/a") <= 4
