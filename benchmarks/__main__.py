@@ -22,7 +22,7 @@ def main() -> None:
     "--systems",
     default=None,
     help="Comma-separated: handoff,handoff-pf32,handoff-typed,handoff-notree,handoff-groups,"
-    "celery,dramatiq,huey,rq,arq (default: all).",
+    "handoff-grouprate,celery,dramatiq,huey,rq,arq (default: all).",
 )
 @click.option(
     "--out",

@@ -57,12 +57,13 @@ def _run_handoff(broker: str, stats: str, tasks: int) -> list[subprocess.Popen]:
 
 def _run_celery(broker: str, stats: str, tasks: int) -> list[subprocess.Popen]:
     sys.path.insert(0, str(PEERS))
-    os.environ["BENCH_BROKER_URL"], os.environ["BENCH_STATS_URL"] = broker, stats
-    import app_rate_celery
-    from celery import group
+    from app_rate_celery import make_app
 
-    app_rate_celery.app.conf.broker_url = broker
-    group(app_rate_celery.limited.s(n) for n in range(tasks)).apply_async()
+    producer_app = make_app(broker)  # a fresh app (and connection) for this run's server
+    with producer_app.producer_or_acquire() as producer:
+        for n in range(tasks):
+            producer_app.send_task("limited", args=(n,), producer=producer)
+    producer_app.close()
     argv = [
         sys.executable, "-m", "celery", "-A", "app_rate_celery", "worker", "-P", "prefork",
         "-c", "1", "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "WARNING",

@@ -123,6 +123,8 @@ def render_markdown(results: dict) -> str:
         " latency and RSS: below 1 favours handoff)",
         "- runs and joins (join and follow latency, memory kept per finished task):"
         " [benchmarks-runs.md](benchmarks-runs.md), `./scripts/bench runs`",
+        "- rate limits and groups (handoff beside Celery's rate_limit; fair sharing's cost):"
+        " [benchmarks-limits.md](benchmarks-limits.md)",
         "",
     ]
     for name, reason in results.get("skipped", {}).items():

@@ -67,7 +67,13 @@ def test_one_task_of_a_small_group_waits_at_most_one_rotation(app, raw_redis):
     small = [app.enqueue("fair", {"n": g}, group=f"customer-{g}") for g in range(20)]
     ungrouped = app.enqueue("fair", {"n": -1})
     assert app.client.status(small[0]) == "queued"
-    assert app.client.queue_stats(["fair"])["fair"]["queued"] == 5_021
+    stats = app.client.queue_stats(["fair"])["fair"]
+    assert stats["queued"] == 5_021 and stats["groups_ready"] == 21
+    assert stats["busiest_groups"][0] == {
+        "group": "big", "ready": 5_000, "running": 0, "waiting_s": 0.0
+    }  # fmt: skip
+    shown = CliRunner().invoke(main, ["--redis-url", app.settings.redis.url, "inspect", "queues"])
+    assert "fair groups: 21 ready, none waiting; busiest: big 5000 ready 0 running" in shown.output
     app.run_until_idle(timeout_s=120, batch=10)
     order = [s["id"] for s in _starts(raw_redis)]
     assert len(order) == 5_021 and len(set(order)) == 5_021
@@ -191,3 +197,31 @@ def test_idle_groups_leave_no_keys_behind(client, raw_redis, workers):
         assert not raw_redis.exists(base + key), key
     stats = client.queue_stats(["capped"])["capped"]
     assert stats["queued"] == 0 and stats["groups_ready"] == stats["groups_waiting"] == 0
+
+
+def test_a_cost_limit_holds_the_units_charged_per_window(client, raw_redis, workers):
+    """cost_limit="1000/s" and handlers charging 100 each (the issue's 1000/min scaled to
+    a second, to stay quick): at most 10 starts in any sliding second, across 2 worker
+    processes of 50 slots, and close to 10/s once the first charge is known."""
+    client.enqueue_many("spender", [{"n": i} for i in range(60)])
+    workers("spender", 2)
+    wait_until(lambda: raw_redis.llen("gstarts") >= 30, 30, "30 starts")
+    times = sorted(s["at_ms"] for s in _starts(raw_redis))
+    assert _worst_second(times) <= 10, times
+    later = [t for t in times if t >= times[1]]  # after the first charge landed
+    rate = (len(later) - 1) / ((later[-1] - later[0]) / 1000)
+    assert 8.5 <= rate <= 10, rate
+
+
+def test_a_bad_charge_fails_its_task_with_one_line(app):
+    from handoff import Task
+    from handoff.errors import InvalidPayload
+
+    task = Task("spender.1", "spender", {})
+    for bad in (-1, "lots", float("nan"), True, 10**13):
+        with pytest.raises(InvalidPayload, match=r"^charge\(.*\): units must be a number") as e:
+            task.charge(bad)
+        assert "\n" not in str(e.value)
+    task.charge(2.5)
+    task.charge(0)
+    assert task.charged == 2.5

@@ -20,6 +20,7 @@ REGISTRY: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "handoff-typed": ("handoff_peer", "HandoffTypedPeer", ("pydantic",)),
     "handoff-notree": ("handoff_peer", "HandoffNoTreePeer", ()),
     "handoff-groups": ("handoff_peer", "HandoffGroupsPeer", ()),
+    "handoff-grouprate": ("handoff_peer", "HandoffGroupRatePeer", ()),
     "celery": ("celery_peer", "CeleryPeer", ("celery", "gevent")),
     "dramatiq": ("dramatiq_peer", "DramatiqPeer", ("dramatiq",)),
     "huey": ("huey_peer", "HueyPeer", ("huey",)),

@@ -1,5 +1,6 @@
-"""handoff's benchmark agents with a per-group start rate far above the drain rate.
-Runs in: handoff worker processes (HANDOFF_APP=app_handoff_groups)."""
+"""handoff's benchmark agents with a start rate far above the drain rate (the agent's
+limiter, at every claim); the peer puts every task in one of 100 groups. Runs in: handoff
+worker processes (HANDOFF_APP=app_handoff_groups)."""
 
 import asyncio
 
@@ -8,13 +9,13 @@ import bench_probe
 from handoff import agent
 
 
-@agent("noop", max_concurrent=8, group_rate="100000/s")
+@agent("noop", max_concurrent=8, rate="100000/s")
 def noop(task):
     sent, lat = task.payload
     bench_probe.finished("noop", bench_probe.started(sent, lat))
 
 
-@agent("io", max_concurrent=16, group_rate="100000/s")
+@agent("io", max_concurrent=16, rate="100000/s")
 async def io(task):
     sent, lat = task.payload
     start = bench_probe.started(sent, lat)

@@ -1,5 +1,6 @@
 """Celery's side of the rate-limit benchmark: rate_limit="10/s" (Celery's per-worker-node
-token bucket). Runs in: `celery -A app_rate_celery worker` processes."""
+token bucket). Runs in: `celery -A app_rate_celery worker` processes (and the producer,
+which makes an app per run with make_app)."""
 
 import os
 import time
@@ -7,8 +8,14 @@ import time
 import redis
 from celery import Celery
 
-app = Celery("rates", broker=os.environ.get("BENCH_BROKER_URL", "redis://127.0.0.1:1/0"))
-app.conf.update(task_ignore_result=True, worker_hijack_root_logger=False)
+
+def make_app(url: str) -> Celery:
+    made = Celery("rates", broker=url)
+    made.conf.update(task_ignore_result=True, worker_hijack_root_logger=False)
+    return made
+
+
+app = make_app(os.environ.get("BENCH_BROKER_URL", "redis://127.0.0.1:1/0"))
 _stats = redis.Redis.from_url(os.environ.get("BENCH_STATS_URL", "redis://127.0.0.1:1/1"))
 
 

@@ -123,15 +123,16 @@ GROUPS = 100
 
 
 class HandoffGroupsPeer(HandoffPeer):
-    """handoff with every task in one of 100 groups (round robin), taken in rotation, each
-    group under a start rate far above the drain rate (app_handoff_groups: group_rate
-    100000/s): what fair sharing and a per-group limiter cost a drain, beside the plain
-    queue. Bulk enqueue writes the same 1,000-task batches, each task with its group."""
+    """handoff with every task in one of 100 groups (round robin), taken in rotation, and
+    a start rate far above the drain rate (app_handoff_groups: rate 100000/s): what fair
+    sharing costs a drain, beside the plain queue. Bulk enqueue writes the same 1,000-task
+    batches, each task with its group."""
 
     name = "handoff-groups"
+    app = "app_handoff_groups"
     settings_note = {
-        NOOP: f"as handoff, tasks in {GROUPS} groups in rotation, group_rate 100000/s",
-        IO: f"as handoff, tasks in {GROUPS} groups in rotation, group_rate 100000/s",
+        NOOP: f"as handoff, tasks in {GROUPS} groups in rotation, rate 100000/s",
+        IO: f"as handoff, tasks in {GROUPS} groups in rotation, rate 100000/s",
     }
 
     def enqueue_bulk(self, kind: str, payloads: list[tuple[float, int]]) -> None:
@@ -150,5 +151,17 @@ class HandoffGroupsPeer(HandoffPeer):
 
     def worker_env(self) -> dict[str, str]:
         env = super().worker_env()
-        env["HANDOFF_APP"] = "app_handoff_groups"
+        env["HANDOFF_APP"] = self.app
         return env
+
+
+class HandoffGroupRatePeer(HandoffGroupsPeer):
+    """As handoff-groups, with each group's own start rate (group_rate 100000/s) instead of
+    the agent's: every start moves its group's limiter (two more commands per task)."""
+
+    name = "handoff-grouprate"
+    app = "app_handoff_grouprate"
+    settings_note = {
+        NOOP: f"as handoff, tasks in {GROUPS} groups in rotation, group_rate 100000/s",
+        IO: f"as handoff, tasks in {GROUPS} groups in rotation, group_rate 100000/s",
+    }

@@ -51,6 +51,7 @@ def limits(state, agent: str, changes: tuple[str, ...]) -> None:
 
     handoff limits AGENT [rate=5/s|rate=none|rate=default] [burst=N] [resume]
                          [group_rate=2/s|none|default] [group_concurrency=N|default]
+                         [cost_limit=200000/min|none|default]
 
     rate=none lifts the limit, rate=default goes back to the code's (@agent(rate=...));
     resume ends a pause a handler's RateLimited began. group_rate and group_concurrency
@@ -82,6 +83,13 @@ def limits(state, agent: str, changes: tuple[str, ...]) -> None:
                 sets["burst"] = str(check_burst(int(value) if value.isdigit() else value))
             elif change == "resume":
                 drops.append("paused_until")
+            elif change == "cost_limit=none":
+                sets["cost_limit"] = "none"
+            elif change == "cost_limit=default":
+                drops.append("cost_limit")
+            elif name == "cost_limit":
+                rate = parse_rate(value, "cost_limit")
+                sets["cost_limit"] = f"{rate.count:g}/{rate.window_ms}"
             elif change == "group_rate=none":
                 sets["group_rate"] = "none"
             elif change in ("group_rate=default", "group_concurrency=default"):
@@ -94,7 +102,8 @@ def limits(state, agent: str, changes: tuple[str, ...]) -> None:
             else:
                 raise click.BadParameter(
                     f"{change!r}: expected rate=N/s|N/min|N/h|none|default, burst=N, resume, "
-                    "group_rate=N/s|none|default or group_concurrency=N|default"
+                    "group_rate=N/s|none|default, group_concurrency=N|default or "
+                    "cost_limit=N/min|none|default"
                 )
         except InvalidPayload as e:
             raise click.BadParameter(str(e)) from None

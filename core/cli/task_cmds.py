@@ -140,6 +140,15 @@ def inspect_queues(state, as_json: bool) -> None:
         for name, s in sorted(stats.items())
     ]
     print_table(["agent", *columns, "oldest_s", "limit"], rows)
+    for name, s in sorted(stats.items()):
+        if s.get("busiest_groups"):
+            shown = ", ".join(
+                f"{g['group']} {g['ready']} ready {g['running']} running"
+                + (f" waits {g['waiting_s']:.1f}s" if g["waiting_s"] else "")
+                for g in s["busiest_groups"]
+            )
+            waiting = f"{s['groups_waiting']} waiting" if s["groups_waiting"] else "none waiting"
+            click.echo(f"{name} groups: {s['groups_ready']} ready, {waiting}; busiest: {shown}")
 
 
 def _limit_cell(stats: dict[str, Any]) -> str:

@@ -29,6 +29,17 @@ AGENT_GAUGES = (
         "handoff_rate_limit_ahead_seconds",
         "How far the start-rate limiter's schedule runs ahead of now (0: not limiting).",
     ),
+    (
+        "cost_ahead_s",
+        "handoff_cost_limit_ahead_seconds",
+        "How far the cost limiter's schedule runs ahead of now (the window spent ahead).",
+    ),
+    ("groups_ready", "handoff_groups_ready", "Groups with ready tasks in the rotation."),
+    (
+        "groups_waiting",
+        "handoff_groups_waiting",
+        "Groups waiting for their start rate or a RateLimited pause.",
+    ),
 )
 AGENT_COUNTERS = (
     ("enqueued", "handoff_tasks_enqueued", "Tasks enqueued."),

@@ -82,7 +82,56 @@ def queue_stats(queue: TaskQueue, agents: Sequence[str] | None = None) -> dict[s
             "groups_waiting": parked,  # groups waiting for their rate or a pause
             **_limit_figures(limits, now),
         }
+    grouped = [name for name in names if out[name]["groups_ready"] or out[name]["groups_waiting"]]
+    if grouped:
+        for name, busiest in zip(grouped, busiest_groups(queue, grouped, now), strict=True):
+            out[name]["busiest_groups"] = busiest
     return out
+
+
+BUSIEST_GROUPS = 5  # groups shown per agent (the most ready tasks among the first 50)
+_GROUPS_LOOKED_AT = 50
+
+
+def busiest_groups(queue: TaskQueue, agents: list[str], now: int) -> list[list[dict]]:
+    """Per agent, its busiest groups: ready tasks, running ones, and how long it waits
+    (parked by its rate or a pause). Two more round trips, only for agents with groups."""
+
+    def members(client) -> list:
+        pipe = client.pipeline(transaction=False)
+        for name in agents:
+            keys = queue.keys.agent(name)
+            pipe.zrange(keys.groups, 0, _GROUPS_LOOKED_AT - 1)
+            pipe.zrange(keys.parked, 0, _GROUPS_LOOKED_AT - 1, withscores=True)
+        return pipe.execute()
+
+    listed = queue.manager.execute_pipelined(members, 2 * len(agents))
+    wanted: list[tuple[str, str, float]] = []  # agent, group, parked until (0: not)
+    for i, name in enumerate(agents):
+        wanted += [(name, g.decode(), 0.0) for g in listed[2 * i]]
+        wanted += [(name, g.decode(), until) for g, until in listed[2 * i + 1]]
+
+    def figures(client) -> list:
+        pipe = client.pipeline(transaction=False)
+        for name, group, _ in wanted:
+            keys = queue.keys.agent(name)
+            pipe.zcard(keys.group_queue(group))
+            pipe.hget(keys.group_running, group)
+        return pipe.execute()
+
+    counts = queue.manager.execute_pipelined(figures, 2 * len(wanted)) if wanted else []
+    per_agent: dict[str, list[dict]] = {name: [] for name in agents}
+    for k, (name, group, until) in enumerate(wanted):
+        per_agent[name].append({
+            "group": group,
+            "ready": counts[2 * k],
+            "running": _count(counts[2 * k + 1] or b"0"),
+            "waiting_s": round(max(0.0, (until - now) / 1000.0), 3),
+        })  # fmt: skip
+    return [
+        sorted(per_agent[name], key=lambda g: (-g["ready"], g["group"]))[:BUSIEST_GROUPS]
+        for name in agents
+    ]
 
 
 def _limit_figures(limits: dict[bytes, bytes], now: int) -> dict[str, Any]:
@@ -95,7 +144,11 @@ def _limit_figures(limits: dict[bytes, bytes], now: int) -> dict[str, Any]:
         unit = {"1000": "s", "60000": "min", "3600000": "h"}.get(window, f"{window}ms")
         live = f"{count}/{unit}"
     figures: dict[str, Any] = {"rate_live": live}
-    for name, field in (("paused_s", b"paused_until"), ("rate_ahead_s", b"tat")):
+    for name, field in (
+        ("paused_s", b"paused_until"),
+        ("rate_ahead_s", b"tat"),
+        ("cost_ahead_s", b"cost_tat"),
+    ):
         try:
             ahead = (float(limits.get(field, b"0")) - now) / 1000.0
         except ValueError:

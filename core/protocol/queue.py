@@ -58,6 +58,8 @@ class ClaimRequest:
     # Each group's limits (groups.py): starts per window, running at most (0 = none).
     group_rate: Rate | None = None
     group_concurrency: int = 0
+    # Cost units (task.charge) per window (cost_limit="200000/min"); see claim.lua.
+    cost_limit: Rate | None = None
 
 
 @dataclass
@@ -348,6 +350,8 @@ class TaskQueue:
                 request.group_rate.count if request.group_rate else 0,
                 request.group_rate.window_ms if request.group_rate else 0,
                 request.group_concurrency,
+                request.cost_limit.count if request.cost_limit else 0,
+                request.cost_limit.window_ms if request.cost_limit else 0,
             ]
             calls.append(("claim", [*agent_keys.all(), agent_keys.claim(claim_id)], args))
         replies = self.run_scripts(calls)
@@ -434,6 +438,8 @@ class TaskQueue:
                     for item in done.notices:
                         if item[:1] == b"J":
                             new_agents.add(notice.target_agent(item))
+            # what the batch charged (task.charge): the agent's cost limiter settles it
+            args.append(repr(float(sum(done.task.charged for done in group))))
             calls.append(("ack", keys, args))
             groups.append((agent, group))
         if not calls:

@@ -145,6 +145,7 @@ class CancelFlag(threading.Event):
 
 
 _FLAG_LOCK = threading.Lock()
+MAX_CHARGE = 10**12  # cost units one charge() may count
 
 
 @dataclass(slots=True)
@@ -190,6 +191,21 @@ class Task:
     first_dead: dict | None = None
     _branches: list[list[dict]] | None = None
     _cancel: CancelFlag | None = None  # made on first use (see cancelled)
+    charged: float = 0.0  # cost units this delivery charged (charge())
+
+    def charge(self, units: float) -> None:
+        """Count cost units against the agent's cost_limit (say, the tokens a model call
+        used). A negative or non-number raises: the task fails with that one line."""
+        if (
+            isinstance(units, bool)
+            or not isinstance(units, int | float)
+            or not 0 <= units <= MAX_CHARGE
+        ):
+            shown = repr(units)[:40]
+            raise InvalidPayload(
+                f"charge({shown}): units must be a number from 0 to {MAX_CHARGE:,}"
+            )
+        self.charged += units
 
     @property
     def cancelled(self) -> CancelFlag:

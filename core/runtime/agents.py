@@ -83,6 +83,7 @@ class AgentSpec:
     burst: int = 0
     group_rate: Rate | None = None  # each group's starts per window (group_rate="2/s")
     group_concurrency: int = 0  # each group's running tasks at most (0 = no cap)
+    cost_limit: Rate | None = None  # cost units (task.charge) per window, all workers
 
     @property
     def is_async(self) -> bool:
@@ -100,6 +101,7 @@ def describe(spec: AgentSpec) -> dict[str, Any]:
         "burst": spec.burst,
         "group_rate": str(spec.group_rate) if spec.group_rate else None,
         "group_concurrency": spec.group_concurrency,
+        "cost_limit": str(spec.cost_limit) if spec.cost_limit else None,
         "async": spec.is_async,
         "payload": spec.payload_type.name if spec.payload_type else None,
         "result": spec.result_type.name if spec.result_type else None,
@@ -138,6 +140,7 @@ def agent(
     burst: int = 0,
     group_rate: str | None = None,
     group_concurrency: int = 0,
+    cost_limit: str | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a handler (plain function or coroutine) for an agent type.
 
@@ -151,7 +154,10 @@ def agent(
     a task enqueued with a group, its group).
 
     group_rate="2/s" and group_concurrency=3 bound each group's starts and running tasks
-    (enqueue(..., group="customer-42")); groups take turns at every claim."""
+    (enqueue(..., group="customer-42")); groups take turns at every claim.
+
+    cost_limit="200000/min" bounds the cost units handlers count with task.charge(units)
+    (the tokens a model call used, say): a spent window starts nothing until it refills."""
     check_agent(name)
     try:
         parsed_rate = parse_rate(rate, f"agent {name!r}: rate") if rate is not None else None
@@ -159,6 +165,9 @@ def agent(
         parsed_group_rate = None
         if group_rate is not None:
             parsed_group_rate = parse_rate(group_rate, f"agent {name!r}: group_rate")
+        parsed_cost = None
+        if cost_limit is not None:
+            parsed_cost = parse_rate(cost_limit, f"agent {name!r}: cost_limit")
     except InvalidPayload as e:
         raise ConfigError(str(e)) from None
     _check_range(name, "group_concurrency", group_concurrency, 0, 1_000_000)
@@ -195,6 +204,7 @@ def agent(
             burst,
             parsed_group_rate,
             group_concurrency,
+            parsed_cost,
         )
         existing = _REGISTRY.get(name)
         if existing is not None and _qualname(existing.handler) != _qualname(handler):

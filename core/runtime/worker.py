@@ -292,6 +292,7 @@ class Worker:
             burst=self.spec.burst,
             group_rate=self.spec.group_rate,
             group_concurrency=self.spec.group_concurrency,
+            cost_limit=self.spec.cost_limit,
             claim_tag=self.claim_tag,
         )
         started = time.perf_counter()

@@ -148,6 +148,7 @@ class InProcessApp:
         request = ClaimRequest(
             name, batch, lease_ms, rate=spec.rate, burst=spec.burst,
             group_rate=spec.group_rate, group_concurrency=spec.group_concurrency,
+            cost_limit=spec.cost_limit,
         )  # fmt: skip
         tasks = self.queue.claim([request], now_ms=now)[name]
         completions: list[Completion] = []

@@ -50,3 +50,10 @@ def courteous(task):
     if limited and client().set(f"limited:{task.id}", 1, nx=True):
         raise RateLimited(limited)
     time.sleep(task.payload.get("sleep_s", 0))
+
+
+@agent("spender", max_concurrent=50, cost_limit="1000/s")
+def spender(task):
+    """Charges payload "units" (100 by default): what a model call's tokens would be."""
+    _record(task)
+    task.charge(task.payload.get("units", 100))

@@ -142,6 +142,25 @@ def test_13_least_privilege_users_run_kill_and_bad_input_scenarios(
     with pytest.raises(PermissionDenied):
         monitor.execute(lambda c: c.hset("handoff:{holder}:tasks", "x", "y"))
     monitor.close()
+
+    # Cancels under least privilege: the producer cancels a running task (the script
+    # pushes to the worker's inbox, which the worker user pops) and a queued one, the
+    # operator a run from the CLI; the workers go on claiming past the marks.
+    with Client(settings=_as(redis_url, PRODUCER)) as producer:
+        running = producer.enqueue("holder", {"n": -1, "first_s": 30})
+        wait_until(lambda: admin.status(running) == "running", 30, "the long task to run")
+        assert producer.cancel(running).was == {"running": 1}
+        queued = producer.enqueue("holder", {"n": -2}, delay_s=60)
+        assert producer.cancel(queued, run=True).was == {"delayed": 1}
+        later = producer.enqueue_many("holder", [{"n": -3 - i} for i in range(5)])
+    env = handoff_env(redis_url, app="apps.probe", redis_username=OPERATOR[0],
+                      redis_password=OPERATOR[1])  # fmt: skip
+    cancelled = HandoffProcess(["cancel", "--run", later[0]], env, tmp_path / "cancel.log")
+    assert cancelled.wait(30) == 0, cancelled.output()
+    cancelled.stop()
+    wait_until(lambda: all(admin.status(t) in ("done", "cancelled") for t in later), 30, "the rest")
+    assert admin.status(running) == admin.status(queued) == "cancelled"
+    assert "NOPERM" not in supervisor.output() and "permission" not in supervisor.output()
     admin.close()
 
 

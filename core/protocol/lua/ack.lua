@@ -7,6 +7,7 @@
 --   result_key_index, handoffs, dedupe window ms (0 = none: a task with neither a key nor
 --   a parent), record extras (',"ran_ms":..' tree fields, or ''), notices (NOTICE_SEP-
 --   separated, see apply_notice; '' = none; 'R' = a root that ended without handing off)
+-- then ARGV[#ARGV]: the cost units the batch charged (task.charge; see claim.lua).
 -- A task whose token no longer matches (its lease expired and another worker holds it, or it
 -- already finished, or it appears earlier in this batch) is left exactly as it is and
 -- reported, and its notices are not sent. A notice for a scope in this slot is applied
@@ -69,11 +70,24 @@ for i = 1, n do
     stale[#stale + 1] = id
   end
 end
+-- Cost units (task.charge): ARGV[#ARGV] is what the batch charged. Each start reserved
+-- the running average charge on the limiter's clock (claim.lua); what was charged
+-- replaces what was reserved, and the average moves.
+local unit = tonumber(redis.call('HGET', K_LIMITS, 'cost_unit') or '')
+if unit and #finished > 0 then
+  local charged = tonumber(ARGV[#ARGV]) or 0
+  local reserved = tonumber(redis.call('HGET', K_LIMITS, 'cost_reserve') or '0') or 0
+  local tat = tonumber(redis.call('HGET', K_LIMITS, 'cost_tat') or '0') or 0
+  tat = tat + (charged - reserved * #finished) * unit
+  local average = tonumber(redis.call('HGET', K_LIMITS, 'cost_avg') or '')
+  local per_task = charged / #finished
+  average = average and (0.8 * average + 0.2 * per_task) or per_task
+  redis.call('HSET', K_LIMITS, 'cost_tat', string.format('%.3f', tat),
+    'cost_avg', string.format('%.6f', average), 'cost_used', charged)
+end
 if #finished > 0 then
   bulk_call('ZREM', K_LEASES, finished)
-  if groups_used() then
-    for _, id in ipairs(finished) do lease_ended(id) end
-  end
+  for _, id in ipairs(finished) do lease_ended(id) end  -- (one HEXISTS without a cap)
   forget_all(finished)
 end
 bulk_write('ZADD', K_FINISHED, remembered)

@@ -98,20 +98,26 @@ end
 local function due_at(ms)
   if out[2] < 0 or ms < out[2] then out[2] = math.ceil(ms) end
 end
-local paused = tonumber(redis.call('HGET', K_LIMITS, 'paused_until') or '0') or 0
+-- The agent's limiter state, read once: rate, burst, tat, paused_until, cost_*, turns.
+local LIMITS = {}
+do
+  local flat = redis.call('HGETALL', K_LIMITS)
+  for i = 1, #flat, 2 do LIMITS[flat[i]] = flat[i + 1] end
+end
+local paused = tonumber(LIMITS.paused_until or '0') or 0
 if paused > now then
   if has_ready() then due_at(paused) end
   return out
 end
 local rate_count, rate_window = tonumber(ARGV[11]) or 0, tonumber(ARGV[12]) or 0
 local burst = tonumber(ARGV[13]) or 0
-local live = redis.call('HGET', K_LIMITS, 'rate')
+local live = LIMITS.rate
 if live == 'none' then
   rate_count = 0
 elseif live then
   local c, w = string.match(live, '^([%d.]+)/(%d+)$')
   if c then rate_count, rate_window = tonumber(c), tonumber(w) end
-  burst = tonumber(redis.call('HGET', K_LIMITS, 'burst') or '') or burst
+  burst = tonumber(LIMITS.burst or '') or burst
 end
 local interval, tat = 0, 0
 if rate_count > 0 and rate_window > 0 then
@@ -120,8 +126,10 @@ if rate_count > 0 and rate_window > 0 then
   -- A claim late by less than `slack` keeps the schedule (the rate is held whatever the
   -- claimers' punctuality); later than that, the schedule starts again from now.
   local slack = math.min(interval / 2, rate_window * guard / 4)
-  tat = tonumber(redis.call('HGET', K_LIMITS, 'tat') or '0') or 0
-  if now - tat >= slack then tat = now end
+  tat = tonumber(LIMITS.tat or '0') or 0
+  -- Later than that, it starts again from now (a rate faster than a start per ms: from
+  -- the start of this ms, whose starts one claim then admits; no other credit is kept).
+  if now - tat >= slack then tat = math.max(tat, now - math.max(0, 1 - interval)) end
   local allowed = math.floor((now + burst * interval - tat) / interval) + 1
   if allowed <= 0 then
     if has_ready() then due_at(tat - burst * interval) end
@@ -130,45 +138,80 @@ if rate_count > 0 and rate_window > 0 then
   n = math.min(n, allowed)
 end
 
+-- Cost units (cost_limit, task.charge): ARGV[19] units per ARGV[20] window ms; K_LIMITS
+-- cost_limit ('count/window_ms' or 'none') set live overrides them. A GCRA clock in units
+-- (cost_tat): each start reserves the average charge so far (a whole window's worth
+-- before the first charge is known, so one task runs alone until its charge lands), and
+-- the ack replaces the reservation with what was charged. A spent window stops claims
+-- until it refills; the starts a window holds follow what the tasks really charge.
+local cost_count, cost_window = tonumber(ARGV[19]) or 0, tonumber(ARGV[20]) or 0
+local live_cost = LIMITS.cost_limit
+if live_cost == 'none' then
+  cost_count = 0
+elseif live_cost then
+  local c, w = string.match(live_cost, '^([%d.]+)/(%d+)$')
+  if c then cost_count, cost_window = tonumber(c), tonumber(w) end
+end
+local cost_unit, cost_reserve, cost_tat = 0, 0, 0
+if cost_count > 0 and cost_window > 0 then
+  cost_unit = cost_window / cost_count * (1 + (tonumber(ARGV[14]) or 0))
+  cost_reserve = tonumber(LIMITS.cost_avg or '') or cost_count
+  cost_tat = tonumber(LIMITS.cost_tat or '0') or 0
+  if cost_tat < now then cost_tat = now end  -- no credit saved up: no burst
+  if cost_reserve > 0 then
+    if cost_tat > now then
+      if has_ready() then due_at(cost_tat) end
+      return out
+    end
+    n = math.min(n, 1)  -- spaced: the next start waits for this one's reservation
+  end
+end
+
 -- Groups' limits: ARGV[16] group_rate count per ARGV[17] window ms, ARGV[18] the most
 -- running per group (0 = none); K_LIMITS group_rate ('count/window_ms' or 'none') and
 -- group_concurrency, set live, override them.
 local g_count, g_window = tonumber(ARGV[16]) or 0, tonumber(ARGV[17]) or 0
 local g_cap = tonumber(ARGV[18]) or 0
 local function group_limits()
-  local live = redis.call('HGET', K_LIMITS, 'group_rate')
+  local live = LIMITS.group_rate
   if live == 'none' then
     g_count = 0
   elseif live then
     local c, w = string.match(live, '^([%d.]+)/(%d+)$')
     if c then g_count, g_window = tonumber(c), tonumber(w) end
   end
-  g_cap = tonumber(redis.call('HGET', K_LIMITS, 'group_concurrency') or '') or g_cap
+  g_cap = tonumber(LIMITS.group_concurrency or '') or g_cap
 end
 
 -- Whether group g may start one more now: nil = yes (its rate's clock moves on); a time
 -- (ms) = not before then (park it); false = at its concurrency cap (until a lease ends).
+-- (A group paused by RateLimited is parked by release.lua until its pause ends, so one in
+-- the rotation is not paused: only its cap and its rate are looked at here.)
 local function group_blocked(g, taken, interval, slack)
   local gl = run_key('glimit', g)
-  local paused = tonumber(redis.call('HGET', gl, 'paused_until') or '0') or 0
-  if paused > now then return paused end
   if g_cap > 0 then
     local running = tonumber(redis.call('HGET', K_GROUP_RUNNING, g) or '0') or 0
     if running + (taken[g] or 0) >= g_cap then return false end
   end
   if interval > 0 then
     local tat = tonumber(redis.call('HGET', gl, 'tat') or '0') or 0
-    if now - tat >= slack then tat = now end
-    if tat > now then return math.ceil(tat) end
+    local idle = now - tat >= slack
+    if idle then tat = now end
+    -- a rate faster than a start per ms admits all its starts of this ms (the clock's)
+    local tolerance = math.max(0, 1 - interval)
+    if tat > now + tolerance then return math.ceil(tat - tolerance) end
     redis.call('HSET', gl, 'tat', string.format('%.3f', tat + interval))
-    redis.call('PEXPIRE', gl, math.max(60000, math.ceil(2 * interval)))
+    -- An idle group's limiter goes after a while (set when it starts again: once it
+    -- expires its clock is at most one interval ahead, which a reset gives back).
+    if idle then redis.call('PEXPIRE', gl, math.max(60000, math.ceil(2 * interval))) end
   end
   return nil
 end
 
--- Up to n ready tasks taken fairly: one at a time from the first of the rotation (the
--- groups, and the ungrouped queue at its own turn), each then going to the back of its
--- priority. Returns {id, score, ...} as ZPOPMIN would.
+-- Up to n ready tasks taken fairly, in rounds: the first groups of the rotation each give
+-- one task, in rank order (the ungrouped queue takes its turn among them by its own
+-- rank), then each goes to the back of its priority. Returns {id, score, ...} as ZPOPMIN
+-- would, and each grouped task's group.
 local function pick_fairly(n)
   group_limits()
   local interval, slack = 0, 0
@@ -181,57 +224,82 @@ local function pick_fairly(n)
     redis.call('ZREM', K_PARKED, g)
     rotation_touch(g)
   end
-  local picked, taken = {}, {}
-  local turn = tonumber(redis.call('HGET', K_LIMITS, 'turn') or '0') or 0
-  local queue_turn = tonumber(redis.call('HGET', K_LIMITS, 'queue_turn') or '0') or 0
-  local looks = 0
-  while #picked < 2 * n and looks < 4 * n + 16 do
-    looks = looks + 1
-    local ghead = redis.call('ZRANGE', K_GROUPS, 0, 0, 'WITHSCORES')
+  local picked, groups_of, taken = {}, {}, {}
+  local turn = tonumber(LIMITS.turn or '0') or 0
+  local queue_turn = tonumber(LIMITS.queue_turn or '0') or 0
+  local from_groups = 0
+  for _ = 1, 8 do
+    local want = n - #picked / 2
+    if want <= 0 then break end
+    local heads = redis.call('ZRANGE', K_GROUPS, 0, want - 1, 'WITHSCORES')
     local qhead = redis.call('ZRANGE', K_QUEUE, 0, 0, 'WITHSCORES')
-    if #ghead == 0 and #qhead == 0 then break end
-    turn = turn + 1
-    if #qhead > 0 and (#ghead == 0 or rank_of(qhead[2], queue_turn) <= tonumber(ghead[2])) then
-      redis.call('ZREM', K_QUEUE, qhead[1])
-      push2(picked, qhead[1], qhead[2])
-      queue_turn = turn
-    else
-      local g = ghead[1]
-      local gq = run_key('gq', g)
-      local wait = group_blocked(g, taken, interval, slack)
-      if wait == nil then
-        local head = redis.call('ZPOPMIN', gq, 1)
-        if #head > 0 then
-          push2(picked, head[1], head[2])
-          taken[g] = (taken[g] or 0) + 1
-          redis.call('HINCRBY', K_LIMITS, 'grouped_ready', -1)
-        end
-        local nxt = redis.call('ZRANGE', gq, 0, 0, 'WITHSCORES')
-        if #nxt == 0 then
-          redis.call('ZREM', K_GROUPS, g)
-        else
-          redis.call('ZADD', K_GROUPS, rank_of(nxt[2], turn), g)
-        end
+    if #heads == 0 then  -- only the ungrouped queue: the rest from it at once
+      if #qhead > 0 then
+        local rest = redis.call('ZPOPMIN', K_QUEUE, want)
+        for i = 1, #rest do picked[#picked + 1] = rest[i] end
+        turn = turn + 1
+        queue_turn = turn
+      end
+      break
+    end
+    local queue_rank = #qhead > 0 and rank_of(qhead[2], queue_turn)
+    local reranked, gone = {}, {}
+    local i = 1
+    while i <= #heads and #picked < 2 * n do
+      local g, rank = heads[i], tonumber(heads[i + 1])
+      turn = turn + 1
+      if queue_rank and queue_rank <= rank then  -- the ungrouped queue's turn
+        local one = redis.call('ZPOPMIN', K_QUEUE, 1)
+        push2(picked, one[1], one[2])
+        queue_turn = turn
+        qhead = redis.call('ZRANGE', K_QUEUE, 0, 0, 'WITHSCORES')
+        queue_rank = #qhead > 0 and rank_of(qhead[2], queue_turn)
       else
-        redis.call('ZREM', K_GROUPS, g)
-        if wait then
-          redis.call('ZADD', K_PARKED, wait, g)
-          due_at(wait)
+        local wait = group_blocked(g, taken, interval, slack)
+        if wait == nil then
+          local head = redis.call('ZPOPMIN', run_key('gq', g), 1)
+          if #head > 0 then
+            push2(picked, head[1], head[2])
+            groups_of[head[1]] = g
+            taken[g] = (taken[g] or 0) + 1
+            from_groups = from_groups + 1
+            -- to the back, at the priority of what it gave (its next task's, but for a
+            -- mix of priorities in one group: corrected when a task is added there); an
+            -- emptied group goes at its next turn
+            push2(reranked, rank_of(head[2], turn), g)
+          else
+            gone[#gone + 1] = g
+          end
+        else
+          gone[#gone + 1] = g
+          if wait then
+            redis.call('ZADD', K_PARKED, wait, g)
+            due_at(wait)
+          end
         end
+        i = i + 2
       end
     end
+    bulk_write('ZADD', K_GROUPS, reranked)
+    if #gone > 0 then bulk_call('ZREM', K_GROUPS, gone) end
   end
+  if from_groups > 0 then redis.call('HINCRBY', K_LIMITS, 'grouped_ready', -from_groups) end
   redis.call('HSET', K_LIMITS, 'turn', turn, 'queue_turn', queue_turn)
+  if (g_cap > 0) ~= (LIMITS.group_cap ~= nil) then  -- lease ends count only under a cap
+    if g_cap > 0 then redis.call('HSET', K_LIMITS, 'group_cap', 1) else redis.call('HDEL', K_LIMITS, 'group_cap') end
+  end
   local first_parked = redis.call('ZRANGE', K_PARKED, 0, 0, 'WITHSCORES')
   if #first_parked > 0 then due_at(tonumber(first_parked[2])) end  -- claim again then
-  return picked
+  return picked, groups_of
 end
 
-local popped
-if redis.call('EXISTS', K_GROUPS) == 1 or redis.call('EXISTS', K_PARKED) == 1 then
-  popped = pick_fairly(n)
+local popped, groups_of
+local fair = redis.call('EXISTS', K_GROUPS, K_PARKED) > 0
+if fair then
+  popped, groups_of = pick_fairly(n)
 else
   popped = redis.call('ZPOPMIN', K_QUEUE, n)
+  GROUPS_USED = false  -- (what ZPOPMIN took from the queue has no group)
 end
 if #popped == 0 then return out end
 local ids = {}
@@ -300,8 +368,8 @@ for i, id in ipairs(ids) do
       tokens[c - 1], tokens[c] = id, token
       leased[c / 2] = id
       emit(id, payloads[i], failed, deliveries)
-      local group = group_of(id)
-      if group then redis.call('HINCRBY', K_GROUP_RUNNING, group, 1) end
+      local group = groups_of and groups_of[id]
+      if group and g_cap > 0 then redis.call('HINCRBY', K_GROUP_RUNNING, group, 1) end
     end
   end
 end
@@ -309,6 +377,14 @@ if interval > 0 and c > 0 then  -- each start admitted takes one interval of the
   tat = tat + (c / 2) * interval
   redis.call('HSET', K_LIMITS, 'tat', string.format('%.3f', tat))
   if has_ready() then due_at(tat - burst * interval) end
+end
+if cost_unit > 0 and c > 0 then  -- each start reserves its expected charge
+  cost_tat = cost_tat + (c / 2) * cost_reserve * cost_unit
+  redis.call('HSET', K_LIMITS, 'cost_tat', string.format('%.3f', cost_tat),
+    'cost_unit', string.format('%.6f', cost_unit), 'cost_reserve', cost_reserve)
+  if has_ready() then due_at(cost_tat) end
+elseif cost_unit == 0 and LIMITS.cost_unit then
+  redis.call('HDEL', K_LIMITS, 'cost_unit')  -- the limit was lifted: acks settle nothing
 end
 bulk_write('HSET', K_DELIVERIES, counts)
 bulk_write('ZADD', K_LEASES, leases)
