@@ -146,10 +146,10 @@ def start(redis_url, tmp_path):
 
     started: list = []
 
-    def _start(args: list[str], url: str | None = None, **settings):
+    def _start(args: list[str], url: str | None = None, app: str = "apps.probe", **settings):
         """url: where handoff connects (e.g. through a fault proxy); the test agents
-        always record to the test's server directly."""
-        env = handoff_env(redis_url, app="apps.probe", **settings)
+        always record to the test's server directly. app: the module of test agents."""
+        env = handoff_env(redis_url, app=app, **settings)
         if url is not None:
             env["HANDOFF_REDIS_URL"] = url
         proc = HandoffProcess(args, env, tmp_path / f"proc{len(started)}.log")

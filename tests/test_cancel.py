@@ -18,25 +18,15 @@ from click.testing import CliRunner
 from handoff import TaskCancelled
 from handoff.cli import main, run
 from handoff.errors import InvalidPayload
-from harness.procs import HandoffProcess, handoff_env, stat, wait_until
+from harness.procs import stat, wait_until
 
 BACKENDS = ("server", "cluster")
 
 
 @pytest.fixture
-def run_handoff(redis_url, tmp_path):
+def run_handoff(start):
     """run_handoff(args, **settings): a `handoff` process with the apps.cancels agents."""
-    started: list[HandoffProcess] = []
-
-    def _start(args: list[str], **settings) -> HandoffProcess:
-        env = handoff_env(redis_url, app="apps.cancels", **settings)
-        proc = HandoffProcess(args, env, tmp_path / f"proc{len(started)}.log")
-        started.append(proc)
-        return proc
-
-    yield _start
-    for proc in started:
-        proc.stop()
+    return lambda args, **settings: start(args, app="apps.cancels", **settings)
 
 
 def _records(raw_redis, name: str) -> list[dict]:

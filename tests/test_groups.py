@@ -14,28 +14,17 @@ from click.testing import CliRunner
 from handoff import Handoff
 from handoff.cli import main
 from handoff.errors import ConfigError, InvalidPayload
-from harness.procs import HandoffProcess, handoff_env, stat, wait_until
+from harness.procs import stat, wait_until
 
 BACKENDS = ("server", "cluster")
 
 
 @pytest.fixture
-def workers(redis_url, tmp_path):
+def workers(start):
     """workers(agent, n=1, **settings): n `handoff worker AGENT` processes (apps.groups)."""
-    started: list[HandoffProcess] = []
-
-    def _start(agent: str, n: int = 1, **settings) -> list[HandoffProcess]:
-        env = handoff_env(redis_url, app="apps.groups", **settings)
-        procs = [
-            HandoffProcess(["worker", agent], env, tmp_path / f"{agent}{len(started) + i}.log")
-            for i in range(n)
-        ]
-        started.extend(procs)
-        return procs
-
-    yield _start
-    for proc in started:
-        proc.stop()
+    return lambda agent, n=1, **settings: [
+        start(["worker", agent], app="apps.groups", **settings) for _ in range(n)
+    ]
 
 
 def _starts(raw_redis, name: str = "gstarts") -> list[dict]:

@@ -509,6 +509,16 @@ end
 -- until a worker or the reaper has delivered it: <base>:outbox HASH field -> at SEP notice.
 local SCOPE_OF = '^.' .. SEP .. '([^.' .. SEP .. ']*)'  -- a notice's scope's agent
 local OUTBOXED = {}  -- field, notice, ...: what this call wrote to the outbox (to return)
+
+-- A reply ends with '|' and what went to the outbox, when anything did (the caller
+-- delivers it at once).
+local function with_outboxed(reply)
+  if #OUTBOXED > 0 then
+    reply[#reply + 1] = '|'
+    for _, item in ipairs(OUTBOXED) do reply[#reply + 1] = item end
+  end
+  return reply
+end
 local function emit_notice(notice, field, now)
   if string.match(notice, SCOPE_OF) == AGENT then
     apply_notice(notice, now)

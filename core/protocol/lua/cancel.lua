@@ -74,8 +74,4 @@ for i = 4, #ARGV do
   out[#out + 1] = was
   out[#out + 1] = open_in_scope(id)
 end
-if #OUTBOXED > 0 then
-  out[#out + 1] = '|'
-  for _, item in ipairs(OUTBOXED) do out[#out + 1] = item end
-end
-return out
+return with_outboxed(out)

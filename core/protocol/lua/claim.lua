@@ -111,14 +111,16 @@ if paused > now then
 end
 local rate_count, rate_window = tonumber(ARGV[11]) or 0, tonumber(ARGV[12]) or 0
 local burst = tonumber(ARGV[13]) or 0
-local live = LIMITS.rate
-if live == 'none' then
-  rate_count = 0
-elseif live then
-  local c, w = string.match(live, '^([%d.]+)/(%d+)$')
-  if c then rate_count, rate_window = tonumber(c), tonumber(w) end
-  burst = tonumber(LIMITS.burst or '') or burst
+
+-- A limit set live ('count/window_ms', or 'none' = lifted) overrides the code's.
+local function live_limit(live, count, window)
+  if live == 'none' then return 0, window end
+  local c, w = string.match(live or '', '^([%d.]+)/(%d+)$')
+  if c then return tonumber(c), tonumber(w) end
+  return count, window
 end
+rate_count, rate_window = live_limit(LIMITS.rate, rate_count, rate_window)
+if LIMITS.rate then burst = tonumber(LIMITS.burst or '') or burst end
 local interval, tat = 0, 0
 if rate_count > 0 and rate_window > 0 then
   local guard = tonumber(ARGV[14]) or 0
@@ -144,14 +146,8 @@ end
 -- before the first charge is known, so one task runs alone until its charge lands), and
 -- the ack replaces the reservation with what was charged. A spent window stops claims
 -- until it refills; the starts a window holds follow what the tasks really charge.
-local cost_count, cost_window = tonumber(ARGV[19]) or 0, tonumber(ARGV[20]) or 0
-local live_cost = LIMITS.cost_limit
-if live_cost == 'none' then
-  cost_count = 0
-elseif live_cost then
-  local c, w = string.match(live_cost, '^([%d.]+)/(%d+)$')
-  if c then cost_count, cost_window = tonumber(c), tonumber(w) end
-end
+local cost_count, cost_window = live_limit(LIMITS.cost_limit, tonumber(ARGV[19]) or 0,
+  tonumber(ARGV[20]) or 0)
 local cost_unit, cost_reserve, cost_tat = 0, 0, 0
 if cost_count > 0 and cost_window > 0 then
   cost_unit = cost_window / cost_count * (1 + (tonumber(ARGV[14]) or 0))
@@ -173,13 +169,7 @@ end
 local g_count, g_window = tonumber(ARGV[16]) or 0, tonumber(ARGV[17]) or 0
 local g_cap = tonumber(ARGV[18]) or 0
 local function group_limits()
-  local live = LIMITS.group_rate
-  if live == 'none' then
-    g_count = 0
-  elseif live then
-    local c, w = string.match(live, '^([%d.]+)/(%d+)$')
-    if c then g_count, g_window = tonumber(c), tonumber(w) end
-  end
+  g_count, g_window = live_limit(LIMITS.group_rate, g_count, g_window)
   g_cap = tonumber(LIMITS.group_concurrency or '') or g_cap
 end
 
@@ -393,8 +383,4 @@ if #leased > 0 then
   bulk_call('RPUSH', claim_key, leased)
   redis.call('PEXPIRE', claim_key, lease_ms)
 end
-if #OUTBOXED > 0 then
-  out[#out + 1] = '|'
-  for _, item in ipairs(OUTBOXED) do out[#out + 1] = item end
-end
-return out
+return with_outboxed(out)

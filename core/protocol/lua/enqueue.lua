@@ -88,8 +88,4 @@ bulk_write('ZADD', K_DELAYED, later)
 bulk_write('HSET', K_DEADLINES, deadlines)
 count('enqueued', added_count)
 wake(#ready / 2 + grouped_ready)
-if #OUTBOXED > 0 then
-  added[#added + 1] = '|'
-  for _, item in ipairs(OUTBOXED) do added[#added + 1] = item end
-end
-return added
+return with_outboxed(added)
