@@ -254,6 +254,7 @@ class Monitor:
                 "cost_ahead_s": s.get("cost_ahead_s", 0.0),
                 "groups_ready": s.get("groups_ready", 0),
                 "groups_waiting": s.get("groups_waiting", 0),
+                "busiest_groups": s.get("busiest_groups", []),
                 "throughput_per_s": round(self.throughput.rate(name, now, s["done"]), 2),
                 "latency_p50_ms": p50s[len(p50s) // 2] if p50s else 0.0,
                 "latency_p95_ms": max((v["latency_p95_ms"] for v in mine), default=0.0),

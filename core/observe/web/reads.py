@@ -65,9 +65,12 @@ def agent_lists(queue: TaskQueue, agent: str, limit: int = LIST_LIMIT) -> dict[s
         pipe.zrange(keys.queue, 0, limit - 1, withscores=True)
         pipe.zrange(keys.delayed, 0, limit - 1, withscores=True)
         pipe.zrevrange(keys.dead, 0, limit - 1, withscores=True)
+        pipe.zrange(keys.groups, 0, limit - 1)
         return pipe.execute()
 
-    head, delayed, dead = queue.manager.execute(ranges)
+    head, delayed, dead, groups = queue.manager.execute(ranges)
+    if groups:  # grouped tasks wait in their groups' sets: each group's next, in turn order
+        head = (head + _group_heads(queue, keys, groups))[:limit]
     ids = [member for member, _ in (*head, *delayed, *dead)]
     dead_ids = [member for member, _ in dead]
 
@@ -90,6 +93,18 @@ def agent_lists(queue: TaskQueue, agent: str, limit: int = LIST_LIMIT) -> dict[s
         "delayed": [_entry(m, records[m], due_at=int(s)) for m, s in delayed],
         "dead": [_dead_entry(m, records[m], reasons[m], int(s)) for m, s in dead],
     }  # fmt: skip
+
+
+def _group_heads(queue: TaskQueue, keys, groups: list[bytes]) -> list[tuple[bytes, float]]:
+    """The next task of each of these groups (the rotation's order): one round trip."""
+
+    def heads(client) -> list:
+        pipe = client.pipeline(transaction=False)
+        for group in groups:
+            pipe.zrange(keys.group_queue(group.decode()), 0, 0, withscores=True)
+        return pipe.execute()
+
+    return [first[0] for first in queue.manager.execute(heads) if first]
 
 
 def _entry(member: bytes, record: bytes | None, **fields: Any) -> dict[str, Any]:
