@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -19,7 +19,7 @@ from handoff.config import Settings, load_settings
 from handoff.config.checks import check_range
 from handoff.connection.manager import RedisManager
 from handoff.errors import HandoffError, InvalidPayload, TaskCancelled
-from handoff.protocol import runs
+from handoff.protocol import runs, streams
 from handoff.protocol.cancel import CancelReport, cancel
 from handoff.protocol.groups import check_group
 from handoff.protocol.keys import check_agent
@@ -39,6 +39,7 @@ from handoff.runtime.payload_types import JSON_TYPES
 # The longest single blocking wait for a result (its connection's read timeout is
 # longer): a wait of an hour sends a command every WAIT_CHUNK_S.
 WAIT_CHUNK_S = 300.0
+STREAM_CHUNK_S = 5.0  # a stream reader's blocking read: the run's end ends it sooner
 
 
 class TaskDead(HandoffError):
@@ -390,6 +391,39 @@ class Client:
         left as it is: the report says so (report.line() is one line for a person)."""
         keep_ms = int(max(self.settings.result_ttl_s, self.settings.run_ttl_s) * 1000)
         return cancel(self.queue, task_id, run=run, keep_ms=keep_ms)
+
+    def stream(
+        self,
+        run_or_task_id: str,
+        *,
+        follow: bool = True,
+        after: str = "0-0",
+        wait_s: float | None = None,
+    ) -> Iterator[streams.Event]:
+        """The events of the run a task belongs to (task.progress, task.emit), in order,
+        those of later agents in the chain included: each an Event (id, task, agent, kind,
+        seq, attempt, data). follow=True waits for more (blocking in Redis, no polling)
+        and ends when the run ends; after= resumes after an event's id; wait_s bounds
+        the whole wait (ResultTimeout). An unknown id is a one-line InvalidPayload."""
+        agent_of(run_or_task_id)
+        streams.check_after(after)
+        root = runs.run_of(self.queue, run_or_task_id)
+        if runs.run_state(self.queue, root, 1000).kind == "unknown":
+            raise InvalidPayload(f"stream of {run_or_task_id}: no such task or run (never "
+                                 "enqueued, or long gone)")  # fmt: skip
+        deadline = None if wait_s is None else time.monotonic() + wait_s
+
+        def ended() -> bool:
+            if deadline is not None and time.monotonic() > deadline:
+                raise ResultTimeout(f"run {root} has not ended after {wait_s}s")
+            flag_ms = int((STREAM_CHUNK_S + 5) * 1000)
+            return runs.run_state(self.queue, root, flag_ms).kind != "wait"
+
+        block_s = STREAM_CHUNK_S if wait_s is None else min(STREAM_CHUNK_S, wait_s)
+        yield from streams.read(
+            self.queue, self.waiting, root, follow=follow, after=after, block_s=block_s,
+            ended=ended,
+        )  # fmt: skip
 
     def tree(self, run_id: str) -> dict[str, Any]:
         """The run as nested dicts: each task's id, agent, status, attempt, times (ms),

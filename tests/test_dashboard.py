@@ -300,6 +300,13 @@ def test_the_run_view_draws_planner_coders_reviewers_integrator(stack, browser, 
     assert browser.evaluate("document.querySelectorAll('.tree .fan > .branch').length") == 3
     chain = browser.evaluate("document.querySelector('[data-field=chain]').textContent")
     assert " ".join(chain.split()) == "planner → coder → reviewer → integrator"
+    # the run's streamed events: the planner's progress, each coder's partial output
+    events = browser.evaluate(
+        "[...document.querySelectorAll('[data-field=events] tbody tr')]"
+        ".map(r => [r.cells[0].textContent, r.cells[2].textContent])"
+    )
+    assert events[0] == ["planner", "progress"]
+    assert events.count(["coder", "emit"]) >= 3
     browser.screenshot(screenshot_path(tmp_path, "dashboard-run.png"))
 
 

@@ -58,6 +58,7 @@ def plan(task):
     """Split a feature request into steps, one branch each, joined by the integrator."""
     time.sleep(random.uniform(0.01, 0.05))
     request = task.payload
+    task.progress(1.0, note=f"{request.feature}: {request.steps} step(s)")  # `handoff watch`
     steps = [
         Handoff("coder", CodeStep(feature=request.feature, step=i)) for i in range(request.steps)
     ]
@@ -73,6 +74,7 @@ async def write_code(task):
         raise RuntimeError("compiler crashed (simulated flake)")
     step = task.payload
     code = f"def step_{step.step}(): ...  # {step.feature}"
+    task.emit({"step": step.step, "round": step.round, "code": code})  # partial output
     return Handoff("reviewer", CodeForReview(**step.model_dump(), code=code))
 
 

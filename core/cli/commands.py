@@ -9,6 +9,7 @@ from handoff.cli.ops_cmds import limits, scale
 from handoff.cli.run_cmds import redis, supervise, worker
 from handoff.cli.schedule_cmds import schedules
 from handoff.cli.task_cmds import cancel, dead, enqueue, inspect
+from handoff.cli.watch_cmd import watch
 
 inspect_workers_command(inspect)
 
@@ -17,6 +18,7 @@ ALL: list = [
     worker,
     enqueue,
     cancel,
+    watch,
     inspect,
     dead,
     schedules,

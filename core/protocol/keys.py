@@ -41,6 +41,8 @@ one cluster slot. Agent names are validated before any key is built.
     <prefix>:{<agent>}:ended:<run>  LIST  a token pushed when the run ends (waiters block)
     <prefix>:{<agent>}:watched:runs ZSET tasks whose end an ack must report: waited on
                                           (until ms), or ended out of order (+inf)
+    <prefix>:{<agent>}:stream:<run> STREAM a run's events (task.progress, task.emit), in the
+                                          root's slot; ends with an "end" entry
     <prefix>:{<agent>}:done:<id>    LIST  a token pushed when a waited-on task ends
     <prefix>:agents                 SET   registry of agent names
     <prefix>:workers                ZSET  worker id -> last heartbeat (ms)
@@ -237,6 +239,9 @@ class AgentKeys:
 
     def ended(self, run_id: str) -> str:
         return f"{self.base}:ended:{run_id}"
+
+    def stream(self, run_id: str) -> str:
+        return f"{self.base}:stream:{run_id}"
 
     def done(self, task_id: str) -> str:
         return f"{self.base}:done:{task_id}"

@@ -192,6 +192,36 @@ class Task:
     _branches: list[list[dict]] | None = None
     _cancel: CancelFlag | None = None  # made on first use (see cancelled)
     charged: float = 0.0  # cost units this delivery charged (charge())
+    # Where progress() and emit() go: the worker's event buffer (None: nowhere, as when a
+    # handler is called directly); and this delivery's event count.
+    emitter: Callable[[Task, str, int, bytes], None] | None = None
+    _events_sent: int = 0
+
+    def emit(self, data: Any) -> None:
+        """Send partial output (any JSON value: one chunk of a model's answer, say) to
+        whoever streams this task's run (client.stream, handoff watch), in order."""
+        self._send("emit", data)
+
+    def progress(self, fraction: float, note: str | None = None) -> None:
+        """Say how far along this task is (0.0 to 1.0), with an optional short note."""
+        if (
+            isinstance(fraction, bool)
+            or not isinstance(fraction, int | float)
+            or not 0 <= fraction <= 1
+        ):
+            raise InvalidPayload(f"progress({fraction!r:.40}): a number from 0 to 1")
+        if note is not None and (not isinstance(note, str) or len(note) > 1000):
+            raise InvalidPayload("progress note: a string of at most 1,000 characters")
+        self._send("progress", {"fraction": fraction, "note": note})
+
+    def _send(self, kind: str, data: Any) -> None:
+        try:
+            blob = orjson.dumps(data)
+        except (TypeError, orjson.JSONEncodeError) as e:
+            raise InvalidPayload(f"task.{kind}: data is not JSON: {e}") from None
+        if self.emitter is not None:
+            self._events_sent += 1
+            self.emitter(self, kind, self._events_sent, blob)
 
     def charge(self, units: float) -> None:
         """Count cost units against the agent's cost_limit (say, the tokens a model call

@@ -14,6 +14,7 @@ signals (SimpleQueue.put is safe inside a signal handler).
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import queue
@@ -29,7 +30,8 @@ from handoff.config import Settings
 from handoff.connection.manager import get_manager
 from handoff.connection.outage import OutageLog
 from handoff.connection.server_checks import UnsafeServer, check_eviction_policy
-from handoff.errors import HandoffError, ServerOutOfMemory
+from handoff.errors import HandoffError, InvalidPayload, ServerOutOfMemory
+from handoff.protocol import streams
 from handoff.protocol.keys import Keys
 from handoff.protocol.queue import ClaimRequest, ClaimResult, Completion, Failure, TaskQueue
 from handoff.protocol.task import Task, now_ms
@@ -69,6 +71,11 @@ class CancelRequested:
     """These tasks were cancelled (client.cancel): stop their handlers, drop outcomes."""
 
     ids: list[str]
+
+
+@dataclass(slots=True, frozen=True)
+class EventsPending:
+    """Handlers emitted progress or output: the main thread sends the batch."""
 
 
 @dataclass(slots=True, frozen=True)
@@ -141,6 +148,11 @@ class Worker:
         self._waker_claiming = threading.Lock()
         # Our lease tokens start with this tag: a cancel pushes to our inbox by it.
         self.claim_tag = os.urandom(4).hex()
+        # task.progress() / task.emit() from any handler: buffered, sent by the main thread
+        self._emitted: collections.deque[tuple] = collections.deque()
+        self._emits_flagged = False
+        keep_s = max(60.0, self.settings.result_ttl_s, self.settings.run_ttl_s)
+        self._stream_keep_ms = int(keep_s * 1000)  # a run's stream lives as long as the run
         for name, target in (
             ("waker", self._waker_loop),
             ("inbox", self._inbox_loop),
@@ -235,6 +247,8 @@ class Worker:
                             self._forget(task)
                     case CancelRequested(ids=ids):
                         self._cancel_held(ids)
+                    case EventsPending():
+                        self._send_events()
                     case Signalled(signum=signum):
                         self._handle_signal(signum)
                     case _:
@@ -311,6 +325,7 @@ class Worker:
         for task in tasks:
             if task.max_attempts is None:
                 task.max_attempts = self.spec.max_attempts
+            task.emitter = self._emit
             self.held[task.id] = task
             failure = check_payload(self.spec, task)
             if failure is not None:
@@ -351,6 +366,37 @@ class Worker:
                 completions.append(completion)
                 children.extend(made)
         self._send(completions, failures, children)
+
+    def _emit(self, task: Task, kind: str, seq: int, blob: bytes) -> None:
+        """From a handler (any thread): keep the event for the main thread to send."""
+        limit = self.settings.max_event_bytes
+        if len(blob) > limit:
+            raise InvalidPayload(f"task.{kind}: {len(blob)} bytes, over max_event_bytes ({limit})")
+        self._emitted.append(
+            (task.run_id, task.id, task.agent, task.attempt, task.deliveries, kind, seq, blob)
+        )
+        if not self._emits_flagged:  # one wake-up per batch (see _send_events)
+            self._emits_flagged = True
+            self.events.put(EventsPending())
+
+    def _send_events(self) -> None:
+        """Send what handlers emitted, in one pipeline. Events are a view of the work,
+        not the work: when Redis cannot take them they are dropped (said once)."""
+        self._emits_flagged = False  # before draining: a later emit flags again
+        batch = []
+        while self._emitted:
+            batch.append(self._emitted.popleft())
+        if not batch:
+            return
+        try:
+            self.manager.execute(
+                lambda c: streams.append(
+                    c, self.keys, batch, self.settings.stream_max_len, self._stream_keep_ms
+                ),
+                retry=False,
+            )
+        except HandoffError as e:
+            self.outage.failed(f"send {len(batch)} event(s)", e)
 
     def _cancel_held(self, ids: list[str]) -> None:
         """Cancelled tasks (their leases are gone already): an unstarted one never
@@ -471,6 +517,7 @@ class Worker:
             )
             self._release(leftovers)
         self.runner.stop()
+        self._send_events()  # what handlers emitted last
         tracing.flush()
         try:
             self.manager.execute(lambda c: self._deregister(c), retry=False)

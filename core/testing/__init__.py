@@ -28,7 +28,8 @@ import orjson
 
 from handoff.client import Client
 from handoff.config import RedisPoolConfig, Settings
-from handoff.errors import RateLimited
+from handoff.errors import InvalidPayload, RateLimited
+from handoff.protocol import streams
 from handoff.protocol.queue import ClaimRequest, Completion, Failure
 from handoff.protocol.task import Task
 from handoff.runtime import tracing
@@ -157,6 +158,7 @@ class InProcessApp:
         for task in tasks:
             if task.max_attempts is None:
                 task.max_attempts = spec.max_attempts
+            task.emitter = self._emit
             refused = check_payload(spec, task)
             if refused is not None:
                 failures.append(refused)
@@ -200,6 +202,19 @@ class InProcessApp:
         if span is not None:
             outcome.traceparent = span.traceparent
         return outcome
+
+    def _emit(self, task: Task, kind: str, seq: int, blob: bytes) -> None:
+        """task.progress / task.emit: straight to the run's stream, as a worker sends them."""
+        limit = self.settings.max_event_bytes
+        if len(blob) > limit:
+            raise InvalidPayload(f"task.{kind}: {len(blob)} bytes, over max_event_bytes ({limit})")
+        event = (task.run_id, task.id, task.agent, task.attempt, task.deliveries, kind, seq, blob)
+        keep_ms = int(max(60.0, self.settings.result_ttl_s, self.settings.run_ttl_s) * 1000)
+        self.queue.manager.execute(
+            lambda c: streams.append(
+                c, self.queue.keys, [event], self.settings.stream_max_len, keep_ms
+            )
+        )
 
     def _invoke(self, spec: AgentSpec, task: Task) -> Any:
         if spec.is_async:

@@ -18,7 +18,7 @@ from markupsafe import Markup
 from handoff.errors import HandoffError, InvalidAgentName, InvalidPayload
 from handoff.observe.view import problem_lines
 from handoff.observe.web import chart
-from handoff.observe.web.reads import Operations, agent_lists, task_view
+from handoff.observe.web.reads import Operations, agent_lists, run_events, task_view
 from handoff.observe.web.render import Renderer
 from handoff.protocol.keys import check_agent
 from handoff.protocol.task import check_task_id
@@ -183,7 +183,7 @@ class Pages:
         }
         region = self.render.region(
             "run", tree=tree, root=root, summary=summary, actions=self.actions,
-            too_large=len(nodes) > MAX_TREE_NODES,
+            too_large=len(nodes) > MAX_TREE_NODES, events=run_events(self.ops.queue, root),
         )  # fmt: skip
         return View(title=f"Run {root}", regions={"run": region}, final=ended)
 

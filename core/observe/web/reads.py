@@ -19,9 +19,10 @@ from handoff.protocol.cancel import CancelReport
 from handoff.protocol.inspect import enqueued_ms_from_score
 from handoff.protocol.queue import TaskQueue
 from handoff.protocol.runs import run_of
-from handoff.protocol.task import PRIORITY_SHIFT
+from handoff.protocol.task import PRIORITY_SHIFT, agent_of
 
 LIST_LIMIT = 50  # entries per list on an agent's page (the head, delayed, dead)
+EVENTS_SHOWN = 30  # a run's latest events on its page
 
 
 class Operations(Protocol):
@@ -42,6 +43,27 @@ class Operations(Protocol):
     def dead_requeue(self, agent: str, ids: Sequence[str] = (), limit: int = 1000) -> list[str]: ...
 
     def dead_purge(self, agent: str, ids: Sequence[str] = (), limit: int = 1000) -> int: ...
+
+
+def run_events(queue: TaskQueue, root: str, limit: int = EVENTS_SHOWN) -> list[dict]:
+    """A run's latest events (task.progress, task.emit), oldest first: one command."""
+    key = queue.keys.agent(agent_of(root)).stream(root)
+    entries = queue.manager.execute(lambda c: c.xrevrange(key, count=limit))
+    events = []
+    for entry_id, fields in reversed(entries):
+        kind = fields.get(b"kind", b"").decode(errors="replace")
+        if kind == "end":
+            continue
+        data, _ = _loads(fields.get(b"data"))
+        events.append({
+            "at_ms": int(entry_id.split(b"-")[0]),
+            "task": fields.get(b"task", b"").decode(errors="replace"),
+            "agent": fields.get(b"agent", b"").decode(errors="replace"),
+            "kind": kind,
+            "delivery": fields.get(b"delivery", b"1").decode(errors="replace"),
+            "data": orjson.dumps(data).decode()[:300],
+        })  # fmt: skip
+    return events
 
 
 def _loads(raw: bytes | None) -> tuple[Any, bool]:

@@ -319,11 +319,18 @@ local function split_fields(s, n)
   return out
 end
 
--- Wake whoever waits for this run's end (client.result(follow=True) blocks on this list).
+-- Wake whoever waits for this run's end (client.result(follow=True) blocks on this list),
+-- and end its event stream when it has one (a task emitted, or a reader waits on it:
+-- client.stream; a run that streams nothing pays one EXISTS).
 local function run_ended_notice(run, keep)
   local ended = run_key('ended', run)
   redis.call('RPUSH', ended, '1')
   redis.call('PEXPIRE', ended, keep)
+  local events = run_key('stream', run)
+  if redis.call('EXISTS', events) == 1 then
+    redis.call('XADD', events, '*', 'kind', 'end')
+    redis.call('PEXPIRE', events, keep)
+  end
 end
 
 local function scope_close(sk, tid)
