@@ -159,3 +159,15 @@ def start(redis_url, tmp_path):
     yield _start
     for proc in started:
         proc.stop()
+
+
+@pytest.fixture
+def flows_app(redis_url, monkeypatch):
+    """The runs and joins test agents (tests/apps/flows.py) run in-process, on a virtual
+    clock; they record to this test's server."""
+    from handoff.testing import InProcessApp
+
+    monkeypatch.setenv("TEST_REDIS_URL", redis_url)
+    made = InProcessApp("apps.flows", redis_url, agents=["splitter", "step", "merge", "echo"])
+    yield made
+    made.close()

@@ -200,17 +200,8 @@ def test_handoff_cancel_prints_one_line(redis_url, client):
     assert orjson.loads(result.output) == {"task": task_id, "run": None, "was": {"cancelled": 1}}
 
 
-@pytest.fixture
-def flows(redis_url, monkeypatch):
-    from handoff.testing import InProcessApp
-
-    monkeypatch.setenv("TEST_REDIS_URL", redis_url)
-    made = InProcessApp("apps.flows", redis_url, agents=["splitter", "step", "merge", "echo"])
-    yield made
-    made.close()
-
-
-def test_a_child_handed_off_as_its_run_is_cancelled_never_starts(flows, raw_redis):
+def test_a_child_handed_off_as_its_run_is_cancelled_never_starts(flows_app, raw_redis):
+    flows = flows_app
     """The instant between a parent's children (enqueued) and its ack: the run is
     cancelled in between; the children end cancelled at enqueue, the ack is stale."""
     from handoff.protocol.queue import ClaimRequest

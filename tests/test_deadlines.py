@@ -15,11 +15,8 @@ BACKENDS = ("server", "cluster")
 
 
 @pytest.fixture
-def app(redis_url, monkeypatch):
-    monkeypatch.setenv("TEST_REDIS_URL", redis_url)
-    made = InProcessApp("apps.flows", redis_url, agents=["splitter", "step", "merge", "echo"])
-    yield made
-    made.close()
+def app(flows_app):
+    return flows_app
 
 
 def test_a_task_past_its_deadline_ends_expired_and_never_runs(app, raw_redis):
