@@ -214,3 +214,23 @@ def test_a_bad_charge_fails_its_task_with_one_line(app):
     task.charge(2.5)
     task.charge(0)
     assert task.charged == 2.5
+
+
+def test_prometheus_shows_the_busiest_groups(app):
+    """The monitor's snapshot carries each agent's busiest groups; the exporter shows them
+    per agent and group (ready, running, waiting)."""
+    from prometheus_client.core import CollectorRegistry
+    from prometheus_client.exposition import generate_latest
+
+    from handoff.observe.metrics_export import SnapshotCollector
+    from handoff.observe.monitor import Monitor
+
+    app.client.enqueue_many("fair", [{"n": i} for i in range(7)], group="acme")
+    app.client.enqueue_many("fair", [{"n": i} for i in range(2)], group="globex")
+    snapshot = Monitor(app.queue).snapshot()
+    registry = CollectorRegistry()
+    registry.register(SnapshotCollector(lambda: snapshot))
+    text = generate_latest(registry).decode()
+    assert 'handoff_group_ready{agent="fair",group="acme"} 7.0' in text
+    assert 'handoff_group_ready{agent="fair",group="globex"} 2.0' in text
+    assert 'handoff_groups_ready{agent="fair"} 2.0' in text

@@ -56,6 +56,11 @@ WORKER_GAUGES = (
     ("in_flight", "handoff_worker_in_flight", "Tasks held (running or prefetched).", 1),
     ("healthy", "handoff_worker_healthy", "1 when healthy.", 1),
 )
+GROUP_GAUGES = (  # per agent, its busiest groups (inspect.BUSIEST_GROUPS)
+    ("ready", "handoff_group_ready", "Ready tasks of one of the agent's busiest groups."),
+    ("running", "handoff_group_running", "Running tasks of that group (under a group cap)."),
+    ("waiting_s", "handoff_group_waiting_seconds", "How long that group waits (rate, pause)."),
+)
 POOL_GAUGES = (
     ("total_conns", "handoff_pool_connections", "Open connections in the pool."),
     ("idle_conns", "handoff_pool_idle_connections", "Idle connections in the pool."),
@@ -94,6 +99,12 @@ class SnapshotCollector(Collector):
             latency.add_metric([agent, "0.5"], values.get("latency_p50_ms", 0) / 1000.0)
             latency.add_metric([agent, "0.95"], values.get("latency_p95_ms", 0) / 1000.0)
         yield latency
+        for field, name, doc in GROUP_GAUGES:
+            family = GaugeMetricFamily(name, doc, labels=["agent", "group"])
+            for agent, values in agents.items():
+                for group in values.get("busiest_groups") or []:
+                    family.add_metric([agent, group["group"]], float(group.get(field) or 0))
+            yield family
         yield from self._workers(snapshot.get("workers", []))
 
     def _workers(self, workers: list[dict[str, Any]]) -> Iterator:
