@@ -33,11 +33,17 @@ def _records(raw_redis, name: str) -> list[dict]:
     return [orjson.loads(item) for item in raw_redis.lrange(name, 0, -1)]
 
 
-def _wait_started(raw_redis, task_id: str, timeout_s: float = 20) -> dict:
-    def started():
-        return next((r for r in _records(raw_redis, "starts") if r["id"] == task_id), None)
+def _wait_record(raw_redis, name: str, task_id: str, timeout_s: float = 20) -> dict:
+    """The first record of task_id in the list `name` (starts, stopped), once it is there."""
 
-    return wait_until(started, timeout_s, f"{task_id} to start", step_s=0.002)
+    def recorded():
+        return next((r for r in _records(raw_redis, name) if r["id"] == task_id), None)
+
+    return wait_until(recorded, timeout_s, f"{task_id} in {name}", step_s=0.002)
+
+
+def _wait_started(raw_redis, task_id: str) -> dict:
+    return _wait_record(raw_redis, "starts", task_id)
 
 
 def test_cancelled_queued_tasks_never_start_and_the_others_all_run(client, raw_redis, run_handoff):
@@ -89,10 +95,7 @@ def test_a_cancelled_async_handler_gets_cancelled_error_at_once(client, raw_redi
         _wait_started(raw_redis, task_id)
         called_ms = time.time() * 1000
         assert client.cancel(task_id).was == {"running": 1}
-        stop = wait_until(
-            lambda t=task_id: next((r for r in _records(raw_redis, "stopped") if r["id"] == t), 0),
-            10, f"{task_id}'s handler to see the cancel", step_s=0.002,
-        )  # fmt: skip
+        stop = _wait_record(raw_redis, "stopped", task_id, 10)
         assert stop["how"] == "CancelledError"
         delays_ms.append(stop["at_ms"] - called_ms)
         assert client.status(task_id) == "cancelled"
@@ -112,10 +115,7 @@ def test_a_sync_handler_waiting_on_its_flag_stops_at_once(client, raw_redis, run
         _wait_started(raw_redis, task_id)
         called_ms = time.time() * 1000
         client.cancel(task_id)
-        stop = wait_until(
-            lambda t=task_id: next((r for r in _records(raw_redis, "stopped") if r["id"] == t), 0),
-            10, "the handler to see its flag", step_s=0.002,
-        )  # fmt: skip
+        stop = _wait_record(raw_redis, "stopped", task_id, 10)
         assert stop["how"] == "flag"
         delays_ms.append(stop["at_ms"] - called_ms)
     delays_ms.sort()
