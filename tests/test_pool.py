@@ -497,3 +497,47 @@ def test_a_password_in_the_url_never_reaches_logs_errors_or_reprs(server, make_m
     texts += [caplog.text] + [r.getMessage() for r in caplog.records]
     for text in texts:
         assert secret not in text
+
+
+def test_single_commands_use_a_few_lane_connections_and_the_pool_for_the_rest(
+    server, raw, make_manager
+):
+    """The lane (lane.py) keeps a quarter of the pool for one-command calls; callers that
+    find it busy use the pool. Together they never exceed pool_size, and nothing is lost."""
+    pool_size, threads, ops = 8, 12, 8
+    with FaultProxy(("127.0.0.1", server.port)) as proxy:
+        proxy.delay(3)  # calls overlap: some find the lane busy
+        manager = make_manager(proxy.url, pool_size=pool_size, pool_timeout_s=10.0)
+        done = threading.Event()
+        seen: list[int] = []
+
+        def sample() -> None:
+            while not done.is_set():
+                seen.append(len(our_client_ids(raw)))
+
+        def hammer() -> None:
+            for _ in range(ops):
+                manager.execute(lambda c: manager.send(c, "INCR", "laned"))
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        workers = [threading.Thread(target=hammer) for _ in range(threads)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        done.set()
+        sampler.join()
+    assert raw.get("laned") == str(threads * ops).encode()
+    assert max(seen) <= pool_size
+    assert manager._lane._taken == pool_size // 4  # both lane connections were needed
+    assert manager.get_detailed_metrics().hits > 0  # and the pool served the overflow
+
+
+def test_a_lane_connection_reconnects_after_the_server_restarts(server, make_manager):
+    manager = make_manager(server.url, pool_size=4, max_retries=5)
+    assert manager.execute(lambda c: manager.send(c, "SET", "k", "1")) == b"OK"
+    server.stop()
+    server.start()
+    assert manager.execute(lambda c: manager.send(c, "GET", "k")) in (b"1", None)
+    assert manager.execute(lambda c: manager.send(c, "SET", "k", "2")) == b"OK"

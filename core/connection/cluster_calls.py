@@ -40,11 +40,13 @@ def run_script_calls(
     load_scripts: Callable[[Any], None],
     wait_replicas: int = 0,
     wait_timeout_ms: int = 1000,
+    before: tuple | None = None,
 ) -> list:
     """Replies to calls, in order. A NOSCRIPT reply has load_scripts(node client) load
     them on that node (the protocol layer owns the scripts). With wait_replicas, each
     node's pipeline ends in WAIT; a node that got fewer acknowledgements raises
-    NotReplicated (the writes stand)."""
+    NotReplicated (the writes stand). before: one command ahead of the first call, on
+    its node's connection, in the first round only (its reply dropped)."""
     replies: list[Any] = [_PENDING] * len(calls)
     pending = list(range(len(calls)))
     asking: dict[int, str] = {}  # call index -> the node an ASK sent it to
@@ -54,7 +56,8 @@ def run_script_calls(
         pause = False
         for node, indexes in _by_node(cluster, calls, pending, asking).items():
             items = [(calls[i], i in asking) for i in indexes]
-            results, confirmed = _send(cluster, node, items, wait_replicas, wait_timeout_ms)
+            ahead = before if indexes[0] == 0 and round_number == 0 else None
+            results, confirmed = _send(cluster, node, items, wait_replicas, wait_timeout_ms, ahead)
             if confirmed is not None and confirmed < wait_replicas:
                 short.append((confirmed, node.name))
             for index, result in zip(indexes, results, strict=True):
@@ -98,14 +101,16 @@ def _by_node(cluster: RedisCluster, calls, pending, asking) -> dict:
 
 
 def _send(
-    cluster: RedisCluster, node, items, wait_replicas: int, wait_timeout_ms: int
+    cluster: RedisCluster, node, items, wait_replicas: int, wait_timeout_ms: int, before=None
 ) -> tuple[list, int | None]:
     """One pipeline to one node: a reply or an exception per item, and how many replicas
     confirmed the node's writes (None without WAIT)."""
     client = cluster.get_redis_connection(node)
-    if len(items) == 1 and not wait_replicas and not items[0][1]:
+    if len(items) == 1 and not wait_replicas and not items[0][1] and before is None:
         return [_one_call(cluster, client, items[0][0])], None  # no pipeline to build
     pipe = client.pipeline(transaction=False)
+    if before is not None:
+        pipe.execute_command(*before)
     for (sha, keys, args), asking in items:
         if asking:
             pipe.execute_command("ASKING")
@@ -123,7 +128,7 @@ def _send(
         if isinstance(confirmed, Exception):
             raise confirmed
         confirmed = int(confirmed)
-    results, position = [], 0
+    results, position = [], 0 if before is None else 1
     for _, asking in items:
         position += 1 if asking else 0  # skip ASKING's own reply
         results.append(out[position])

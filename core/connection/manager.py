@@ -22,6 +22,7 @@ from redis.retry import Retry
 
 from handoff.config import RedisPoolConfig, redact_url
 from handoff.connection.breaker import CircuitBreaker
+from handoff.connection.lane import NOT_TAKEN, CommandLane
 from handoff.connection.pool_metrics import (
     HealthStatus,
     HealthTracker,
@@ -34,6 +35,7 @@ from handoff.errors import WrongProcess
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+LANE_MAX = 4  # connections the lane for single commands keeps (lane.py)
 
 
 def pool_kwargs(config: RedisPoolConfig) -> dict[str, Any]:
@@ -92,6 +94,9 @@ class RedisManager:
             self.pool: Any = ClusterPools(lambda: self._client)
         else:
             self._client, self.pool = open_client(config, self._options, self.recorder)
+        # A quarter of the pool (at most LANE_MAX) serves single commands (lane.py).
+        lane_size = 0 if self.is_cluster else min(LANE_MAX, config.pool_size // 4)
+        self._lane = CommandLane(self.pool, lane_size) if lane_size else None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         if background:
@@ -134,6 +139,16 @@ class RedisManager:
     def execute(self, fn: Callable[[redis.Redis], T], *, retry: bool = True) -> T:
         """Run fn(client) with the breaker, the retry budget, and latency metrics."""
         return self._call(fn, retry=retry, n_operations=0)
+
+    def send(self, client: Any, *args: Any) -> Any:
+        """One command's raw reply (no response callback), inside an execute() fn: on a
+        lane connection when one is free (lane.py), else through the client."""
+        lane = self._lane
+        if lane is not None and client is self._client:
+            reply = lane.call(*args)
+            if reply is not NOT_TAKEN:
+                return reply
+        return client.execute_command(*args)
 
     def execute_batch(
         self, operations: Sequence[Callable[[Any], Any]], *, transaction: bool = False

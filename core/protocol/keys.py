@@ -29,6 +29,8 @@ one cluster slot. Agent names are validated before any key is built.
                                           cancelled at enqueue, claim, or a join's firing)
     <prefix>:{<agent>}:inbox:<tag>  LIST  ids of running tasks cancelled: the worker whose
                                           claim ids start with <tag> blocks on it
+    <prefix>:{<agent>}:nudge:<tag>  LIST  a stopping worker's own token: its waker, blocked
+                                          on wake and this list, returns at once
     <prefix>:{<agent>}:groups       ZSET  group -> rank: the fair rotation of groups with ready
                                           tasks that may start (see groups.py)
     <prefix>:{<agent>}:parked       ZSET  group -> until (ms): waiting for its rate or a pause
@@ -222,6 +224,9 @@ class AgentKeys:
 
     def inbox(self, tag: str) -> str:
         return f"{self.base}:inbox:{tag}"
+
+    def nudge(self, tag: str) -> str:
+        return f"{self.base}:nudge:{tag}"
 
     @property
     def limits(self) -> str:

@@ -140,6 +140,7 @@ class TaskQueue:
         self.settings = settings
         self.keys = Keys(settings.key_prefix)
         self._registered_agents: set[str] = set()
+        self._ready_keys: dict[str, list[str]] = {}  # per agent: enqueue_ready's KEYS
         self._max_bytes = str(settings.max_payload_bytes)
         # Outbox fields (per agent) whose notices were delivered: the agent's next ack
         # forgets them (the reaper forgets what no ack came for).
@@ -157,17 +158,21 @@ class TaskQueue:
         extra=(),
         *,
         wait_replicas: int = 0,
+        before: tuple | None = None,
     ) -> list:
         """Run script calls (plus extra pipeline operations) in one round trip per node.
 
         A NOSCRIPT reply loads the scripts and repeats the whole batch: every operation
         is idempotent (see scripts.py), so the repeat cannot double anything. With
         wait_replicas, WAIT follows on the same connection (NotReplicated if short).
-        On a cluster, handoff/connection/cluster_calls.py groups the calls per node instead.
+        before: one command sent ahead of the calls on the same connection, its reply
+        dropped (a blocking pop: the server runs the calls the moment it returns); it is
+        sent once, a repeat sends the calls alone. On a cluster,
+        handoff/connection/cluster_calls.py groups the calls per node instead.
         """
         timeout_ms = self.settings.enqueue_wait_timeout_ms
         if self.manager.is_cluster:
-            return self._run_on_cluster(calls, extra, wait_replicas, timeout_ms)
+            return self._run_on_cluster(calls, extra, wait_replicas, timeout_ms, before)
         operations = [
             (lambda p, n=name, k=keys, a=args: p.evalsha(scripts.sha(n), len(k), *k, *a))
             for name, keys, args in calls
@@ -176,14 +181,21 @@ class TaskQueue:
         if wait_replicas:
             operations.append(lambda p: p.execute_command("WAIT", wait_replicas, timeout_ms))
 
+        ahead = [before]  # sent with the first attempt only
+
         def attempt(client) -> list:
-            if len(operations) == 1 and calls:
+            first, ahead[0] = ahead[0], None
+            if len(operations) == 1 and calls and first is None:
                 name, keys, args = calls[0]
-                return [client.evalsha(scripts.sha(name), len(keys), *keys, *args)]
+                sha = scripts.sha(name)
+                return [self.manager.send(client, "EVALSHA", sha, len(keys), *keys, *args)]
             pipe = client.pipeline(transaction=False)
+            if first is not None:
+                pipe.execute_command(*first)
             for operation in operations:
                 operation(pipe)
-            return pipe.execute()
+            replies = pipe.execute()
+            return replies[1:] if first is not None else replies
 
         def run(client) -> list:
             try:
@@ -199,14 +211,20 @@ class TaskQueue:
             return self.manager.execute(run)
         return self.manager.execute_pipelined(run, len(operations))
 
-    def _run_on_cluster(self, calls, extra, wait_replicas: int, timeout_ms: int) -> list:
+    def _run_on_cluster(
+        self, calls, extra, wait_replicas: int, timeout_ms: int, before: tuple | None
+    ) -> list:
+        ahead = [before]  # sent with the first attempt only
+
         def run(cluster) -> list:
+            first, ahead[0] = ahead[0], None
             replies = run_script_calls(
                 cluster,
                 [(scripts.sha(name), keys, args) for name, keys, args in calls],
                 load_scripts=scripts.load_all,
                 wait_replicas=wait_replicas,
                 wait_timeout_ms=timeout_ms,
+                before=first,
             )
             if extra:  # plain commands: the cluster pipeline routes them per slot
                 pipe = cluster.pipeline()
@@ -231,6 +249,8 @@ class TaskQueue:
         in the delayed set for (not_before - enqueued_at) ms of server time, and takes its
         FIFO place at its due time. now_ms overrides the server clock (tests).
         """
+        if len(tasks) == 1 and _ready_now(tasks[0]):
+            return [self._enqueue_ready(tasks[0])]
         positions: dict[str, list[int]] = {}
         for index, task in enumerate(tasks):
             group = positions.get(task.agent)
@@ -251,18 +271,7 @@ class TaskQueue:
                 for position, index in enumerate(chunk, 1):
                     task = tasks[index]
                     task_id = task.id
-                    if not task_id.startswith(id_prefix) or TASK_ID.fullmatch(task_id) is None:
-                        raise TaskRejected(index, _foreign_id(task_id, agent))
-                    try:
-                        blob = task.to_json()
-                    except InvalidPayload as e:
-                        raise TaskRejected(index, str(e)) from None
-                    if len(blob) > limit:
-                        raise TaskRejected(
-                            index,
-                            f"task for agent {agent!r} is {len(blob)} bytes, over the "
-                            f"max_payload_bytes limit of {limit}",
-                        )
+                    blob = self._checked_json(index, task, id_prefix, limit)
                     not_before = task.not_before
                     if not_before is None:
                         args += (task_id, score_for(task.priority, task.enqueued_at), blob)
@@ -306,10 +315,55 @@ class TaskQueue:
             self.deliver(outgoing, now_ms=now_ms)
         return added
 
+    def _enqueue_ready(self, task: Task) -> bool:
+        """One plain task (ready now, no key, parent, deadline or group): the lean script."""
+        agent = task.agent
+        blob = self._checked_json(0, task, agent + ".", self.settings.max_payload_bytes)
+        keys = self._ready_keys.get(agent)
+        if keys is None:
+            k = self.keys.agent(agent)
+            keys = self._ready_keys[agent] = [k.tasks, k.scores, k.queue, k.stats, k.wake]
+        args = [self._max_bytes, task.id, score_for(task.priority, task.enqueued_at), blob]
+        new = agent not in self._registered_agents
+        extra = [lambda p: p.sadd(self.keys.agents, agent)] if new else []
+        calls = [("enqueue_ready", keys, args)]
+        reply = self.run_scripts(calls, extra, wait_replicas=self.settings.enqueue_wait_replicas)
+        self._registered_agents.add(agent)
+        return reply[0][0] == 1
+
+    @staticmethod
+    def _checked_json(index: int, task: Task, id_prefix: str, limit: int) -> bytes:
+        """The task's JSON, once its id is its agent's and it fits max_payload_bytes."""
+        task_id = task.id
+        if not task_id.startswith(id_prefix) or TASK_ID.fullmatch(task_id) is None:
+            raise TaskRejected(index, _foreign_id(task_id, task.agent))
+        try:
+            blob = task.to_json()
+        except InvalidPayload as e:
+            raise TaskRejected(index, str(e)) from None
+        if len(blob) > limit:
+            raise TaskRejected(
+                index,
+                f"task for agent {task.agent!r} is {len(blob)} bytes, over the "
+                f"max_payload_bytes limit of {limit}",
+            )
+        return blob
+
     # -- claim -----------------------------------------------------------------------------
 
-    def claim(self, requests: Sequence[ClaimRequest], *, now_ms: int | None = None) -> ClaimResult:
+    def claim(
+        self,
+        requests: Sequence[ClaimRequest],
+        *,
+        now_ms: int | None = None,
+        after_pop: tuple[Sequence[str], float] | None = None,
+    ) -> ClaimResult:
         """Lease up to n tasks per request, one script call each, one round trip in all.
+
+        after_pop=(list keys, timeout_s): the claim waits on the same connection behind a
+        BLPOP of those lists (an idle worker's wake list), so the server leases the tasks
+        the moment a wake-up arrives, or the timeout passes: one round trip from wake-up
+        to tasks. The lists must share the first request's slot.
 
         Returns the tasks per agent (result[agent]) and what the server said. A corrupt
         task JSON is dead-lettered with the reason (one more round trip, only when it
@@ -354,7 +408,8 @@ class TaskQueue:
                 request.cost_limit.window_ms if request.cost_limit else 0,
             ]
             calls.append(("claim", [*agent_keys.all(), agent_keys.claim(claim_id)], args))
-        replies = self.run_scripts(calls)
+        before = None if after_pop is None else ("BLPOP", *after_pop[0], after_pop[1])
+        replies = self.run_scripts(calls, before=before)
         result = ClaimResult()
         claimed = result.tasks
         corrupt: list[Failure] = []
@@ -641,6 +696,17 @@ def _forget_fields(client, keys: Keys, by_source: dict[str, list[str]]) -> list:
     for source, fields in by_source.items():
         pipe.hdel(keys.agent(source).outbox, *fields)
     return pipe.execute()
+
+
+def _ready_now(task: Task) -> bool:
+    """A task the lean enqueue_ready script stores exactly as enqueue.lua would."""
+    return (
+        task.not_before is None
+        and task.key is None
+        and task.parent_id is None
+        and not task.expires_at
+        and task.group is None
+    )
 
 
 def _group(items, key) -> dict[str, list]:

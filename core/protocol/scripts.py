@@ -12,6 +12,7 @@ ack/nack/extend/release by lease token.
 from __future__ import annotations
 
 import hashlib
+import re
 from functools import cache
 from importlib import resources
 
@@ -20,6 +21,7 @@ from handoff.protocol.task import EPOCH_MS, PRIORITY_SHIFT
 
 NAMES = (
     "enqueue",
+    "enqueue_ready",
     "claim",
     "ack",
     "nack",
@@ -50,15 +52,61 @@ def key_header() -> str:
 # Scripts that run at the memory limit (maxmemory with noeviction): they finish, fail,
 # release, reap and dead-letter tasks, which frees memory; refusing them would leave a full
 # server unable to drain. enqueue is not among them: at the limit it is refused, unwritten.
-ALLOW_OOM = frozenset(NAMES) - {"enqueue", "follow", "await"}
+ALLOW_OOM = frozenset(NAMES) - {"enqueue", "enqueue_ready", "follow", "await"}
+# Scripts that bind their own few KEYS and need no prelude (a hot path's lean twin).
+STANDALONE = frozenset({"enqueue_ready"})
 
 
 @cache
 def source(name: str) -> str:
     folder = resources.files(__package__) / "lua"
-    prelude = (folder / "_prelude.lua").read_text()
+    body = (folder / f"{name}.lua").read_text()
+    if name in STANDALONE:
+        return body
+    prelude = prelude_for(body, (folder / "_prelude.lua").read_text())
     flags = "#!lua flags=allow-oom\n" if name in ALLOW_OOM else ""
-    return flags + key_header() + prelude + "\n" + (folder / f"{name}.lua").read_text()
+    return flags + key_header() + prelude + "\n" + body
+
+
+# A top-level statement of the prelude starts at column 0 (comments go with the next one).
+_STATEMENT = re.compile(r"^(?!--|end\b)\S", re.MULTILINE)
+_FUNCTION = re.compile(r"(?:local function|function) (\w+)\(|(\w+) = function\(")
+_NAME = re.compile(r"[A-Za-z_]\w*")
+_COMMENT = re.compile(r"(?:^|\s)--.*$", re.MULTILINE)
+
+
+def _names(code: str) -> set[str]:
+    return set(_NAME.findall(_COMMENT.sub("", code)))
+
+
+def prelude_for(body: str, prelude: str) -> str:
+    """The prelude with only the functions the body needs (at any depth), in their order.
+
+    A script runs its whole text on every call, and each function definition there makes
+    a closure: the full prelude costs about as much server time as an enqueue's own work.
+    Every other statement (constants, forward declarations) is kept."""
+    starts = [m.start() for m in _STATEMENT.finditer(prelude)]
+    chunks = [prelude[a:b] for a, b in zip(starts, [*starts[1:], len(prelude)], strict=True)]
+    head = prelude[: starts[0]] if starts else prelude
+    defined: dict[int, str] = {}
+    wanted = _names(body)
+    for index, chunk in enumerate(chunks):
+        code = chunk[_STATEMENT.search(chunk).start() :]
+        match = _FUNCTION.match(code)
+        if match:
+            defined[index] = match.group(1) or match.group(2)
+        else:  # what a constant's value uses (a forward declaration uses nothing)
+            wanted.update(_names(code.partition("=")[2]))
+    kept: set[int] = set()
+    grew = True
+    while grew:
+        grew = False
+        for index, fn_name in defined.items():
+            if index not in kept and fn_name in wanted:
+                kept.add(index)
+                wanted.update(_names(chunks[index]))
+                grew = True
+    return head + "".join(c for i, c in enumerate(chunks) if i not in defined or i in kept)
 
 
 @cache

@@ -54,9 +54,12 @@ class WakeFailed:
 
 @dataclass(slots=True, frozen=True)
 class Claimed:
-    """The waker claimed these after a wake-up: the main thread takes them."""
+    """The waker claimed these after a wake-up: the main thread takes them (started: the
+    waker already handed them to the runner, all but the refused ones)."""
 
     tasks: list[Task]
+    started: bool = False
+    refused: tuple[Failure, ...] = ()
 
 
 @dataclass(slots=True, frozen=True)
@@ -148,6 +151,9 @@ class Worker:
         self._waker_claiming = threading.Lock()
         # Our lease tokens start with this tag: a cancel pushes to our inbox by it.
         self.claim_tag = os.urandom(4).hex()
+        # The waker blocks on the wake list and on its own nudge list (_shutdown's token).
+        self._waker_lists = (self.agent_keys.wake, self.agent_keys.nudge(self.claim_tag))
+        self._waker_popping = False
         # task.progress() / task.emit() from any handler: buffered, sent by the main thread
         self._emitted: collections.deque[tuple] = collections.deque()
         self._emits_flagged = False
@@ -239,9 +245,12 @@ class Worker:
                         outcomes.extend(finished)
                     case WakeFailed():
                         self.want_work.clear()
-                    case Claimed(tasks=tasks):
+                    case Claimed(tasks=tasks, started=False):
                         self.want_work.clear()
                         self._take(tasks)
+                    case Claimed(tasks=tasks, refused=refused):
+                        self.want_work.clear()
+                        self._hold(tasks, list(refused))
                     case LeasesLost(tasks=tasks):
                         for task in tasks:
                             self._forget(task)
@@ -293,8 +302,9 @@ class Worker:
             return
         self._take(tasks)
 
-    def _claim_batch(self, room: int) -> list[Task]:
-        """One claim round trip (main thread, or the waker while the main thread waits)."""
+    def _claim_batch(self, room: int, after_pop: tuple | None = None) -> list[Task]:
+        """One claim round trip (main thread, or the waker while the main thread waits:
+        behind its blocking pop, after_pop)."""
         request = ClaimRequest(
             self.spec.name,
             room,
@@ -310,9 +320,10 @@ class Worker:
             claim_tag=self.claim_tag,
         )
         started = time.perf_counter()
-        self.last_claim = result = self.queue.claim([request])
+        self.last_claim = result = self.queue.claim([request], after_pop=after_pop)
         tasks = result[self.spec.name]
-        self.sizer.observe_round_trip(time.perf_counter() - started)
+        if after_pop is None:  # a claim behind a pop waited: not a round trip's time
+            self.sizer.observe_round_trip(time.perf_counter() - started)
         self.stats.last_claim_at = time.time()
         return tasks
 
@@ -321,21 +332,33 @@ class Worker:
         if self.draining:
             self._release(tasks)
             return
+        refused, runnable = self._prepare(tasks)
+        self._hold(tasks, refused)
+        self.runner.submit(runnable)
+
+    def _prepare(self, tasks: list[Task]) -> tuple[list[Failure], list[Task]]:
+        """Fill in the agent's defaults; (refused: payloads the agent's type rejects, the
+        rest). Touches only the tasks: the waker calls it too."""
         refused: list[Failure] = []
         for task in tasks:
             if task.max_attempts is None:
                 task.max_attempts = self.spec.max_attempts
             task.emitter = self._emit
-            self.held[task.id] = task
             failure = check_payload(self.spec, task)
             if failure is not None:
                 refused.append(failure)
+        if not refused:
+            return refused, tasks
+        refused_ids = {f.task.id for f in refused}
+        return refused, [t for t in tasks if t.id not in refused_ids]
+
+    def _hold(self, tasks: list[Task], refused: list[Failure]) -> None:
+        """Count tasks as ours (main thread only); the refused ones fail at once."""
+        for task in tasks:
+            self.held[task.id] = task
         self.state = "busy"
         if refused:
-            refused_ids = {f.task.id for f in refused}
-            tasks = [t for t in tasks if t.id not in refused_ids]
             self._send([], refused, [])
-        self.runner.submit(tasks)
 
     def _redis_trouble(self, what: str, error: Exception) -> None:
         """Back off (capped) and log at most one line per interval while Redis is down."""
@@ -502,6 +525,7 @@ class Worker:
 
     def _shutdown(self) -> None:
         self.stop_event.set()
+        self._nudge_waker()
         # A claim the waker made while the main loop was stopping: wait for one in flight
         # (it gives its tasks back itself once it sees the stop), then give back those it
         # handed over that the main loop did not take.
@@ -529,11 +553,15 @@ class Worker:
         )  # fmt: skip
 
     def _claimed_but_not_taken(self) -> list[Task]:
+        """Tasks the waker claimed that the main loop never took: to give back. Those it
+        had started already are held now, like any other (unfinished: given back too)."""
         tasks: list[Task] = []
         try:
             while True:
                 event = self.events.get_nowait()
-                if isinstance(event, Claimed):
+                if isinstance(event, Claimed) and event.started:
+                    self._hold(event.tasks, list(event.refused))
+                elif isinstance(event, Claimed):
                     tasks.extend(event.tasks)
         except queue.Empty:
             return tasks
@@ -548,8 +576,8 @@ class Worker:
 
     def _waker_loop(self) -> None:
         """While the main thread has room and saw an empty queue: block in Redis for a wake
-        token, then claim right here and hand the tasks over (one thread hop, not two)."""
-        wake_key = self.agent_keys.wake
+        token with the claim queued behind it on the same connection (the server leases the
+        tasks the moment the token arrives: one round trip), and hand the tasks over."""
         while not self.stop_event.is_set():
             if not self.want_work.wait(timeout=_TICK_S):
                 continue
@@ -562,32 +590,73 @@ class Worker:
                 until_due = (due - last.server_ms) / 1000.0
                 timeout_s = min(timeout_s, max(0.01, until_due))
             try:
-                if due >= 0 and timeout_s == max(0.01, until_due):
-                    # Work is due at a known time (a retry, a rate limit's next start):
-                    # wait for it here, to the millisecond, not in BLPOP's coarser timeout.
-                    if self.stop_event.wait(max(0.0, until_due)):
-                        continue
-                else:
-                    self.manager.execute(lambda c, t=timeout_s: c.blpop([wake_key], timeout=t))
-                self.outage.recovered()
                 with self._waker_claiming:  # _shutdown waits for a claim in flight
-                    self._claim_after_wake()
+                    if due >= 0 and timeout_s == max(0.01, until_due):
+                        # Work is due at a known time (a retry, a rate limit's next start):
+                        # wait for it here, to the millisecond, not in BLPOP's coarser
+                        # timeout, then claim.
+                        if self.stop_event.wait(max(0.0, until_due)):
+                            continue
+                        self._claim_after_wake(None)
+                    else:
+                        self._claim_after_wake(timeout_s)
+                self.outage.recovered()
             except HandoffError as e:
                 self.outage.failed("wait for work", e)
                 self.stop_event.wait(max(0.1, self.backoff.current_s()))
                 self.events.put(WakeFailed())  # let the main thread retry (and back off)
 
-    def _claim_after_wake(self) -> None:
+    def _claim_after_wake(self, pop_timeout_s: float | None) -> None:
+        """Claim what room there is, behind a blocking pop of the wake list when
+        pop_timeout_s is given (or only pop, with no room: isolating a suspect)."""
         # held only shrinks while the main thread waits, so this room is safe.
         room = 0 if self._isolating() else self.sizer.capacity - len(self.held)
-        tasks = self._claim_batch(room) if room > 0 and not self.draining else []
+        after_pop = None
+        if pop_timeout_s is not None:
+            self._waker_popping = True  # _shutdown pushes to the nudge list from now on
+            if self.stop_event.is_set():
+                return
+            after_pop = (self._waker_lists, pop_timeout_s)
+        try:
+            if room <= 0 or self.draining:
+                if after_pop is not None:
+                    self.manager.execute(lambda c: c.blpop(list(after_pop[0]), after_pop[1]))
+                return
+            tasks = self._claim_batch(room, after_pop)
+        finally:
+            self._waker_popping = False
         if tasks and self.stop_event.is_set():
             self.queue.release(tasks)  # claimed while the worker stopped: give back
         elif tasks:
             # Claim nothing more until the main thread has taken these: until then
             # self.held does not show them (room and "solo" would be wrong).
             self.want_work.clear()
-            self.events.put(Claimed(tasks))
+            if self.draining:
+                self.events.put(Claimed(tasks))  # the main thread gives them back
+                return
+            # Straight to the handlers, not through the main thread: one thread hop from
+            # wake-up to start. The main thread hears first (the queue is FIFO), so it
+            # holds them before any of their outcomes can reach it.
+            refused, runnable = self._prepare(tasks)
+            self.events.put(Claimed(tasks, started=True, refused=tuple(refused)))
+            self.runner.submit(runnable)
+
+    def _nudge_waker(self) -> None:
+        """Unblock our own waker's pop (stopping): a token in the list only it waits on."""
+        if not self._waker_popping:
+            return
+        nudge = self._waker_lists[1]
+
+        def push(client) -> None:
+            pipe = client.pipeline(transaction=False)
+            pipe.rpush(nudge, "stop")
+            pipe.pexpire(nudge, 10_000)
+            pipe.execute()
+
+        try:
+            self.manager.execute(push, retry=False)
+        except HandoffError:
+            pass  # the pop times out on its own (at most _TICK_S)
 
     def _inbox_loop(self) -> None:
         """Block in Redis on this worker's inbox: the ids of its tasks that were cancelled

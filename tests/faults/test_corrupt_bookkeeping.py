@@ -39,6 +39,7 @@ GARBAGE = "garbage\u2603"
 # here, or a field read by a script without a scenario below, fails the coverage test.
 READS: dict[str, set[str]] = {
     "enqueue": set(),
+    "enqueue_ready": set(),  # a plain task: checks the id is new, reads no counter
     "claim": {"deliveries", "failures", "scores"},  # scores: promoting and reaping
     "ack": set(),
     "nack": {"failures"},

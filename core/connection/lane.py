@@ -1,0 +1,76 @@
+"""A fast lane for one-command calls: a few connections kept out of the pool.
+
+Runs in: every process, inside its RedisManager (server and Sentinel modes). A single
+enqueue is one EVALSHA, and on a local server most of its client-side time went to
+redis-py's layers around the socket: the blocking pool's locks, its liveness poll and
+bookkeeping on every checkout and release, and the client's per-command wrappers. The
+lane takes up to `size` connections from the pool once and keeps them: a checkout is a
+list pop, and the command is packed and sent on the socket directly. When every lane
+connection is busy, the caller uses the pool as before, so the lane never waits and
+never holds more than `size` of pool_size. The manager's retry, breaker and metrics wrap
+lane calls exactly as they wrap the others (see RedisManager.execute_command).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import redis.exceptions as rex
+
+NOT_TAKEN = object()  # lane full: use the pool
+
+
+class CommandLane:
+    """Up to size pooled connections, kept for single commands (list pop/append)."""
+
+    def __init__(self, pool: Any, size: int) -> None:
+        self._pool = pool
+        self._size = size
+        self._idle: list[Any] = []
+        self._taken = 0
+        self._lock = threading.Lock()
+
+    def call(self, *args: Any) -> Any:
+        """The reply to one command, or NOT_TAKEN when every lane connection is busy.
+
+        An error reply is raised (the connection stays, it is fine); any other failure
+        drops the socket first (it may hold half a reply): the next call reconnects."""
+        try:
+            connection = self._idle.pop()  # atomic: no lock on the way
+        except IndexError:
+            connection = self._grow()
+            if connection is None:
+                return NOT_TAKEN
+        try:
+            if self._stale(connection):
+                connection.disconnect()  # rotated like the pool's (max_conn_age_s)
+            # connect() as the pool would: a no-op when connected; a Sentinel connection
+            # asks the sentinels for the primary here (sending would reconnect to the old).
+            connection.connect()
+            connection.send_command(*args)
+            return connection.read_response()
+        except rex.ResponseError:
+            raise
+        except BaseException:
+            connection.disconnect()
+            raise
+        finally:
+            self._idle.append(connection)
+
+    def _grow(self) -> Any:
+        with self._lock:
+            if self._taken >= self._size:
+                return None
+            self._taken += 1
+        try:
+            return self._pool.get_connection()
+        except BaseException:
+            with self._lock:
+                self._taken -= 1
+            raise
+
+    def _stale(self, connection: Any) -> bool:
+        too_old = getattr(self._pool, "_too_old", None)
+        return too_old is not None and too_old(connection, time.monotonic())
