@@ -1,10 +1,11 @@
 """handoff: hand tasks between agents through Redis. The public interface:
 
-    from handoff import agent, Handoff, Join, Client
+    from handoff import agent, Handoff, Join, Client, AsyncClient
 
 plus Task and the errors a user catches; everything else lives in the layer subpackages.
 """
 
+from handoff.async_client import AsyncClient
 from handoff.client import Client, ResultTimeout, TaskDead, TaskExpired
 from handoff.errors import (
     CircuitOpen,
@@ -22,6 +23,7 @@ from handoff.runtime.agents import Handoff, Join, agent
 from handoff.runtime.schedules import schedule
 
 __all__ = [
+    "AsyncClient",
     "CircuitOpen",
     "Client",
     "ConfigError",

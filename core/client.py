@@ -22,8 +22,9 @@ from handoff.errors import HandoffError, InvalidPayload, TaskCancelled
 from handoff.protocol import runs, streams
 from handoff.protocol.cancel import CancelReport, cancel
 from handoff.protocol.groups import check_group
-from handoff.protocol.keys import check_agent
-from handoff.protocol.queue import TaskQueue, TaskRejected
+from handoff.protocol.keys import Keys, check_agent
+from handoff.protocol.plan import Call, Pause, Plan
+from handoff.protocol.queue import QueueBase, TaskQueue, TaskRejected
 from handoff.protocol.task import (
     Task,
     agent_of,
@@ -127,6 +128,85 @@ def check_delay_ms(delay_s: object) -> int:
     return int(delay_s * 1000)  # type: ignore[operator]
 
 
+def one_task(agent: str, payload: Any, *, group: str | None = None, **options: Any) -> Task:
+    """Client.enqueue's task: validated (build_task), in the caller's trace, in its group."""
+    task = build_task(agent, payload, **options)
+    task.traceparent = tracing.current_traceparent()  # the run's parent span, if any
+    if group is not None:
+        task.group = check_group(group)
+    return task
+
+
+def many_tasks(
+    agent: str,
+    payloads: Iterable[Any],
+    *,
+    priority: int,
+    delay_s: float,
+    keys: Sequence[str] | None,
+    expires_in_s: float | None,
+    run_deadline_s: float | None,
+    group: str | None,
+) -> list[Task]:
+    """Client.enqueue_many's tasks, every one validated before any is sent."""
+    check_agent(agent)
+    check_priority(priority)
+    delay_ms = check_delay_ms(delay_s)
+    payloads = list(payloads)
+    if keys is not None and len(keys) != len(payloads):
+        raise InvalidPayload(f"keys: {len(keys)} given for {len(payloads)} payloads")
+    stamp = now_ms()
+    not_before = stamp + delay_ms if delay_ms > 0 else None
+    expires_at, run_deadline_at = deadlines_at(stamp, expires_in_s, run_deadline_s)
+    tasks = []
+    append = tasks.append
+    traceparent = tracing.current_traceparent()  # the runs' parent span, if any
+    if group is not None:
+        check_group(group)
+    spec = registered(agent)
+    typed = spec is not None and spec.payload_type is not None
+    for index, payload in enumerate(payloads):
+        if typed or type(payload) not in JSON_TYPES:  # a model, or a declared type
+            try:
+                payload = payload_for(agent, payload)
+            except InvalidPayload as e:
+                raise TaskRejected(index, str(e), f"payloads[{index}]") from None
+        key = None if keys is None else keys[index]
+        if key is None:
+            task_id = new_task_id(agent, stamp)
+        elif isinstance(key, str) and 0 < len(key) <= 256:
+            task_id = derived_task_id(agent, "key", key)
+        else:
+            raise TaskRejected(index, "must be a string of 1 to 256 characters", f"keys[{index}]")
+        append(
+            Task(
+                id=task_id,
+                agent=agent,
+                payload=payload,
+                priority=priority,
+                created_at=stamp,
+                enqueued_at=stamp,
+                not_before=not_before,
+                key=key,
+                expires_at=expires_at,
+                run_deadline_at=run_deadline_at,
+                traceparent=traceparent,
+                group=group,
+            )
+        )
+    return tasks
+
+
+def enqueue_many_plan(queue: QueueBase, tasks: list[Task]) -> Plan[list[str]]:
+    """Store a batch; a rejected task is named by its place among the payloads."""
+    if tasks:
+        try:
+            yield from queue.enqueue_plan(tasks)
+        except TaskRejected as e:
+            raise TaskRejected(e.index, e.detail, f"payloads[{e.index}]") from None
+    return [task.id for task in tasks]
+
+
 class Client:
     """Enqueue tasks and look at them. `Client()` reads REDIS_URL / HANDOFF_* settings."""
 
@@ -143,7 +223,8 @@ class Client:
     def queue(self) -> TaskQueue:
         if self._queue is None or self._pid != os.getpid():
             # A new process: drop (never close) the parent's sockets and build our own.
-            self._queue = TaskQueue(RedisManager(self.settings.redis), self.settings)
+            manager = RedisManager(self.settings.redis)
+            self._queue = TaskQueue(manager, self.settings, waiting=self._waiting_manager)
             self._waiting = None
             self._pid = os.getpid()
         return self._queue
@@ -162,6 +243,9 @@ class Client:
                 manager = RedisManager(config, background=False)
                 self._waiting = TaskQueue(manager, self.settings)
             return self._waiting
+
+    def _waiting_manager(self) -> RedisManager:
+        return self.waiting.manager
 
     def close(self) -> None:
         if self._queue is not None and self._pid == os.getpid():
@@ -199,7 +283,7 @@ class Client:
         is not interrupted: that is timeout_s). run_deadline_s: the same for every task of
         the run it starts. group: its group takes turns with the others at every claim,
         under the agent's group_rate and group_concurrency; its handoffs inherit it."""
-        task = build_task(
+        task = one_task(
             agent,
             payload,
             priority=priority,
@@ -209,10 +293,8 @@ class Client:
             timeout_s=timeout_s,
             expires_in_s=expires_in_s,
             run_deadline_s=run_deadline_s,
+            group=group,
         )
-        task.traceparent = tracing.current_traceparent()  # the run's parent span, if any
-        if group is not None:
-            task.group = check_group(group)
         self.queue.enqueue([task])
         return task.id
 
@@ -233,99 +315,24 @@ class Client:
         A bad payload raises TaskRejected (an InvalidPayload) naming its index; nothing of
         the batch is written then.
         """
-        check_agent(agent)
-        check_priority(priority)
-        delay_ms = check_delay_ms(delay_s)
-        payloads = list(payloads)
-        if keys is not None and len(keys) != len(payloads):
-            raise InvalidPayload(f"keys: {len(keys)} given for {len(payloads)} payloads")
-        stamp = now_ms()
-        not_before = stamp + delay_ms if delay_ms > 0 else None
-        expires_at, run_deadline_at = deadlines_at(stamp, expires_in_s, run_deadline_s)
-        tasks = []
-        append = tasks.append
-        traceparent = tracing.current_traceparent()  # the runs' parent span, if any
-        if group is not None:
-            check_group(group)
-        spec = registered(agent)
-        typed = spec is not None and spec.payload_type is not None
-        for index, payload in enumerate(payloads):
-            if typed or type(payload) not in JSON_TYPES:  # a model, or a declared type
-                try:
-                    payload = payload_for(agent, payload)
-                except InvalidPayload as e:
-                    raise TaskRejected(index, str(e), f"payloads[{index}]") from None
-            key = None if keys is None else keys[index]
-            if key is None:
-                task_id = new_task_id(agent, stamp)
-            elif isinstance(key, str) and 0 < len(key) <= 256:
-                task_id = derived_task_id(agent, "key", key)
-            else:
-                raise TaskRejected(
-                    index, "must be a string of 1 to 256 characters", f"keys[{index}]"
-                )
-            append(
-                Task(
-                    id=task_id,
-                    agent=agent,
-                    payload=payload,
-                    priority=priority,
-                    created_at=stamp,
-                    enqueued_at=stamp,
-                    not_before=not_before,
-                    key=key,
-                    expires_at=expires_at,
-                    run_deadline_at=run_deadline_at,
-                    traceparent=traceparent,
-                    group=group,
-                )
-            )
-        if tasks:
-            try:
-                self.queue.enqueue(tasks)
-            except TaskRejected as e:
-                raise TaskRejected(e.index, e.detail, f"payloads[{e.index}]") from None
-        return [task.id for task in tasks]
+        tasks = many_tasks(
+            agent,
+            payloads,
+            priority=priority,
+            delay_s=delay_s,
+            keys=keys,
+            expires_in_s=expires_in_s,
+            run_deadline_s=run_deadline_s,
+            group=group,
+        )
+        return self.queue.run(enqueue_many_plan(self.queue, tasks))
 
     # -- looking ---------------------------------------------------------------------------
 
     def status(self, task_id: str) -> str:
         """queued | delayed | running | done | dead | expired | cancelled | unknown (one
         round trip)."""
-        return self._status_and_result(task_id)[0]
-
-    def _status_and_result(self, task_id: str) -> tuple[str, bytes | None]:
-        keys = self.queue.keys.agent(agent_of(task_id))
-
-        def probe(client) -> list:
-            # Not MULTI: a producer's least-privilege ACL (config/acl.conf) allows only reads.
-            pipe = client.pipeline(transaction=False)
-            pipe.get(keys.result(task_id))
-            pipe.zscore(keys.dead, task_id)
-            pipe.zscore(keys.leases, task_id)
-            pipe.zscore(keys.delayed, task_id)
-            pipe.zscore(keys.queue, task_id)
-            pipe.hget(keys.task_groups, task_id)
-            return pipe.execute()
-
-        # The five reads are not one snapshot: a task that moved between two of them (say
-        # queue -> leases) can be missed by both. Such a miss looks "unknown"; look again.
-        for _ in range(3):
-            done, dead, running, delayed, queued, group = self.queue.manager.execute(probe)
-            if group is not None and {queued, running, delayed, dead} == {None}:
-                queued = self._grouped_score(keys.group_queue(group.decode()), task_id)
-            if done is not None:
-                return _finished_status(done), done
-            for name, score in (("dead", dead), ("running", running), ("delayed", delayed)):
-                if score is not None:
-                    return name, None
-            if queued is not None:
-                return "queued", None
-        return "unknown", None
-
-    def _grouped_score(self, group_queue: str, task_id: str) -> float | None:
-        """A grouped task's place in its group's ready set (None: not ready)."""
-        return self.queue.manager.execute(lambda c: c.zscore(group_queue, task_id))
+        return self.queue.run(status_plan(self.queue.keys, task_id))[0]
 
     def result(self, task_id: str, wait_s: float = 5.0, *, follow: bool = False) -> Any:
         """The task's result, waiting up to wait_s for it to finish.
@@ -338,48 +345,7 @@ class Client:
         ResultTimeout when it is not done in time. Either way it blocks in Redis on the
         end notice the ack writes (no polling): one blocking call per WAIT_CHUNK_S.
         """
-        check_range("wait_s", wait_s, 0, 86_400 * 7, error=InvalidPayload)
-        if follow:
-            return self._follow(task_id, wait_s)
-        agent_of(task_id)
-        deadline = time.monotonic() + wait_s
-        block_s = WAIT_CHUNK_S
-        while True:
-            remaining = deadline - time.monotonic()
-            flag_ms = int((min(remaining, block_s) + 5) * 1000)
-            state = runs.task_state(self.queue, task_id, flag_ms)
-            if state.kind == "done":
-                return _result_of(task_id, state.record or {})
-            if state.kind == "dead":
-                raise TaskDead(f"task {task_id} is dead: {state.reason}")
-            if remaining <= 0:
-                status = "unknown" if state.kind == "unknown" else self.status(task_id)
-                raise ResultTimeout(f"task {task_id} is still {status} after {wait_s}s")
-            if state.kind == "unknown":  # nothing will push: wait out the time, then say so
-                time.sleep(min(remaining, block_s))
-                continue
-            runs.wait_done(self.waiting, task_id, min(remaining, block_s))
-
-    def _follow(self, task_id: str, wait_s: float) -> Any:
-        agent_of(task_id)
-        deadline = time.monotonic() + wait_s
-        root = runs.run_of(self.queue, task_id)
-        block_s = WAIT_CHUNK_S
-        while True:
-            remaining = deadline - time.monotonic()
-            flag_ms = int((min(remaining, block_s) + 5) * 1000)
-            state = runs.run_state(self.queue, root, flag_ms)
-            if state.kind == "single":
-                return _result_of(root, state.record or {})
-            if state.kind == "dead":
-                raise TaskDead(f"run {root} ended dead: task {root}: {state.reason}")
-            if state.kind == "ended":
-                return _run_result(root, state.ends)
-            if state.kind == "unknown":
-                raise ResultTimeout(f"run {root} is unknown (never enqueued, or long gone)")
-            if remaining <= 0:
-                raise ResultTimeout(f"run {root} has not ended after {wait_s}s")
-            runs.wait_ended(self.waiting, root, min(remaining, block_s))
+        return self.queue.run(result_plan(self.queue.keys, task_id, wait_s, follow=follow))
 
     def cancel(self, task_id: str, *, run: bool = False) -> CancelReport:
         """Cancel a task, or (run=True) every task of the run it belongs to, on every agent.
@@ -389,8 +355,10 @@ class Client:
         sees task.cancelled); whatever they return afterwards, handoffs included, is
         dropped. After a run cancel no task of the run starts. A finished or unknown task is
         left as it is: the report says so (report.line() is one line for a person)."""
-        keep_ms = int(max(self.settings.result_ttl_s, self.settings.run_ttl_s) * 1000)
-        return cancel(self.queue, task_id, run=run, keep_ms=keep_ms)
+        return self.queue.run(cancel(self.queue, task_id, run=run, keep_ms=self._keep_ms()))
+
+    def _keep_ms(self) -> int:
+        return int(max(self.settings.result_ttl_s, self.settings.run_ttl_s) * 1000)
 
     def stream(
         self,
@@ -405,35 +373,14 @@ class Client:
         seq, attempt, data). follow=True waits for more (blocking in Redis, no polling)
         and ends when the run ends; after= resumes after an event's id; wait_s bounds
         the whole wait (ResultTimeout). An unknown id is a one-line InvalidPayload."""
-        agent_of(run_or_task_id)
-        streams.check_after(after)
-        root = runs.run_of(self.queue, run_or_task_id)
-        if runs.run_state(self.queue, root, 1000).kind == "unknown":
-            raise InvalidPayload(f"stream of {run_or_task_id}: no such task or run (never "
-                                 "enqueued, or long gone)")  # fmt: skip
-        deadline = None if wait_s is None else time.monotonic() + wait_s
-
-        def ended() -> bool:
-            if deadline is not None and time.monotonic() > deadline:
-                raise ResultTimeout(f"run {root} has not ended after {wait_s}s")
-            flag_ms = int((STREAM_CHUNK_S + 5) * 1000)
-            return runs.run_state(self.queue, root, flag_ms).kind != "wait"
-
-        block_s = STREAM_CHUNK_S if wait_s is None else min(STREAM_CHUNK_S, wait_s)
-        yield from streams.read(
-            self.queue, self.waiting, root, follow=follow, after=after, block_s=block_s,
-            ended=ended,
-        )  # fmt: skip
+        plan = stream_plan(self.queue.keys, run_or_task_id, follow, after, wait_s)
+        return self.queue.iterate(plan)
 
     def tree(self, run_id: str) -> dict[str, Any]:
         """The run as nested dicts: each task's id, agent, status, attempt, times (ms),
         (shortened) result or reason, children, and a join's then. Raises InvalidPayload
         for an unknown or expired run."""
-        agent_of(run_id)
-        tree = runs.read_tree(self.queue, run_id, self.settings.tree_result_bytes)
-        if tree is None:
-            raise InvalidPayload(f"run {run_id} is unknown (never enqueued, or its tree expired)")
-        return tree
+        return self.queue.run(tree_plan(self.queue.keys, run_id, self.settings.tree_result_bytes))
 
     def dead_reason(self, task_id: str) -> str:
         keys = self.queue.keys.agent(agent_of(task_id))
@@ -444,7 +391,7 @@ class Client:
         """Everything known about one task (for `handoff inspect task`)."""
         agent = agent_of(task_id)
         keys = self.queue.keys.agent(agent)
-        status, raw_result = self._status_and_result(task_id)
+        status, raw_result = self.queue.run(status_plan(self.queue.keys, task_id))
 
         def read(client) -> list:
             pipe = client.pipeline(transaction=False)
@@ -496,6 +443,119 @@ class Client:
         """Delete dead tasks (ids, or the oldest limit) and their payloads for good."""
         _check_dead_selection(agent, ids, limit)
         return self.queue.dead_purge(agent, ids, limit)
+
+
+# -- plans shared with AsyncClient (protocol/plan.py) ---------------------------------------
+
+
+def status_plan(keys: Keys, task_id: str) -> Plan[tuple[str, bytes | None]]:
+    """(status, the finished record) of one task."""
+    agent_keys = keys.agent(agent_of(task_id))
+
+    def probe(client) -> Any:
+        # Not MULTI: a producer's least-privilege ACL (config/acl.conf) allows only reads.
+        pipe = client.pipeline(transaction=False)
+        pipe.get(agent_keys.result(task_id))
+        pipe.zscore(agent_keys.dead, task_id)
+        pipe.zscore(agent_keys.leases, task_id)
+        pipe.zscore(agent_keys.delayed, task_id)
+        pipe.zscore(agent_keys.queue, task_id)
+        pipe.hget(agent_keys.task_groups, task_id)
+        return pipe.execute()
+
+    # The five reads are not one snapshot: a task that moved between two of them (say
+    # queue -> leases) can be missed by both. Such a miss looks "unknown"; look again.
+    for _ in range(3):
+        done, dead, running, delayed, queued, group = yield Call(probe, n_operations=6)
+        if group is not None and {queued, running, delayed, dead} == {None}:
+            group_queue = agent_keys.group_queue(group.decode())
+            queued = yield Call(lambda c, q=group_queue: c.zscore(q, task_id))
+        if done is not None:
+            return _finished_status(done), done
+        for name, score in (("dead", dead), ("running", running), ("delayed", delayed)):
+            if score is not None:
+                return name, None
+        if queued is not None:
+            return "queued", None
+    return "unknown", None
+
+
+def result_plan(keys: Keys, task_id: str, wait_s: float, *, follow: bool) -> Plan[Any]:
+    """Client.result: wait on the task's (or its run's) end notice, in chunks."""
+    check_range("wait_s", wait_s, 0, 86_400 * 7, error=InvalidPayload)
+    agent_of(task_id)
+    if follow:
+        return (yield from _follow_plan(keys, task_id, wait_s))
+    deadline = time.monotonic() + wait_s
+    block_s = WAIT_CHUNK_S
+    while True:
+        remaining = deadline - time.monotonic()
+        flag_ms = int((min(remaining, block_s) + 5) * 1000)
+        state = yield from runs.task_state(keys, task_id, flag_ms)
+        if state.kind == "done":
+            return _result_of(task_id, state.record or {})
+        if state.kind == "dead":
+            raise TaskDead(f"task {task_id} is dead: {state.reason}")
+        if remaining <= 0:
+            status = "unknown"
+            if state.kind != "unknown":
+                status = (yield from status_plan(keys, task_id))[0]
+            raise ResultTimeout(f"task {task_id} is still {status} after {wait_s}s")
+        if state.kind == "unknown":  # nothing will push: wait out the time, then say so
+            yield Pause(min(remaining, block_s))
+            continue
+        yield from runs.wait_done(keys, task_id, min(remaining, block_s))
+
+
+def _follow_plan(keys: Keys, task_id: str, wait_s: float) -> Plan[Any]:
+    deadline = time.monotonic() + wait_s
+    root = yield from runs.run_of(keys, task_id)
+    block_s = WAIT_CHUNK_S
+    while True:
+        remaining = deadline - time.monotonic()
+        flag_ms = int((min(remaining, block_s) + 5) * 1000)
+        state = yield from runs.run_state(keys, root, flag_ms)
+        if state.kind == "single":
+            return _result_of(root, state.record or {})
+        if state.kind == "dead":
+            raise TaskDead(f"run {root} ended dead: task {root}: {state.reason}")
+        if state.kind == "ended":
+            return _run_result(root, state.ends)
+        if state.kind == "unknown":
+            raise ResultTimeout(f"run {root} is unknown (never enqueued, or long gone)")
+        if remaining <= 0:
+            raise ResultTimeout(f"run {root} has not ended after {wait_s}s")
+        yield from runs.wait_ended(keys, root, min(remaining, block_s))
+
+
+def stream_plan(
+    keys: Keys, run_or_task_id: str, follow: bool, after: str, wait_s: float | None
+) -> Plan[None]:
+    """Client.stream: the run's events (yielded among the plan's requests)."""
+    agent_of(run_or_task_id)
+    streams.check_after(after)
+    root = yield from runs.run_of(keys, run_or_task_id)
+    if (yield from runs.run_state(keys, root, 1000)).kind == "unknown":
+        raise InvalidPayload(f"stream of {run_or_task_id}: no such task or run (never "
+                             "enqueued, or long gone)")  # fmt: skip
+    deadline = None if wait_s is None else time.monotonic() + wait_s
+
+    def ended() -> Plan[bool]:
+        if deadline is not None and time.monotonic() > deadline:
+            raise ResultTimeout(f"run {root} has not ended after {wait_s}s")
+        flag_ms = int((STREAM_CHUNK_S + 5) * 1000)
+        return (yield from runs.run_state(keys, root, flag_ms)).kind != "wait"
+
+    block_s = STREAM_CHUNK_S if wait_s is None else min(STREAM_CHUNK_S, wait_s)
+    yield from streams.read(keys, root, follow=follow, after=after, block_s=block_s, ended=ended)
+
+
+def tree_plan(keys: Keys, run_id: str, result_bytes: int) -> Plan[dict[str, Any]]:
+    agent_of(run_id)
+    tree = yield from runs.read_tree(keys, run_id, result_bytes)
+    if tree is None:
+        raise InvalidPayload(f"run {run_id} is unknown (never enqueued, or its tree expired)")
+    return tree
 
 
 def _finished_status(record: bytes) -> str:

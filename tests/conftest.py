@@ -138,6 +138,18 @@ def client(redis_url):
         yield c
 
 
+@pytest.fixture(params=["Client", "AsyncClient"])
+def either_client(request, redis_url):
+    """Client, then AsyncClient (driven from the test's threads: harness/async_facade.py):
+    a behaviour test taking this fixture holds for both."""
+    from handoff.config import RedisPoolConfig, Settings
+    from harness.async_facade import either
+
+    settings = Settings(redis=RedisPoolConfig(url=redis_url))
+    with either(request.param, settings) as c:
+        yield c
+
+
 @pytest.fixture
 def start(redis_url, tmp_path):
     """start(args, **settings) -> a running `handoff` process (test agents from

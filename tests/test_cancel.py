@@ -64,7 +64,8 @@ def test_cancelled_queued_tasks_never_start_and_the_others_all_run(client, raw_r
         client.result(next(iter(doomed)), 1)
 
 
-def test_a_delayed_task_is_cancelled_and_a_finished_or_unknown_one_is_left_alone(client):
+def test_a_delayed_task_is_cancelled_and_a_finished_or_unknown_one_is_left_alone(either_client):
+    client = either_client
     later = client.enqueue("noop", {}, delay_s=60)
     report = client.cancel(later)
     assert report.was == {"delayed": 1} and "never starts" in report.line()
@@ -86,8 +87,11 @@ def test_cancel_of_a_malformed_id_is_one_line_and_exit_2(redis_url, client, monk
         client.cancel("{bad}")
 
 
-def test_a_cancelled_async_handler_gets_cancelled_error_at_once(client, raw_redis, run_handoff):
+def test_a_cancelled_async_handler_gets_cancelled_error_at_once(
+    either_client, raw_redis, run_handoff
+):
     """50 trials: the time from the cancel call to the handler's CancelledError."""
+    client = either_client
     run_handoff(["worker", "patient"])
     delays_ms = []
     for trial in range(50):

@@ -17,6 +17,7 @@ from handoff.errors import InvalidAgentName, InvalidPayload
 from handoff.protocol.keys import Keys
 from handoff.protocol.queue import ClaimRequest, Completion, Failure, TaskQueue, TaskRejected
 from handoff.protocol.task import PRIORITY_SHIFT
+from harness.async_facade import either
 from harness.procs import command_calls, wait_until
 
 # Every test here runs on one server and on a 3-primary cluster (tests/conftest.py).
@@ -30,8 +31,17 @@ def settings(redis_url) -> Settings:
     return Settings(redis=RedisPoolConfig(url=redis_url), max_payload_bytes=10_000)
 
 
+@pytest.fixture(params=["Client", "AsyncClient"])
+def client(request, settings) -> Iterator[Client]:
+    """Each behaviour test runs on Client and on AsyncClient (driven from this thread by
+    harness/async_facade.py): one test body, both clients."""
+    with either(request.param, settings) as c:
+        yield c
+
+
 @pytest.fixture
-def client(settings) -> Iterator[Client]:
+def sync_client(settings) -> Iterator[Client]:
+    """For what only Client does (dead letters, stats, a fork)."""
     with Client(settings=settings) as c:
         yield c
 
@@ -196,47 +206,47 @@ def test_an_unknown_task_id_shape_is_rejected(client):
         client.enqueue("Not Valid", {})
 
 
-def test_dead_letters_list_requeue_and_purge(client, worker_queue, raw_redis):
+def test_dead_letters_list_requeue_and_purge(sync_client, worker_queue, raw_redis):
     keys = Keys().agent("a")
-    ids = client.enqueue_many("a", [{"n": i} for i in range(3)])
+    ids = sync_client.enqueue_many("a", [{"n": i} for i in range(3)])
     tasks = worker_queue.claim([ClaimRequest("a", 3, LEASE_MS)])["a"]
     worker_queue.nack(
         [Failure(t, f"broken {t.payload['n']}", traceback="tb", dead_now=True) for t in tasks]
     )
-    listed = client.dead_list("a")
+    listed = sync_client.dead_list("a")
     assert [e["id"] for e in listed] == ids
     assert [e["reason"] for e in listed] == ["broken 0", "broken 1", "broken 2"]
     assert all(e["traceback"] == "tb" and e["payload_bytes"] > 0 for e in listed)
 
-    assert client.dead_requeue("a", [ids[1]]) == [ids[1]]
-    assert client.status(ids[1]) == "queued"
+    assert sync_client.dead_requeue("a", [ids[1]]) == [ids[1]]
+    assert sync_client.status(ids[1]) == "queued"
     task = claim_one(worker_queue)
     assert task.id == ids[1] and task.attempt == 1  # fresh attempts
 
-    assert client.dead_purge("a") == 2
-    assert client.dead_list("a") == []
-    assert {client.status(i) for i in (ids[0], ids[2])} == {"unknown"}
+    assert sync_client.dead_purge("a") == 2
+    assert sync_client.dead_list("a") == []
+    assert {sync_client.status(i) for i in (ids[0], ids[2])} == {"unknown"}
     assert not raw_redis.hexists(keys.tasks, ids[0])
-    assert client.dead_requeue("a") == [] and client.dead_purge("a") == 0
+    assert sync_client.dead_requeue("a") == [] and sync_client.dead_purge("a") == 0
     with pytest.raises(InvalidPayload, match="does not belong to agent"):
-        client.dead_purge("a", ["b.x1"])
+        sync_client.dead_purge("a", ["b.x1"])
     with pytest.raises(InvalidPayload, match="limit"):
-        client.dead_requeue("a", limit=0)
+        sync_client.dead_requeue("a", limit=0)
 
 
-def test_task_and_queue_stats(client, worker_queue):
-    tid = client.enqueue("a", {"k": "v"}, priority=3)
-    client.enqueue("a", {}, delay_s=600)
-    info = client.task(tid)
+def test_task_and_queue_stats(sync_client, worker_queue):
+    tid = sync_client.enqueue("a", {"k": "v"}, priority=3)
+    sync_client.enqueue("a", {}, delay_s=600)
+    info = sync_client.task(tid)
     assert info["status"] == "queued" and info["task"]["payload"] == {"k": "v"}
     assert info["task"]["priority"] == 3
-    stats = client.queue_stats()
+    stats = sync_client.queue_stats()
     assert stats["a"]["queued"] == 1 and stats["a"]["delayed"] == 1
     assert stats["a"]["enqueued"] == 2
     worker_queue.ack([Completion(claim_one(worker_queue), b"7")])
-    info = client.task(tid)
+    info = sync_client.task(tid)
     assert info["status"] == "done" and info["result"]["result"] == 7
-    assert client.queue_stats(["a"])["a"]["done"] == 1
+    assert sync_client.queue_stats(["a"])["a"]["done"] == 1
 
 
 def test_build_task_places_a_delayed_task_at_its_due_time():
@@ -247,18 +257,18 @@ def test_build_task_places_a_delayed_task_at_its_due_time():
     assert PRIORITY_SHIFT > 10 * 365 * 86_400_000
 
 
-def test_a_client_made_before_fork_builds_its_own_pool_in_the_child(client, raw_redis):
+def test_a_client_made_before_fork_builds_its_own_pool_in_the_child(sync_client, raw_redis):
     import os
 
-    tid = client.enqueue("a", {})
+    tid = sync_client.enqueue("a", {})
     pid = os.fork()
     if pid == 0:  # the child: the inherited client must not reuse the parent's sockets
         code = 1
         try:
-            code = 0 if client.status(tid) == "queued" and client.enqueue("a", {}) else 3
+            code = 0 if sync_client.status(tid) == "queued" and sync_client.enqueue("a", {}) else 3
         finally:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.WEXITSTATUS(status) == 0
-    assert client.status(tid) == "queued"
+    assert sync_client.status(tid) == "queued"
     assert raw_redis.zcard(Keys().agent("a").queue) == 2

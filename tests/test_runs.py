@@ -15,6 +15,7 @@ from handoff import Handoff, Join
 from handoff.client import ResultTimeout, TaskDead
 from handoff.errors import InvalidPayload
 from handoff.testing import InProcessApp
+from harness.async_facade import either
 from harness.procs import command_calls, wait_until
 
 BACKENDS = ("server", "cluster")
@@ -26,6 +27,16 @@ def app(redis_url, monkeypatch):
     made = InProcessApp("apps.flows", redis_url)
     yield made
     made.close()
+
+
+@pytest.fixture(params=["Client", "AsyncClient"])
+def reader(request, app):
+    """Who reads the runs: the app's Client, then an AsyncClient."""
+    if request.param == "Client":
+        yield app.client
+        return
+    with either("AsyncClient", app.client.settings) as c:
+        yield c
 
 
 def merged(raw_redis) -> list[dict]:
@@ -97,26 +108,26 @@ def test_nested_joins_end_inside_out(app, raw_redis):
     assert nested["then"]["id"] == record["branches"][0][0]["id"]
 
 
-def test_follow_returns_the_single_end_the_list_of_ends_or_the_task_itself(app):
+def test_follow_returns_the_single_end_the_list_of_ends_or_the_task_itself(app, reader):
     single = app.enqueue("echo", {"x": 1})
     chain = app.enqueue("echo", {"x": 2, "next": "echo"})
     app.run_until_idle()
-    assert app.client.result(single, 5, follow=True) == {"x": 1}
-    assert app.client.result(chain, 5, follow=True) == {"x": 2}
-    assert app.client.result(chain, 5) == {"handoff": [app.client.tree(chain)["children"][0]["id"]]}
+    assert reader.result(single, 5, follow=True) == {"x": 1}
+    assert reader.result(chain, 5, follow=True) == {"x": 2}
+    assert reader.result(chain, 5) == {"handoff": [reader.tree(chain)["children"][0]["id"]]}
     fan = app.enqueue("splitter", {"n": 2, "hops": 1, "fan": True})
     app.run_until_idle()
-    step = app.client.tree(fan)["children"][0]["id"]
+    step = reader.tree(fan)["children"][0]["id"]
     # A task inside a run follows the run it belongs to.
-    assert app.client.result(step, 5, follow=True) == {"merged": [[{"i": 0}] * 2, [{"i": 1}] * 2]}
+    assert reader.result(step, 5, follow=True) == {"merged": [[{"i": 0}] * 2, [{"i": 1}] * 2]}
 
 
-def test_a_follow_waiter_blocks_without_polling_and_wakes_at_the_end(app, raw_redis, backend):
+def test_a_follow_waiter_blocks_without_polling_and_wakes_at_the_end(
+    app, reader, raw_redis, backend
+):
     root = app.enqueue("splitter", {"n": 20})
     got: dict = {}
-    waiter = threading.Thread(
-        target=lambda: got.update(value=app.client.result(root, 30, follow=True))
-    )
+    waiter = threading.Thread(target=lambda: got.update(value=reader.result(root, 30, follow=True)))
     before = command_calls(raw_redis)
     waiter.start()
     time.sleep(1.0)  # the waiter sits in Redis for this long: count what it sent meanwhile
@@ -129,20 +140,20 @@ def test_a_follow_waiter_blocks_without_polling_and_wakes_at_the_end(app, raw_re
     assert sent.get("evalsha", 0) <= 2, sent  # the follow script, not a polling loop
 
 
-def test_follow_times_out_on_an_open_run_and_fails_on_an_unknown_one(app):
+def test_follow_times_out_on_an_open_run_and_fails_on_an_unknown_one(app, reader):
     root = app.enqueue("splitter", {"n": 1})
     with pytest.raises(ResultTimeout, match=f"run {root} has not ended after 0.2s"):
-        app.client.result(root, 0.2, follow=True)
+        reader.result(root, 0.2, follow=True)
     with pytest.raises(ResultTimeout, match="is unknown"):
-        app.client.result("splitter.nosuchtask", 1, follow=True)
+        reader.result("splitter.nosuchtask", 1, follow=True)
 
 
-def test_the_tree_matches_what_the_handlers_did(app, raw_redis):
+def test_the_tree_matches_what_the_handlers_did(app, reader, raw_redis):
     root = app.enqueue("splitter", {"n": 2, "hops": 1, "fan": True, "poison": [1]})
     runs = app.run_until_idle()
-    tree = app.client.tree(root)
+    tree = reader.tree(root)
     assert tree["id"] == root and tree["status"] == "done" and tree["join"]
-    assert [c["id"] for c in tree["children"]] == app.client.result(root)["join"]["branches"]
+    assert [c["id"] for c in tree["children"]] == reader.result(root)["join"]["branches"]
     first, poisoned = tree["children"]
     assert [c["id"] for c in first["children"]] == runs[first["id"]].children
     assert all(c["status"] == "done" and c["result"] == {"i": 0} for c in first["children"])
@@ -154,9 +165,9 @@ def test_the_tree_matches_what_the_handlers_did(app, raw_redis):
         assert isinstance(node["enqueued_at"], int) and isinstance(node["finished_at"], int)
 
 
-def test_an_unknown_tree_is_a_one_line_error(app):
+def test_an_unknown_tree_is_a_one_line_error(app, reader):
     with pytest.raises(InvalidPayload, match=r"^run splitter\.nope is unknown"):
-        app.client.tree("splitter.nope")
+        reader.tree("splitter.nope")
 
 
 @pytest.mark.parametrize(

@@ -27,7 +27,10 @@ def _read(client, run_id, out: list, **options) -> threading.Thread:
     return thread
 
 
-def test_a_reader_gets_every_chunk_in_order_within_ms_of_its_emit(client, start, record_property):
+def test_a_reader_gets_every_chunk_in_order_within_ms_of_its_emit(
+    either_client, start, record_property
+):
+    client = either_client
     start(["worker", "talker"], app="apps.streams")
     root = client.enqueue("talker", {"n": 200, "sleep_s": 0.005})
     got: list = []
@@ -52,7 +55,8 @@ def test_a_reader_gets_every_chunk_in_order_within_ms_of_its_emit(client, start,
     assert client.result(root, 5) == {"chunks": 200}
 
 
-def test_the_reader_follows_the_run_into_the_next_agent(client, start):
+def test_the_reader_follows_the_run_into_the_next_agent(either_client, start):
+    client = either_client
     start(["worker", "relay"], app="apps.streams")
     start(["worker", "talker"], app="apps.streams")
     root = client.enqueue("relay", {"n": 20, "sleep_s": 0.002})
@@ -69,7 +73,8 @@ def test_the_reader_follows_the_run_into_the_next_agent(client, start):
     assert list(client.stream(root, follow=False)) == [e for _, e in got]
 
 
-def test_a_worker_killed_mid_stream_its_retried_task_streams_again(client, start):
+def test_a_worker_killed_mid_stream_its_retried_task_streams_again(either_client, start):
+    client = either_client
     start(["supervise", "--agents", "talker=1"], app="apps.streams", lease_s=1)
     root = client.enqueue("talker", {"n": 30, "sleep_s": 0.002, "die_at": 12})
     got: list = []
@@ -82,7 +87,8 @@ def test_a_worker_killed_mid_stream_its_retried_task_streams_again(client, start
     assert client.result(root, 5) == {"chunks": 30}
 
 
-def test_bad_emits_raise_in_the_handler_and_bad_reads_are_one_line(client, start):
+def test_bad_emits_raise_in_the_handler_and_bad_reads_are_one_line(either_client, start):
+    client = either_client
     start(["worker", "chatty"], app="apps.streams", max_event_bytes=1000)
     root = client.enqueue("chatty", {"too_big": 2000})
     assert client.result(root, 20) == 2  # both raised inside; the task did not fail

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import errno
 import socket
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable
+from typing import NoReturn, TypeVar
 
 import redis.exceptions as rex
 from tenacity import (
+    AsyncRetrying,
     RetryCallState,
     Retrying,
     retry_if_exception,
@@ -147,14 +148,15 @@ class RetryPolicy:
         self._describe_target = describe_target
         kwargs = {"sleep": sleep} if sleep is not None else {}
         min_s, max_s = min_backoff_ms / 1000.0, max_backoff_ms / 1000.0
-        self._retrying = Retrying(
+        schedule = dict(
             retry=retry_if_exception(is_retriable),
             stop=stop_after_attempt(max_retries + 1),
             wait=ExponentialBackoff(min_s, max_s),
             reraise=True,
             before_sleep=self._record_attempt,
-            **kwargs,
         )
+        self._retrying = Retrying(**schedule, **kwargs)
+        self._async_retrying = AsyncRetrying(**schedule)  # AsyncClient: asyncio.sleep
         self.backoff_schedule_s: list[float] = []  # the last call's sleeps, for tests/metrics
 
     def _record_attempt(self, state: RetryCallState) -> None:
@@ -171,13 +173,7 @@ class RetryPolicy:
         try:
             return self._attempt(fn)
         except BaseException as e:
-            if not is_retriable(e):
-                translated = translate(e)
-                if translated is e:
-                    raise
-                raise translated from e
-            if not retry or self.max_retries == 0:
-                raise self._unavailable(e, attempts=1) from e
+            self._raise_unless_retrying(e, retry)
             first_failure: list[BaseException] = [e]
 
         def attempt() -> T:
@@ -189,12 +185,46 @@ class RetryPolicy:
         try:
             return self._retrying(attempt)
         except BaseException as e:
-            if is_retriable(e):
-                raise self._unavailable(e, attempts=self.max_retries + 1) from e
-            translated = translate(e)
-            if translated is e:
-                raise
-            raise translated from e
+            self._raise_final(e)
+
+    async def acall(self, fn: Callable[[], Awaitable[T]], *, retry: bool = True) -> T:
+        """call() for a coroutine function (AsyncClient): the same breaker, budget and
+        errors; the backoff sleeps in the event loop."""
+        try:
+            return await self._aattempt(fn)
+        except BaseException as e:
+            self._raise_unless_retrying(e, retry)
+            first_failure: list[BaseException] = [e]
+
+        async def attempt() -> T:
+            if first_failure:
+                raise first_failure.pop()
+            return await self._aattempt(fn)
+
+        self.backoff_schedule_s = []
+        try:
+            return await self._async_retrying(attempt)
+        except BaseException as e:
+            self._raise_final(e)
+
+    def _raise_unless_retrying(self, error: BaseException, retry: bool) -> None:
+        """After a first attempt's failure: raise what the caller gets, unless it is worth
+        another attempt (retriable, and retries allowed)."""
+        if not is_retriable(error):
+            translated = translate(error)
+            if translated is error:
+                raise error
+            raise translated from error
+        if not retry or self.max_retries == 0:
+            raise self._unavailable(error, attempts=1) from error
+
+    def _raise_final(self, error: BaseException) -> NoReturn:
+        if is_retriable(error):
+            raise self._unavailable(error, attempts=self.max_retries + 1) from error
+        translated = translate(error)
+        if translated is error:
+            raise error
+        raise translated from error
 
     def _unavailable(self, error: BaseException, attempts: int) -> RedisUnavailable:
         return RedisUnavailable(
@@ -207,16 +237,30 @@ class RetryPolicy:
         try:
             result = fn()
         except BaseException as e:
-            if is_connection_failure(e):
-                self.breaker.on_failure()
-                self._on_failure(e)
-            elif isinstance(e, rex.ResponseError):
-                self.breaker.on_success()  # the server answered: it is up
-            else:
-                # Says nothing about the server (a bug in fn, an interrupt): without this a
-                # half-open breaker would wait forever for a probe that is no longer running.
-                self.breaker.release_probe()
+            self._failed(e)
             raise
         self.breaker.on_success()
         self._on_success()
         return result
+
+    async def _aattempt(self, fn: Callable[[], Awaitable[T]]) -> T:
+        self.breaker.before_call()  # (no probe hook: the asyncio client finds servers itself)
+        try:
+            result = await fn()
+        except BaseException as e:
+            self._failed(e)
+            raise
+        self.breaker.on_success()
+        self._on_success()
+        return result
+
+    def _failed(self, error: BaseException) -> None:
+        if is_connection_failure(error):
+            self.breaker.on_failure()
+            self._on_failure(error)
+        elif isinstance(error, rex.ResponseError):
+            self.breaker.on_success()  # the server answered: it is up
+        else:
+            # Says nothing about the server (a bug in fn, an interrupt): without this a
+            # half-open breaker would wait forever for a probe that is no longer running.
+            self.breaker.release_probe()

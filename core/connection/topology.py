@@ -198,7 +198,7 @@ def open_client(
     return redis.Redis(connection_pool=pool), pool
 
 
-def _credentials(seeds: Seeds, config: RedisPoolConfig) -> dict[str, Any]:
+def seed_credentials(seeds: Seeds, config: RedisPoolConfig) -> dict[str, Any]:
     """The data nodes' credentials: the config's fields win over the URL's."""
     out: dict[str, Any] = {}
     username = config.username if config.username is not None else seeds.username
@@ -220,7 +220,7 @@ def _open_sentinel(config: RedisPoolConfig, options: dict[str, Any], recorder: M
     if config.sentinel_password is not None:
         sentinel_kwargs["password"] = config.sentinel_password
     sentinel = Sentinel(list(seeds.hosts), sentinel_kwargs=sentinel_kwargs)
-    kwargs = {**options, **_credentials(seeds, config)}
+    kwargs = {**options, **seed_credentials(seeds, config)}
     if config.db:
         kwargs["db"] = config.db
     pool = managed_pool_factory(config, recorder, ManagedSentinelPool)(
@@ -245,7 +245,7 @@ def open_cluster(
             parsed.get("password"),
             "",
         )
-    kwargs = {**options, **_credentials(seeds, config)}
+    kwargs = {**options, **seed_credentials(seeds, config)}
     if config.use_tls:  # a rediss:// seed: its scheme is not in the url given below
         kwargs["connection_class"] = SSLConnection
     kwargs.pop("retry", None)  # the cluster client takes its retry as an argument

@@ -1,6 +1,6 @@
 """Cancelling a task, or a whole run, wherever its tasks are.
 
-Runs in: producers and operators (client.cancel, `handoff cancel`).
+Runs in: producers and operators (client.cancel, `handoff cancel`), as a plan (plan.py).
 
 The picture. A task lives in its agent's slot; a run spreads over many. Cancelling marks
 first, then ends: the id (a run's root, or a running task) is marked in every agent's slot
@@ -17,7 +17,9 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from handoff.protocol.queue import TaskQueue
+from handoff.protocol.plan import Plan, Scripts
+from handoff.protocol.queue import QueueBase
+from handoff.protocol.runs import run_of
 from handoff.protocol.task import agent_of
 
 # Records of cancelled tasks, and the marks, live this long at least (ms).
@@ -54,21 +56,20 @@ class CancelReport:
         return f"run {self.run}: {self.cancelled} task(s) cancelled ({parts or 'none found'})"
 
 
-def cancel(queue: TaskQueue, task_id: str, *, run: bool, keep_ms: int) -> CancelReport:
+def cancel(queue: QueueBase, task_id: str, *, run: bool, keep_ms: int) -> Plan[CancelReport]:
     """Cancel one task, or (run=True) every task of the run it belongs to."""
     agent_of(task_id)  # a malformed id fails here, before anything is written
     keep_ms = max(MIN_KEEP_MS, keep_ms)
     if not run:
         report = CancelReport(task_id)
-        _mark_everywhere(queue, task_id, keep_ms, skip=agent_of(task_id))
-        was, _ = _cancel_in(queue, {agent_of(task_id): [task_id]}, task_id, keep_ms)
+        yield from _mark_everywhere(queue, task_id, keep_ms, skip=agent_of(task_id))
+        by_agent = {agent_of(task_id): [task_id]}
+        was, _ = yield from _cancel_in(queue, by_agent, task_id, keep_ms)
         report.was[was[task_id]] += 1
         return report
-    from handoff.protocol.runs import run_of  # runs imports queue too: no cycle at import
-
-    root = run_of(queue, task_id)
+    root = yield from run_of(queue.keys, task_id)
     report = CancelReport(task_id, run=root)
-    _mark_everywhere(queue, root, keep_ms, skip="")
+    yield from _mark_everywhere(queue, root, keep_ms, skip="")
     pending, seen = [root], {root}
     for _ in range(MAX_PASSES):
         if not pending:
@@ -76,7 +77,7 @@ def cancel(queue: TaskQueue, task_id: str, *, run: bool, keep_ms: int) -> Cancel
         by_agent: dict[str, list[str]] = {}
         for tid in pending:
             by_agent.setdefault(agent_of(tid), []).append(tid)
-        was, opened = _cancel_in(queue, by_agent, root, keep_ms)
+        was, opened = yield from _cancel_in(queue, by_agent, root, keep_ms)
         for tid in pending:
             # A join's then-task that was never created is not a task of the run yet.
             if not (was[tid] == "unknown" and tid != root):
@@ -86,18 +87,18 @@ def cancel(queue: TaskQueue, task_id: str, *, run: bool, keep_ms: int) -> Cancel
     return report
 
 
-def _mark_everywhere(queue: TaskQueue, mark: str, keep_ms: int, *, skip: str) -> None:
+def _mark_everywhere(queue: QueueBase, mark: str, keep_ms: int, *, skip: str) -> Plan[None]:
     """Mark the id in every known agent's slot: one round trip (the agent of a single
     task is marked by its own cancel call, in the same script that ends it)."""
-    agents = [a for a in queue.known_agents() if a != skip]
+    agents = [a for a in (yield from queue.known_agents_plan()) if a != skip]
     calls = [("cancel", queue.keys.agent(a).all(), ["", keep_ms, mark]) for a in agents]
     if calls:
-        queue.run_scripts(calls)
+        yield Scripts(calls)
 
 
 def _cancel_in(
-    queue: TaskQueue, by_agent: dict[str, list[str]], mark: str, keep_ms: int
-) -> tuple[dict[str, str], list[str]]:
+    queue: QueueBase, by_agent: dict[str, list[str]], mark: str, keep_ms: int
+) -> Plan[tuple[dict[str, str], list[str]]]:
     """One cancel call per agent, one round trip: what each id was, and the open tasks
     of the scopes met. Ends written to other slots' outboxes are delivered right away."""
     agents = list(by_agent)
@@ -107,7 +108,7 @@ def _cancel_in(
     was: dict[str, str] = {}
     opened: list[str] = []
     outgoing: list[tuple[str, str, bytes]] = []
-    for agent, reply in zip(agents, queue.run_scripts(calls), strict=True):
+    for agent, reply in zip(agents, (yield Scripts(calls)), strict=True):
         ids = by_agent[agent]
         for i, tid in enumerate(ids):
             was[tid] = reply[2 * i].decode()
@@ -117,5 +118,5 @@ def _cancel_in(
         kept = reply[2 * len(ids) + 1 :]
         outgoing += [(agent, kept[k].decode(), kept[k + 1]) for k in range(0, len(kept), 2)]
     if outgoing:
-        queue.deliver(outgoing)
+        yield from queue.deliver_plan(outgoing)
     return was, opened

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import redis.exceptions as rex
@@ -23,13 +24,15 @@ from handoff.connection.cluster_calls import check_replicated, run_script_calls
 from handoff.connection.manager import RedisManager
 from handoff.errors import HandoffError, InvalidPayload
 from handoff.protocol import notices as notice
-from handoff.protocol import scripts
+from handoff.protocol import plan, scripts
 from handoff.protocol.keys import TASK_ID, Keys, check_claim_id
 from handoff.protocol.limits import GUARD, Rate
+from handoff.protocol.plan import Call, Pause, Plan, Scripts
 from handoff.protocol.task import Task, score_for
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 ENQUEUE_CHUNK = 250  # tasks per script call: bounds how long one call holds the server (~1 ms)
 BOUND_PER_CALL = 200  # delayed promotions / lease reaps per claim or reap call
 RETRY_MAX_DELAY_S = 300.0
@@ -132,10 +135,12 @@ class LostLeases(list):
         self.cancelled: list[str] = []
 
 
-class TaskQueue:
-    """The protocol over one RedisManager and one key prefix."""
+class QueueBase:
+    """What both drivers share: the key prefix, settings, what this process registered,
+    and the plans (plan.py) of a producer's operations. TaskQueue performs them blocking,
+    AsyncTaskQueue (async_queue.py) awaiting them."""
 
-    def __init__(self, manager: RedisManager, settings: Settings) -> None:
+    def __init__(self, manager: Any, settings: Settings) -> None:
         self.manager = manager
         self.settings = settings
         self.keys = Keys(settings.key_prefix)
@@ -149,6 +154,196 @@ class TaskQueue:
         if settings.run_ttl_s > 0:
             ttl_s = max(ttl_s, settings.run_ttl_s)
         self._record_ttl_ms = int(ttl_s * 1000)
+
+    # -- plans (plan.py) -------------------------------------------------------------------
+
+    def enqueue_plan(self, tasks: Sequence[Task], *, now_ms: int | None = None) -> Plan[list[bool]]:
+        """Store tasks (any agents) in one round trip; True = added, False = duplicate.
+
+        Every task is checked (id of its agent, JSON, size) and serialised before anything
+        is sent, so a bad one fails the batch with nothing written (TaskRejected names its
+        position). The enqueue script checks the size again. A task with not_before waits
+        in the delayed set for (not_before - enqueued_at) ms of server time, and takes its
+        FIFO place at its due time. now_ms overrides the server clock (tests).
+        """
+        if len(tasks) == 1 and _ready_now(tasks[0]):
+            return [(yield from self._enqueue_ready(tasks[0]))]
+        calls, order, new_agents = self._enqueue_calls(tasks, now_ms)
+        if not calls:
+            return []
+        extra = [lambda p, a=new_agents: p.sadd(self.keys.agents, *a)] if new_agents else []
+        replies = yield Scripts(calls, extra, self.settings.enqueue_wait_replicas)
+        self._registered_agents.update(new_agents)
+        added = [False] * len(tasks)
+        outgoing: list[tuple[str, str, bytes]] = []
+        for chunk, reply in zip(order, replies, strict=False):
+            if len(reply) > len(chunk):  # ends of cancelled tasks for other slots' scopes
+                kept = reply[len(chunk) + 1 :]
+                agent = tasks[chunk[0]].agent
+                outgoing += [(agent, kept[k].decode(), kept[k + 1]) for k in range(0, len(kept), 2)]
+                reply = reply[: len(chunk)]
+            for index, flag in zip(chunk, reply, strict=True):
+                added[index] = flag == 1
+        if outgoing:
+            yield from self.deliver_plan(outgoing, now_ms=now_ms)
+        return added
+
+    def deliver_plan(
+        self, outgoing: Sequence[tuple[str, str, bytes]], *, now_ms: int | None = None
+    ) -> Plan[bool]:
+        """Apply notices kept in outboxes ((source agent, outbox field, notice)) to their
+        scopes: one script call per target agent, one round trip. On success the fields
+        are remembered for the source agent's next ack to forget; on failure they stay
+        for the reaper (idempotent either way). Returns whether they were applied."""
+        by_target: dict[str, list[bytes]] = {}
+        for _, _, item in outgoing:
+            by_target.setdefault(notice.target_agent(item), []).append(item)
+        now_arg = "" if now_ms is None else now_ms
+        calls = [
+            ("scope", self._fixed(target), [now_arg, *items]) for target, items in by_target.items()
+        ]
+        try:
+            # Replicated before the outbox may forget them (enqueue_wait_replicas): a
+            # failover must not lose a notice whose copy in the outbox is gone.
+            yield Scripts(calls, wait_replicas=self.settings.enqueue_wait_replicas)
+        except HandoffError as e:
+            log.warning("%d run notice(s) left for the reaper to deliver: %s", len(outgoing), e)
+            return False
+        for source, field_name, _ in outgoing:
+            kept = self._delivered.setdefault(source, [])
+            if len(kept) < MAX_DELIVERED_KEPT:
+                kept.append(field_name)
+        return True
+
+    def _enqueue_calls(self, tasks: Sequence[Task], now_ms: int | None) -> tuple[list, list, list]:
+        """(script calls, the task indexes of each, agents not registered yet): every task
+        checked and serialised, nothing sent."""
+        positions: dict[str, list[int]] = {}
+        for index, task in enumerate(tasks):
+            group = positions.get(task.agent)
+            if group is None:
+                positions[task.agent] = group = []
+            group.append(index)
+        limit = self.settings.max_payload_bytes
+        now_arg = "" if now_ms is None else now_ms
+        calls, order = [], []
+        for agent, group in positions.items():
+            agent_keys = self.keys.agent(agent)
+            fixed = agent_keys.all()
+            id_prefix = agent + "."
+            for start in range(0, len(group), ENQUEUE_CHUNK):
+                chunk = group[start : start + ENQUEUE_CHUNK]
+                special: list[Any] = []  # position, delay, deterministic, expires_at, parent, group
+                args: list[Any] = [self._max_bytes, now_arg, len(chunk), 0]
+                for position, index in enumerate(chunk, 1):
+                    task = tasks[index]
+                    task_id = task.id
+                    blob = self._checked_json(index, task, id_prefix, limit)
+                    not_before = task.not_before
+                    if not_before is None:
+                        args += (task_id, score_for(task.priority, task.enqueued_at), blob)
+                        if (
+                            task.key is None
+                            and task.parent_id is None
+                            and not task.expires_at
+                            and task.group is None
+                        ):
+                            continue
+                        delay = 0
+                    else:
+                        delay = max(0, not_before - task.enqueued_at)
+                        args += (task_id, score_for(task.priority, not_before), blob)
+                    deterministic = task.key is not None or task.parent_id is not None
+                    special += (
+                        position, delay, 1 if deterministic else 0, task.expires_at or 0,
+                        task.parent_id or "", task.group or "",
+                    )  # fmt: skip
+                args[3] = len(special) // 6
+                args += special
+                calls.append(("enqueue", fixed, args))
+                order.append(chunk)
+        new_agents = [a for a in positions if a not in self._registered_agents]
+        return calls, order, new_agents
+
+    def _enqueue_ready(self, task: Task) -> Plan[bool]:
+        """One plain task (ready now, no key, parent, deadline or group): the lean script."""
+        agent = task.agent
+        blob = self._checked_json(0, task, agent + ".", self.settings.max_payload_bytes)
+        keys = self._ready_keys.get(agent)
+        if keys is None:
+            k = self.keys.agent(agent)
+            keys = self._ready_keys[agent] = [k.tasks, k.scores, k.queue, k.stats, k.wake]
+        args = [self._max_bytes, task.id, score_for(task.priority, task.enqueued_at), blob]
+        new = agent not in self._registered_agents
+        extra = [lambda p: p.sadd(self.keys.agents, agent)] if new else []
+        calls = [("enqueue_ready", keys, args)]
+        reply = yield Scripts(calls, extra, self.settings.enqueue_wait_replicas)
+        self._registered_agents.add(agent)
+        return reply[0][0] == 1
+
+    @staticmethod
+    def _checked_json(index: int, task: Task, id_prefix: str, limit: int) -> bytes:
+        """The task's JSON, once its id is its agent's and it fits max_payload_bytes."""
+        task_id = task.id
+        if not task_id.startswith(id_prefix) or TASK_ID.fullmatch(task_id) is None:
+            raise TaskRejected(index, _foreign_id(task_id, task.agent))
+        try:
+            blob = task.to_json()
+        except InvalidPayload as e:
+            raise TaskRejected(index, str(e)) from None
+        if len(blob) > limit:
+            raise TaskRejected(
+                index,
+                f"task for agent {task.agent!r} is {len(blob)} bytes, over the "
+                f"max_payload_bytes limit of {limit}",
+            )
+        return blob
+
+    def known_agents_plan(self) -> Plan[list[str]]:
+        members = yield Call(lambda c: c.smembers(self.keys.agents))
+        return sorted(m.decode() for m in members)
+
+    def _fixed(self, agent: str) -> list[str]:
+        return self.keys.agent(agent).all()
+
+
+class TaskQueue(QueueBase):
+    """The protocol over one RedisManager and one key prefix, blocking: the plans, and
+    everything workers do (claim, ack, nack, extend, release, reap)."""
+
+    def __init__(
+        self,
+        manager: RedisManager,
+        settings: Settings,
+        waiting: Callable[[], RedisManager] | None = None,
+    ) -> None:
+        super().__init__(manager, settings)
+        self._waiting = waiting  # the manager for blocking waits, when not this one
+
+    def run(self, operation: Plan[T]) -> T:
+        """Perform a plan's requests one by one, blocking; its return value."""
+        return plan.run(self.perform, operation)
+
+    def iterate(self, operation: Plan[None]) -> Iterator[Any]:
+        return plan.iterate(self.perform, operation)
+
+    def perform(self, request: Any) -> Any:
+        kind = type(request)
+        if kind is Scripts:
+            return self.run_scripts(
+                request.calls, request.extra, wait_replicas=request.wait_replicas
+            )
+        if kind is Call:
+            if request.blocking:
+                manager = self._waiting() if self._waiting is not None else self.manager
+                return manager.execute(request.fn, retry=False)
+            if request.n_operations:
+                return self.manager.execute_pipelined(request.fn, request.n_operations)
+            return self.manager.execute(request.fn)
+        if kind is Pause:
+            time.sleep(request.seconds)
+            return None
+        raise TypeError(f"not a protocol request: {request!r}")
 
     # -- script calls ----------------------------------------------------------------------
 
@@ -235,119 +430,11 @@ class TaskQueue:
 
         return self.manager.execute_pipelined(run, len(calls) + len(extra))
 
-    def _fixed(self, agent: str) -> list[str]:
-        return self.keys.agent(agent).all()
-
     # -- enqueue ---------------------------------------------------------------------------
 
     def enqueue(self, tasks: Sequence[Task], *, now_ms: int | None = None) -> list[bool]:
-        """Store tasks (any agents) in one round trip; True = added, False = duplicate.
-
-        Every task is checked (id of its agent, JSON, size) and serialised before anything
-        is sent, so a bad one fails the batch with nothing written (TaskRejected names its
-        position). The enqueue script checks the size again. A task with not_before waits
-        in the delayed set for (not_before - enqueued_at) ms of server time, and takes its
-        FIFO place at its due time. now_ms overrides the server clock (tests).
-        """
-        if len(tasks) == 1 and _ready_now(tasks[0]):
-            return [self._enqueue_ready(tasks[0])]
-        positions: dict[str, list[int]] = {}
-        for index, task in enumerate(tasks):
-            group = positions.get(task.agent)
-            if group is None:
-                positions[task.agent] = group = []
-            group.append(index)
-        limit = self.settings.max_payload_bytes
-        now_arg = "" if now_ms is None else now_ms
-        calls, order = [], []
-        for agent, group in positions.items():
-            agent_keys = self.keys.agent(agent)
-            fixed = agent_keys.all()
-            id_prefix = agent + "."
-            for start in range(0, len(group), ENQUEUE_CHUNK):
-                chunk = group[start : start + ENQUEUE_CHUNK]
-                special: list[Any] = []  # position, delay, deterministic, expires_at, parent, group
-                args: list[Any] = [self._max_bytes, now_arg, len(chunk), 0]
-                for position, index in enumerate(chunk, 1):
-                    task = tasks[index]
-                    task_id = task.id
-                    blob = self._checked_json(index, task, id_prefix, limit)
-                    not_before = task.not_before
-                    if not_before is None:
-                        args += (task_id, score_for(task.priority, task.enqueued_at), blob)
-                        if (
-                            task.key is None
-                            and task.parent_id is None
-                            and not task.expires_at
-                            and task.group is None
-                        ):
-                            continue
-                        delay = 0
-                    else:
-                        delay = max(0, not_before - task.enqueued_at)
-                        args += (task_id, score_for(task.priority, not_before), blob)
-                    deterministic = task.key is not None or task.parent_id is not None
-                    special += (
-                        position, delay, 1 if deterministic else 0, task.expires_at or 0,
-                        task.parent_id or "", task.group or "",
-                    )  # fmt: skip
-                args[3] = len(special) // 6
-                args += special
-                calls.append(("enqueue", fixed, args))
-                order.append(chunk)
-        if not calls:
-            return []
-        new_agents = [a for a in positions if a not in self._registered_agents]
-        extra = [lambda p, a=new_agents: p.sadd(self.keys.agents, *a)] if new_agents else []
-        replies = self.run_scripts(calls, extra, wait_replicas=self.settings.enqueue_wait_replicas)
-        self._registered_agents.update(new_agents)
-        added = [False] * len(tasks)
-        outgoing: list[tuple[str, str, bytes]] = []
-        for chunk, reply in zip(order, replies, strict=False):
-            if len(reply) > len(chunk):  # ends of cancelled tasks for other slots' scopes
-                kept = reply[len(chunk) + 1 :]
-                agent = tasks[chunk[0]].agent
-                outgoing += [(agent, kept[k].decode(), kept[k + 1]) for k in range(0, len(kept), 2)]
-                reply = reply[: len(chunk)]
-            for index, flag in zip(chunk, reply, strict=True):
-                added[index] = flag == 1
-        if outgoing:
-            self.deliver(outgoing, now_ms=now_ms)
-        return added
-
-    def _enqueue_ready(self, task: Task) -> bool:
-        """One plain task (ready now, no key, parent, deadline or group): the lean script."""
-        agent = task.agent
-        blob = self._checked_json(0, task, agent + ".", self.settings.max_payload_bytes)
-        keys = self._ready_keys.get(agent)
-        if keys is None:
-            k = self.keys.agent(agent)
-            keys = self._ready_keys[agent] = [k.tasks, k.scores, k.queue, k.stats, k.wake]
-        args = [self._max_bytes, task.id, score_for(task.priority, task.enqueued_at), blob]
-        new = agent not in self._registered_agents
-        extra = [lambda p: p.sadd(self.keys.agents, agent)] if new else []
-        calls = [("enqueue_ready", keys, args)]
-        reply = self.run_scripts(calls, extra, wait_replicas=self.settings.enqueue_wait_replicas)
-        self._registered_agents.add(agent)
-        return reply[0][0] == 1
-
-    @staticmethod
-    def _checked_json(index: int, task: Task, id_prefix: str, limit: int) -> bytes:
-        """The task's JSON, once its id is its agent's and it fits max_payload_bytes."""
-        task_id = task.id
-        if not task_id.startswith(id_prefix) or TASK_ID.fullmatch(task_id) is None:
-            raise TaskRejected(index, _foreign_id(task_id, task.agent))
-        try:
-            blob = task.to_json()
-        except InvalidPayload as e:
-            raise TaskRejected(index, str(e)) from None
-        if len(blob) > limit:
-            raise TaskRejected(
-                index,
-                f"task for agent {task.agent!r} is {len(blob)} bytes, over the "
-                f"max_payload_bytes limit of {limit}",
-            )
-        return blob
+        """enqueue_plan, blocking: True = added, False = duplicate, per task."""
+        return self.run(self.enqueue_plan(tasks, now_ms=now_ms))
 
     # -- claim -----------------------------------------------------------------------------
 
@@ -552,29 +639,8 @@ class TaskQueue:
     def deliver(
         self, outgoing: Sequence[tuple[str, str, bytes]], *, now_ms: int | None = None
     ) -> bool:
-        """Apply notices kept in outboxes ((source agent, outbox field, notice)) to their
-        scopes: one script call per target agent, one round trip. On success the fields
-        are remembered for the source agent's next ack to forget; on failure they stay
-        for the reaper (idempotent either way). Returns whether they were applied."""
-        by_target: dict[str, list[bytes]] = {}
-        for _, _, item in outgoing:
-            by_target.setdefault(notice.target_agent(item), []).append(item)
-        now_arg = "" if now_ms is None else now_ms
-        calls = [
-            ("scope", self._fixed(target), [now_arg, *items]) for target, items in by_target.items()
-        ]
-        try:
-            # Replicated before the outbox may forget them (enqueue_wait_replicas): a
-            # failover must not lose a notice whose copy in the outbox is gone.
-            self.run_scripts(calls, wait_replicas=self.settings.enqueue_wait_replicas)
-        except HandoffError as e:
-            log.warning("%d run notice(s) left for the reaper to deliver: %s", len(outgoing), e)
-            return False
-        for source, field_name, _ in outgoing:
-            kept = self._delivered.setdefault(source, [])
-            if len(kept) < MAX_DELIVERED_KEPT:
-                kept.append(field_name)
-        return True
+        """deliver_plan, blocking."""
+        return self.run(self.deliver_plan(outgoing, now_ms=now_ms))
 
     def nack(self, failures: Sequence[Failure], *, now_ms: int | None = None) -> list[str]:
         """Record failures: retry later with backoff, or dead-letter. Returns stale ids."""
@@ -687,8 +753,7 @@ class TaskQueue:
     # -- registry --------------------------------------------------------------------------
 
     def known_agents(self) -> list[str]:
-        members = self.manager.execute(lambda c: c.smembers(self.keys.agents))
-        return sorted(m.decode() for m in members)
+        return self.run(self.known_agents_plan())
 
 
 def _forget_fields(client, keys: Keys, by_source: dict[str, list[str]]) -> list:

@@ -1,5 +1,6 @@
 """Reading runs and results: where a task or a run stands (client.result, with or
-without follow), waiting for their end notices, and a run's tree.
+without follow), waiting for their end notices, and a run's tree. Each is a plan
+(plan.py): TaskQueue.run performs it blocking, AsyncTaskQueue.run awaiting it.
 
 Runs in: producers and operators (client, `handoff inspect tree`). Reads only, but for
 the waiter flag the follow script sets. See notices.py for how runs are kept.
@@ -12,8 +13,8 @@ from typing import Any
 
 import orjson
 
-from handoff.protocol.keys import AgentKeys
-from handoff.protocol.queue import TaskQueue
+from handoff.protocol.keys import AgentKeys, Keys
+from handoff.protocol.plan import Call, Plan, Scripts
 from handoff.protocol.task import agent_of, decode_ends
 
 TREE_LEVEL_CHUNK = 500  # tasks read per pipeline while walking a tree
@@ -30,21 +31,22 @@ class RunState:
     reason: str = ""  # dead: why the root was dead-lettered
 
 
-def run_state(queue: TaskQueue, root: str, waiter_ttl_ms: int) -> RunState:
+def run_state(keys: Keys, root: str, waiter_ttl_ms: int) -> Plan[RunState]:
     """One call of the follow script: the run's ends, or a waiter flag set if it is open
     (kind ended | single | dead | wait | unknown)."""
-    return _state(queue, "follow", root, waiter_ttl_ms)
+    return _state(keys, "follow", root, waiter_ttl_ms)
 
 
-def task_state(queue: TaskQueue, task_id: str, waiter_ttl_ms: int) -> RunState:
+def task_state(keys: Keys, task_id: str, waiter_ttl_ms: int) -> Plan[RunState]:
     """One call of the await script: the task's record or dead letter, or a waiter flag
     set if it has not ended (kind done | dead | wait | unknown)."""
-    return _state(queue, "await", task_id, waiter_ttl_ms)
+    return _state(keys, "await", task_id, waiter_ttl_ms)
 
 
-def _state(queue: TaskQueue, script: str, task_id: str, waiter_ttl_ms: int) -> RunState:
-    keys = queue.keys.agent(agent_of(task_id))
-    reply = queue.run_scripts([(script, keys.all(), [task_id, waiter_ttl_ms])])[0]
+def _state(keys: Keys, script: str, task_id: str, waiter_ttl_ms: int) -> Plan[RunState]:
+    agent_keys = keys.agent(agent_of(task_id))
+    replies = yield Scripts([(script, agent_keys.all(), [task_id, waiter_ttl_ms])])
+    reply = replies[0]
     kind = reply[0].decode()
     if kind == "ended":
         return RunState(kind, ends=decode_ends(reply[2]), dropped=int(reply[1]))
@@ -55,36 +57,36 @@ def _state(queue: TaskQueue, script: str, task_id: str, waiter_ttl_ms: int) -> R
     return RunState(kind)
 
 
-def wait_done(queue: TaskQueue, task_id: str, timeout_s: float) -> None:
+def wait_done(keys: Keys, task_id: str, timeout_s: float) -> Plan[None]:
     """Block (no polling) until the task's end notice, or timeout_s."""
-    _block_on(queue, queue.keys.agent(agent_of(task_id)).done(task_id), timeout_s)
+    yield _block_on(keys.agent(agent_of(task_id)).done(task_id), timeout_s)
 
 
-def wait_ended(queue: TaskQueue, root: str, timeout_s: float) -> None:
+def wait_ended(keys: Keys, root: str, timeout_s: float) -> Plan[None]:
     """Block (no polling) until the run's end notice, or timeout_s."""
-    _block_on(queue, queue.keys.agent(agent_of(root)).ended(root), timeout_s)
+    yield _block_on(keys.agent(agent_of(root)).ended(root), timeout_s)
 
 
-def _block_on(queue: TaskQueue, notice_list: str, timeout_s: float) -> None:
+def _block_on(notice_list: str, timeout_s: float) -> Call:
     """BLMOVE of the list onto itself: every waiter sees the token, and it stays for late
     ones (the list expires on its own)."""
-    queue.manager.execute(
+    return Call(
         lambda c: c.blmove(notice_list, notice_list, timeout_s, src="RIGHT", dest="LEFT"),
-        retry=False,
+        blocking=True,
     )
 
 
-def run_of(queue: TaskQueue, task_id: str) -> str:
+def run_of(keys: Keys, task_id: str) -> Plan[str]:
     """The root of the run task_id belongs to (its own id for a root, or when unknown)."""
-    keys = queue.keys.agent(agent_of(task_id))
+    agent_keys = keys.agent(agent_of(task_id))
 
-    def read(client) -> list:
+    def read(client) -> Any:
         pipe = client.pipeline(transaction=False)
-        pipe.hget(keys.tasks, task_id)
-        pipe.get(keys.result(task_id))
+        pipe.hget(agent_keys.tasks, task_id)
+        pipe.get(agent_keys.result(task_id))
         return pipe.execute()
 
-    for raw in queue.manager.execute(read):
+    for raw in (yield Call(read)):
         if raw is None:
             continue
         try:
@@ -99,10 +101,10 @@ def run_of(queue: TaskQueue, task_id: str) -> str:
 # -- the tree ---------------------------------------------------------------------------
 
 
-def read_tree(queue: TaskQueue, run_id: str, result_bytes: int = 200) -> dict[str, Any] | None:
+def read_tree(keys: Keys, run_id: str, result_bytes: int = 200) -> Plan[dict[str, Any] | None]:
     """The run as nested dicts (children, and a join's then), or None if nothing of it
     is known: finished tasks from their records, live ones from the queue's state."""
-    root = _read_nodes(queue, [run_id], result_bytes)[0]
+    root = (yield from _read_nodes(keys, [run_id], result_bytes))[0]
     if root["status"] == "unknown":
         return None
     level = [root]
@@ -116,7 +118,8 @@ def read_tree(queue: TaskQueue, run_id: str, result_bytes: int = 200) -> dict[st
         level = []
         for start in range(0, len(pending), TREE_LEVEL_CHUNK):
             chunk = pending[start : start + TREE_LEVEL_CHUNK]
-            nodes = _read_nodes(queue, [task_id for _, _, task_id in chunk], result_bytes)
+            ids = [task_id for _, _, task_id in chunk]
+            nodes = yield from _read_nodes(keys, ids, result_bytes)
             for (parent, slot, _), node in zip(chunk, nodes, strict=True):
                 if slot == "then":
                     if node["status"] == "unknown":
@@ -131,28 +134,28 @@ def read_tree(queue: TaskQueue, run_id: str, result_bytes: int = 200) -> dict[st
 _READS_PER_TASK = 9
 
 
-def _read_nodes(queue: TaskQueue, ids: list[str], result_bytes: int) -> list[dict[str, Any]]:
-    all_keys = [queue.keys.agent(agent_of(task_id)) for task_id in ids]
+def _read_nodes(keys: Keys, ids: list[str], result_bytes: int) -> Plan[list[dict[str, Any]]]:
+    all_keys = [keys.agent(agent_of(task_id)) for task_id in ids]
 
-    def read(client) -> list:
+    def read(client) -> Any:
         pipe = client.pipeline(transaction=False)
-        for task_id, keys in zip(ids, all_keys, strict=True):
-            pipe.get(keys.result(task_id))
-            pipe.hget(keys.tasks, task_id)
-            pipe.zscore(keys.dead, task_id)
-            pipe.hget(keys.dead_reasons, task_id)
-            pipe.zscore(keys.leases, task_id)
-            pipe.zscore(keys.delayed, task_id)
-            pipe.zscore(keys.queue, task_id)
-            pipe.hget(keys.deliveries, task_id)
-            pipe.hget(keys.failures, task_id)
+        for task_id, agent_keys in zip(ids, all_keys, strict=True):
+            pipe.get(agent_keys.result(task_id))
+            pipe.hget(agent_keys.tasks, task_id)
+            pipe.zscore(agent_keys.dead, task_id)
+            pipe.hget(agent_keys.dead_reasons, task_id)
+            pipe.zscore(agent_keys.leases, task_id)
+            pipe.zscore(agent_keys.delayed, task_id)
+            pipe.zscore(agent_keys.queue, task_id)
+            pipe.hget(agent_keys.deliveries, task_id)
+            pipe.hget(agent_keys.failures, task_id)
         return pipe.execute()
 
-    replies = queue.manager.execute_pipelined(read, len(ids) * _READS_PER_TASK)
+    replies = yield Call(read, n_operations=len(ids) * _READS_PER_TASK)
     nodes = []
-    for i, (task_id, keys) in enumerate(zip(ids, all_keys, strict=True)):
+    for i, (task_id, agent_keys) in enumerate(zip(ids, all_keys, strict=True)):
         parts = replies[i * _READS_PER_TASK : (i + 1) * _READS_PER_TASK]
-        nodes.append(_node(task_id, keys, parts, result_bytes))
+        nodes.append(_node(task_id, agent_keys, parts, result_bytes))
     return nodes
 
 

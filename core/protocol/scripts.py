@@ -15,6 +15,7 @@ import hashlib
 import re
 from functools import cache
 from importlib import resources
+from typing import Any
 
 from handoff.protocol.keys import AGENT_KEY_NAMES
 from handoff.protocol.task import EPOCH_MS, PRIORITY_SHIFT
@@ -114,9 +115,9 @@ def sha(name: str) -> str:
     return hashlib.sha1(source(name).encode()).hexdigest()
 
 
-def load_all(client) -> None:
-    """SCRIPT LOAD every script (one pipeline)."""
+def load_all(client) -> Any:
+    """SCRIPT LOAD every script (one pipeline; on an asyncio client, await the result)."""
     pipe = client.pipeline(transaction=False)
     for name in NAMES:
         pipe.script_load(source(name))
-    pipe.execute()
+    return pipe.execute()

@@ -10,16 +10,15 @@ Redis (XREAD BLOCK): no polling, and a run that streams nothing pays nothing.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from redis import exceptions as rex
 
-from handoff.errors import InvalidPayload
+from handoff.errors import InvalidPayload, RedisCommandError
 from handoff.protocol.keys import Keys
-from handoff.protocol.queue import TaskQueue
+from handoff.protocol.plan import Call, Plan
 from handoff.protocol.task import agent_of
 
 READ_BATCH = 500  # entries one XREAD returns at most
@@ -73,28 +72,29 @@ def _event(entry_id: bytes, fields: dict[bytes, bytes]) -> Event | None:
 
 
 def read(
-    queue: TaskQueue,
-    waiting: TaskQueue,
+    keys: Keys,
     run: str,
     *,
     follow: bool,
     after: str,
     block_s: float,
-    ended: callable,
-) -> Iterator[Event]:
-    """The run's events after `after`, in order; with follow, blocking in Redis for more
-    until the run's end entry. ended() says whether the run has ended (it also makes the
-    run's end write the end entry: see client.stream)."""
-    key = queue.keys.agent(agent_of(run)).stream(run)
+    ended: Callable[[], Plan[bool]],
+) -> Plan[None]:
+    """The run's events after `after`, in order (a plan that yields Events among its
+    requests); with follow, blocking in Redis for more until the run's end entry.
+    ended() is a plan saying whether the run has ended (it also makes the run's end
+    write the end entry: see client.stream)."""
+    key = keys.agent(agent_of(run)).stream(run)
     last = after
+    finished = False
     if follow:
-        _create(queue, key)
-        finished = ended()  # after the stream exists: an end from now on is written to it
+        yield from _create(key)
+        finished = yield from ended()  # after the stream exists: an end is written to it
     while True:
         block_ms = int(block_s * 1000) if follow and not finished else None
-        reply = waiting.manager.execute(
-            lambda c, k=key, at=last, b=block_ms: c.xread({k: at}, count=READ_BATCH, block=b),
-            retry=False,
+        reply = yield Call(
+            lambda c, at=last, b=block_ms: c.xread({key: at}, count=READ_BATCH, block=b),
+            blocking=True,
         )
         entries = reply[0][1] if reply else []
         for entry_id, fields in entries:
@@ -107,21 +107,17 @@ def read(
             continue
         if not follow or finished:
             return
-        finished = ended()  # a chunk passed quietly: look again (it also renews the watch)
+        finished = yield from ended()  # a chunk passed quietly: look again (renews the watch)
 
 
-def _create(queue: TaskQueue, key: str) -> None:
+def _create(key: str) -> Plan[None]:
     """Make sure the stream exists (an empty one, with a readers group that holds nothing),
     so that the run's end writes its end entry there."""
-
-    def create(client) -> None:
-        try:
-            client.xgroup_create(key, "readers", id="$", mkstream=True)
-        except rex.ResponseError as e:
-            if "BUSYGROUP" not in str(e):
-                raise
-
-    queue.manager.execute(create)
+    try:
+        yield Call(lambda c: c.xgroup_create(key, "readers", id="$", mkstream=True))
+    except RedisCommandError as e:
+        if "BUSYGROUP" not in str(e):
+            raise
 
 
 def check_after(after: object) -> str:

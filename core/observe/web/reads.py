@@ -163,4 +163,4 @@ def task_view(ops: Operations, task_id: str) -> dict[str, Any]:
 
 def root_of(ops: Operations, task_id: str) -> str:
     """The root of the run task_id belongs to (its own id for a root or an unknown id)."""
-    return run_of(ops.queue, task_id)
+    return ops.queue.run(run_of(ops.queue.keys, task_id))
