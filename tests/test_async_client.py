@@ -85,9 +85,7 @@ def tasks_app(client: AsyncClient):
     )
 
 
-def test_an_asgi_app_enqueues_and_answers_with_the_chain_result_with_no_threads(
-    redis_url, start
-):
+def test_an_asgi_app_enqueues_and_answers_with_the_chain_result_with_no_threads(redis_url, start):
     start(["supervise", "--agents", "echo=1,talker=1"], app="apps.asgi_agents")
     client = AsyncClient(settings=settings_for(redis_url))
     app = tasks_app(client)
