@@ -21,6 +21,11 @@ import redis.exceptions as rex
 
 NOT_TAKEN = object()  # lane full: use the pool
 
+try:  # hiredis packs a command in one call (redis-py's packer checks each argument first)
+    from hiredis import pack_command as _hiredis_pack
+except ImportError:  # hiredis is a dependency; without it, redis-py's packer
+    _hiredis_pack = None
+
 
 class CommandLane:
     """Up to size pooled connections, kept for single commands (list pop/append)."""
@@ -49,7 +54,10 @@ class CommandLane:
             # connect() as the pool would: a no-op when connected; a Sentinel connection
             # asks the sentinels for the primary here (sending would reconnect to the old).
             connection.connect()
-            connection.send_command(*args)
+            if _hiredis_pack is not None:
+                connection.send_packed_command([_hiredis_pack(args)], check_health=False)
+            else:
+                connection.send_command(*args)
             return connection.read_response()
         except rex.ResponseError:
             raise

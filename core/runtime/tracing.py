@@ -26,6 +26,7 @@ from typing import Any
 
 _installed: bool | None = None
 _configured_from_env = False
+_env_says = "nothing"  # off (OTEL_SDK_DISABLED) | exporter (OTEL_* names one) | nothing
 _provider: Any = None  # set_provider(): this one instead of the global tracer provider
 _ENV_SWITCHES = (
     "OTEL_TRACES_EXPORTER",
@@ -35,22 +36,28 @@ _ENV_SWITCHES = (
 
 
 def active() -> bool:
-    """Whether spans are made in this process (cheap after the first call)."""
-    global _installed
+    """Whether spans are made in this process (cheap after the first call: a producer
+    asks on every enqueue). The OTEL_* environment is read once per process; a tracer
+    provider the application sets up later is seen at once."""
+    global _installed, _env_says
+    if _provider is not None:
+        return True
     if _installed is None:
         try:
             _installed = importlib.util.find_spec("opentelemetry") is not None
         except (ImportError, ValueError):
             _installed = False
-    if _provider is not None:
-        return True
-    if not _installed or os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
+        disabled = os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true"
+        exporter = os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower()
+        named = exporter != "none" and any(os.environ.get(name) for name in _ENV_SWITCHES)
+        _env_says = "off" if disabled else "exporter" if named else "nothing"
+    if not _installed or _env_says == "off":
         return False
     from opentelemetry import trace
 
     if not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
         return True  # the application set one up
-    return _configure_from_env()
+    return _env_says == "exporter" and _configure_from_env()
 
 
 def _configure_from_env() -> bool:

@@ -237,8 +237,9 @@ local function wake(n)
   if n <= 0 then return end
   local tokens = {}
   for i = 1, math.min(n, 64) do tokens[i] = '1' end
-  redis.call('LPUSH', K_WAKE, unpack(tokens))
-  redis.call('LTRIM', K_WAKE, 0, 127)
+  if redis.call('LPUSH', K_WAKE, unpack(tokens)) > 128 then  -- (LPUSH says the length)
+    redis.call('LTRIM', K_WAKE, 0, 127)
+  end
 end
 
 -- Bulk helpers: one command for many members, in slices that fit Lua's unpack limit.

@@ -14,8 +14,8 @@ if redis.call('HEXISTS', K_TASKS, id) == 1 then return {0} end
 redis.call('HSET', K_TASKS, id, json)
 redis.call('HSET', K_SCORES, id, score)
 redis.call('ZADD', K_QUEUE, score, id)
-local counted = redis.pcall('HINCRBY', K_STATS, 'enqueued', 1)  -- (as count() in the prelude)
+local counted = redis.pcall('HINCRBY', K_STATS, 'enqueued', 1)  -- (as count() does)
 if type(counted) == 'table' and counted.err then redis.pcall('HSET', K_STATS, 'enqueued', 1) end
-redis.call('LPUSH', K_WAKE, '1')  -- (as wake(1))
-redis.call('LTRIM', K_WAKE, 0, 127)
+-- (as wake(1) does)
+if redis.call('LPUSH', K_WAKE, '1') > 128 then redis.call('LTRIM', K_WAKE, 0, 127) end
 return {1}
