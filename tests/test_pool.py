@@ -51,6 +51,32 @@ def round_trips(raw: redis.Redis, fn: Callable[[], object]) -> int:
 MANAGER_DEFAULTS = {**QUIET, "min_idle_conns": 0}
 
 
+def hammer(raw: redis.Redis, threads: int, ops: int, call: Callable[[], object]) -> list[int]:
+    """call() ops times from each of threads threads at once; returns how many connections
+    of ours the server saw, sampled all along."""
+    done = threading.Event()
+    seen: list[int] = []
+
+    def sample() -> None:
+        while not done.is_set():
+            seen.append(len(our_client_ids(raw)))
+
+    def work() -> None:
+        for _ in range(ops):
+            call()
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    workers = [threading.Thread(target=work) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    done.set()
+    sampler.join()
+    return seen
+
+
 @pytest.fixture
 def server(private_server) -> ServerProcess:
     return private_server
@@ -99,26 +125,7 @@ def test_many_threads_never_open_more_connections_than_pool_size(server, raw, ma
     with FaultProxy(("127.0.0.1", server.port)) as proxy:
         proxy.delay(3)  # every op holds its connection for a while: callers must queue
         manager = make_manager(proxy.url, pool_size=pool_size, pool_timeout_s=10.0)
-        done = threading.Event()
-        seen: list[int] = []
-
-        def sample() -> None:
-            while not done.is_set():
-                seen.append(len(our_client_ids(raw)))
-
-        def hammer() -> None:
-            for _ in range(ops):
-                manager.execute(lambda c: c.incr("hammered"))
-
-        sampler = threading.Thread(target=sample)
-        sampler.start()
-        workers = [threading.Thread(target=hammer) for _ in range(threads)]
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join()
-        done.set()
-        sampler.join()
+        seen = hammer(raw, threads, ops, lambda: manager.execute(lambda c: c.incr("hammered")))
 
     assert raw.get("hammered") == str(threads * ops).encode()
     assert max(seen) <= pool_size
@@ -508,26 +515,9 @@ def test_single_commands_use_a_few_lane_connections_and_the_pool_for_the_rest(
     with FaultProxy(("127.0.0.1", server.port)) as proxy:
         proxy.delay(3)  # calls overlap: some find the lane busy
         manager = make_manager(proxy.url, pool_size=pool_size, pool_timeout_s=10.0)
-        done = threading.Event()
-        seen: list[int] = []
-
-        def sample() -> None:
-            while not done.is_set():
-                seen.append(len(our_client_ids(raw)))
-
-        def hammer() -> None:
-            for _ in range(ops):
-                manager.execute(lambda c: manager.send(c, "INCR", "laned"))
-
-        sampler = threading.Thread(target=sample)
-        sampler.start()
-        workers = [threading.Thread(target=hammer) for _ in range(threads)]
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join()
-        done.set()
-        sampler.join()
+        seen = hammer(
+            raw, threads, ops, lambda: manager.execute(lambda c: manager.send(c, "INCR", "laned"))
+        )
     assert raw.get("laned") == str(threads * ops).encode()
     assert max(seen) <= pool_size
     assert manager._lane._taken == pool_size // 4  # both lane connections were needed

@@ -27,11 +27,9 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.connection import SSLConnection as BlockingSSLConnection
 
-from handoff.config import RedisPoolConfig, redact_url
-from handoff.connection.breaker import CircuitBreaker
-from handoff.connection.manager import pool_kwargs
+from handoff.config import RedisPoolConfig
+from handoff.connection.manager import call_guards, pool_kwargs
 from handoff.connection.pool_metrics import HealthTracker, MetricsRecorder
-from handoff.connection.retry import RetryPolicy
 from handoff.connection.topology import Seeds, parse_seeds, seed_credentials
 from handoff.errors import WrongProcess
 
@@ -47,16 +45,7 @@ class AsyncRedisManager:
         self.loop: asyncio.AbstractEventLoop | None = None  # set by the first call
         self.recorder = MetricsRecorder()
         self.health = HealthTracker()
-        self.breaker = CircuitBreaker(config.breaker_failure_threshold, config.breaker_cooldown_s)
-        self.retry = RetryPolicy(
-            config.max_retries,
-            config.min_retry_backoff_ms,
-            config.max_retry_backoff_ms,
-            self.breaker,
-            on_failure=lambda e: self.health.failure(f"{type(e).__name__}: {e}"),
-            on_success=self.health.success,
-            describe_target=lambda: redact_url(config.url),
-        )
+        self.breaker, self.retry = call_guards(config, self.health, self.health.success)
         self.mode = config.mode
         self.is_cluster = self.mode == "cluster"
         self._client: Any = None

@@ -66,6 +66,29 @@ def pool_kwargs(config: RedisPoolConfig) -> dict[str, Any]:
     return kwargs
 
 
+def call_guards(
+    config: RedisPoolConfig,
+    health: HealthTracker,
+    on_success: Callable[[], None],
+    before_probe: Callable[[], None] | None = None,
+) -> tuple[CircuitBreaker, RetryPolicy]:
+    """The circuit breaker and retry policy a manager's calls go through (the blocking
+    one's and AsyncRedisManager's alike): failures go to health, errors name the
+    redacted URL."""
+    breaker = CircuitBreaker(config.breaker_failure_threshold, config.breaker_cooldown_s)
+    retry = RetryPolicy(
+        config.max_retries,
+        config.min_retry_backoff_ms,
+        config.max_retry_backoff_ms,
+        breaker,
+        on_failure=lambda e: health.failure(f"{type(e).__name__}: {e}"),
+        on_success=on_success,
+        describe_target=lambda: redact_url(config.url),
+        before_probe=before_probe,
+    )
+    return breaker, retry
+
+
 class RedisManager:
     """One process's Redis: pool, health checker, retry, breaker, metrics, and the seed's ops."""
 
@@ -74,16 +97,8 @@ class RedisManager:
         self.pid = os.getpid()
         self.recorder = MetricsRecorder()
         self.health = HealthTracker()
-        self.breaker = CircuitBreaker(config.breaker_failure_threshold, config.breaker_cooldown_s)
-        self.retry = RetryPolicy(
-            config.max_retries,
-            config.min_retry_backoff_ms,
-            config.max_retry_backoff_ms,
-            self.breaker,
-            on_failure=lambda e: self.health.failure(f"{type(e).__name__}: {e}"),
-            on_success=self._on_call_success,
-            describe_target=lambda: redact_url(config.url),
-            before_probe=self._find_server_again,
+        self.breaker, self.retry = call_guards(
+            config, self.health, self._on_call_success, before_probe=self._find_server_again
         )
         self.mode = config.mode  # "server", "sentinel" or "cluster"
         self.is_cluster = self.mode == "cluster"

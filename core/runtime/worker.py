@@ -230,7 +230,8 @@ class Worker:
 
     def _holds_suspect(self) -> bool:
         """A task delivered before without finishing (its worker died) runs alone here."""
-        return any(t.deliveries - (t.attempt - 1) >= 2 for t in self.held.values())
+        held = list(self.held.values())  # (one C-level copy: the waker asks too)
+        return any(t.deliveries - (t.attempt - 1) >= 2 for t in held)
 
     def _process_events(self, block_s: float) -> None:
         """Take every pending event (blocking up to block_s for the first), then act."""
