@@ -5,8 +5,9 @@ stores settings (it may run before fork); init_process() builds everything alive
 pool, the runner, the helper threads and the signal handlers.
 
 Threads: main (claims, finishes outcomes in batches: the only one acking), handler
-threads or one asyncio thread (runner), a waker (blocks in BLPOP on the agent's wake list
-while there is room, so idling costs nothing), a lease keeper (renews leases of every
+threads or one asyncio thread (runner), a waker (while there is room: one pipeline of a
+BLPOP on the agent's wake list and the claim behind it, so the server leases work the
+moment it arrives, handed straight to the runner), a lease keeper (renews leases of every
 held task from its own thread, enforces timeouts), and a heartbeat (health hash).
 Everything the main thread waits for arrives on one SimpleQueue: outcomes, wake-ups and
 signals (SimpleQueue.put is safe inside a signal handler).
