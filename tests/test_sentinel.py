@@ -155,3 +155,39 @@ def _stored(port: int, ids: list[str]) -> int:
         return sum(pipe.execute())
     finally:
         client.close()
+
+
+def test_an_async_client_follows_a_graceful_failover(group):
+    """AsyncClient on Sentinel: it enqueues through the primary the sentinels name, and
+    after a failover its next calls reach the new one with no error for the caller."""
+    import asyncio
+
+    from handoff import AsyncClient
+
+    client = AsyncClient(settings=Settings(redis=RedisPoolConfig(url=group.url)))
+    old = group.primary_port()
+    (replica,) = [s.port for s in group.servers if s.port != old]
+
+    async def before() -> str:
+        task_id = await client.enqueue("probe", {"n": 1})
+        assert await client.status(task_id) == "queued"
+        return task_id
+
+    async def after(first: str) -> None:
+        second = await client.enqueue("probe", {"n": 2})
+        assert await client.status(first) == "queued"
+        assert await client.status(second) == "queued"
+        await client.close()
+
+    loop = asyncio.new_event_loop()
+    try:
+        first = loop.run_until_complete(before())
+        wait_until(lambda: _stored(replica, [first]) == 1, 10, "the replica to have it")
+        sentinel = redis.Redis(port=group.sentinels[0].port)
+        sentinel.execute_command("SENTINEL", "FAILOVER", group.service)
+        sentinel.close()
+        group.wait_failover(old)
+        wait_until(lambda: _role(old) == "slave", 15, "the old primary to become a replica")
+        loop.run_until_complete(after(first))
+    finally:
+        loop.close()
