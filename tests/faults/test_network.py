@@ -121,3 +121,25 @@ def test_8_claim_reply_lost_is_replayed_not_leased_twice(
     assert stats["running"] == 10 and stats["queued"] == 0
     deliveries = [client.task(i)["deliveries"] for i in ids]
     assert deliveries == [1] * 10  # leased once each
+
+
+def test_8_a_claim_behind_a_wake_up_pop_whose_reply_is_lost_is_replayed(redis_tcp_addr, client):
+    """An idle worker's pipeline (BLPOP on the wake list, the claim behind it): its reply
+    lost, the claim is sent again alone with its claim id and gets the same batch back."""
+    ids = client.enqueue_many("probe", [{"n": i} for i in range(10)])  # (and wake tokens)
+    wake = client.queue.keys.agent("probe").wake
+    with FaultProxy(redis_tcp_addr) as proxy:
+        settings = Settings(redis=RedisPoolConfig(url=proxy.url, min_idle_conns=1, pool_size=1))
+        manager = RedisManager(settings.redis, background=False)
+        queue = TaskQueue(manager, settings)
+        manager.execute(lambda c: c.ping())  # connected: the handshake is behind us
+        proxy.reset_after_upstream_reply(1)
+        request = ClaimRequest("probe", 10, lease_ms=60_000)
+        claimed = queue.claim([request], after_pop=([wake], 5))["probe"]
+        retried = len(manager.retry.backoff_schedule_s)
+        manager.close()
+    assert retried >= 1  # the reply really was lost: the claim went again
+    assert sorted(t.id for t in claimed) == sorted(ids)
+    stats = client.queue_stats(["probe"])["probe"]
+    assert stats["running"] == 10 and stats["queued"] == 0
+    assert [client.task(i)["deliveries"] for i in ids] == [1] * 10  # leased once each
