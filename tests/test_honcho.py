@@ -87,10 +87,11 @@ def test_honcho_start_runs_the_demo_chain_on_the_embedded_server(tmp_path):
             )
             assert client.tree(chain[0])["then"]["agent"] == "integrator"
             wait_until(lambda: "demo: feature '" in _log(tmp_path), 30, "a merged feature printed")
-            page = wait_until(
-                lambda: _try(lambda: _get(f"http://{env['HANDOFF_MONITOR_WEB']}/")), 15, "dashboard"
-            )
-            assert 'href="/agents/integrator"' in page  # the monitor serves the dashboard
+            # The monitor serves the dashboard; its first page may come before its first
+            # snapshot ("Collecting samples"): wait for one that lists the integrator.
+            home = f"http://{env['HANDOFF_MONITOR_WEB']}/"
+            link = 'href="/agents/integrator"'
+            wait_until(lambda: _try(lambda: link in _get(home)), 30, "the dashboard's integrator")
         assert _ctrl_c(proc) in (0, 130)  # honcho exits 130 after SIGINT
     finally:
         if proc.poll() is None:
