@@ -242,13 +242,8 @@ class QueueBase:
                     not_before = task.not_before
                     if not_before is None:
                         args += (task_id, score_for(task.priority, task.enqueued_at), blob)
-                        if (
-                            task.key is None
-                            and task.parent_id is None
-                            and not task.expires_at
-                            and task.group is None
-                        ):
-                            continue
+                        if _ready_now(task):
+                            continue  # nothing special to say about it
                         delay = 0
                     else:
                         delay = max(0, not_before - task.enqueued_at)

@@ -100,15 +100,21 @@ def test_7_latency_expires_no_lease_and_duplicates_nothing(
         assert sup.wait(20) == 0
 
 
+def _one_connection_queue(proxy: FaultProxy) -> tuple[RedisManager, TaskQueue]:
+    """A queue on one connection through the proxy, connected (the handshake is behind
+    it), so that the next reply the proxy drops is a claim's."""
+    settings = Settings(redis=RedisPoolConfig(url=proxy.url, min_idle_conns=1, pool_size=1))
+    manager = RedisManager(settings.redis, background=False)
+    manager.execute(lambda c: c.ping())
+    return manager, TaskQueue(manager, settings)
+
+
 def test_8_claim_reply_lost_is_replayed_not_leased_twice(
     redis_url, redis_tcp_addr, client, record_property
 ):
     ids = client.enqueue_many("probe", [{"n": i} for i in range(10)])
     with FaultProxy(redis_tcp_addr) as proxy:
-        settings = Settings(redis=RedisPoolConfig(url=proxy.url, min_idle_conns=1, pool_size=1))
-        manager = RedisManager(settings.redis, background=False)
-        queue = TaskQueue(manager, settings)
-        manager.execute(lambda c: c.ping())  # connected: the handshake is behind us
+        manager, queue = _one_connection_queue(proxy)
         proxy.reset_after_upstream_reply(1)
         started = time.monotonic()
         claimed = queue.claim([ClaimRequest("probe", 10, lease_ms=60_000)])["probe"]
@@ -129,10 +135,7 @@ def test_8_a_claim_behind_a_wake_up_pop_whose_reply_is_lost_is_replayed(redis_tc
     ids = client.enqueue_many("probe", [{"n": i} for i in range(10)])  # (and wake tokens)
     wake = client.queue.keys.agent("probe").wake
     with FaultProxy(redis_tcp_addr) as proxy:
-        settings = Settings(redis=RedisPoolConfig(url=proxy.url, min_idle_conns=1, pool_size=1))
-        manager = RedisManager(settings.redis, background=False)
-        queue = TaskQueue(manager, settings)
-        manager.execute(lambda c: c.ping())  # connected: the handshake is behind us
+        manager, queue = _one_connection_queue(proxy)
         proxy.reset_after_upstream_reply(1)
         request = ClaimRequest("probe", 10, lease_ms=60_000)
         claimed = queue.claim([request], after_pop=([wake], 5))["probe"]
