@@ -121,7 +121,10 @@ class Worker:
         self.keys = Keys(self.settings.key_prefix)
         self.agent_keys = self.keys.agent(self.spec.name)
         self.events: queue.SimpleQueue = queue.SimpleQueue()
-        self.runner = make_runner(self.spec, self.events.put)
+        # The waker starts the tasks it claims, then tells the main thread, both under this
+        # lock; handlers report under it too: a task's Claimed is always ahead of its outcome.
+        self._handing_over = threading.Lock()
+        self.runner = make_runner(self.spec, self._report)
         self.held: dict[str, Task] = {}  # leased by us, not yet acked/nacked/released
         self.stats = WorkerStats()
         self.state = "starting"
@@ -361,6 +364,11 @@ class Worker:
         self.state = "busy"
         if refused:
             self._send([], refused, [])
+
+    def _report(self, item: Outcome | Finished) -> None:
+        """A handler's outcome, to the main thread (never ahead of its task's Claimed)."""
+        with self._handing_over:
+            self.events.put(item)
 
     def _redis_trouble(self, what: str, error: Exception) -> None:
         """Back off (capped) and log at most one line per interval while Redis is down."""
@@ -637,11 +645,13 @@ class Worker:
                 self.events.put(Claimed(tasks))  # the main thread gives them back
                 return
             # Straight to the handlers, not through the main thread: one thread hop from
-            # wake-up to start. The main thread hears first (the queue is FIFO), so it
-            # holds them before any of their outcomes can reach it.
+            # wake-up to start. A handler thread is woken before the main thread, so it
+            # is first in line for the interpreter (the main thread only counts them as
+            # held); _report keeps their outcomes behind this Claimed.
             refused, runnable = self._prepare(tasks)
-            self.events.put(Claimed(tasks, started=True, refused=tuple(refused)))
-            self.runner.submit(runnable)
+            with self._handing_over:
+                self.runner.submit(runnable)
+                self.events.put(Claimed(tasks, started=True, refused=tuple(refused)))
 
     def _nudge_waker(self) -> None:
         """Unblock our own waker's pop (stopping): a token in the list only it waits on."""
