@@ -531,3 +531,24 @@ def test_a_lane_connection_reconnects_after_the_server_restarts(server, make_man
     server.start()
     assert manager.execute(lambda c: manager.send(c, "GET", "k")) in (b"1", None)
     assert manager.execute(lambda c: manager.send(c, "SET", "k", "2")) == b"OK"
+
+
+def test_commands_sent_in_one_packet_raise_an_error_reply_after_reading_every_reply(
+    server, raw, make_manager
+):
+    """send_all (an idle worker's pop and the claim behind it): replies in order; an error
+    reply is raised once all are read, so the connection is left clean for the next call,
+    which is served on that same connection."""
+    manager = make_manager(server.url, pool_size=1)
+    raw.rpush("tokens", "t")
+    replies = manager.execute(
+        lambda c: manager.send_all(c, [("BLPOP", "tokens", 1), ("INCR", "after")])
+    )
+    assert replies == [[b"tokens", b"t"], 1]
+    raw.set("text", "not a number")
+    with pytest.raises(RedisCommandError, match="not an integer"):
+        manager.execute(
+            lambda c: manager.send_all(c, [("INCR", "text"), ("INCR", "after")]), retry=False
+        )
+    assert raw.get("after") == b"2"  # the command behind the error ran
+    assert manager.execute(lambda c: manager.send_all(c, [("GET", "after")])) == [b"2"]

@@ -82,3 +82,37 @@ class CommandLane:
     def _stale(self, connection: Any) -> bool:
         too_old = getattr(self._pool, "_too_old", None)
         return too_old is not None and too_old(connection, time.monotonic())
+
+
+def call_all(pool: Any, commands: list[tuple]) -> list:
+    """Replies to commands written as one packet on one pooled connection, read in order
+    (raw: no response callbacks): a pipeline without redis-py's layers. An idle worker's
+    blocking pop and the claim behind it go this way, so the claim's reply is parsed a
+    little sooner. An error reply is raised once every reply is read (the connection stays
+    usable); any other failure drops the socket (it may hold half a reply)."""
+    connection = pool.get_connection()
+    try:
+        connection.connect()  # a Sentinel connection asks the sentinels here
+        if _hiredis_pack is not None:
+            connection.send_packed_command(
+                [_hiredis_pack(command) for command in commands], check_health=False
+            )
+        else:
+            connection.send_packed_command(connection.pack_commands(commands), check_health=False)
+        replies, error = [], None
+        for _ in commands:
+            try:
+                replies.append(connection.read_response())
+            except rex.ResponseError as e:
+                replies.append(e)
+                error = error or e
+        if error is not None:
+            raise error
+        return replies
+    except rex.ResponseError:
+        raise
+    except BaseException:
+        connection.disconnect()
+        raise
+    finally:
+        pool.release(connection)

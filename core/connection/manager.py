@@ -22,7 +22,7 @@ from redis.retry import Retry
 
 from handoff.config import RedisPoolConfig, redact_url
 from handoff.connection.breaker import CircuitBreaker
-from handoff.connection.lane import NOT_TAKEN, CommandLane
+from handoff.connection.lane import NOT_TAKEN, CommandLane, call_all
 from handoff.connection.pool_metrics import (
     HealthStatus,
     HealthTracker,
@@ -164,6 +164,16 @@ class RedisManager:
             if reply is not NOT_TAKEN:
                 return reply
         return client.execute_command(*args)
+
+    def send_all(self, client: Any, commands: list[tuple]) -> list:
+        """Raw replies to commands sent in one packet, inside an execute() fn (lane.call_all;
+        through a pipeline on a cluster, or a client that is not ours)."""
+        if client is self._client and not self.is_cluster:
+            return call_all(self.pool, commands)
+        pipe = client.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        return pipe.execute()
 
     def execute_batch(
         self, operations: Sequence[Callable[[Any], Any]], *, transaction: bool = False

@@ -379,6 +379,9 @@ class TaskQueue(QueueBase):
                 name, keys, args = calls[0]
                 sha = scripts.sha(name)
                 return [self.manager.send(client, "EVALSHA", sha, len(keys), *keys, *args)]
+            if first is not None and len(operations) == len(calls):  # a pop, then scripts
+                commands = [("EVALSHA", scripts.sha(n), len(k), *k, *a) for n, k, a in calls]
+                return self.manager.send_all(client, [first, *commands])[1:]
             pipe = client.pipeline(transaction=False)
             if first is not None:
                 pipe.execute_command(*first)
