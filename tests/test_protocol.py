@@ -169,8 +169,7 @@ def test_a_claim_whose_reply_is_lost_is_retried_without_a_second_lease(
 
 def test_a_server_that_forgot_the_scripts_gets_them_again_and_nothing_doubles(queue, raw_redis):
     queue.enqueue([task("a", {"n": 1}), task("b", {"n": 1})], now_ms=T0)
-    nodes = raw_redis.get_primaries() if hasattr(raw_redis, "get_primaries") else None
-    for node in [n.redis_connection for n in nodes] if nodes else [raw_redis]:
+    for node in _nodes(raw_redis):
         node.script_flush()  # a restarted server, or SCRIPT FLUSH: NOSCRIPT on the next call
         assert node.script_exists(scripts.sha("enqueue")) == [False]
     added = queue.enqueue([task("a", {"n": 2}), task("b", {"n": 2})], now_ms=T0 + 1)
@@ -178,6 +177,28 @@ def test_a_server_that_forgot_the_scripts_gets_them_again_and_nothing_doubles(qu
     for agent in ("a", "b"):
         assert raw_redis.zcard(Keys().agent(agent).queue) == 2
         assert int(raw_redis.hget(Keys().agent(agent).stats, "enqueued")) == 2
+
+
+def test_a_single_plain_enqueue_after_a_script_flush_loads_the_scripts_and_adds_once(
+    queue, raw_redis
+):
+    """One plain task of a known agent takes the direct path (one EVALSHA, no plan):
+    NOSCRIPT there loads the scripts and sends it again; a repeat of the id adds nothing."""
+    queue.enqueue([task("a", {"n": 1})])  # the agent is known from here on
+    for node in _nodes(raw_redis):
+        node.script_flush()
+    again = task("a", {"n": 2})
+    assert queue.enqueue([again]) == [True]
+    assert queue.enqueue([again]) == [False]
+    keys = Keys().agent("a")
+    assert raw_redis.zcard(keys.queue) == 2
+    assert int(raw_redis.hget(keys.stats, "enqueued")) == 2
+    assert raw_redis.hexists(keys.tasks, again.id)
+
+
+def _nodes(raw_redis) -> list:
+    nodes = raw_redis.get_primaries() if hasattr(raw_redis, "get_primaries") else None
+    return [n.redis_connection for n in nodes] if nodes else [raw_redis]
 
 
 def test_an_enqueue_no_replica_confirms_raises_not_replicated_and_stays_written(

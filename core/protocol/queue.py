@@ -263,18 +263,23 @@ class QueueBase:
     def _enqueue_ready(self, task: Task) -> Plan[bool]:
         """One plain task (ready now, no key, parent, deadline or group): the lean script."""
         agent = task.agent
-        blob = self._checked_json(0, task, agent + ".", self.settings.max_payload_bytes)
-        keys = self._ready_keys.get(agent)
-        if keys is None:
-            k = self.keys.agent(agent)
-            keys = self._ready_keys[agent] = [k.tasks, k.scores, k.queue, k.stats, k.wake]
-        args = [self._max_bytes, task.id, score_for(task.priority, task.enqueued_at), blob]
+        keys, args = self._ready_call(task)
         new = agent not in self._registered_agents
         extra = [lambda p: p.sadd(self.keys.agents, agent)] if new else []
         calls = [("enqueue_ready", keys, args)]
         reply = yield Scripts(calls, extra, self.settings.enqueue_wait_replicas)
         self._registered_agents.add(agent)
         return reply[0][0] == 1
+
+    def _ready_call(self, task: Task) -> tuple[list[str], list[Any]]:
+        """enqueue_ready's KEYS and ARGV for a plain task (checked and serialised)."""
+        agent = task.agent
+        blob = self._checked_json(0, task, agent + ".", self.settings.max_payload_bytes)
+        keys = self._ready_keys.get(agent)
+        if keys is None:
+            k = self.keys.agent(agent)
+            keys = self._ready_keys[agent] = [k.tasks, k.scores, k.queue, k.stats, k.wake]
+        return keys, [self._max_bytes, task.id, score_for(task.priority, task.enqueued_at), blob]
 
     @staticmethod
     def _checked_json(index: int, task: Task, id_prefix: str, limit: int) -> bytes:
@@ -432,7 +437,35 @@ class TaskQueue(QueueBase):
 
     def enqueue(self, tasks: Sequence[Task], *, now_ms: int | None = None) -> list[bool]:
         """enqueue_plan, blocking: True = added, False = duplicate, per task."""
+        if len(tasks) == 1 and now_ms is None and self._direct(tasks[0]):
+            return [self._enqueue_one_ready(tasks[0])]
         return self.run(self.enqueue_plan(tasks, now_ms=now_ms))
+
+    def _direct(self, task: Task) -> bool:
+        """A single enqueue that needs nothing but enqueue_ready's one call: its agent
+        known here, no replicas to wait for, one server."""
+        return (
+            _ready_now(task)
+            and task.agent in self._registered_agents
+            and not self.settings.enqueue_wait_replicas
+            and not self.manager.is_cluster
+        )
+
+    def _enqueue_one_ready(self, task: Task) -> bool:
+        """_enqueue_ready without the plan's layers (a web request's enqueue: each
+        microsecond is a share of the call). The same script, keys and arguments."""
+        keys, args = self._ready_call(task)
+        command = ("EVALSHA", scripts.sha("enqueue_ready"), len(keys), *keys, *args)
+        send = self.manager.send
+
+        def run(client) -> Any:
+            try:
+                return send(client, *command)
+            except rex.NoScriptError:
+                scripts.load_all(client)
+                return send(client, *command)
+
+        return self.manager.execute(run)[0] == 1
 
     # -- claim -----------------------------------------------------------------------------
 
