@@ -10,8 +10,7 @@ if #json > max_bytes then
   return redis.error_reply('ERR task ' .. id .. ' is ' .. #json .. ' bytes, over the limit of ' ..
     max_bytes .. ' bytes')
 end
-if redis.call('HEXISTS', K_TASKS, id) == 1 then return {0} end
-redis.call('HSET', K_TASKS, id, json)
+if redis.call('HSETNX', K_TASKS, id, json) == 0 then return {0} end
 redis.call('HSET', K_SCORES, id, score)
 redis.call('ZADD', K_QUEUE, score, id)
 local counted = redis.pcall('HINCRBY', K_STATS, 'enqueued', 1)  -- (as count() does)
