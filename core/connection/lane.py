@@ -51,19 +51,7 @@ class CommandLane:
         try:
             if self._stale(connection):
                 connection.disconnect()  # rotated like the pool's (max_conn_age_s)
-            # connect() as the pool would: a no-op when connected; a Sentinel connection
-            # asks the sentinels for the primary here (sending would reconnect to the old).
-            connection.connect()
-            if _hiredis_pack is not None:
-                connection.send_packed_command([_hiredis_pack(args)], check_health=False)
-            else:
-                connection.send_command(*args)
-            return connection.read_response()
-        except rex.ResponseError:
-            raise
-        except BaseException:
-            connection.disconnect()
-            raise
+            return exchange(connection, [args])[0]
         finally:
             self._idle.append(connection)
 
@@ -88,17 +76,27 @@ def call_all(pool: Any, commands: list[tuple]) -> list:
     """Replies to commands written as one packet on one pooled connection, read in order
     (raw: no response callbacks): a pipeline without redis-py's layers. An idle worker's
     blocking pop and the claim behind it go this way, so the claim's reply is parsed a
-    little sooner. An error reply is raised once every reply is read (the connection stays
-    usable); any other failure drops the socket (it may hold half a reply)."""
+    little sooner."""
     connection = pool.get_connection()
     try:
-        connection.connect()  # a Sentinel connection asks the sentinels here
+        return exchange(connection, commands)
+    finally:
+        pool.release(connection)
+
+
+def exchange(connection: Any, commands: list[tuple]) -> list:
+    """Write commands as one packet and read their raw replies in order. An error reply is
+    raised once every reply is read (the connection stays usable); any other failure drops
+    the socket first (it may hold half a reply): the next use reconnects."""
+    try:
+        # connect() as the pool would: a no-op when connected; a Sentinel connection asks
+        # the sentinels for the primary here (sending would reconnect to the old one).
+        connection.connect()
         if _hiredis_pack is not None:
-            connection.send_packed_command(
-                [_hiredis_pack(command) for command in commands], check_health=False
-            )
+            packed = [_hiredis_pack(command) for command in commands]
         else:
-            connection.send_packed_command(connection.pack_commands(commands), check_health=False)
+            packed = connection.pack_commands(commands)
+        connection.send_packed_command(packed, check_health=False)
         replies, error = [], None
         for _ in commands:
             try:
@@ -114,5 +112,3 @@ def call_all(pool: Any, commands: list[tuple]) -> list:
     except BaseException:
         connection.disconnect()
         raise
-    finally:
-        pool.release(connection)
