@@ -533,13 +533,14 @@ def test_a_lane_connection_reconnects_after_the_server_restarts(server, make_man
     assert manager.execute(lambda c: manager.send(c, "SET", "k", "2")) == b"OK"
 
 
+@pytest.mark.parametrize("pool_size", [1, 8], ids=["pool", "lane"])
 def test_commands_sent_in_one_packet_raise_an_error_reply_after_reading_every_reply(
-    server, raw, make_manager
+    server, raw, make_manager, pool_size
 ):
-    """send_all (an idle worker's pop and the claim behind it): replies in order; an error
-    reply is raised once all are read, so the connection is left clean for the next call,
-    which is served on that same connection."""
-    manager = make_manager(server.url, pool_size=1)
+    """send_all (an idle worker's pop and the claim behind it), on a pooled connection (no
+    lane in a pool of 1) or a lane one: replies in order; an error reply is raised once
+    all are read, so the connection is left clean for the next call."""
+    manager = make_manager(server.url, pool_size=pool_size)
     raw.rpush("tokens", "t")
     replies = manager.execute(
         lambda c: manager.send_all(c, [("BLPOP", "tokens", 1), ("INCR", "after")])

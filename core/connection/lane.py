@@ -42,6 +42,14 @@ class CommandLane:
 
         An error reply is raised (the connection stays, it is fine); any other failure
         drops the socket first (it may hold half a reply): the next call reconnects."""
+        replies = self.call_all([args])
+        return replies if replies is NOT_TAKEN else replies[0]
+
+    def call_all(self, commands: list[tuple]) -> Any:
+        """Raw replies to commands sent as one packet (exchange), or NOT_TAKEN when every
+        lane connection is busy. An idle worker's blocking pop and the claim behind it
+        come here too: a pool checkout and release would sit between its reply and the
+        handler's start."""
         try:
             connection = self._idle.pop()  # atomic: no lock on the way
         except IndexError:
@@ -51,7 +59,7 @@ class CommandLane:
         try:
             if self._stale(connection):
                 connection.disconnect()  # rotated like the pool's (max_conn_age_s)
-            return exchange(connection, [args])[0]
+            return exchange(connection, commands)
         finally:
             self._idle.append(connection)
 
@@ -74,9 +82,8 @@ class CommandLane:
 
 def call_all(pool: Any, commands: list[tuple]) -> list:
     """Replies to commands written as one packet on one pooled connection, read in order
-    (raw: no response callbacks): a pipeline without redis-py's layers. An idle worker's
-    blocking pop and the claim behind it go this way, so the claim's reply is parsed a
-    little sooner."""
+    (raw: no response callbacks): a pipeline without redis-py's layers (when the lane is
+    busy)."""
     connection = pool.get_connection()
     try:
         return exchange(connection, commands)

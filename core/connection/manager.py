@@ -166,9 +166,15 @@ class RedisManager:
         return client.execute_command(*args)
 
     def send_all(self, client: Any, commands: list[tuple]) -> list:
-        """Raw replies to commands sent in one packet, inside an execute() fn (lane.call_all;
-        through a pipeline on a cluster, or a client that is not ours)."""
+        """Raw replies to commands sent in one packet, inside an execute() fn: on a lane
+        connection when one is free, else on one from the pool (lane.py); through a
+        pipeline on a cluster, or a client that is not ours."""
         if client is self._client and not self.is_cluster:
+            lane = self._lane
+            if lane is not None:
+                replies = lane.call_all(commands)
+                if replies is not NOT_TAKEN:
+                    return replies
             return call_all(self.pool, commands)
         pipe = client.pipeline(transaction=False)
         for command in commands:
