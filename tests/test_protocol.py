@@ -404,6 +404,72 @@ def test_max_attempts_via_nack_dead_letters_with_the_error_and_traceback(queue, 
     assert raw_redis.zcard(keys.delayed) == raw_redis.zcard(keys.leases) == 0
 
 
+# -- the plain claim's fast path ---------------------------------------------------------------
+
+
+@pytest.mark.backends("server")
+def test_a_plain_claim_takes_the_fast_path_and_anything_else_the_full_one(queue, raw_redis):
+    """claim.lua leases plain tasks before its prelude is defined (an idle worker's pickup
+    waits on that server time); the full claim reads the agent's limits (HGETALL): it
+    runs only when something asks for it, here a live limit."""
+    keys = Keys().agent("a")
+    queue.enqueue([task(), task()], now_ms=T0)
+    raw_redis.config_resetstat()
+    held = claim(queue, 2, claim_id="c1")
+    assert [(t.attempt, t.deliveries) for t in held] == [(1, 1), (1, 1)]
+    assert "cmdstat_hgetall" not in raw_redis.info("commandstats")
+    assert [t.id for t in claim(queue, 2, claim_id="c1")] == [t.id for t in held]  # replay
+    raw_redis.hset(keys.limits, "rate", "none")  # a live limit, lifted: the full claim looks
+    queue.enqueue([task()], now_ms=T0)
+    raw_redis.config_resetstat()
+    assert len(claim(queue, 1)) == 1
+    assert raw_redis.info("commandstats")["cmdstat_hgetall"]["calls"] == 1
+    assert raw_redis.zcard(keys.queue) == 0 and raw_redis.zcard(keys.leases) == 3
+
+
+def _delivered_once(q: TaskQueue, t: Task, now: int) -> int:
+    """t claimed and its lease let expire (its worker died); returns the time it is due
+    to be reaped, which the next claim does."""
+    q.enqueue([t], now_ms=now)
+    assert [h.id for h in claim(q, 1, now=now)] == [t.id]
+    return now + LEASE_MS + 1
+
+
+def test_a_suspect_behind_plain_tasks_is_left_queued_and_the_plain_ones_leased(queue, raw_redis):
+    keys = Keys().agent("a")
+    suspect = task(payload="suspect")
+    now = _delivered_once(queue, suspect, T0)
+    assert claim(queue, 0, now=now) == []  # reaped: queued again, delivered once
+    plain = [task(at_ms=T0 - 1000), task(at_ms=T0 - 999)]  # ahead of it in the queue
+    queue.enqueue(plain, now_ms=now)
+    request = ClaimRequest("a", 3, LEASE_MS, isolate_suspects=True, solo=False)
+    result = queue.claim([request], now_ms=now)
+    assert [t.id for t in result["a"]] == [t.id for t in plain]
+    assert result.suspects_waiting["a"] is True
+    assert members(raw_redis, keys.queue) == {suspect.id}
+    assert raw_redis.hget(keys.deliveries, suspect.id) == b"1"
+    [alone] = claim(queue, 3, now=now, isolate_suspects=True, solo=True)
+    assert (alone.id, alone.deliveries) == (suspect.id, 2)
+
+
+def test_a_poison_task_behind_a_plain_one_is_dead_lettered_and_the_plain_one_leased(
+    redis_url, raw_redis
+):
+    q = make_queue(redis_url, max_deliveries=1)
+    keys = Keys().agent("a")
+    try:
+        poison = task(payload="poison")
+        now = _delivered_once(q, poison, T0)
+        assert claim(q, 0, now=now) == []  # reaped
+        plain = task(at_ms=T0 - 1000)
+        q.enqueue([plain], now_ms=now)
+        assert [t.id for t in claim(q, 2, now=now)] == [plain.id]
+    finally:
+        q.manager.close()
+    assert members(raw_redis, keys.dead) == {poison.id}
+    assert members(raw_redis, keys.leases) == {plain.id}
+
+
 # -- the global cap --------------------------------------------------------------------------
 
 

@@ -56,6 +56,7 @@ def key_header() -> str:
 ALLOW_OOM = frozenset(NAMES) - {"enqueue", "enqueue_ready", "follow", "await"}
 # Scripts that bind their own few KEYS and need no prelude (a hot path's lean twin).
 STANDALONE = frozenset({"enqueue_ready"})
+FAST_PATH_ENDS = "--@prelude\n"
 
 
 @cache
@@ -64,9 +65,12 @@ def source(name: str) -> str:
     body = (folder / f"{name}.lua").read_text()
     if name in STANDALONE:
         return body
-    prelude = prelude_for(body, (folder / "_prelude.lua").read_text())
+    # A body may open with a fast path that returns before the prelude's functions are
+    # defined (up to a line FAST_PATH_ENDS): it goes ahead of the prelude.
+    fast, _, rest = body.rpartition(FAST_PATH_ENDS)
+    prelude = prelude_for(rest, (folder / "_prelude.lua").read_text())
     flags = "#!lua flags=allow-oom\n" if name in ALLOW_OOM else ""
-    return flags + key_header() + prelude + "\n" + body
+    return flags + key_header() + fast + prelude + "\n" + rest
 
 
 # A top-level statement of the prelude starts at column 0 (comments go with the next one).

@@ -32,6 +32,80 @@
 -- Returns: {now, next_due (ms of the earliest delayed task, -1 if none),
 --           [suspects_waiting (0/1), only when isolating,] id1, json1, attempt1,
 --           deliveries1, join1, id2, ..., ['|', outbox field, notice, ...]}
+-- The plain case runs first, ahead of the prelude (whose function definitions would be
+-- most of its server time, and an idle worker's pickup waits on it): not a replay, no
+-- limit, group, deadline or cancel anywhere in the agent, nothing due to promote, reap or
+-- forget, and every task popped a clean one that has no join (no suspect, poison or bad
+-- count). Anything else puts back what it popped and falls through to the full claim
+-- below, which then finds the state as it was.
+do
+  local n = math.min(tonumber(ARGV[1]), tonumber(ARGV[7]))
+  local function none(i) return (tonumber(ARGV[i]) or 0) <= 0 end
+  if n <= 4000 and none(5) and none(11) and none(16) and none(18) and none(19)
+    and redis.call('EXISTS', K_LIMITS, K_GROUPS, K_PARKED, K_DEADLINES, K_CANCELLED,
+      KEYS[FIXED_KEYS + 1]) == 0 then
+    local now = tonumber(ARGV[6])
+    if ARGV[6] == '' then
+      local t = redis.call('TIME')
+      now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    end
+    local bound = tonumber(ARGV[8])
+    local out = {now, -1}
+    local head = redis.call('ZRANGE', K_DELAYED, 0, 0, 'WITHSCORES')
+    if #head > 0 then out[2] = tonumber(head[2]) end
+    local function idle(key)  -- no work for promote_due, reap_expired, expire_finished
+      if bound <= 0 then return true end
+      local first = key == K_DELAYED and head or redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+      return #first == 0 or tonumber(first[2]) > now
+    end
+    if idle(K_DELAYED) and idle(K_LEASES) and idle(K_FINISHED) then
+      local isolate, max_deliveries = ARGV[9] == '1', tonumber(ARGV[4])
+      if isolate then out[3] = 0 end
+      local popped = n > 0 and redis.call('ZPOPMIN', K_QUEUE, n) or {}
+      local at = #string.match(K_QUEUE, '{(.*)}:queue$') + 20  -- as join_state looks
+      local counts, leases, tokens, ids = {}, {}, {}, {}
+      local deadline, token = now + tonumber(ARGV[2]), ARGV[3]
+      local plain = true
+      for i = 1, #popped, 2 do
+        local id = popped[i]
+        local json = redis.call('HGET', K_TASKS, id)
+        local failed = redis.call('HGET', K_FAILURES, id) or '0'
+        local before = redis.call('HGET', K_DELIVERIES, id) or '0'
+        plain = json and string.match(failed, '^%d+$') and #failed < 16
+          and string.match(before, '^%d+$') and #before < 16
+        if plain then
+          failed, before = tonumber(failed), tonumber(before)
+          plain = not (isolate and before - failed >= 1) and before + 1 - failed <= max_deliveries
+            and not (string.sub(json, #id + at, #id + at + 6) == ',"run":'
+              and string.find(json, '"join":{"on_dead":', #id + at, true))
+        end
+        if not plain then break end
+        local k = #ids + 1
+        ids[k] = id
+        counts[2 * k - 1], counts[2 * k] = id, before + 1
+        leases[2 * k - 1], leases[2 * k] = deadline, id
+        tokens[2 * k - 1], tokens[2 * k] = id, token
+        local o = #out
+        out[o + 1], out[o + 2], out[o + 3], out[o + 4], out[o + 5] =
+          id, json, failed + 1, before + 1, ''
+      end
+      if plain then
+        if #ids > 0 then
+          redis.call('HSET', K_DELIVERIES, unpack(counts))
+          redis.call('ZADD', K_LEASES, unpack(leases))
+          redis.call('HSET', K_TOKENS, unpack(tokens))
+          redis.call('RPUSH', KEYS[FIXED_KEYS + 1], unpack(ids))
+          redis.call('PEXPIRE', KEYS[FIXED_KEYS + 1], tonumber(ARGV[2]))
+        end
+        return out
+      end
+      local back = {}
+      for i = 1, #popped, 2 do back[i], back[i + 1] = popped[i + 1], popped[i] end
+      redis.call('ZADD', K_QUEUE, unpack(back))
+    end
+  end
+end
+--@prelude
 local claim_key = KEYS[FIXED_KEYS + 1]
 local n = math.min(tonumber(ARGV[1]), tonumber(ARGV[7]))
 local lease_ms = tonumber(ARGV[2])
