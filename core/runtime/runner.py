@@ -143,15 +143,16 @@ class _BaseRunner:
 
 
 class _Slot:
-    """One handler thread's mailbox: the task handed to it, and the lock it waits on (held
-    while idle; released by the hand-over)."""
+    """One handler thread's mailbox: the task handed to it, the lock it waits on (held
+    while idle; released by the hand-over), and a lock to release as it starts the task."""
 
-    __slots__ = ("task", "wake")
+    __slots__ = ("begun", "task", "wake")
 
     def __init__(self) -> None:
         self.task: Task | None = None
         self.wake = threading.Lock()
         self.wake.acquire()
+        self.begun: threading.Lock | None = None
 
 
 class SyncRunner(_BaseRunner):
@@ -171,13 +172,22 @@ class SyncRunner(_BaseRunner):
         for thread in self._threads:
             thread.start()
 
-    def submit(self, tasks: list[Task]) -> None:
+    def submit(self, tasks: list[Task], begun: threading.Lock | None = None) -> bool:
+        """Start tasks on idle threads, or queue them. begun (a held lock): the thread
+        given the first task releases it as it starts that task, so a caller waiting on it
+        lets that thread run before whatever it wakes next. Returns whether the first
+        task went to a thread at once (else nothing will release begun soon)."""
+        handed = False
         with self._lock:
             for task in tasks:
                 if self._idle:
-                    self._hand(self._idle.pop(), task)
+                    slot = self._idle.pop()
+                    if not handed and task is tasks[0]:
+                        slot.begun, handed = begun, True
+                    self._hand(slot, task)
                 else:
                     self._ready.append(task)
+        return handed
 
     def _hand(self, slot: _Slot, task: Task | None) -> None:
         """Give an idle thread its task (None: stop); counted as started from here, so
@@ -211,6 +221,9 @@ class SyncRunner(_BaseRunner):
             self._idle.append(slot)
         slot.wake.acquire()  # until _hand
         task, slot.task = slot.task, None
+        begun, slot.begun = slot.begun, None
+        if begun is not None:
+            begun.release()
         return task
 
     def _loop(self) -> None:
@@ -283,8 +296,10 @@ class AsyncRunner(_BaseRunner):
         self._thread = threading.Thread(target=self._loop.run_forever, name="asyncio", daemon=True)
         self._thread.start()
 
-    def submit(self, tasks: list[Task]) -> None:
+    def submit(self, tasks: list[Task], begun: threading.Lock | None = None) -> bool:
+        """Start tasks on the loop (begun is never released: see SyncRunner.submit)."""
         self._loop.call_soon_threadsafe(self._add, tasks)
+        return False
 
     def _add(self, tasks: list[Task]) -> None:
         self._pending.extend(tasks)
