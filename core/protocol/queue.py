@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import orjson
-import redis.exceptions as rex
 
 from handoff.backoff import exponential_s
 from handoff.config import Settings
@@ -396,11 +395,7 @@ class TaskQueue(QueueBase):
             return replies[1:] if first is not None else replies
 
         def run(client) -> list:
-            try:
-                replies = attempt(client)
-            except rex.NoScriptError:
-                scripts.load_all(client)
-                replies = attempt(client)
+            replies = scripts.with_scripts(client, attempt)
             if wait_replicas:
                 check_replicated(replies.pop(), wait_replicas, timeout_ms, "the primary")
             return replies
@@ -459,11 +454,7 @@ class TaskQueue(QueueBase):
         send = self.manager.send
 
         def run(client) -> Any:
-            try:
-                return send(client, *command)
-            except rex.NoScriptError:
-                scripts.load_all(client)
-                return send(client, *command)
+            return scripts.with_scripts(client, lambda c: send(c, *command))
 
         return self.manager.execute(run)[0] == 1
 

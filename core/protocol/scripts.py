@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from functools import cache
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar
+
+import redis.exceptions as rex
 
 from handoff.protocol.keys import AGENT_KEY_NAMES
 from handoff.protocol.task import EPOCH_MS, PRIORITY_SHIFT
@@ -117,6 +120,19 @@ def prelude_for(body: str, prelude: str) -> str:
 @cache
 def sha(name: str) -> str:
     return hashlib.sha1(source(name).encode()).hexdigest()
+
+
+T = TypeVar("T")
+
+
+def with_scripts(client, attempt: Callable[[Any], T]) -> T:
+    """attempt(client); on NOSCRIPT (a restarted or flushed server) load every script and
+    attempt once more: safe, every operation being idempotent (see above)."""
+    try:
+        return attempt(client)
+    except rex.NoScriptError:
+        load_all(client)
+        return attempt(client)
 
 
 def load_all(client) -> Any:

@@ -182,7 +182,7 @@ class SyncRunner(_BaseRunner):
             for task in tasks:
                 if self._idle:
                     slot = self._idle.pop()
-                    if not handed and task is tasks[0]:
+                    if task is tasks[0]:
                         slot.begun, handed = begun, True
                     self._hand(slot, task)
                 else:
