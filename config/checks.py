@@ -37,6 +37,9 @@ def check_range(
     """The one range check: a number (an integer when asked) in [low, high], else one
     line "name = value: must be ..." raised as `error` (a ConfigError for settings, an
     InvalidPayload for a task's fields)."""
+    kind = type(value)  # the common case first: an exact int (not a bool) or float in range
+    if (kind is int or (kind is float and not integer)) and low <= value <= high:
+        return value
     # bool is an int subclass; `pool_size = true` is a mistake, not 1.
     if isinstance(value, bool) or not isinstance(value, int if integer else int | float):
         raise error(f"{name} = {show(value)}: must be {'an integer' if integer else 'a number'}")

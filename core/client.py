@@ -6,7 +6,6 @@ in a new process (after fork), so a Client made before fork is safe in the child
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -18,6 +17,7 @@ import orjson
 from handoff.config import Settings, load_settings
 from handoff.config.checks import check_range
 from handoff.connection.manager import RedisManager
+from handoff.connection.process import current_pid
 from handoff.errors import HandoffError, InvalidPayload, TaskCancelled
 from handoff.protocol import runs, streams
 from handoff.protocol.cancel import CancelReport, cancel
@@ -221,12 +221,12 @@ class Client:
 
     @property
     def queue(self) -> TaskQueue:
-        if self._queue is None or self._pid != os.getpid():
+        if self._queue is None or self._pid != current_pid():
             # A new process: drop (never close) the parent's sockets and build our own.
             manager = RedisManager(self.settings.redis)
             self._queue = TaskQueue(manager, self.settings, waiting=self._waiting_manager)
             self._waiting = None
-            self._pid = os.getpid()
+            self._pid = current_pid()
         return self._queue
 
     @property
@@ -248,7 +248,7 @@ class Client:
         return self.waiting.manager
 
     def close(self) -> None:
-        if self._queue is not None and self._pid == os.getpid():
+        if self._queue is not None and self._pid == current_pid():
             self._queue.manager.close()
             if self._waiting is not None:
                 self._waiting.manager.close()

@@ -29,6 +29,7 @@ from handoff.connection.pool_metrics import (
     MetricsRecorder,
     RedisPoolMetrics,
 )
+from handoff.connection.process import current_pid
 from handoff.connection.retry import RetryPolicy, already_recorded
 from handoff.connection.topology import ClusterPools, open_client, open_cluster
 from handoff.errors import WrongProcess
@@ -48,7 +49,7 @@ def pool_kwargs(config: RedisPoolConfig) -> dict[str, Any]:
         "socket_timeout": max(config.read_timeout_s, config.write_timeout_s),
         "retry": Retry(NoBackoff(), 0),
         "health_check_interval": 0,
-        "client_name": f"handoff-{os.getpid()}",
+        "client_name": f"handoff-{current_pid()}",
     }
     if config.password is not None:
         kwargs["password"] = config.password
@@ -94,7 +95,7 @@ class RedisManager:
 
     def __init__(self, config: RedisPoolConfig, *, background: bool = True) -> None:
         self.config = config
-        self.pid = os.getpid()
+        self.pid = current_pid()
         self.recorder = MetricsRecorder()
         self.health = HealthTracker()
         self.breaker, self.retry = call_guards(
@@ -126,9 +127,9 @@ class RedisManager:
     # -- process ownership -----------------------------------------------------------------
 
     def _check_process(self) -> None:
-        if os.getpid() != self.pid:
+        if current_pid() != self.pid:
             raise WrongProcess(
-                f"RedisManager built in pid {self.pid} used in pid {os.getpid()}: "
+                f"RedisManager built in pid {self.pid} used in pid {current_pid()}: "
                 "call core.manager.get_manager() in the new process"
             )
 
@@ -335,7 +336,7 @@ class RedisManager:
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout=2)
-        if os.getpid() == self.pid:
+        if current_pid() == self.pid:
             self.pool.disconnect()
 
 
@@ -347,10 +348,10 @@ def get_manager(config: RedisPoolConfig | None = None) -> RedisManager:
     """This process's manager, built on first use (after fork, in a child)."""
     global _manager
     current = _manager
-    if current is not None and current.pid == os.getpid():
+    if current is not None and current.pid == current_pid():
         return current
     with _manager_lock:
-        if _manager is None or _manager.pid != os.getpid():
+        if _manager is None or _manager.pid != current_pid():
             if config is None:
                 from handoff.config import load_settings
 
@@ -363,7 +364,7 @@ def reset_manager() -> None:
     """Forget this process's manager (closing it when it is ours)."""
     global _manager
     with _manager_lock:
-        if _manager is not None and _manager.pid == os.getpid():
+        if _manager is not None and _manager.pid == current_pid():
             _manager.close()
         _manager = None
 
