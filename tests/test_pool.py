@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import threading
+import time
 import traceback
 import uuid
 from collections.abc import Callable, Iterator
@@ -553,3 +555,62 @@ def test_commands_sent_in_one_packet_raise_an_error_reply_after_reading_every_re
         )
     assert raw.get("after") == b"2"  # the command behind the error ran
     assert manager.execute(lambda c: manager.send_all(c, [("GET", "after")])) == [b"2"]
+
+
+# -- kernel-kept socket timeouts ------------------------------------------------------------
+
+
+def test_tcp_connections_block_and_the_kernel_times_out_a_read_that_never_answers(
+    server, make_manager
+):
+    """No poll before each send and receive (kernel_timeouts.py): the socket blocks, and a
+    reply that never comes still ends after read_timeout_s as a timeout, the connection
+    dropped; once the path heals, the next call works on a new one."""
+    with FaultProxy(("127.0.0.1", server.port)) as proxy:
+        manager = make_manager(
+            proxy.url, pool_size=4, read_timeout_s=0.4, write_timeout_s=0.4, max_retries=0
+        )
+        assert manager.execute(lambda c: manager.send(c, "SET", "k", "1")) == b"OK"
+        (connection,) = manager._lane._idle
+        assert connection._sock.gettimeout() is None  # blocking: no poll per call
+        proxy.blackhole()
+        started = time.monotonic()
+        with pytest.raises(RedisUnavailable, match="Timeout reading from socket"):
+            manager.execute(lambda c: manager.send(c, "GET", "k"))
+        assert 0.35 <= time.monotonic() - started < 3
+        assert connection._sock is None  # dropped: it may hold half a reply
+        proxy.heal()
+        assert manager.execute(lambda c: manager.send(c, "GET", "k")) == b"1"
+
+
+def test_a_send_the_server_never_reads_times_out_as_a_write_timeout(server, make_manager):
+    """The server stopped (SIGSTOP): a large value fills the socket buffers, and the send
+    ends after write_timeout_s as a timeout rather than blocking for ever."""
+    manager = make_manager(
+        server.url, pool_size=4, read_timeout_s=0.4, write_timeout_s=0.4, max_retries=0
+    )
+    assert manager.execute(lambda c: manager.send(c, "SET", "k", "1")) == b"OK"
+    big = b"x" * (64 << 20)  # more than the kernel buffers on both sides hold
+    os.kill(server.proc.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with pytest.raises(RedisUnavailable, match="Timeout writing to socket"):
+            manager.execute(lambda c: manager.send(c, "SET", "big", big))
+        assert time.monotonic() - started < 5
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+    assert manager.execute(lambda c: manager.send(c, "GET", "k")) == b"1"
+
+
+def test_a_unix_socket_or_tls_connection_keeps_python_timeouts(server, make_manager):
+    """Only a plain TCP connection changes class; the others are redis-py's own."""
+    from handoff.connection.kernel_timeouts import KernelTimedConnection, kernel_timed
+
+    tcp = kernel_timed({"host": "h", "port": 1, "socket_timeout": 2.0})
+    assert tcp["connection_class"] is KernelTimedConnection
+    assert tcp["io_timeout_s"] == 2.0
+    unix = {"path": "/tmp/x.sock", "socket_timeout": 2.0,
+            "connection_class": redis.UnixDomainSocketConnection}  # fmt: skip
+    assert kernel_timed(unix) == unix
+    no_timeout = {"host": "h", "port": 1, "socket_timeout": None}
+    assert kernel_timed(no_timeout) == no_timeout

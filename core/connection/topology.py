@@ -38,6 +38,7 @@ from redis.sentinel import (
 )
 
 from handoff.config import RedisPoolConfig
+from handoff.connection.kernel_timeouts import kernel_timed
 from handoff.connection.pool import ManagedConnectionPool
 from handoff.connection.pool_metrics import MetricsRecorder
 
@@ -194,7 +195,8 @@ def open_client(
     if mode == "sentinel":
         return _open_sentinel(config, options, recorder)
     # Not from_url(): there the URL's password and db would override the config's.
-    pool = managed_pool_factory(config, recorder)(**{**parse_url(config.url), **options})
+    kwargs = kernel_timed({**parse_url(config.url), **options})
+    pool = managed_pool_factory(config, recorder)(**kwargs)
     return redis.Redis(connection_pool=pool), pool
 
 
