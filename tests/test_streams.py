@@ -82,7 +82,10 @@ def test_a_worker_killed_mid_stream_its_retried_task_streams_again(either_client
     events = [e for _, e in got]
     first = [e.data["i"] for e in events if e.delivery == 1]
     again = [e.data["i"] for e in events if e.delivery == 2]
-    assert first == list(range(12)) and again == list(range(30))
+    # What the first delivery emitted reached the stream in order, up to the kill: the
+    # last few may die unsent with the process (the worker sends them in batches).
+    assert 0 < len(first) <= 12 and first == list(range(len(first)))
+    assert again == list(range(30))
     assert all(e.attempt == 1 for e in events)  # a crash is not a failure
     assert client.result(root, 5) == {"chunks": 30}
 
