@@ -198,3 +198,33 @@ def test_memory_optimization_applies_the_server_memory_settings_at_start(private
         assert got["zset-max-listpack-entries"] == "256"
     finally:
         tuned.stop()
+
+
+def test_a_server_that_stops_with_the_supervisor_is_said_but_not_as_an_error(
+    private_server, tmp_path
+):
+    """honcho's Ctrl-C stops the server and the supervisor at once: Redis going away
+    while the supervisor drains its workers is expected, and is not logged as an error."""
+    url = private_server.url
+    env = handoff_env(url, app="apps.probe", graceful_timeout_s=6, reaper_interval_s=0.1)
+    raw = redis.Redis.from_url(url)
+    from handoff import Client
+    from handoff.config import RedisPoolConfig, Settings
+
+    with Client(settings=Settings(redis=RedisPoolConfig(url=url))) as client:
+        client.enqueue("probe", {"n": 1, "sleep_s": 3})
+    sup = HandoffProcess(["supervise", "--agents", "probe=1"], env, tmp_path / "sup.log")
+    try:
+        wait_until(lambda: raw.llen("executed") == 1, 30, "the task to start")
+        sup.signal(signal.SIGTERM)  # graceful: the worker finishes its task first
+        wait_until(lambda: "stopping gracefully" in sup.output(), 10, "the stop to begin")
+        private_server.stop()
+        said = wait_until(
+            lambda: [ln for ln in sup.output().splitlines() if "supervisor: Redis:" in ln],
+            10,
+            "the supervisor to notice",
+        )
+        assert " INFO " in said[0] and "ERROR" not in said[0], said[0]
+        assert sup.wait(15) == 0  # it still stops cleanly
+    finally:
+        sup.stop()

@@ -469,7 +469,10 @@ class Supervisor:
         except HandoffError as e:
             if time.monotonic() - self._last_redis_error > 5:
                 self._last_redis_error = time.monotonic()
-                log.error("supervisor: Redis: %s", e)
+                # While stopping, a server that stops with us (honcho's Ctrl-C stops every
+                # process at once) is expected: said, not as an error.
+                say = log.info if self.stopping else log.error
+                say("supervisor: Redis: %s", e)
 
     def _autoscale_tick(self) -> None:
         """Observe each autoscaled agent type and send the main loop any new count."""
