@@ -228,3 +228,23 @@ def test_a_server_that_stops_with_the_supervisor_is_said_but_not_as_an_error(
         assert sup.wait(15) == 0  # it still stops cleanly
     finally:
         sup.stop()
+
+
+def test_a_helper_thread_that_fails_replaces_its_worker_and_loses_nothing(
+    start, client, raw_redis
+):
+    """A bug in one of a worker's helper threads (waker, inbox, lease keeper, heartbeat)
+    used to end that thread alone: a worker without its waker never claimed again, one
+    without its lease keeper let others take its running tasks. Now the worker says so,
+    drains and exits as a crash, and the supervisor replaces it."""
+    ids = client.enqueue_many("probe", [{"n": i, "sleep_s": 0.01} for i in range(200)])
+    sup = start(["supervise", "--agents", "probe=1"], app="apps.broken_thread")
+    wait_until(lambda: len(executions(raw_redis)) > 20, 30, "work to start")
+    raw_redis.set("break-inbox", 1)
+    wait_until(lambda: "exit 1 (crash)" in sup.output(), 15, "the worker to exit as a crash")
+    assert "the inbox thread failed; replacing this worker" in sup.output()
+    assert "RuntimeError: a bug in the inbox thread" in sup.output()  # with its traceback
+    wait_until(lambda: stat(client, "probe", "done") == 200, 60, "the rest done by its successor")
+    counts = Counter(task_id for _, task_id in executions(raw_redis))
+    assert set(counts) == set(ids) and max(counts.values()) == 1
+    assert len({pid for pid, _ in executions(raw_redis)}) == 2  # the worker, then its successor

@@ -23,6 +23,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -170,7 +171,26 @@ class Worker:
             ("lease-keeper", self._lease_loop),
             ("heartbeat", self._heartbeat_loop),
         ):
-            threading.Thread(target=target, name=name, daemon=True).start()
+            threading.Thread(target=self._guarded(name, target), name=name, daemon=True).start()
+
+    def _guarded(self, name: str, target: Callable[[], None]) -> Callable[[], None]:
+        """A helper thread's loop, which handles Redis errors itself: anything else that
+        escapes it is a bug, and the worker must not go on without the thread (no waker:
+        it would never claim again; no lease keeper: its running tasks would be handed to
+        others). It says so, drains and exits as a crash: the supervisor replaces it."""
+
+        def run() -> None:
+            try:
+                target()
+            except BaseException:
+                log.exception(
+                    "worker %s: the %s thread failed; replacing this worker", self.worker_id, name
+                )
+                self.stats.recycle_reason = f"the {name} thread failed"
+                self.exit_code = exits.EXIT_CRASH
+                self.events.put(Signalled(signal.SIGTERM))
+
+        return run
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self.events.put_nowait(Signalled(signum))
