@@ -12,7 +12,6 @@ so one made at import time is safe anywhere.
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import replace
 from typing import Any
@@ -29,6 +28,7 @@ from handoff.client import (
 )
 from handoff.config import Settings, load_settings
 from handoff.connection.async_manager import AsyncRedisManager
+from handoff.connection.process import current_pid
 from handoff.protocol import streams
 from handoff.protocol.async_queue import AsyncTaskQueue
 from handoff.protocol.cancel import CancelReport, cancel
@@ -69,7 +69,7 @@ class AsyncClient:
         """Close this loop's connections (a client used in another process or loop only
         forgets them)."""
         for manager in (self._queue.manager if self._queue else None, self._waiting):
-            if manager is not None and manager.pid == os.getpid():
+            if manager is not None and manager.pid == current_pid():
                 try:
                     await manager.close()
                 except RuntimeError:  # their loop is closed: nothing left to close

@@ -14,7 +14,6 @@ fresh manager when either changed, dropping, never closing, the old one's socket
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -30,6 +29,7 @@ from redis.connection import SSLConnection as BlockingSSLConnection
 from handoff.config import RedisPoolConfig
 from handoff.connection.manager import call_guards, pool_kwargs
 from handoff.connection.pool_metrics import HealthTracker, MetricsRecorder
+from handoff.connection.process import current_pid
 from handoff.connection.topology import Seeds, parse_seeds, seed_credentials
 from handoff.errors import WrongProcess
 
@@ -41,7 +41,7 @@ class AsyncRedisManager:
 
     def __init__(self, config: RedisPoolConfig) -> None:
         self.config = config
-        self.pid = os.getpid()
+        self.pid = current_pid()
         self.loop: asyncio.AbstractEventLoop | None = None  # set by the first call
         self.recorder = MetricsRecorder()
         self.health = HealthTracker()
@@ -55,7 +55,7 @@ class AsyncRedisManager:
 
     def owned_here(self) -> bool:
         """Built in this process, and unused or used on the running loop."""
-        if os.getpid() != self.pid:
+        if current_pid() != self.pid:
             return False
         try:
             running = asyncio.get_running_loop()
@@ -65,9 +65,9 @@ class AsyncRedisManager:
 
     async def execute(self, fn: Callable[[Any], Awaitable[T]], *, retry: bool = True) -> T:
         """Await fn(client) with the breaker, the retry budget, and latency metrics."""
-        if os.getpid() != self.pid:
+        if current_pid() != self.pid:
             raise WrongProcess(
-                f"AsyncRedisManager built in pid {self.pid} used in pid {os.getpid()}"
+                f"AsyncRedisManager built in pid {self.pid} used in pid {current_pid()}"
             )
         self.loop = self.loop or asyncio.get_running_loop()
         started = time.perf_counter()
