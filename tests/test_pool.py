@@ -602,8 +602,8 @@ def test_a_send_the_server_never_reads_times_out_as_a_write_timeout(server, make
     assert manager.execute(lambda c: manager.send(c, "GET", "k")) == b"1"
 
 
-def test_a_unix_socket_or_tls_connection_keeps_python_timeouts(server, make_manager):
-    """Only a plain TCP connection changes class; the others are redis-py's own."""
+def test_only_a_plain_tcp_connection_with_a_timeout_changes_class():
+    """A unix socket, or a connection without a socket timeout, keeps redis-py's settings."""
     from handoff.connection.kernel_timeouts import KernelTimedConnection, kernel_timed
 
     tcp = kernel_timed({"host": "h", "port": 1, "socket_timeout": 2.0})

@@ -230,9 +230,7 @@ def test_a_server_that_stops_with_the_supervisor_is_said_but_not_as_an_error(
         sup.stop()
 
 
-def test_a_helper_thread_that_fails_replaces_its_worker_and_loses_nothing(
-    start, client, raw_redis
-):
+def test_a_helper_thread_that_fails_replaces_its_worker_and_loses_nothing(start, client, raw_redis):
     """A bug in one of a worker's helper threads (waker, inbox, lease keeper, heartbeat)
     used to end that thread alone: a worker without its waker never claimed again, one
     without its lease keeper let others take its running tasks. Now the worker says so,

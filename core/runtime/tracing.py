@@ -59,7 +59,7 @@ def active() -> bool:
 
 
 _trace_api: Any = None  # opentelemetry.trace, once imported
-_env_provider = False  # OTEL_PYTHON_TRACER_PROVIDER names one (read with the module)
+_env_provider = False  # OTEL_PYTHON_TRACER_PROVIDER names one (read once, on first use)
 _MISSING = object()
 
 
