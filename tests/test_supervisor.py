@@ -204,7 +204,8 @@ def test_a_server_that_stops_with_the_supervisor_is_said_but_not_as_an_error(
     private_server, tmp_path
 ):
     """honcho's Ctrl-C stops the server and the supervisor at once: Redis going away
-    while the supervisor drains its workers is expected, and is not logged as an error."""
+    while the supervisor drains its workers is expected, and neither the supervisor nor
+    a draining worker logs it as an error."""
     url = private_server.url
     env = handoff_env(url, app="apps.probe", graceful_timeout_s=6, reaper_interval_s=0.1)
     raw = redis.Redis.from_url(url)
@@ -226,6 +227,9 @@ def test_a_server_that_stops_with_the_supervisor_is_said_but_not_as_an_error(
         )
         assert " INFO " in said[0] and "ERROR" not in said[0], said[0]
         assert sup.wait(15) == 0  # it still stops cleanly
+        # nor do its draining worker's threads (the ack, the inbox's wait for cancels)
+        assert "failed: Redis unreachable" in sup.output()
+        assert [ln for ln in sup.output().splitlines() if " ERROR " in ln] == []
     finally:
         sup.stop()
 

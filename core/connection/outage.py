@@ -3,7 +3,9 @@
 Runs in: workers (main thread, waker, lease keeper share one; the heartbeat has its own).
 A failover can take tens of seconds; a worker keeps trying all along (capped backoff), and
 without this it would log one line per failed call and thread. A server at its memory
-limit is not down: that outage is named for what it is. Thread-safe.
+limit is not down: that outage is named for what it is. While its process is stopping
+(`stopping()` says so) the outage is said at INFO: a server that stops with it, as
+honcho's Ctrl-C stops every process at once, is expected, not an error. Thread-safe.
 """
 
 from __future__ import annotations
@@ -11,13 +13,21 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from handoff.errors import ServerOutOfMemory
 
 
 class OutageLog:
-    def __init__(self, log: logging.Logger, who: str, repeat_every_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        log: logging.Logger,
+        who: str,
+        repeat_every_s: float = 10.0,
+        stopping: Callable[[], bool] = lambda: False,
+    ) -> None:
         self.log = log
+        self.stopping = stopping
         self.who = who
         self.repeat_every_s = repeat_every_s
         self._lock = threading.Lock()
@@ -33,11 +43,13 @@ class OutageLog:
             if self._since is None:
                 self._since = self._last_said = now
                 self._out_of_memory = isinstance(error, ServerOutOfMemory)
-                self.log.error("%s: %s failed: %s (retrying)", self.who, what, error)
+                level = logging.INFO if self.stopping() else logging.ERROR
+                self.log.log(level, "%s: %s failed: %s (retrying)", self.who, what, error)
             elif now - self._last_said >= self.repeat_every_s:
                 self._last_said = now
                 state = "out of memory" if self._out_of_memory else "failing"
-                self.log.error(
+                self.log.log(
+                    logging.INFO if self.stopping() else logging.ERROR,
                     "%s: Redis still %s after %.0fs (%d failed calls); last: %s failed: %s",
                     self.who, state, now - self._since, self._failures, what, error,
                 )  # fmt: skip

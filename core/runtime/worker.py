@@ -142,10 +142,13 @@ class Worker:
         floor = 0 if self.spec.global_limit else self.settings.prefetch
         ceiling = floor if self.spec.global_limit else self.settings.claim_batch_max
         self.sizer = PrefetchSizer(self.spec.max_concurrent, floor, ceiling)
-        self.outage = OutageLog(log, f"worker {self.worker_id}")
+        self.stop_asked = False  # a stop signal arrived (draining follows on the main thread)
+        self.outage = OutageLog(log, f"worker {self.worker_id}", stopping=self._stopping)
         # At the memory limit heartbeats fail while claims and acks go through: that is
         # said on its own (other failures are the main loop's to say).
-        self.heartbeat_outage = OutageLog(log, f"worker {self.worker_id} heartbeat")
+        self.heartbeat_outage = OutageLog(
+            log, f"worker {self.worker_id} heartbeat", stopping=self._stopping
+        )
         self.backoff = Backoff(0.05, MAX_BACKOFF_S)
         self.last_claim = ClaimResult()  # swapped whole by whichever thread claims
         self._backoff_until = 0.0
@@ -193,7 +196,12 @@ class Worker:
         return run
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
+        self.stop_asked = True
         self.events.put_nowait(Signalled(signum))
+
+    def _stopping(self) -> bool:
+        """Asked to stop, or draining: Redis going away now is expected (see OutageLog)."""
+        return self.stop_asked or self.draining
 
     # -- main loop -------------------------------------------------------------------------
 
