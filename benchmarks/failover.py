@@ -26,7 +26,7 @@ told apart as "never ran" or "ran, but its record died with the old primary".
 
 Modes, interleaved: wait0 (default settings: asynchronous replication) and wait1
 (enqueue_wait_replicas=1 for the producer's Client: WAIT 1 after every enqueue, 1 s timeout).
---preset NAME (config/presets.py) runs both modes with that preset: HANDOFF_PRESET for the
+--preset NAME (handoff/config/presets.py) runs both modes with that preset: HANDOFF_PRESET for the
 supervisor, load_settings(preset=NAME) for the producer; the canary and the checker keep the
 library defaults (they measure, they are not measured).
 """

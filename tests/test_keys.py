@@ -188,7 +188,7 @@ def test_bad_names_are_rejected_before_any_redis_call(redis_url, monkeypatch, ag
 
 # -- the scripts' keys -------------------------------------------------------------------
 
-LUA = Path(__file__).resolve().parent.parent / "core" / "protocol" / "lua"
+LUA = Path(__file__).resolve().parent.parent / "core" / "handoff" / "protocol" / "lua"
 # The key argument of every call that touches a key: redis.call/pcall('CMD', key, ...) and
 # the prelude's helpers that pass their key on to redis.call.
 KEY_ARGUMENT = re.compile(

@@ -1,8 +1,9 @@
-"""The package's layers: no module imports from a layer above its own.
+"""The package's layers: no module imports from a layer above its own, and no import cycles.
 
-The layers, lowest first, are named in each subpackage's docstring. A module may import
-from its own layer and any below; handoff/__init__.py and __main__.py (the public face)
-may import anything.
+Module names come from the folders alone: core/ is the source root, so the file
+core/handoff/protocol/keys.py is the module handoff.protocol.keys. The layers, lowest
+first, are named in each subpackage's docstring. handoff/__init__.py and __main__.py (the
+public face) may import anything.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import shutil
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+SOURCE_ROOT = ROOT / "core"
 
 # (module prefix, layer); the longest matching prefix decides.
 LAYERS: dict[str, int] = {
@@ -37,39 +39,39 @@ def layer_of(module: str) -> int:
     return LAYERS[best]
 
 
-def installed_modules(core: Path, config: Path) -> dict[str, Path]:
-    """Module name -> file, as pyproject.toml maps them (core/ -> handoff, config/ ->
-    handoff.config)."""
+def modules_under(source_root: Path) -> dict[str, Path]:
+    """Module name -> file: a file's path under the source root is its import name."""
     modules: dict[str, Path] = {}
-    for top, name in ((core, "handoff"), (config, "handoff.config")):
-        for path in top.rglob("*.py"):
-            parts = list(path.relative_to(top).with_suffix("").parts)
-            if parts[-1] == "__init__":
-                parts.pop()
-            modules[".".join([name, *parts])] = path
+    for path in (source_root / "handoff").rglob("*.py"):
+        parts = list(path.relative_to(source_root).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        modules[".".join(parts)] = path
     return modules
 
 
 def imported(module: str, path: Path, modules: dict[str, Path]) -> set[str]:
-    """Every handoff module `module` imports (absolute or relative, at any depth):
+    """Every handoff module `module` imports (absolute or relative):
     `from handoff.x import y` counts as handoff.x.y when that is a module, else handoff.x."""
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     names: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, ast.Import | ast.ImportFrom):
+            continue
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join([*anchor, base] if base else anchor)
-            for alias in node.names:
-                names.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base)
+            continue
+        base = node.module or ""
+        if node.level:
+            anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+            base = ".".join([*anchor, base] if base else anchor)
+        for alias in node.names:
+            names.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base)
     return {n for n in names if n in modules}
 
 
-def upward_imports(core: Path, config: Path) -> list[str]:
-    modules = installed_modules(core, config)
+def upward_imports(source_root: Path) -> list[str]:
+    modules = modules_under(source_root)
     found = []
     for module, path in sorted(modules.items()):
         own = layer_of(module)
@@ -79,32 +81,79 @@ def upward_imports(core: Path, config: Path) -> list[str]:
     return found
 
 
+def import_cycles(source_root: Path) -> list[list[str]]:
+    """Cycles among the package's imports, at any depth (an import inside a function that
+    only dodges a loop is still a loop). A package's __init__ re-exporting its own
+    submodules is not a cycle of design, so a module's edge to a package containing it is
+    left out."""
+    modules = modules_under(source_root)
+    graph = {
+        m: sorted(t for t in imported(m, p, modules) if t != m and not m.startswith(t + "."))
+        for m, p in modules.items()
+    }
+    cycles: list[list[str]] = []
+    state: dict[str, int] = {}  # 1: on the current path, 2: finished
+    path: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        path.append(node)
+        for nxt in graph[node]:
+            if state.get(nxt) == 1:
+                cycles.append([*path[path.index(nxt) :], nxt])
+            elif nxt not in state:
+                visit(nxt)
+        path.pop()
+        state[node] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module)
+    return cycles
+
+
 def test_no_module_imports_from_a_layer_above_its_own():
-    assert upward_imports(ROOT / "core", ROOT / "config") == []
+    assert upward_imports(SOURCE_ROOT) == []
+
+
+def test_no_import_cycle_anywhere_in_the_package():
+    assert import_cycles(SOURCE_ROOT) == []
 
 
 def test_every_module_belongs_to_a_named_layer():
-    modules = installed_modules(ROOT / "core", ROOT / "config")
+    modules = modules_under(SOURCE_ROOT)
     unplaced = [m for m in modules if layer_of(m) == LAYERS["handoff"] and m != "handoff"]
     assert unplaced == ["handoff.__main__"]
 
 
 def test_a_planted_upward_import_is_found(tmp_path):
     """The check itself can fail: the connection layer importing the runtime is caught."""
-    core, config = tmp_path / "core", tmp_path / "config"
-    shutil.copytree(ROOT / "core", core)
-    shutil.copytree(ROOT / "config", config)
-    pool = core / "connection" / "pool.py"
+    shutil.copytree(SOURCE_ROOT, tmp_path / "core")
+    package = tmp_path / "core" / "handoff"
+    pool = package / "connection" / "pool.py"
     pool.write_text(pool.read_text() + "\nfrom handoff.runtime.worker import Worker\n")
-    relative = core / "protocol" / "keys.py"
+    relative = package / "protocol" / "keys.py"
     relative.write_text(relative.read_text() + "\nfrom ..observe import monitor\n")
-    assert upward_imports(core, config) == [
+    assert upward_imports(tmp_path / "core") == [
         "handoff.connection.pool (layer 1) imports handoff.runtime.worker (layer 3)",
         "handoff.protocol.keys (layer 2) imports handoff.observe.monitor (layer 4)",
     ]
 
 
+def test_a_planted_import_cycle_is_found(tmp_path):
+    """The cycle check itself can fail: two modules of one layer importing each other."""
+    shutil.copytree(SOURCE_ROOT, tmp_path / "core")
+    config = tmp_path / "core" / "handoff" / "config"
+    checks = config / "checks.py"
+    checks.write_text(checks.read_text() + "\nfrom handoff.config import redact\n")
+    redact = config / "redact.py"
+    redact.write_text(redact.read_text() + "\nfrom handoff.config import checks\n")
+    cycles = import_cycles(tmp_path / "core")
+    assert ["handoff.config.checks", "handoff.config.redact", "handoff.config.checks"] in cycles
+
+
 def test_each_layer_says_what_it_may_import():
     for package in ("connection", "protocol", "runtime", "observe", "bench", "testing"):
-        doc = ast.get_docstring(ast.parse((ROOT / "core" / package / "__init__.py").read_text()))
+        path = SOURCE_ROOT / "handoff" / package / "__init__.py"
+        doc = ast.get_docstring(ast.parse(path.read_text()))
         assert doc and "May import:" in doc, package

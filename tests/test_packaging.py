@@ -74,7 +74,7 @@ def test_the_wheel_holds_only_the_handoff_package(built):
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
     assert {"handoff/__init__.py", "handoff/config/__init__.py", "handoff/cli/__init__.py"} <= names
-    assert "handoff/protocol/lua/claim.lua" in names and "handoff/config/acl.conf" in names
+    assert "handoff/protocol/lua/claim.lua" in names and "handoff/config/settings.py" in names
     web = "handoff/observe/web/"  # the dashboard's templates and static files ship with it
     assert {web + "templates/page.html", web + "static/dashboard.js"} <= names
     assert web + "static/dashboard.css" in names
@@ -88,14 +88,16 @@ def test_the_build_prints_no_packaging_warning(built):
 
 
 def test_a_planted_top_level_package_is_caught(tmp_path):
-    """The wheel check itself can fail: a second top-level package shows up in it."""
+    """The wheel check itself can fail: a second package beside handoff/ in the source root,
+    with the include filter gone, shows up in it."""
     shutil.copytree(ROOT, tmp_path / "src", ignore=SKIP)
+    stray = tmp_path / "src" / "core" / "stray"
+    stray.mkdir()
+    (stray / "__init__.py").write_text("")
     pyproject = tmp_path / "src" / "pyproject.toml"
-    pyproject.write_text(
-        pyproject.read_text().replace('    "handoff",\n', '    "handoff",\n    "workers",\n')
-    )
+    pyproject.write_text(pyproject.read_text().replace('include = ["handoff*"]\n', ""))
     wheel, _ = build_wheel(tmp_path / "src", tmp_path / "dist")
-    assert "workers/__init__.py" in foreign_entries(wheel)
+    assert "stray/__init__.py" in foreign_entries(wheel)
 
 
 def test_installed_outside_the_checkout_only_handoff_imports(fresh_env, tmp_path):

@@ -23,6 +23,7 @@ from cronsim import CronSim, CronSimError
 
 from handoff.config.checks import check_range, fail, show
 from handoff.config.errors import ConfigError
+from handoff.config.names import AGENT_NAME_RE
 
 CATCH_UP = ("last", "none")
 # A tick more often than once a second is a loop, not a schedule; a year is the longest
@@ -93,9 +94,6 @@ def make_schedule(
     priority: Any = 0,
 ) -> ScheduleSpec:
     """Check every field and build the ScheduleSpec; ConfigError (one line) otherwise."""
-    # Imported here: config.settings imports this module for the [schedules] table.
-    from handoff.config.settings import AGENT_NAME_RE
-
     if not isinstance(name, str) or not AGENT_NAME_RE.fullmatch(name):
         fail("schedule name", name, f"must match ^{AGENT_NAME_RE.pattern}$")
     where = f"schedule {name!r}: "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from handoff.config.settings import AGENT_NAME_RE
+from handoff.config.names import AGENT_NAME_RE
 
 _SPEC = re.compile(r"(\d+):(\d+)(?::(\d+(?:\.\d+)?))?")
 

@@ -11,15 +11,15 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from handoff.config.autoscale import parse_autoscale
 from handoff.config.checks import check_int, check_seconds, fail
 from handoff.config.errors import ConfigError
+from handoff.config.names import AGENT_NAME_RE, KEY_PREFIX_RE
 from handoff.config.pool import SECRET_FIELDS, RedisPoolConfig
 from handoff.config.redact import MASK, redact_url
 from handoff.config.schedules import schedules_from_tables
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-KEY_PREFIX_RE = re.compile(r"[A-Za-z0-9_.-]{1,32}")
-AGENT_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 MODULE_PATH_RE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*)?")  # "" = none
 MAX_PAYLOAD_LIMIT = 512 * 1024 * 1024
 MAX_AGENT_PROCESSES = 1000
@@ -163,8 +163,6 @@ def _normalized(s: Settings) -> dict[str, Any]:
     for name in _POSITIVE_S:
         out[name] = check_seconds(name, getattr(s, name), zero_ok=False)
     if s.autoscale:  # checked here so a bad value stops everything before it starts
-        from handoff.config.autoscale import parse_autoscale
-
         try:
             parse_autoscale(s.autoscale, s.max_processes)
         except ValueError as e:

@@ -61,8 +61,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from handoff.config.settings import AGENT_NAME_RE as AGENT_NAME
-from handoff.config.settings import KEY_PREFIX_RE
+from handoff.config.names import AGENT_NAME_RE as AGENT_NAME
+from handoff.config.names import KEY_PREFIX_RE
 from handoff.errors import InvalidAgentName, InvalidPayload
 
 # '<agent>.<suffix>': generated ids are '<agent>.<26 hex>' or '<agent>.k<24 hex>'.
