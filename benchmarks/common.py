@@ -57,7 +57,7 @@ def start_supervisor(
     """`handoff supervise` on the agents of benchmarks/agents.py (or `app`). `settings`
     become HANDOFF_* variables (procs.handoff_env); `bench_env` (BENCH_*_DIR) is added as is."""
     env = handoff_env(url, app=app, **settings)
-    env["PYTHONPATH"] = str(ROOT)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "core"), str(ROOT)])
     env.update(bench_env)
     spec = ",".join(f"{name}={n}" for name, n in agents.items())
     return HandoffProcess(["supervise", "--agents", spec], env, log_path)

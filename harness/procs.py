@@ -52,7 +52,7 @@ def handoff_env(redis_url: str, **settings: object) -> dict[str, str]:
     """Environment for a handoff subprocess: the test's server, test apps importable."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("HANDOFF_")}
     env.pop("REDIS_URL", None)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests")])
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "core"), str(ROOT), str(ROOT / "tests")])
     env["TEST_REDIS_URL"] = redis_url
     env["HANDOFF_REDIS_URL"] = redis_url
     env["HANDOFF_HEARTBEAT_INTERVAL_S"] = "0.2"

@@ -179,7 +179,7 @@ def test_the_installed_command_reports_malformed_json_in_one_line(redis_url, raw
         [str(ROOT / ".venv" / "bin" / "handoff"), "--redis-url", redis_url, *APP,
          "enqueue", AGENT, "{nope"],
         capture_output=True, text=True, timeout=60,
-        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"},
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{ROOT / 'core'}:{ROOT}:{ROOT / 'tests'}"},
     )  # fmt: skip
     assert done.returncode != 0
     assert_one_line_error(done.stderr, "invalid JSON")

@@ -114,7 +114,7 @@ def test_without_tracing_configured_handoff_makes_no_span(installed, redis_url, 
             "\nfrom opentelemetry import trace\n"
             "print(isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider))"
         )
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": "tests", "TEST_REDIS_URL": redis_url}
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": "core:tests", "TEST_REDIS_URL": redis_url}
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT
     )
