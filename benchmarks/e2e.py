@@ -317,10 +317,10 @@ def medians(runs: list[dict]) -> dict[str, float]:
 
 
 def pool_rows(quick: bool) -> list[dict] | None:
-    """Hook for the seed's pool rows (single, batch, concurrent Redis ops/s) from
-    handoff.bench.pool, when that module exists; None otherwise (the report says so)."""
+    """Hook for the pool manager's rows (single, batch, concurrent Redis ops/s) from
+    handoff.bench.pool_bench, when that module exists; None otherwise (the report says so)."""
     try:
-        from handoff.bench import pool
+        from handoff.bench import pool_bench as pool
     except ImportError:
         return None
     runner = getattr(pool, "run_pool_rows", None)

@@ -262,11 +262,11 @@ def _rss_section(results, systems) -> list[str]:
 
 def _pool_section(results) -> list[str]:
     rows = results.get("pool")
-    head = ["## 6. handoff's pool manager (the seed's rows)", ""]
+    head = ["## 6. handoff's pool manager (against its targets)", ""]
     if not rows:
         return [
             *head,
-            "Not included: `handoff.bench.pool.run_pool_rows` was not available in this run"
+            "Not included: `handoff.bench.pool_bench.run_pool_rows` was not available in this run"
             " (see `handoff bench pool`).",
             "",
         ]

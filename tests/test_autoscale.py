@@ -15,7 +15,7 @@ from collections import Counter
 import orjson
 import pytest
 
-from handoff.config.autoscale import Bounds, parse_autoscale
+from handoff.config.autoscale_spec import Bounds, parse_autoscale
 from handoff.runtime.autoscale import AgentScaler, Observation
 from harness.procs import executions, stat, wait_until
 

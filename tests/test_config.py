@@ -65,7 +65,7 @@ def assert_no_secret(text: str) -> None:
 # --- defaults and presets -------------------------------------------------------------
 
 
-def test_pool_defaults_are_the_seed_documents():
+def test_pool_defaults_are_the_pool_managers_contract():
     pool = RedisPoolConfig()
     assert (pool.pool_size, pool.min_idle_conns) == (25, 5)
     assert pool.max_conn_age_s == 300.0
@@ -587,7 +587,7 @@ def test_settings_to_dict_redacts_unless_asked_not_to():
 @pytest.fixture
 def cli():
     from handoff.cli import main
-    from handoff.cli.config_cmd import config_group
+    from handoff.cli.config_commands import config_group
 
     if "config" not in main.commands:
         main.add_command(config_group)

@@ -480,7 +480,7 @@ def test_the_monitor_without_web_loads_no_web_framework(redis_url):
     assert done.returncode == 0, done.stderr[-2000:]
     loaded = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines()}
     assert not {m for m in loaded if m.split(".")[0] in ("starlette", "uvicorn", "jinja2")}
-    assert "handoff.cli.monitor_cmds" in loaded  # the right command ran
+    assert "handoff.cli.monitor_commands" in loaded  # the right command ran
 
 
 def test_the_hub_builds_a_watched_page_once_a_tick_for_all_its_viewers():

@@ -241,7 +241,7 @@ def test_the_snapshot_names_the_deployment_and_on_a_cluster_each_agents_node(
 
 
 def test_the_monitor_logs_each_change_once_not_each_tick(caplog):
-    from handoff.observe.watch import ChangeLog
+    from handoff.observe.monitor_loop import ChangeLog
 
     def snap(redis_ok=True, workers=(), nodes=None):
         redis_view = {"ok": redis_ok, "error": "refused"}

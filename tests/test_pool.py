@@ -314,7 +314,7 @@ def test_get_manager_is_one_per_process_and_reset_closes_it(server, raw):
         reset_manager()
 
 
-# -- the seed's operations --------------------------------------------------------------------
+# -- the pool manager's operations ------------------------------------------------------------
 
 
 def test_set_with_expiry_sets_value_and_ttl(server, raw, make_manager):

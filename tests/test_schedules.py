@@ -23,7 +23,7 @@ import orjson
 import pytest
 
 from handoff.config import ConfigError, RedisPoolConfig, Settings, load_settings
-from handoff.config.schedules import MAX_PRIORITY, MIN_PRIORITY, make_schedule
+from handoff.config.schedule_spec import MAX_PRIORITY, MIN_PRIORITY, make_schedule
 from handoff.connection.manager import RedisManager
 from handoff.protocol import task as task_model
 from handoff.protocol.keys import Keys
@@ -197,7 +197,7 @@ def test_toml_schedules_are_loaded_checked_and_shown_by_config_show(tmp_path):
         "0 3 * * *", "Europe/Berlin", {"kind": "daily", "n": [1, 2]}
     )  # fmt: skip
     assert (pulse.every_s, pulse.catch_up, pulse.payload) == (30.0, "none", {})
-    from handoff.cli.config_cmd import to_toml
+    from handoff.cli.config_commands import to_toml
     from handoff.config import settings_to_dict
 
     saved = tmp_path / "saved.toml"

@@ -178,7 +178,7 @@ def test_idle_worker_uses_under_one_percent_cpu(start, client):
 
 def test_memory_optimization_applies_the_server_memory_settings_at_start(private_server, tmp_path):
     """redis.memory_optimization = true: the supervisor CONFIG SETs lazy freeing and the
-    listpack sizes (the seed's SetMemoryOptimizations); off, it touches nothing."""
+    listpack sizes (the pool manager's memory settings); off, it touches nothing."""
     url = private_server.url
     server = redis.Redis.from_url(url, decode_responses=True)
     server.config_set("lazyfree-lazy-expire", "no")

@@ -26,7 +26,7 @@ BACKENDS = ("server", "cluster")
 pytestmark = pytest.mark.slow
 
 
-def test_9_five_reapers_requeue_each_expired_lease_exactly_once(redis_url, client, raw_redis):
+def test_five_reapers_requeue_each_expired_lease_exactly_once(redis_url, client, raw_redis):
     client.enqueue_many("probe", [{"n": i} for i in range(10_000)])
     settings = Settings(redis=RedisPoolConfig(url=redis_url))
     queue = TaskQueue(RedisManager(settings.redis, background=False), settings)
@@ -74,7 +74,7 @@ def _cli(redis_url: str, *args: str, stdin: bytes = b"") -> subprocess.Completed
     )
 
 
-def test_11_hostile_payloads_are_rejected_or_buried_and_never_unpickled(
+def test_hostile_payloads_are_rejected_or_buried_and_never_unpickled(
     start, client, raw_redis, redis_url, tmp_path
 ):
     with pytest.raises(InvalidPayload, match="over the max_payload_bytes limit"):
@@ -123,7 +123,7 @@ names = st.one_of(
 
 @settings(max_examples=300, deadline=None)
 @given(name=names)
-def test_12_fuzzed_agent_names_fail_before_any_redis_call(name):
+def test_fuzzed_agent_names_fail_before_any_redis_call(name):
     keys = Keys("handoff")
     if AGENT_NAME.fullmatch(name):
         agent_keys = keys.agent(name)

@@ -19,9 +19,7 @@ BACKENDS = ("server", "cluster")
 pytestmark = pytest.mark.slow
 
 
-def test_1_sigkill_holding_50_leases_reruns_exactly_those(
-    start, client, raw_redis, record_property
-):
+def test_sigkill_holding_50_leases_reruns_exactly_those(start, client, raw_redis, record_property):
     ids = client.enqueue_many(
         "holder", [{"n": i, "first_s": 30 if i < 50 else 0} for i in range(1000)]
     )
@@ -47,7 +45,7 @@ def test_1_sigkill_holding_50_leases_reruns_exactly_those(
     assert set(result.duplicated) == held and set(result.duplicated.values()) == {2}
 
 
-def test_2_sigterm_under_load_loses_nothing_runs_nothing_twice(
+def test_sigterm_under_load_loses_nothing_runs_nothing_twice(
     start, client, raw_redis, record_property
 ):
     ids = client.enqueue_many("probe", [{"n": i, "sleep_s": 0.01} for i in range(2000)])
@@ -65,7 +63,7 @@ def test_2_sigterm_under_load_loses_nothing_runs_nothing_twice(
     assert not result.lost and not result.duplicated and not result.unexpected, result.report()
 
 
-def test_3_stopped_worker_past_its_lease_abandons_and_its_ack_is_stale(start, client, raw_redis):
+def test_stopped_worker_past_its_lease_abandons_and_its_ack_is_stale(start, client, raw_redis):
     tid = client.enqueue("slowpoke", {"sleep_s": 2.0})
     old = start(["worker", "slowpoke"], prefetch=0)
     wait_until(lambda: raw_redis.llen("executed") == 1, 15, "the old worker to start it")
@@ -94,9 +92,7 @@ def test_3_stopped_worker_past_its_lease_abandons_and_its_ack_is_stale(start, cl
     new.signal(signal.SIGTERM)
 
 
-def test_4_poison_is_buried_at_the_delivery_limit_without_a_hot_crash_loop(
-    start, client, raw_redis
-):
+def test_poison_is_buried_at_the_delivery_limit_without_a_hot_crash_loop(start, client, raw_redis):
     poison = client.enqueue("mixed", {"poison": True})
     others = client.enqueue_many("mixed", [{"n": i} for i in range(999)])
     sup = start(["supervise", "--agents", "mixed=1"], max_deliveries=3)
@@ -111,7 +107,7 @@ def test_4_poison_is_buried_at_the_delivery_limit_without_a_hot_crash_loop(
     assert "restarting in 0.1s" in sup.output() and "restarting in 0.4s" in sup.output()
 
 
-def test_10_forked_children_after_parent_used_redis_get_their_own_sockets(redis_url):
+def test_forked_children_after_parent_used_redis_get_their_own_sockets(redis_url):
     from handoff.config import RedisPoolConfig
     from handoff.connection.manager import get_manager, reset_manager
 

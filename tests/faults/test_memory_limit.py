@@ -38,7 +38,7 @@ def fill(client: Client) -> int:
 
 
 @pytest.mark.parametrize("lease_s", [30.0, 1.0])
-def test_1_a_full_server_drains_and_takes_enqueues_again(
+def test_a_full_server_drains_and_takes_enqueues_again(
     tmp_path, redis_url, lease_s, record_property
 ):
     server = spawn_server(

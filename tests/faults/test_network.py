@@ -34,7 +34,7 @@ def _worker_pid(sup) -> int:
     return child.pid
 
 
-def test_6_black_hole_fails_fast_opens_the_breaker_and_recovers(
+def test_black_hole_fails_fast_opens_the_breaker_and_recovers(
     start, client, raw_redis, redis_tcp_addr, record_property
 ):
     with FaultProxy(redis_tcp_addr) as proxy:
@@ -84,9 +84,7 @@ def _host() -> str:
     return socket.gethostname()
 
 
-def test_7_latency_expires_no_lease_and_duplicates_nothing(
-    start, client, raw_redis, redis_tcp_addr
-):
+def test_latency_expires_no_lease_and_duplicates_nothing(start, client, raw_redis, redis_tcp_addr):
     with FaultProxy(redis_tcp_addr) as proxy:
         proxy.delay(200, jitter_ms=100)
         ids = client.enqueue_many("probe", [{"n": i, "sleep_s": 0.5} for i in range(60)])
@@ -109,7 +107,7 @@ def _one_connection_queue(proxy: FaultProxy) -> tuple[RedisManager, TaskQueue]:
     return manager, TaskQueue(manager, settings)
 
 
-def test_8_claim_reply_lost_is_replayed_not_leased_twice(
+def test_claim_reply_lost_is_replayed_not_leased_twice(
     redis_url, redis_tcp_addr, client, record_property
 ):
     ids = client.enqueue_many("probe", [{"n": i} for i in range(10)])
@@ -129,7 +127,7 @@ def test_8_claim_reply_lost_is_replayed_not_leased_twice(
     assert deliveries == [1] * 10  # leased once each
 
 
-def test_8_a_claim_behind_a_wake_up_pop_whose_reply_is_lost_is_replayed(redis_tcp_addr, client):
+def test_a_claim_behind_a_wake_up_pop_whose_reply_is_lost_is_replayed(redis_tcp_addr, client):
     """An idle worker's pipeline (BLPOP on the wake list, the claim behind it): its reply
     lost, the claim is sent again alone with its claim id and gets the same batch back."""
     ids = client.enqueue_many("probe", [{"n": i} for i in range(10)])  # (and wake tokens)

@@ -72,7 +72,7 @@ def _as(redis_url: str, user: tuple[str, str]) -> Settings:
 
 
 @pytest.mark.backends("server", "cluster")
-def test_13_least_privilege_users_run_kill_and_bad_input_scenarios(
+def test_least_privilege_users_run_kill_and_bad_input_scenarios(
     acl_users, start, raw_redis, redis_url, tmp_path
 ):
     worker_user = {"redis_username": "handoff-worker-holder", "redis_password": "change-me-worker"}
@@ -243,7 +243,7 @@ def _tls_config(port: int, ca: Path, host: str = "localhost", scheme: str = "red
     )
 
 
-def test_14_tls_works_with_the_right_ca_and_fails_closed_otherwise(tls_server, caplog):
+def test_tls_works_with_the_right_ca_and_fails_closed_otherwise(tls_server, caplog):
     port, folder = tls_server
     caplog.set_level(logging.DEBUG)
     good = RedisManager(_tls_config(port, folder / "test-ca.crt"), background=False)
@@ -285,7 +285,7 @@ def test_14_tls_works_with_the_right_ca_and_fails_closed_otherwise(tls_server, c
 # -- unsafe servers ---------------------------------------------------------------------
 
 
-def test_15_eviction_policy_refuses_to_start_or_warns(start, tmp_path):
+def test_eviction_policy_refuses_to_start_or_warns(start, tmp_path):
     server = spawn_server(
         unix_socket=str(tmp_path / "lru.sock"),
         data_dir=str(tmp_path),
@@ -305,7 +305,7 @@ def test_15_eviction_policy_refuses_to_start_or_warns(start, tmp_path):
         server.stop()
 
 
-def test_15_enqueue_under_oom_raises_and_is_counted_never_dropped(tmp_path):
+def test_enqueue_under_oom_raises_and_is_counted_never_dropped(tmp_path):
     server = spawn_server(
         unix_socket=str(tmp_path / "oom.sock"),
         data_dir=str(tmp_path),

@@ -20,7 +20,7 @@ from faults.checker import check
 pytestmark = pytest.mark.slow
 
 
-def test_5_server_killed_under_load_keeps_acked_enqueues_and_workers_resume(
+def test_server_killed_under_load_keeps_acked_enqueues_and_workers_resume(
     start, raw_redis, tmp_path, record_property
 ):
     url = f"unix://{tmp_path / 'aof.sock'}"
@@ -113,7 +113,7 @@ def _lines_between(output: str, start_mono: float, end_mono: float) -> list[str]
 
 
 @pytest.mark.timeout(120)
-def test_5b_workers_ride_out_a_twenty_second_outage_in_a_few_log_lines(start, tmp_path):
+def test_workers_ride_out_a_twenty_second_outage_in_a_few_log_lines(start, tmp_path):
     """As long as a slow failover: the same worker processes (none respawned) resume on
     their own, and each says the outage began, that it goes on (every 10 s), and that
     it ended; not one line per failed call."""

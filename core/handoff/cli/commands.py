@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from handoff.cli.bench_cmd import bench
-from handoff.cli.config_cmd import config_group
-from handoff.cli.monitor_cmds import health, inspect_workers_command, monitor
-from handoff.cli.ops_cmds import limits, scale
-from handoff.cli.run_cmds import redis, supervise, worker
-from handoff.cli.schedule_cmds import schedules
-from handoff.cli.task_cmds import cancel, dead, enqueue, inspect
-from handoff.cli.watch_cmd import watch
+from handoff.cli.bench_commands import bench
+from handoff.cli.config_commands import config_group
+from handoff.cli.monitor_commands import health, inspect_workers_command, monitor
+from handoff.cli.ops_commands import limits, scale
+from handoff.cli.run_commands import redis, supervise, worker
+from handoff.cli.schedule_commands import schedules
+from handoff.cli.task_commands import cancel, dead, enqueue, inspect
+from handoff.cli.watch_commands import watch
 
 inspect_workers_command(inspect)
 

@@ -19,7 +19,7 @@ from dataclasses import fields
 from typing import Any
 
 from handoff.config.errors import ConfigError
-from handoff.config.pool import SECRET_FIELDS, RedisPoolConfig
+from handoff.config.pool_settings import SECRET_FIELDS, RedisPoolConfig
 from handoff.config.presets import PRESETS
 from handoff.config.settings import Settings, parse_agent_counts
 

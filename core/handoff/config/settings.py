@@ -11,13 +11,13 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from handoff.config.autoscale import parse_autoscale
+from handoff.config.autoscale_spec import parse_autoscale
 from handoff.config.checks import check_int, check_seconds, fail
 from handoff.config.errors import ConfigError
 from handoff.config.names import AGENT_NAME_RE, KEY_PREFIX_RE
-from handoff.config.pool import SECRET_FIELDS, RedisPoolConfig
+from handoff.config.pool_settings import SECRET_FIELDS, RedisPoolConfig
 from handoff.config.redact import MASK, redact_url
-from handoff.config.schedules import schedules_from_tables
+from handoff.config.schedule_spec import schedules_from_tables
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 MODULE_PATH_RE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*)?")  # "" = none

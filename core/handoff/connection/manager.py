@@ -91,7 +91,7 @@ def call_guards(
 
 
 class RedisManager:
-    """One process's Redis: pool, health checker, retry, breaker, metrics, and the seed's ops."""
+    """One process's Redis: pool, health checker, retry, breaker, metrics, and operations."""
 
     def __init__(self, config: RedisPoolConfig, *, background: bool = True) -> None:
         self.config = config

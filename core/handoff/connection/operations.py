@@ -1,4 +1,4 @@
-"""The seed document's convenience operations, over a RedisManager: set with expiry, ZADD
+"""The pool manager's operations, over a RedisManager: set with expiry, ZADD
 and ZPOPMIN in batches, SCAN-based cleanup of idle keys, and the opt-in server memory
 settings (`redis.memory_optimization`).
 

@@ -1,6 +1,6 @@
 """The connection pool: redis-py's BlockingConnectionPool plus lifecycle and metrics.
 
-Runs in: every process, built after fork. Adds what the seed asks of a pool:
+Runs in: every process, built after fork. Adds what the pool manager's contract asks of a pool:
 warming to min_idle_conns, rotation of connections older than max_conn_age_s,
 closing connections idle past idle_timeout_s (never below min_idle_conns), and the
 hit/miss/timeout counters. PoolTimeout is the wait for a free connection; a caller

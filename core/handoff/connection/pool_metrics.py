@@ -1,4 +1,4 @@
-"""RedisPoolMetrics and HealthStatus: the seed's two records, kept per process.
+"""RedisPoolMetrics and HealthStatus: the pool manager's two records, kept per process.
 
 Runs in: every process that talks to Redis. Counters are updated from many threads;
 a plain lock is cheaper than it sounds next to a network round trip.

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from handoff.config.autoscale import Bounds
+from handoff.config.autoscale_spec import Bounds
 
 # A process counts as fully used at this share of its slots: room for the load's ups and
 # downs, so a steady load does not add and remove the same process over and over.

@@ -46,7 +46,7 @@ from typing import Any
 
 from handoff.config import Settings
 from handoff.config.errors import ConfigError
-from handoff.config.schedules import ScheduleSpec, make_schedule
+from handoff.config.schedule_spec import ScheduleSpec, make_schedule
 from handoff.errors import HandoffError, InvalidPayload
 from handoff.protocol.queue import TaskQueue
 from handoff.protocol.task import Task, derived_task_id, now_ms

@@ -28,8 +28,8 @@ import psutil
 
 from handoff.backoff import exponential_s
 from handoff.config import Settings
-from handoff.config.autoscale import Bounds
-from handoff.config.schedules import ScheduleSpec
+from handoff.config.autoscale_spec import Bounds
+from handoff.config.schedule_spec import ScheduleSpec
 from handoff.connection.manager import get_manager
 from handoff.connection.operations import apply_memory_settings
 from handoff.connection.server_checks import UnsafeServer, check_eviction_policy

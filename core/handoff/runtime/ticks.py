@@ -30,7 +30,7 @@ from zoneinfo import ZoneInfo
 
 from cronsim import CronSim
 
-from handoff.config.schedules import ScheduleSpec
+from handoff.config.schedule_spec import ScheduleSpec
 
 _SECOND = timedelta(seconds=1)
 _MAX_STEPS = 1000  # corrections per call; more would mean a broken library, not a schedule

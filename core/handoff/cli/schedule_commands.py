@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from handoff.cli.common import print_json, print_table
-from handoff.config.schedules import ScheduleSpec
+from handoff.config.schedule_spec import ScheduleSpec
 
 
 @click.command("schedules")

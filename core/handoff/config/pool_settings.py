@@ -1,6 +1,6 @@
 """RedisPoolConfig: how each process connects to Redis (pool, timeouts, retries, breaker, TLS).
 
-Fields and defaults are the seed document's (PoolSize 25, MinIdleConns 5, ...), with
+Fields and defaults are the pool manager's contract (PoolSize 25, MinIdleConns 5, ...), with
 the unit in every name. Validation runs on construction, so a config built by hand is
 checked the same way as one loaded from a file. The `check_*` helpers (checks.py) make
 every message one line, "name = value: what is allowed".

@@ -31,7 +31,7 @@ def supervise(state, agents_arg: str | None, autoscale_arg: str | None) -> None:
     QUIT stops fast; HUP re-reads the config and rolls the workers one by one;
     TTIN/TTOU add/remove one worker per agent type.
     """
-    from handoff.config.autoscale import parse_autoscale
+    from handoff.config.autoscale_spec import parse_autoscale
     from handoff.runtime.supervisor import Supervisor
 
     settings = state.settings

@@ -54,11 +54,11 @@ def _progress(name: str) -> Callable[[str], None]:
     type=click.Choice(["both", "tcp", "unix"]),
     default="both",
     show_default=True,
-    help="TCP compares fairly with the seed's figures; unix is what local workers use.",
+    help="TCP compares fairly with the target figures; unix is what local workers use.",
 )
 def pool(runs: int, quick: bool, transport: str, as_json: bool) -> None:
     """The Redis pool manager: single, batch, concurrent ops/s and connection overhead."""
-    from handoff.bench.pool import TRANSPORTS, format_markdown, run_pool_bench
+    from handoff.bench.pool_bench import TRANSPORTS, format_markdown, run_pool_bench
 
     transports = TRANSPORTS if transport == "both" else (transport,)
     result = run_pool_bench(
@@ -71,7 +71,7 @@ def pool(runs: int, quick: bool, transport: str, as_json: bool) -> None:
 @_figures_options("A tenth of the tasks and at most 2 runs.")
 def protocol(runs: int, quick: bool, as_json: bool) -> None:
     """The queue protocol: enqueue and claim+ack tasks/s beside the bare-command limit."""
-    from handoff.bench.protocol import format_markdown, run_protocol_bench
+    from handoff.bench.protocol_bench import format_markdown, run_protocol_bench
 
     result = run_protocol_bench(runs=runs, quick=quick, progress=_progress("protocol"))
     _show(result, as_json, format_markdown)

@@ -1,11 +1,11 @@
-"""`handoff bench pool`: the Redis pool manager's throughput next to the seed's figures.
+"""`handoff bench pool`: the Redis pool manager's throughput next to its target figures.
 
 Runs in: the bench command, one process. It starts a private server of its own (a unix
 socket in a temp folder and a free TCP port) and never touches any other. Every figure
 is the median of several runs; each run is preceded by nothing but the same warm pool.
 
 Operations are counted one per command: a SET+GET pair is two operations, a pipeline of
-100 commands is 100. The seed's figures come from its document (not measured here), so
+100 commands is 100. The targets are the pool manager's contract (not measured here), so
 its ratio column compares across machines; the TCP column is the fair one to read it by.
 """
 
@@ -31,9 +31,9 @@ from handoff.config import RedisPoolConfig
 from handoff.connection.embedded_server import spawn_server
 from handoff.connection.manager import RedisManager
 
-# The seed document's figures (ops/s), and its "-80%" connection overhead with pooling.
-SEED_OPS = {"single": 1_500, "batch": 5_000, "concurrent": 3_000}
-SEED_OVERHEAD_CUT = 0.80
+# The pool manager's target figures (ops/s), and its "-80%" connection overhead with pooling.
+TARGET_OPS = {"single": 1_500, "batch": 5_000, "concurrent": 3_000}
+TARGET_OVERHEAD_CUT = 0.80
 TRANSPORTS = ("tcp", "unix")
 BATCH_SIZE = 100
 THREADS = 16
@@ -180,29 +180,29 @@ def run_pool_bench(
             "cpus": _cpu_count(),
             "platform": sys.platform,
         },
-        "seed": {**SEED_OPS, "connection_overhead_cut": SEED_OVERHEAD_CUT},
+        "target": {**TARGET_OPS, "connection_overhead_cut": TARGET_OVERHEAD_CUT},
         "medians": {t: _medians(samples[t]) for t in transports},
         "samples": samples,
     }
 
 
 def run_pool_rows(quick: bool = False, runs: int = 3) -> list[dict]:
-    """The seed's rows over TCP for `handoff bench e2e`'s report: name, ops_per_s, note."""
+    """The pool rows over TCP for `handoff bench e2e`'s report: name, ops_per_s, note."""
     result = run_pool_bench(runs=1 if quick else runs, quick=quick, transports=("tcp",))
     m = result["medians"]["tcp"]
-    note = f"median of {result['runs']} run(s), TCP; seed: "
+    note = f"median of {result['runs']} run(s), TCP; target: "
     return [
         {"name": "single (SET+GET, 1 thread)", "ops_per_s": m["single"],
-         "note": note + f"{SEED_OPS['single']:,}"},
+         "note": note + f"{TARGET_OPS['single']:,}"},
         {"name": f"batch ({BATCH_SIZE} per pipeline)", "ops_per_s": m["batch"],
-         "note": note + f"{SEED_OPS['batch']:,}"},
+         "note": note + f"{TARGET_OPS['batch']:,}"},
         {"name": f"concurrent ({THREADS} threads, 1 pool)", "ops_per_s": m["concurrent"],
-         "note": note + f"{SEED_OPS['concurrent']:,}"},
+         "note": note + f"{TARGET_OPS['concurrent']:,}"},
         {"name": "pooled GET", "ops_per_s": m["pooled"],
          "note": f"{m['pooled_us']:.0f} µs/op"},
         {"name": "new connection per GET", "ops_per_s": m["new_connection"],
          "note": f"{m['new_connection_us']:.0f} µs/op; pooling cuts "
-                 f"{m['connection_overhead_cut']:.0%} (seed: {SEED_OVERHEAD_CUT:.0%})"},
+                 f"{m['connection_overhead_cut']:.0%} (target: {TARGET_OVERHEAD_CUT:.0%})"},
     ]  # fmt: skip
 
 
@@ -216,11 +216,11 @@ def _medians(samples: list[dict[str, float]]) -> dict[str, float]:
 
 
 def format_markdown(result: dict) -> str:
-    """The figures as a Markdown table: seed, each transport, and ours/seed over TCP."""
+    """The figures as a Markdown table: target, each transport, and ours/target over TCP."""
     transports = list(result["medians"])
     ref = "tcp" if "tcp" in transports else transports[0]
     m = result["medians"]
-    head = ["figure", "seed"] + [f"handoff ({t})" for t in transports] + [f"ratio ({ref}/seed)"]
+    head = ["figure", "target"] + [f"handoff ({t})" for t in transports] + [f"ratio ({ref}/target)"]
     rows = []
     labels = {
         "single": "single ops/s (SET+GET, 1 thread)",
@@ -228,9 +228,9 @@ def format_markdown(result: dict) -> str:
         "concurrent": f"concurrent ops/s ({THREADS} threads, 1 pool)",
     }
     for name, label in labels.items():
-        seed = SEED_OPS[name]
+        target = TARGET_OPS[name]
         ours = [f"{m[t][name]:,.0f}" for t in transports]
-        rows.append([label, f"{seed:,}", *ours, f"{m[ref][name] / seed:.1f}x"])
+        rows.append([label, f"{target:,}", *ours, f"{m[ref][name] / target:.1f}x"])
     rows.append(
         ["pooled GET: ops/s (µs/op)", "-"]
         + [f"{m[t]['pooled']:,.0f} ({m[t]['pooled_us']:.0f} µs)" for t in transports]
@@ -244,12 +244,12 @@ def format_markdown(result: dict) -> str:
         ]
         + ["-"]
     )
-    seed_speedup = 1.0 / (1.0 - SEED_OVERHEAD_CUT)
+    target_speedup = 1.0 / (1.0 - TARGET_OVERHEAD_CUT)
     ours_speedup = m[ref]["new_connection_us"] / m[ref]["pooled_us"]
     rows.append(
-        ["connection overhead (pooled vs new)", f"-{SEED_OVERHEAD_CUT:.0%}"]
+        ["connection overhead (pooled vs new)", f"-{TARGET_OVERHEAD_CUT:.0%}"]
         + [f"-{m[t]['connection_overhead_cut']:.0%}" for t in transports]
-        + [f"{ours_speedup / seed_speedup:.1f}x"]
+        + [f"{ours_speedup / target_speedup:.1f}x"]
     )
     lines = [_md_row(head), _md_row(["---"] + ["---:"] * (len(head) - 1))]
     lines += [_md_row(row) for row in rows]
@@ -258,9 +258,9 @@ def format_markdown(result: dict) -> str:
         "",
         f"Medians of {result['runs']} run(s){' (--quick)' if result['quick'] else ''}; "
         f"server {env['server']}, redis-py {env['redis_py']}, Python {env['python']}, "
-        f"{env['cpus']} CPU(s). Seed figures are from its document, not this machine. "
-        f"Overhead ratio: pooling's speed-up here ({ours_speedup:.0f}x) over the seed's "
-        f"({seed_speedup:.0f}x).",
+        f"{env['cpus']} CPU(s). Target figures are the contract's, not this machine's. "
+        f"Overhead ratio: pooling's speed-up here ({ours_speedup:.0f}x) over the target's "
+        f"({target_speedup:.0f}x).",
     ]
     return "\n".join(lines)
 

@@ -62,7 +62,7 @@ def monitor(
         else:
             click.echo(render(snapshot))
         return
-    from handoff.observe.watch import watch
+    from handoff.observe.monitor_loop import watch
 
     latest: dict = {}
     metrics_url = None
