@@ -62,7 +62,10 @@ def monitor(
         else:
             click.echo(render(snapshot))
         return
+    from handoff.connection.startup import wait_for_server
     from handoff.observe.monitor_loop import watch
+
+    wait_for_server(watcher.queue.manager, log, "monitor")
 
     latest: dict = {}
     metrics_url = None

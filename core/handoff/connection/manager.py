@@ -23,6 +23,7 @@ from redis.retry import Retry
 from handoff.config import RedisPoolConfig, redact_url
 from handoff.connection.breaker import CircuitBreaker
 from handoff.connection.lane import NOT_TAKEN, CommandLane, call_all
+from handoff.connection.outage import not_ready_reason
 from handoff.connection.pool_metrics import (
     HealthStatus,
     HealthTracker,
@@ -309,7 +310,9 @@ class RedisManager:
             self.pool.warm()
         except Exception as e:  # the server may be down at start: say so, retry each tick
             self.health.failure(f"{type(e).__name__}: {e}")
-            log.warning("could not warm the Redis pool: %s", e)
+            # A server still starting is not news (startup.wait_for_server says it once).
+            level = logging.DEBUG if not_ready_reason(e) else logging.WARNING
+            log.log(level, "could not warm the Redis pool: %s", e)
 
     def _spawn(self, name: str, interval_s: float, tick: Callable[[], None]) -> None:
         def loop() -> None:

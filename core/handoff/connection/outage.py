@@ -15,6 +15,8 @@ import threading
 import time
 from collections.abc import Callable
 
+import redis
+
 from handoff.errors import ServerOutOfMemory
 
 
@@ -68,3 +70,18 @@ class OutageLog:
             )  # fmt: skip
             self._since = None
             self._failures = 0
+
+
+def not_ready_reason(error: BaseException) -> str | None:
+    """Why a server that is starting refused a call, or None when the error is another."""
+    if isinstance(error, redis.BusyLoadingError):
+        return "loading its data set"
+    if isinstance(error, FileNotFoundError | ConnectionRefusedError):
+        return "not listening yet"
+    if isinstance(error, redis.ConnectionError):
+        text = str(error)
+        if "No such file" in text or "Connection refused" in text or "Error 111" in text:
+            return "not listening yet"
+        if "loading" in text.lower():
+            return "loading its data set"
+    return None

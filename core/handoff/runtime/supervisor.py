@@ -33,6 +33,7 @@ from handoff.config.schedule_spec import ScheduleSpec
 from handoff.connection.manager import get_manager
 from handoff.connection.operations import apply_memory_settings
 from handoff.connection.server_checks import UnsafeServer, check_eviction_policy
+from handoff.connection.startup import wait_for_server
 from handoff.errors import ConfigError, HandoffError
 from handoff.protocol.inspect import queue_stats
 from handoff.protocol.keys import Keys
@@ -142,6 +143,7 @@ class Supervisor:
         # before the side thread exists: a fork while another thread holds a module's
         # import lock leaves the child waiting on that lock forever.
         self._redis_setup()
+        wait_for_server(self._manager, log, "supervisor", stopping=lambda: self.stopping)
         try:
             check_eviction_policy(self._manager, self.settings)
             if self.settings.redis.memory_optimization:

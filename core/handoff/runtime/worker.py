@@ -32,6 +32,7 @@ from handoff.config import Settings
 from handoff.connection.manager import get_manager
 from handoff.connection.outage import OutageLog
 from handoff.connection.server_checks import UnsafeServer, check_eviction_policy
+from handoff.connection.startup import wait_for_server
 from handoff.errors import HandoffError, InvalidPayload, ServerOutOfMemory
 from handoff.protocol import streams
 from handoff.protocol.keys import Keys
@@ -211,6 +212,7 @@ class Worker:
             "worker %s started: agent=%s max_concurrent=%d prefetch=%d+ (adaptive)",
             self.worker_id, self.spec.name, self.spec.max_concurrent, self.settings.prefetch,
         )  # fmt: skip
+        wait_for_server(self.manager, log, f"worker {self.worker_id}")
         try:
             check_eviction_policy(self.manager, self.settings)
         except UnsafeServer as e:
