@@ -176,3 +176,36 @@ def test_a_workers_runner_runs_each_handler_inside_its_span(kind, exporter):
     by_id = {o.task.id: o for o in got}
     ok_span = next(s for s in task_spans if s.attributes["handoff.task_id"].endswith(".0"))
     assert by_id[f"{kind}-agent.0"].traceparent.split("-")[2] == f"{ok_span.context.span_id:016x}"
+
+
+_PRODUCER = """
+from handoff import Client
+client = Client(URL)
+task_id = client.enqueue("echo", {"i": 1})
+print("TP", client.task(task_id)["task"]["tp"])
+client.close()
+"""
+
+
+def test_a_producer_configured_by_the_environment_alone_records_the_runs_parent(redis_url):
+    """OTEL_* variables and no code: the producer makes a span of its own for the enqueue
+    (no span is current in a plain script) and the run's root carries it as its parent,
+    as a worker configured the same way records its tasks' spans."""
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "PYTHONPATH": "core:tests",
+        "OTEL_TRACES_EXPORTER": "console",
+        "OTEL_SERVICE_NAME": "producer-under-test",
+    }
+    code = f"URL = {redis_url!r}\n" + _PRODUCER
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    traceparent = next(line for line in out.stdout.splitlines() if line.startswith("TP "))[3:]
+    _version, trace_id, span_id, _flags = traceparent.split("-")
+    assert int(trace_id, 16) != 0
+    exported = out.stdout[out.stdout.index("{") :]
+    assert '"name": "handoff enqueue echo"' in exported
+    assert f'"trace_id": "0x{trace_id}"' in exported and f'"span_id": "0x{span_id}"' in exported
+    assert '"kind": "SpanKind.PRODUCER"' in exported

@@ -131,7 +131,7 @@ def check_delay_ms(delay_s: object) -> int:
 def one_task(agent: str, payload: Any, *, group: str | None = None, **options: Any) -> Task:
     """Client.enqueue's task: validated (build_task), in the caller's trace, in its group."""
     task = build_task(agent, payload, **options)
-    task.traceparent = tracing.current_traceparent()  # the run's parent span, if any
+    task.traceparent = tracing.current_traceparent(agent)  # the run's parent span, if any
     if group is not None:
         task.group = check_group(group)
     return task
@@ -160,7 +160,7 @@ def many_tasks(
     expires_at, run_deadline_at = deadlines_at(stamp, expires_in_s, run_deadline_s)
     tasks = []
     append = tasks.append
-    traceparent = tracing.current_traceparent()  # the runs' parent span, if any
+    traceparent = tracing.current_traceparent(agent)  # the runs' parent span, if any
     if group is not None:
         check_group(group)
     spec = registered(agent)

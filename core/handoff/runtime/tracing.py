@@ -1,6 +1,7 @@
 """OpenTelemetry traces across handoffs: each task a span, a run one trace.
 
-Runs in: producers (the current span becomes the parent of the run it enqueues) and
+Runs in: producers (the current span becomes the parent of the run it enqueues; with
+none current, a producer span "handoff enqueue AGENT" of its own does) and
 workers (a span around each handler, current while it runs, so the handler's own spans
 nest under it). Only with the `otel` extra installed and tracing configured: a tracer
 provider set by the application, or the standard OTEL_* environment (OTEL_TRACES_EXPORTER,
@@ -114,15 +115,28 @@ def set_provider(provider: Any) -> None:
     _provider = provider
 
 
-def current_traceparent() -> str | None:
-    """The producer's current span as a traceparent (the parent of the run it starts),
-    or None when there is none or tracing is off."""
+def current_traceparent(agent: str = "") -> str | None:
+    """The parent span of the run a producer starts, as a traceparent: its current span,
+    or, when none is current (a script configured by the OTEL_* environment alone), a
+    producer span of its own, so a producer records the same as a worker. None when
+    tracing is off."""
     if not active():
         return None
+    from opentelemetry import trace
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+    propagator = TraceContextTextMapPropagator()
     carrier: dict[str, str] = {}
-    TraceContextTextMapPropagator().inject(carrier)
+    propagator.inject(carrier)
+    if "traceparent" in carrier:
+        return carrier["traceparent"]
+    tracer = trace.get_tracer("handoff", tracer_provider=_provider)
+    name = f"handoff enqueue {agent}" if agent else "handoff enqueue"
+    span = tracer.start_span(
+        name, kind=trace.SpanKind.PRODUCER, attributes={"handoff.agent": agent}
+    )
+    span.end()
+    propagator.inject(carrier, context=trace.set_span_in_context(span))
     return carrier.get("traceparent")
 
 
