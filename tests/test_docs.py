@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from harness.procs import HandoffProcess, handoff_env
 
 ROOT = Path(__file__).resolve().parent.parent
