@@ -48,7 +48,7 @@ def to_toml(data: dict[str, Any], mode: str = "server") -> str:
     tables = {k: v for k, v in data.items() if isinstance(v, dict)}
     lines = [
         "# effective handoff configuration (secrets redacted)",
-        f"# deployment: {mode} (from redis.url and redis.cluster; docs/scaling.md)",
+        f"# deployment: {mode} (from redis.url and redis.cluster; docs/operations/scaling.md)",
     ]
     lines += _lines({k: v for k, v in data.items() if k not in tables})
     for name in ("redis", *sorted(set(tables) - {"redis", "schedules"})):
