@@ -155,8 +155,8 @@ def test_supervisor_cpu_stays_low_while_a_worker_crash_loops(start, client):
 
 
 def test_a_handler_holding_the_gil_past_its_lease_is_named_in_one_warning(start, client):
-    """docs/operations/reliability.md: a C call holding the GIL longer than lease_s starves the lease
-    keeper; the task runs again, and the worker says which task and which lease_s."""
+    """docs/operations/reliability.md: a C call holding the GIL longer than lease_s starves
+    the lease keeper; the task runs again, and the worker says which task and lease_s."""
     tid = client.enqueue("gilhog", {"hold_s": 2.5, "then_s": 1.0})
     sup = start(["supervise", "--agents", "gilhog=1"])
     warning = f"the lease of task {tid} was lost while its handler was still running (lease_s=1)"

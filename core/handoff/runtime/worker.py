@@ -792,7 +792,8 @@ class Worker:
                 log.warning(
                     "worker %s: the lease of task %s was lost while its handler was still "
                     "running (lease_s=%g): it may run again elsewhere. A call that holds the "
-                    "GIL longer than lease_s starves the lease keeper; see docs/operations/reliability.md",
+                    "GIL longer than lease_s starves the lease keeper; see "
+                    "docs/operations/reliability.md",
                     self.worker_id, task.id, self.lease_ms / 1000,
                 )  # fmt: skip
         self.runner.skip.update((t.id, t.token) for t in tasks)
