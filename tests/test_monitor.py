@@ -40,7 +40,8 @@ def watcher(redis_url):
 
 def snapshot_json(redis_url, tmp_path) -> dict:
     env = handoff_env(redis_url, app="apps.probe")
-    proc = HandoffProcess(["monitor", "--once", "--json"], env, tmp_path / "snap.json")
+    args = ["monitor", "--once", "--json", "--interval-s", "0.1"]
+    proc = HandoffProcess(args, env, tmp_path / "snap.json")
     try:
         assert proc.wait(30) == 0
     finally:
@@ -272,3 +273,18 @@ def test_the_monitor_logs_each_change_once_not_each_tick(caplog):
         "cluster primary n2 unreachable: refused",
         "cluster primary n2 reachable again",
     ]
+
+
+def test_monitor_once_measures_the_rate_between_two_snapshots(start, client, redis_url, tmp_path):
+    """`monitor --once` used to print 0.0 tasks/s (one sample has no rate): it takes two
+    snapshots --interval-s apart and says what was done between them."""
+    start(["supervise", "--agents", "probe=1"])
+    ids = client.enqueue_many("probe", [{"n": i, "sleep_s": 0.005} for i in range(3000)])
+    wait_until(lambda: client.status(ids[0]) == "done", 10, "the first task done")
+    env = handoff_env(redis_url, app="apps.probe")
+    proc = HandoffProcess(["monitor", "--once", "--json"], env, tmp_path / "rate.json")
+    try:
+        assert proc.wait(30) == 0
+    finally:
+        proc.stop()
+    assert orjson.loads(proc.output())["agents"]["probe"]["throughput_per_s"] > 0

@@ -6,12 +6,15 @@ import logging
 import signal
 import sys
 import threading
+import time
 
 import click
 
 from handoff.cli.common import print_json, print_table
 
 log = logging.getLogger("handoff.observe.monitor")
+# `monitor --once`: the tasks/s it prints are measured over this interval by default.
+ONCE_RATE_WINDOW_S = 1.0
 
 
 def _monitor(state):
@@ -26,7 +29,11 @@ def _monitor(state):
 @click.command()
 @click.option("--once", is_flag=True, help="Print one snapshot and exit.")
 @click.option("--json", "as_json", is_flag=True, help="JSON output (with --once).")
-@click.option("--interval-s", type=click.FloatRange(0.05, 3600), help="Refresh (default 1 s).")
+@click.option(
+    "--interval-s",
+    type=click.FloatRange(0.05, 3600),
+    help="Refresh (default 1 s); with --once, the interval its tasks/s are measured over.",
+)
 @click.option("--metrics-port", type=click.IntRange(1, 65535), help="Serve Prometheus here.")
 @click.option("--metrics-addr", default="127.0.0.1", show_default=True)
 @click.option(
@@ -56,6 +63,10 @@ def monitor(
 
     watcher = _monitor(state)
     if once:
+        # A rate needs two counts: the second snapshot is taken a refresh interval (1 s
+        # unless --interval-s says) after the first, and its tasks/s cover that interval.
+        watcher.snapshot()
+        time.sleep(interval_s or ONCE_RATE_WINDOW_S)
         snapshot = watcher.snapshot()
         if as_json:
             print_json(snapshot)
