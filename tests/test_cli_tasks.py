@@ -209,15 +209,27 @@ def test_inspect_queues_and_task(redis_url, worker_queue):
     with Client(settings=Settings(redis=RedisPoolConfig(url=redis_url))) as client:
         ids = client.enqueue_many(AGENT, [{"n": i} for i in range(4)])
         client.enqueue("flaky", {}, delay_s=600)
+        client.cancel(ids[3])
     bury(worker_queue, 1)
 
     table = cli(redis_url, "inspect", "queues").output.splitlines()
-    assert table[0].split()[:5] == ["agent", "queued", "running", "delayed", "dead"]
-    rows = {line.split()[0]: line.split()[1:5] for line in table[1:]}
-    assert rows == {"flaky": ["0", "0", "1", "0"], "probe": ["3", "0", "0", "1"]}
+    assert table[0].split()[:7] == [
+        "agent",
+        "queued",
+        "running",
+        "delayed",
+        "dead",
+        "done",
+        "cancelled",
+    ]
+    rows = {line.split()[0]: line.split()[1:7] for line in table[1:]}
+    assert rows == {
+        "flaky": ["0", "0", "1", "0", "0", "0"],
+        "probe": ["2", "0", "0", "1", "0", "1"],
+    }
 
     stats = orjson.loads(cli(redis_url, "inspect", "queues", "--json").output)
-    assert stats[AGENT]["queued"] == 3 and stats[AGENT]["dead"] == 1
+    assert stats[AGENT]["queued"] == 2 and stats[AGENT]["dead"] == 1
 
     info = orjson.loads(cli(redis_url, "inspect", "task", ids[1]).output)
     assert info["status"] == "queued" and info["task"]["payload"] == {"n": 1}

@@ -134,9 +134,12 @@ def inspect_queues(state, as_json: bool) -> None:
     if as_json:
         print_json(stats)
         return
-    columns = ["queued", "running", "delayed", "dead", "done", "failed", "retried", "handed_off"]
+    columns = [
+        "queued", "running", "delayed", "dead", "done", "cancelled", "failed", "retried",
+        "handed_off",
+    ]  # fmt: skip
     rows = [
-        [name, *(s[c] for c in columns), f"{s['oldest_queued_age_s']:.1f}", _limit_cell(s)]
+        [name, *(s.get(c, 0) for c in columns), f"{s['oldest_queued_age_s']:.1f}", _limit_cell(s)]
         for name, s in sorted(stats.items())
     ]
     print_table(["agent", *columns, "oldest_s", "limit"], rows)
