@@ -212,6 +212,21 @@ def test_scale_pins_an_autoscaled_agent_and_auto_resumes_it(start, client, redis
     wait_until(lambda: len(sup.live_children()) == 1, 30, "back to the minimum, idle")
 
 
+def test_auto_on_an_agent_no_supervisor_autoscales_says_so(start, client):
+    """`scale AGENT=auto` said "sent" and did nothing on an agent with a fixed count."""
+    sup = start(["supervise", "--agents", "busy=1"], **LEAN)
+    wait_until(
+        lambda: client.queue.manager.execute(lambda c: c.zcard("handoff:supervisors")),
+        10,
+        "the supervisor registered",
+    )
+    resume = start(["scale", "busy=auto"])
+    assert resume.wait(30) == 1
+    out = resume.output()
+    assert "busy is not autoscaled by any live supervisor" in out and "sent" not in out, out
+    assert len(sup.live_children()) == 1
+
+
 def test_the_host_cap_holds_and_is_said_once(start, client):
     sup = start(["supervise", "--autoscale", "busy=0:3,probe=0:3"], max_processes=3, **LEAN)
     client.enqueue_many("busy", [{"n": i} for i in range(2000)])

@@ -22,7 +22,7 @@ def scale(state, counts: tuple[str, ...]) -> None:
     """
     from handoff.connection.manager import get_manager
     from handoff.protocol.keys import Keys
-    from handoff.runtime.control import send_scale
+    from handoff.runtime.control import autoscaled_by_live_supervisors, send_scale
 
     parts = ",".join(counts).split(",")
     resumed = {p.partition("=")[0].strip(): "auto" for p in parts if p.strip().endswith("=auto")}
@@ -33,9 +33,16 @@ def scale(state, counts: tuple[str, ...]) -> None:
             check_agent(name)
         except InvalidAgentName as e:
             raise click.BadParameter(str(e)) from None
-    wanted.update(resumed)
     settings = state.settings
-    sent = send_scale(get_manager(settings.redis), Keys(settings.key_prefix), wanted)
+    manager, keys = get_manager(settings.redis), Keys(settings.key_prefix)
+    autoscaled = autoscaled_by_live_supervisors(manager, keys, list(resumed))
+    for name in sorted(set(resumed) - autoscaled):
+        click.echo(f"handoff: {name} is not autoscaled by any live supervisor: {name}=auto "
+                   "changes nothing (start one with --autoscale)", err=True)  # fmt: skip
+    wanted.update({name: "auto" for name in autoscaled})
+    if not wanted:
+        sys.exit(1)
+    sent = send_scale(manager, keys, wanted)
     if not sent:
         click.echo("handoff: error: no live supervisor found", err=True)
         sys.exit(1)

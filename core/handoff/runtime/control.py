@@ -108,3 +108,32 @@ def send_scale(manager: RedisManager, keys: Keys, wanted: Mapping[str, int | str
 
     manager.execute(send)
     return len(supervisors)
+
+
+def autoscaled_by_live_supervisors(
+    manager: RedisManager, keys: Keys, agents: list[str]
+) -> set[str]:
+    """Which of these agent types some live supervisor autoscales (each such supervisor
+    keeps its part in the agent's autoscalers hash): `scale AGENT=auto` on any other is
+    a no-op, and `handoff scale` says so instead of "sent"."""
+    alive_since = now_ms() - SUPERVISOR_ALIVE_MS
+
+    def read(client) -> tuple[list, list]:
+        pipe = client.pipeline(transaction=False)
+        pipe.zrangebyscore(keys.supervisors, alive_since, "+inf")
+        for name in agents:
+            pipe.hkeys(keys.agent(name).autoscalers)
+        replies = pipe.execute()
+        return replies[0], replies[1:]
+
+    if not agents:
+        return set()
+    if manager.is_cluster:  # the agents' hashes live on several slots: one call each
+        live = set(
+            manager.execute(lambda c: c.zrangebyscore(keys.supervisors, alive_since, "+inf"))
+        )
+        parts = [manager.execute(lambda c, n=n: c.hkeys(keys.agent(n).autoscalers)) for n in agents]
+    else:
+        supervisors, parts = manager.execute(read)
+        live = set(supervisors)
+    return {name for name, ids in zip(agents, parts, strict=True) if live & set(ids)}
