@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from collections import Counter
@@ -250,3 +251,29 @@ def test_a_helper_thread_that_fails_replaces_its_worker_and_loses_nothing(start,
     counts = Counter(task_id for _, task_id in executions(raw_redis))
     assert set(counts) == set(ids) and max(counts.values()) == 1
     assert len({pid for pid, _ in executions(raw_redis)}) == 2  # the worker, then its successor
+
+
+def test_workers_are_named_for_their_agent_and_number_in_ps(start):
+    """ps showed every worker with its supervisor's command line; now each is named, and a
+    replacement takes the number of the worker it replaces."""
+    sup = start(["supervise", "--agents", "probe=2"])
+    wait_until(lambda: len(sup.live_children()) == 2, 15, "two workers")
+
+    def titles() -> dict[int, str]:
+        return {p.pid: " ".join(p.cmdline()).strip() for p in sup.live_children()}
+
+    wait_until(
+        lambda: sorted(titles().values()) == ["handoff worker probe #1", "handoff worker probe #2"],
+        10,
+        "both named",
+    )
+    first = next(pid for pid, title in titles().items() if title.endswith("#1"))
+    os.kill(first, signal.SIGKILL)
+    wait_until(
+        lambda: (
+            first not in titles()
+            and sorted(titles().values()) == ["handoff worker probe #1", "handoff worker probe #2"]
+        ),
+        20,
+        "a replacement named #1",
+    )

@@ -49,6 +49,7 @@ from handoff.runtime.control import (
     Signalled,
     parse_control,
 )
+from handoff.runtime.process_title import free_number, name_worker
 from handoff.runtime.schedules import Scheduler, declared_schedules
 from handoff.runtime.worker import Worker
 
@@ -75,6 +76,7 @@ class Child:
     generation: int
     started: float
     stop_sent_at: float | None = None
+    number: int = 1  # `handoff worker AGENT #N` in ps
 
 
 @dataclass
@@ -351,6 +353,7 @@ class Supervisor:
     def _spawn(self, agent: str) -> None:
         spec = self.specs[agent]
         worker = Worker(spec, self.settings, parent_pid=self.pid)
+        number = free_number({c.number for c in self.children.values() if c.agent == agent})
         # Signals wait while the child still has the supervisor's handlers: a stop sent
         # right after the fork (SIGTTOU, scale down) would otherwise land in a copy of the
         # supervisor's queue that nobody reads, and the worker would run on.
@@ -368,13 +371,14 @@ class Supervisor:
                 for sig in HANDLED:
                     signal.signal(sig, signal.SIG_DFL)
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)  # a pending stop: exit
+                name_worker(agent, number)
                 code = worker.run()
             except BaseException:
                 log.exception("worker for %s crashed", agent)
             finally:
                 logging.shutdown()
                 os._exit(code)
-        self.children[pid] = Child(pid, agent, self.generation, time.monotonic())
+        self.children[pid] = Child(pid, agent, self.generation, time.monotonic(), number=number)
         log.info("supervisor: spawned worker %d for %s", pid, agent)
 
     def _stop_child(self, child: Child, sig: int = signal.SIGTERM) -> None:
