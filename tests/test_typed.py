@@ -93,6 +93,28 @@ def test_the_command_line_checks_against_the_app(redis_url, raw_redis):
     assert raw_redis.dbsize() == 0
 
 
+def test_without_the_app_the_command_line_checks_the_published_schema(start, redis_url, raw_redis):
+    """`handoff enqueue` without --app took anything (exit 0; dead-lettered later): the
+    agent's workers publish its payload's schema, and the command checks against it."""
+    start([*APP, "worker", "tcoder"])
+    wait_until(lambda: raw_redis.hexists("handoff:schemas", "tcoder"), 15, "schema published")
+    bare = ["--redis-url", redis_url, "enqueue", "tcoder"]
+    refused = CliRunner().invoke(main, [*bare, '{"feature": "f", "step": 500}'])
+    assert isinstance(refused.exception, InvalidPayload)
+    assert "does not match tcoder's published schema: step: 500 is greater than" in str(
+        refused.exception
+    )
+    lines = CliRunner().invoke(
+        main, [*bare, "-"], input='{"feature": "f", "step": 1}\n{"step": 2}\n'
+    )
+    assert isinstance(lines.exception, InvalidPayload)
+    assert str(lines.exception).startswith("stdin line 2: payload: does not match")
+    assert "'feature' is a required property" in str(lines.exception)
+    assert raw_redis.zcard("handoff:{tcoder}:queue") == 0
+    accepted = CliRunner().invoke(main, [*bare, '{"feature": "f", "step": 5}'])
+    assert accepted.exit_code == 0 and accepted.output.startswith("tcoder."), accepted.output
+
+
 def test_inspect_agents_lists_each_agent_with_its_json_schema():
     result = CliRunner().invoke(main, [*APP, "inspect", "agents", "--json"])
     agents = orjson.loads(result.output)

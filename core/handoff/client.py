@@ -421,6 +421,13 @@ class Client:
         """The agent types this server has seen (enqueued to or served), sorted."""
         return self.queue.known_agents()
 
+    def published_schema(self, agent: str) -> dict[str, Any] | None:
+        """The JSON Schema of `agent`'s payload as its workers published it (None: none
+        published, an untyped agent or one no worker has served)."""
+        keys = self.queue.keys
+        raw = self.queue.manager.execute(lambda c: c.hget(keys.schemas, check_agent(agent)))
+        return orjson.loads(raw) if raw else None
+
     def queue_stats(self, agents: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         """Per agent: queued, running, delayed, dead, counters, oldest queued age (one trip)."""
         from handoff.protocol.inspect import queue_stats

@@ -9,6 +9,7 @@ import click
 import orjson
 
 from handoff.cli.common import print_json, print_table
+from handoff.cli.schema_check import PublishedSchemaCheck
 from handoff.errors import InvalidAgentName, InvalidPayload
 from handoff.protocol.keys import check_agent
 
@@ -44,14 +45,28 @@ def enqueue(state, agent: str, payload: str, priority: int, delay_s: float, key:
     check_agent(agent)
     check_known_agent(state, agent)
     with _client(state) as client:
-        _enqueue(client, agent, payload, priority, delay_s, key)
+        # With the app loaded the client checks the declared type itself; without it, the
+        # schema the agent's workers published is what can be checked.
+        schema = None if state.settings.app else client.published_schema(agent)
+        _enqueue(
+            client, agent, payload, priority, delay_s, key, PublishedSchemaCheck(agent, schema)
+        )
 
 
-def _enqueue(client, agent: str, payload: str, priority: int, delay_s: float, key: str | None):
+def _enqueue(
+    client,
+    agent: str,
+    payload: str,
+    priority: int,
+    delay_s: float,
+    key: str | None,
+    schema: PublishedSchemaCheck,
+):
     from handoff.protocol.queue import TaskRejected
 
     if payload != "-":
         value = _parse(payload, where="PAYLOAD")
+        schema.check(value)
         click.echo(client.enqueue(agent, value, priority=priority, delay_s=delay_s, key=key))
         return
     if key is not None:
@@ -70,9 +85,14 @@ def _enqueue(client, agent: str, payload: str, priority: int, delay_s: float, ke
         if not line.strip():
             continue
         try:
-            batch.append(orjson.loads(line))
+            value = orjson.loads(line)
         except orjson.JSONDecodeError as e:
             raise InvalidPayload(_at_line(number, f"invalid JSON: {e}", total)) from None
+        try:
+            schema.check(value, where="payload")
+        except InvalidPayload as e:
+            raise InvalidPayload(_at_line(number, str(e), total)) from None
+        batch.append(value)
         numbers.append(number)
         if len(batch) >= STDIN_BATCH:
             total += send()

@@ -47,6 +47,8 @@ one cluster slot. Agent names are validated before any key is built.
                                           root's slot; ends with an "end" entry
     <prefix>:{<agent>}:done:<id>    LIST  a token pushed when a waited-on task ends
     <prefix>:agents                 SET   registry of agent names
+    <prefix>:schemas                HASH  agent name -> its payload's JSON Schema, published
+                                          by its workers (typed agents only)
     <prefix>:workers                ZSET  worker id -> last heartbeat (ms)
     <prefix>:worker:<id>            HASH  one worker's health and metrics (TTL)
     <prefix>:control:<supervisor>   LIST  control messages (scale) for a supervisor
@@ -295,6 +297,10 @@ class Keys:
     @property
     def agents(self) -> str:
         return f"{self.prefix}:agents"
+
+    @property
+    def schemas(self) -> str:
+        return f"{self.prefix}:schemas"
 
     @property
     def workers(self) -> str:

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from handoff.config.checks import check_range
 from handoff.errors import ConfigError, HandoffError, InvalidPayload
 from handoff.protocol.groups import check_group
@@ -108,6 +110,14 @@ def describe(spec: AgentSpec) -> dict[str, Any]:
         "payload_schema": spec.payload_type.schema() if spec.payload_type else None,
         "result_schema": spec.result_type.schema() if spec.result_type else None,
     }
+
+
+def published_schema(spec: AgentSpec) -> bytes | None:
+    """The payload's JSON Schema a worker publishes for its agent type (None: untyped),
+    so a producer without the app (`handoff enqueue` with no --app) can check against it."""
+    if spec.payload_type is None:
+        return None
+    return orjson.dumps(spec.payload_type.schema(), option=orjson.OPT_SORT_KEYS)
 
 
 def registered(name: str) -> AgentSpec | None:

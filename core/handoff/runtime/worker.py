@@ -39,7 +39,7 @@ from handoff.protocol.keys import Keys
 from handoff.protocol.queue import ClaimRequest, ClaimResult, Completion, Failure, TaskQueue
 from handoff.protocol.task import Task, now_ms
 from handoff.runtime import exits, tracing
-from handoff.runtime.agents import AgentSpec
+from handoff.runtime.agents import AgentSpec, published_schema
 from handoff.runtime.prefetch import PrefetchSizer
 from handoff.runtime.runner import Finished, Outcome, make_runner
 from handoff.runtime.settle import check_payload, settle
@@ -819,6 +819,9 @@ class Worker:
             manager=self.manager,
         )
         key = self.keys.worker(self.worker_id)
+        if not hasattr(self, "_schema"):  # worked out once: pydantic builds it each call
+            self._schema = published_schema(self.spec)
+        schema = self._schema
 
         def write(client) -> None:
             pipe = client.pipeline(transaction=False)
@@ -827,6 +830,10 @@ class Worker:
             pipe.zadd(self.keys.workers, {self.worker_id: now_ms()})
             # Known before any task of it is enqueued: a run cancel marks every agent known.
             pipe.sadd(self.keys.agents, self.spec.name)
+            if schema is None:  # an agent type that dropped its payload type
+                pipe.hdel(self.keys.schemas, self.spec.name)
+            else:
+                pipe.hset(self.keys.schemas, self.spec.name, schema)
             pipe.execute()
 
         try:
