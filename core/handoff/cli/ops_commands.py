@@ -67,91 +67,17 @@ def limits(state, agent: str, changes: tuple[str, ...]) -> None:
     """
     from handoff.client import Client
     from handoff.errors import InvalidPayload
-    from handoff.protocol.keys import Keys
-    from handoff.protocol.limits import check_burst, parse_rate
+    from handoff.protocol.live_limits import (
+        apply_limit_changes,
+        describe_live_limits,
+        parse_limit_changes,
+    )
 
     try:
         check_agent(agent)
-    except InvalidAgentName as e:
+        parsed = parse_limit_changes(changes)
+    except (InvalidAgentName, InvalidPayload) as e:
         raise click.BadParameter(str(e)) from None
-    sets: dict[str, str] = {}
-    drops: list[str] = []
-    for change in changes:
-        name, _, value = change.partition("=")
-        try:
-            if change == "rate=none":
-                sets["rate"] = "none"
-            elif change == "rate=default":
-                drops += ["rate", "burst"]
-            elif name == "rate":
-                rate = parse_rate(value)
-                sets["rate"] = f"{rate.count:g}/{rate.window_ms}"
-            elif name == "burst":
-                sets["burst"] = str(check_burst(int(value) if value.isdigit() else value))
-            elif change == "resume":
-                drops.append("paused_until")
-            elif change == "cost_limit=none":
-                sets["cost_limit"] = "none"
-            elif change == "cost_limit=default":
-                drops.append("cost_limit")
-            elif name == "cost_limit":
-                rate = parse_rate(value, "cost_limit")
-                sets["cost_limit"] = f"{rate.count:g}/{rate.window_ms}"
-            elif change == "group_rate=none":
-                sets["group_rate"] = "none"
-            elif change in ("group_rate=default", "group_concurrency=default"):
-                drops.append(name)
-            elif name == "group_rate":
-                rate = parse_rate(value, "group_rate")
-                sets["group_rate"] = f"{rate.count:g}/{rate.window_ms}"
-            elif name == "group_concurrency" and value.isdigit() and int(value) <= 1_000_000:
-                sets["group_concurrency"] = str(int(value))
-            else:
-                raise click.BadParameter(
-                    f"{change!r}: expected rate=N/s|N/min|N/h|none|default, burst=N, resume, "
-                    "group_rate=N/s|none|default, group_concurrency=N|default or "
-                    "cost_limit=N/min|none|default"
-                )
-        except InvalidPayload as e:
-            raise click.BadParameter(str(e)) from None
-    key = Keys(state.settings.key_prefix).agent(agent).limits
-
-    def apply(client) -> dict:
-        pipe = client.pipeline(transaction=False)
-        if sets:
-            pipe.hset(key, mapping=sets)
-        if drops:
-            pipe.hdel(key, *drops)
-        pipe.hgetall(key)
-        replies = pipe.execute()
-        return {"limits": replies[-1], "now": client.time()}  # (no TIME in a cluster pipeline)
-
     with Client(settings=state.settings) as client:  # (not the process-wide manager)
-        shown = client.queue.manager.execute(apply)
-    current = {k.decode(): v.decode() for k, v in shown["limits"].items()}
-    now = shown["now"][0] * 1000 + shown["now"][1] // 1000
-    live = current.get("rate")
-    if live is None:
-        rate_text = "the code's (@agent(rate=...))"
-    elif live == "none":
-        rate_text = "none (lifted live)"
-    else:
-        count, _, window = live.partition("/")
-        unit = {"1000": "s", "60000": "min", "3600000": "h"}.get(window, f"{window}ms")
-        rate_text = f"{count}/{unit} (set live)"
-    line = f"{agent}: rate {rate_text}"
-    if "burst" in current:
-        line += f", burst {current['burst']}"
-    paused = float(current.get("paused_until", 0)) - now
-    if paused > 0:
-        line += f", paused {paused / 1000:.1f}s more"
-    if "group_rate" in current:
-        group_rate = current["group_rate"]
-        if group_rate != "none":
-            count, _, window = group_rate.partition("/")
-            unit = {"1000": "s", "60000": "min", "3600000": "h"}.get(window, f"{window}ms")
-            group_rate = f"{count}/{unit}"
-        line += f", group_rate {group_rate} (set live)"
-    if "group_concurrency" in current:
-        line += f", group_concurrency {current['group_concurrency']} (set live)"
-    click.echo(line)
+        current, now = apply_limit_changes(client.queue.manager, client.queue.keys, agent, parsed)
+    click.echo(describe_live_limits(agent, current, now))
