@@ -13,9 +13,8 @@ import orjson
 import pytest
 
 from handoff import AsyncClient
-from handoff.client import ResultTimeout
 from handoff.config import RedisPoolConfig, Settings
-from handoff.errors import InvalidPayload, RedisUnavailable
+from handoff.errors import InvalidPayload, RedisUnavailable, ResultTimeout
 from harness.procs import free_tcp_port
 
 pytest.importorskip("starlette", reason="the web extra is not installed: pip install -e '.[web]'")

@@ -11,11 +11,11 @@ from collections.abc import Iterator
 import orjson
 import pytest
 
-from handoff.client import Client, ResultTimeout, TaskDead, build_task
+from handoff.client import Client, build_task
 from handoff.config import RedisPoolConfig, Settings
-from handoff.errors import InvalidAgentName, InvalidPayload
+from handoff.errors import InvalidAgentName, InvalidPayload, ResultTimeout, TaskDead, TaskRejected
 from handoff.protocol.keys import Keys
-from handoff.protocol.queue import ClaimRequest, Completion, Failure, TaskQueue, TaskRejected
+from handoff.protocol.queue import ClaimRequest, Completion, Failure, TaskQueue
 from handoff.protocol.task import PRIORITY_SHIFT
 from harness.async_facade import either
 from harness.procs import command_calls, wait_until

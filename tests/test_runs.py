@@ -12,8 +12,7 @@ import orjson
 import pytest
 
 from handoff import Handoff, Join
-from handoff.client import ResultTimeout, TaskDead
-from handoff.errors import InvalidPayload
+from handoff.errors import InvalidPayload, ResultTimeout, TaskDead
 from handoff.testing import InProcessApp
 from harness.async_facade import either
 from harness.procs import command_calls, wait_until

@@ -6,7 +6,7 @@ plus Task and the errors a user catches; everything else lives in the layer subp
 """
 
 from handoff.async_client import AsyncClient
-from handoff.client import Client, ResultTimeout, TaskDead, TaskExpired
+from handoff.client import Client
 from handoff.errors import (
     CircuitOpen,
     ConfigError,
@@ -16,7 +16,10 @@ from handoff.errors import (
     NotReplicated,
     RateLimited,
     RedisUnavailable,
+    ResultTimeout,
     TaskCancelled,
+    TaskDead,
+    TaskExpired,
 )
 from handoff.protocol.task import Task
 from handoff.runtime.agents import Handoff, Join, agent

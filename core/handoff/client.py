@@ -18,13 +18,20 @@ from handoff.config import Settings, load_settings
 from handoff.config.checks import check_range
 from handoff.connection.manager import RedisManager
 from handoff.connection.process import current_pid
-from handoff.errors import HandoffError, InvalidPayload, TaskCancelled
+from handoff.errors import (
+    InvalidPayload,
+    ResultTimeout,
+    TaskCancelled,
+    TaskDead,
+    TaskExpired,
+    TaskRejected,
+)
 from handoff.protocol import runs, streams
 from handoff.protocol.cancel import CancelReport, cancel
 from handoff.protocol.groups import check_group
 from handoff.protocol.keys import Keys, check_agent
 from handoff.protocol.plan import Call, Pause, Plan
-from handoff.protocol.queue import QueueBase, TaskQueue, TaskRejected
+from handoff.protocol.queue import QueueBase, TaskQueue
 from handoff.protocol.task import (
     Task,
     agent_of,
@@ -41,18 +48,6 @@ from handoff.runtime.payload_types import JSON_TYPES
 # longer): a wait of an hour sends a command every WAIT_CHUNK_S.
 WAIT_CHUNK_S = 300.0
 STREAM_CHUNK_S = 5.0  # a stream reader's blocking read: the run's end ends it sooner
-
-
-class TaskDead(HandoffError):
-    """The task was dead-lettered; the message carries the reason."""
-
-
-class TaskExpired(HandoffError):
-    """The task was not started by its deadline (expires_in_s, or its run's); it never ran."""
-
-
-class ResultTimeout(HandoffError, TimeoutError):
-    """The task did not finish within wait_s."""
 
 
 def build_task(

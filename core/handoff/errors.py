@@ -101,3 +101,32 @@ class TLSVerificationFailed(RedisUnavailable):
 
 class NotReplicated(HandoffError):
     """An enqueue was written but fewer replicas than enqueue_wait_replicas confirmed it."""
+
+
+class TaskDead(HandoffError):
+    """The task was dead-lettered; the message carries the reason."""
+
+
+class TaskExpired(HandoffError):
+    """The task was not started by its deadline (expires_in_s, or its run's); it never ran."""
+
+
+class ResultTimeout(HandoffError, TimeoutError):
+    """The task did not finish within wait_s."""
+
+
+class TaskRejected(InvalidPayload):
+    """One task of a batch is invalid; nothing of the batch was written."""
+
+    def __init__(self, index: int, detail: str, where: str = "") -> None:
+        super().__init__(f"{where}: {detail}" if where else detail)
+        self.index = index  # its position in the batch
+        self.detail = detail  # what is wrong with it
+
+
+class AppLoadError(HandoffError):
+    """The app module could not be imported: a boot error, not a crash to retry."""
+
+
+class UnsafeServer(HandoffError):
+    """The server is configured in a way that can silently lose tasks."""

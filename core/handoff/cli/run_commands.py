@@ -10,10 +10,9 @@ from pathlib import Path
 import click
 
 from handoff.cli.common import parse_counts
-from handoff.connection.server_checks import UnsafeServer
-from handoff.errors import HandoffError
+from handoff.errors import AppLoadError, HandoffError, UnsafeServer
 from handoff.runtime import exits
-from handoff.runtime.agents import AppLoadError, get_spec
+from handoff.runtime.agents import get_spec
 
 
 @click.command()

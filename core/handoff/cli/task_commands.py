@@ -62,7 +62,7 @@ def _enqueue(
     key: str | None,
     schema: PublishedSchemaCheck,
 ):
-    from handoff.protocol.queue import TaskRejected
+    from handoff.errors import TaskRejected
 
     if payload != "-":
         value = _parse(payload, where="PAYLOAD")

@@ -59,8 +59,7 @@ def _line(event: Any) -> str:
 
 
 def _run_status(client, task_id: str) -> str:
-    from handoff.client import ResultTimeout, TaskDead, TaskExpired
-    from handoff.errors import TaskCancelled
+    from handoff.errors import ResultTimeout, TaskCancelled, TaskDead, TaskExpired
 
     try:
         client.result(task_id, 5, follow=True)

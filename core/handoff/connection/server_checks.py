@@ -9,13 +9,9 @@ import logging
 
 from handoff.config import Settings
 from handoff.connection.manager import RedisManager
-from handoff.errors import HandoffError, RedisCommandError
+from handoff.errors import RedisCommandError, UnsafeServer
 
 log = logging.getLogger(__name__)
-
-
-class UnsafeServer(HandoffError):
-    """The server is configured in a way that can silently lose tasks."""
 
 
 def check_eviction_policy(manager: RedisManager, settings: Settings) -> str | None:

@@ -21,7 +21,7 @@ from handoff.backoff import exponential_s
 from handoff.config import Settings
 from handoff.connection.cluster_calls import check_replicated, run_script_calls
 from handoff.connection.manager import RedisManager
-from handoff.errors import HandoffError, InvalidPayload
+from handoff.errors import HandoffError, InvalidPayload, TaskRejected
 from handoff.protocol import notices as notice
 from handoff.protocol import plan, scripts
 from handoff.protocol.keys import TASK_ID, Keys, check_claim_id
@@ -101,15 +101,6 @@ class Failure:
     traceback: str = ""
     dead_now: bool = False
     retry_delay_s: float = 1.0
-
-
-class TaskRejected(InvalidPayload):
-    """One task of a batch is invalid; nothing of the batch was written."""
-
-    def __init__(self, index: int, detail: str, where: str = "") -> None:
-        super().__init__(f"{where}: {detail}" if where else detail)
-        self.index = index  # its position in the batch
-        self.detail = detail  # what is wrong with it
 
 
 def _foreign_id(task_id: str, agent: str) -> str:

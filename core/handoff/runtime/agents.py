@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 
 from handoff.config.checks import check_range
-from handoff.errors import ConfigError, HandoffError, InvalidPayload
+from handoff.errors import AppLoadError, ConfigError, InvalidPayload
 from handoff.protocol.groups import check_group
 from handoff.protocol.keys import check_agent
 from handoff.protocol.limits import Rate, check_burst, parse_rate
@@ -231,10 +231,6 @@ def agent(
 
 def _qualname(fn: Callable[..., Any]) -> str:
     return f"{fn.__module__}.{fn.__qualname__}"
-
-
-class AppLoadError(HandoffError):
-    """The app module could not be imported: a boot error, not a crash to retry."""
 
 
 NO_APP = (

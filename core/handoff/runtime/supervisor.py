@@ -32,15 +32,15 @@ from handoff.config.autoscale_spec import Bounds
 from handoff.config.schedule_spec import ScheduleSpec
 from handoff.connection.manager import get_manager
 from handoff.connection.operations import apply_memory_settings
-from handoff.connection.server_checks import UnsafeServer, check_eviction_policy
+from handoff.connection.server_checks import check_eviction_policy
 from handoff.connection.startup import wait_for_server
-from handoff.errors import ConfigError, HandoffError
+from handoff.errors import AppLoadError, ConfigError, HandoffError, UnsafeServer
 from handoff.protocol.inspect import queue_stats
 from handoff.protocol.keys import Keys
 from handoff.protocol.queue import TaskQueue
 from handoff.protocol.task import now_ms
 from handoff.runtime import exits
-from handoff.runtime.agents import AgentSpec, AppLoadError, load_app
+from handoff.runtime.agents import AgentSpec, load_app
 from handoff.runtime.autoscale import AgentScaler, Observation
 from handoff.runtime.control import (
     Autoscaled,

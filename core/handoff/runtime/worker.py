@@ -31,9 +31,9 @@ from handoff.backoff import Backoff
 from handoff.config import Settings
 from handoff.connection.manager import get_manager
 from handoff.connection.outage import OutageLog
-from handoff.connection.server_checks import UnsafeServer, check_eviction_policy
+from handoff.connection.server_checks import check_eviction_policy
 from handoff.connection.startup import wait_for_server
-from handoff.errors import HandoffError, InvalidPayload, ServerOutOfMemory
+from handoff.errors import HandoffError, InvalidPayload, ServerOutOfMemory, UnsafeServer
 from handoff.protocol import streams
 from handoff.protocol.keys import Keys
 from handoff.protocol.queue import ClaimRequest, ClaimResult, Completion, Failure, TaskQueue
