@@ -343,15 +343,7 @@ class Task:
         parent_id = get("parent_id")
         trace = get("trace")
         key = get("key")
-        run = get("run")
-        if run is not None:
-            scope, branch, join = get("scope"), get("branch", 0), get("join")
-            if type(run) is not str or type(scope) is not str or type(branch) is not int:
-                raise ValueError(_wrong_types(record))
-        else:
-            scope, branch, join = None, 0, get("join")
-        if join is not None and type(join) is not dict:
-            raise ValueError(_wrong_types(record))
+        run, scope, branch, join = _run_fields(record)
         expires_at, run_deadline_at = get("expires_at"), get("run_deadline_at")
         traceparent, group = get("tp"), get("group")
         if (
@@ -388,3 +380,18 @@ class Task:
     @property
     def hops(self) -> int:
         return len(self.trace)
+
+
+def _run_fields(record: dict) -> tuple[str | None, str | None, int, dict | None]:
+    """A stored task's place in its run: (run, scope, branch, join), type-checked."""
+    get = record.get
+    run = get("run")
+    if run is not None:
+        scope, branch, join = get("scope"), get("branch", 0), get("join")
+        if type(run) is not str or type(scope) is not str or type(branch) is not int:
+            raise ValueError(_wrong_types(record))
+    else:
+        scope, branch, join = None, 0, get("join")
+    if join is not None and type(join) is not dict:
+        raise ValueError(_wrong_types(record))
+    return run, scope, branch, join

@@ -169,17 +169,9 @@ def agent(
     cost_limit="200000/min" bounds the cost units handlers count with task.charge(units)
     (the tokens a model call used, say): a spent window starts nothing until it refills."""
     check_agent(name)
-    try:
-        parsed_rate = parse_rate(rate, f"agent {name!r}: rate") if rate is not None else None
-        check_burst(burst)
-        parsed_group_rate = None
-        if group_rate is not None:
-            parsed_group_rate = parse_rate(group_rate, f"agent {name!r}: group_rate")
-        parsed_cost = None
-        if cost_limit is not None:
-            parsed_cost = parse_rate(cost_limit, f"agent {name!r}: cost_limit")
-    except InvalidPayload as e:
-        raise ConfigError(str(e)) from None
+    parsed_rate, parsed_group_rate, parsed_cost = _parse_limits(
+        name, rate, burst, group_rate, cost_limit
+    )
     _check_range(name, "group_concurrency", group_concurrency, 0, 1_000_000)
     _check_range(name, "max_concurrent", max_concurrent, 1, 10_000)
     if global_limit is not None:
@@ -190,6 +182,42 @@ def agent(
     if lease_s is not None:
         _check_range(name, "lease_s", lease_s, 0.1, 86_400)
     _check_range(name, "retry_delay_s", retry_delay_s, 0, 3600)
+    payload_type, result_type = _declared_types(name, payload, result)
+
+    def register(handler: Callable[..., Any]) -> Callable[..., Any]:
+        spec = AgentSpec(
+            name, handler, max_concurrent, global_limit, timeout_s, max_attempts, lease_s,
+            retry_delay_s, payload_type, result_type, parsed_rate, burst, parsed_group_rate,
+            group_concurrency, parsed_cost,
+        )  # fmt: skip
+        _register(spec)
+        handler.agent_spec = spec  # type: ignore[attr-defined]
+        return handler
+
+    return register
+
+
+def _parse_limits(
+    name: str, rate: str | None, burst: int, group_rate: str | None, cost_limit: str | None
+) -> tuple[Rate | None, Rate | None, Rate | None]:
+    """The declared rates, parsed; ConfigError (one line, naming the agent) otherwise."""
+    try:
+        check_burst(burst)
+        return tuple(  # type: ignore[return-value]
+            parse_rate(text, f"agent {name!r}: {what}") if text is not None else None
+            for what, text in (
+                ("rate", rate),
+                ("group_rate", group_rate),
+                ("cost_limit", cost_limit),
+            )
+        )
+    except InvalidPayload as e:
+        raise ConfigError(str(e)) from None
+
+
+def _declared_types(
+    name: str, payload: Any, result: Any
+) -> tuple[types.TypedValue | None, types.TypedValue | None]:
     if result is not None and types.mentions(result, (Handoff,)):
         raise ConfigError(
             f"agent {name!r}: result= declares the data an agent returns; an agent that "
@@ -197,36 +225,18 @@ def agent(
         )
     payload_type = types.TypedValue(name, "payload", payload) if payload is not None else None
     result_type = types.TypedValue(name, "result", result) if result is not None else None
+    return payload_type, result_type
 
-    def register(handler: Callable[..., Any]) -> Callable[..., Any]:
-        spec = AgentSpec(
-            name,
-            handler,
-            max_concurrent,
-            global_limit,
-            timeout_s,
-            max_attempts,
-            lease_s,
-            retry_delay_s,
-            payload_type,
-            result_type,
-            parsed_rate,
-            burst,
-            parsed_group_rate,
-            group_concurrency,
-            parsed_cost,
+
+def _register(spec: AgentSpec) -> None:
+    """One definition per agent name (a module imported twice registers the same one)."""
+    existing = _REGISTRY.get(spec.name)
+    if existing is not None and _qualname(existing.handler) != _qualname(spec.handler):
+        raise ConfigError(
+            f"agent {spec.name!r} is defined twice: {_qualname(existing.handler)} "
+            f"and {_qualname(spec.handler)}"
         )
-        existing = _REGISTRY.get(name)
-        if existing is not None and _qualname(existing.handler) != _qualname(handler):
-            raise ConfigError(
-                f"agent {name!r} is defined twice: {_qualname(existing.handler)} "
-                f"and {_qualname(handler)}"
-            )
-        _REGISTRY[name] = spec
-        handler.agent_spec = spec  # type: ignore[attr-defined]
-        return handler
-
-    return register
+    _REGISTRY[spec.name] = spec
 
 
 def _qualname(fn: Callable[..., Any]) -> str:
