@@ -29,6 +29,7 @@ HOSTILE = [
     b"not json",
     b'"scale"',
     b"x" * 70_000,
+    b'{"op":"scale","agents":{"elsewhere":9}}',  # no agent type supervised here
 ]
 
 
@@ -42,7 +43,8 @@ def test_parse_control_refuses_each_malformed_message_in_one_line(raw):
 def test_parse_control_keeps_only_the_agent_types_supervised_here():
     request = parse_control(b'{"op":"scale","agents":{"probe":3,"other":2}}', {"probe"}, 100)
     assert request.counts == {"probe": 3}
-    assert parse_control(b'{"op":"scale","agents":{"other":2}}', {"probe"}, 100).counts == {}
+    with pytest.raises(BadControlMessage, match="names no agent type supervised here"):
+        parse_control(b'{"op":"scale","agents":{"other":2}}', {"probe"}, 100)
 
 
 def test_malformed_control_messages_are_dropped_and_the_supervisor_keeps_going(start, raw_redis):

@@ -53,7 +53,8 @@ def parse_control(raw: bytes, supervised: Collection[str], max_count: int) -> Sc
     """The scale request in `raw`, or BadControlMessage naming what is wrong.
 
     Agent types this supervisor does not run are left out (`handoff scale` sends every
-    request to every supervisor), so a request may come back empty."""
+    request to every supervisor); a request naming none that it runs is refused like any
+    other it cannot act on, so it is said in one line rather than dropped unseen."""
     if len(raw) > MAX_MESSAGE_BYTES:
         raise BadControlMessage(f"{len(raw)} bytes, over {MAX_MESSAGE_BYTES}")
     try:
@@ -80,6 +81,12 @@ def parse_control(raw: bytes, supervised: Collection[str], max_count: int) -> Sc
                 f"between 0 and {max_count} (max_processes_per_agent)"
             )
         counts[name] = count
+    if not counts:
+        here = ", ".join(sorted(supervised)) or "none"
+        raise BadControlMessage(
+            f"names no agent type supervised here ({_short(list(agents)[:5])}; here: "
+            f"{_short(here)})"
+        )
     return ScaleRequest(counts)
 
 
