@@ -1,5 +1,6 @@
-"""What reaches a supervisor's main loop: a signal, or a scale request read from its
-control list in Redis. One small type each, matched by type.
+"""What reaches a supervisor's main loop: a signal, a scale request read from its control
+list in Redis, the autoscaler's new count, or a side thread's failure. One small type
+each, matched by type.
 
 A control message is data from outside the process (anyone with write access to
 `<prefix>:control:<supervisor>`), so it is parsed and checked here, in the Redis thread,
@@ -43,6 +44,13 @@ class Autoscaled:
     agent: str
     count: int
     reason: str
+
+
+@dataclass(slots=True, frozen=True)
+class ThreadFailed:
+    """One of the supervisor's side threads met a bug (not Redis, not bad data) and ended."""
+
+    name: str
 
 
 class BadControlMessage(ValueError):

@@ -46,6 +46,7 @@ from handoff.runtime.control import (
     BadControlMessage,
     ScaleRequest,
     Signalled,
+    ThreadFailed,
     parse_control,
 )
 from handoff.runtime.schedules import Scheduler, declared_schedules
@@ -152,7 +153,7 @@ class Supervisor:
         except HandoffError as e:
             log.warning("supervisor: could not check the server: %s", e)
         self._redis_tick()
-        threading.Thread(target=self._redis_loop, name="supervisor-redis", daemon=True).start()
+        self._start_thread("supervisor-redis", self._redis_loop)
         if self.schedules:
             self._start_schedules()
         log.info(
@@ -178,6 +179,21 @@ class Supervisor:
                 pass  # it expires on its own
         log.info("supervisor %s stopped (%s)", self.supervisor_id, exits.NAMES[self.exit_code])
         return self.exit_code
+
+    def _start_thread(self, name: str, target: Callable[[], None]) -> None:
+        """A side thread handles Redis errors and bad data itself: anything else escaping
+        it is a bug, and a supervisor without its Redis thread would look alive while it
+        reaped, scaled and heartbeat no more. It says so and the supervisor stops as a
+        crash (exit 1), so honcho or systemd restarts it, as a worker does (worker.py)."""
+
+        def run() -> None:
+            try:
+                target()
+            except BaseException:
+                log.exception("supervisor: the %s thread failed; stopping as a crash", name)
+                self.signals.put(ThreadFailed(name))
+
+        threading.Thread(target=run, name=name, daemon=True).start()
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self.signals.put_nowait(Signalled(signum))
@@ -206,6 +222,9 @@ class Supervisor:
                         "supervisor: autoscale %s %d -> %d: %s", agent, state.target, count, reason
                     )
                     state.target = count
+                case ThreadFailed():
+                    self.exit_code = exits.EXIT_CRASH
+                    self.handle_sigterm()
                 case Signalled(signum=signum):
                     name = signal.Signals(signum).name.lower()
                     handler = getattr(self, f"handle_{name}", None)
@@ -439,10 +458,7 @@ class Supervisor:
             log.error("supervisor: schedules: Redis: %s", e)
         self._scheduler = scheduler
         log.info("supervisor: running schedules %s", ", ".join(scheduler.names))
-        threading.Thread(
-            target=scheduler.run, args=(self._redis_stop,), name="supervisor-schedules",
-            daemon=True,
-        ).start()  # fmt: skip
+        self._start_thread("supervisor-schedules", lambda: scheduler.run(self._redis_stop))
 
     def _redis_loop(self) -> None:
         """Reap expired leases, read control messages, heartbeat. Never blocks the loop."""
