@@ -23,7 +23,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
 import psutil
 
 from handoff.backoff import exponential_s
@@ -34,13 +33,12 @@ from handoff.connection.manager import get_manager
 from handoff.connection.operations import apply_memory_settings
 from handoff.connection.server_checks import UnsafeServer, check_eviction_policy
 from handoff.errors import ConfigError, HandoffError
-from handoff.protocol.inspect import queue_stats
 from handoff.protocol.keys import Keys
 from handoff.protocol.queue import TaskQueue
 from handoff.protocol.task import now_ms
 from handoff.runtime import exits
 from handoff.runtime.agents import AgentSpec, AppLoadError, load_app
-from handoff.runtime.autoscale import AgentScaler, Observation
+from handoff.runtime.autoscaler import Autoscaler
 from handoff.runtime.control import (
     Autoscaled,
     BadControlMessage,
@@ -96,15 +94,10 @@ class Supervisor:
         self.settings = settings
         self.reload_settings = reload_settings
         self.states = {name: AgentState(count) for name, count in agents.items()}
-        self.scalers = {
-            name: AgentScaler(
-                bounds, settings.autoscale_target_wait_s, settings.autoscale_cooldown_s
-            )
-            for name, bounds in (autoscale or {}).items()
-        }
-        for name, bounds in (autoscale or {}).items():
+        self._autoscale = dict(autoscale or {})
+        for name, bounds in self._autoscale.items():
             self.states[name] = AgentState(bounds.min)
-        self._capped = False  # the host cap is in the way (said once per time it starts)
+        self.autoscaler: Autoscaler | None = None  # made with the Redis side (_redis_setup)
         self._live_pids: dict[str, list[int]] = {}
         self.children: dict[int, Child] = {}
         self.generation = 0
@@ -172,11 +165,10 @@ class Supervisor:
                 self._manage()
             self._wait()
         self._redis_stop.set()
-        for agent in self.scalers:  # stopped: this supervisor's part no longer counts
-            try:
-                self._sweep_parts(agent, [self.supervisor_id])
-            except HandoffError:
-                pass  # it expires on its own
+        try:
+            self.autoscaler.leave()
+        except HandoffError:
+            pass  # its parts expire on their own
         log.info("supervisor %s stopped (%s)", self.supervisor_id, exits.NAMES[self.exit_code])
         return self.exit_code
 
@@ -290,13 +282,7 @@ class Supervisor:
 
     def _pin(self, agent: str, count: int | None) -> None:
         """`handoff scale`: a count pins an autoscaled agent type; None resumes autoscaling."""
-        scaler = self.scalers.get(agent)
-        if scaler is not None:
-            scaler.pinned = count
-            log.info(
-                "supervisor: autoscale %s %s", agent,
-                "resumed" if count is None else f"pinned at {count} (scale {agent}=auto resumes)",
-            )  # fmt: skip
+        self.autoscaler.pin(agent, count)
         if count is not None:
             self._scale(agent, count)
 
@@ -446,6 +432,9 @@ class Supervisor:
         self._manager = get_manager(self.settings.redis)
         self._task_queue = TaskQueue(self._manager, self.settings)
         self._control_key = self._keys.control(self.supervisor_id)
+        self.autoscaler = Autoscaler(
+            self.settings, self._task_queue, self.supervisor_id, self._autoscale
+        )
         self._last_redis_error = 0.0
 
     def _start_schedules(self) -> None:
@@ -471,8 +460,11 @@ class Supervisor:
             moved = sum(r for r, _ in reaped.values())
             if moved:
                 log.info("supervisor: requeued %d task(s) with expired leases", moved)
-            if self.scalers:
-                self._autoscale_tick()
+            if self.autoscaler:
+                targets = {name: state.target for name, state in self.states.items()}
+                slots = {name: self.specs[name].max_concurrent for name in self._autoscale}
+                for event in self.autoscaler.tick(targets, self._live_pids, slots):
+                    self.signals.put(event)
             messages = self._manager.execute(self._heartbeat_and_poll)
             for raw in messages:
                 try:
@@ -489,98 +481,6 @@ class Supervisor:
                 # process at once) is expected: said, not as an error.
                 say = log.info if self.stopping else log.error
                 say("supervisor: Redis: %s", e)
-
-    def _autoscale_tick(self) -> None:
-        """Observe each autoscaled agent type and send the main loop any new count."""
-        total_here = sum(s.target for s in self.states.values())
-        for name, (obs, total, share) in self._autoscale_observations().items():
-            mine = self.states[name].target
-            slots = self.specs[name].max_concurrent
-            decision = self.scalers[name].decide(obs, mine, total, slots, share)
-            if decision is None:
-                continue
-            count = decision.count
-            if count > mine:
-                room = self._host_room(total_here)
-                if room <= 0:
-                    continue
-                count = min(count, mine + room)
-            total_here += count - mine
-            self.signals.put(Autoscaled(name, count, decision.reason))
-
-    def _autoscale_observations(self) -> dict[str, tuple[Observation, int, float]]:
-        """Per autoscaled agent type: what the queue and this supervisor's workers say,
-        all live supervisors' processes together, and this one's share. One round trip
-        beside the queue figures: publish this supervisor's part (and sweep expired
-        parts), read the peers', read the task time its workers report."""
-        names = list(self.scalers)
-        stats = queue_stats(self._task_queue, names)
-        now = now_ms()
-        until = now + int(max(3.0, 5 * self.settings.reaper_interval_s) * 1000)
-        live_pids = self._live_pids  # the main thread swaps it whole
-        host = socket.gethostname()
-
-        def publish_and_read(client) -> list:
-            pipe = client.pipeline(transaction=False)
-            for name in names:
-                bounds = self.scalers[name].bounds
-                part = {"min": bounds.min, "max": bounds.max, "current": self.states[name].target,
-                        "until": until, "capped": self._capped}  # fmt: skip
-                key = self._keys.agent(name).autoscalers
-                pipe.hset(key, self.supervisor_id, orjson.dumps(part))
-                pipe.hgetall(key)
-            pipe.sadd(self._keys.agents, *names)  # shown by the monitor before any task
-            for name in names:
-                for pid in live_pids.get(name, ()):
-                    pipe.hget(self._keys.worker(f"{name}-{host}-{pid}"), "latency_p50_ms")
-            return pipe.execute()
-
-        replies = self._manager.execute(publish_and_read)
-        latencies = iter(replies[2 * len(names) + 1 :])
-        out = {}
-        for index, name in enumerate(names):
-            parts = {k.decode(): orjson.loads(v) for k, v in replies[2 * index + 1].items()}
-            live = [p for p in parts.values() if p["until"] >= now]
-            self._sweep_parts(name, [sid for sid, p in parts.items() if p["until"] < now])
-            total = sum(p["current"] for p in live)
-            share = self.scalers[name].bounds.max / max(1, sum(p["max"] for p in live))
-            measured = sorted(
-                ms for ms in (float(next(latencies) or 0) for _ in live_pids.get(name, ())) if ms
-            )
-            task_s = measured[len(measured) // 2] / 1000 if measured else 0.0
-            s = stats[name]
-            obs = Observation(time.monotonic(), s["queued"], s["oldest_queued_age_s"], s["done"],
-                              task_s)  # fmt: skip
-            self.scalers[name].observe(obs)
-            out[name] = (obs, total, share)
-        return out
-
-    def _sweep_parts(self, agent: str, expired: list[str]) -> None:
-        """Forget the parts of supervisors that stopped refreshing them (dead or gone)."""
-        if expired:
-            key = self._keys.agent(agent).autoscalers
-            self._manager.execute(lambda c: c.hdel(key, *expired))
-
-    def _host_room(self, processes: int) -> int:
-        """How many more processes this host takes (max_processes, min_free_memory_mb);
-        says once when a cap starts to be in the way, and once when it no longer is."""
-        free_mb = psutil.virtual_memory().available / 2**20
-        room = self.settings.max_processes - processes
-        if free_mb < self.settings.min_free_memory_mb:
-            room = 0
-        capped = room <= 0
-        if capped != self._capped:
-            self._capped = capped
-            if capped:
-                log.warning(
-                    "supervisor: host cap reached (%d of max_processes %d, %.0f MB free of "
-                    "min_free_memory_mb %g): not adding processes",
-                    processes, self.settings.max_processes, free_mb,
-                    self.settings.min_free_memory_mb,
-                )  # fmt: skip
-            else:
-                log.info("supervisor: below the host cap again")
-        return room
 
     def _heartbeat_and_poll(self, client) -> list[bytes]:
         pipe = client.pipeline(transaction=False)
