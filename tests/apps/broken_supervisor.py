@@ -4,11 +4,11 @@ it alive without the thread. The probe agent is the one of apps.probe."""
 
 from __future__ import annotations
 
-from handoff.runtime import supervisor as _supervisor
+from handoff.runtime import upkeep as _upkeep
 
 from apps.probe import client, probe  # noqa: F401 - the agent this app serves
 
-_poll = _supervisor.Supervisor._heartbeat_and_poll
+_poll = _upkeep.Upkeep._heartbeat_and_poll
 
 
 def _poll_with_a_bug(self, redis_client) -> list[bytes]:
@@ -17,4 +17,4 @@ def _poll_with_a_bug(self, redis_client) -> list[bytes]:
     return _poll(self, redis_client)
 
 
-_supervisor.Supervisor._heartbeat_and_poll = _poll_with_a_bug
+_upkeep.Upkeep._heartbeat_and_poll = _poll_with_a_bug

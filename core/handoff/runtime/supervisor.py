@@ -2,12 +2,13 @@
 
 Runs in: `handoff supervise`. The prefork pattern of gunicorn's arbiter: signal handlers
 only record the signal; one main loop reaps children (exit statuses decide policy),
-spawns what is missing (with crash backoff), stops extras, rolls workers on SIGHUP and
-kills the ones that overstay a stop. Redis work (the lease reaper, `handoff scale`
-control messages, the supervisor's heartbeat) runs in one side thread, so the main loop
-never blocks on the network; schedules fire from a second one (schedules.py), which
-sleeps until the next tick is due rather than for the reaper's interval. Children build
-their own pool after fork.
+spawns what is missing (with crash backoff), stops extras, rolls workers on SIGHUP, kills
+the ones that overstay a stop, and replaces the ones whose pulse stopped (liveness.py).
+Redis work (upkeep.py: the lease reaper, the autoscaler, `handoff scale` control messages,
+the supervisor's heartbeat) runs in one side thread, so the main loop never blocks on the
+network; schedules fire from a second one (schedules.py), which sleeps until the next tick
+is due rather than for the reaper's interval. A side thread that fails on a bug stops the
+supervisor as a crash. Children build their own pool after fork.
 """
 
 from __future__ import annotations
@@ -23,31 +24,25 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import psutil
-
 from handoff.backoff import exponential_s
 from handoff.config import Settings
 from handoff.config.autoscale import Bounds
 from handoff.config.schedules import ScheduleSpec
-from handoff.connection.manager import get_manager
 from handoff.connection.operations import apply_memory_settings
 from handoff.connection.server_checks import UnsafeServer, check_eviction_policy
 from handoff.errors import ConfigError, HandoffError
-from handoff.protocol.keys import Keys
 from handoff.protocol.queue import TaskQueue
-from handoff.protocol.task import now_ms
-from handoff.runtime import exits
+from handoff.runtime import exits, liveness
 from handoff.runtime.agents import AgentSpec, AppLoadError, load_app
-from handoff.runtime.autoscaler import Autoscaler
 from handoff.runtime.control import (
     Autoscaled,
-    BadControlMessage,
     ScaleRequest,
     Signalled,
     ThreadFailed,
-    parse_control,
 )
+from handoff.runtime.liveness import Child, Pulse
 from handoff.runtime.schedules import Scheduler, declared_schedules
+from handoff.runtime.upkeep import Upkeep
 from handoff.runtime.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -64,15 +59,6 @@ HANDLED = (
     signal.SIGTTOU,
     signal.SIGCHLD,
 )
-
-
-@dataclass
-class Child:
-    pid: int
-    agent: str
-    generation: int
-    started: float
-    stop_sent_at: float | None = None
 
 
 @dataclass
@@ -97,7 +83,6 @@ class Supervisor:
         self._autoscale = dict(autoscale or {})
         for name, bounds in self._autoscale.items():
             self.states[name] = AgentState(bounds.min)
-        self.autoscaler: Autoscaler | None = None  # made with the Redis side (_redis_setup)
         self._live_pids: dict[str, list[int]] = {}
         self.children: dict[int, Child] = {}
         self.generation = 0
@@ -135,7 +120,8 @@ class Supervisor:
         # The first Redis tick runs here, in the main thread, so every lazy import is done
         # before the side thread exists: a fork while another thread holds a module's
         # import lock leaves the child waiting on that lock forever.
-        self._redis_setup()
+        self.upkeep = Upkeep(self.settings, self.supervisor_id, self._autoscale, self.signals)
+        self._manager = self.upkeep.manager
         try:
             check_eviction_policy(self._manager, self.settings)
             if self.settings.redis.memory_optimization:
@@ -166,7 +152,7 @@ class Supervisor:
             self._wait()
         self._redis_stop.set()
         try:
-            self.autoscaler.leave()
+            self.upkeep.autoscaler.leave()
         except HandoffError:
             pass  # its parts expire on their own
         log.info("supervisor %s stopped (%s)", self.supervisor_id, exits.NAMES[self.exit_code])
@@ -282,7 +268,7 @@ class Supervisor:
 
     def _pin(self, agent: str, count: int | None) -> None:
         """`handoff scale`: a count pins an autoscaled agent type; None resumes autoscaling."""
-        self.autoscaler.pin(agent, count)
+        self.upkeep.autoscaler.pin(agent, count)
         if count is not None:
             self._scale(agent, count)
 
@@ -310,7 +296,10 @@ class Supervisor:
     def _on_exit(self, child: Child, status: int) -> None:
         code = os.waitstatus_to_exitcode(status)
         described = exits.describe(status)
-        if child.stop_sent_at is not None or code in (exits.EXIT_OK, exits.EXIT_RECYCLE):
+        child.pulse.close()
+        # A child killed for not answering (stalled) counts as a crash: backoff below.
+        stopped = child.stop_sent_at is not None and not child.stalled
+        if stopped or (code in (exits.EXIT_OK, exits.EXIT_RECYCLE) and not child.stalled):
             log.info("worker %d (%s) exited: %s", child.pid, child.agent, described)
             return
         if code == exits.EXIT_BOOT_ERROR:
@@ -349,11 +338,12 @@ class Supervisor:
                 self._stop_child(old[0])  # roll one by one: a new one is up, retire an old one
             elif len(mine) > state.target:
                 self._stop_child(max(mine, key=lambda c: c.started))
-        self._check_rss()
+        self._check_children()
 
     def _spawn(self, agent: str) -> None:
         spec = self.specs[agent]
-        worker = Worker(spec, self.settings, parent_pid=self.pid)
+        pulse = Pulse()
+        worker = Worker(spec, self.settings, parent_pid=self.pid, pulse=pulse)
         # Signals wait while the child still has the supervisor's handlers: a stop sent
         # right after the fork (SIGTTOU, scale down) would otherwise land in a copy of the
         # supervisor's queue that nobody reads, and the worker would run on.
@@ -377,7 +367,7 @@ class Supervisor:
             finally:
                 logging.shutdown()
                 os._exit(code)
-        self.children[pid] = Child(pid, agent, self.generation, time.monotonic())
+        self.children[pid] = Child(pid, agent, self.generation, time.monotonic(), pulse)
         log.info("supervisor: spawned worker %d for %s", pid, agent)
 
     def _stop_child(self, child: Child, sig: int = signal.SIGTERM) -> None:
@@ -400,42 +390,29 @@ class Supervisor:
         """Children still alive past the grace period (plus a margin) are killed."""
         limit = self.settings.graceful_timeout_s + 0.5 if self.stopping == "graceful" else 2.0
         now = time.monotonic()
-        for child in self.children.values():
-            if child.stop_sent_at is not None and now - child.stop_sent_at > limit:
-                log.warning("worker %d (%s) overstayed the stop: SIGKILL", child.pid, child.agent)
-                try:
-                    os.kill(child.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                child.stop_sent_at = now + 3600  # once
+        for child in liveness.overstaying(self.children.values(), limit, now):
+            log.warning("worker %d (%s) overstayed the stop: SIGKILL", child.pid, child.agent)
+            self._stop_child(child, signal.SIGKILL)
+            child.stop_sent_at = now + 3600  # once
 
-    def _check_rss(self) -> None:
-        """Backstop for a worker too busy to notice its own max_rss_mb: SIGTERM it."""
-        limit = self.settings.max_rss_mb
-        if not limit:
-            return
-        for child in list(self.children.values()):
-            if child.stop_sent_at is not None:
-                continue
-            try:
-                rss_mb = psutil.Process(child.pid).memory_info().rss / (1024 * 1024)
-            except psutil.Error:
-                continue
-            if rss_mb > limit * 1.5:
-                log.warning("worker %d (%s) RSS %.0f MB: recycling", child.pid, child.agent, rss_mb)
-                self._stop_child(child)
+    def _check_children(self) -> None:
+        """A worker whose pulse stopped (wedged in C, deadlocked) is killed and replaced:
+        its tasks come back when their leases expire, as after any crash. One too busy to
+        notice its own max_rss_mb is recycled (SIGTERM)."""
+        for child, age in liveness.stalled(self.children.values(), self.settings.worker_stall_s):
+            log.warning(
+                "worker %d (%s) stalled: no heartbeat for %.1fs (worker_stall_s %g): SIGKILL, "
+                "replacing it", child.pid, child.agent, age, self.settings.worker_stall_s,
+            )  # fmt: skip
+            child.stalled = True
+            self._stop_child(child, signal.SIGKILL)
+        for child, rss_mb in liveness.over_rss(
+            self.children.values(), self.settings.max_rss_mb * 1.5
+        ):
+            log.warning("worker %d (%s) RSS %.0f MB: recycling", child.pid, child.agent, rss_mb)
+            self._stop_child(child)
 
     # -- the Redis side thread -------------------------------------------------------------
-
-    def _redis_setup(self) -> None:
-        self._keys = Keys(self.settings.key_prefix)
-        self._manager = get_manager(self.settings.redis)
-        self._task_queue = TaskQueue(self._manager, self.settings)
-        self._control_key = self._keys.control(self.supervisor_id)
-        self.autoscaler = Autoscaler(
-            self.settings, self._task_queue, self.supervisor_id, self._autoscale
-        )
-        self._last_redis_error = 0.0
 
     def _start_schedules(self) -> None:
         """The first step (catch-up) runs here, in the main thread, before any worker is
@@ -455,35 +432,6 @@ class Supervisor:
             self._redis_tick()
 
     def _redis_tick(self) -> None:
-        try:
-            reaped = self._task_queue.reap(list(self.states))
-            moved = sum(r for r, _ in reaped.values())
-            if moved:
-                log.info("supervisor: requeued %d task(s) with expired leases", moved)
-            if self.autoscaler:
-                targets = {name: state.target for name, state in self.states.items()}
-                slots = {name: self.specs[name].max_concurrent for name in self._autoscale}
-                for event in self.autoscaler.tick(targets, self._live_pids, slots):
-                    self.signals.put(event)
-            messages = self._manager.execute(self._heartbeat_and_poll)
-            for raw in messages:
-                try:
-                    request = parse_control(raw, self.states, self.settings.max_processes_per_agent)
-                except BadControlMessage as e:
-                    log.warning("supervisor: control message dropped: %s", e)
-                    continue
-                if request.counts:
-                    self.signals.put(request)
-        except HandoffError as e:
-            if time.monotonic() - self._last_redis_error > 5:
-                self._last_redis_error = time.monotonic()
-                # While stopping, a server that stops with us (honcho's Ctrl-C stops every
-                # process at once) is expected: said, not as an error.
-                say = log.info if self.stopping else log.error
-                say("supervisor: Redis: %s", e)
-
-    def _heartbeat_and_poll(self, client) -> list[bytes]:
-        pipe = client.pipeline(transaction=False)
-        pipe.zadd(self._keys.supervisors, {self.supervisor_id: now_ms()})
-        pipe.lpop(self._control_key, 100)  # takes each message once, no MULTI (one key each)
-        return pipe.execute()[1] or []
+        targets = {name: state.target for name, state in self.states.items()}
+        slots = {name: self.specs[name].max_concurrent for name in self._autoscale}
+        self.upkeep.tick(targets, self._live_pids, slots, lambda: bool(self.stopping))

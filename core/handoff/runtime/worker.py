@@ -39,6 +39,7 @@ from handoff.protocol.queue import ClaimRequest, ClaimResult, Completion, Failur
 from handoff.protocol.task import Task, now_ms
 from handoff.runtime import exits, tracing
 from handoff.runtime.agents import AgentSpec
+from handoff.runtime.liveness import Pulse
 from handoff.runtime.prefetch import PrefetchSizer
 from handoff.runtime.runner import Finished, Outcome, make_runner
 from handoff.runtime.settle import check_payload, settle
@@ -105,8 +106,10 @@ class Worker:
         *,
         worker_id: str | None = None,
         parent_pid: int | None = None,
+        pulse: Pulse | None = None,
     ) -> None:
         self.spec = spec
+        self.pulse = pulse  # shared with the supervisor, which replaces a silent worker
         self.settings = settings
         self.worker_id = worker_id
         self.parent_pid = parent_pid
@@ -173,6 +176,7 @@ class Worker:
             ("inbox", self._inbox_loop),
             ("lease-keeper", self._lease_loop),
             ("heartbeat", self._heartbeat_loop),
+            ("pulse", self._pulse_loop),
         ):
             threading.Thread(target=self._guarded(name, target), name=name, daemon=True).start()
 
@@ -795,6 +799,13 @@ class Worker:
                 )  # fmt: skip
         self.runner.skip.update((t.id, t.token) for t in tasks)
         self.events.put(LeasesLost(tasks))
+
+    def _pulse_loop(self) -> None:
+        """The supervisor's sign that this interpreter still runs (liveness.py): a thread
+        of its own, so a slow Redis never delays it, and one that needs the GIL."""
+        while self.pulse is not None:
+            self.pulse.beat()
+            time.sleep(self.settings.heartbeat_interval_s)
 
     def _heartbeat_loop(self) -> None:
         interval = self.settings.heartbeat_interval_s
