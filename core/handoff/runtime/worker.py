@@ -42,7 +42,7 @@ from handoff.runtime.agents import AgentSpec
 from handoff.runtime.liveness import Pulse
 from handoff.runtime.prefetch import PrefetchSizer
 from handoff.runtime.runner import Finished, Outcome, make_runner
-from handoff.runtime.settle import check_payload, settle
+from handoff.runtime.settle import check_payload, handoffs_refused, settle
 from handoff.runtime.worker_stats import WorkerStats
 
 log = logging.getLogger(__name__)
@@ -152,6 +152,9 @@ class Worker:
         self.heartbeat_outage = OutageLog(
             log, f"worker {self.worker_id} heartbeat", stopping=self._stopping
         )
+        # At the memory limit a batch's children are refused while acks go through: said
+        # on its own, once per interval, until children are stored again.
+        self.handoff_outage = OutageLog(log, f"worker {self.worker_id} handoffs")
         self.backoff = Backoff(0.05, MAX_BACKOFF_S)
         self.last_claim = ClaimResult()  # swapped whole by whichever thread claims
         self._backoff_until = 0.0
@@ -507,6 +510,7 @@ class Worker:
             try:
                 if children:
                     self.queue.enqueue(children)
+                    self.handoff_outage.recovered()
                     self._unsent[0] = (completions, failures, [])
                 if completions:
                     self.stats.stale += len(self.queue.ack(completions))
@@ -514,6 +518,11 @@ class Worker:
                 if failures:
                     self.stats.stale += len(self.queue.nack(failures))
             except HandoffError as e:
+                if children and isinstance(e, ServerOutOfMemory):  # their parents retry later
+                    self.handoff_outage.failed(f"hand off {len(children)} task(s)", e)
+                    refused = handoffs_refused(completions, failures, children, str(e), self.spec)
+                    self._unsent[0] = refused
+                    continue
                 if not self._still_held(completions, failures):
                     # Every lease of the batch was lost (re-claimed elsewhere): its acks
                     # would change nothing, so a batch Redis keeps refusing never blocks
