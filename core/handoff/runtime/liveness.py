@@ -23,6 +23,11 @@ import psutil
 _STAMP = struct.Struct("d")  # time.monotonic(): one clock for every process of the host
 
 
+def beat_every_s(stall_s: float) -> float:
+    """How often a worker beats: 4 times within the stall bound, at least once a second."""
+    return min(1.0, stall_s / 4) if stall_s else 1.0
+
+
 class Pulse:
     """One worker's last sign of life, shared with its supervisor."""
 

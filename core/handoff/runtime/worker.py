@@ -39,7 +39,7 @@ from handoff.protocol.queue import ClaimRequest, ClaimResult, Completion, Failur
 from handoff.protocol.task import Task, now_ms
 from handoff.runtime import exits, tracing
 from handoff.runtime.agents import AgentSpec
-from handoff.runtime.liveness import Pulse
+from handoff.runtime.liveness import Pulse, beat_every_s
 from handoff.runtime.prefetch import PrefetchSizer
 from handoff.runtime.runner import Finished, Outcome, make_runner
 from handoff.runtime.settle import check_payload, handoffs_refused, settle
@@ -812,9 +812,10 @@ class Worker:
     def _pulse_loop(self) -> None:
         """The supervisor's sign that this interpreter still runs (liveness.py): a thread
         of its own, so a slow Redis never delays it, and one that needs the GIL."""
+        every_s = beat_every_s(self.settings.worker_stall_s)
         while self.pulse is not None:
             self.pulse.beat()
-            time.sleep(self.settings.heartbeat_interval_s)
+            time.sleep(every_s)
 
     def _heartbeat_loop(self) -> None:
         interval = self.settings.heartbeat_interval_s
