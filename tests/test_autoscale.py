@@ -138,6 +138,19 @@ def test_min_zero_holds_no_process_until_a_task_arrives(start, client, record_pr
     assert parts() == 0  # a stopped supervisor's part is gone at once
 
 
+def test_a_malformed_peer_part_is_dropped_once_and_autoscaling_goes_on(start, client, raw_redis):
+    """A peer's part is data anyone could write: garbage there raised in the Redis thread
+    and ended it (no more scaling, reaping or heartbeat). Now it is said and deleted."""
+    sup = start(["supervise", "--autoscale", "busy=0:2"], **LEAN)
+    wait_until(lambda: "started" in sup.output(), 15, "the supervisor")
+    key = "handoff:{busy}:autoscalers"
+    raw_redis.hset(key, mapping={"x": b"not json", "y": b'{"max":1}', "z": b"[1]"})
+    wait_until(lambda: raw_redis.hlen(key) == 1, 15, "the malformed parts to be dropped")
+    tid = client.enqueue("busy", {"sleep_s": 0})
+    wait_until(lambda: client.status(tid) == "done", 15, "a task done by an added process")
+    assert sup.output().count("malformed part") == 3 and "Traceback" not in sup.output()
+
+
 def test_two_supervisors_share_a_burst_and_one_takes_over_when_the_other_dies(
     start, client, raw_redis
 ):

@@ -277,3 +277,28 @@ def test_workers_are_named_for_their_agent_and_number_in_ps(start):
         20,
         "a replacement named #1",
     )
+
+
+def test_a_worker_wedged_holding_the_gil_is_killed_and_replaced(start, client, record_property):
+    """A worker whose interpreter stops (here a C call that keeps the GIL for 60 s) kept
+    its process and slots forever: the supervisor never looked at its workers' heartbeats.
+    Past worker_stall_s it is SIGKILLed and replaced, and its task comes back by its lease."""
+    tid = client.enqueue("gilhog", {"hold_s": 60, "then_s": 0})
+    sup = start(["supervise", "--agents", "gilhog=1"], worker_stall_s=1.5)
+    (wedged,) = wait_until(lambda: sup.live_children(), 15, "a worker")
+    wait_until(lambda: client.status(tid) == "running", 15, "the task to start")
+    began = time.monotonic()
+    said = wait_until(
+        lambda: [ln for ln in sup.output().splitlines() if " stalled: no heartbeat for " in ln],
+        15,
+        "the supervisor to name the stalled worker",
+    )
+    record_property("stall_detected_s", round(time.monotonic() - began, 2))
+    assert len(said) == 1 and f"worker {wedged.pid} (gilhog) stalled" in said[0], said
+    age = float(said[0].split("no heartbeat for ")[1].split("s")[0])
+    assert 1.5 < age < 5, said[0]
+    wait_until(lambda: not wedged.is_running() or wedged.status() == "zombie", 10, "the kill")
+    assert client.result(tid, wait_s=20)["by"] != wedged.pid  # its successor ran it again
+    record_property("task_done_after_s", round(time.monotonic() - began, 2))
+    assert [p.pid for p in sup.live_children()] != [wedged.pid]
+    assert "crashed: killed by SIGKILL" in sup.output()  # counted as a crash (backoff)

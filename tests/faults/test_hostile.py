@@ -1,4 +1,5 @@
-"""Hostile input from inside Redis: control messages a supervisor did not expect.
+"""Hostile input from inside Redis: control messages and outbox notices a supervisor did
+not expect.
 
 A real supervisor and its workers; the messages are pushed with plain RPUSH, as anyone
 with write access to the control list could.
@@ -29,6 +30,7 @@ HOSTILE = [
     b"not json",
     b'"scale"',
     b"x" * 70_000,
+    b'{"op":"scale","agents":{"elsewhere":9}}',  # no agent type supervised here
 ]
 
 
@@ -42,7 +44,8 @@ def test_parse_control_refuses_each_malformed_message_in_one_line(raw):
 def test_parse_control_keeps_only_the_agent_types_supervised_here():
     request = parse_control(b'{"op":"scale","agents":{"probe":3,"other":2}}', {"probe"}, 100)
     assert request.counts == {"probe": 3}
-    assert parse_control(b'{"op":"scale","agents":{"other":2}}', {"probe"}, 100).counts == {}
+    with pytest.raises(BadControlMessage, match="names no agent type supervised here"):
+        parse_control(b'{"op":"scale","agents":{"other":2}}', {"probe"}, 100)
 
 
 def test_malformed_control_messages_are_dropped_and_the_supervisor_keeps_going(start, raw_redis):
@@ -65,6 +68,37 @@ def test_malformed_control_messages_are_dropped_and_the_supervisor_keeps_going(s
     raw_redis.rpush(control, b'{"op":"scale","agents":{"probe":2,"elsewhere":9}}')
     wait_until(lambda: len(sup.live_children()) == 2, 15, "two workers after a valid request")
     assert sup.output().count("control message dropped") == len(HOSTILE) + 1
+
+
+def test_a_malformed_outbox_notice_is_dropped_once_and_the_supervisor_keeps_going(start, raw_redis):
+    """Defect 4: one garbage outbox field raised IndexError in the reaper, and the
+    supervisor's Redis thread died with it (no heartbeat, scale ignored, no reaping)."""
+    sup = start(["supervise", "--agents", "probe=1"], max_processes_per_agent=3)
+    wait_until(lambda: raw_redis.zcard("handoff:supervisors") == 1, 15, "the supervisor")
+    (sid,) = [s.decode() for s in raw_redis.zrange("handoff:supervisors", 0, -1)]
+    outbox = "handoff:{probe}:outbox"
+    raw_redis.hset(outbox, mapping={"junk": b"1\x1fjunk", "short": b"1\x1fE\x1fprobe.x"})
+    raw_redis.hset(outbox, b"\xff", b"1\x1fD\x1fprobe.j")  # a field name not UTF-8
+    wait_until(lambda: raw_redis.hlen(outbox) == 0, 15, "the malformed notices to be dropped")
+    beat = raw_redis.zscore("handoff:supervisors", sid)
+    wait_until(lambda: raw_redis.zscore("handoff:supervisors", sid) > beat + 1000, 15, "beats")
+    assert sup.output().count("malformed run notice dropped") == 3  # once each, not per tick
+    raw_redis.rpush(f"handoff:control:{sid}", b'{"op":"scale","agents":{"probe":2}}')
+    wait_until(lambda: len(sup.live_children()) == 2, 15, "two workers after a scale request")
+    assert sup.proc.poll() is None and "Traceback" not in sup.output()
+
+
+def test_a_supervisor_thread_that_fails_stops_the_supervisor_as_a_crash(start, raw_redis):
+    """A bug (not Redis, not data) in a side thread: the supervisor says so, stops its
+    workers and exits 1, so honcho or systemd restarts it; it does not run on headless."""
+    sup = start(["supervise", "--agents", "probe=1"], app="apps.broken_supervisor")
+    wait_until(lambda: len(sup.live_children()) == 1, 15, "one worker")
+    raw_redis.set("break-supervisor", 1)
+    assert sup.wait(20) == 1
+    out = sup.output()
+    assert "the supervisor-redis thread failed; stopping as a crash" in out
+    assert "RuntimeError: a bug in the supervisor's Redis thread" in out  # with its traceback
+    assert sup.live_children() == []
 
 
 # -- return values a handler should not get away with (defect 7) --------------------------

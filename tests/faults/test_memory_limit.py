@@ -84,3 +84,52 @@ def test_a_full_server_drains_and_takes_enqueues_again(
         monitor.queue.manager.close()
         client.close()
         server.stop()
+
+
+def test_at_the_limit_a_handoff_that_cannot_be_stored_is_retried_not_held(
+    tmp_path, redis_url, record_property
+):
+    """Defect 3: a task returning Handoff(...) at the memory limit held its lease forever
+    (its child's enqueue refused before its ack, the batch kept and its leases renewed):
+    0 done, the worker's slots full. Now the parent is retried later with backoff (its
+    lease freed, counted, one log line per interval), and runs again once there is room."""
+    server = spawn_server(
+        unix_socket=str(tmp_path / "full.sock"),
+        data_dir=str(tmp_path),
+        extra=["--maxmemory", "3mb", "--maxmemory-policy", "noeviction"],
+    )
+    settings = Settings(redis=RedisPoolConfig(url=server.url))
+    client = Client(settings=settings)
+    worker = None
+    try:
+        ids = [client.enqueue("relay", {"fan": 1}, max_attempts=20) for _ in range(40)]
+        fill(client)
+        env = handoff_env(redis_url, app="apps.probe")
+        env["HANDOFF_REDIS_URL"] = server.url
+        started = time.monotonic()
+        worker = HandoffProcess(["worker", "relay"], env, tmp_path / "worker.log")
+        stats = lambda: client.queue_stats(["relay"])["relay"]  # noqa: E731
+
+        def tried_and_let_go() -> bool:  # each parent retried later (or done), none held
+            s = stats()
+            return s["retried"] >= 10 and s["queued"] == s["running"] == 0
+
+        wait_until(tried_and_let_go, 20, "the parents retried later, their leases freed")
+        record_property("leases_freed_s", round(time.monotonic() - started, 2))
+        record_property("retried_at_limit", stats()["retried"])
+        assert stats()["dead"] == 0
+        assert all(client.status(i) in ("delayed", "done") for i in ids)
+        log = worker.output()
+        assert 1 <= log.count("server out of memory") <= 3, log[-2000:]  # per interval
+        with server.client() as raw:
+            raw.config_set("maxmemory", "0")  # room again: the retries hand off
+        wait_until(lambda: stats()["done"] == 40, 30, "every parent done once there is room")
+        record_property("drain_after_room_s", round(time.monotonic() - started, 2))
+        children = client.queue_stats(["probe"])["probe"]
+        assert children["queued"] == 40 and stats()["dead"] == 0
+        assert "Traceback" not in worker.output()
+    finally:
+        if worker is not None:
+            worker.stop()
+        client.close()
+        server.stop()

@@ -23,6 +23,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 MODULE_PATH_RE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*)?")  # "" = none
 MAX_PAYLOAD_LIMIT = 512 * 1024 * 1024
 MAX_AGENT_PROCESSES = 1000
+MIN_STALL_S, MAX_STALL_S = 1, 86_400  # a worker's pulse beats 4 times in the bound, at most 1/s
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,11 @@ class Settings:
     max_tasks_per_worker: int = 0  # recycle a worker after N tasks; 0 = unlimited
     max_rss_mb: float = 0.0  # 0 = unlimited
     max_worker_age_s: float = 0.0  # 0 = unlimited
+    # A worker whose pulse (written by a thread of its own into memory shared with its
+    # supervisor, 4 times in this bound, at least once a second) is older than this is
+    # killed (SIGKILL) and replaced: wedged in C code holding the GIL, or deadlocked, it
+    # would keep its process and slots forever while its leases expired. 0 = never.
+    worker_stall_s: float = 10.0
     # A crashed worker is restarted after 0.1 s doubling per crash in the last minute, up
     # to this: a crash loop costs the host little, a one-off crash is replaced at once.
     crash_backoff_max_s: float = 30.0
@@ -128,6 +134,7 @@ _ZERO_OK_S = (
     "graceful_timeout_s",
     "max_rss_mb",
     "max_worker_age_s",
+    "worker_stall_s",
 )
 _INT_RANGES: dict[str, tuple[int, int | None]] = {
     "max_payload_bytes": (1, MAX_PAYLOAD_LIMIT),
@@ -171,6 +178,11 @@ def _normalized(s: Settings) -> dict[str, Any]:
         out[name] = check_seconds(name, getattr(s, name), zero_ok=True)
     for name, (lo, hi) in _INT_RANGES.items():
         out[name] = check_int(name, getattr(s, name), lo, hi)
+    if out["worker_stall_s"] and not MIN_STALL_S <= out["worker_stall_s"] <= MAX_STALL_S:
+        fail(
+            "worker_stall_s", s.worker_stall_s,
+            f"must be 0 (never) or between {MIN_STALL_S} and {MAX_STALL_S} seconds",
+        )  # fmt: skip
     return out
 
 

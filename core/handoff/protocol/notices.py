@@ -81,3 +81,25 @@ def target_agent(notice: bytes) -> str:
     R and D, which always go to the acking task's own slot."""
     scope = notice.split(SEP, 2)[1]
     return scope.partition(b".")[0].decode()
+
+
+# op -> (fields, indexes of the fields that must be whole numbers)
+_SHAPES = {b"E": (7, (4,)), b"S": (7, (4, 5)), b"J": (9, (4, 5, 7)), b"D": (2, ())}
+
+
+def malformed(notice: bytes) -> str | None:
+    """Why `notice` is not one this module builds (a one-line reason), or None. A notice
+    read back from an outbox is data anyone with write access could have put there: one
+    that is not well formed is dropped, never delivered (it would fail its whole batch)."""
+    shape = _SHAPES.get(notice[:1])
+    if shape is None:
+        return f"unknown kind {notice[:1]!r}"
+    count, numbers = shape
+    fields = notice.split(SEP, count - 1)
+    if len(fields) != count or fields[0] != notice[:1]:
+        return f"{len(fields)} field(s), a {notice[:1].decode()} notice has {count}"
+    if b"." not in fields[1] or not all(fields[1 : 4 if count > 2 else 2]):
+        return "its scope, run or task id is missing"
+    if not all(fields[i].lstrip(b"-").isdigit() for i in numbers):
+        return "a count or number field is not a whole number"
+    return None

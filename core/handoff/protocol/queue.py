@@ -731,10 +731,34 @@ class TaskQueue(QueueBase):
         counts, left = {}, []
         for agent, reply in zip(agents, self.run_scripts(calls), strict=True):
             counts[agent] = (int(reply[0]), int(reply[1]))
-            left += [(agent, reply[i].decode(), reply[i + 1]) for i in range(2, len(reply), 2)]
+            left += [
+                (agent, reply[i].decode(errors="surrogateescape"), reply[i + 1])
+                for i in range(2, len(reply), 2)
+            ]
+        left = self._drop_malformed(left)
         if left:
             self._deliver_left(left, now_ms)
         return counts
+
+    def _drop_malformed(self, left: list[tuple[str, str, bytes]]) -> list:
+        """Outbox notices that are not well formed are said once each and deleted: one
+        would fail the delivery of every notice sent with it, on every reap."""
+        bad: dict[str, list[str]] = {}
+        good = []
+        for source, field_name, item in left:
+            raw_field = field_name.encode(errors="surrogateescape")
+            reason = notice.malformed(item) or _not_utf8(raw_field)
+            if reason is None:
+                good.append((source, field_name, item))
+                continue
+            log.warning(
+                "malformed run notice dropped from %s's outbox (field %.60r): %s",
+                source, field_name, reason,
+            )  # fmt: skip
+            bad.setdefault(source, []).append(raw_field)
+        if bad:
+            self.manager.execute_pipelined(lambda c: _forget_fields(c, self.keys, bad), len(bad))
+        return good
 
     def _deliver_left(self, left: list[tuple[str, str, bytes]], now_ms: int | None) -> None:
         """Deliver notices their workers did not (they died), then forget them."""
@@ -769,7 +793,15 @@ class TaskQueue(QueueBase):
         return self.run(self.known_agents_plan())
 
 
-def _forget_fields(client, keys: Keys, by_source: dict[str, list[str]]) -> list:
+def _not_utf8(field_name: bytes) -> str | None:
+    try:
+        field_name.decode()
+    except UnicodeDecodeError:
+        return "its field name is not UTF-8"
+    return None
+
+
+def _forget_fields(client, keys: Keys, by_source: dict[str, list[Any]]) -> list:
     pipe = client.pipeline(transaction=False)
     for source, fields in by_source.items():
         pipe.hdel(keys.agent(source).outbox, *fields)

@@ -1,5 +1,6 @@
-"""What reaches a supervisor's main loop: a signal, or a scale request read from its
-control list in Redis. One small type each, matched by type.
+"""What reaches a supervisor's main loop: a signal, a scale request read from its control
+list in Redis, the autoscaler's new count, or a side thread's failure. One small type
+each, matched by type.
 
 A control message is data from outside the process (anyone with write access to
 `<prefix>:control:<supervisor>`), so it is parsed and checked here, in the Redis thread,
@@ -45,6 +46,13 @@ class Autoscaled:
     reason: str
 
 
+@dataclass(slots=True, frozen=True)
+class ThreadFailed:
+    """One of the supervisor's side threads met a bug (not Redis, not bad data) and ended."""
+
+    name: str
+
+
 class BadControlMessage(ValueError):
     """A control message that is not a well-formed request for this supervisor."""
 
@@ -53,7 +61,8 @@ def parse_control(raw: bytes, supervised: Collection[str], max_count: int) -> Sc
     """The scale request in `raw`, or BadControlMessage naming what is wrong.
 
     Agent types this supervisor does not run are left out (`handoff scale` sends every
-    request to every supervisor), so a request may come back empty."""
+    request to every supervisor); a request naming none that it runs is refused like any
+    other it cannot act on, so it is said in one line rather than dropped unseen."""
     if len(raw) > MAX_MESSAGE_BYTES:
         raise BadControlMessage(f"{len(raw)} bytes, over {MAX_MESSAGE_BYTES}")
     try:
@@ -80,6 +89,12 @@ def parse_control(raw: bytes, supervised: Collection[str], max_count: int) -> Sc
                 f"between 0 and {max_count} (max_processes_per_agent)"
             )
         counts[name] = count
+    if not counts:
+        here = ", ".join(sorted(supervised)) or "none"
+        raise BadControlMessage(
+            f"names no agent type supervised here ({_short(list(agents)[:5])}; here: "
+            f"{_short(here)})"
+        )
     return ScaleRequest(counts)
 
 

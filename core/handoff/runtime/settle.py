@@ -26,6 +26,7 @@ MIXED_RESULT = (
 )
 
 Settled = tuple[Completion | None, Failure | None, list[Task]]
+Settled3 = tuple[list[Completion], list[Failure], list[Task]]  # a batch: acks, nacks, children
 ROOT_DONE = (notice.ROOT_DONE,)
 
 
@@ -87,6 +88,29 @@ def settle(outcome: Outcome, spec: AgentSpec, settings: Settings) -> Settled:
     end_json = notice.done_end(task.id, task.agent, task.branch, result_json)
     ending = notice.ended(task.scope_id, task.run, task.id, task.branch, "done", end_json)
     return Completion(task, result_json, 0, (*_closing(task), ending), extras), None, []
+
+
+def handoffs_refused(
+    completions: list[Completion],
+    failures: list[Failure],
+    children: list[Task],
+    why: str,
+    spec: AgentSpec,
+) -> Settled3:
+    """A batch whose children the server refused (out of memory, noeviction): the tasks
+    that handed off cannot be acked (their children would be lost), nor held (their
+    leases renewed while the server stays full). Each is retried later with backoff,
+    as a failure naming why; the rest of the batch goes as it was, without children.
+    The nack that frees their leases is allowed at the limit (scripts.ALLOW_OOM)."""
+    parents = {child.parent_id for child in children}
+    kept, retried = [], list(failures)
+    for done in completions:
+        if done.handoffs or done.task.id in parents:
+            reason = f"handoff not stored: {why}"
+            retried.append(Failure(done.task, reason, retry_delay_s=spec.retry_delay_s))
+        else:
+            kept.append(done)
+    return kept, retried, []
 
 
 def _limits(settings: Settings) -> tuple[int, int]:

@@ -2,12 +2,13 @@
 
 Runs in: `handoff supervise`. The prefork pattern of gunicorn's arbiter: signal handlers
 only record the signal; one main loop reaps children (exit statuses decide policy),
-spawns what is missing (with crash backoff), stops extras, rolls workers on SIGHUP and
-kills the ones that overstay a stop. Redis work (the lease reaper, `handoff scale`
-control messages, the supervisor's heartbeat) runs in one side thread, so the main loop
-never blocks on the network; schedules fire from a second one (schedules.py), which
-sleeps until the next tick is due rather than for the reaper's interval. Children build
-their own pool after fork.
+spawns what is missing (with crash backoff), stops extras, rolls workers on SIGHUP, kills
+the ones that overstay a stop, and replaces the ones whose pulse stopped (liveness.py).
+Redis work (upkeep.py: the lease reaper, the autoscaler, `handoff scale` control messages,
+the supervisor's heartbeat) runs in one side thread, so the main loop never blocks on the
+network; schedules fire from a second one (schedules.py), which sleeps until the next tick
+is due rather than for the reaper's interval. A side thread that fails on a bug stops the
+supervisor as a crash. Children build their own pool after fork.
 """
 
 from __future__ import annotations
@@ -23,34 +24,27 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
-import psutil
-
 from handoff.backoff import exponential_s
 from handoff.config import Settings
 from handoff.config.autoscale_spec import Bounds
 from handoff.config.schedule_spec import ScheduleSpec
-from handoff.connection.manager import get_manager
 from handoff.connection.operations import apply_memory_settings
 from handoff.connection.server_checks import check_eviction_policy
 from handoff.connection.startup import wait_for_server
 from handoff.errors import AppLoadError, ConfigError, HandoffError, UnsafeServer
-from handoff.protocol.inspect import queue_stats
-from handoff.protocol.keys import Keys
 from handoff.protocol.queue import TaskQueue
-from handoff.protocol.task import now_ms
-from handoff.runtime import exits
+from handoff.runtime import exits, liveness
 from handoff.runtime.agents import AgentSpec, load_app
-from handoff.runtime.autoscale import AgentScaler, Observation
 from handoff.runtime.control import (
     Autoscaled,
-    BadControlMessage,
     ScaleRequest,
     Signalled,
-    parse_control,
+    ThreadFailed,
 )
+from handoff.runtime.liveness import Child, Pulse
 from handoff.runtime.process_title import free_number, name_worker
 from handoff.runtime.schedules import Scheduler, declared_schedules
+from handoff.runtime.upkeep import Upkeep
 from handoff.runtime.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -67,16 +61,6 @@ HANDLED = (
     signal.SIGTTOU,
     signal.SIGCHLD,
 )
-
-
-@dataclass
-class Child:
-    pid: int
-    agent: str
-    generation: int
-    started: float
-    stop_sent_at: float | None = None
-    number: int = 1  # `handoff worker AGENT #N` in ps
 
 
 @dataclass
@@ -98,15 +82,9 @@ class Supervisor:
         self.settings = settings
         self.reload_settings = reload_settings
         self.states = {name: AgentState(count) for name, count in agents.items()}
-        self.scalers = {
-            name: AgentScaler(
-                bounds, settings.autoscale_target_wait_s, settings.autoscale_cooldown_s
-            )
-            for name, bounds in (autoscale or {}).items()
-        }
-        for name, bounds in (autoscale or {}).items():
+        self._autoscale = dict(autoscale or {})
+        for name, bounds in self._autoscale.items():
             self.states[name] = AgentState(bounds.min)
-        self._capped = False  # the host cap is in the way (said once per time it starts)
         self._live_pids: dict[str, list[int]] = {}
         self.children: dict[int, Child] = {}
         self.generation = 0
@@ -144,7 +122,8 @@ class Supervisor:
         # The first Redis tick runs here, in the main thread, so every lazy import is done
         # before the side thread exists: a fork while another thread holds a module's
         # import lock leaves the child waiting on that lock forever.
-        self._redis_setup()
+        self.upkeep = Upkeep(self.settings, self.supervisor_id, self._autoscale, self.signals)
+        self._manager = self.upkeep.manager
         wait_for_server(self._manager, log, "supervisor", stopping=lambda: self.stopping)
         try:
             check_eviction_policy(self._manager, self.settings)
@@ -156,7 +135,7 @@ class Supervisor:
         except HandoffError as e:
             log.warning("supervisor: could not check the server: %s", e)
         self._redis_tick()
-        threading.Thread(target=self._redis_loop, name="supervisor-redis", daemon=True).start()
+        self._start_thread("supervisor-redis", self._redis_loop)
         if self.schedules:
             self._start_schedules()
         log.info(
@@ -175,13 +154,27 @@ class Supervisor:
                 self._manage()
             self._wait()
         self._redis_stop.set()
-        for agent in self.scalers:  # stopped: this supervisor's part no longer counts
-            try:
-                self._sweep_parts(agent, [self.supervisor_id])
-            except HandoffError:
-                pass  # it expires on its own
+        try:
+            self.upkeep.autoscaler.leave()
+        except HandoffError:
+            pass  # its parts expire on their own
         log.info("supervisor %s stopped (%s)", self.supervisor_id, exits.NAMES[self.exit_code])
         return self.exit_code
+
+    def _start_thread(self, name: str, target: Callable[[], None]) -> None:
+        """A side thread handles Redis errors and bad data itself: anything else escaping
+        it is a bug, and a supervisor without its Redis thread would look alive while it
+        reaped, scaled and heartbeat no more. It says so and the supervisor stops as a
+        crash (exit 1), so honcho or systemd restarts it, as a worker does (worker.py)."""
+
+        def run() -> None:
+            try:
+                target()
+            except BaseException:
+                log.exception("supervisor: the %s thread failed; stopping as a crash", name)
+                self.signals.put(ThreadFailed(name))
+
+        threading.Thread(target=run, name=name, daemon=True).start()
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self.signals.put_nowait(Signalled(signum))
@@ -210,6 +203,9 @@ class Supervisor:
                         "supervisor: autoscale %s %d -> %d: %s", agent, state.target, count, reason
                     )
                     state.target = count
+                case ThreadFailed():
+                    self.exit_code = exits.EXIT_CRASH
+                    self.handle_sigterm()
                 case Signalled(signum=signum):
                     name = signal.Signals(signum).name.lower()
                     handler = getattr(self, f"handle_{name}", None)
@@ -275,13 +271,7 @@ class Supervisor:
 
     def _pin(self, agent: str, count: int | None) -> None:
         """`handoff scale`: a count pins an autoscaled agent type; None resumes autoscaling."""
-        scaler = self.scalers.get(agent)
-        if scaler is not None:
-            scaler.pinned = count
-            log.info(
-                "supervisor: autoscale %s %s", agent,
-                "resumed" if count is None else f"pinned at {count} (scale {agent}=auto resumes)",
-            )  # fmt: skip
+        self.upkeep.autoscaler.pin(agent, count)
         if count is not None:
             self._scale(agent, count)
 
@@ -309,7 +299,10 @@ class Supervisor:
     def _on_exit(self, child: Child, status: int) -> None:
         code = os.waitstatus_to_exitcode(status)
         described = exits.describe(status)
-        if child.stop_sent_at is not None or code in (exits.EXIT_OK, exits.EXIT_RECYCLE):
+        child.pulse.close()
+        # A child killed for not answering (stalled) counts as a crash: backoff below.
+        stopped = child.stop_sent_at is not None and not child.stalled
+        if stopped or (code in (exits.EXIT_OK, exits.EXIT_RECYCLE) and not child.stalled):
             log.info("worker %d (%s) exited: %s", child.pid, child.agent, described)
             return
         if code == exits.EXIT_BOOT_ERROR:
@@ -348,11 +341,12 @@ class Supervisor:
                 self._stop_child(old[0])  # roll one by one: a new one is up, retire an old one
             elif len(mine) > state.target:
                 self._stop_child(max(mine, key=lambda c: c.started))
-        self._check_rss()
+        self._check_children()
 
     def _spawn(self, agent: str) -> None:
         spec = self.specs[agent]
-        worker = Worker(spec, self.settings, parent_pid=self.pid)
+        pulse = Pulse()
+        worker = Worker(spec, self.settings, parent_pid=self.pid, pulse=pulse)
         number = free_number({c.number for c in self.children.values() if c.agent == agent})
         # Signals wait while the child still has the supervisor's handlers: a stop sent
         # right after the fork (SIGTTOU, scale down) would otherwise land in a copy of the
@@ -378,7 +372,9 @@ class Supervisor:
             finally:
                 logging.shutdown()
                 os._exit(code)
-        self.children[pid] = Child(pid, agent, self.generation, time.monotonic(), number=number)
+        self.children[pid] = Child(
+            pid, agent, self.generation, time.monotonic(), pulse, number=number
+        )
         log.info("supervisor: spawned worker %d for %s", pid, agent)
 
     def _stop_child(self, child: Child, sig: int = signal.SIGTERM) -> None:
@@ -401,39 +397,29 @@ class Supervisor:
         """Children still alive past the grace period (plus a margin) are killed."""
         limit = self.settings.graceful_timeout_s + 0.5 if self.stopping == "graceful" else 2.0
         now = time.monotonic()
-        for child in self.children.values():
-            if child.stop_sent_at is not None and now - child.stop_sent_at > limit:
-                log.warning("worker %d (%s) overstayed the stop: SIGKILL", child.pid, child.agent)
-                try:
-                    os.kill(child.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                child.stop_sent_at = now + 3600  # once
+        for child in liveness.overstaying(self.children.values(), limit, now):
+            log.warning("worker %d (%s) overstayed the stop: SIGKILL", child.pid, child.agent)
+            self._stop_child(child, signal.SIGKILL)
+            child.stop_sent_at = now + 3600  # once
 
-    def _check_rss(self) -> None:
-        """Backstop for a worker too busy to notice its own max_rss_mb: SIGTERM it."""
-        limit = self.settings.max_rss_mb
-        if not limit:
-            return
-        for child in list(self.children.values()):
-            if child.stop_sent_at is not None:
-                continue
-            try:
-                rss_mb = psutil.Process(child.pid).memory_info().rss / (1024 * 1024)
-            except psutil.Error:
-                continue
-            if rss_mb > limit * 1.5:
-                log.warning("worker %d (%s) RSS %.0f MB: recycling", child.pid, child.agent, rss_mb)
-                self._stop_child(child)
+    def _check_children(self) -> None:
+        """A worker whose pulse stopped (wedged in C, deadlocked) is killed and replaced:
+        its tasks come back when their leases expire, as after any crash. One too busy to
+        notice its own max_rss_mb is recycled (SIGTERM)."""
+        for child, age in liveness.stalled(self.children.values(), self.settings.worker_stall_s):
+            log.warning(
+                "worker %d (%s) stalled: no heartbeat for %.1fs (worker_stall_s %g): SIGKILL, "
+                "replacing it", child.pid, child.agent, age, self.settings.worker_stall_s,
+            )  # fmt: skip
+            child.stalled = True
+            self._stop_child(child, signal.SIGKILL)
+        for child, rss_mb in liveness.over_rss(
+            self.children.values(), self.settings.max_rss_mb * 1.5
+        ):
+            log.warning("worker %d (%s) RSS %.0f MB: recycling", child.pid, child.agent, rss_mb)
+            self._stop_child(child)
 
     # -- the Redis side thread -------------------------------------------------------------
-
-    def _redis_setup(self) -> None:
-        self._keys = Keys(self.settings.key_prefix)
-        self._manager = get_manager(self.settings.redis)
-        self._task_queue = TaskQueue(self._manager, self.settings)
-        self._control_key = self._keys.control(self.supervisor_id)
-        self._last_redis_error = 0.0
 
     def _start_schedules(self) -> None:
         """The first step (catch-up) runs here, in the main thread, before any worker is
@@ -445,10 +431,7 @@ class Supervisor:
             log.error("supervisor: schedules: Redis: %s", e)
         self._scheduler = scheduler
         log.info("supervisor: running schedules %s", ", ".join(scheduler.names))
-        threading.Thread(
-            target=scheduler.run, args=(self._redis_stop,), name="supervisor-schedules",
-            daemon=True,
-        ).start()  # fmt: skip
+        self._start_thread("supervisor-schedules", lambda: scheduler.run(self._redis_stop))
 
     def _redis_loop(self) -> None:
         """Reap expired leases, read control messages, heartbeat. Never blocks the loop."""
@@ -456,124 +439,6 @@ class Supervisor:
             self._redis_tick()
 
     def _redis_tick(self) -> None:
-        try:
-            reaped = self._task_queue.reap(list(self.states))
-            moved = sum(r for r, _ in reaped.values())
-            if moved:
-                log.info("supervisor: requeued %d task(s) with expired leases", moved)
-            if self.scalers:
-                self._autoscale_tick()
-            messages = self._manager.execute(self._heartbeat_and_poll)
-            for raw in messages:
-                try:
-                    request = parse_control(raw, self.states, self.settings.max_processes_per_agent)
-                except BadControlMessage as e:
-                    log.warning("supervisor: control message dropped: %s", e)
-                    continue
-                if request.counts:
-                    self.signals.put(request)
-        except HandoffError as e:
-            if time.monotonic() - self._last_redis_error > 5:
-                self._last_redis_error = time.monotonic()
-                # While stopping, a server that stops with us (honcho's Ctrl-C stops every
-                # process at once) is expected: said, not as an error.
-                say = log.info if self.stopping else log.error
-                say("supervisor: Redis: %s", e)
-
-    def _autoscale_tick(self) -> None:
-        """Observe each autoscaled agent type and send the main loop any new count."""
-        total_here = sum(s.target for s in self.states.values())
-        for name, (obs, total, share) in self._autoscale_observations().items():
-            mine = self.states[name].target
-            slots = self.specs[name].max_concurrent
-            decision = self.scalers[name].decide(obs, mine, total, slots, share)
-            if decision is None:
-                continue
-            count = decision.count
-            if count > mine:
-                room = self._host_room(total_here)
-                if room <= 0:
-                    continue
-                count = min(count, mine + room)
-            total_here += count - mine
-            self.signals.put(Autoscaled(name, count, decision.reason))
-
-    def _autoscale_observations(self) -> dict[str, tuple[Observation, int, float]]:
-        """Per autoscaled agent type: what the queue and this supervisor's workers say,
-        all live supervisors' processes together, and this one's share. One round trip
-        beside the queue figures: publish this supervisor's part (and sweep expired
-        parts), read the peers', read the task time its workers report."""
-        names = list(self.scalers)
-        stats = queue_stats(self._task_queue, names)
-        now = now_ms()
-        until = now + int(max(3.0, 5 * self.settings.reaper_interval_s) * 1000)
-        live_pids = self._live_pids  # the main thread swaps it whole
-        host = socket.gethostname()
-
-        def publish_and_read(client) -> list:
-            pipe = client.pipeline(transaction=False)
-            for name in names:
-                bounds = self.scalers[name].bounds
-                part = {"min": bounds.min, "max": bounds.max, "current": self.states[name].target,
-                        "until": until, "capped": self._capped}  # fmt: skip
-                key = self._keys.agent(name).autoscalers
-                pipe.hset(key, self.supervisor_id, orjson.dumps(part))
-                pipe.hgetall(key)
-            pipe.sadd(self._keys.agents, *names)  # shown by the monitor before any task
-            for name in names:
-                for pid in live_pids.get(name, ()):
-                    pipe.hget(self._keys.worker(f"{name}-{host}-{pid}"), "latency_p50_ms")
-            return pipe.execute()
-
-        replies = self._manager.execute(publish_and_read)
-        latencies = iter(replies[2 * len(names) + 1 :])
-        out = {}
-        for index, name in enumerate(names):
-            parts = {k.decode(): orjson.loads(v) for k, v in replies[2 * index + 1].items()}
-            live = [p for p in parts.values() if p["until"] >= now]
-            self._sweep_parts(name, [sid for sid, p in parts.items() if p["until"] < now])
-            total = sum(p["current"] for p in live)
-            share = self.scalers[name].bounds.max / max(1, sum(p["max"] for p in live))
-            measured = sorted(
-                ms for ms in (float(next(latencies) or 0) for _ in live_pids.get(name, ())) if ms
-            )
-            task_s = measured[len(measured) // 2] / 1000 if measured else 0.0
-            s = stats[name]
-            obs = Observation(time.monotonic(), s["queued"], s["oldest_queued_age_s"], s["done"],
-                              task_s)  # fmt: skip
-            self.scalers[name].observe(obs)
-            out[name] = (obs, total, share)
-        return out
-
-    def _sweep_parts(self, agent: str, expired: list[str]) -> None:
-        """Forget the parts of supervisors that stopped refreshing them (dead or gone)."""
-        if expired:
-            key = self._keys.agent(agent).autoscalers
-            self._manager.execute(lambda c: c.hdel(key, *expired))
-
-    def _host_room(self, processes: int) -> int:
-        """How many more processes this host takes (max_processes, min_free_memory_mb);
-        says once when a cap starts to be in the way, and once when it no longer is."""
-        free_mb = psutil.virtual_memory().available / 2**20
-        room = self.settings.max_processes - processes
-        if free_mb < self.settings.min_free_memory_mb:
-            room = 0
-        capped = room <= 0
-        if capped != self._capped:
-            self._capped = capped
-            if capped:
-                log.warning(
-                    "supervisor: host cap reached (%d of max_processes %d, %.0f MB free of "
-                    "min_free_memory_mb %g): not adding processes",
-                    processes, self.settings.max_processes, free_mb,
-                    self.settings.min_free_memory_mb,
-                )  # fmt: skip
-            else:
-                log.info("supervisor: below the host cap again")
-        return room
-
-    def _heartbeat_and_poll(self, client) -> list[bytes]:
-        pipe = client.pipeline(transaction=False)
-        pipe.zadd(self._keys.supervisors, {self.supervisor_id: now_ms()})
-        pipe.lpop(self._control_key, 100)  # takes each message once, no MULTI (one key each)
-        return pipe.execute()[1] or []
+        targets = {name: state.target for name, state in self.states.items()}
+        slots = {name: self.specs[name].max_concurrent for name in self._autoscale}
+        self.upkeep.tick(targets, self._live_pids, slots, lambda: bool(self.stopping))

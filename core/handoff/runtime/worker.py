@@ -40,9 +40,10 @@ from handoff.protocol.queue import ClaimRequest, ClaimResult, Completion, Failur
 from handoff.protocol.task import Task, now_ms
 from handoff.runtime import exits, tracing
 from handoff.runtime.agents import AgentSpec, published_schema
+from handoff.runtime.liveness import Pulse, beat_every_s
 from handoff.runtime.prefetch import PrefetchSizer
 from handoff.runtime.runner import Finished, Outcome, make_runner
-from handoff.runtime.settle import check_payload, settle
+from handoff.runtime.settle import check_payload, handoffs_refused, settle
 from handoff.runtime.worker_stats import WorkerStats
 
 log = logging.getLogger(__name__)
@@ -106,8 +107,10 @@ class Worker:
         *,
         worker_id: str | None = None,
         parent_pid: int | None = None,
+        pulse: Pulse | None = None,
     ) -> None:
         self.spec = spec
+        self.pulse = pulse  # shared with the supervisor, which replaces a silent worker
         self.settings = settings
         self.worker_id = worker_id
         self.parent_pid = parent_pid
@@ -150,6 +153,9 @@ class Worker:
         self.heartbeat_outage = OutageLog(
             log, f"worker {self.worker_id} heartbeat", stopping=self._stopping
         )
+        # At the memory limit a batch's children are refused while acks go through: said
+        # on its own, once per interval, until children are stored again.
+        self.handoff_outage = OutageLog(log, f"worker {self.worker_id} handoffs")
         self.backoff = Backoff(0.05, MAX_BACKOFF_S)
         self.last_claim = ClaimResult()  # swapped whole by whichever thread claims
         self._backoff_until = 0.0
@@ -174,6 +180,7 @@ class Worker:
             ("inbox", self._inbox_loop),
             ("lease-keeper", self._lease_loop),
             ("heartbeat", self._heartbeat_loop),
+            ("pulse", self._pulse_loop),
         ):
             threading.Thread(target=self._guarded(name, target), name=name, daemon=True).start()
 
@@ -505,6 +512,7 @@ class Worker:
             try:
                 if children:
                     self.queue.enqueue(children)
+                    self.handoff_outage.recovered()
                     self._unsent[0] = (completions, failures, [])
                 if completions:
                     self.stats.stale += len(self.queue.ack(completions))
@@ -512,6 +520,11 @@ class Worker:
                 if failures:
                     self.stats.stale += len(self.queue.nack(failures))
             except HandoffError as e:
+                if children and isinstance(e, ServerOutOfMemory):  # their parents retry later
+                    self.handoff_outage.failed(f"hand off {len(children)} task(s)", e)
+                    refused = handoffs_refused(completions, failures, children, str(e), self.spec)
+                    self._unsent[0] = refused
+                    continue
                 if not self._still_held(completions, failures):
                     # Every lease of the batch was lost (re-claimed elsewhere): its acks
                     # would change nothing, so a batch Redis keeps refusing never blocks
@@ -798,6 +811,14 @@ class Worker:
                 )  # fmt: skip
         self.runner.skip.update((t.id, t.token) for t in tasks)
         self.events.put(LeasesLost(tasks))
+
+    def _pulse_loop(self) -> None:
+        """The supervisor's sign that this interpreter still runs (liveness.py): a thread
+        of its own, so a slow Redis never delays it, and one that needs the GIL."""
+        every_s = beat_every_s(self.settings.worker_stall_s)
+        while self.pulse is not None:
+            self.pulse.beat()
+            time.sleep(every_s)
 
     def _heartbeat_loop(self) -> None:
         interval = self.settings.heartbeat_interval_s
