@@ -5,6 +5,11 @@ at claim and before the ack). The types are pydantic models, or anything pydanti
 TypeAdapter accepts; pydantic is imported only when an agent declares a type (the
 `handoff[pydantic]` extra), so untyped agents cost nothing and need nothing.
 
+Both sides validate the same thing the same way: the JSON form (pydantic's JSON mode).
+A worker only ever sees JSON (the task as stored), so a producer checks the JSON of what
+it is given, and then the very data it stores, exactly as the worker will: a strict model
+(ConfigDict(strict=True)) with datetime or UUID fields is accepted by both or by neither.
+
 Every failure is one line naming the agent and the field: a pydantic ValidationError
 prints a paragraph, which is cut down to its first error here.
 """
@@ -23,6 +28,7 @@ class TypedValue:
     def __init__(self, agent: str, role: str, declared: Any) -> None:
         try:
             import pydantic
+            import pydantic_core
         except ImportError:
             raise ConfigError(
                 f"agent {agent!r}: {role}= needs pydantic: pip install 'handoff[pydantic]'"
@@ -30,6 +36,7 @@ class TypedValue:
         self.declared = declared
         self.name = getattr(declared, "__name__", repr(declared))
         self._error = pydantic.ValidationError
+        self._to_json = pydantic_core.to_json
         try:
             self.adapter = pydantic.TypeAdapter(declared)
             self.adapter.json_schema()  # a type without a schema fails here, not later
@@ -40,15 +47,27 @@ class TypedValue:
             ) from None
 
     def validate(self, value: Any) -> Any:
-        """The value as the declared type (a model instance), or ValueError in one line."""
+        """The value as the declared type (a model instance), validated in its JSON form
+        (as it travels: a worker's payload is JSON), or ValueError in one line."""
         try:
-            return self.adapter.validate_python(value)
+            text = self._to_json(value)
+        except Exception as e:  # pydantic_core's serializer errors are several kinds
+            raise ValueError(f"does not match {self.name}: not JSON-able: {e}") from None
+        try:
+            return self.adapter.validate_json(text)
         except self._error as e:
             raise ValueError(f"does not match {self.name}: {one_line(e)}") from None
 
     def to_data(self, value: Any) -> Any:
-        """Validated, then as plain JSON-able data (what goes into Redis)."""
-        return self.adapter.dump_python(self.validate(value), mode="json")
+        """Validated, then as plain JSON-able data (what goes into Redis); that data is
+        validated again as the consumer will (a serializer that does not round-trip is
+        refused here, not at claim)."""
+        data = self.adapter.dump_python(self.validate(value), mode="json")
+        try:
+            self.validate(data)
+        except ValueError as e:
+            raise ValueError(f"stored as {self.name}'s JSON, {e}") from None
+        return data
 
     def schema(self) -> dict[str, Any]:
         return self.adapter.json_schema()
