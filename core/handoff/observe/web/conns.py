@@ -39,10 +39,10 @@ RESERVED_FDS = 64  # for the monitor itself: Redis pools, logs, the metrics serv
 MIN_CONNECTIONS = 8
 LOG_EVERY_S = 10.0
 ACCEPT_FAILED = "socket.accept() out of system resource"
+_BUSY = b"503: the dashboard is at its connection limit: retry\n"
 REFUSED = (
     b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n"
-    b"connection: close\r\ncontent-length: 52\r\n\r\n"
-    b"503: the dashboard is at its connection limit: retry\n"
+    b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(_BUSY), _BUSY)
 )
 RECEIVING = (h11.IDLE, h11.SEND_BODY)  # the client has not sent its whole request yet
 
