@@ -34,8 +34,11 @@ log = logging.getLogger("handoff.observe.web")
 
 MAX_CONNECTIONS = 512  # above hub.MAX_VIEWERS (live pages) with room for page loads
 HEADER_TIMEOUT_S = 10.0  # a browser sends its request at once; a trickle is an attack
-BACKLOG = 64  # the listen queue, and so the accepts one loop pass may take at once
-RESERVED_FDS = 64  # for the monitor itself: Redis pools, logs, the metrics server
+# The listen queue, and so the accepts one pass of asyncio's loop may make at once. A
+# flood fills it and the kernel drops SYNs (the flood slows down; a page may wait a 1 s
+# retransmit); a longer one would let a pass take that many descriptors at once.
+BACKLOG = 128
+OWN_FDS = 16  # the monitor's own beyond its two Redis pools: logs, epoll, metrics server
 MIN_CONNECTIONS = 8
 LOG_EVERY_S = 10.0
 ACCEPT_FAILED = "socket.accept() out of system resource"
@@ -47,9 +50,10 @@ REFUSED = (
 RECEIVING = (h11.IDLE, h11.SEND_BODY)  # the client has not sent its whole request yet
 
 
-def fd_budget(requested: int) -> int:
-    """`requested`, lowered to what the file limit leaves: the descriptors open now, a
-    reserve, and the accepts that may be in flight (up to two passes of the backlog)."""
+def fd_budget(requested: int, pool_size: int) -> int:
+    """`requested`, lowered to what the file limit leaves: the descriptors open now, the
+    monitor's (its pool and the dashboard client's, each up to pool_size, and OWN_FDS),
+    and the accepts that may be in flight (up to two passes of the backlog)."""
     try:
         import resource
     except ImportError:  # no such limit to fit (Windows)
@@ -57,7 +61,8 @@ def fd_budget(requested: int) -> int:
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return requested
-    spare = soft - psutil.Process().num_fds() - RESERVED_FDS - 2 * BACKLOG
+    reserve = 2 * pool_size + OWN_FDS + 2 * BACKLOG
+    spare = soft - psutil.Process().num_fds() - reserve
     return max(MIN_CONNECTIONS, min(requested, spare))
 
 

@@ -120,7 +120,8 @@ def start(
     hub = Hub(pages.build)
     dashboard = Dashboard(hub, ops, guard.Guard(token), renderer, metrics_url)
     app = build_app(dashboard, guard.allowed_hosts(host))
-    budget = conns.Budget(conns.fd_budget(max_connections), header_timeout_s)
+    limit = conns.fd_budget(max_connections, ops.settings.redis.pool_size)
+    budget = conns.Budget(limit, header_timeout_s)
     config = uvicorn.Config(
         app,
         http=conns.protocol_for(budget),
