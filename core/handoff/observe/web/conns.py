@@ -16,7 +16,8 @@ hold as many sockets for ever, and at the process's file limit every accept() fa
 - `limit` fits the process's file limit (`fd_budget`): the dashboard never takes the
   descriptors the monitor's Redis connections need, and accept() does not meet EMFILE.
 - What was refused, cut or timed out is one log line per LOG_EVERY_S with the counts,
-  and so are accept() failures (routed here from asyncio's exception handler).
+  and so are accept() failures (routed here from asyncio's exception handler) and the
+  warnings uvicorn logs per request (an invalid request, an upgrade it cannot serve).
 """
 
 from __future__ import annotations
@@ -115,6 +116,7 @@ class Budget:
             "cut": "half-sent request(s) closed for newer connections",
             "slow": f"request(s) not sent within {self.header_timeout_s:g}s closed",
             "accept_failed": "accept() failure(s): out of file descriptors",
+            "bad_request": "invalid or unsupported (upgrade) request(s) refused",
         }
         said = [f"{counts[k]} {text}" for k, text in parts.items() if counts.get(k)]
         if said:
@@ -132,10 +134,29 @@ class Budget:
             loop.default_exception_handler(context)
 
 
+class _CountedWarnings:
+    """uvicorn's error logger for one connection, but its per-request warnings are counts
+    in the budget's line (a client could otherwise write the log a line per request)."""
+
+    def __init__(self, logger: logging.Logger, budget: Budget) -> None:
+        self._logger = logger
+        self._budget = budget
+
+    def warning(self, *_args: Any, **_kwargs: Any) -> None:
+        self._budget.note("bad_request")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._logger, name)
+
+
 class BoundedProtocol(H11Protocol):
     """uvicorn's h11 protocol with the budget's limits (see the module docstring)."""
 
     budget: Budget  # set on the subclass made for one server (protocol_for)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.logger = _CountedWarnings(self.logger, self.budget)  # type: ignore[assignment]
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)

@@ -125,6 +125,7 @@ def start(
     config = uvicorn.Config(
         app,
         http=conns.protocol_for(budget),
+        ws="none",  # live pages are server-sent events; an upgrade would leave the budget
         log_level="warning",
         access_log=False,
         server_header=False,
