@@ -81,7 +81,8 @@ class Runs(dict[str, Ended]):
         root = queue.run(run_of(queue.keys, task_id))
         state = queue.run(run_state(queue.keys, root, 1000))
         if state.kind in ("single", "dead"):
-            return [self.get(root) or Ended(root, agent_of(root), state.kind)]
+            status = "done" if state.kind == "single" else "dead"
+            return [self.get(root) or Ended(root, agent_of(root), status, reason=state.reason)]
         if state.kind == "ended":
             return [self._end(end) for end in state.ends]
         raise ResultTimeout(f"run {root} has not ended ({state.kind})")
