@@ -14,7 +14,7 @@ from uuid import UUID
 import orjson
 import pytest
 from click.testing import CliRunner
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, field_serializer
 
 from handoff import Handoff, InvalidPayload, agent
 from handoff.cli import main
@@ -166,6 +166,29 @@ def test_a_strict_model_the_producer_accepts_the_worker_and_the_plugin_accept(
     finally:
         app.close()
     assert [t for _, t, _ in seen(raw_redis)] == ["Stamped"] * 3
+
+
+class RoundsDown(BaseModel):
+    amount: float = Field(ge=0.5)
+
+    @field_serializer("amount")
+    def _whole(self, amount: float) -> int:
+        return int(amount)  # 0.7 is stored as 0: a worker would refuse it
+
+
+@agent("trounds", payload=RoundsDown)
+def trounds(task):
+    return None
+
+
+@pytest.mark.backends("server")
+def test_a_payload_whose_stored_json_a_worker_would_refuse_is_refused_at_enqueue(
+    redis_url, raw_redis
+):
+    with Client(redis_url) as client, pytest.raises(InvalidPayload) as e:
+        client.enqueue("trounds", RoundsDown(amount=0.7))
+    assert "stored as RoundsDown's JSON, does not match RoundsDown: field 'amount'" in str(e.value)
+    assert raw_redis.dbsize() == 0
 
 
 class Untyped(BaseModel):

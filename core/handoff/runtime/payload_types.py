@@ -19,6 +19,8 @@ from __future__ import annotations
 import typing
 from typing import Any
 
+import orjson
+
 from handoff.errors import ConfigError, InvalidPayload
 
 
@@ -34,9 +36,12 @@ class TypedValue:
                 f"agent {agent!r}: {role}= needs pydantic: pip install 'handoff[pydantic]'"
             ) from None
         self.declared = declared
+        self.role = role
         self.name = getattr(declared, "__name__", repr(declared))
         self._error = pydantic.ValidationError
-        self._to_json = pydantic_core.to_json
+        self._jsonable = pydantic_core.to_jsonable_python  # models, sets, ... for orjson
+        model = isinstance(declared, type) and issubclass(declared, pydantic.BaseModel)
+        self._model = declared if model else None
         try:
             self.adapter = pydantic.TypeAdapter(declared)
             self.adapter.json_schema()  # a type without a schema fails here, not later
@@ -49,25 +54,38 @@ class TypedValue:
     def validate(self, value: Any) -> Any:
         """The value as the declared type (a model instance), validated in its JSON form
         (as it travels: a worker's payload is JSON), or ValueError in one line."""
-        try:
-            text = self._to_json(value)
-        except Exception as e:  # pydantic_core's serializer errors are several kinds
-            raise ValueError(f"does not match {self.name}: not JSON-able: {e}") from None
-        try:
-            return self.adapter.validate_json(text)
-        except self._error as e:
-            raise ValueError(f"does not match {self.name}: {one_line(e)}") from None
+        return self._check(value)[0]
 
     def to_data(self, value: Any) -> Any:
-        """Validated, then as plain JSON-able data (what goes into Redis); that data is
-        validated again as the consumer will (a serializer that does not round-trip is
-        refused here, not at claim)."""
-        data = self.adapter.dump_python(self.validate(value), mode="json")
-        try:
-            self.validate(data)
-        except ValueError as e:
-            raise ValueError(f"stored as {self.name}'s JSON, {e}") from None
+        """Validated, then as plain JSON-able data (what goes into Redis). A model instance
+        was validated when made. A payload's data is checked as the worker will check it
+        unless it is the very JSON just checked (a strict model's datetime, a serializer
+        that does not round-trip: refused here, not at claim). A result has no consumer
+        that validates it: it is checked once."""
+        if self._model is not None and isinstance(value, self._model):
+            model, checked = value, b""
+        else:
+            model, checked = self._check(value)
+        data = self.adapter.dump_python(model, mode="json")
+        if self.role == "payload":
+            stored = orjson.dumps(data)
+            if stored != checked:
+                try:
+                    self._check(stored, text=True)
+                except ValueError as e:
+                    raise ValueError(f"stored as {self.name}'s JSON, {e}") from None
         return data
+
+    def _check(self, value: Any, *, text: bool = False) -> tuple[Any, bytes]:
+        """(the validated value, the JSON text it was validated from)."""
+        try:
+            raw = value if text else orjson.dumps(value, default=self._jsonable)
+        except (TypeError, ValueError) as e:  # orjson's, or what _jsonable could not turn
+            raise ValueError(f"does not match {self.name}: not JSON-able: {e}") from None
+        try:
+            return self.adapter.validate_json(raw), raw
+        except self._error as e:
+            raise ValueError(f"does not match {self.name}: {one_line(e)}") from None
 
     def schema(self) -> dict[str, Any]:
         return self.adapter.json_schema()
