@@ -65,7 +65,10 @@ def handoff_env(redis_url: str, **settings: object) -> dict[str, str]:
 class HandoffProcess:
     """A `handoff ...` subprocess in its own session, with its output in a file."""
 
-    def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
+    def __init__(
+        self, args: list[str], env: dict[str, str], log_path: Path, nofile: int | None = None
+    ) -> None:
+        """nofile: the process's file limit (RLIMIT_NOFILE), when a test lowers it."""
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
@@ -75,6 +78,7 @@ class HandoffProcess:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=None if nofile is None else lambda: _limit_files(nofile),
         )
 
     @property
@@ -120,6 +124,12 @@ class HandoffProcess:
             except (ProcessLookupError, PermissionError):
                 pass
         self._log.close()
+
+
+def _limit_files(count: int) -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (count, count))
 
 
 def plain_client(url: str):

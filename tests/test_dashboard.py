@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
+import psutil
 import pytest
 
 pytest.importorskip("starlette", reason="the web extra is not installed: pip install -e '.[web]'")
@@ -64,9 +65,11 @@ def _dashboard_up(port: int) -> bool:
         return False
 
 
-def _start_monitor(env: dict, port: int, log: Path, *extra: str) -> HandoffProcess:
+def _start_monitor(
+    env: dict, port: int, log: Path, *extra: str, nofile: int | None = None
+) -> HandoffProcess:
     args = ["monitor", "--web", f"127.0.0.1:{port}", "--interval-s", str(TICK_S), *extra]
-    proc = HandoffProcess(args, env, log)
+    proc = HandoffProcess(args, env, log, nofile=nofile)
     wait_until(lambda: _dashboard_up(port), 30, f"the dashboard on port {port} ({log})")
     return proc
 
@@ -452,6 +455,108 @@ def test_twenty_open_dashboards_cost_redis_no_more_than_one(private_server, tmp_
             monitor.stop()
         client.close()
         raw.close()
+
+
+def _closed_by_server(sock: socket.socket) -> bool:
+    """True once the server closed it (what it sent before, a 503, is read and dropped)."""
+    try:
+        while sock.recv(4096):
+            pass
+        return True
+    except BlockingIOError:
+        return False
+    except OSError:  # reset
+        return True
+
+
+def _aggregate_at(raw) -> float:
+    return float(raw.hget(Keys().monitor, "updated_at") or 0)
+
+
+FLOOD = 900  # half-sent requests, against a file limit of NOFILE
+NOFILE = 768
+HEADER_TIMEOUT_S = 2.0
+
+
+def test_half_sent_requests_cannot_hold_the_dashboard_or_the_monitor(private_server, tmp_path):
+    """More half-sent requests than the monitor has file descriptors: pages still answer
+    at once, every half-sent one is closed within the header timeout, the log stays a few
+    lines, and the aggregate hash keeps updating."""
+    env = handoff_env(private_server.url, app="workers.demo")
+    env["HANDOFF_MONITOR_WEB_HEADER_TIMEOUT_S"] = str(HEADER_TIMEOUT_S)
+    port, log = free_tcp_port(), tmp_path / "monitor.log"
+    raw = plain_client(private_server.url)
+    monitor = _start_monitor(env, port, log, nofile=NOFILE)
+    held: list[socket.socket] = []
+    try:
+        for _ in range(FLOOD):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Half: ")
+            sock.setblocking(False)
+            held.append(sock)
+        flooded = time.monotonic()
+        trickling = held[-20:]  # these send a byte now and then: no reprieve for them
+
+        def all_closed() -> bool:
+            for sock in trickling:
+                with contextlib.suppress(OSError):
+                    sock.send(b"x")
+            return all(_closed_by_server(s) for s in held)
+
+        aggregate_then = _aggregate_at(raw)
+        fds_flooded = psutil.Process(monitor.pid).num_fds()
+        assert fds_flooded < NOFILE - 50  # room left for the monitor's own connections
+        for _ in range(5):  # pages answer while the flood is held open
+            began = time.monotonic()
+            assert _request(port, "GET", "/workers")[0] == 200
+            assert time.monotonic() - began < 2.0
+        wait_until(
+            all_closed, HEADER_TIMEOUT_S + 3,
+            f"the server to close all {FLOOD} half-sent requests",
+        )  # fmt: skip
+        closed_s = time.monotonic() - flooded
+        wait_until(lambda: _aggregate_at(raw) > aggregate_then + 2 * TICK_S, 5,
+                   "the aggregate hash to keep updating")  # fmt: skip
+        fds = psutil.Process(monitor.pid).num_fds()
+        for i in range(100):  # uvicorn would log each of these: counted in the line instead
+            bad = b"NOT HTTP\r\n\r\n" if i % 2 else b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            bad += b"" if i % 2 else b"Connection: upgrade\r\nUpgrade: websocket\r\n\r\n"
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                sock.sendall(bad)
+                sock.recv(4096)
+        assert _request(port, "GET", "/")[0] == 200
+        print(f"\n{FLOOD} half-sent closed within {closed_s:.2f}s; monitor fds: {fds_flooded} "
+              f"flooded, {fds} after; "
+              f"log {log.stat().st_size} bytes")  # fmt: skip
+        assert log.stat().st_size < 4000, monitor.output()[-2000:]
+        assert "Traceback" not in monitor.output()
+    finally:
+        for sock in held:
+            sock.close()
+        monitor.stop()
+        raw.close()
+
+
+def test_when_every_connection_is_a_live_page_one_more_gets_a_503_and_a_line(
+    private_server, tmp_path
+):
+    env = handoff_env(private_server.url, app="workers.demo")
+    env["HANDOFF_MONITOR_WEB_MAX_CONNECTIONS"] = "8"
+    port = free_tcp_port()
+    monitor = _start_monitor(env, port, tmp_path / "monitor.log")
+    readers = []
+    try:
+        readers = [SseReader(port, "overview") for _ in range(8)]
+        busy = "503: the dashboard is at its connection limit: retry\n"
+        assert _request(port, "GET", "/")[:2] == (503, busy)
+        wait_until(lambda: "dashboard: 1 refused (every connection busy)" in monitor.output(),
+                   5, "the refusal's log line")  # fmt: skip
+        readers.pop().stop()
+        wait_until(lambda: _request(port, "GET", "/")[0] == 200, 5, "a page once one closed")
+    finally:
+        for reader in readers:
+            reader.stop()
+        monitor.stop()
 
 
 # -- units ---------------------------------------------------------------------------------

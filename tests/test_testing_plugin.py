@@ -6,6 +6,7 @@ loaded through its entry point, as in any project that installs handoff.
 
 from __future__ import annotations
 
+import pytest
 import redis
 
 
@@ -70,3 +71,37 @@ def test_a_task_delayed_an_hour_runs_on_the_virtual_clock(handoff_app):
     runs = app.run_until_idle(timeout_s=5)
     assert runs[later].status == "done"
     assert app.clock.now_ms - start_ms >= 3_599_000  # the clock moved, the test did not wait
+
+
+@pytest.mark.parametrize(
+    ("app_name", "agent", "payload", "least_s"),
+    [
+        ("apps.flows", "metered", {}, 3.5),  # rate="5/s": 20 starts take ~3.8 s
+        ("apps.groups", "spender", {"units": 100}, 1.5),  # 1000 units/s, 100 each: ~1.9 s
+    ],
+)
+def test_limited_agents_run_to_the_end_on_the_virtual_clock(
+    handoff_app, handoff_server, monkeypatch, app_name, agent, payload, least_s
+):
+    """The clock jumps to the limiter's next admission (the claim says when), as it does
+    to a retry: every queued task runs, in virtual time that obeys the limit."""
+    monkeypatch.setenv("TEST_REDIS_URL", handoff_server)  # where the agents record
+    app = handoff_app(app_name, agents=[agent])
+    ids = app.client.enqueue_many(agent, [payload] * 20)
+    start_ms = app.clock.now_ms
+    runs = app.run_until_idle(timeout_s=10)
+    assert [runs[t].status if t in runs else "not run" for t in ids] == ["done"] * 20
+    assert least_s * 1000 <= app.clock.now_ms - start_ms <= 2 * least_s * 1000
+
+
+def test_a_joins_run_result_is_its_then_tasks_as_the_client_says(
+    handoff_app, handoff_server, monkeypatch
+):
+    monkeypatch.setenv("TEST_REDIS_URL", handoff_server)
+    app = handoff_app("apps.flows", agents=["splitter", "step", "merge"])
+    root = app.enqueue("splitter", {"n": 2})
+    runs = app.run_until_idle(timeout_s=10)
+    expected = {"merged": [[{"i": 0}], [{"i": 1}]]}
+    assert app.client.result(root, 5, follow=True) == expected
+    assert runs.result(root) == expected
+    assert [(end.agent, end.status) for end in runs.ends(root)] == [("merge", "done")]

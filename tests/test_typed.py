@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from datetime import datetime
+from uuid import UUID
 
 import orjson
 import pytest
 from click.testing import CliRunner
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, field_serializer
 
 from handoff import Handoff, InvalidPayload, agent
 from handoff.cli import main
 from handoff.client import Client, build_task
 from handoff.errors import ConfigError
+from handoff.testing import InProcessApp
 from harness.procs import wait_until
 
 from apps import typed
@@ -161,6 +164,53 @@ def test_a_result_that_does_not_match_fails_and_a_bad_handoff_fails_its_parent(
     assert client.dead_reason(parent).startswith(
         "handoff to treviewer: payload for agent 'treviewer' does not match Step: field 'step'"
     )
+
+
+STAMP = {"at": "2026-01-02T03:04:05", "ref": "12345678-1234-5678-1234-567812345678"}
+
+
+def test_a_strict_model_the_producer_accepts_the_worker_and_the_plugin_accept(
+    start, client, raw_redis, redis_url, monkeypatch
+):
+    """Strict models refuse a str for a datetime in Python mode, accept it in JSON mode:
+    both sides check the JSON form, so what enqueue accepts a worker runs."""
+    model = typed.Stamped(at=datetime(2026, 1, 2, 3, 4, 5), ref=UUID(STAMP["ref"]))
+    worker = start([*APP, "worker", "tstrict"])
+    for given in (model, STAMP):  # the model, and its JSON form as a dict
+        tid = client.enqueue("tstrict", given)
+        assert client.result(tid, wait_s=15) == {"at": "2026-01-02T03:04:05", "ref": STAMP["ref"]}
+    worker.stop()  # the next one is the plugin's alone
+    monkeypatch.setenv("TEST_REDIS_URL", redis_url)  # where the typed agents record
+    app = InProcessApp("apps.typed", redis_url, agents=["tstrict"])
+    try:
+        in_process = app.enqueue("tstrict", model)
+        assert app.run_until_idle(timeout_s=10)[in_process].status == "done"
+    finally:
+        app.close()
+    assert [t for _, t, _ in seen(raw_redis)] == ["Stamped"] * 3
+
+
+class RoundsDown(BaseModel):
+    amount: float = Field(ge=0.5)
+
+    @field_serializer("amount")
+    def _whole(self, amount: float) -> int:
+        return int(amount)  # 0.7 is stored as 0: a worker would refuse it
+
+
+@agent("trounds", payload=RoundsDown)
+def trounds(task):
+    return None
+
+
+@pytest.mark.backends("server")
+def test_a_payload_whose_stored_json_a_worker_would_refuse_is_refused_at_enqueue(
+    redis_url, raw_redis
+):
+    with Client(redis_url) as client, pytest.raises(InvalidPayload) as e:
+        client.enqueue("trounds", RoundsDown(amount=0.7))
+    assert "stored as RoundsDown's JSON, does not match RoundsDown: field 'amount'" in str(e.value)
+    assert raw_redis.dbsize() == 0
 
 
 class Untyped(BaseModel):

@@ -7,8 +7,10 @@ Each records what its handler saw in the test's server (TEST_REDIS_URL): `seen` 
 from __future__ import annotations
 
 import os
+from datetime import datetime
+from uuid import UUID
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from handoff import Handoff, agent
 from harness.procs import plain_client
@@ -48,3 +50,17 @@ def treviewer(task):
     if task.payload.step % 2:
         return Review(approved=True, step=task.payload.step)
     return {"approved": False, "step": task.payload.step}
+
+
+class Stamped(BaseModel):
+    """Strict: in Python mode a str is no datetime; in JSON mode (as it travels) it is."""
+
+    model_config = ConfigDict(strict=True)
+    at: datetime
+    ref: UUID
+
+
+@agent("tstrict", payload=Stamped, max_attempts=1)
+def tstrict(task):
+    _seen(task)
+    return {"at": task.payload.at.isoformat(), "ref": str(task.payload.ref)}

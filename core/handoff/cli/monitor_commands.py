@@ -49,10 +49,27 @@ def _monitor(state):
     help="Allow the dashboard's actions to whoever gives this token "
     "(env HANDOFF_MONITOR_WEB_TOKEN); without it the dashboard is read-only.",
 )
+@click.option(
+    "--web-max-connections",
+    type=click.IntRange(8, 100_000),
+    default=512,
+    show_default=True,
+    envvar="HANDOFF_MONITOR_WEB_MAX_CONNECTIONS",
+    help="The most connections the dashboard holds open (fewer if the file limit says so).",
+)
+@click.option(
+    "--web-header-timeout-s",
+    type=click.FloatRange(0.5, 600),
+    default=10.0,
+    show_default=True,
+    envvar="HANDOFF_MONITOR_WEB_HEADER_TIMEOUT_S",
+    help="Close a dashboard connection that has not sent its whole request in this time.",
+)
 @click.pass_obj
 def monitor(
-    state, once, as_json, interval_s, metrics_port, metrics_addr, web_addr, web_token
-) -> None:
+    state, once, as_json, interval_s, metrics_port, metrics_addr, web_addr, web_token,
+    web_max_connections, web_header_timeout_s,
+) -> None:  # fmt: skip
     """Live aggregate view of agents and workers; writes the aggregate to Redis.
 
     On a terminal: a refreshing table. Otherwise (under honcho): a line per agent every
@@ -86,7 +103,8 @@ def monitor(
         serve(metrics_port, lambda: latest.get("snapshot"), addr=metrics_addr)
         metrics_url = f"http://{metrics_addr}:{metrics_port}/metrics"
         log.info("monitor: Prometheus metrics on %s", metrics_url)
-    web = _start_web(state, web_addr, web_token, metrics_url) if web_addr else None
+    limits = {"max_connections": web_max_connections, "header_timeout_s": web_header_timeout_s}
+    web = _start_web(state, web_addr, web_token, metrics_url, limits) if web_addr else None
 
     def on_snapshot(snapshot: dict) -> None:
         latest.update(snapshot=snapshot)
@@ -111,7 +129,7 @@ def monitor(
             web.stop()
 
 
-def _start_web(state, address: str, token: str | None, metrics_url: str | None):
+def _start_web(state, address: str, token: str | None, metrics_url: str | None, limits: dict):
     """The dashboard, serving in a thread (a usage error for a bad address or a missing
     extra, a one-line error when the address cannot be bound)."""
     try:
@@ -131,7 +149,7 @@ def _start_web(state, address: str, token: str | None, metrics_url: str | None):
         raise click.BadParameter("use a token of at least 8 characters", param_hint="--web-token")
     try:
         return server.start(address, Client(settings=state.settings), token=token,
-                            metrics_url=metrics_url)  # fmt: skip
+                            metrics_url=metrics_url, **limits)  # fmt: skip
     except OSError as e:
         click.echo(f"handoff: error: dashboard: {e}", err=True)
         sys.exit(1)

@@ -78,14 +78,20 @@ def watch(
     """Until stop is set: snapshot, publish (best effort), note changes, show."""
     changes = ChangeLog()
     last_log = 0.0
+    last_fault = 0.0
     while not stop.is_set():
         snapshot = monitor.snapshot()
-        on_snapshot(snapshot)
-        changes.note(snapshot)
-        try:
+        try:  # the aggregate first: nothing a viewer of it does may hold it back
             monitor.publish(snapshot)
         except Exception as e:
             log.debug("monitor: publish failed: %s", e)
+        try:
+            on_snapshot(snapshot)
+        except Exception:  # the dashboard's or the metrics' trouble, not the loop's
+            if time.monotonic() - last_fault >= LOG_EVERY_S:
+                last_fault = time.monotonic()
+                log.exception("monitor: passing the snapshot on failed (the loop goes on)")
+        changes.note(snapshot)
         if tty:
             emit("\x1b[2J\x1b[H" + render(snapshot))
         elif time.monotonic() - last_log >= LOG_EVERY_S:

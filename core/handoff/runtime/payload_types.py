@@ -5,6 +5,11 @@ at claim and before the ack). The types are pydantic models, or anything pydanti
 TypeAdapter accepts; pydantic is imported only when an agent declares a type (the
 `handoff[pydantic]` extra), so untyped agents cost nothing and need nothing.
 
+Both sides validate the same thing the same way: the JSON form (pydantic's JSON mode).
+A worker only ever sees JSON (the task as stored), so a producer checks the JSON of what
+it is given, and then the very data it stores, exactly as the worker will: a strict model
+(ConfigDict(strict=True)) with datetime or UUID fields is accepted by both or by neither.
+
 Every failure is one line naming the agent and the field: a pydantic ValidationError
 prints a paragraph, which is cut down to its first error here.
 """
@@ -13,6 +18,8 @@ from __future__ import annotations
 
 import typing
 from typing import Any
+
+import orjson
 
 from handoff.errors import ConfigError, InvalidPayload
 
@@ -23,13 +30,18 @@ class TypedValue:
     def __init__(self, agent: str, role: str, declared: Any) -> None:
         try:
             import pydantic
+            import pydantic_core
         except ImportError:
             raise ConfigError(
                 f"agent {agent!r}: {role}= needs pydantic: pip install 'handoff[pydantic]'"
             ) from None
         self.declared = declared
+        self.role = role
         self.name = getattr(declared, "__name__", repr(declared))
         self._error = pydantic.ValidationError
+        self._jsonable = pydantic_core.to_jsonable_python  # models, sets, ... for orjson
+        model = isinstance(declared, type) and issubclass(declared, pydantic.BaseModel)
+        self._model = declared if model else None
         try:
             self.adapter = pydantic.TypeAdapter(declared)
             self.adapter.json_schema()  # a type without a schema fails here, not later
@@ -40,15 +52,40 @@ class TypedValue:
             ) from None
 
     def validate(self, value: Any) -> Any:
-        """The value as the declared type (a model instance), or ValueError in one line."""
-        try:
-            return self.adapter.validate_python(value)
-        except self._error as e:
-            raise ValueError(f"does not match {self.name}: {one_line(e)}") from None
+        """The value as the declared type (a model instance), validated in its JSON form
+        (as it travels: a worker's payload is JSON), or ValueError in one line."""
+        return self._check(value)[0]
 
     def to_data(self, value: Any) -> Any:
-        """Validated, then as plain JSON-able data (what goes into Redis)."""
-        return self.adapter.dump_python(self.validate(value), mode="json")
+        """Validated, then as plain JSON-able data (what goes into Redis). A model instance
+        was validated when made. A payload's data is checked as the worker will check it
+        unless it is the very JSON just checked (a strict model's datetime, a serializer
+        that does not round-trip: refused here, not at claim). A result has no consumer
+        that validates it: it is checked once."""
+        if self._model is not None and isinstance(value, self._model):
+            model, checked = value, b""
+        else:
+            model, checked = self._check(value)
+        data = self.adapter.dump_python(model, mode="json")
+        if self.role == "payload":
+            stored = orjson.dumps(data)
+            if stored != checked:
+                try:
+                    self._check(stored, text=True)
+                except ValueError as e:
+                    raise ValueError(f"stored as {self.name}'s JSON, {e}") from None
+        return data
+
+    def _check(self, value: Any, *, text: bool = False) -> tuple[Any, bytes]:
+        """(the validated value, the JSON text it was validated from)."""
+        try:
+            raw = value if text else orjson.dumps(value, default=self._jsonable)
+        except (TypeError, ValueError) as e:  # orjson's, or what _jsonable could not turn
+            raise ValueError(f"does not match {self.name}: not JSON-able: {e}") from None
+        try:
+            return self.adapter.validate_json(raw), raw
+        except self._error as e:
+            raise ValueError(f"does not match {self.name}: {one_line(e)}") from None
 
     def schema(self) -> dict[str, Any]:
         return self.adapter.json_schema()

@@ -26,12 +26,13 @@ from typing import Any
 
 import orjson
 
-from handoff.client import Client
+from handoff.client import Client, ResultTimeout
 from handoff.config import RedisPoolConfig, Settings
 from handoff.errors import InvalidPayload, RateLimited
 from handoff.protocol import streams
 from handoff.protocol.queue import ClaimRequest, Completion, Failure
-from handoff.protocol.task import Task
+from handoff.protocol.runs import run_of, run_state
+from handoff.protocol.task import Task, agent_of
 from handoff.runtime import tracing
 from handoff.runtime.agents import AgentSpec, app_agents
 from handoff.runtime.runner import Outcome
@@ -65,19 +66,38 @@ class Ended:
 
 
 class Runs(dict[str, Ended]):
-    """Every task the agents ran, by id, with a way to follow a chain to its ends."""
+    """Every task the agents ran, by id; a run's ends and result are read from the server
+    as the client reads them (client.result(root, follow=True)): a join's then-task's
+    result, not its branches'."""
+
+    def __init__(self, client: Client) -> None:
+        super().__init__()
+        self.client = client
 
     def ends(self, task_id: str) -> list[Ended]:
-        """The tasks a chain ended in (followed through every handoff), in order."""
-        task = self[task_id]
-        if not task.children:
-            return [task]
-        return [end for child in task.children if child in self for end in self.ends(child)]
+        """The ends of the run task_id belongs to, in the order they ended. ResultTimeout
+        while it has not ended (a task waits for an agent not run here, say)."""
+        queue = self.client.queue
+        root = queue.run(run_of(queue.keys, task_id))
+        state = queue.run(run_state(queue.keys, root, 1000))
+        if state.kind in ("single", "dead"):
+            status = "done" if state.kind == "single" else "dead"
+            return [self.get(root) or Ended(root, agent_of(root), status, reason=state.reason)]
+        if state.kind == "ended":
+            return [self._end(end) for end in state.ends]
+        raise ResultTimeout(f"run {root} has not ended ({state.kind})")
 
     def result(self, task_id: str) -> Any:
-        """The chain's final result: the single end's, or the ends' in order."""
-        results = [end.result for end in self.ends(task_id)]
-        return results[0] if len(results) == 1 else results
+        """The run's result, as client.result(task_id, follow=True) gives it: the single
+        end's, or the ends' in order (TaskDead, TaskCancelled for a failed run)."""
+        return self.client.result(task_id, 0, follow=True)
+
+    def _end(self, end: dict) -> Ended:
+        known = self.get(end.get("id", ""))
+        if known is not None:
+            return known
+        return Ended(end.get("id", ""), end.get("agent", ""), end.get("status", ""),
+                     end.get("result"), str(end.get("reason", "")))  # fmt: skip
 
 
 class InProcessApp:
@@ -102,7 +122,7 @@ class InProcessApp:
         self.client = Client(settings=self.settings)
         self.queue = self.client.queue
         self.clock = clock or VirtualClock()
-        self.runs = Runs()
+        self.runs = Runs(self.client)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._registered = False
 
@@ -121,15 +141,17 @@ class InProcessApp:
         while True:
             ran, next_due = 0, -1
             for name in self.specs:
-                ran += self._run_batch(name, batch, deadline)
-                due = self._next_due(name)
+                count, due = self._run_batch(name, batch, deadline)
+                ran += count
                 if due >= 0 and (next_due < 0 or due < next_due):
                     next_due = due
             if ran:
                 continue
             if next_due < 0:
                 return self.runs
-            self.clock.now_ms = max(self.clock.now_ms, next_due)  # a retry comes due now
+            # Nothing ran, something comes due: a retry or delay, or the limiter's next
+            # admission (rate, cost, pause, a group's turn), as the claim itself said.
+            self.clock.now_ms = max(self.clock.now_ms + 1, next_due)
             if time.monotonic() > deadline:
                 raise TimeoutError(f"agents still busy after {timeout_s}s (a handoff loop?)")
 
@@ -140,7 +162,8 @@ class InProcessApp:
 
     # -- one batch, as a worker would --------------------------------------------------
 
-    def _run_batch(self, name: str, batch: int, deadline: float) -> int:
+    def _run_batch(self, name: str, batch: int, deadline: float) -> tuple[int, int]:
+        """(tasks run, when the claim said to claim again: ms, -1 for nothing pending)."""
         if time.monotonic() > deadline:
             raise TimeoutError(f"agents still busy after the deadline (agent {name!r})")
         spec = self.specs[name]
@@ -151,7 +174,8 @@ class InProcessApp:
             group_rate=spec.group_rate, group_concurrency=spec.group_concurrency,
             cost_limit=spec.cost_limit,
         )  # fmt: skip
-        tasks = self.queue.claim([request], now_ms=now)[name]
+        claimed = self.queue.claim([request], now_ms=now)
+        tasks = claimed[name]
         completions: list[Completion] = []
         failures: list[Failure] = []
         children: list[Task] = []
@@ -180,7 +204,7 @@ class InProcessApp:
         if failures:
             self.queue.nack(failures, now_ms=now)
         self._record(completions, failures, children)
-        return len(tasks)
+        return len(tasks), claimed.next_due_ms.get(name, -1)
 
     def _call(self, spec: AgentSpec, task: Task) -> Outcome:
         """Run the handler as a worker's runner would: timed, and in a span when
@@ -222,11 +246,6 @@ class InProcessApp:
                 self._loop = asyncio.new_event_loop()
             return self._loop.run_until_complete(spec.handler(task))
         return spec.handler(task)
-
-    def _next_due(self, name: str) -> int:
-        keys = self.queue.keys.agent(name)
-        head = self.queue.manager.execute(lambda c: c.zrange(keys.delayed, 0, 0, withscores=True))
-        return int(head[0][1]) if head else -1
 
     def _record(self, completions, failures, children: list[Task]) -> None:
         by_parent: dict[str, list[str]] = {}

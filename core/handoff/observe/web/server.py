@@ -4,11 +4,13 @@ Runs in: `handoff monitor --web ADDR`. The socket is bound here, in the main thr
 before anything else starts: an address in use is one clear error at start, not a log
 line from a thread. uvicorn then serves on that socket in a daemon thread (it installs
 no signal handlers there: the monitor's own handling of SIGTERM and Ctrl-C stays), and
-the monitor loop feeds the hub each snapshot it takes (`feed`).
+the monitor loop feeds the hub each snapshot it takes (`feed`). Connections are bounded
+in number and in how long a request may take to arrive (conns.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import socket
@@ -18,7 +20,7 @@ from typing import Any
 
 import uvicorn
 
-from handoff.observe.web import guard
+from handoff.observe.web import conns, guard
 from handoff.observe.web.app import Dashboard, build_app
 from handoff.observe.web.chart import ThroughputHistory
 from handoff.observe.web.hub import Hub
@@ -67,7 +69,7 @@ def bind(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
-        sock.listen(128)
+        sock.listen(conns.BACKLOG)
     except OSError as e:
         sock.close()
         raise OSError(f"cannot listen on {url_of(host, port)}: {e.strerror or e}") from None
@@ -84,6 +86,8 @@ class WebServer:
     server: uvicorn.Server
     thread: threading.Thread
     url: str
+
+    budget: conns.Budget
 
     def feed(self, snapshot: dict[str, Any]) -> None:
         """Runs in: the monitor loop's thread, once per snapshot it takes."""
@@ -102,9 +106,12 @@ def start(
     *,
     token: str | None = None,
     metrics_url: str | None = None,
+    max_connections: int = conns.MAX_CONNECTIONS,
+    header_timeout_s: float = conns.HEADER_TIMEOUT_S,
 ) -> WebServer:
     """Bind `address` and serve the dashboard in a thread. ValueError for a malformed
-    address, OSError when it cannot be bound."""
+    address, OSError when it cannot be bound. At most max_connections open (fewer when
+    the file limit leaves fewer), each given header_timeout_s to send its request."""
     host, port = parse_address(address)
     sock = bind(host, port)
     renderer = Renderer()
@@ -113,21 +120,37 @@ def start(
     hub = Hub(pages.build)
     dashboard = Dashboard(hub, ops, guard.Guard(token), renderer, metrics_url)
     app = build_app(dashboard, guard.allowed_hosts(host))
+    limit = conns.fd_budget(max_connections, ops.settings.redis.pool_size)
+    budget = conns.Budget(limit, header_timeout_s)
     config = uvicorn.Config(
         app,
+        http=conns.protocol_for(budget),
+        ws="none",  # live pages are server-sent events; an upgrade would leave the budget
         log_level="warning",
         access_log=False,
         server_header=False,
         lifespan="on",
+        backlog=conns.BACKLOG,
+        timeout_keep_alive=5,
         timeout_graceful_shutdown=STOP_TIMEOUT_S,
         h11_max_incomplete_event_size=guard.MAX_URL_BYTES + 16 * 1024,
     )
     server = uvicorn.Server(config)
-    thread = threading.Thread(
-        target=server.run, kwargs={"sockets": [sock]}, name="dashboard", daemon=True
-    )
+    thread = threading.Thread(target=_serve, args=(server, sock, budget), name="dashboard",
+                              daemon=True)  # fmt: skip
     thread.start()
     url = url_of(host, port)
     mode = "actions with the token" if token else "read-only (no --web-token)"
-    log.info("monitor: dashboard on %s (%s)", url, mode)
-    return WebServer(hub, history, server, thread, url)
+    log.info("monitor: dashboard on %s (%s; at most %d connections)", url, mode, budget.limit)
+    return WebServer(hub, history, server, thread, url, budget)
+
+
+def _serve(server: uvicorn.Server, sock: socket.socket, budget: conns.Budget) -> None:
+    """The dashboard thread: uvicorn on its own loop, whose exception handler counts
+    accept() failures instead of logging a traceback for each."""
+
+    async def serve() -> None:
+        asyncio.get_running_loop().set_exception_handler(budget.loop_exception)
+        await server.serve(sockets=[sock])
+
+    asyncio.run(serve())
