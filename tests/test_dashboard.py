@@ -332,6 +332,43 @@ def test_cancel_and_scale_with_the_token(stack):
         wait_until(lambda c=count: integrators() == c, 30, f"{count} integrator worker(s)")
 
 
+# -- a run's page: its outcome, its times, its branches, its cancel ------------------------
+
+def _unlock(browser) -> None:
+    browser.evaluate(
+        f"""(() => {{ const form = document.querySelector('form[action="/unlock"]');
+            form.querySelector('input[name=token]').value = '{TOKEN}'; form.submit(); }})()"""
+    )
+    browser.wait_for(
+        "!!document.querySelector('.notice') && document.readyState === 'complete'", 10, "unlocked"
+    )
+
+
+def _lock(browser) -> None:
+    browser.evaluate("document.querySelector('form[action=\"/lock\"] button').click()")
+    browser.wait_for("!!document.querySelector('form[action=\"/unlock\"]')", 10, "locked again")
+
+
+def test_cancel_the_run_from_its_page_lands_on_the_runs_page(stack, browser):
+    root = stack.client.enqueue("planner", {"feature": "cancel me", "steps": 1}, delay_s=600)
+    browser.goto(f"{stack.base}/runs/{root}")
+    _unlock(browser)
+    try:
+        button = "document.querySelector('.actions form[action$=\"/cancel\"] button')"
+        browser.wait_for(f"!!{button}", 10, "the run's cancel button")
+        browser.evaluate(f"{button}.click()")
+        browser.wait_for(
+            "(document.querySelector('.notice') || {}).textContent === "
+            f"'run {root}: 1 task(s) cancelled (1 delayed)'",
+            10,
+            "the cancel's notice",
+        )
+        assert browser.evaluate("location.pathname") == f"/runs/{root}"
+        assert stack.client.status(root) == "cancelled"
+    finally:
+        _lock(browser)
+
+
 # -- bad requests ----------------------------------------------------------------------------
 
 

@@ -255,7 +255,9 @@ async def cancel(request: Request) -> Response:
     if scope not in ("task", "run"):
         raise HTTPException(400, f"scope must be 'task' or 'run', not {scope[:20]!r}")
     report = await _run(_dash(request).ops.cancel, task_id, run=scope == "run")
-    return _redirect(request, f"/tasks/{task_id}", report.line())
+    # A run's cancel comes from the run's page: back there (its root's), not to a task's.
+    to = f"/runs/{report.run}" if report.run else f"/tasks/{task_id}"
+    return _redirect(request, to, report.line())
 
 
 async def scale(request: Request) -> Response:
