@@ -287,7 +287,7 @@ def test_the_run_view_draws_planner_coders_reviewers_integrator(stack, browser, 
     browser.goto(f"{stack.base}/runs/{root}")
     browser.evaluate("window.__sameDocument = true")
     browser.wait_for(
-        "(document.querySelector('[data-field=run-state]') || {}).textContent === 'ended'",
+        "(document.querySelector('[data-field=run-state]') || {}).textContent === 'done'",
         30,
         "the run to end on the open page",
     )
@@ -334,6 +334,10 @@ def test_cancel_and_scale_with_the_token(stack):
 
 # -- a run's page: its outcome, its times, its branches, its cancel ------------------------
 
+RUN_STATE = """(() => { const b = document.querySelector('[data-field=run-state]');
+  return b ? [b.textContent.trim(), getComputedStyle(b).backgroundColor] : null; })()"""
+
+
 def _unlock(browser) -> None:
     browser.evaluate(
         f"""(() => {{ const form = document.querySelector('form[action="/unlock"]');
@@ -347,6 +351,44 @@ def _unlock(browser) -> None:
 def _lock(browser) -> None:
     browser.evaluate("document.querySelector('form[action=\"/lock\"] button').click()")
     browser.wait_for("!!document.querySelector('form[action=\"/unlock\"]')", 10, "locked again")
+
+
+def _run_page_state(stack: Stack, browser, root: str, word: str) -> str:
+    """The run's page with its badge saying `word`: the badge's background colour."""
+    browser.goto(f"{stack.base}/runs/{root}")
+    browser.wait_for(f"({RUN_STATE} || [])[0] === '{word}'", 15, f"run {root} shown {word}")
+    return browser.evaluate(RUN_STATE)[1]
+
+
+def test_a_run_page_names_the_runs_outcome_and_only_a_done_run_is_green(stack, browser):
+    client = stack.client
+    done = _run_features(client, 1, steps=1)[0]
+    cancelled = client.enqueue("planner", {"feature": "never", "steps": 1}, delay_s=600)
+    client.cancel(cancelled, run=True)
+    dead = client.enqueue("coder", {"feature": "no step"})  # its payload type refuses it
+    expired = client.enqueue("planner", {"feature": "late"}, delay_s=0.2, expires_in_s=0.1)
+    wait_until(lambda: client.status(dead) == "dead", 15, "the dead run")
+    wait_until(lambda: client.status(expired) == "expired", 15, "the expired run")
+
+    green = _run_page_state(stack, browser, done, "done")
+    others = {w: _run_page_state(stack, browser, r, w)
+              for w, r in (("cancelled", cancelled), ("dead", dead), ("expired", expired))}  # fmt: skip
+    assert all(colour != green for colour in others.values()), (green, others)
+
+
+def test_a_delayed_runs_page_shows_its_wait_apart_from_the_time_it_took(stack, browser):
+    root = stack.client.enqueue("planner", {"feature": "later", "steps": 1}, delay_s=1.5)
+    stack.client.result(root, wait_s=30, follow=True)
+    browser.goto(f"{stack.base}/runs/{root}")
+    browser.wait_for("!!document.querySelector('[data-field=took]')", 10, "the run's times")
+    cards = browser.evaluate(
+        "Object.fromEntries(['waited', 'took'].map(f => { const c = document.querySelector("
+        "`[data-field=${f}]`); return [f, [c.querySelector('.label').textContent.trim(), "
+        "Number(c.dataset.ms)]]; }))"
+    )
+    assert cards["waited"][0] == "waited before starting" and cards["took"][0] == "took"
+    assert 1500 <= cards["waited"][1] < 3000, cards
+    assert 0 < cards["took"][1] < 1500, cards
 
 
 def test_cancel_the_run_from_its_page_lands_on_the_runs_page(stack, browser):

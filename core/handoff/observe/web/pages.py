@@ -167,25 +167,71 @@ class Pages:
         except InvalidPayload as e:
             return View(status=404, message=str(e))
         nodes = list(walk(tree))
-        counts: dict[str, int] = {}
-        for node in nodes:
-            counts[node["status"]] = counts.get(node["status"], 0) + 1
-        starts = [n["enqueued_at"] for n in nodes if isinstance(n.get("enqueued_at"), int)]
-        ends = [n["finished_at"] for n in nodes if isinstance(n.get("finished_at"), int)]
-        ended = not OPEN_STATUSES & counts.keys()
-        span_ms = (max(ends) if ended and ends else time.time() * 1000) - min(starts, default=0)
-        summary = {
-            "tasks": len(nodes),
-            "counts": sorted(counts.items()),
-            "ended": ended,
-            "span_ms": span_ms if starts else None,
-            "chain": chain_of(tree),
-        }
+        summary = run_summary(tree, nodes, time.time() * 1000)
         region = self.render.region(
             "run", tree=tree, root=root, summary=summary, actions=self.actions,
             too_large=len(nodes) > MAX_TREE_NODES, events=run_events(self.ops.queue, root),
         )  # fmt: skip
-        return View(title=f"Run {root}", regions={"run": region}, final=ended)
+        return View(title=f"Run {root}", regions={"run": region}, final=summary["ended"])
+
+
+def run_summary(tree: dict[str, Any], nodes: list[dict[str, Any]], now_ms: float) -> dict:
+    """What the run page's heading says: the tasks by status, whether the run ended and
+    how (its outcome), and its times."""
+    counts: dict[str, int] = {}
+    for node in nodes:
+        counts[node["status"]] = counts.get(node["status"], 0) + 1
+    ended = not OPEN_STATUSES & counts.keys()
+    ends = [n["finished_at"] for n in nodes if isinstance(n.get("finished_at"), int)]
+    end_ms = max(ends) if ended and ends else now_ms
+    return {
+        "tasks": len(nodes),
+        "counts": sorted(counts.items()),
+        "ended": ended,
+        "state": outcome(tree) if ended else "running",
+        "times": run_times(tree, end_ms, ended),
+        "chain": chain_of(tree),
+    }
+
+
+BAD_ENDS = ("cancelled", "dead", "expired")  # what a run's outcome says first
+
+
+def outcome(tree: dict[str, Any]) -> str:
+    """How an ended run ended, from the tasks it ends with (what result(follow=True)
+    reads): a join's branches end in its then-task, any other line at its last task.
+    "done" only when every one of them is done."""
+    statuses, stack = set(), [tree]
+    while stack:
+        node = stack.pop()
+        if node.get("then"):
+            stack.append(node["then"])
+        elif node.get("children"):
+            stack.extend(node["children"])
+        else:
+            statuses.add(node["status"])
+    return next((word for word in BAD_ENDS if word in statuses), "done")
+
+
+def run_times(tree: dict[str, Any], end_ms: float, ended: bool) -> list[dict[str, Any]]:
+    """The run's time cards: how long its root waited to start (a delay, a queue) and
+    how long it took from that start, when the root's start is known (its record);
+    otherwise the time since it was enqueued."""
+    enqueued, started = tree.get("enqueued_at"), tree.get("started_at")
+    if isinstance(started, int):
+        cards = []
+        if isinstance(enqueued, int):
+            cards.append({"field": "waited", "label": "waited before starting",
+                          "ms": max(0, started - enqueued)})  # fmt: skip
+        took = "took" if ended else "running for"
+        return [*cards, {"field": "took", "label": took, "ms": max(0, end_ms - started)}]
+    if not isinstance(enqueued, int):
+        return []
+    if ended:
+        label = "ended after"
+    else:
+        label = "waiting for" if tree["status"] in ("queued", "delayed") else "running for"
+    return [{"field": "took", "label": label, "ms": max(0, end_ms - enqueued)}]
 
 
 def walk(node: dict[str, Any]):
