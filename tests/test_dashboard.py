@@ -283,7 +283,7 @@ def test_requeue_works_with_the_token_and_without_it_is_refused(stack, browser):
 
 
 def test_the_run_view_draws_planner_coders_reviewers_integrator(stack, browser, tmp_path):
-    root = stack.client.enqueue("planner", {"feature": "run view", "steps": 3})
+    root = stack.client.enqueue("planner", {"feature": "run view", "steps": 3}, delay_s=1)
     browser.goto(f"{stack.base}/runs/{root}")
     browser.evaluate("window.__sameDocument = true")
     browser.wait_for(
@@ -310,6 +310,8 @@ def test_the_run_view_draws_planner_coders_reviewers_integrator(stack, browser, 
     )
     assert events[0] == ["planner", "progress"]
     assert events.count(["coder", "emit"]) >= 3
+    assert browser.evaluate("document.querySelectorAll('.tree .branch-label').length") == 3
+    assert browser.evaluate("!!document.querySelector('[data-field=waited]')")
     browser.screenshot(screenshot_path(tmp_path, "dashboard-run.png"))
 
 
@@ -371,8 +373,8 @@ def test_a_run_page_names_the_runs_outcome_and_only_a_done_run_is_green(stack, b
     wait_until(lambda: client.status(expired) == "expired", 15, "the expired run")
 
     green = _run_page_state(stack, browser, done, "done")
-    others = {w: _run_page_state(stack, browser, r, w)
-              for w, r in (("cancelled", cancelled), ("dead", dead), ("expired", expired))}  # fmt: skip
+    ended = {"cancelled": cancelled, "dead": dead, "expired": expired}
+    others = {word: _run_page_state(stack, browser, r, word) for word, r in ended.items()}
     assert all(colour != green for colour in others.values()), (green, others)
 
 
@@ -391,7 +393,24 @@ def test_a_delayed_runs_page_shows_its_wait_apart_from_the_time_it_took(stack, b
     assert 0 < cards["took"][1] < 1500, cards
 
 
-def test_cancel_the_run_from_its_page_lands_on_the_runs_page(stack, browser):
+def test_a_joins_branches_are_labelled_with_their_index_and_payload(stack, browser):
+    feature = "<b>bold</b> & a feature with a long name"
+    root = stack.client.enqueue("planner", {"feature": feature, "steps": 2})
+    stack.client.result(root, wait_s=30, follow=True)
+    browser.goto(f"{stack.base}/runs/{root}")
+    labels = browser.evaluate(
+        "[...document.querySelectorAll('.tree .fan > .branch > .branch-label')]"
+        ".map(l => l.textContent)"
+    )
+    assert [label[:3] for label in labels] == ["#0 ", "#1 "], labels
+    for label in labels:
+        short = label[3:]
+        assert short.startswith('{"feature":"<b>bold</b> & a') and short.endswith("…"), label
+        assert len(short) <= 40, label
+    assert browser.evaluate("document.querySelectorAll('.tree b').length") == 0
+
+
+def test_cancel_the_run_from_its_page_lands_on_the_runs_page(stack, browser, tmp_path):
     root = stack.client.enqueue("planner", {"feature": "cancel me", "steps": 1}, delay_s=600)
     browser.goto(f"{stack.base}/runs/{root}")
     _unlock(browser)
@@ -407,6 +426,8 @@ def test_cancel_the_run_from_its_page_lands_on_the_runs_page(stack, browser):
         )
         assert browser.evaluate("location.pathname") == f"/runs/{root}"
         assert stack.client.status(root) == "cancelled"
+        browser.wait_for(f"{RUN_STATE}[0] === 'cancelled'", 10, "the run's badge")
+        browser.screenshot(screenshot_path(tmp_path, "dashboard-run-cancelled.png"))
     finally:
         _lock(browser)
 

@@ -154,6 +154,9 @@ def test_the_tree_matches_what_the_handlers_did(app, reader, raw_redis):
     assert tree["id"] == root and tree["status"] == "done" and tree["join"]
     assert [c["id"] for c in tree["children"]] == reader.result(root)["join"]["branches"]
     first, poisoned = tree["children"]
+    # each branch: its index, its payload in short (the join's record keeps them)
+    labels = [(c["branch"], c["label"][:7]) for c in (first, poisoned)]
+    assert labels == [(0, '{"i":0,'), (1, '{"i":1,')]
     assert [c["id"] for c in first["children"]] == runs[first["id"]].children
     assert all(c["status"] == "done" and c["result"] == {"i": 0} for c in first["children"])
     assert poisoned["status"] == "dead" and poisoned["reason"].startswith("RuntimeError")

@@ -373,7 +373,8 @@ class Client:
 
     def tree(self, run_id: str) -> dict[str, Any]:
         """The run as nested dicts: each task's id, agent, status, attempt, times (ms),
-        (shortened) result or reason, children, and a join's then. Raises InvalidPayload
+        (shortened) result or reason, children (a join's with their branch index and
+        payload in short: branch, label), and a join's then. Raises InvalidPayload
         for an unknown or expired run."""
         return self.queue.run(tree_plan(self.queue.keys, run_id, self.settings.tree_result_bytes))
 

@@ -103,29 +103,35 @@ def run_of(keys: Keys, task_id: str) -> Plan[str]:
 
 def read_tree(keys: Keys, run_id: str, result_bytes: int = 200) -> Plan[dict[str, Any] | None]:
     """The run as nested dicts (children, and a join's then), or None if nothing of it
-    is known: finished tasks from their records, live ones from the queue's state."""
+    is known: finished tasks from their records, live ones from the queue's state. A
+    join's children carry their branch index and a label (their payload in short)."""
     root = (yield from _read_nodes(keys, [run_id], result_bytes))[0]
     if root["status"] == "unknown":
         return None
     level = [root]
     while level:
-        pending: list[tuple[dict, str, str]] = []  # (node, "children" | "then", id)
+        # (node, "children" | "then", id, a join branch's index and label, or None)
+        pending: list[tuple[dict, str, str, tuple | None]] = []
         for node in level:
-            for child in node.pop("_children", []):
-                pending.append((node, "children", child))
+            labels = node.pop("_labels", None)
+            for i, child in enumerate(node.pop("_children", [])):
+                branch = None if labels is None else (i, labels[i] if i < len(labels) else "")
+                pending.append((node, "children", child, branch))
             if node.get("_then"):
-                pending.append((node, "then", node.pop("_then")))
+                pending.append((node, "then", node.pop("_then"), None))
         level = []
         for start in range(0, len(pending), TREE_LEVEL_CHUNK):
             chunk = pending[start : start + TREE_LEVEL_CHUNK]
-            ids = [task_id for _, _, task_id in chunk]
+            ids = [task_id for _, _, task_id, _ in chunk]
             nodes = yield from _read_nodes(keys, ids, result_bytes)
-            for (parent, slot, _), node in zip(chunk, nodes, strict=True):
+            for (parent, slot, _, branch), node in zip(chunk, nodes, strict=True):
                 if slot == "then":
                     if node["status"] == "unknown":
                         node["status"] = "waiting"  # its join has not fired yet
                     parent["then"] = node
                 else:
+                    if branch is not None:  # a join's branch: its index, its payload in short
+                        node["branch"], node["label"] = branch
                     parent["children"].append(node)
                 level.append(node)
     return root
@@ -177,6 +183,9 @@ def _node(task_id: str, keys: AgentKeys, parts: list, result_bytes: int) -> dict
             node["_children"] = list(result["handoff"])
         elif isinstance(result, dict) and set(result) == {"join"}:
             node["_children"] = list(result["join"].get("branches", []))
+            labels = result["join"].get("labels")
+            node["_labels"] = [str(x) for x in labels] if isinstance(labels, list) else []
+            node["_labels"] = list(result["join"].get("labels") or [])
             node["_then"] = result["join"].get("then")
             node["join"] = True
         elif node["status"] == "expired":

@@ -28,6 +28,9 @@ MIXED_RESULT = (
 Settled = tuple[Completion | None, Failure | None, list[Task]]
 Settled3 = tuple[list[Completion], list[Failure], list[Task]]  # a batch: acks, nacks, children
 ROOT_DONE = (notice.ROOT_DONE,)
+# A join's record labels its first branches with their payloads in short, for the tree.
+LABELLED_BRANCHES = 400
+BRANCH_LABEL_CHARS = 40
 
 
 def check_payload(spec: AgentSpec, task: Task) -> Failure | None:
@@ -165,8 +168,21 @@ def _settle_join(
         notice.joined(then_id, task.run_id, task.id, ids, then.priority, then_json, cap, keep_ms),
         notice.stepped(task.scope_id, task.run_id, task.id, [then_id], cap, keep_ms),
     )
-    result_json = orjson.dumps({"join": {"branches": ids, "then": then_id}})
+    labels = [branch_label(b.payload) for b in made[:LABELLED_BRANCHES]]
+    result_json = orjson.dumps({"join": {"branches": ids, "then": then_id, "labels": labels}})
     return Completion(task, result_json, len(made), notices, extras), None, made
+
+
+def branch_label(payload: Any) -> str:
+    """A branch's payload in short (its JSON, cut to BRANCH_LABEL_CHARS): what tells the
+    branches of a join apart in the run tree (the task's record keeps no payload)."""
+    try:
+        text = orjson.dumps(payload, option=orjson.OPT_NON_STR_KEYS).decode()
+    except TypeError:
+        text = repr(payload)
+    if len(text) <= BRANCH_LABEL_CHARS:
+        return text
+    return text[: BRANCH_LABEL_CHARS - 1] + "…"
 
 
 def _join_problem(join: Join, settings: Settings) -> str:
