@@ -427,6 +427,8 @@ def test_cancel_the_run_from_its_page_lands_on_the_runs_page(stack, browser, tmp
         assert browser.evaluate("location.pathname") == f"/runs/{root}"
         assert stack.client.status(root) == "cancelled"
         browser.wait_for(f"{RUN_STATE}[0] === 'cancelled'", 10, "the run's badge")
+        took = "[...document.querySelectorAll('[data-field=took] span')].map(s => s.textContent)"
+        assert browser.evaluate(took) == ["started", "never"]
         browser.screenshot(screenshot_path(tmp_path, "dashboard-run-cancelled.png"))
     finally:
         _lock(browser)

@@ -225,6 +225,8 @@ def run_times(tree: dict[str, Any], end_ms: float, ended: bool) -> list[dict[str
                           "ms": max(0, started - enqueued)})  # fmt: skip
         took = "took" if ended else "running for"
         return [*cards, {"field": "took", "label": took, "ms": max(0, end_ms - started)}]
+    if tree["status"] in ("cancelled", "expired"):  # ended before it started
+        return [{"field": "took", "label": "started", "text": "never"}]
     if not isinstance(enqueued, int):
         return []
     if ended:
