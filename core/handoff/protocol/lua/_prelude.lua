@@ -126,13 +126,11 @@ local function ready_remove(id)
   return redis.call('ZREM', K_QUEUE, id)
 end
 
--- A lease ended (finished, failed, released, reaped, cancelled, buried): under a group
--- cap (K_LIMITS group_cap, set by the claim) its group holds one less, and a group that
--- was at its cap takes its place in the rotation again. Without a cap: nothing to do.
-local GROUP_CAP
+-- A lease ended (finished, failed, released, reaped, cancelled, buried): its group holds
+-- one less, and takes its place in the rotation again (it may have left it at its cap).
+-- Whatever the cap is now: a cap changed live, or by a deploy, while the lease ran must
+-- neither leave a count behind nor keep the group out of the rotation.
 local function lease_ended(id)
-  if GROUP_CAP == nil then GROUP_CAP = redis.call('HEXISTS', K_LIMITS, 'group_cap') == 1 end
-  if not GROUP_CAP then return end
   local group = group_of(id)
   if not group then return end
   if redis.call('HINCRBY', K_GROUP_RUNNING, group, -1) <= 0 then

@@ -87,7 +87,7 @@ if unit and #finished > 0 then
 end
 if #finished > 0 then
   bulk_call('ZREM', K_LEASES, finished)
-  for _, id in ipairs(finished) do lease_ended(id) end  -- (one HEXISTS without a cap)
+  for _, id in ipairs(finished) do lease_ended(id) end  -- (ungrouped: one EXISTS per call)
   forget_all(finished)
 end
 bulk_write('ZADD', K_FINISHED, remembered)

@@ -349,9 +349,6 @@ local function pick_fairly(n)
   end
   if from_groups > 0 then redis.call('HINCRBY', K_LIMITS, 'grouped_ready', -from_groups) end
   redis.call('HSET', K_LIMITS, 'turn', turn, 'queue_turn', queue_turn)
-  if (g_cap > 0) ~= (LIMITS.group_cap ~= nil) then  -- lease ends count only under a cap
-    if g_cap > 0 then redis.call('HSET', K_LIMITS, 'group_cap', 1) else redis.call('HDEL', K_LIMITS, 'group_cap') end
-  end
   local first_parked = redis.call('ZRANGE', K_PARKED, 0, 0, 'WITHSCORES')
   if #first_parked > 0 then due_at(tonumber(first_parked[2])) end  -- claim again then
   return picked, groups_of
@@ -433,7 +430,7 @@ for i, id in ipairs(ids) do
       leased[c / 2] = id
       emit(id, payloads[i], failed, deliveries)
       local group = groups_of and groups_of[id]
-      if group and g_cap > 0 then redis.call('HINCRBY', K_GROUP_RUNNING, group, 1) end
+      if group then redis.call('HINCRBY', K_GROUP_RUNNING, group, 1) end  -- cap or not
     end
   end
 end
