@@ -501,7 +501,7 @@ local function apply_notice(notice, now)
     end
   elseif op == 'J' then
     if redis.call('HSETNX', sk, 'reg', '1') == 1 then
-      redis.call('HSET', sk, 'cap', f[5], 'then', f[9], 'prio', f[8])
+      redis.call('HSET', sk, 'cap', f[5], 'keep', f[6], 'then', f[9], 'prio', f[8])
       scope_open(sk, f[7])
     end
   else
@@ -547,7 +547,16 @@ local function notice_ended(id, now, status, reason, json)
     run, scope, branch = string.match(json,
       '^{"id":"[^"]*","agent":"[^"]*","run":"([^"]*)","scope":"([^"]*)","branch":(%d+)')
   end
-  if not run then run, scope, branch = id, id, '0' end
+  if not run then
+    run, scope, branch = id, id, '0'
+  else  -- a then-task's join state lives as long as its run's records (done: 'D' drops it)
+    local sk = run_key('scope', id)
+    local keep = redis.call('HGET', sk, 'keep')
+    if keep then
+      redis.call('PEXPIRE', sk, keep)
+      redis.call('PEXPIRE', run_key('ends', id), keep)
+    end
+  end
   local end_json = cjson.encode({id = id, agent = AGENT, branch = tonumber(branch),
     status = status, reason = reason})
   emit_notice('E' .. SEP .. scope .. SEP .. run .. SEP .. id .. SEP .. branch .. SEP .. status ..
