@@ -345,9 +345,6 @@ def test_every_key_of_a_run_expires_whatever_its_joins_then_task_ends_as(redis_u
         no_merge.run_until_idle()
         clock.advance(10)
         everything.run_until_idle()
-        # (the cancelled then-task's end, sent as its join fired inside the cancel's own
-        # delivery of notices, waits in merge's outbox until the reaper delivers it)
-        everything.queue.reap(["merge"], now_ms=clock.now_ms + 6000)
         client = everything.client
         ends = {dead: "dead", cancelled: "cancelled", expired: "expired"}
         for root, status in ends.items():
