@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import orjson
 import pytest
 
-from handoff.client import Client
+from handoff.client import Client, TaskDead
 from handoff.config import RedisPoolConfig, Settings
 from handoff.connection.manager import RedisManager
 from handoff.protocol import scripts
@@ -207,3 +207,64 @@ def test_corrupt_counters_in_the_stats_hash_stop_no_script(queue, raw_redis):
     stats = {k.decode(): v.decode() for k, v in raw_redis.hgetall(KEYS.stats).items()}
     assert stats["enqueued"] == "6" and stats["done"] == "2" and stats["stale_acks"] == "1"
     assert stats["failed"] == "2" and stats["dead"] == "1" and stats["reaped"] == "2"
+
+
+# -- runs and joins: their scopes, in real worker processes -------------------------------
+
+# How a run's or a join's state is overwritten (the scope hash, or its ends string), and
+# the start of the reason the damaged run's end gives. The reviewer's cases: n as text
+# fired the then-task after 1 of 5 ends; n = -1 before any; a scope replaced by a string
+# stopped every ack of the run ("lost the lease") and the run never ended; the run's own
+# n as text left result(follow=True) waiting forever.
+SCOPE_DAMAGE = {
+    "join-n-text": ("join", lambda r, k: r.hset(k, "n", "abc"), "{scope} n = abc is not a count"),
+    "join-n-negative": ("join", lambda r, k: r.hset(k, "n", -1), "{scope} n = -"),
+    "join-n-short": ("join", lambda r, k: r.hset(k, "n", 2), "{scope} n = 0 but 3 of its"),
+    "join-scope-string": (
+        "join", lambda r, k: (r.delete(k), r.set(k, "x")), "{scope} is a string, not a hash"
+    ),
+    "join-ends-list": (
+        "join", lambda r, k: r.rpush(k.replace(":scope:", ":ends:"), "x"), "ends:"
+    ),
+    "run-n-text": ("run", lambda r, k: r.hset(k, "n", "abc"), "{scope} n = abc is not a count"),
+}  # fmt: skip
+
+
+@pytest.mark.backends("server")
+@pytest.mark.parametrize("damage", SCOPE_DAMAGE)
+def test_an_overwritten_run_or_join_ends_dead_naming_it_and_nothing_else_stops(
+    start, redis_url, raw_redis, monkeypatch, damage
+):
+    """A 5-branch join whose state someone overwrote once it opened: its then-task never
+    runs early or late but is dead-lettered naming the field (or the run, when its own
+    scope was hit, ends dead naming it); result(follow=True) says so at once; a healthy run
+    beside it ends as usual, and no worker's ack fails."""
+    from harness.procs import wait_until
+
+    monkeypatch.setenv("TEST_REDIS_URL", redis_url)
+    which, overwrite, reason = SCOPE_DAMAGE[damage]
+    client = Client(redis_url)
+    keys = Keys()
+    hit = client.enqueue("splitter", {"n": 5})
+    healthy = client.enqueue("splitter", {"n": 2})
+    procs = [start(["worker", "splitter"], app="apps.flows")]
+    then = {}
+    for root in (hit, healthy):
+        wait_until(lambda: client.status(root) == "done", 20, "the splitter's join")  # noqa: B023
+        then[root] = client.result(root)["join"]["then"]
+    scope_id = then[hit] if which == "join" else hit
+    scope_key = keys.agent(scope_id.split(".")[0]).scope(scope_id)
+    assert raw_redis.hget(scope_key, "n") in (b"1", b"5")  # open, nothing ended yet
+    overwrite(raw_redis, scope_key)
+    procs += [start(["worker", name], app="apps.flows") for name in ("step", "merge")]
+    assert client.result(healthy, 20, follow=True) == {"merged": [[{"i": 0}], [{"i": 1}]]}
+    with pytest.raises(TaskDead) as e:
+        client.result(hit, 20, follow=True)
+    assert f"corrupt bookkeeping: {reason.format(scope=f'scope:{scope_id}')}" in str(e.value)
+    merged = [orjson.loads(m)["run"] for m in raw_redis.lrange("merged", 0, -1)]
+    if which == "join":  # the then-task was dead-lettered, never run
+        assert client.status(then[hit]) == "dead" and merged == [healthy]
+        assert client.dead_reason(then[hit]).startswith("corrupt bookkeeping: ")
+    assert int(raw_redis.hget(keys.agent(scope_id.split(".")[0]).stats, "corrupt")) == 1
+    for proc in procs:
+        assert "ack failed" not in proc.output() and "lost the lease" not in proc.output()

@@ -407,11 +407,43 @@ local function fire_then(id, sk, now)
   wake(1)
 end
 
+-- What is wrong with a scope someone overwrote (the key or the field named), or nil: its
+-- keys' types, its counts, and n against the tasks it holds open (n is kept equal to them).
+local function scope_fault(scope)
+  local sk, name = run_key('scope', scope), 'scope:' .. scope
+  local kind = redis.call('TYPE', sk).ok
+  if kind ~= 'hash' and kind ~= 'none' then return name .. ' is a ' .. kind .. ', not a hash' end
+  kind = redis.call('TYPE', run_key('ends', scope)).ok
+  if kind ~= 'string' and kind ~= 'none' then
+    return 'ends:' .. scope .. ' is a ' .. kind .. ', not a string'
+  end
+  local flat, n, open = redis.call('HGETALL', sk), 0, 0
+  for i = 1, #flat, 2 do
+    local field, value = flat[i], flat[i + 1]
+    local head = string.sub(field, 1, 2)
+    if field == 'n' or field == 'dropped' or head == 'c:' then
+      if not string.match(value, '^%d+$') or #value > 15 then
+        return name .. ' ' .. field .. ' = ' .. string.sub(value, 1, 40) .. ' is not a count'
+      end
+      if field == 'n' then n = tonumber(value) end
+    elseif head == 't:' and value ~= '0' then
+      if value ~= '1' then
+        return name .. ' ' .. field .. ' = ' .. string.sub(value, 1, 40) .. ' is not 0 or 1'
+      end
+      open = open + 1
+    end
+  end
+  if n ~= open then return name .. ' n = ' .. n .. ' but ' .. open .. ' of its tasks are open' end
+  return nil
+end
+
 -- Once the opening notice has arrived and nothing is open, the scope has ended: a run
--- wakes its waiters and is kept `keep` ms; a join enqueues its then-task.
+-- wakes its waiters and is kept `keep` ms; a join enqueues its then-task. A count someone
+-- overwrote must not end it early: it is checked first (once per scope: see scope_corrupt).
 local function scope_settle(scope, sk, run, now)
   if redis.call('HGET', sk, 'reg') ~= '1' or redis.call('HEXISTS', sk, 'done') == 1 then return end
   if (tonumber(redis.call('HGET', sk, 'n') or '0') or 0) > 0 then return end
+  if scope_fault(scope) then error('corrupt scope') end
   redis.call('HSET', sk, 'done', now)
   if scope == run then
     local keep = tonumber(redis.call('HGET', sk, 'keep') or '3600000') or 3600000
@@ -457,6 +489,47 @@ local function root_ended(root, now, status, end_json, result_json)
   scope_settle(root, sk, root, now)
 end
 
+-- A scope someone overwrote (why: scope_fault's finding) counts nothing more: it ends here,
+-- kept as a marker that later notices leave alone. A join's then-task, not yet fired, is
+-- dead-lettered saying why (its end goes to its run, which goes on; a requeue runs it with
+-- no ends); a run ends with one dead end saying why (its waiters wake). Counted: corrupt.
+local function scope_corrupt(scope, run, now, why)
+  local sk, ek = run_key('scope', scope), run_key('ends', scope)
+  local json, keep = nil, 3600000
+  if redis.call('TYPE', sk).ok == 'hash' then
+    json = redis.call('HGET', sk, 'then')
+    keep = tonumber(redis.call('HGET', sk, 'keep') or '') or keep
+  end
+  why = 'corrupt bookkeeping: ' .. why
+  redis.call('DEL', sk, ek)
+  redis.call('HSET', sk, 'reg', '1', 'done', now, 'corrupt', why)
+  redis.call('PEXPIRE', sk, keep)
+  count('corrupt', 1)
+  if scope == run then
+    local end_json = cjson.encode({id = run, agent = AGENT, branch = 0, status = 'dead',
+      reason = why})
+    redis.call('SET', ek, end_json .. ',', 'PX', keep)
+    run_ended_notice(run, keep)
+  elseif redis.call('HEXISTS', K_TASKS, scope) == 0 and not redis.call('ZSCORE', K_DEAD, scope)
+    and redis.call('EXISTS', run_key('result', scope)) == 0 then
+    -- (its JSON went with a scope overwritten whole: a stub, in task.py's order, reports
+    -- to the run)
+    redis.call('HSET', K_TASKS, scope, json or '{"id":"' .. scope .. '","agent":"' .. AGENT ..
+      '","run":"' .. run .. '","scope":"' .. run .. '","branch":0,"payload":null}')
+    bury(scope, now, cjson.encode({reason = why, at = now}))
+  end
+end
+
+-- fn(...) changes scope: should it fail on what someone wrote there, the scope ends as
+-- corrupt (any other error is raised as it was).
+local function in_scope(scope, run, now, fn, ...)
+  local ok, err = pcall(fn, ...)
+  if ok then return end
+  local why = scope_fault(scope)
+  if not why then error(err) end
+  scope_corrupt(scope, run, now, why)
+end
+
 -- Apply one notice to a scope that lives in this slot. Notices (built by
 -- handoff/protocol/runs.py, or by notice_dead below), fields separated by SEP:
 --   E scope run task branch status end_json   a task ended (status done or dead)
@@ -464,15 +537,7 @@ end
 --   S scope run task cap keep children_csv    a task handed off: children replace it
 --   J join run task cap keep branches_csv priority then_json     a join starts
 --   D join                                    the then-task finished: drop the join
-local function apply_notice(notice, now)
-  local op = string.sub(notice, 1, 1)
-  if op == 'D' then
-    local join = string.sub(notice, 3)
-    redis.call('DEL', run_key('scope', join), run_key('ends', join))
-    return
-  end
-  local f
-  if op == 'J' then f = split_fields(notice, 8) else f = split_fields(notice, 6) end
+local function apply_to_scope(op, f, now)
   local scope, run, tid = f[2], f[3], f[4]
   local sk = run_key('scope', scope)
   if op == 'E' and tid == run then
@@ -508,6 +573,18 @@ local function apply_notice(notice, now)
     return
   end
   scope_settle(scope, sk, run, now)
+end
+
+local function apply_notice(notice, now)
+  local op = string.sub(notice, 1, 1)
+  if op == 'D' then
+    local join = string.sub(notice, 3)
+    redis.call('DEL', run_key('scope', join), run_key('ends', join))
+    return
+  end
+  local f
+  if op == 'J' then f = split_fields(notice, 8) else f = split_fields(notice, 6) end
+  in_scope(f[2], f[3], now, apply_to_scope, op, f, now)
 end
 
 -- Send a notice to its scope: applied here when the scope lives in this slot, else kept
@@ -551,8 +628,9 @@ local function notice_ended(id, now, status, reason, json)
     run, scope, branch = id, id, '0'
   else  -- a then-task's join state lives as long as its run's records (done: 'D' drops it)
     local sk = run_key('scope', id)
-    local keep = redis.call('HGET', sk, 'keep')
+    local keep = redis.pcall('HGET', sk, 'keep')  -- (an overwritten scope expires all the same)
     if keep then
+      keep = tonumber(keep) or 3600000
       redis.call('PEXPIRE', sk, keep)
       redis.call('PEXPIRE', run_key('ends', id), keep)
     end

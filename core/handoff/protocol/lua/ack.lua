@@ -56,7 +56,7 @@ for i = 1, n do
     local watched = watching and redis.call('ZSCORE', WATCHED, id)
     if watched then result_ready(id) end
     if notices == 'R' then
-      if watched then root_ended(id, now, 'done', nil, result) end
+      if watched then in_scope(id, id, now, root_ended, id, now, 'done', nil, result) end
     elseif notices ~= '' then
       local k, from = 0, 1
       while from <= #notices do

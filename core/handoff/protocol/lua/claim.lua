@@ -121,22 +121,25 @@ if isolate then out[3] = 0 end
 
 -- The first dead end of a then-task's join ('' for other tasks, and when none). Only a
 -- task whose JSON has a join looks (a payload that happens to hold the text reads '').
+-- nil and why when someone overwrote the join's scope with another type.
 local function join_state(id, json)
   if not json then return '' end
   -- A root (no "run" right after id and agent, where task.py writes it) is never one.
   local at = #id + #AGENT + 20
   if string.sub(json, at, at + 6) ~= ',"run":' then return '' end
   if not string.find(json, '"join":{"on_dead":', at, true) then return '' end
-  return redis.call('HGET', run_key('scope', id), 'dead') or ''
+  local dead = redis.pcall('HGET', run_key('scope', id), 'dead')
+  if type(dead) == 'table' then return nil, scope_fault(id) or 'scope:' .. id end
+  return dead or ''
 end
 
-local function emit(id, json, failures, deliveries)
+local function emit(id, json, failures, deliveries, join)
   local len = #out
   out[len + 1] = id
   out[len + 2] = json
   out[len + 3] = failures + 1
   out[len + 4] = deliveries
-  out[len + 5] = join_state(id, json)
+  out[len + 5] = join or join_state(id, json) or ''
 end
 
 -- A retried claim: return what the first call leased and still holds; lease nothing new.
@@ -419,16 +422,20 @@ for i, id in ipairs(ids) do
     local deliveries = before + 1
     counts[#counts + 1] = id
     counts[#counts + 1] = deliveries
+    local join, bad_join = join_state(id, payloads[i])
     if deliveries - failed > max_deliveries then
       bury(id, now, '{"reason":"poison: delivered ' .. (deliveries - 1 - failed) ..
         ' times without finishing (worker crashed or lease expired each time)","at":' .. now .. '}')
+    elseif bad_join then  -- its join's state was overwritten: it cannot know its branches
+      bury(id, now, cjson.encode({reason = 'corrupt bookkeeping: ' .. bad_join, at = now}))
+      count('corrupt', 1)
     else
       if suspect then took_suspect = true end
       c = c + 2
       leases[c - 1], leases[c] = deadline, id
       tokens[c - 1], tokens[c] = id, token
       leased[c / 2] = id
-      emit(id, payloads[i], failed, deliveries)
+      emit(id, payloads[i], failed, deliveries, join)
       local group = groups_of and groups_of[id]
       if group then redis.call('HINCRBY', K_GROUP_RUNNING, group, 1) end  -- cap or not
     end
