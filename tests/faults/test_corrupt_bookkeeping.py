@@ -268,3 +268,78 @@ def test_an_overwritten_run_or_join_ends_dead_naming_it_and_nothing_else_stops(
     assert int(raw_redis.hget(keys.agent(scope_id.split(".")[0]).stats, "corrupt")) == 1
     for proc in procs:
         assert "ack failed" not in proc.output() and "lost the lease" not in proc.output()
+
+
+# -- an agent's standing keys: outbox, limiter and group counts ---------------------------
+
+# Keys no task owns, overwritten (another type, or a field that is not what the scripts
+# keep there): the scripts set them right (counted as corrupt) and go on. key kind ->
+# its name in the scripts; each kind has a case below.
+STANDING = {"outbox": "K_OUTBOX", "limits": "K_LIMITS", "group_running": "K_GROUP_RUNNING",
+            "glimit": "'glimit'"}  # fmt: skip
+STANDING_DAMAGE = {
+    "outbox-string": ("step", "outbox", lambda r, k: r.set(k, "x")),
+    "outbox-values": (
+        "step", "outbox", lambda r, k: r.hset(k, mapping={"a": "junk", "b": "1\x1fE\x1fjunk"})
+    ),
+    "limits-string": ("capped", "limits", lambda r, k: r.set(k, "x")),
+    "limits-counters": (
+        "capped", "limits", lambda r, k: r.hset(k, mapping={"turn": "x", "grouped_ready": "x"})
+    ),
+    "group_running-text": ("capped", "group_running", lambda r, k: r.hset(k, "g1", "x")),
+    "group_running-string": ("capped", "group_running", lambda r, k: r.set(k, "x")),
+    "glimit-string": ("paced", "glimit", lambda r, k: r.set(k, "x")),
+}  # fmt: skip
+
+
+def test_every_standing_key_kind_has_a_case_and_the_scripts_guard_it():
+    assert {kind for _, kind, _ in STANDING_DAMAGE.values()} == set(STANDING)
+    source = "".join(scripts.source(name) for name in scripts.NAMES)
+    for name in STANDING.values():
+        assert name in source, name
+
+
+@pytest.mark.backends("server")
+@pytest.mark.parametrize("damage", STANDING_DAMAGE)
+def test_an_overwritten_standing_key_is_set_right_and_nothing_stops(
+    redis_url, raw_redis, monkeypatch, damage
+):
+    """The key overwritten before any work: grouped tasks (a cap, a rate) all run and
+    leave no count behind; a run whose end crosses slots through the outbox ends; the
+    reaper delivers what is a notice and drops what is not."""
+    from handoff.testing import InProcessApp
+
+    monkeypatch.setenv("TEST_REDIS_URL", redis_url)
+    agent, kind, overwrite = STANDING_DAMAGE[damage]
+    keys = Keys().agent(agent)
+    key = keys.base + ":glimit:g1" if kind == "glimit" else getattr(keys, kind)
+    if kind == "group_running":  # a count to overwrite: one lease of g1's already held
+        raw_redis.hset(key, "g1", 1)
+    overwrite(raw_redis, key)
+    outbox = kind == "outbox"
+    app = InProcessApp(
+        "apps.flows" if outbox else "apps.groups",
+        redis_url,
+        ["echo", "step"] if outbox else [agent],
+    )
+    try:
+        if outbox:
+            root = app.enqueue("echo", {"i": 7, "next": "step"})  # step reports to echo's slot
+        else:
+            app.client.enqueue_many(agent, [{"sleep_s": 0} for _ in range(4)], group="g1")
+        for _ in range(8):  # (a group rate's next starts come due as the clock moves)
+            app.run_until_idle()
+            if outbox or app.client.queue_stats([agent])[agent]["done"] == 4:
+                break
+            app.clock.advance(1)
+        app.queue.reap([agent], now_ms=app.clock.now_ms + 60_000)
+        if outbox:
+            assert app.client.result(root, 5, follow=True) == {"i": 7}
+        else:
+            assert app.client.queue_stats([agent])[agent]["done"] == 4
+            assert not raw_redis.exists(keys.group_running, keys.group_queue("g1"))
+    finally:
+        app.close()
+    assert raw_redis.type(key) in (b"hash", b"none")
+    assert not raw_redis.hlen(keys.outbox)  # delivered, or dropped as no notice
+    assert int(raw_redis.hget(keys.stats, "corrupt")) >= 1

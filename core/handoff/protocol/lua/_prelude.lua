@@ -18,6 +18,27 @@ local function count(field, n)
   if type(reply) == 'table' and reply.err then redis.pcall('HSET', K_STATS, field, n) end
 end
 
+-- An agent's standing key (outbox, limits, group counts, a group's limiter) that someone
+-- overwrote with another type holds nothing a script can read: it goes, counted as
+-- corrupt, and what it held starts again. True if it went.
+local function standing(key, kind)
+  local was = redis.call('TYPE', key).ok
+  if was == kind or was == 'none' then return false end
+  redis.call('DEL', key)
+  count('corrupt', 1)
+  return true
+end
+
+-- HINCRBY on a standing hash that an overwritten field or key does not stop: the field
+-- starts again from n (counted as corrupt).
+local function incr(key, field, n)
+  local reply = redis.pcall('HINCRBY', key, field, n)
+  if type(reply) ~= 'table' then return reply end
+  if not standing(key, 'hash') then count('corrupt', 1) end
+  redis.call('HSET', key, field, n)
+  return n
+end
+
 -- Bookkeeping read from the agent's hashes is checked before a script writes anything
 -- that depends on it: a value someone else wrote there would otherwise stop the script
 -- half way (Redis does not roll a script back), leaving tasks in no state at all.
@@ -96,7 +117,7 @@ local function rotation_touch(group)
   if rank then
     turn = tonumber(rank) % PRIO_UNIT
   else
-    turn = redis.call('HINCRBY', K_LIMITS, 'turn', 1)
+    turn = incr(K_LIMITS, 'turn', 1)
   end
   redis.call('ZADD', K_GROUPS, rank_of(head[2], turn), group)
 end
@@ -106,7 +127,7 @@ local function ready_add(id, score, group)
   group = group or group_of(id)
   if group then
     if redis.call('ZADD', run_key('gq', group), score, id) == 1 then
-      redis.call('HINCRBY', K_LIMITS, 'grouped_ready', 1)  -- (queue_stats' count)
+      incr(K_LIMITS, 'grouped_ready', 1)  -- (queue_stats' count)
     end
     rotation_touch(group)
   else
@@ -119,11 +140,29 @@ local function ready_remove(id)
   local group = group_of(id)
   if group then
     local removed = redis.call('ZREM', run_key('gq', group), id)
-    if removed == 1 then redis.call('HINCRBY', K_LIMITS, 'grouped_ready', -1) end
+    if removed == 1 then incr(K_LIMITS, 'grouped_ready', -1) end
     rotation_touch(group)
     return removed
   end
   return redis.call('ZREM', K_QUEUE, id)
+end
+
+-- Add delta to the leases group holds (K_GROUP_RUNNING). A count someone overwrote is
+-- worked out again, every group's, from the leases (a lease that ended has left them;
+-- one being taken has not yet: delta > 0 is added after).
+local function group_count(group, delta)
+  local reply = redis.pcall('HINCRBY', K_GROUP_RUNNING, group, delta)
+  if type(reply) ~= 'table' then return reply end
+  count('corrupt', 1)
+  redis.call('DEL', K_GROUP_RUNNING)
+  local held = {}
+  for _, id in ipairs(redis.call('ZRANGE', K_LEASES, 0, -1)) do
+    local g = redis.call('HGET', K_TASK_GROUPS, id)
+    if g then held[g] = (held[g] or 0) + 1 end
+  end
+  for g, n in pairs(held) do redis.call('HSET', K_GROUP_RUNNING, g, n) end
+  if delta > 0 then return redis.call('HINCRBY', K_GROUP_RUNNING, group, delta) end
+  return held[group] or 0
 end
 
 -- A lease ended (finished, failed, released, reaped, cancelled, buried): its group holds
@@ -133,7 +172,7 @@ end
 local function lease_ended(id)
   local group = group_of(id)
   if not group then return end
-  if redis.call('HINCRBY', K_GROUP_RUNNING, group, -1) <= 0 then
+  if group_count(group, -1) <= 0 then
     redis.call('HDEL', K_GROUP_RUNNING, group)
   end
   rotation_touch(group)
@@ -301,6 +340,8 @@ end
 local AGENT = string.match(AGENT_BASE, '{(.*)}$')
 local SEP = '\31'
 local NOTICE_SEP = '\30'
+-- What a notice in an outbox looks like to be delivered: E, S or J, then a scope (a task id).
+local NOTICE_OK = '^[ESJ]' .. SEP .. '[a-z0-9][a-z0-9_%-]*%.[A-Za-z0-9_%-]+' .. SEP
 
 -- The first n SEP-separated fields of s, and the rest (which may hold anything) as n + 1.
 local function split_fields(s, n)
@@ -606,7 +647,10 @@ local function emit_notice(notice, field, now)
   if string.match(notice, SCOPE_OF) == AGENT then
     apply_notice(notice, now)
   else
-    redis.call('HSET', K_OUTBOX, field, now .. SEP .. notice)
+    if type(redis.pcall('HSET', K_OUTBOX, field, now .. SEP .. notice)) == 'table' then
+      standing(K_OUTBOX, 'hash')  -- overwritten: what it held was no notice
+      redis.call('HSET', K_OUTBOX, field, now .. SEP .. notice)
+    end
     OUTBOXED[#OUTBOXED + 1] = field
     OUTBOXED[#OUTBOXED + 1] = notice
   end

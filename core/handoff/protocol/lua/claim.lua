@@ -178,6 +178,7 @@ end
 -- The agent's limiter state, read once: rate, burst, tat, paused_until, cost_*, turns.
 local LIMITS = {}
 do
+  standing(K_LIMITS, 'hash')
   local flat = redis.call('HGETALL', K_LIMITS)
   for i = 1, #flat, 2 do LIMITS[flat[i]] = flat[i + 1] end
 end
@@ -257,11 +258,15 @@ end
 local function group_blocked(g, taken, interval, slack)
   local gl = run_key('glimit', g)
   if g_cap > 0 then
-    local running = tonumber(redis.call('HGET', K_GROUP_RUNNING, g) or '0') or 0
+    local running = redis.pcall('HGET', K_GROUP_RUNNING, g)
+    if type(running) == 'table' then running = group_count(g, 0) end  -- overwritten
+    running = tonumber(running or '0') or 0
     if running + (taken[g] or 0) >= g_cap then return false end
   end
   if interval > 0 then
-    local tat = tonumber(redis.call('HGET', gl, 'tat') or '0') or 0
+    local tat = redis.pcall('HGET', gl, 'tat')
+    if type(tat) == 'table' then standing(gl, 'hash') end  -- overwritten: its clock restarts
+    tat = tonumber(type(tat) == 'string' and tat or '0') or 0
     local idle = now - tat >= slack
     if idle then tat = now end
     -- a rate faster than a start per ms admits all its starts of this ms (the clock's)
@@ -350,7 +355,7 @@ local function pick_fairly(n)
     bulk_write('ZADD', K_GROUPS, reranked)
     if #gone > 0 then bulk_call('ZREM', K_GROUPS, gone) end
   end
-  if from_groups > 0 then redis.call('HINCRBY', K_LIMITS, 'grouped_ready', -from_groups) end
+  if from_groups > 0 then incr(K_LIMITS, 'grouped_ready', -from_groups) end
   redis.call('HSET', K_LIMITS, 'turn', turn, 'queue_turn', queue_turn)
   local first_parked = redis.call('ZRANGE', K_PARKED, 0, 0, 'WITHSCORES')
   if #first_parked > 0 then due_at(tonumber(first_parked[2])) end  -- claim again then
@@ -437,7 +442,7 @@ for i, id in ipairs(ids) do
       leased[c / 2] = id
       emit(id, payloads[i], failed, deliveries, join)
       local group = groups_of and groups_of[id]
-      if group then redis.call('HINCRBY', K_GROUP_RUNNING, group, 1) end  -- cap or not
+      if group then group_count(group, 1) end  -- cap or not
     end
   end
 end
