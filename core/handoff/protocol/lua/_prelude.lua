@@ -149,7 +149,9 @@ end
 
 -- Add delta to the leases group holds (K_GROUP_RUNNING). A count someone overwrote is
 -- worked out again, every group's, from the leases (a lease that ended has left them;
--- one being taken has not yet: delta > 0 is added after).
+-- one being taken has not yet: delta > 0 is added after). Leases this same call took or
+-- ended for other groups may be missed: a count errs low (a few more may start until
+-- those leases end; it never drops below zero), never high (which would strand a group).
 local function group_count(group, delta)
   local reply = redis.pcall('HINCRBY', K_GROUP_RUNNING, group, delta)
   if type(reply) ~= 'table' then return reply end
@@ -535,7 +537,8 @@ end
 -- dead-lettered saying why (its end goes to its run, which goes on; a requeue runs it with
 -- no ends); a run ends with one dead end saying why (its waiters wake). Counted: corrupt.
 local function scope_corrupt(scope, run, now, why)
-  local sk, ek = run_key('scope', scope), run_key('ends', scope)
+  local sk = run_key('scope', scope)
+  local ek = run_key('ends', scope)
   local json, keep = nil, 3600000
   if redis.call('TYPE', sk).ok == 'hash' then
     json = redis.call('HGET', sk, 'then')
