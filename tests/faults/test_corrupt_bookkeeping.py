@@ -230,7 +230,7 @@ SCOPE_DAMAGE = {
 }  # fmt: skip
 
 
-@pytest.mark.backends("server")
+@pytest.mark.backends("server", "cluster")
 @pytest.mark.parametrize("damage", SCOPE_DAMAGE)
 def test_an_overwritten_run_or_join_ends_dead_naming_it_and_nothing_else_stops(
     start, redis_url, raw_redis, monkeypatch, damage
@@ -343,3 +343,35 @@ def test_an_overwritten_standing_key_is_set_right_and_nothing_stops(
     assert raw_redis.type(key) in (b"hash", b"none")
     assert not raw_redis.hlen(keys.outbox)  # delivered, or dropped as no notice
     assert int(raw_redis.hget(keys.stats, "corrupt")) >= 1
+
+
+@pytest.mark.backends("server")
+def test_a_fired_then_task_whose_join_state_was_overwritten_is_dead_lettered_at_claim(
+    redis_url, raw_redis, monkeypatch
+):
+    """The join fired (its then-task queued), then its scope was replaced by a string: the
+    claim that takes the then-task dead-letters it naming the key, leases the others."""
+    from handoff.testing import InProcessApp, VirtualClock
+
+    monkeypatch.setenv("TEST_REDIS_URL", redis_url)
+    clock = VirtualClock()
+    branches = InProcessApp("apps.flows", redis_url, ["splitter", "step"], clock=clock)
+    merge = InProcessApp("apps.flows", redis_url, ["merge"], clock=clock)
+    try:
+        hit, healthy = (branches.enqueue("splitter", {"n": n}) for n in (3, 2))
+        branches.run_until_idle()
+        then = branches.client.result(hit)["join"]["then"]
+        assert branches.client.status(then) == "queued"
+        scope_key = Keys().agent("merge").scope(then)
+        raw_redis.delete(scope_key)
+        raw_redis.set(scope_key, "x")
+        merge.run_until_idle()
+        assert merge.client.status(then) == "dead"
+        reason = f"corrupt bookkeeping: scope:{then} is a string, not a hash"
+        assert merge.client.dead_reason(then) == reason
+        with pytest.raises(TaskDead, match=reason):
+            merge.client.result(hit, 5, follow=True)
+        assert merge.client.result(healthy, 5, follow=True) == {"merged": [[{"i": 0}], [{"i": 1}]]}
+    finally:
+        branches.close()
+        merge.close()
