@@ -48,7 +48,7 @@ READS: dict[str, set[str]] = {
     "reap": {"scores"},
     "dead_requeue": {"scores"},
     "dead_purge": set(),
-    "scope": set(),  # reads runs' own counters only (tonumber, or 0)
+    "scope": set(),  # reads no task counter; a run's or join's own fields: SCOPE_DAMAGE
     "follow": set(),
     "await": set(),
     "cancel": set(),  # reads no counters: it ends tasks and forgets them
@@ -226,8 +226,28 @@ SCOPE_DAMAGE = {
     "join-ends-list": (
         "join", lambda r, k: r.rpush(k.replace(":scope:", ":ends:"), "x"), "ends:"
     ),
+    "join-branch-count-text": (
+        "join", lambda r, k: r.hset(k, "c:0", "abc"), "{scope} c:0 = abc is not a count"
+    ),
+    "join-task-state-text": (  # (then: "= x is not 0 or 1")
+        "join", lambda r, k: r.hset(k, _open_task(r, k), "x"), "{scope} t:step."
+    ),
     "run-n-text": ("run", lambda r, k: r.hset(k, "n", "abc"), "{scope} n = abc is not a count"),
 }  # fmt: skip
+# What scope_fault (_prelude.lua) checks, each damaged by a case above.
+SCOPE_CHECKS = {"n = ": "n", "c:": "c:0", "t:": "t:step.", "not a hash": "not a hash",
+                "not a string": "ends:"}  # fmt: skip
+
+
+def _open_task(r, key: str) -> str:
+    return next(f.decode() for f, v in r.hgetall(key).items() if f.startswith(b"t:") and v == b"1")
+
+
+def test_every_check_of_a_scope_has_a_case():
+    fault = scripts.source("scope").split("local function scope_fault", 1)[1].split("\nend\n")[0]
+    for check, case_text in SCOPE_CHECKS.items():
+        assert check.strip() in fault, check
+        assert any(case_text in reason for _, _, reason in SCOPE_DAMAGE.values()), check
 
 
 @pytest.mark.backends("server", "cluster")

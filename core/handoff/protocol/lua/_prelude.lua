@@ -378,6 +378,7 @@ end
 local function scope_close(sk, tid)
   local state = redis.call('HGET', sk, 't:' .. tid)
   if state == '0' then return false end
+  if state and state ~= '1' then error('corrupt scope') end  -- (see in_scope)
   redis.call('HSET', sk, 't:' .. tid, '0')
   if state == '1' then redis.call('HINCRBY', sk, 'n', -1) end
   return true
