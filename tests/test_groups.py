@@ -234,3 +234,36 @@ def test_prometheus_shows_the_busiest_groups(app):
     assert 'handoff_group_ready{agent="fair",group="acme"} 7.0' in text
     assert 'handoff_group_ready{agent="fair",group="globex"} 2.0' in text
     assert 'handoff_groups_ready{agent="fair"} 2.0' in text
+
+
+def _limits(redis_url, *changes):
+    result = CliRunner().invoke(main, ["--redis-url", redis_url, "limits", "capped", *changes])
+    assert result.exit_code == 0, result.output
+
+
+def _ended(raw_redis, group: str) -> int:
+    return sum(1 for s in _starts(raw_redis, "gends") if s["group"] == group)
+
+
+@pytest.mark.backends("server")
+@pytest.mark.parametrize("restored", [False, True], ids=["cap-lifted", "cap-restored"])
+def test_a_live_group_cap_change_strands_no_group(client, raw_redis, workers, redis_url, restored):
+    """group_concurrency=2 with g1 at its cap, set live to 0; a claim runs (a g2 task) and
+    g1's two leases end under no cap. Then (cap-restored) one more g1 task and the declared
+    cap back: every g1 task runs, and the group's running count ends at nothing, whatever
+    the cap was when each lease began and ended."""
+    client.enqueue_many("capped", [{"sleep_s": 1.0} for _ in range(10)], group="g1")
+    workers("capped", 1)
+    wait_until(lambda: raw_redis.llen("gstarts") >= 2, 20, "g1 at its cap of 2")
+    _limits(redis_url, "group_concurrency=0")
+    client.enqueue("capped", {"sleep_s": 0}, group="g2")
+    wait_until(lambda: _ended(raw_redis, "g2"), 5, "a claim under no cap (g2's task)")
+    wait_until(lambda: _ended(raw_redis, "g1") >= 2, 5, "g1's first two leases to end")
+    total = 10
+    if restored:
+        _limits(redis_url, "group_concurrency=default")
+        client.enqueue("capped", {"sleep_s": 0}, group="g1")
+        total = 11
+    wait_until(lambda: _ended(raw_redis, "g1") == total, 10, f"all {total} g1 tasks")
+    assert not raw_redis.hlen("handoff:{capped}:group_running")  # nothing left counted
+    assert not raw_redis.exists("handoff:{capped}:groups", "handoff:{capped}:gq:g1")

@@ -15,7 +15,7 @@ from handoff import Handoff, Join
 from handoff.errors import InvalidPayload, ResultTimeout, TaskDead
 from handoff.testing import InProcessApp
 from harness.async_facade import either
-from harness.procs import command_calls, wait_until
+from harness.procs import command_calls, plain_client, wait_until
 
 BACKENDS = ("server", "cluster")
 
@@ -319,3 +319,53 @@ def test_inspect_tree_prints_the_run_indented_and_as_json(app, redis_url, monkey
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.count("\n") == 1
     assert "run splitter.nosuchrun is unknown (never enqueued, or its tree expired)" in err
+
+
+@pytest.mark.backends("server")
+def test_every_key_of_a_run_expires_whatever_its_joins_then_task_ends_as(redis_url, monkeypatch):
+    """Three joins whose then-tasks end dead (on_dead="fail"), cancelled (the run cancelled
+    before the join fires) and expired (the run's deadline passed before it started): no
+    key of theirs lives on without a TTL (only the agents' standing keys have none), and
+    a join's state lives at most as long as its run's records (run_ttl_s, result_ttl_s)."""
+    from handoff.protocol.keys import AGENT_KEY_NAMES, Keys
+    from handoff.testing import VirtualClock
+
+    monkeypatch.setenv("TEST_REDIS_URL", redis_url)
+    clock = VirtualClock()
+    apps = [
+        InProcessApp("apps.flows", redis_url, agents, clock=clock, run_ttl_s=60, result_ttl_s=60)
+        for agents in (["splitter", "step", "merge"], ["splitter", "step"], ["splitter"])
+    ]
+    try:
+        everything, no_merge, splitter_only = apps
+        dead = everything.enqueue("splitter", {"n": 2, "poison": [1], "on_dead": "fail"})
+        everything.run_until_idle()
+        cancelled = splitter_only.enqueue("splitter", {"n": 2})
+        splitter_only.run_until_idle()
+        everything.client.cancel(cancelled, run=True)
+        expired = no_merge.enqueue("splitter", {"n": 2}, run_deadline_s=5)
+        no_merge.run_until_idle()
+        clock.advance(10)
+        everything.run_until_idle()
+        client = everything.client
+        ends = {dead: "dead", cancelled: "cancelled", expired: "expired"}
+        for root, status in ends.items():
+            assert client.status(client.result(root)["join"]["then"]) == status
+    finally:
+        for app in apps:
+            app.close()
+    keys = Keys("handoff")
+    standing = {f"{keys.agent(a).base}:{n}" for a in ("splitter", "step", "merge")
+                for n in (*AGENT_KEY_NAMES, "watched:runs")} | {keys.agents}  # fmt: skip
+    raw = plain_client(redis_url)
+    joins, forever = 0, []
+    for key in raw.scan_iter(match="handoff:*", count=1000):
+        key = key.decode()
+        ttl_ms = raw.pttl(key)
+        if ttl_ms == -1 and key not in standing:
+            forever.append(key)
+        if ":scope:merge." in key or ":ends:merge." in key:
+            joins += 1
+            assert 0 < ttl_ms <= 60_000, (key, ttl_ms)
+    assert not forever, forever
+    assert joins >= 3  # the three joins' state was there, and expires

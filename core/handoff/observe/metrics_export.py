@@ -58,7 +58,7 @@ WORKER_GAUGES = (
 )
 GROUP_GAUGES = (  # per agent, its busiest groups (inspect.BUSIEST_GROUPS)
     ("ready", "handoff_group_ready", "Ready tasks of one of the agent's busiest groups."),
-    ("running", "handoff_group_running", "Running tasks of that group (under a group cap)."),
+    ("running", "handoff_group_running", "Running tasks of that group."),
     ("waiting_s", "handoff_group_waiting_seconds", "How long that group waits (rate, pause)."),
 )
 POOL_GAUGES = (

@@ -195,7 +195,7 @@ class QueueBase:
         try:
             # Replicated before the outbox may forget them (enqueue_wait_replicas): a
             # failover must not lose a notice whose copy in the outbox is gone.
-            yield Scripts(calls, wait_replicas=self.settings.enqueue_wait_replicas)
+            replies = yield Scripts(calls, wait_replicas=self.settings.enqueue_wait_replicas)
         except HandoffError as e:
             log.warning("%d run notice(s) left for the reaper to deliver: %s", len(outgoing), e)
             return False
@@ -203,6 +203,9 @@ class QueueBase:
             kept = self._delivered.setdefault(source, [])
             if len(kept) < MAX_DELIVERED_KEPT:
                 kept.append(field_name)
+        onward = _sent_on(replies)
+        if onward:  # (each step goes one scope up the run: it ends)
+            yield from self.deliver_plan(onward, now_ms=now_ms)
         return True
 
     def _enqueue_calls(self, tasks: Sequence[Task], now_ms: int | None) -> tuple[list, list, list]:
@@ -634,6 +637,9 @@ class TaskQueue(QueueBase):
             fresh = [item for item in outgoing if item[1].rpartition(":")[0] not in stale_ids]
             if fresh:
                 self.deliver(fresh, now_ms=now_ms)
+        onward = _sent_on(replies[len(groups) :]) if inline else []
+        if onward:
+            self.deliver(onward, now_ms=now_ms)
         return stale
 
     def _checked_deliveries(
@@ -799,6 +805,19 @@ def _not_utf8(field_name: bytes) -> str | None:
     except UnicodeDecodeError:
         return "its field name is not UTF-8"
     return None
+
+
+def _sent_on(replies: Sequence[Any]) -> list[tuple[str, str, bytes]]:
+    """What scope calls sent on to other slots' outboxes ((source agent, outbox field,
+    notice)): a field is '<id of the task whose end it reports>:...', in the source's slot."""
+    onward = []
+    for reply in replies:
+        if isinstance(reply, list) and b"|" in reply:
+            rest = reply[reply.index(b"|") + 1 :]
+            for k in range(0, len(rest), 2):
+                field_name = rest[k].decode()
+                onward.append((field_name.partition(".")[0], field_name, rest[k + 1]))
+    return onward
 
 
 def _forget_fields(client, keys: Keys, by_source: dict[str, list[Any]]) -> list:

@@ -18,6 +18,27 @@ local function count(field, n)
   if type(reply) == 'table' and reply.err then redis.pcall('HSET', K_STATS, field, n) end
 end
 
+-- An agent's standing key (outbox, limits, group counts, a group's limiter) that someone
+-- overwrote with another type holds nothing a script can read: it goes, counted as
+-- corrupt, and what it held starts again. True if it went.
+local function standing(key, kind)
+  local was = redis.call('TYPE', key).ok
+  if was == kind or was == 'none' then return false end
+  redis.call('DEL', key)
+  count('corrupt', 1)
+  return true
+end
+
+-- HINCRBY on a standing hash that an overwritten field or key does not stop: the field
+-- starts again from n (counted as corrupt).
+local function incr(key, field, n)
+  local reply = redis.pcall('HINCRBY', key, field, n)
+  if type(reply) ~= 'table' then return reply end
+  if not standing(key, 'hash') then count('corrupt', 1) end
+  redis.call('HSET', key, field, n)
+  return n
+end
+
 -- Bookkeeping read from the agent's hashes is checked before a script writes anything
 -- that depends on it: a value someone else wrote there would otherwise stop the script
 -- half way (Redis does not roll a script back), leaving tasks in no state at all.
@@ -96,7 +117,7 @@ local function rotation_touch(group)
   if rank then
     turn = tonumber(rank) % PRIO_UNIT
   else
-    turn = redis.call('HINCRBY', K_LIMITS, 'turn', 1)
+    turn = incr(K_LIMITS, 'turn', 1)
   end
   redis.call('ZADD', K_GROUPS, rank_of(head[2], turn), group)
 end
@@ -106,7 +127,7 @@ local function ready_add(id, score, group)
   group = group or group_of(id)
   if group then
     if redis.call('ZADD', run_key('gq', group), score, id) == 1 then
-      redis.call('HINCRBY', K_LIMITS, 'grouped_ready', 1)  -- (queue_stats' count)
+      incr(K_LIMITS, 'grouped_ready', 1)  -- (queue_stats' count)
     end
     rotation_touch(group)
   else
@@ -119,23 +140,41 @@ local function ready_remove(id)
   local group = group_of(id)
   if group then
     local removed = redis.call('ZREM', run_key('gq', group), id)
-    if removed == 1 then redis.call('HINCRBY', K_LIMITS, 'grouped_ready', -1) end
+    if removed == 1 then incr(K_LIMITS, 'grouped_ready', -1) end
     rotation_touch(group)
     return removed
   end
   return redis.call('ZREM', K_QUEUE, id)
 end
 
--- A lease ended (finished, failed, released, reaped, cancelled, buried): under a group
--- cap (K_LIMITS group_cap, set by the claim) its group holds one less, and a group that
--- was at its cap takes its place in the rotation again. Without a cap: nothing to do.
-local GROUP_CAP
+-- Add delta to the leases group holds (K_GROUP_RUNNING). A count someone overwrote is
+-- worked out again, every group's, from the leases (a lease that ended has left them;
+-- one being taken has not yet: delta > 0 is added after). Leases this same call took or
+-- ended for other groups may be missed: a count errs low (a few more may start until
+-- those leases end; it never drops below zero), never high (which would strand a group).
+local function group_count(group, delta)
+  local reply = redis.pcall('HINCRBY', K_GROUP_RUNNING, group, delta)
+  if type(reply) ~= 'table' then return reply end
+  count('corrupt', 1)
+  redis.call('DEL', K_GROUP_RUNNING)
+  local held = {}
+  for _, id in ipairs(redis.call('ZRANGE', K_LEASES, 0, -1)) do
+    local g = redis.call('HGET', K_TASK_GROUPS, id)
+    if g then held[g] = (held[g] or 0) + 1 end
+  end
+  for g, n in pairs(held) do redis.call('HSET', K_GROUP_RUNNING, g, n) end
+  if delta > 0 then return redis.call('HINCRBY', K_GROUP_RUNNING, group, delta) end
+  return held[group] or 0
+end
+
+-- A lease ended (finished, failed, released, reaped, cancelled, buried): its group holds
+-- one less, and takes its place in the rotation again (it may have left it at its cap).
+-- Whatever the cap is now: a cap changed live, or by a deploy, while the lease ran must
+-- neither leave a count behind nor keep the group out of the rotation.
 local function lease_ended(id)
-  if GROUP_CAP == nil then GROUP_CAP = redis.call('HEXISTS', K_LIMITS, 'group_cap') == 1 end
-  if not GROUP_CAP then return end
   local group = group_of(id)
   if not group then return end
-  if redis.call('HINCRBY', K_GROUP_RUNNING, group, -1) <= 0 then
+  if group_count(group, -1) <= 0 then
     redis.call('HDEL', K_GROUP_RUNNING, group)
   end
   rotation_touch(group)
@@ -303,6 +342,8 @@ end
 local AGENT = string.match(AGENT_BASE, '{(.*)}$')
 local SEP = '\31'
 local NOTICE_SEP = '\30'
+-- What a notice in an outbox looks like to be delivered: E, S or J, then a scope (a task id).
+local NOTICE_OK = '^[ESJ]' .. SEP .. '[a-z0-9][a-z0-9_%-]*%.[A-Za-z0-9_%-]+' .. SEP
 
 -- The first n SEP-separated fields of s, and the rest (which may hold anything) as n + 1.
 local function split_fields(s, n)
@@ -337,6 +378,7 @@ end
 local function scope_close(sk, tid)
   local state = redis.call('HGET', sk, 't:' .. tid)
   if state == '0' then return false end
+  if state and state ~= '1' then error('corrupt scope') end  -- (see in_scope)
   redis.call('HSET', sk, 't:' .. tid, '0')
   if state == '1' then redis.call('HINCRBY', sk, 'n', -1) end
   return true
@@ -409,11 +451,43 @@ local function fire_then(id, sk, now)
   wake(1)
 end
 
+-- What is wrong with a scope someone overwrote (the key or the field named), or nil: its
+-- keys' types, its counts, and n against the tasks it holds open (n is kept equal to them).
+local function scope_fault(scope)
+  local sk, name = run_key('scope', scope), 'scope:' .. scope
+  local kind = redis.call('TYPE', sk).ok
+  if kind ~= 'hash' and kind ~= 'none' then return name .. ' is a ' .. kind .. ', not a hash' end
+  kind = redis.call('TYPE', run_key('ends', scope)).ok
+  if kind ~= 'string' and kind ~= 'none' then
+    return 'ends:' .. scope .. ' is a ' .. kind .. ', not a string'
+  end
+  local flat, n, open = redis.call('HGETALL', sk), 0, 0
+  for i = 1, #flat, 2 do
+    local field, value = flat[i], flat[i + 1]
+    local head = string.sub(field, 1, 2)
+    if field == 'n' or field == 'dropped' or head == 'c:' then
+      if not string.match(value, '^%d+$') or #value > 15 then
+        return name .. ' ' .. field .. ' = ' .. string.sub(value, 1, 40) .. ' is not a count'
+      end
+      if field == 'n' then n = tonumber(value) end
+    elseif head == 't:' and value ~= '0' then
+      if value ~= '1' then
+        return name .. ' ' .. field .. ' = ' .. string.sub(value, 1, 40) .. ' is not 0 or 1'
+      end
+      open = open + 1
+    end
+  end
+  if n ~= open then return name .. ' n = ' .. n .. ' but ' .. open .. ' of its tasks are open' end
+  return nil
+end
+
 -- Once the opening notice has arrived and nothing is open, the scope has ended: a run
--- wakes its waiters and is kept `keep` ms; a join enqueues its then-task.
+-- wakes its waiters and is kept `keep` ms; a join enqueues its then-task. A count someone
+-- overwrote must not end it early: it is checked first (once per scope: see scope_corrupt).
 local function scope_settle(scope, sk, run, now)
   if redis.call('HGET', sk, 'reg') ~= '1' or redis.call('HEXISTS', sk, 'done') == 1 then return end
   if (tonumber(redis.call('HGET', sk, 'n') or '0') or 0) > 0 then return end
+  if scope_fault(scope) then error('corrupt scope') end
   redis.call('HSET', sk, 'done', now)
   if scope == run then
     local keep = tonumber(redis.call('HGET', sk, 'keep') or '3600000') or 3600000
@@ -459,6 +533,48 @@ local function root_ended(root, now, status, end_json, result_json)
   scope_settle(root, sk, root, now)
 end
 
+-- A scope someone overwrote (why: scope_fault's finding) counts nothing more: it ends here,
+-- kept as a marker that later notices leave alone. A join's then-task, not yet fired, is
+-- dead-lettered saying why (its end goes to its run, which goes on; a requeue runs it with
+-- no ends); a run ends with one dead end saying why (its waiters wake). Counted: corrupt.
+local function scope_corrupt(scope, run, now, why)
+  local sk = run_key('scope', scope)
+  local ek = run_key('ends', scope)
+  local json, keep = nil, 3600000
+  if redis.call('TYPE', sk).ok == 'hash' then
+    json = redis.call('HGET', sk, 'then')
+    keep = tonumber(redis.call('HGET', sk, 'keep') or '') or keep
+  end
+  why = 'corrupt bookkeeping: ' .. why
+  redis.call('DEL', sk, ek)
+  redis.call('HSET', sk, 'reg', '1', 'done', now, 'corrupt', why)
+  redis.call('PEXPIRE', sk, keep)
+  count('corrupt', 1)
+  if scope == run then
+    local end_json = cjson.encode({id = run, agent = AGENT, branch = 0, status = 'dead',
+      reason = why})
+    redis.call('SET', ek, end_json .. ',', 'PX', keep)
+    run_ended_notice(run, keep)
+  elseif redis.call('HEXISTS', K_TASKS, scope) == 0 and not redis.call('ZSCORE', K_DEAD, scope)
+    and redis.call('EXISTS', run_key('result', scope)) == 0 then
+    -- (its JSON went with a scope overwritten whole: a stub, in task.py's order, reports
+    -- to the run)
+    redis.call('HSET', K_TASKS, scope, json or '{"id":"' .. scope .. '","agent":"' .. AGENT ..
+      '","run":"' .. run .. '","scope":"' .. run .. '","branch":0,"payload":null}')
+    bury(scope, now, cjson.encode({reason = why, at = now}))
+  end
+end
+
+-- fn(...) changes scope: should it fail on what someone wrote there, the scope ends as
+-- corrupt (any other error is raised as it was).
+local function in_scope(scope, run, now, fn, ...)
+  local ok, err = pcall(fn, ...)
+  if ok then return end
+  local why = scope_fault(scope)
+  if not why then error(err) end
+  scope_corrupt(scope, run, now, why)
+end
+
 -- Apply one notice to a scope that lives in this slot. Notices (built by
 -- handoff/protocol/runs.py, or by notice_dead below), fields separated by SEP:
 --   E scope run task branch status end_json   a task ended (status done or dead)
@@ -466,15 +582,7 @@ end
 --   S scope run task cap keep children_csv    a task handed off: children replace it
 --   J join run task cap keep branches_csv priority then_json     a join starts
 --   D join                                    the then-task finished: drop the join
-local function apply_notice(notice, now)
-  local op = string.sub(notice, 1, 1)
-  if op == 'D' then
-    local join = string.sub(notice, 3)
-    redis.call('DEL', run_key('scope', join), run_key('ends', join))
-    return
-  end
-  local f
-  if op == 'J' then f = split_fields(notice, 8) else f = split_fields(notice, 6) end
+local function apply_to_scope(op, f, now)
   local scope, run, tid = f[2], f[3], f[4]
   local sk = run_key('scope', scope)
   if op == 'E' and tid == run then
@@ -503,13 +611,25 @@ local function apply_notice(notice, now)
     end
   elseif op == 'J' then
     if redis.call('HSETNX', sk, 'reg', '1') == 1 then
-      redis.call('HSET', sk, 'cap', f[5], 'then', f[9], 'prio', f[8])
+      redis.call('HSET', sk, 'cap', f[5], 'keep', f[6], 'then', f[9], 'prio', f[8])
       scope_open(sk, f[7])
     end
   else
     return
   end
   scope_settle(scope, sk, run, now)
+end
+
+local function apply_notice(notice, now)
+  local op = string.sub(notice, 1, 1)
+  if op == 'D' then
+    local join = string.sub(notice, 3)
+    redis.call('DEL', run_key('scope', join), run_key('ends', join))
+    return
+  end
+  local f
+  if op == 'J' then f = split_fields(notice, 8) else f = split_fields(notice, 6) end
+  in_scope(f[2], f[3], now, apply_to_scope, op, f, now)
 end
 
 -- Send a notice to its scope: applied here when the scope lives in this slot, else kept
@@ -531,7 +651,10 @@ local function emit_notice(notice, field, now)
   if string.match(notice, SCOPE_OF) == AGENT then
     apply_notice(notice, now)
   else
-    redis.call('HSET', K_OUTBOX, field, now .. SEP .. notice)
+    if type(redis.pcall('HSET', K_OUTBOX, field, now .. SEP .. notice)) == 'table' then
+      standing(K_OUTBOX, 'hash')  -- overwritten: what it held was no notice
+      redis.call('HSET', K_OUTBOX, field, now .. SEP .. notice)
+    end
     OUTBOXED[#OUTBOXED + 1] = field
     OUTBOXED[#OUTBOXED + 1] = notice
   end
@@ -549,7 +672,17 @@ local function notice_ended(id, now, status, reason, json)
     run, scope, branch = string.match(json,
       '^{"id":"[^"]*","agent":"[^"]*","run":"([^"]*)","scope":"([^"]*)","branch":(%d+)')
   end
-  if not run then run, scope, branch = id, id, '0' end
+  if not run then
+    run, scope, branch = id, id, '0'
+  else  -- a then-task's join state lives as long as its run's records (done: 'D' drops it)
+    local sk = run_key('scope', id)
+    local keep = redis.pcall('HGET', sk, 'keep')  -- (an overwritten scope expires all the same)
+    if keep then
+      keep = tonumber(keep) or 3600000
+      redis.call('PEXPIRE', sk, keep)
+      redis.call('PEXPIRE', run_key('ends', id), keep)
+    end
+  end
   local end_json = cjson.encode({id = id, agent = AGENT, branch = tonumber(branch),
     status = status, reason = reason})
   emit_notice('E' .. SEP .. scope .. SEP .. run .. SEP .. id .. SEP .. branch .. SEP .. status ..

@@ -23,7 +23,7 @@ local base = 4 + m
 if m > 0 then
   local delivered = {}
   for i = 1, m do delivered[i] = ARGV[4 + i] end
-  bulk_call('HDEL', K_OUTBOX, delivered)
+  if not standing(K_OUTBOX, 'hash') then bulk_call('HDEL', K_OUTBOX, delivered) end
 end
 local ids = {}
 for i = 1, n do ids[i] = ARGV[base + (i - 1) * 8 + 1] end
@@ -56,7 +56,7 @@ for i = 1, n do
     local watched = watching and redis.call('ZSCORE', WATCHED, id)
     if watched then result_ready(id) end
     if notices == 'R' then
-      if watched then root_ended(id, now, 'done', nil, result) end
+      if watched then in_scope(id, id, now, root_ended, id, now, 'done', nil, result) end
     elseif notices ~= '' then
       local k, from = 0, 1
       while from <= #notices do
@@ -73,7 +73,9 @@ end
 -- Cost units (task.charge): ARGV[#ARGV] is what the batch charged. Each start reserved
 -- the running average charge on the limiter's clock (claim.lua); what was charged
 -- replaces what was reserved, and the average moves.
-local unit = tonumber(redis.call('HGET', K_LIMITS, 'cost_unit') or '')
+local unit = redis.pcall('HGET', K_LIMITS, 'cost_unit')
+if type(unit) == 'table' then standing(K_LIMITS, 'hash') end  -- overwritten: none
+unit = tonumber(type(unit) == 'string' and unit or '')
 if unit and #finished > 0 then
   local charged = tonumber(ARGV[#ARGV]) or 0
   local reserved = tonumber(redis.call('HGET', K_LIMITS, 'cost_reserve') or '0') or 0
@@ -87,7 +89,7 @@ if unit and #finished > 0 then
 end
 if #finished > 0 then
   bulk_call('ZREM', K_LEASES, finished)
-  for _, id in ipairs(finished) do lease_ended(id) end  -- (one HEXISTS without a cap)
+  for _, id in ipairs(finished) do lease_ended(id) end  -- (ungrouped: one EXISTS per call)
   forget_all(finished)
 end
 bulk_write('ZADD', K_FINISHED, remembered)

@@ -25,7 +25,7 @@ end
 
 local function open_in_scope(id)
   local sk = run_key('scope', id)
-  if redis.call('EXISTS', sk) == 0 or redis.call('HEXISTS', sk, 'done') == 1 then return '' end
+  if redis.call('TYPE', sk).ok ~= 'hash' or redis.call('HEXISTS', sk, 'done') == 1 then return '' end
   local open, flat = {}, redis.call('HGETALL', sk)
   for i = 1, #flat, 2 do
     if flat[i + 1] == '1' and string.sub(flat[i], 1, 2) == 't:' then

@@ -121,22 +121,25 @@ if isolate then out[3] = 0 end
 
 -- The first dead end of a then-task's join ('' for other tasks, and when none). Only a
 -- task whose JSON has a join looks (a payload that happens to hold the text reads '').
+-- nil and why when someone overwrote the join's scope with another type.
 local function join_state(id, json)
   if not json then return '' end
   -- A root (no "run" right after id and agent, where task.py writes it) is never one.
   local at = #id + #AGENT + 20
   if string.sub(json, at, at + 6) ~= ',"run":' then return '' end
   if not string.find(json, '"join":{"on_dead":', at, true) then return '' end
-  return redis.call('HGET', run_key('scope', id), 'dead') or ''
+  local dead = redis.pcall('HGET', run_key('scope', id), 'dead')
+  if type(dead) == 'table' then return nil, scope_fault(id) or 'scope:' .. id end
+  return dead or ''
 end
 
-local function emit(id, json, failures, deliveries)
+local function emit(id, json, failures, deliveries, join)
   local len = #out
   out[len + 1] = id
   out[len + 2] = json
   out[len + 3] = failures + 1
   out[len + 4] = deliveries
-  out[len + 5] = join_state(id, json)
+  out[len + 5] = join or join_state(id, json) or ''
 end
 
 -- A retried claim: return what the first call leased and still holds; lease nothing new.
@@ -175,6 +178,7 @@ end
 -- The agent's limiter state, read once: rate, burst, tat, paused_until, cost_*, turns.
 local LIMITS = {}
 do
+  standing(K_LIMITS, 'hash')
   local flat = redis.call('HGETALL', K_LIMITS)
   for i = 1, #flat, 2 do LIMITS[flat[i]] = flat[i + 1] end
 end
@@ -254,11 +258,15 @@ end
 local function group_blocked(g, taken, interval, slack)
   local gl = run_key('glimit', g)
   if g_cap > 0 then
-    local running = tonumber(redis.call('HGET', K_GROUP_RUNNING, g) or '0') or 0
+    local running = redis.pcall('HGET', K_GROUP_RUNNING, g)
+    if type(running) == 'table' then running = group_count(g, 0) end  -- overwritten
+    running = tonumber(running or '0') or 0
     if running + (taken[g] or 0) >= g_cap then return false end
   end
   if interval > 0 then
-    local tat = tonumber(redis.call('HGET', gl, 'tat') or '0') or 0
+    local tat = redis.pcall('HGET', gl, 'tat')
+    if type(tat) == 'table' then standing(gl, 'hash') end  -- overwritten: its clock restarts
+    tat = tonumber(type(tat) == 'string' and tat or '0') or 0
     local idle = now - tat >= slack
     if idle then tat = now end
     -- a rate faster than a start per ms admits all its starts of this ms (the clock's)
@@ -347,11 +355,8 @@ local function pick_fairly(n)
     bulk_write('ZADD', K_GROUPS, reranked)
     if #gone > 0 then bulk_call('ZREM', K_GROUPS, gone) end
   end
-  if from_groups > 0 then redis.call('HINCRBY', K_LIMITS, 'grouped_ready', -from_groups) end
+  if from_groups > 0 then incr(K_LIMITS, 'grouped_ready', -from_groups) end
   redis.call('HSET', K_LIMITS, 'turn', turn, 'queue_turn', queue_turn)
-  if (g_cap > 0) ~= (LIMITS.group_cap ~= nil) then  -- lease ends count only under a cap
-    if g_cap > 0 then redis.call('HSET', K_LIMITS, 'group_cap', 1) else redis.call('HDEL', K_LIMITS, 'group_cap') end
-  end
   local first_parked = redis.call('ZRANGE', K_PARKED, 0, 0, 'WITHSCORES')
   if #first_parked > 0 then due_at(tonumber(first_parked[2])) end  -- claim again then
   return picked, groups_of
@@ -422,18 +427,22 @@ for i, id in ipairs(ids) do
     local deliveries = before + 1
     counts[#counts + 1] = id
     counts[#counts + 1] = deliveries
+    local join, bad_join = join_state(id, payloads[i])
     if deliveries - failed > max_deliveries then
       bury(id, now, '{"reason":"poison: delivered ' .. (deliveries - 1 - failed) ..
         ' times without finishing (worker crashed or lease expired each time)","at":' .. now .. '}')
+    elseif bad_join then  -- its join's state was overwritten: it cannot know its branches
+      bury(id, now, cjson.encode({reason = 'corrupt bookkeeping: ' .. bad_join, at = now}))
+      count('corrupt', 1)
     else
       if suspect then took_suspect = true end
       c = c + 2
       leases[c - 1], leases[c] = deadline, id
       tokens[c - 1], tokens[c] = id, token
       leased[c / 2] = id
-      emit(id, payloads[i], failed, deliveries)
+      emit(id, payloads[i], failed, deliveries, join)
       local group = groups_of and groups_of[id]
-      if group and g_cap > 0 then redis.call('HINCRBY', K_GROUP_RUNNING, group, 1) end
+      if group then group_count(group, 1) end  -- cap or not
     end
   end
 end

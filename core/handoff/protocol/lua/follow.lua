@@ -18,7 +18,7 @@ local function watch()
   local known = tonumber(redis.call('ZSCORE', WATCHED, root) or '0')
   if until_ms > known then redis.call('ZADD', WATCHED, until_ms, root) end
 end
-if redis.call('EXISTS', sk) == 1 then
+if redis.call('TYPE', sk).ok == 'hash' then  -- (one overwritten ends at its next notice)
   if redis.call('HEXISTS', sk, 'done') == 1 then
     return {'ended', redis.call('HGET', sk, 'dropped') or '0',
       redis.call('GET', run_key('ends', root)) or ''}

@@ -16,6 +16,7 @@ local promoted = promote_due(now, limit)
 expire_finished(now, limit)
 wake(reaped + promoted)
 local out = {reaped, promoted}
+standing(K_OUTBOX, 'hash')
 local pending = redis.call('HLEN', K_OUTBOX)
 if pending > 0 then
   local flat
@@ -26,9 +27,15 @@ if pending > 0 then
   end
   for i = 1, #flat, 2 do
     local at = string.find(flat[i + 1], SEP, 1, true)
-    if at and (tonumber(string.sub(flat[i + 1], 1, at - 1)) or 0) < now - grace then
+    local notice = at and string.sub(flat[i + 1], at + 1) or ''
+    if not string.match(notice, NOTICE_OK) or not tonumber(string.sub(flat[i + 1], 1, at - 1)) then
+      -- someone wrote it: no notice to deliver. The reaper says it once and deletes it.
+      count('corrupt', 1)
       out[#out + 1] = flat[i]
-      out[#out + 1] = string.sub(flat[i + 1], at + 1)
+      out[#out + 1] = flat[i + 1]
+    elseif tonumber(string.sub(flat[i + 1], 1, at - 1)) < now - grace then
+      out[#out + 1] = flat[i]
+      out[#out + 1] = notice
     end
   end
 end

@@ -11,6 +11,7 @@ local n = tonumber(ARGV[2])
 local now = now_ms('')
 local until_ms = now + pause_ms
 local function pause(key)
+  standing(key, 'hash')
   if until_ms > (tonumber(redis.call('HGET', key, 'paused_until') or '0') or 0) then
     redis.call('HSET', key, 'paused_until', until_ms)
   end
