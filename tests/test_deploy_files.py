@@ -24,6 +24,10 @@ import inspect
 import json
 import re
 import shlex
+import shutil
+import subprocess
+import sys
+import zipfile
 from dataclasses import fields
 from pathlib import Path
 
@@ -719,3 +723,52 @@ def test_the_pods_probe_narrows_handoff_health_to_their_own_workers():
     assert probe.verdict("live", [there | ok], "pod-1")[0] == 0
     assert probe.verdict("ready", None, "pod-1")[0] == 1  # the command failed
     assert probe.verdict("live", None, "pod-1")[0] == 0
+
+
+def _copies(stage: str | None = None) -> list[tuple[str, list[str], str]]:
+    """(stage, sources, destination) of each COPY from the build context."""
+    out = []
+    for where, rest in containerfile()["COPY"]:
+        words = [w for w in rest.split() if not w.startswith("--")]
+        if "--from=" not in rest and (stage is None or where == stage):
+            out.append((where, words[:-1], words[-1]))
+    return out
+
+
+def test_what_the_image_copies_exists_and_is_in_the_build_context():
+    ignore = (DEPLOY / "Containerfile.dockerignore").read_text().splitlines()
+    allowed = [line[1:].rstrip("/") for line in ignore if line.startswith("!")]
+    assert "*" in ignore  # everything else stays out of the context
+    for _, sources, _ in _copies():
+        for source in sources:
+            assert (ROOT / source).exists(), source
+            assert any(source == a or source.startswith(a + "/") for a in allowed), source
+
+
+def test_the_build_stage_copies_enough_to_build_the_wheel(tmp_path):
+    """`pip wheel` on exactly what the build stage copies (no container engine here: the
+    wheel's own build is what can be run)."""
+    src = tmp_path / "src"
+    for _, sources, dest in _copies("build"):
+        for source in sources:
+            into_dir = dest.endswith("/") or dest == "." or len(sources) > 1
+            target = src / dest / Path(source).name if into_dir else src / dest
+            if (ROOT / source).is_dir():
+                shutil.copytree(ROOT / source, target, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(ROOT / source, target)
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--disable-pip-version-check",
+         "-w", str(tmp_path / "dist"), str(src)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (wheel,) = (tmp_path / "dist").glob("handoff-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+    assert "handoff/cli/__init__.py" in names and "handoff/protocol/lua/claim.lua" in names
+    assert not [n for n in names if n.startswith(("workers/", "tests/", "config/"))]
+    with zipfile.ZipFile(wheel) as archive:
+        (metadata,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+        assert "Hand tasks between agents" in archive.read(metadata).decode()  # README.md came
