@@ -772,3 +772,34 @@ def test_the_build_stage_copies_enough_to_build_the_wheel(tmp_path):
     with zipfile.ZipFile(wheel) as archive:
         (metadata,) = [n for n in names if n.endswith(".dist-info/METADATA")]
         assert "Hand tasks between agents" in archive.read(metadata).decode()  # README.md came
+
+
+def test_the_agents_the_files_run_are_the_apps_and_fit_their_grace():
+    """Against the demo app the image carries: each agent a supervisor runs is defined,
+    its timeout_s fits in graceful_timeout_s (and the annotation that records the longest),
+    and the LLM group's KEDA threshold is one pod's slots, as the doc says."""
+    pytest.importorskip("pydantic")  # the demo's payloads are typed
+    from handoff.runtime.agents import load_app
+
+    demo = containerfile()["ENV"][-1][1]
+    assert "HANDOFF_APP=workers.demo" in demo
+    specs = load_app("workers.demo")
+    for where, _, grace, env in _stop_timers():
+        if env.get("HANDOFF_APP", "workers.demo") != "workers.demo":
+            continue  # the systemd unit's `myapp`: the reader's own
+        if where.startswith("compose"):
+            args = compose_services()[where.split()[1]]["command"]
+        else:
+            (container,) = deployments()[where.split()[1]]["spec"]["template"]["spec"]["containers"]
+            args = container["args"]
+        agents = _agents_value(args)
+        assert set(agents) <= set(specs), f"{where}: {set(agents) - set(specs)} not in the app"
+        longest = max(specs[a].timeout_s or 0 for a in agents)
+        assert longest <= grace, f"{where}: a timeout_s of {longest}s > graceful {grace}s"
+        if where.startswith("k8s"):
+            annotations = deployments()[where.split()[1]]["metadata"]["annotations"]
+            assert longest <= float(annotations[LONGEST_TIMEOUT]), where
+    (llm,) = [o for o in _scaled_objects() if o["metadata"]["name"] == "handoff-llm"]
+    (container,) = deployments()["handoff-llm"]["spec"]["template"]["spec"]["containers"]
+    slots = sum(n * specs[a].max_concurrent for a, n in _agents_value(container["args"]).items())
+    assert [float(t["metadata"]["threshold"]) for t in llm["spec"]["triggers"]] == [slots]
