@@ -9,7 +9,9 @@ setting, each metric a KEDA query names is one the monitor's Prometheus collecto
 yields (with the label the query uses), the YAML parses, and each stop timer (Compose's
 stop_grace_period, Kubernetes' terminationGracePeriodSeconds, systemd's TimeoutStopSec)
 outlasts the supervisor's drain (graceful_timeout_s, its default when a file sets none)
-by MARGIN_S. No container engine runs here: the Containerfile is checked as text.
+by MARGIN_S, and the agents a supervisor runs are the demo app's with timeouts inside
+that drain. No container engine runs here: the Containerfile is checked as text, and the
+wheel is built from exactly what its build stage copies.
 
 The YAML is read by a small strict parser of the subset the files use (block mappings
 and sequences, quoted and plain scalars, flow lists, `{}`), since PyYAML is not a
