@@ -24,11 +24,13 @@ import importlib.machinery
 import importlib.util
 import inspect
 import json
+import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+import time
 import zipfile
 from dataclasses import fields
 from pathlib import Path
@@ -805,3 +807,36 @@ def test_the_agents_the_files_run_are_the_apps_and_fit_their_grace():
     (container,) = deployments()["handoff-llm"]["spec"]["template"]["spec"]["containers"]
     slots = sum(n * specs[a].max_concurrent for a, n in _agents_value(container["args"]).items())
     assert [float(t["metadata"]["threshold"]) for t in llm["spec"]["triggers"]] == [slots]
+
+
+def _run_probe(mode: str, env: dict[str, str], bin_dir: Path) -> tuple[int, str]:
+    env = {**env, "PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"}
+    done = subprocess.run(
+        [sys.executable, str(PROBE), mode], env=env, capture_output=True, text=True, timeout=30
+    )
+    return done.returncode, done.stdout.strip()
+
+
+def test_the_probe_sees_its_own_supervisors_workers(start, redis_url, tmp_path):
+    """End to end on a real server: not ready before this host has a worker, ready and
+    live once the supervisor's worker heartbeats, still live when the server is gone."""
+    from harness.procs import handoff_env
+
+    bin_dir = tmp_path / "bin"  # `handoff` on PATH: this checkout's, as the image's is
+    bin_dir.mkdir()
+    shim = bin_dir / "handoff"
+    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m handoff "$@"\n')
+    shim.chmod(0o755)
+    env = handoff_env(redis_url)
+    assert _run_probe("ready", env, bin_dir)[0] == 1
+    assert _run_probe("live", env, bin_dir)[0] == 0
+    start(["supervise", "--agents", "probe=1"])
+    deadline = time.monotonic() + 30
+    while (status := _run_probe("ready", env, bin_dir))[0] != 0:
+        assert time.monotonic() < deadline, status
+        time.sleep(0.3)
+    assert "1 worker(s)" in status[1], status
+    assert _run_probe("live", env, bin_dir) == (0, status[1].replace("ready:", "live:", 1))
+    gone = {**env, "HANDOFF_REDIS_URL": "redis://127.0.0.1:1/0", "HANDOFF_REDIS_MAX_RETRIES": "0"}
+    assert _run_probe("ready", gone, bin_dir)[0] == 1
+    assert _run_probe("live", gone, bin_dir)[0] == 0
