@@ -264,3 +264,17 @@ def test_a_cancelled_branch_ends_its_join_as_a_dead_one_would(
     finally:
         planner.close()
         rest.close()
+
+
+def test_cancelling_unknown_ids_writes_nothing(client, raw_redis):
+    """An unknown id (or a run of one) is reported unknown and leaves no mark in any
+    agent's slot: a mark lives an hour and takes every claim off its fast path."""
+    agents = ["noop", "patient", "polite", "planner", "coder", "reviewer"]
+    raw_redis.sadd("handoff:agents", *agents)  # as their workers do when they start
+    for n in range(200):
+        report = client.cancel(f"{agents[n % 6]}.nothing-{n}", run=n % 2 == 1)
+        assert report.cancelled == 0, report.was
+    assert client.cancel("noop.nothing-0").line().endswith("is unknown: nothing to cancel")
+    assert [k for k in raw_redis.keys("*") if b"cancelled" in k] == []
+    done = client.enqueue("noop", {})
+    assert client.cancel(done).was == {"queued": 1}  # a real one still marks and ends

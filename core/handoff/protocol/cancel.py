@@ -16,8 +16,9 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
-from handoff.protocol.plan import Plan, Scripts
+from handoff.protocol.plan import Call, Plan, Scripts
 from handoff.protocol.queue import QueueBase
 from handoff.protocol.runs import run_of
 from handoff.protocol.task import agent_of
@@ -62,14 +63,16 @@ def cancel(queue: QueueBase, task_id: str, *, run: bool, keep_ms: int) -> Plan[C
     keep_ms = max(MIN_KEEP_MS, keep_ms)
     if not run:
         report = CancelReport(task_id)
-        yield from _mark_everywhere(queue, task_id, keep_ms, skip=agent_of(task_id))
+        if (yield from _live(queue, task_id, run=False)):
+            yield from _mark_everywhere(queue, task_id, keep_ms, skip=agent_of(task_id))
         by_agent = {agent_of(task_id): [task_id]}
         was, _ = yield from _cancel_in(queue, by_agent, task_id, keep_ms)
         report.was[was[task_id]] += 1
         return report
     root = yield from run_of(queue.keys, task_id)
     report = CancelReport(task_id, run=root)
-    yield from _mark_everywhere(queue, root, keep_ms, skip="")
+    if (yield from _live(queue, root, run=True)):
+        yield from _mark_everywhere(queue, root, keep_ms, skip="")
     pending, seen = [root], {root}
     for _ in range(MAX_PASSES):
         if not pending:
@@ -85,6 +88,22 @@ def cancel(queue: QueueBase, task_id: str, *, run: bool, keep_ms: int) -> Plan[C
         pending = [tid for tid in opened if tid not in seen]
         seen.update(pending)
     return report
+
+
+def _live(queue: QueueBase, task_id: str, *, run: bool) -> Plan[bool]:
+    """Whether anything of the id could still appear (a stored task; for a run, its open
+    scope too): only then are marks worth writing into every slot. An unknown or finished
+    id writes nothing (a mark lives an hour and takes every claim off its fast path)."""
+    agent_keys = queue.keys.agent(agent_of(task_id))
+
+    def read(client) -> Any:
+        pipe = client.pipeline(transaction=False)
+        pipe.hexists(agent_keys.tasks, task_id)
+        if run:
+            pipe.exists(agent_keys.scope(task_id))
+        return pipe.execute()
+
+    return any((yield Call(read)))
 
 
 def _mark_everywhere(queue: QueueBase, mark: str, keep_ms: int, *, skip: str) -> Plan[None]:

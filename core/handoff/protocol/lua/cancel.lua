@@ -1,7 +1,8 @@
 -- cancel: cancel tasks of one agent type, and mark a cancelled run or task in its slot.
 -- KEYS[1..FIXED_KEYS]  the agent's fixed keys (see _prelude.lua)
 -- ARGV[1] now in ms ('' = server TIME)   ARGV[2] how long records and the mark live, ms
--- ARGV[3] the id to mark ('' = none: see marked() in _prelude.lua)
+-- ARGV[3] the id to mark ('' = none: see marked() in _prelude.lua); with ids to cancel,
+--   marked only if one of them is stored here or names an open scope here
 -- ARGV[4..] ids of this agent's tasks to cancel
 -- A queued or delayed task ends cancelled here and never starts. A running one ends
 -- cancelled too: its lease goes (its worker's ack or nack is stale and changes nothing,
@@ -16,7 +17,15 @@
 local now = now_ms(ARGV[1])
 local ttl = tonumber(ARGV[2])
 local mark = ARGV[3]
-if mark ~= '' then
+-- Marked only when something here could still appear: an unknown id writes nothing.
+local function live_here()
+  for i = 4, #ARGV do
+    if redis.call('HEXISTS', K_TASKS, ARGV[i]) == 1 then return true end
+    if redis.call('EXISTS', run_key('scope', ARGV[i])) == 1 then return true end
+  end
+  return #ARGV < 4  -- a mark alone (cancel.py asked for it: the run is live)
+end
+if mark ~= '' and live_here() then
   local until_ms = now + ttl
   if until_ms > (tonumber(redis.call('ZSCORE', K_CANCELLED, mark) or '0') or 0) then
     redis.call('ZADD', K_CANCELLED, until_ms, mark)
