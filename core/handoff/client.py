@@ -582,6 +582,11 @@ def _run_result(root: str, ends: list[dict]) -> Any:
                 f"run {root} was cancelled: task {end.get('id')} ({end.get('agent')}) "
                 "ended cancelled"
             )
+        if end.get("status") == "expired":  # as for a root: TaskExpired, not TaskDead
+            raise TaskExpired(
+                f"run {root} has an expired end: task {end.get('id')} ({end.get('agent')}): "
+                "not started by its deadline"
+            )
         if end.get("status") != "done":
             raise TaskDead(
                 f"run {root} has a {end.get('status')} end: task {end.get('id')} "
