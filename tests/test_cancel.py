@@ -278,3 +278,20 @@ def test_cancelling_unknown_ids_writes_nothing(client, raw_redis):
     assert [k for k in raw_redis.keys("*") if b"cancelled" in k] == []
     done = client.enqueue("noop", {})
     assert client.cancel(done).was == {"queued": 1}  # a real one still marks and ends
+
+
+def test_a_cancelled_run_with_a_join_ends_at_once(client, start):
+    """Real workers: a splitter's join waits on three running branches; the run cancel
+    delivers every notice it causes itself (a join's then-task ending cancelled tells the
+    run in another slot), so a follower hears at once, not at the reaper's sweep (~5 s)."""
+    sup = start(["supervise", "--agents", "splitter=1,step=1,merge=1"], app="apps.flows")
+    root = client.enqueue("splitter", {"n": 3, "step_sleep_s": 30})
+    wait_until(lambda: stat(client, "step", "running") == 3, 30, "the three branches to run")
+    called = time.monotonic()
+    client.cancel(root, run=True)
+    with pytest.raises(TaskCancelled, match=f"run {root} was cancelled"):
+        client.result(root, 20, follow=True)
+    took_ms = (time.monotonic() - called) * 1000
+    print(f"cancel -> TaskCancelled on follow: {took_ms:.0f} ms")
+    assert took_ms < 1000, took_ms
+    assert "left in outboxes" not in sup.output()

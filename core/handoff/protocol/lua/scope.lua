@@ -11,7 +11,9 @@
 -- Idempotent: a notice applied twice (a retried call, the reaper delivering what a worker
 -- also delivered) changes nothing the second time. A join whose last branch ends here
 -- enqueues its then-task in this same call.
--- Returns: the number of notices applied.
+-- Returns: {the number of notices applied}, then, when applying them ended something whose
+-- scope is in another slot (a join's then-task ending cancelled tells its run), '|' and
+-- outbox field/notice pairs: the caller delivers those at once too (see with_outboxed).
 local now = now_ms(ARGV[1])
 local source = KEYS[FIXED_KEYS + 1]
 local applied = 0
@@ -26,4 +28,4 @@ else
   for i = 2, #ARGV do apply_notice(ARGV[i], now) end
   applied = #ARGV - 1
 end
-return applied
+return with_outboxed({applied})
