@@ -114,6 +114,12 @@ def test_a_run_whose_child_expires_raises_task_expired_on_follow(client, start):
     only after the deadline, so the child ends expired; following the run raises
     TaskExpired (as result() of an expired root does), not TaskDead."""
     start(["worker", "echo"], app="apps.flows")
+
+    def workers() -> list[bytes]:
+        return client.queue.manager.execute(lambda c: c.zrange("handoff:workers", 0, -1))
+
+    # up first: a root not started within its run's 1 s (a slow boot) would expire itself
+    wait_until(lambda: any(w.startswith(b"echo-") for w in workers()), 30, "echo's worker")
     root = client.enqueue("echo", {"i": 7, "next": "step"}, run_deadline_s=1)
     children = wait_until(lambda: client.tree(root).get("children"), 20, "echo's handoff")
     past = time.time() + 1.5  # the run's deadline is stamped by this client's clock
