@@ -76,6 +76,8 @@ class ClaimResult:
     server_ms: int = 0
     next_due_ms: dict[str, int] = field(default_factory=dict)  # -1: nothing delayed
     suspects_waiting: dict[str, bool] = field(default_factory=dict)
+    # The last cancel pushed to the claiming worker's inbox (cancel.lua): per agent.
+    inbox_seq: dict[str, int] = field(default_factory=dict)
 
     def __getitem__(self, agent: str) -> list[Task]:
         return self.tasks[agent]
@@ -533,10 +535,11 @@ class TaskQueue(QueueBase):
             token, agent = args[2], request.agent
             tasks = claimed.setdefault(agent, [])
             result.server_ms, result.next_due_ms[agent] = int(reply[0]), int(reply[1])
-            first = 2
+            result.inbox_seq[agent] = int(reply[2])
+            first = 3
             if request.isolate_suspects:
-                result.suspects_waiting[agent] = bool(int(reply[2]))
-                first = 3
+                result.suspects_waiting[agent] = bool(int(reply[3]))
+                first = 4
             end = len(reply)
             if b"|" in reply[first:]:  # notices it wrote to the outbox: deliver them now
                 end = reply.index(b"|", first)
