@@ -363,8 +363,10 @@ class Client:
         Queued and delayed tasks end cancelled and never start; running ones end cancelled
         and their handlers are told at once (an async one gets CancelledError, a sync one
         sees task.cancelled); whatever they return afterwards, handoffs included, is
-        dropped. After a run cancel no task of the run starts. A finished or unknown task is
-        left as it is: the report says so (report.line() is one line for a person)."""
+        dropped. A task its worker held for a free slot never starts (report.was says
+        "leased"; "claimed" when its worker did not answer within 0.25 s). After a run
+        cancel no task of the run starts. A finished or unknown task is left as it is and
+        nothing is written: the report says so (report.line() is one line for a person)."""
         return self.queue.run(cancel(self.queue, task_id, run=run, keep_ms=self._keep_ms()))
 
     def _keep_ms(self) -> int:
