@@ -312,11 +312,22 @@ def _one_slot_worker(client, raw_redis, run_handoff, lease_s: float = 10):
     return worker
 
 
+def _held_by_worker(raw_redis) -> int:
+    """What the single worker holds, as its health hash says (it writes every 0.2 s)."""
+    ids = raw_redis.zrange("handoff:workers", 0, -1)
+    held = [raw_redis.hget(b"handoff:worker:" + w, "in_flight") for w in ids]
+    return sum(int(h) for h in held if h is not None)
+
+
 def _hold_three(client, raw_redis) -> tuple[str, str, str]:
-    """A runs in the one slot; B and C are leased beside it, waiting for the slot."""
+    """A runs in the one slot; B and C are leased beside it and taken by the worker (not
+    only leased in Redis: a claim reply still in flight is the claim's own moment), waiting
+    for the slot."""
+    wait_until(lambda: _held_by_worker(raw_redis) == 0, 20, "the worker's health to say idle")
     a, b, c = (client.enqueue("single", {"n": n}) for n in range(3))
     _wait_started(raw_redis, a)
     wait_until(lambda: stat(client, "single", "running") == 3, 20, "B and C leased beside A")
+    wait_until(lambda: _held_by_worker(raw_redis) == 3, 20, "the worker to hold B and C")
     return a, b, c
 
 

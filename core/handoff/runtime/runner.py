@@ -314,7 +314,12 @@ class AsyncRunner(_BaseRunner):
         not waiting) go without the gate's freshness check (see start_gate.py)."""
         while self._pending and self.running < self.max_concurrent:
             task = self._pending.popleft()
-            if not self.gate.admit(task, waited=id(task) not in claimed_now):
+            admitted = self.gate.admit(task, waited=id(task) not in claimed_now, block=False)
+            if admitted is None:  # Redis unreachable: try again shortly, loop running on
+                self._pending.appendleft(task)
+                self._loop.call_later(0.1, self._pump)
+                return
+            if not admitted:
                 continue
             self._mark_started(task)
             self._coroutines[task.id] = self._loop.create_task(self._run(task))

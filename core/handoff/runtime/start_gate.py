@@ -14,8 +14,10 @@ A task handed to a free slot straight from its claim's reply is started without 
 told at once). A task that waited for a slot (prefetched) needs the knowledge above. The
 hot path pays nothing more: claims come often while tasks are short, and each refreshes the
 knowledge. Only a waiting task handed over when no claim was sent for START_FRESH_S (slow
-tasks: the round trip is small beside them), or while a cancel is being applied, costs one
-round trip (check): is its lease still ours, and what is the inbox's number.
+tasks: the round trip is small beside them; or every one when round trips take longer than
+START_FRESH_S), or while a cancel is being applied, costs one round trip (check): is its
+lease still ours (then it starts, as a task fresh from its claim would), and what is the
+inbox's number.
 """
 
 from __future__ import annotations
@@ -60,11 +62,12 @@ class StartGate:
                 self._applied_seq = max(self._applied_seq, seq)
         return started
 
-    def admit(self, task: Task, waited: bool = True) -> bool:
+    def admit(self, task: Task, waited: bool = True, block: bool = True) -> bool | None:
         """Right before the handler starts: True to run it (counted as begun), False if it
         was cancelled (or its lease lost) and must not start. A task handed to a slot as
         it was claimed (waited=False) is started as the claim's own reply says: a cancel
-        meeting it in flight is told it started, and its handler is told at once."""
+        meeting it in flight is told it started, and its handler is told at once. While
+        Redis cannot be asked: wait for it, or (block=False: an event loop) None."""
         key = (task.id, task.token)
         if not waited:
             with self._lock:
@@ -72,20 +75,21 @@ class StartGate:
                     return False
                 self._begun.add(key)
                 return True
-        known_until = 0.0  # this task's own lease, checked in Redis, is ours until then
+        checked = False  # its own lease was just found ours in Redis: start it now
         failures = 0
         while True:
             with self._lock:
                 if key in self.skip:
                     return False
-                now = time.monotonic()
-                if self._check is None or now < self._fresh_until or now < known_until:
+                if checked or self._check is None or time.monotonic() < self._fresh_until:
                     self._begun.add(key)
                     return True
             sent_at = time.monotonic()
             try:
                 seq, ours = self._check(task)
             except HandoffError:  # Redis unreachable: wait for it (the lease is renewed)
+                if not block:
+                    return None
                 failures += 1
                 time.sleep(min(0.05 * 2**failures, 1.0))
                 continue
@@ -93,7 +97,7 @@ class StartGate:
                 with self._lock:
                     self.skip.add(key)
                 return False
-            known_until = sent_at + self.fresh_s
+            checked = True  # (a cancel after the check meets it started, as after a claim)
             self.observed(sent_at, seq)
 
     def finished(self, task: Task) -> None:
