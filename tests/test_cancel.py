@@ -370,28 +370,33 @@ def test_a_cancel_landing_as_the_slot_frees_is_exact_about_the_start(
 ):
     """40 races: A ends (its handler returns) and B's cancel lands in the same
     millisecond. B never starts after cancel() returned, and the report says which it
-    was: leased and never started, or running (started just before the cancel)."""
+    was: leased (it never starts) or running (it started before the cancel returned)."""
     _one_slot_worker(client, raw_redis, run_handoff)
     outcomes: Counter = Counter()
+    never: list[str] = []  # reported leased: checked once the slot has moved past them all
     rng = random.Random(1)
     for _ in range(40):
         a, b = client.enqueue("single", {"n": 0}), client.enqueue("single", {"n": 1})
         _wait_started(raw_redis, a)
         wait_until(lambda: stat(client, "single", "running") == 2, 20, "B leased beside A")
-        # A's end, from another thread, within ~3 ms either side of the cancel landing
+        # A's end, from another thread, within ~4 ms either side of the cancel landing
         jitter_s = rng.uniform(0, 0.004)
         release = threading.Thread(target=_release_after, args=(raw_redis, a, jitter_s))
         release.start()
         report = client.cancel(b)
         returned_ms = time.time() * 1000
         release.join()
-        wait_until(lambda: stat(client, "single", "running") == 0, 20, "the worker idle")
-        starts = _starts_of(raw_redis, b)
-        assert all(s["at_ms"] <= returned_ms for s in starts), (starts, returned_ms)
-        if starts:
-            assert report.was == {"running": 1}, report.was
+        state = next(iter(report.was))
+        outcomes[state] += 1
+        if state == "running":  # its start is recorded a moment after the slot took it
+            [start] = wait_until(lambda b=b: _starts_of(raw_redis, b), 10, "B's start record")
+            assert start["at_ms"] <= returned_ms, (start, returned_ms)
             raw_redis.rpush(f"go:{b}", 1)  # (its handler is told; the flag is not polled)
         else:
-            assert report.was == {"leased": 1} and "never starts" in report.line()
-        outcomes[next(iter(report.was))] += 1
+            assert state == "leased" and "never starts" in report.line(), report.was
+            never.append(b)
+    last = client.enqueue("single", {"n": 2})  # the slot has moved past every B
+    _wait_started(raw_redis, last)
+    raw_redis.rpush(f"go:{last}", 1)
+    assert [b for b in never if _starts_of(raw_redis, b)] == []
     print(f"40 cancels as the slot frees: {dict(outcomes)}")
