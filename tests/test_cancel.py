@@ -8,7 +8,9 @@ import random
 import signal
 import statistics
 import sys
+import threading
 import time
+from collections import Counter
 
 import orjson
 import psutil
@@ -264,3 +266,137 @@ def test_a_cancelled_branch_ends_its_join_as_a_dead_one_would(
     finally:
         planner.close()
         rest.close()
+
+
+def test_cancelling_unknown_ids_writes_nothing(client, raw_redis):
+    """An unknown id (or a run of one) is reported unknown and leaves no mark in any
+    agent's slot: a mark lives an hour and takes every claim off its fast path."""
+    agents = ["noop", "patient", "polite", "planner", "coder", "reviewer"]
+    raw_redis.sadd("handoff:agents", *agents)  # as their workers do when they start
+    for n in range(200):
+        report = client.cancel(f"{agents[n % 6]}.nothing-{n}", run=n % 2 == 1)
+        assert report.cancelled == 0, report.was
+    assert client.cancel("noop.nothing-0").line().endswith("is unknown: nothing to cancel")
+    assert [k for k in raw_redis.keys("*") if b"cancelled" in k] == []
+    done = client.enqueue("noop", {})
+    assert client.cancel(done).was == {"queued": 1}  # a real one still marks and ends
+
+
+def test_a_cancelled_run_with_a_join_ends_at_once(client, start):
+    """Real workers: a splitter's join waits on three running branches; the run cancel
+    delivers every notice it causes itself (a join's then-task ending cancelled tells the
+    run in another slot), so a follower hears at once, not at the reaper's sweep (~5 s)."""
+    sup = start(["supervise", "--agents", "splitter=1,step=1,merge=1"], app="apps.flows")
+    root = client.enqueue("splitter", {"n": 3, "step_sleep_s": 30})
+    wait_until(
+        lambda: client.status(root) == "done" and stat(client, "step", "running") == 3,
+        30, "the splitter's join and its three branches to run",
+    )  # fmt: skip
+    called = time.monotonic()
+    client.cancel(root, run=True)
+    with pytest.raises(TaskCancelled, match=f"run {root} was cancelled"):
+        client.result(root, 20, follow=True)
+    took_ms = (time.monotonic() - called) * 1000
+    print(f"cancel -> TaskCancelled on follow: {took_ms:.0f} ms")
+    assert took_ms < 1000, took_ms
+    assert "left in outboxes" not in sup.output()
+
+
+def _one_slot_worker(client, raw_redis, run_handoff, lease_s: float = 10):
+    """A `worker single` (max_concurrent=1, prefetch 2) and its pid, once it is up."""
+    worker = run_handoff(["worker", "single"], prefetch=2, lease_s=lease_s)
+    warm = client.enqueue("single", {})
+    _wait_started(raw_redis, warm)
+    raw_redis.rpush(f"go:{warm}", 1)
+    wait_until(lambda: client.status(warm) == "done", 20, "the worker's first task")
+    return worker
+
+
+def _held_by_worker(raw_redis) -> int:
+    """What the single worker holds, as its health hash says (it writes every 0.2 s)."""
+    ids = raw_redis.zrange("handoff:workers", 0, -1)
+    held = [raw_redis.hget(b"handoff:worker:" + w, "in_flight") for w in ids]
+    return sum(int(h) for h in held if h is not None)
+
+
+def _hold_three(client, raw_redis) -> tuple[str, str, str]:
+    """A runs in the one slot; B and C are leased beside it and taken by the worker (not
+    only leased in Redis: a claim reply still in flight is the claim's own moment), waiting
+    for the slot."""
+    wait_until(lambda: _held_by_worker(raw_redis) == 0, 20, "the worker's health to say idle")
+    a, b, c = (client.enqueue("single", {"n": n}) for n in range(3))
+    _wait_started(raw_redis, a)
+    wait_until(lambda: stat(client, "single", "running") == 3, 20, "B and C leased beside A")
+    wait_until(lambda: _held_by_worker(raw_redis) == 3, 20, "the worker to hold B and C")
+    return a, b, c
+
+
+def _release_after(raw_redis, task_id: str, jitter_s: float) -> None:
+    time.sleep(jitter_s)  # jitter to spread the race, not a wait for anything
+    raw_redis.rpush(f"go:{task_id}", 1)
+
+
+def _starts_of(raw_redis, task_id: str) -> list[dict]:
+    return [r for r in _records(raw_redis, "starts") if r["id"] == task_id]
+
+
+def test_a_held_task_cancelled_while_its_worker_is_stopped_never_starts(
+    client, raw_redis, run_handoff
+):
+    """The worker SIGSTOPped across the cancels (its 10 s lease never lapses), then A ends
+    and the worker goes on: B (cancelled) and C (its run cancelled) never start."""
+    worker = _one_slot_worker(client, raw_redis, run_handoff)
+    for trial in range(3):
+        a, b, c = _hold_three(client, raw_redis)
+        psutil.Process(worker.pid).send_signal(signal.SIGSTOP)
+        try:
+            report_b = client.cancel(b)
+            report_c = client.cancel(c, run=True)
+            raw_redis.rpush(f"go:{a}", 1)
+        finally:
+            psutil.Process(worker.pid).send_signal(signal.SIGCONT)
+        wait_until(lambda a=a: client.status(a) == "done", 20, "A to finish")
+        wait_until(lambda: stat(client, "single", "running") == 0, 20, "the worker idle")
+        assert _starts_of(raw_redis, b) == [] and _starts_of(raw_redis, c) == []
+        assert client.status(b) == client.status(c) == "cancelled"
+        # its worker could not answer: the report says so, and that it does not start
+        assert report_b.was == {"claimed": 1}, (trial, report_b.was, report_c.was)
+        assert report_c.was == {"claimed": 1}, (trial, report_b.was, report_c.was)
+        assert "if it waited for a slot it never starts" in report_b.line()
+
+
+def test_a_cancel_landing_as_the_slot_frees_is_exact_about_the_start(
+    client, raw_redis, run_handoff
+):
+    """40 races: A ends (its handler returns) and B's cancel lands in the same
+    millisecond. B never starts after cancel() returned, and the report says which it
+    was: leased (it never starts) or running (it started before the cancel returned)."""
+    _one_slot_worker(client, raw_redis, run_handoff)
+    outcomes: Counter = Counter()
+    never: list[str] = []  # reported leased: checked once the slot has moved past them all
+    rng = random.Random(1)
+    for _ in range(40):
+        a, b = client.enqueue("single", {"n": 0}), client.enqueue("single", {"n": 1})
+        _wait_started(raw_redis, a)
+        wait_until(lambda: stat(client, "single", "running") == 2, 20, "B leased beside A")
+        # A's end, from another thread, within ~4 ms either side of the cancel landing
+        jitter_s = rng.uniform(0, 0.004)
+        release = threading.Thread(target=_release_after, args=(raw_redis, a, jitter_s))
+        release.start()
+        report = client.cancel(b)
+        returned_ms = time.time() * 1000
+        release.join()
+        state = next(iter(report.was))
+        outcomes[state] += 1
+        if state == "running":  # its start is recorded a moment after the slot took it
+            [start] = wait_until(lambda b=b: _starts_of(raw_redis, b), 10, "B's start record")
+            assert start["at_ms"] <= returned_ms, (start, returned_ms)
+            raw_redis.rpush(f"go:{b}", 1)  # (its handler is told; the flag is not polled)
+        else:
+            assert state == "leased" and "never starts" in report.line(), report.was
+            never.append(b)
+    last = client.enqueue("single", {"n": 2})  # the slot has moved past every B
+    _wait_started(raw_redis, last)
+    raw_redis.rpush(f"go:{last}", 1)
+    assert [b for b in never if _starts_of(raw_redis, b)] == []
+    print(f"40 cancels as the slot frees: {dict(outcomes)}")

@@ -3,10 +3,12 @@ run_deadline_s, ends expired and never runs; on a server and a 3-primary cluster
 
 from __future__ import annotations
 
+import time
+
 import orjson
 import pytest
 
-from handoff import Handoff, TaskDead, TaskExpired
+from handoff import Handoff, TaskExpired
 from handoff.errors import InvalidPayload
 from handoff.testing import InProcessApp
 from harness.procs import HandoffProcess, handoff_env, wait_until
@@ -53,7 +55,7 @@ def test_a_runs_deadline_bounds_the_tasks_handed_off_in_it(redis_url, monkeypatc
         step.run_until_idle()
         child = echo.client.tree(root)["children"][0]
         assert child["status"] == "expired"
-        with pytest.raises(TaskDead, match=rf"has a expired end: task {child['id']}"):
+        with pytest.raises(TaskExpired, match=rf"has an expired end: task {child['id']}"):
             echo.client.result(root, 2, follow=True)
     finally:
         echo.close()
@@ -105,3 +107,26 @@ def test_a_task_behind_a_backlog_expires_without_running(redis_url, raw_redis, c
         worker.stop()
     ran = {orjson.loads(e)["id"] for e in raw_redis.lrange("step_ends", 0, -1)}
     assert late not in ran and set(backlog) <= ran
+
+
+def test_a_run_whose_child_expires_raises_task_expired_on_follow(client, start):
+    """Real workers: echo hands off to step within run_deadline_s=1; step's worker starts
+    only after the deadline, so the child ends expired; following the run raises
+    TaskExpired (as result() of an expired root does), not TaskDead."""
+    start(["worker", "echo"], app="apps.flows")
+
+    def workers() -> list[bytes]:
+        return client.queue.manager.execute(lambda c: c.zrange("handoff:workers", 0, -1))
+
+    # up first: a root not started within its run's 1 s (a slow boot) would expire itself
+    wait_until(lambda: any(w.startswith(b"echo-") for w in workers()), 30, "echo's worker")
+    root = client.enqueue("echo", {"i": 7, "next": "step"}, run_deadline_s=1)
+    children = wait_until(lambda: client.tree(root).get("children"), 20, "echo's handoff")
+    past = time.time() + 1.5  # the run's deadline is stamped by this client's clock
+    wait_until(lambda: time.time() > past, 5, "the run's deadline to pass")
+    start(["worker", "step"], app="apps.flows")
+    wait_until(lambda: client.status(children[0]["id"]) == "expired", 20, "its child to expire")
+    with pytest.raises(
+        TaskExpired, match=rf"run {root} has an expired end: task {children[0]['id']}"
+    ):
+        client.result(root, 5, follow=True)

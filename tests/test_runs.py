@@ -255,7 +255,7 @@ def test_notices_a_dead_worker_left_in_its_outbox_are_delivered_by_the_reaper(
     # The worker dies after its ack reached the server, before its notices did (on one
     # server they ride behind the ack in its pipeline; on a cluster they follow it).
     monkeypatch.setattr(type(app.queue), "deliver", lambda self, *a, **k: False)
-    monkeypatch.setattr(type(app.queue), "_checked_deliveries", lambda self, *a, **k: [])
+    monkeypatch.setattr(type(app.queue), "_checked_deliveries", lambda self, *a, **k: ([], []))
     app.run_until_idle()
     monkeypatch.undo()
     child = app.client.tree(root)["children"][0]["id"]

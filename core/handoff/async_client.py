@@ -25,6 +25,7 @@ from handoff.client import (
     status_plan,
     stream_plan,
     tree_plan,
+    waits_backoff,
 )
 from handoff.config import Settings, load_settings
 from handoff.connection.async_manager import AsyncRedisManager
@@ -151,7 +152,9 @@ class AsyncClient:
         """The task's (follow=True: its run's) result, waiting up to wait_s: awaits the end
         notice in Redis, no polling (see Client.result)."""
         queue = self.queue
-        return await queue.run(result_plan(queue.keys, task_id, wait_s, follow=follow))
+        backoff = waits_backoff(self.settings)
+        plan = result_plan(queue.keys, task_id, wait_s, follow=follow, backoff=backoff)
+        return await queue.run(plan)
 
     async def cancel(self, task_id: str, *, run: bool = False) -> CancelReport:
         """Cancel a task, or (run=True) its whole run (see Client.cancel)."""

@@ -18,8 +18,12 @@ from handoff.config import Settings, load_settings
 from handoff.config.checks import check_range
 from handoff.connection.manager import RedisManager
 from handoff.connection.process import current_pid
+from handoff.connection.retry import ExponentialBackoff
 from handoff.errors import (
+    HandoffError,
     InvalidPayload,
+    RedisCommandError,
+    RedisUnavailable,
     ResultTimeout,
     TaskCancelled,
     TaskDead,
@@ -47,6 +51,7 @@ from handoff.runtime.payload_types import JSON_TYPES
 # The longest single blocking wait for a result (its connection's read timeout is
 # longer): a wait of an hour sends a command every WAIT_CHUNK_S.
 WAIT_CHUNK_S = 300.0
+DEFAULT_BACKOFF = ExponentialBackoff(0.008, 0.512)  # the pool's defaults (MinRetryBackoff...)
 STREAM_CHUNK_S = 5.0  # a stream reader's blocking read: the run's end ends it sooner
 
 
@@ -340,7 +345,9 @@ class Client:
         ResultTimeout when it is not done in time. Either way it blocks in Redis on the
         end notice the ack writes (no polling): one blocking call per WAIT_CHUNK_S.
         """
-        return self.queue.run(result_plan(self.queue.keys, task_id, wait_s, follow=follow))
+        backoff = waits_backoff(self.settings)
+        plan = result_plan(self.queue.keys, task_id, wait_s, follow=follow, backoff=backoff)
+        return self.queue.run(plan)
 
     def cancel(self, task_id: str, *, run: bool = False) -> CancelReport:
         """Cancel a task, or (run=True) every task of the run it belongs to, on every agent.
@@ -348,8 +355,10 @@ class Client:
         Queued and delayed tasks end cancelled and never start; running ones end cancelled
         and their handlers are told at once (an async one gets CancelledError, a sync one
         sees task.cancelled); whatever they return afterwards, handoffs included, is
-        dropped. After a run cancel no task of the run starts. A finished or unknown task is
-        left as it is: the report says so (report.line() is one line for a person)."""
+        dropped. A task its worker held for a free slot never starts (report.was says
+        "leased"; "claimed" when its worker did not answer within 0.25 s). After a run
+        cancel no task of the run starts. A finished or unknown task is left as it is and
+        nothing is written: the report says so (report.line() is one line for a person)."""
         return self.queue.run(cancel(self.queue, task_id, run=run, keep_ms=self._keep_ms()))
 
     def _keep_ms(self) -> int:
@@ -483,52 +492,98 @@ def status_plan(keys: Keys, task_id: str) -> Plan[tuple[str, bytes | None]]:
     return "unknown", None
 
 
-def result_plan(keys: Keys, task_id: str, wait_s: float, *, follow: bool) -> Plan[Any]:
-    """Client.result: wait on the task's (or its run's) end notice, in chunks."""
+def waits_backoff(settings: Settings) -> ExponentialBackoff:
+    """The client's retry backoff (RedisPoolConfig), for waits riding out an outage."""
+    redis_config = settings.redis
+    return ExponentialBackoff(
+        redis_config.min_retry_backoff_ms / 1000, redis_config.max_retry_backoff_ms / 1000
+    )
+
+
+def result_plan(
+    keys: Keys,
+    task_id: str,
+    wait_s: float,
+    *,
+    follow: bool,
+    backoff: ExponentialBackoff = DEFAULT_BACKOFF,
+) -> Plan[Any]:
+    """Client.result: wait on the task's (or its run's) end notice, in chunks. A Redis
+    outage meanwhile (a restart, a failover) is ridden out with backoff (the client's
+    retry policy's) until wait_s is up: the blocking wait itself is never retried."""
     check_range("wait_s", wait_s, 0, 86_400 * 7, error=InvalidPayload)
     agent_of(task_id)
     if follow:
-        return (yield from _follow_plan(keys, task_id, wait_s))
+        return (yield from _follow_plan(keys, task_id, wait_s, backoff))
     deadline = time.monotonic() + wait_s
     block_s = WAIT_CHUNK_S
+    failures = 0
     while True:
         remaining = deadline - time.monotonic()
         flag_ms = int((min(remaining, block_s) + 5) * 1000)
-        state = yield from runs.task_state(keys, task_id, flag_ms)
-        if state.kind == "done":
-            return _result_of(task_id, state.record or {})
-        if state.kind == "dead":
-            raise TaskDead(f"task {task_id} is dead: {state.reason}")
-        if remaining <= 0:
-            status = "unknown"
-            if state.kind != "unknown":
-                status = (yield from status_plan(keys, task_id))[0]
-            raise ResultTimeout(f"task {task_id} is still {status} after {wait_s}s")
-        if state.kind == "unknown":  # nothing will push: wait out the time, then say so
-            yield Pause(min(remaining, block_s))
+        try:
+            state = yield from runs.task_state(keys, task_id, flag_ms)
+            if state.kind == "done":
+                return _result_of(task_id, state.record or {})
+            if state.kind == "dead":
+                raise TaskDead(f"task {task_id} is dead: {state.reason}")
+            if remaining <= 0:
+                status = "unknown"
+                if state.kind != "unknown":
+                    status = (yield from status_plan(keys, task_id))[0]
+                raise ResultTimeout(f"task {task_id} is still {status} after {wait_s}s")
+            if state.kind == "unknown":  # nothing will push: wait out the time, then say so
+                yield Pause(min(remaining, block_s))
+                continue
+            yield from runs.wait_done(keys, task_id, min(remaining, block_s))
+        except HandoffError as e:
+            failures += 1
+            yield from _ride_out(e, failures, deadline, backoff)
             continue
-        yield from runs.wait_done(keys, task_id, min(remaining, block_s))
+        failures = 0
 
 
-def _follow_plan(keys: Keys, task_id: str, wait_s: float) -> Plan[Any]:
+def _follow_plan(keys: Keys, task_id: str, wait_s: float, backoff: ExponentialBackoff) -> Plan[Any]:
     deadline = time.monotonic() + wait_s
-    root = yield from runs.run_of(keys, task_id)
     block_s = WAIT_CHUNK_S
+    root, failures = None, 0
     while True:
         remaining = deadline - time.monotonic()
         flag_ms = int((min(remaining, block_s) + 5) * 1000)
-        state = yield from runs.run_state(keys, root, flag_ms)
-        if state.kind == "single":
-            return _result_of(root, state.record or {})
-        if state.kind == "dead":
-            raise TaskDead(f"run {root} ended dead: task {root}: {state.reason}")
-        if state.kind == "ended":
-            return _run_result(root, state.ends)
-        if state.kind == "unknown":
-            raise ResultTimeout(f"run {root} is unknown (never enqueued, or long gone)")
-        if remaining <= 0:
-            raise ResultTimeout(f"run {root} has not ended after {wait_s}s")
-        yield from runs.wait_ended(keys, root, min(remaining, block_s))
+        try:
+            if root is None:
+                root = yield from runs.run_of(keys, task_id)
+            state = yield from runs.run_state(keys, root, flag_ms)
+            if state.kind == "single":
+                return _result_of(root, state.record or {})
+            if state.kind == "dead":
+                raise TaskDead(f"run {root} ended dead: task {root}: {state.reason}")
+            if state.kind == "ended":
+                return _run_result(root, state.ends)
+            if state.kind == "unknown":
+                raise ResultTimeout(f"run {root} is unknown (never enqueued, or long gone)")
+            if remaining <= 0:
+                raise ResultTimeout(f"run {root} has not ended after {wait_s}s")
+            yield from runs.wait_ended(keys, root, min(remaining, block_s))
+        except HandoffError as e:
+            failures += 1
+            yield from _ride_out(e, failures, deadline, backoff)
+            continue
+        failures = 0
+
+
+def _ride_out(
+    error: HandoffError, failures: int, deadline: float, backoff: ExponentialBackoff
+) -> Plan[None]:
+    """A wait met an outage: back off and go on, until the wait's own deadline (then the
+    outage is the answer). Anything but an unreachable or loading server is raised."""
+    loading = isinstance(error, RedisCommandError) and "LOADING" in str(error)
+    if not (isinstance(error, RedisUnavailable) or loading):
+        raise error
+    left_s = deadline - time.monotonic()
+    if left_s <= 0:
+        raise error
+    yield Pause(min(backoff.sleep_s(failures), left_s))
 
 
 def stream_plan(
@@ -584,6 +639,11 @@ def _run_result(root: str, ends: list[dict]) -> Any:
             raise TaskCancelled(
                 f"run {root} was cancelled: task {end.get('id')} ({end.get('agent')}) "
                 "ended cancelled"
+            )
+        if end.get("status") == "expired":  # as for a root: TaskExpired, not TaskDead
+            raise TaskExpired(
+                f"run {root} has an expired end: task {end.get('id')} ({end.get('agent')}): "
+                "not started by its deadline"
             )
         if end.get("status") != "done":
             raise TaskDead(

@@ -5,7 +5,8 @@ server (TEST_REDIS_URL), outside handoff:
     starts     LIST  one JSON per start of the other agents: {id, agent, run, at_ms}
     stopped    LIST  one JSON per handler that saw its cancel: {id, how, at_ms}
 
-payloads: {"sleep_s": how long to run (60 by default), "coders": n (planner)}
+payloads: {"sleep_s": how long to run (60 by default), "coders": n (planner)}; single runs
+until the test pushes to go:<its id>
 """
 
 from __future__ import annotations
@@ -91,3 +92,12 @@ def reviewer(task):
     _started(task)
     time.sleep(0.2)
     return {"reviewed": task.payload["i"]}
+
+
+@agent("single", max_concurrent=1)
+def single(task):
+    """One slot: the tasks claimed beside it (prefetch) wait in the worker for it. Records
+    its start, then runs until the test pushes to go:<id> (at most 30 s)."""
+    _started(task)
+    client().blpop([f"go:{task.id}"], 30)
+    return "went"

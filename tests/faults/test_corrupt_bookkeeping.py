@@ -19,9 +19,10 @@ from dataclasses import dataclass
 import orjson
 import pytest
 
-from handoff.client import Client, TaskDead
+from handoff.client import Client
 from handoff.config import RedisPoolConfig, Settings
 from handoff.connection.manager import RedisManager
+from handoff.errors import TaskDead
 from handoff.protocol import scripts
 from handoff.protocol.keys import Keys
 from handoff.protocol.queue import ClaimRequest, Completion, Failure, TaskQueue

@@ -157,3 +157,47 @@ def _cpu_s(sup) -> float:
 
 def _done(client: Client) -> int:
     return int(client.queue_stats(["probe"])["probe"]["done"])
+
+
+def test_result_waiters_ride_out_a_server_restart_until_their_own_deadline(start, tmp_path):
+    """Five result(follow=True) waiters blocked in Redis when the server restarts (AOF,
+    graceful): each retries with the client's backoff until its wait_s, and gets its
+    run's result once the workers finish it; none raises RedisUnavailable."""
+    sock = str(tmp_path / "restart.sock")
+    server = spawn_server(unix_socket=sock, data_dir=str(tmp_path), appendonly=True)
+    settings = Settings(redis=RedisPoolConfig(url=server.url))
+    try:
+        start(["supervise", "--agents", "step=1"], url=server.url, app="apps.flows")
+        with Client(settings=settings) as client:
+            roots = [client.enqueue("step", {"i": n, "sleep_s": 2}) for n in range(5)]
+            wait_until(lambda: _running(client, "step") == 5, 30, "the five runs to start")
+            got: dict[int, object] = {}
+
+            def follow(n: int) -> None:
+                with Client(settings=settings) as waiter:
+                    try:
+                        got[n] = waiter.result(roots[n], 30, follow=True)
+                    except HandoffError as e:
+                        got[n] = e
+
+            waiters = [threading.Thread(target=follow, args=(n,)) for n in range(5)]
+            for thread in waiters:
+                thread.start()
+            wait_until(lambda: _blocked(server) >= 5, 10, "the five waiters to block")
+            server.stop()  # graceful: the AOF keeps everything
+            server.start()
+            for thread in waiters:
+                thread.join(40)
+        assert got == {n: {"i": n} for n in range(5)}, got
+    finally:
+        server.stop()
+
+
+def _running(client: Client, agent: str) -> int:
+    return int(client.queue_stats([agent])[agent]["running"])
+
+
+def _blocked(server) -> int:
+    """Clients blocked in a wait (the waiters' BLMOVE on their run's end list)."""
+    with server.client() as c:
+        return sum(1 for info in c.client_list() if info.get("cmd") == "blmove")

@@ -29,6 +29,9 @@ one cluster slot. Agent names are validated before any key is built.
                                           cancelled at enqueue, claim, or a join's firing)
     <prefix>:{<agent>}:inbox:<tag>  LIST  ids of running tasks cancelled: the worker whose
                                           claim ids start with <tag> blocks on it
+    <prefix>:{<agent>}:inbox_seq:<tag> STRING the sequence number of the last cancel pushed
+                                          to that inbox: a claim returns it, so the worker
+                                          knows whether it has heard every cancel so far
     <prefix>:{<agent>}:nudge:<tag>  LIST  a stopping worker's own token: its waker, blocked
                                           on wake and this list, returns at once
     <prefix>:{<agent>}:groups       ZSET  group -> rank: the fair rotation of groups with ready
@@ -238,6 +241,9 @@ class AgentKeys:
     def inbox(self, tag: str) -> str:
         return f"{self.base}:inbox:{tag}"
 
+    def inbox_seq(self, tag: str) -> str:
+        return f"{self.base}:inbox_seq:{tag}"
+
     def nudge(self, tag: str) -> str:
         return f"{self.base}:nudge:{tag}"
 
@@ -308,6 +314,10 @@ class Keys:
 
     def worker(self, worker_id: str) -> str:
         return f"{self.prefix}:worker:{worker_id}"
+
+    def cancel_answers(self, token: str) -> str:
+        """LIST: workers' 'id|started' or 'id|waiting' for the leased tasks of one cancel."""
+        return f"{self.prefix}:cancel_answers:{token}"
 
     @property
     def supervisors(self) -> str:

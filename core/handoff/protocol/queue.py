@@ -37,6 +37,7 @@ BOUND_PER_CALL = 200  # delayed promotions / lease reaps per claim or reap call
 RETRY_MAX_DELAY_S = 300.0
 OUTBOX_GRACE_MS = 5000  # a notice still in an outbox this long is the reaper's to deliver
 MAX_DELIVERED_KEPT = 10_000  # delivered outbox fields remembered for the next ack to forget
+MAX_DELIVERY_ROUNDS = 16  # notices whose delivery ends more, followed at once this deep
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,8 @@ class ClaimResult:
     server_ms: int = 0
     next_due_ms: dict[str, int] = field(default_factory=dict)  # -1: nothing delayed
     suspects_waiting: dict[str, bool] = field(default_factory=dict)
+    # The last cancel pushed to the claiming worker's inbox (cancel.lua): per agent.
+    inbox_seq: dict[str, int] = field(default_factory=dict)
 
     def __getitem__(self, agent: str) -> list[Task]:
         return self.tasks[agent]
@@ -185,28 +188,29 @@ class QueueBase:
         scopes: one script call per target agent, one round trip. On success the fields
         are remembered for the source agent's next ack to forget; on failure they stay
         for the reaper (idempotent either way). Returns whether they were applied."""
-        by_target: dict[str, list[bytes]] = {}
-        for _, _, item in outgoing:
-            by_target.setdefault(notice.target_agent(item), []).append(item)
-        now_arg = "" if now_ms is None else now_ms
-        calls = [
-            ("scope", self._fixed(target), [now_arg, *items]) for target, items in by_target.items()
-        ]
-        try:
-            # Replicated before the outbox may forget them (enqueue_wait_replicas): a
-            # failover must not lose a notice whose copy in the outbox is gone.
-            replies = yield Scripts(calls, wait_replicas=self.settings.enqueue_wait_replicas)
-        except HandoffError as e:
-            log.warning("%d run notice(s) left for the reaper to deliver: %s", len(outgoing), e)
-            return False
-        for source, field_name, _ in outgoing:
-            kept = self._delivered.setdefault(source, [])
-            if len(kept) < MAX_DELIVERED_KEPT:
-                kept.append(field_name)
-        onward = _sent_on(replies)
-        if onward:  # (each step goes one scope up the run: it ends)
-            yield from self.deliver_plan(onward, now_ms=now_ms)
-        return True
+        for _ in range(MAX_DELIVERY_ROUNDS):
+            by_target: dict[str, list[bytes]] = {}
+            for _, _, item in outgoing:
+                by_target.setdefault(notice.target_agent(item), []).append(item)
+            now_arg = "" if now_ms is None else now_ms
+            targets = list(by_target)
+            calls = [("scope", self._fixed(t), [now_arg, *by_target[t]]) for t in targets]
+            try:
+                # Replicated before the outbox may forget them (enqueue_wait_replicas): a
+                # failover must not lose a notice whose copy in the outbox is gone.
+                replies = yield Scripts(calls, wait_replicas=self.settings.enqueue_wait_replicas)
+            except HandoffError as e:
+                log.warning("%d run notice(s) left for the reaper to deliver: %s", len(outgoing), e)
+                return False
+            for source, field_name, _ in outgoing:
+                kept = self._delivered.setdefault(source, [])
+                if len(kept) < MAX_DELIVERED_KEPT:
+                    kept.append(field_name)
+            # What applying them ended in turn (a then-task of a cancelled run): at once too.
+            outgoing = outboxed_in(targets, replies)
+            if not outgoing:
+                return True
+        return True  # deeper than that: the reaper delivers the rest
 
     def _enqueue_calls(self, tasks: Sequence[Task], now_ms: int | None) -> tuple[list, list, list]:
         """(script calls, the task indexes of each, agents not registered yet): every task
@@ -522,10 +526,11 @@ class TaskQueue(QueueBase):
             token, agent = args[2], request.agent
             tasks = claimed.setdefault(agent, [])
             result.server_ms, result.next_due_ms[agent] = int(reply[0]), int(reply[1])
-            first = 2
+            result.inbox_seq[agent] = int(reply[2])
+            first = 3
             if request.isolate_suspects:
-                result.suspects_waiting[agent] = bool(int(reply[2]))
-                first = 3
+                result.suspects_waiting[agent] = bool(int(reply[3]))
+                first = 4
             end = len(reply)
             if b"|" in reply[first:]:  # notices it wrote to the outbox: deliver them now
                 end = reply.index(b"|", first)
@@ -614,8 +619,10 @@ class TaskQueue(QueueBase):
                     if item[:1] not in b"RD" and notice.target_agent(item) != agent:
                         outgoing.append((agent, f"{done.task.id}:{k}", item))
         inline = outgoing and not self.manager.is_cluster
+        targets: list[str] = []
         if inline:
-            calls += self._checked_deliveries(outgoing, now_ms)
+            checked, targets = self._checked_deliveries(outgoing, now_ms)
+            calls += checked
         joined = sorted(new_agents - self._registered_agents)
         extra = [lambda p: p.sadd(self.keys.agents, *joined)] if joined else []
         replies = self.run_scripts(calls, extra)
@@ -632,28 +639,30 @@ class TaskQueue(QueueBase):
                 "%d result(s) not stored (the tasks are done all the same): %s: %s",
                 len(dropped) // 2, dropped[0].decode(), dropped[1].decode()[:200],
             )  # fmt: skip
+        nested = outboxed_in(targets, replies[len(groups) : len(groups) + len(targets)])
+        if nested:  # what the inline deliveries ended in turn, in other slots: at once too
+            self.deliver(nested, now_ms=now_ms)
         if outgoing and not inline:
             stale_ids = set(stale)
             fresh = [item for item in outgoing if item[1].rpartition(":")[0] not in stale_ids]
             if fresh:
                 self.deliver(fresh, now_ms=now_ms)
-        onward = _sent_on(replies[len(groups) :]) if inline else []
-        if onward:
-            self.deliver(onward, now_ms=now_ms)
         return stale
 
     def _checked_deliveries(
         self, outgoing: list[tuple[str, str, bytes]], now_ms: int | None
-    ) -> list[tuple[str, list[str], list[Any]]]:
-        """scope calls that apply each notice only if its outbox field exists (one server)."""
+    ) -> tuple[list[tuple[str, list[str], list[Any]]], list[str]]:
+        """scope calls that apply each notice only if its outbox field exists (one server),
+        and the agent each call is for."""
         by_pair: dict[tuple[str, str], list[Any]] = {}
         for source, field_name, item in outgoing:
             by_pair.setdefault((source, notice.target_agent(item)), []).extend((field_name, item))
         now_arg = "" if now_ms is None else now_ms
-        return [
+        calls = [
             ("scope", [*self._fixed(target), self.keys.agent(source).outbox], [now_arg, *pairs])
             for (source, target), pairs in by_pair.items()
         ]
+        return calls, [target for _, target in by_pair]
 
     def deliver(
         self, outgoing: Sequence[tuple[str, str, bytes]], *, now_ms: int | None = None
@@ -807,19 +816,6 @@ def _not_utf8(field_name: bytes) -> str | None:
     return None
 
 
-def _sent_on(replies: Sequence[Any]) -> list[tuple[str, str, bytes]]:
-    """What scope calls sent on to other slots' outboxes ((source agent, outbox field,
-    notice)): a field is '<id of the task whose end it reports>:...', in the source's slot."""
-    onward = []
-    for reply in replies:
-        if isinstance(reply, list) and b"|" in reply:
-            rest = reply[reply.index(b"|") + 1 :]
-            for k in range(0, len(rest), 2):
-                field_name = rest[k].decode()
-                onward.append((field_name.partition(".")[0], field_name, rest[k + 1]))
-    return onward
-
-
 def _forget_fields(client, keys: Keys, by_source: dict[str, list[Any]]) -> list:
     pipe = client.pipeline(transaction=False)
     for source, fields in by_source.items():
@@ -847,3 +843,13 @@ def _group(items, key) -> dict[str, list]:
             groups[name] = group = []
         group.append(item)
     return groups
+
+
+def outboxed_in(agents: Sequence[str], replies: Sequence[Any]) -> list[tuple[str, str, bytes]]:
+    """The (agent, outbox field, notice) triples scope.lua replies name after '|'."""
+    out: list[tuple[str, str, bytes]] = []
+    for agent, reply in zip(agents, replies, strict=True):
+        if isinstance(reply, list) and b"|" in reply:
+            kept = reply[reply.index(b"|") + 1 :]
+            out += [(agent, kept[k].decode(), kept[k + 1]) for k in range(0, len(kept), 2)]
+    return out

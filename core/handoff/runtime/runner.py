@@ -28,6 +28,7 @@ from handoff.errors import RateLimited
 from handoff.protocol.task import Task
 from handoff.runtime import tracing
 from handoff.runtime.agents import AgentSpec
+from handoff.runtime.start_gate import StartGate
 
 # A handler that forks: only the forking thread lives on in the child, and it would go back
 # to the runner for the next (prefetched) task, ack into a queue nobody reads and ignore
@@ -90,14 +91,16 @@ Report = Callable[[Outcome | Finished], None]
 
 
 class _BaseRunner:
-    def __init__(self, spec: AgentSpec, report: Report) -> None:
+    def __init__(self, spec: AgentSpec, report: Report, gate: StartGate | None = None) -> None:
         global _runner_pid
         _runner_pid = os.getpid()
         self.spec = spec
         self.report = report
         self.max_concurrent = spec.max_concurrent
         self.started_at: dict[str, tuple[float, Task]] = {}  # running: id -> (monotonic, task)
-        self.skip: set[tuple[str, str]] = set()  # (id, token) deliveries not to start
+        # Asked right before a handler starts: was the task cancelled meanwhile?
+        self.gate = gate if gate is not None else StartGate()
+        self.skip = self.gate.skip  # (id, token) deliveries not to start
         self.peak_running = 0
         self.cancelled_at: dict[str, float] = {}  # running, cancelled: id -> monotonic
 
@@ -127,7 +130,7 @@ class _BaseRunner:
             running = self.started_at.get(task_id)
             if running is None or not running[1].cancelled:
                 self.cancelled_at.pop(task_id, None)  # it ended (or a new delivery runs)
-                self.skip = {entry for entry in self.skip if entry[0] != task_id}
+                self.skip.difference_update([e for e in list(self.skip) if e[0] == task_id])
             elif now - at > grace_s:
                 out.append(running[1])
         return out
@@ -160,8 +163,8 @@ class SyncRunner(_BaseRunner):
     stack and the handler's code are the warmest in the CPU's caches: an idle worker's
     pickup starts sooner), or waits in a deque of ready tasks while all are busy."""
 
-    def __init__(self, spec: AgentSpec, report: Report) -> None:
-        super().__init__(spec, report)
+    def __init__(self, spec: AgentSpec, report: Report, gate: StartGate | None = None) -> None:
+        super().__init__(spec, report, gate)
         self._ready: deque[Task | None] = deque()
         self._lock = threading.Lock()
         self._idle: list[_Slot] = []  # the last to go idle at the end
@@ -211,30 +214,31 @@ class SyncRunner(_BaseRunner):
                 self._hand(slot, None)
             self._ready.extend([None] * (len(self._threads) - len(idle)))
 
-    def _next(self, slot: _Slot) -> Task | None:
+    def _next(self, slot: _Slot) -> tuple[Task | None, bool]:
+        """The next task, and whether it waited for a slot (not handed over as claimed)."""
         with self._lock:
             if self._ready:
                 task = self._ready.popleft()
                 if task is not None:
                     self._mark_started(task)
-                return task
+                return task, True
             self._idle.append(slot)
         slot.wake.acquire()  # until _hand
         task, slot.task = slot.task, None
         begun, slot.begun = slot.begun, None
         if begun is not None:
             begun.release()
-        return task
+        return task, False
 
     def _loop(self) -> None:
         handler = self.spec.handler
         traced = tracing.active()  # decided once: a worker's tracing is set up at its start
         slot = _Slot()
         while True:
-            task = self._next(slot)
+            task, waited = self._next(slot)
             if task is None:
                 return
-            if (task.id, task.token) in self.skip:
+            if not self.gate.admit(task, waited):  # cancelled while it waited for this slot
                 self.started_at.pop(task.id, None)
                 continue
             started = time.perf_counter()
@@ -284,8 +288,8 @@ class PreciseSelector(selectors.DefaultSelector):  # type: ignore[misc, valid-ty
 class AsyncRunner(_BaseRunner):
     """One event loop thread; at most max_concurrent coroutines; real timeouts."""
 
-    def __init__(self, spec: AgentSpec, report: Report) -> None:
-        super().__init__(spec, report)
+    def __init__(self, spec: AgentSpec, report: Report, gate: StartGate | None = None) -> None:
+        super().__init__(spec, report, gate)
         self._pending: deque[Task] = deque()
         self._coroutines: dict[str, asyncio.Task] = {}  # running: id -> its coroutine
         self._traced = tracing.active()
@@ -303,12 +307,19 @@ class AsyncRunner(_BaseRunner):
 
     def _add(self, tasks: list[Task]) -> None:
         self._pending.extend(tasks)
-        self._pump()
+        self._pump({id(task) for task in tasks})
 
-    def _pump(self) -> None:
+    def _pump(self, claimed_now: set[int] | frozenset[int] = frozenset()) -> None:
+        """Start pending tasks while there is room; those of claimed_now (just claimed:
+        not waiting) go without the gate's freshness check (see start_gate.py)."""
         while self._pending and self.running < self.max_concurrent:
             task = self._pending.popleft()
-            if (task.id, task.token) in self.skip:
+            admitted = self.gate.admit(task, waited=id(task) not in claimed_now, block=False)
+            if admitted is None:  # Redis unreachable: try again shortly, loop running on
+                self._pending.appendleft(task)
+                self._loop.call_later(0.1, self._pump)
+                return
+            if not admitted:
                 continue
             self._mark_started(task)
             self._coroutines[task.id] = self._loop.create_task(self._run(task))
@@ -383,8 +394,10 @@ class AsyncRunner(_BaseRunner):
         self._loop.call_soon_threadsafe(self._loop.stop)
 
 
-def make_runner(spec: AgentSpec, report: Report) -> _BaseRunner:
-    return AsyncRunner(spec, report) if spec.is_async else SyncRunner(spec, report)
+def make_runner(spec: AgentSpec, report: Report, gate: StartGate | None = None) -> _BaseRunner:
+    """The runner for the agent's kind of handler; gate: see start_gate.py."""
+    runner = AsyncRunner if spec.is_async else SyncRunner
+    return runner(spec, report, gate)
 
 
 def _tb() -> str:

@@ -44,6 +44,7 @@ from handoff.runtime.liveness import Pulse, beat_every_s
 from handoff.runtime.prefetch import PrefetchSizer
 from handoff.runtime.runner import Finished, Outcome, make_runner
 from handoff.runtime.settle import check_payload, handoffs_refused, settle
+from handoff.runtime.start_gate import StartGate
 from handoff.runtime.worker_stats import WorkerStats
 
 log = logging.getLogger(__name__)
@@ -130,7 +131,9 @@ class Worker:
         # The waker starts the tasks it claims, then tells the main thread, both under this
         # lock; handlers report under it too: a task's Claimed is always ahead of its outcome.
         self._handing_over = threading.Lock()
-        self.runner = make_runner(self.spec, self._report)
+        # A held task is handed to a slot only if not cancelled meanwhile (start_gate.py).
+        self.gate = StartGate(self._check_lease)
+        self.runner = make_runner(self.spec, self._report, self.gate)
         self.held: dict[str, Task] = {}  # leased by us, not yet acked/nacked/released
         self.stats = WorkerStats()
         self.state = "starting"
@@ -363,7 +366,9 @@ class Worker:
             claim_tag=self.claim_tag,
         )
         started = time.perf_counter()
+        sent_at = time.monotonic()
         self.last_claim = result = self.queue.claim([request], after_pop=after_pop)
+        self.gate.observed(sent_at, result.inbox_seq.get(self.spec.name, 0))
         tasks = result[self.spec.name]
         if after_pop is None:  # a claim behind a pop waited: not a round trip's time
             self.sizer.observe_round_trip(time.perf_counter() - started)
@@ -550,6 +555,7 @@ class Worker:
         """Stop holding this delivery (not a newer delivery of the same id)."""
         if self.held.get(task.id) is task:
             del self.held[task.id]
+        self.gate.finished(task)
 
     def _account(self, completions: list[Completion], failures: list[Failure]) -> None:
         for done in completions:
@@ -734,13 +740,60 @@ class Worker:
 
         while not self.stop_event.is_set():
             try:
-                ids = self.manager.execute(pop_all, retry=False)
+                entries = self.manager.execute(pop_all, retry=False)
             except HandoffError as e:
                 self.outage.failed("wait for cancels", e)
                 self.stop_event.wait(max(0.1, self.backoff.current_s()))
                 continue
-            if ids:
-                self.events.put(CancelRequested([i.decode() for i in ids]))
+            if entries:
+                self._apply_cancels([e.decode() for e in entries])
+
+    def _apply_cancels(self, entries: list[str]) -> None:
+        """From the inbox thread: the tasks never start from now on (the gate, at once,
+        not after a hop through the main thread); each cancel hears whether its handler
+        had started; then the main thread tells running handlers and forgets them all."""
+        parsed: list[tuple[str, str, int]] = []
+        answer_to: list[str] = []
+        for entry in entries:  # 'id|token|seq|answers list' (cancel.lua)
+            task_id, token, seq, answers = [*entry.split("|"), "", "", ""][:4]
+            held = self.held.get(task_id)
+            token = token or (held.token if held is not None else "")
+            parsed.append((task_id, token, int(seq or 0)))
+            answer_to.append(answers)
+        started = self.gate.applied(parsed)
+        answers = [
+            (key, f"{tid}|{'started' if began else 'waiting'}")
+            for (tid, _, _), key, began in zip(parsed, answer_to, started, strict=True)
+            if key
+        ]
+        if answers:
+
+            def send(client) -> None:
+                pipe = client.pipeline(transaction=False)
+                for key, answer in answers:
+                    pipe.rpush(key, answer)
+                    pipe.pexpire(key, 60_000)
+                pipe.execute()
+
+            try:
+                self.manager.execute(send)
+            except HandoffError as e:  # the cancel reports it unanswered: no harm
+                self.outage.failed("answer a cancel", e)
+        self.events.put(CancelRequested([tid for tid, _, _ in parsed]))
+
+    def _check_lease(self, task: Task) -> tuple[int, bool]:
+        """For the gate (a handler thread): the inbox's sequence number, and whether the
+        task's lease is still this delivery's. One round trip."""
+        seq_key, tokens = self.agent_keys.inbox_seq(self.claim_tag), self.agent_keys.tokens
+
+        def read(client) -> list:
+            pipe = client.pipeline(transaction=False)
+            pipe.get(seq_key)
+            pipe.hget(tokens, task.id)
+            return pipe.execute()
+
+        seq, holder = self.manager.execute(read)
+        return int(seq or 0), holder is not None and holder.decode() == task.token
 
     def _lease_loop(self) -> None:
         """Renew every held lease each third of the lease; fail tasks past their timeout;

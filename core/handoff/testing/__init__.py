@@ -26,9 +26,9 @@ from typing import Any
 
 import orjson
 
-from handoff.client import Client, ResultTimeout
+from handoff.client import Client
 from handoff.config import RedisPoolConfig, Settings
-from handoff.errors import InvalidPayload, RateLimited
+from handoff.errors import InvalidPayload, RateLimited, ResultTimeout
 from handoff.protocol import streams
 from handoff.protocol.queue import ClaimRequest, Completion, Failure
 from handoff.protocol.runs import run_of, run_state

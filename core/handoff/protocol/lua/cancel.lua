@@ -1,8 +1,14 @@
 -- cancel: cancel tasks of one agent type, and mark a cancelled run or task in its slot.
 -- KEYS[1..FIXED_KEYS]  the agent's fixed keys (see _prelude.lua)
 -- ARGV[1] now in ms ('' = server TIME)   ARGV[2] how long records and the mark live, ms
--- ARGV[3] the id to mark ('' = none: see marked() in _prelude.lua)
--- ARGV[4..] ids of this agent's tasks to cancel
+-- ARGV[3] the id to mark ('' = none: see marked() in _prelude.lua); with ids to cancel,
+--   marked only if one of them is stored here or names an open scope here
+-- ARGV[4] the list the workers answer on ('' = none)   ARGV[5..] ids of this agent's tasks
+-- A leased task's worker may not have started it (a prefetched task waits for a slot):
+-- its inbox entry 'id|token|seq|answer list' carries a sequence number, also kept in
+-- <base>:inbox_seq:<tag>, which each claim returns to that worker: a worker hands a waiting
+-- task to a slot only while it knows it has applied every cancel pushed so far (see
+-- runtime/start_gate.py); it answers whether the handler had started (cancel.py waits).
 -- A queued or delayed task ends cancelled here and never starts. A running one ends
 -- cancelled too: its lease goes (its worker's ack or nack is stale and changes nothing,
 -- whatever its handler returns), its id is marked here (extend tells its worker so) and
@@ -10,13 +16,22 @@
 -- handler is told at once. A finished, dead or unknown task is left as it is.
 -- An id that names a run or a join whose scope lives here and is still open also
 -- returns that scope's open tasks (the caller cancels them in turn: a whole run).
--- Returns: per id, what it was (queued | delayed | running | done | expired | cancelled |
+-- Returns: per id, what it was (queued | delayed | running | held (leased by a worker that
+-- answers on ARGV[4] whether it had started) | done | expired | cancelled |
 -- dead | unknown) and the open tasks of its scope ('' or 'id,id,...'); then, if any of
 -- its ends went to another slot's scope, '|' and outbox field/notice pairs to deliver.
 local now = now_ms(ARGV[1])
 local ttl = tonumber(ARGV[2])
 local mark = ARGV[3]
-if mark ~= '' then
+-- Marked only when something here could still appear: an unknown id writes nothing.
+local function live_here()
+  for i = 5, #ARGV do
+    if redis.call('HEXISTS', K_TASKS, ARGV[i]) == 1 then return true end
+    if redis.call('EXISTS', run_key('scope', ARGV[i])) == 1 then return true end
+  end
+  return #ARGV < 5  -- a mark alone (cancel.py asked for it: the run is live)
+end
+if mark ~= '' and live_here() then
   local until_ms = now + ttl
   if until_ms > (tonumber(redis.call('ZSCORE', K_CANCELLED, mark) or '0') or 0) then
     redis.call('ZADD', K_CANCELLED, until_ms, mark)
@@ -43,19 +58,25 @@ local function finished_as(id)
 end
 
 local out = {}
-for i = 4, #ARGV do
+for i = 5, #ARGV do
   local id = ARGV[i]
   local was
   local json = redis.call('HGET', K_TASKS, id)
   if not json or redis.call('ZSCORE', K_DEAD, id) then
     was = finished_as(id)
   elseif redis.call('ZSCORE', K_LEASES, id) then
-    was = 'running'
-    local tag = string.match(redis.call('HGET', K_TOKENS, id) or '', '^(%w+)%-')
+    was = 'running'  -- 'held' when its worker is asked whether it had started
+    local holder = redis.call('HGET', K_TOKENS, id) or ''
+    local tag = string.match(holder, '^(%w+)%-')
     if tag then
-      local inbox = run_key('inbox', tag)
-      redis.call('RPUSH', inbox, id)
-      redis.call('PEXPIRE', inbox, 600000)
+      local inbox, seq_key = run_key('inbox', tag), run_key('inbox_seq', tag)
+      -- Unique and increasing, even after the key expired: from the clock, in microseconds.
+      local seq = math.max(now * 1000, (tonumber(redis.call('GET', seq_key) or '0') or 0) + 1)
+      seq = string.format('%.0f', seq)
+      redis.call('SET', seq_key, seq, 'PX', 7 * 86400000)
+      redis.call('RPUSH', inbox, id .. '|' .. holder .. '|' .. seq .. '|' .. ARGV[4])
+      redis.call('PEXPIRE', inbox, 7 * 86400000)  -- as long as its seq: a stopped worker
+      if ARGV[4] ~= '' then was = 'held' end
     end
     redis.call('ZADD', K_CANCELLED, now + ttl, id)
     redis.call('ZREM', K_LEASES, id)

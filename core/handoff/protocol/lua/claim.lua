@@ -29,8 +29,9 @@
 -- is applied at claim); its branches' ends are read when its handler first asks for them.
 -- A task it dead-letters (poison, corrupt) or expires sends its end to its run or join;
 -- what went to the outbox is returned for the caller to deliver at once.
--- Returns: {now, next_due (ms of the earliest delayed task, -1 if none),
---           [suspects_waiting (0/1), only when isolating,] id1, json1, attempt1,
+-- Returns: {now, next_due (ms of the earliest delayed task, -1 if none), inbox_seq (the
+--           sequence number of the last cancel pushed to the claiming worker's inbox, 0 if
+--           none: see cancel.lua), [suspects_waiting (0/1), only when isolating,] id1, json1, attempt1,
 --           deliveries1, join1, id2, ..., ['|', outbox field, notice, ...]}
 -- The plain case runs first, ahead of the prelude (whose function definitions would be
 -- most of its server time, and an idle worker's pickup waits on it): not a replay, no
@@ -50,7 +51,9 @@ do
       now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
     end
     local bound = tonumber(ARGV[8])
-    local out = {now, -1}
+    local tag = string.match(ARGV[3], '^(%w+)%-')
+    local seq = tag and redis.call('GET', string.sub(K_QUEUE, 1, -7) .. ':inbox_seq:' .. tag)
+    local out = {now, -1, seq or 0}
     local head = redis.call('ZRANGE', K_DELAYED, 0, 0, 'WITHSCORES')
     if #head > 0 then out[2] = tonumber(head[2]) end
     local function idle(key)  -- no work for promote_due, reap_expired, expire_finished
@@ -60,7 +63,7 @@ do
     end
     if idle(K_DELAYED) and idle(K_LEASES) and idle(K_FINISHED) then
       local isolate, max_deliveries = ARGV[9] == '1', tonumber(ARGV[4])
-      if isolate then out[3] = 0 end
+      if isolate then out[4] = 0 end
       local popped = n > 0 and redis.call('ZPOPMIN', K_QUEUE, n) or {}
       local at = #string.match(K_QUEUE, '{(.*)}:queue$') + 20  -- as join_state looks
       local counts, leases, tokens, ids = {}, {}, {}, {}
@@ -116,8 +119,9 @@ local now = now_ms(ARGV[6])
 local bound = tonumber(ARGV[8])
 local isolate = ARGV[9] == '1'
 local solo = ARGV[10] == '1'
-local out = {now, -1}
-if isolate then out[3] = 0 end
+local inbox_tag = string.match(token, '^(%w+)%-')
+local out = {now, -1, inbox_tag and redis.call('GET', run_key('inbox_seq', inbox_tag)) or 0}
+if isolate then out[4] = 0 end
 
 -- The first dead end of a then-task's join ('' for other tasks, and when none). Only a
 -- task whose JSON has a join looks (a payload that happens to hold the text reads '').
@@ -418,7 +422,7 @@ for i, id in ipairs(ids) do
   elseif payloads[i] and (took_suspect or (suspect and (not solo or c > 0))) then
     -- Not for this caller: back to its place in the queue (or its group's).
     ready_add(id, popped[2 * i])
-    if suspect then out[3] = 1 end
+    if suspect then out[4] = 1 end
   elseif not payloads[i] then
     -- A queue entry with no payload: nothing to run, nothing to lose. Count it and move on.
     count('orphans', 1)
