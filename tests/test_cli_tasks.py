@@ -298,3 +298,18 @@ def test_bad_process_counts_are_refused_naming_the_part(
     code, err = failing_cli(monkeypatch, capsys, redis_url, *command)
     assert code == 2
     assert err.splitlines()[-1].startswith("Error: Invalid value: ") and fragment in err, err
+
+
+def test_a_finished_tasks_payload_is_kept_in_its_record(start, redis_url, raw_redis):
+    """`inspect task` showed no payload once a task finished (for an LLM pipeline, the
+    prompt): it is kept in the record for run_ttl_s, up to kept_payload_bytes."""
+    start(["supervise", "--agents", "probe=1"], kept_payload_bytes=64)
+    with Client(redis_url) as client:
+        small = client.enqueue("probe", {"n": 1, "prompt": "summarise the ticket"})
+        large = client.enqueue("probe", {"n": 2, "prompt": "x" * 200})
+        assert client.result(small, wait_s=20) and client.result(large, wait_s=20)
+    shown = orjson.loads(cli(redis_url, "inspect", "task", small).output)
+    assert shown["status"] == "done" and "task" not in shown
+    assert shown["payload"] == {"n": 1, "prompt": "summarise the ticket"}
+    cut = orjson.loads(cli(redis_url, "inspect", "task", large).output)
+    assert "payload" not in cut and cut["result"]["payload_bytes"] == 219

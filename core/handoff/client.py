@@ -419,7 +419,9 @@ class Client:
         if dead:
             info["dead"] = orjson.loads(dead)
         if raw_result is not None:
-            info["result"] = orjson.loads(raw_result)
+            info["result"] = record = orjson.loads(raw_result)
+            if "task" not in info and isinstance(record, dict) and "payload" in record:
+                info["payload"] = record["payload"]  # kept in the finished task's record
         return info
 
     def agents(self) -> list[str]:

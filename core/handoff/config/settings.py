@@ -46,6 +46,9 @@ class Settings:
     max_join_branches: int = 10_000  # branches one Join may start
     max_ends_per_branch: int = 1000  # ends of one branch (or run) kept for its join/waiter
     tree_result_bytes: int = 200  # result bytes kept in the tree when results are not
+    # A finished task's payload (for an LLM pipeline, the prompt) kept in its record for
+    # run_ttl_s when its JSON is at most this long (larger: its size only); 0 = none.
+    kept_payload_bytes: int = 4096
     max_event_bytes: int = 65_536  # one task.emit()'s JSON at most (a larger one raises)
     stream_max_len: int = 10_000  # events a run's stream keeps (the oldest go first)
     log_level: str = "INFO"
@@ -146,6 +149,7 @@ _INT_RANGES: dict[str, tuple[int, int | None]] = {
     "max_join_branches": (1, 1_000_000),
     "max_ends_per_branch": (1, 1_000_000),
     "tree_result_bytes": (0, 65_536),
+    "kept_payload_bytes": (0, 1_048_576),
     "max_event_bytes": (16, 16_777_216),
     "stream_max_len": (10, 10_000_000),
     "max_tasks_per_worker": (0, None),

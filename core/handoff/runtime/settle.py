@@ -138,7 +138,21 @@ def _tree_fields(outcome: Outcome, settings: Settings) -> bytes:
     if task.run is not None:
         parent = (task.parent_id or "").encode()
         fields += b',"run":"%s","parent":"%s"' % (task.run.encode(), parent)
-    return fields
+    return fields + _kept_payload(task.payload, settings.kept_payload_bytes)
+
+
+def _kept_payload(payload: object, limit: int) -> bytes:
+    """The payload for the finished task's record (`inspect task`, the dashboard): for an
+    LLM pipeline it is the prompt. Over `limit` bytes only its size is kept."""
+    if limit <= 0:
+        return b""
+    try:
+        raw = orjson.dumps(payload, default=plain)
+    except (TypeError, orjson.JSONEncodeError):
+        return b""
+    if len(raw) > limit:
+        return b',"payload_bytes":%d' % len(raw)
+    return b',"payload":' + raw
 
 
 def _settle_join(
