@@ -211,14 +211,16 @@ def test_every_script_touches_only_keys_declared_in_its_keys():
     """No key name is built inside a script but a run's, from the agent's own declared key
     (same hash tag): each call's keys are one agent's, so on a cluster no call is
     CROSSSLOT or in another slot."""
-    prelude = scripts.key_header() + (LUA / "_prelude.lua").read_text()
-    assert "local AGENT_BASE = string.sub(K_QUEUE, 1, -7)" in prelude
+    prelude = scripts.key_header() + "".join(
+        (LUA / "lib" / f"{name}.lua").read_text() for name in scripts.lib_order()
+    )
+    assert "local AGENT_BASE = string.sub(K_QUEUE, 1, -7)" in scripts.key_header()
     assert "local function run_key(kind, id) return AGENT_BASE .. ':' .. kind" in prelude
     bound = {"key", "sk", *_names_bound_to_keys(prelude), *RUN_KEY_BOUND.findall(prelude)}
     for loop in KEY_LOOP.findall(prelude):
         assert set(loop.split(", ")) <= bound
     checked = 0
-    for path in sorted(LUA.glob("*.lua")):
+    for path in sorted([*LUA.glob("*.lua"), *(LUA / "lib").glob("*.lua")]):
         text = path.read_text()
         local = bound | _names_bound_to_keys(text) | set(RUN_KEY_BOUND.findall(text))
         for argument in KEY_ARGUMENT.findall(text):

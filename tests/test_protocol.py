@@ -654,26 +654,3 @@ def test_a_claim_id_that_is_not_a_plain_token_is_rejected(queue, raw_redis):
         with pytest.raises(InvalidPayload, match="claim_id"):
             queue.claim([ClaimRequest("a", 1, LEASE_MS, claim_id=bad)])
     assert raw_redis.dbsize() == 0
-
-
-def test_each_script_carries_every_prelude_function_it_calls_and_no_more():
-    """scripts.prelude_for keeps only the functions a script needs (their definitions
-    are most of a small script's server time): what it calls is there, at any depth."""
-    import re
-    from pathlib import Path
-
-    prelude = (Path(scripts.__file__).parent / "lua" / "_prelude.lua").read_text()
-    functions = set(re.findall(r"^(?:local function (\w+)\(|(\w+) = function\()", prelude, re.M))
-    names = {a or b for a, b in functions}
-    assert len(names) > 30
-    for script in scripts.NAMES:
-        if script in scripts.STANDALONE:
-            assert "local function" not in scripts.source(script)
-            continue
-        text = scripts.source(script)
-        defined = {a or b for a, b in re.findall(
-            r"^(?:local function (\w+)\(|(\w+) = function\()", text, re.M)}  # fmt: skip
-        code = re.sub(r"(?:^|\s)--.*$", "", text, flags=re.M)
-        called = {n for n in re.findall(r"\b(\w+)\(", code) if n in names}
-        assert called <= defined, (script, called - defined)
-    assert len(scripts.source("await")) < len(prelude) / 2  # most of it is left out

@@ -235,7 +235,7 @@ SCOPE_DAMAGE = {
     ),
     "run-n-text": ("run", lambda r, k: r.hset(k, "n", "abc"), "{scope} n = abc is not a count"),
 }  # fmt: skip
-# What scope_fault (_prelude.lua) checks, each damaged by a case above.
+# What scope_fault (lua/lib/*.lua) checks, each damaged by a case above.
 SCOPE_CHECKS = {"n = ": "n", "c:": "c:0", "t:": "t:step.", "not a hash": "not a hash",
                 "not a string": "ends:"}  # fmt: skip
 

@@ -11,7 +11,7 @@ agent) and counts its open tasks. A task's settle sends its scope one notice: it
 it); a join sends J to its new scope (its branches open there) and S to its own (the
 then-task replaces the task that joined). The ack applies notices whose scope is in its
 own slot inside the same script; any other notice is written to the agent's outbox in
-that script and delivered right after (apply_notice in _prelude.lua, scope.lua). A crash
+that script and delivered right after (apply_notice in lib/notices.lua, scope.lua). A crash
 between the two leaves it in the outbox, and the reaper delivers it: nothing is lost, and
 since a task closes only once and a closed task never reopens, nothing counts twice.
 """
@@ -41,7 +41,7 @@ def done_end(task_id: str, agent: str, branch: int, result_json: bytes) -> bytes
 
 
 # A root ended without handing off: its run is itself. The ack knows the root's id and
-# result, so the notice is this one byte (the hot path: see root_ended in _prelude.lua).
+# result, so the notice is this one byte (the hot path: see root_ended in lib/notices.lua).
 ROOT_DONE = b"R"
 
 

@@ -1,8 +1,9 @@
 """The Lua scripts, loaded once per client from the .lua files beside this module.
 
-Each script is one atomic operation with its KEYS/ARGV contract in its header;
-_prelude.lua (shared helpers), after the fixed per-agent KEYS generated from keys.py,
-is prepended to each.
+Each script is one atomic operation with its KEYS/ARGV contract in its header and an
+`-- include:` line naming the shared helper files (lua/lib/*.lua, by topic) it uses;
+they are put, after the fixed per-agent KEYS generated from keys.py, ahead of its body.
+A test checks every include line against what the script calls.
 Calls are EVALSHA only (pipelined where several go together); a NOSCRIPT reply (a
 restarted or flushed server) loads every script and repeats the call. That repeat is
 safe because every operation is idempotent: enqueue by task id, claim by claim_id,
@@ -49,72 +50,62 @@ def key_header() -> str:
     keys = ", ".join(f"KEYS[{i}]" for i in range(1, len(AGENT_KEY_NAMES) + 1))
     return (
         f"local {names} = {keys}\nlocal FIXED_KEYS = {len(AGENT_KEY_NAMES)}\n"
-        f"local PRIORITY_SHIFT, EPOCH_MS = {PRIORITY_SHIFT}, {EPOCH_MS}\n"
+        f"local PRIORITY_SHIFT, EPOCH_MS = {PRIORITY_SHIFT}, {EPOCH_MS}\n" + RUN_KEYS
     )
+
+
+# The agent's own keys named at run time (a group's, a run's, a worker's inbox): the same
+# hash tag as its declared keys, so the same slot. In the header, so a fast path has it.
+RUN_KEYS = (
+    "local AGENT_BASE = string.sub(K_QUEUE, 1, -7)  -- '<prefix>:{<agent>}'\n"
+    "local function run_key(kind, id) return AGENT_BASE .. ':' .. kind .. ':' .. id end\n"
+)
 
 
 # Scripts that run at the memory limit (maxmemory with noeviction): they finish, fail,
 # release, reap and dead-letter tasks, which frees memory; refusing them would leave a full
 # server unable to drain. enqueue is not among them: at the limit it is refused, unwritten.
 ALLOW_OOM = frozenset(NAMES) - {"enqueue", "enqueue_ready", "follow", "await"}
-# Scripts that bind their own few KEYS and need no prelude (a hot path's lean twin).
+# Scripts that bind their own few KEYS and need no shared helpers (a hot path's lean twin).
 STANDALONE = frozenset({"enqueue_ready"})
 FAST_PATH_ENDS = "--@prelude\n"
+INCLUDE = re.compile(r"^-- include: *([a-z_, ]*)$", re.MULTILINE)
+
+
+def lib_order() -> list[str]:
+    """The shared helper files (lua/lib/), in the one order they may be put together: a
+    file uses only what the files before it define (or declare ahead, as tasks.lua does
+    for what notices.lua defines)."""
+    folder = resources.files(__package__) / "lua" / "lib"
+    return (folder / "ORDER").read_text().split()
+
+
+def includes(body: str) -> list[str]:
+    """The helper files a script names on its `-- include:` line, checked against
+    lib/ORDER and put in that order."""
+    match = INCLUDE.search(body)
+    named = [n.strip() for n in match.group(1).split(",") if n.strip()] if match else []
+    order = lib_order()
+    unknown = sorted(set(named) - set(order))
+    if unknown:
+        raise ValueError(f"unknown Lua include(s) {unknown}: lua/lib/ has {order}")
+    return [name for name in order if name in named]
 
 
 @cache
 def source(name: str) -> str:
+    """A script as the server runs it: flags, the key header, its fast path (if any), the
+    helper files it includes, its body."""
     folder = resources.files(__package__) / "lua"
     body = (folder / f"{name}.lua").read_text()
     if name in STANDALONE:
         return body
-    # A body may open with a fast path that returns before the prelude's functions are
-    # defined (up to a line FAST_PATH_ENDS): it goes ahead of the prelude.
+    # A body may open with a fast path that returns before the helpers are defined (up to
+    # a line FAST_PATH_ENDS): it goes ahead of them, so a plain call pays for none.
     fast, _, rest = body.rpartition(FAST_PATH_ENDS)
-    prelude = prelude_for(rest, (folder / "_prelude.lua").read_text())
+    libs = "".join((folder / "lib" / f"{lib}.lua").read_text() for lib in includes(body))
     flags = "#!lua flags=allow-oom\n" if name in ALLOW_OOM else ""
-    return flags + key_header() + fast + prelude + "\n" + rest
-
-
-# A top-level statement of the prelude starts at column 0 (comments go with the next one).
-_STATEMENT = re.compile(r"^(?!--|end\b)\S", re.MULTILINE)
-_FUNCTION = re.compile(r"(?:local function|function) (\w+)\(|(\w+) = function\(")
-_NAME = re.compile(r"[A-Za-z_]\w*")
-_COMMENT = re.compile(r"(?:^|\s)--.*$", re.MULTILINE)
-
-
-def _names(code: str) -> set[str]:
-    return set(_NAME.findall(_COMMENT.sub("", code)))
-
-
-def prelude_for(body: str, prelude: str) -> str:
-    """The prelude with only the functions the body needs (at any depth), in their order.
-
-    A script runs its whole text on every call, and each function definition there makes
-    a closure: the full prelude costs about as much server time as an enqueue's own work.
-    Every other statement (constants, forward declarations) is kept."""
-    starts = [m.start() for m in _STATEMENT.finditer(prelude)]
-    chunks = [prelude[a:b] for a, b in zip(starts, [*starts[1:], len(prelude)], strict=True)]
-    head = prelude[: starts[0]] if starts else prelude
-    defined: dict[int, str] = {}
-    wanted = _names(body)
-    for index, chunk in enumerate(chunks):
-        code = chunk[_STATEMENT.search(chunk).start() :]
-        match = _FUNCTION.match(code)
-        if match:
-            defined[index] = match.group(1) or match.group(2)
-        else:  # what a constant's value uses (a forward declaration uses nothing)
-            wanted.update(_names(code.partition("=")[2]))
-    kept: set[int] = set()
-    grew = True
-    while grew:
-        grew = False
-        for index, fn_name in defined.items():
-            if index not in kept and fn_name in wanted:
-                kept.add(index)
-                wanted.update(_names(chunks[index]))
-                grew = True
-    return head + "".join(c for i, c in enumerate(chunks) if i not in defined or i in kept)
+    return flags + key_header() + fast + libs + "\n" + rest
 
 
 @cache

@@ -4,7 +4,7 @@ Runs in: workers (append, batched: one pipeline per flush) and readers (client.s
 `handoff watch`). The stream lives in the run root's slot, <base>:stream:<run>, capped at
 stream_max_len entries and expiring with the run. Each entry: task, agent, kind
 (progress | emit), seq (per delivery), attempt, data (JSON); the run's end appends one
-entry of kind "end" (run_ended_notice in _prelude.lua), which a reader waits for in
+entry of kind "end" (run_ended_notice in lib/scopes.lua), which a reader waits for in
 Redis (XREAD BLOCK): no polling, and a run that streams nothing pays nothing.
 """
 

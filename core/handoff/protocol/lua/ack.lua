@@ -1,5 +1,6 @@
 -- ack: finish a batch of leased tasks, token-checked, atomically.
--- KEYS[1..FIXED_KEYS]  the agent's fixed keys (see _prelude.lua)
+-- include: base, groups, tasks, bulk, scopes, notices
+-- KEYS[1..FIXED_KEYS]  the agent's fixed keys (the key header, scripts.py)
 -- KEYS[FIXED_KEYS + 1..]  result keys, by index
 -- ARGV[1] now in ms ('' = server TIME)   ARGV[2] record TTL ms (0 = keep no record)
 -- ARGV[3] n   ARGV[4] m, then m outbox fields this agent's notices were delivered from
@@ -28,7 +29,7 @@ end
 local ids = {}
 for i = 1, n do ids[i] = ARGV[base + (i - 1) * 8 + 1] end
 local holders = hget_each(K_TOKENS, ids)
-local watching = redis.call('EXISTS', WATCHED) == 1  -- see WATCHED in _prelude.lua
+local watching = redis.call('EXISTS', WATCHED) == 1  -- see WATCHED in lib/notices.lua
 local stale, finished, seen, remembered, dropped = {}, {}, {}, {}, {}
 local handed_off = 0
 for i = 1, n do

@@ -1,11 +1,12 @@
 -- await: a task's own end, for client.result; registers a waiter if it has not ended.
--- KEYS[1..FIXED_KEYS]  the task's agent's fixed keys (see _prelude.lua)
+-- include: base, groups, tasks, scopes, notices
+-- KEYS[1..FIXED_KEYS]  the task's agent's fixed keys (see lua/lib/)
 -- ARGV[1] the task id   ARGV[2] how long the waiter flag lives, ms
 -- Returns one of:
 --   {'done', record_json}     finished: its record (result, and the tree's fields)
 --   {'dead', reason_json}     dead-lettered
 --   {'wait'}                  queued, delayed or running: block on <base>:done:<id>, which
---                             its ack (or its burial) pushes to (WATCHED, _prelude.lua)
+--                             its ack (or its burial) pushes to (WATCHED, lua/lib/*.lua)
 --   {'unknown'}               no such task (never enqueued, or its record is gone)
 local id = ARGV[1]
 local record = redis.call('GET', run_key('result', id))

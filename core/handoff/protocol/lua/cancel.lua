@@ -1,7 +1,8 @@
 -- cancel: cancel tasks of one agent type, and mark a cancelled run or task in its slot.
--- KEYS[1..FIXED_KEYS]  the agent's fixed keys (see _prelude.lua)
+-- include: base, groups, tasks, scopes, notices
+-- KEYS[1..FIXED_KEYS]  the agent's fixed keys (the key header, scripts.py)
 -- ARGV[1] now in ms ('' = server TIME)   ARGV[2] how long records and the mark live, ms
--- ARGV[3] the id to mark ('' = none: see marked() in _prelude.lua); with ids to cancel,
+-- ARGV[3] the id to mark ('' = none: see marked() in lua/lib/*.lua); with ids to cancel,
 --   marked only if one of them is stored here or names an open scope here
 -- ARGV[4] the list the workers answer on ('' = none)   ARGV[5..] ids of this agent's tasks
 -- A leased task's worker may not have started it (a prefetched task waits for a slot):
@@ -69,7 +70,8 @@ for i = 5, #ARGV do
     local holder = redis.call('HGET', K_TOKENS, id) or ''
     local tag = string.match(holder, '^(%w+)%-')
     if tag then
-      local inbox, seq_key = run_key('inbox', tag), run_key('inbox_seq', tag)
+      local inbox = run_key('inbox', tag)
+      local seq_key = run_key('inbox_seq', tag)
       -- Unique and increasing, even after the key expired: from the clock, in microseconds.
       local seq = math.max(now * 1000, (tonumber(redis.call('GET', seq_key) or '0') or 0) + 1)
       seq = string.format('%.0f', seq)

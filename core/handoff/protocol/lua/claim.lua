@@ -1,5 +1,6 @@
 -- claim: lease up to n ready tasks of one agent type, atomically, in one call.
--- KEYS[1..FIXED_KEYS]  the agent's fixed keys (see _prelude.lua)
+-- include: base, groups, tasks, bulk, scopes, notices
+-- KEYS[1..FIXED_KEYS]  the agent's fixed keys (the key header, scripts.py)
 -- KEYS[FIXED_KEYS + 1]  this claim's replay key (LIST of the ids it leased)
 -- ARGV[1] n (capped at ARGV[7])   ARGV[2] lease_ms      ARGV[3] claim_id (the lease token)
 -- ARGV[4] max_deliveries          ARGV[5] global_limit (0 = none)
@@ -14,7 +15,7 @@
 --   pause holds tasks back, next_due says when to claim again.
 -- ARGV[16..18] the groups' limits (see pick_fairly below).
 -- ARGV[15] record TTL ms: a task popped after its deadline (K_DEADLINES) is not leased but
---   ends expired, its record kept this long (see expire in _prelude.lua). A task of a
+--   ends expired, its record kept this long (see expire in lib/notices.lua). A task of a
 --   cancelled run (K_CANCELLED) is not leased either: it ends cancelled.
 --   A suspect was delivered before and neither finished nor failed: its worker died or
 --   stalled. It may be a poison task that kills its process, so it is leased only to a
@@ -24,7 +25,7 @@
 -- promote due delayed tasks; reap expired leases; pop up to n by score; dead-letter any task
 -- delivered more than max_deliveries times without finishing; lease the rest with the token
 -- and a deadline from server time; count the delivery. Writes go in bulk commands per batch
--- (HSET, ZADD of many members); reads are one HGET each (see hget_each in _prelude.lua).
+-- (HSET, ZADD of many members); reads are one HGET each (see hget_each in lib/bulk.lua).
 -- A join's then-task comes with its join's first dead end ('' if none: its on_dead policy
 -- is applied at claim); its branches' ends are read when its handler first asks for them.
 -- A task it dead-letters (poison, corrupt) or expires sends its end to its run or join;
@@ -52,7 +53,7 @@ do
     end
     local bound = tonumber(ARGV[8])
     local tag = string.match(ARGV[3], '^(%w+)%-')
-    local seq = tag and redis.call('GET', string.sub(K_QUEUE, 1, -7) .. ':inbox_seq:' .. tag)
+    local seq = tag and redis.call('GET', run_key('inbox_seq', tag))
     local out = {now, -1, seq or 0}
     local head = redis.call('ZRANGE', K_DELAYED, 0, 0, 'WITHSCORES')
     if #head > 0 then out[2] = tonumber(head[2]) end

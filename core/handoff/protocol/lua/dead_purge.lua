@@ -1,5 +1,6 @@
 -- dead_purge: delete dead-lettered tasks and their payloads for good, atomically.
--- KEYS[1..FIXED_KEYS]  the agent's fixed keys (see _prelude.lua)
+-- include: base, groups, tasks, scopes, notices
+-- KEYS[1..FIXED_KEYS]  the agent's fixed keys (the key header, scripts.py)
 -- ARGV[1] limit, ARGV[2..] ids (none = the oldest `limit` dead tasks)
 -- Returns: the number purged.
 local ids = dead_selection(ARGV)

@@ -1,5 +1,6 @@
 -- enqueue: add a batch of tasks of one agent type, atomically.
--- KEYS[1..FIXED_KEYS]  the agent's fixed keys (see _prelude.lua)
+-- include: base, groups, tasks, bulk, scopes, notices
+-- KEYS[1..FIXED_KEYS]  the agent's fixed keys (the key header, scripts.py)
 -- ARGV[1]      max payload bytes
 -- ARGV[2]      now in ms ('' = server TIME)
 -- ARGV[3]      n, the number of tasks
@@ -9,7 +10,7 @@
 --   comes from a key or a parent: refused while in the finished set's dedupe window),
 --   expires_at (ms; 0 = none: a task not started by then ends expired, see claim.lua),
 --   parent id ('' = none), group ('' = none: a grouped task waits in its group's ready
---   set, taken in rotation with the others; see groups in _prelude.lua)
+--   set, taken in rotation with the others; see groups in lua/lib/)
 -- A task of a cancelled run, or handed off by a cancelled task (marked in K_CANCELLED,
 -- see cancel.lua), is not stored: it ends cancelled at once (it counts as added).
 -- Returns: a list of n integers, 1 = added, 0 = duplicate (already queued/leased/delayed/dead,

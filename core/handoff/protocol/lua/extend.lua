@@ -1,5 +1,6 @@
 -- extend: renew the leases of running tasks, token-checked, atomically.
--- KEYS[1..FIXED_KEYS]  the agent's fixed keys (see _prelude.lua)
+-- include: base, groups, tasks, scopes, notices
+-- KEYS[1..FIXED_KEYS]  the agent's fixed keys (the key header, scripts.py)
 -- ARGV[1] now in ms ('' = server TIME)   ARGV[2] lease_ms
 -- ARGV[3] n, then n groups of 2: id, token
 -- Returns: the ids whose token no longer matches (the lease was lost: abandon the task),

@@ -1,6 +1,7 @@
 -- follow: where a run stands, for client.result(follow=True); registers a waiter if open
--- (WATCHED, see _prelude.lua: the run's root until now + ARGV[2] ms).
--- KEYS[1..FIXED_KEYS]  the root agent's fixed keys (see _prelude.lua)
+-- include: base, groups, tasks, scopes, notices
+-- (WATCHED, see lua/lib/: the run's root until now + ARGV[2] ms).
+-- KEYS[1..FIXED_KEYS]  the root agent's fixed keys (the key header, scripts.py)
 -- ARGV[1] the run's root id   ARGV[2] how long the waiter flag lives, ms
 -- Returns one of:
 --   {'ended', dropped, ends}           the run ended: its ends in the order they arrived

@@ -1,5 +1,6 @@
 -- nack: a batch of leased tasks failed; retry later or dead-letter, token-checked, atomically.
--- KEYS[1..FIXED_KEYS]  the agent's fixed keys (see _prelude.lua)
+-- include: base, groups, tasks, scopes, notices
+-- KEYS[1..FIXED_KEYS]  the agent's fixed keys (the key header, scripts.py)
 -- ARGV[1] now in ms ('' = server TIME)
 -- ARGV[2] n, then n groups of 5: id, token, max_attempts, retry_delay_ms, reason_json
 --   retry_delay_ms < 0 means dead-letter now (corrupt task, hop limit, ...).

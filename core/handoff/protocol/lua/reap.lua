@@ -1,5 +1,6 @@
 -- reap: move expired leases back to the ready queue, atomically and bounded.
--- KEYS[1..FIXED_KEYS]  the agent's fixed keys (see _prelude.lua)
+-- include: base, groups, tasks, scopes, notices
+-- KEYS[1..FIXED_KEYS]  the agent's fixed keys (the key header, scripts.py)
 -- ARGV[1] now in ms ('' = server TIME)   ARGV[2] at most this many per call
 -- Safe with several reapers at once: each id leaves the lease set exactly once.
 -- Also promotes due delayed tasks and forgets finished ids past their dedupe window (same

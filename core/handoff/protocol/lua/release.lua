@@ -1,6 +1,7 @@
 -- release: give leased tasks back unstarted (graceful shutdown), or rate limited by the API
+-- include: base, groups, tasks, scopes, notices
 -- their handler called (RateLimited), token-checked, atomically.
--- KEYS[1..FIXED_KEYS]  the agent's fixed keys (see _prelude.lua)
+-- KEYS[1..FIXED_KEYS]  the agent's fixed keys (the key header, scripts.py)
 -- ARGV[1] pause ms (0 = none): the agent type starts nothing anywhere for this long; for a
 --   task with a group, only its group (it is parked until then)
 -- ARGV[2] n, then n groups of 2: id, token
