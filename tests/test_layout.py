@@ -26,6 +26,7 @@ LAYERS: dict[str, int] = {
     "handoff.observe": 4,
     "handoff.client": 5,
     "handoff.async_client": 5,
+    "handoff.producing": 5,
     "handoff.bench": 6,
     "handoff.cli": 7,
     "handoff.testing": 7,

@@ -16,23 +16,15 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import replace
 from typing import Any
 
-from handoff.client import (
-    WAIT_CHUNK_S,
-    enqueue_many_plan,
-    many_tasks,
-    one_task,
-    result_plan,
-    status_plan,
-    stream_plan,
-    tree_plan,
-    waits_backoff,
-)
 from handoff.config import Settings, load_settings
 from handoff.connection.async_manager import AsyncRedisManager
 from handoff.connection.process import current_pid
-from handoff.protocol import streams
+from handoff.producing import enqueue_many_plan, many_tasks, one_task
+from handoff.protocol import runs, streams
 from handoff.protocol.async_queue import AsyncTaskQueue
 from handoff.protocol.cancel import CancelReport, cancel
+from handoff.protocol.streams import stream_plan
+from handoff.protocol.task_reads import WAIT_CHUNK_S, result_plan, status_plan, waits_backoff
 
 
 class AsyncClient:
@@ -178,4 +170,4 @@ class AsyncClient:
     async def tree(self, run_id: str) -> dict[str, Any]:
         """The run as nested dicts (see Client.tree)."""
         queue = self.queue
-        return await queue.run(tree_plan(queue.keys, run_id, self.settings.tree_result_bytes))
+        return await queue.run(runs.tree_plan(queue.keys, run_id, self.settings.tree_result_bytes))

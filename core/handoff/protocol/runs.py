@@ -1,5 +1,6 @@
-"""Reading runs and results: where a task or a run stands (client.result, with or
-without follow), waiting for their end notices, and a run's tree. Each is a plan
+"""Reading runs and results: where a task or a run stands (task_reads.result_plan, with
+or without follow), waiting for their end notices, and a run's tree (its nodes' status
+from task_status.py, as Client.status has it). Each is a plan
 (plan.py): TaskQueue.run performs it blocking, AsyncTaskQueue.run awaiting it.
 
 Runs in: producers and operators (client, `handoff inspect tree`). Reads only, but for
@@ -13,9 +14,11 @@ from typing import Any
 
 import orjson
 
+from handoff.errors import InvalidPayload
 from handoff.protocol.keys import AgentKeys, Keys
 from handoff.protocol.plan import Call, Plan, Scripts
 from handoff.protocol.task import agent_of, decode_ends
+from handoff.protocol.task_status import task_status
 
 TREE_LEVEL_CHUNK = 500  # tasks read per pipeline while walking a tree
 
@@ -101,6 +104,15 @@ def run_of(keys: Keys, task_id: str) -> Plan[str]:
 # -- the tree ---------------------------------------------------------------------------
 
 
+def tree_plan(keys: Keys, run_id: str, result_bytes: int) -> Plan[dict[str, Any]]:
+    """Client.tree: the run's tree (read_tree), an unknown run a one-line InvalidPayload."""
+    agent_of(run_id)
+    tree = yield from read_tree(keys, run_id, result_bytes)
+    if tree is None:
+        raise InvalidPayload(f"run {run_id} is unknown (never enqueued, or its tree expired)")
+    return tree
+
+
 def read_tree(keys: Keys, run_id: str, result_bytes: int = 200) -> Plan[dict[str, Any] | None]:
     """The run as nested dicts (children, and a join's then), or None if nothing of it
     is known: finished tasks from their records, live ones from the queue's state. A
@@ -167,55 +179,65 @@ def _read_nodes(keys: Keys, ids: list[str], result_bytes: int) -> Plan[list[dict
 
 def _node(task_id: str, keys: AgentKeys, parts: list, result_bytes: int) -> dict[str, Any]:
     record, stored, dead, reason, leased, delayed, queued, deliveries, failures = parts
-    node: dict[str, Any] = {"id": task_id, "agent": keys.agent, "status": "unknown"}
+    task = _stored_task(stored) if record is None else {}
+    grouped = isinstance(task, dict) and task.get("group") is not None
+    status = task_status(
+        record,
+        dead=dead is not None,
+        running=leased is not None,
+        delayed=delayed is not None,
+        queued=queued is not None or grouped,  # (a grouped task waits in its group's set)
+    )
+    node: dict[str, Any] = {"id": task_id, "agent": keys.agent, "status": status}
     node["children"] = []
     if record is not None:
-        data = orjson.loads(record)
-        finished = data.get("finished_at")
-        ran_ms = data.get("ran_ms")
-        node.update(status=data.get("status", "done"), attempt=data.get("attempt"))
-        node["finished_at"] = finished
-        node.update(enqueued_at=data.get("enqueued_at"), ran_ms=ran_ms)
-        if isinstance(finished, int) and isinstance(ran_ms, int | float):
-            node["started_at"] = int(finished - ran_ms)
-        result = data.get("result")
-        if isinstance(result, dict) and set(result) == {"handoff"}:
-            node["_children"] = list(result["handoff"])
-        elif isinstance(result, dict) and set(result) == {"join"}:
-            node["_children"] = list(result["join"].get("branches", []))
-            labels = result["join"].get("labels")
-            node["_labels"] = [str(x) for x in labels] if isinstance(labels, list) else []
-            node["_labels"] = list(result["join"].get("labels") or [])
-            node["_then"] = result["join"].get("then")
-            node["join"] = True
-        elif node["status"] == "expired":
-            node["reason"] = "not started by its deadline"
-        else:
-            node["result"] = _shortened(result, result_bytes)
-        return node
-    task: dict = {}
-    if stored is not None:
-        try:
-            task = orjson.loads(stored)
-        except orjson.JSONDecodeError:
-            task = {}
+        return _finished_node(node, orjson.loads(record), result_bytes)
     node["enqueued_at"] = task.get("enqueued_at") if isinstance(task, dict) else None
     node["attempt"] = int(failures or 0) + 1
     node["deliveries"] = int(deliveries or 0)
     if dead is not None:
         why = orjson.loads(reason) if reason else {}
-        node.update(status="dead", finished_at=int(dead), attempt=int(failures or 0))
+        node.update(finished_at=int(dead), attempt=int(failures or 0))
         node["reason"] = str(why.get("reason", ""))[:result_bytes]
-    elif leased is not None:
-        node["status"] = "running"
-    elif delayed is not None:
-        node["status"] = "delayed"
-    elif queued is not None or (isinstance(task, dict) and task.get("group") is not None):
-        node["status"] = "queued"  # (a grouped task waits in its group's set)
-    elif stored is None:
+    elif status == "unknown" and stored is None:
         node.pop("enqueued_at", None)
         node.pop("attempt", None)
         node.pop("deliveries", None)
+    return node
+
+
+def _stored_task(stored: bytes | None) -> Any:
+    """The stored task (its payload, run, group), {} when gone or corrupt."""
+    if stored is None:
+        return {}
+    try:
+        return orjson.loads(stored)
+    except orjson.JSONDecodeError:
+        return {}
+
+
+def _finished_node(node: dict[str, Any], data: dict, result_bytes: int) -> dict[str, Any]:
+    """A finished task's node, from its record: times, and its handoffs or join to walk
+    next (the private _children, _labels, _then), else its (shortened) result."""
+    finished = data.get("finished_at")
+    ran_ms = data.get("ran_ms")
+    node["attempt"] = data.get("attempt")
+    node["finished_at"] = finished
+    node.update(enqueued_at=data.get("enqueued_at"), ran_ms=ran_ms)
+    if isinstance(finished, int) and isinstance(ran_ms, int | float):
+        node["started_at"] = int(finished - ran_ms)
+    result = data.get("result")
+    if isinstance(result, dict) and set(result) == {"handoff"}:
+        node["_children"] = list(result["handoff"])
+    elif isinstance(result, dict) and set(result) == {"join"}:
+        node["_children"] = list(result["join"].get("branches", []))
+        node["_labels"] = list(result["join"].get("labels") or [])
+        node["_then"] = result["join"].get("then")
+        node["join"] = True
+    elif node["status"] == "expired":
+        node["reason"] = "not started by its deadline"
+    else:
+        node["result"] = _shortened(result, result_bytes)
     return node
 
 

@@ -10,18 +10,21 @@ Redis (XREAD BLOCK): no polling, and a run that streams nothing pays nothing.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-from handoff.errors import InvalidPayload, RedisCommandError
+from handoff.errors import InvalidPayload, RedisCommandError, ResultTimeout
+from handoff.protocol import runs
 from handoff.protocol.keys import Keys
 from handoff.protocol.plan import Call, Plan
 from handoff.protocol.task import agent_of
 
 READ_BATCH = 500  # entries one XREAD returns at most
+STREAM_CHUNK_S = 5.0  # a reader's blocking read: the run's end ends it sooner
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +111,29 @@ def read(
         if not follow or finished:
             return
         finished = yield from ended()  # a chunk passed quietly: look again (renews the watch)
+
+
+def stream_plan(
+    keys: Keys, run_or_task_id: str, follow: bool, after: str, wait_s: float | None
+) -> Plan[None]:
+    """Client.stream: the events of the run a task belongs to (yielded among the plan's
+    requests), until the run ends (follow) or wait_s is up (ResultTimeout)."""
+    agent_of(run_or_task_id)
+    check_after(after)
+    root = yield from runs.run_of(keys, run_or_task_id)
+    if (yield from runs.run_state(keys, root, 1000)).kind == "unknown":
+        raise InvalidPayload(f"stream of {run_or_task_id}: no such task or run (never "
+                             "enqueued, or long gone)")  # fmt: skip
+    deadline = None if wait_s is None else time.monotonic() + wait_s
+
+    def ended() -> Plan[bool]:
+        if deadline is not None and time.monotonic() > deadline:
+            raise ResultTimeout(f"run {root} has not ended after {wait_s}s")
+        flag_ms = int((STREAM_CHUNK_S + 5) * 1000)
+        return (yield from runs.run_state(keys, root, flag_ms)).kind != "wait"
+
+    block_s = STREAM_CHUNK_S if wait_s is None else min(STREAM_CHUNK_S, wait_s)
+    yield from read(keys, root, follow=follow, after=after, block_s=block_s, ended=ended)
 
 
 def _create(key: str) -> Plan[None]:

@@ -20,6 +20,7 @@ from handoff.protocol.inspect import enqueued_ms_from_score
 from handoff.protocol.queue import TaskQueue
 from handoff.protocol.runs import run_of
 from handoff.protocol.task import PRIORITY_SHIFT, agent_of
+from handoff.protocol.task_reads import task_info
 
 LIST_LIMIT = 50  # entries per list on an agent's page (the head, delayed, dead)
 EVENTS_SHOWN = 30  # a run's latest events on its page
@@ -33,8 +34,6 @@ class Operations(Protocol):
 
     @property
     def queue(self) -> TaskQueue: ...
-
-    def task(self, task_id: str) -> dict[str, Any]: ...
 
     def tree(self, run_id: str) -> dict[str, Any]: ...
 
@@ -153,8 +152,9 @@ def _dead_entry(member: bytes, record: bytes | None, reason: bytes | None, at_ms
 
 
 def task_view(ops: Operations, task_id: str) -> dict[str, Any]:
-    """Everything known about one task (Client.task), and the run it belongs to."""
-    info = ops.task(task_id)
+    """Everything known about one task (the protocol's task_info, as Client.task), and
+    the run it belongs to."""
+    info = ops.queue.run(task_info(ops.queue.keys, task_id))
     task = info.get("task")
     run = task.get("run") if isinstance(task, dict) else None
     info["run"] = run if isinstance(run, str) else None
