@@ -76,19 +76,9 @@ def monitor(
     10 s, and one log line whenever a worker's health changes. With --web, the same
     snapshots feed a dashboard in the browser (the `web` extra).
     """
-    from handoff.observe.view import render
-
     watcher = _monitor(state)
     if once:
-        # A rate needs two counts: the second snapshot is taken a refresh interval (1 s
-        # unless --interval-s says) after the first, and its tasks/s cover that interval.
-        watcher.snapshot()
-        time.sleep(interval_s or ONCE_RATE_WINDOW_S)
-        snapshot = watcher.snapshot()
-        if as_json:
-            print_json(snapshot)
-        else:
-            click.echo(render(snapshot))
+        _print_once(watcher, interval_s or ONCE_RATE_WINDOW_S, as_json)
         return
     from handoff.connection.startup import wait_for_server
     from handoff.observe.monitor_loop import watch
@@ -127,6 +117,20 @@ def monitor(
     finally:
         if web is not None:
             web.stop()
+
+
+def _print_once(watcher, rate_window_s: float, as_json: bool) -> None:
+    """One snapshot. A rate needs two counts: the second snapshot is taken rate_window_s
+    after the first, and its tasks/s cover that interval."""
+    from handoff.observe.view import render
+
+    watcher.snapshot()
+    time.sleep(rate_window_s)  # the interval the printed tasks/s are measured over
+    snapshot = watcher.snapshot()
+    if as_json:
+        print_json(snapshot)
+    else:
+        click.echo(render(snapshot))
 
 
 def _start_web(state, address: str, token: str | None, metrics_url: str | None, limits: dict):
