@@ -108,6 +108,7 @@ def test_a_manager_built_while_the_server_is_down_says_so_and_warms_up_when_it_r
     server, raw, make_manager, caplog
 ):
     server.stop()
+    caplog.set_level("INFO", logger="handoff.connection.manager")  # not an error: INFO
     manager = make_manager(
         server.url, min_idle_conns=2, health_check_interval_s=0.05, idle_check_freq_s=0.05
     )

@@ -100,7 +100,7 @@ def test_without_the_app_the_command_line_checks_the_published_schema(start, red
     """`handoff enqueue` without --app took anything (exit 0; dead-lettered later): the
     agent's workers publish its payload's schema, and the command checks against it."""
     start([*APP, "worker", "tcoder"])
-    wait_until(lambda: raw_redis.hexists("handoff:schemas", "tcoder"), 15, "schema published")
+    wait_until(lambda: raw_redis.exists("handoff:{tcoder}:schema"), 15, "schema published")
     bare = ["--redis-url", redis_url, "enqueue", "tcoder"]
     refused = CliRunner().invoke(main, [*bare, '{"feature": "f", "step": 500}'])
     assert isinstance(refused.exception, InvalidPayload)

@@ -230,8 +230,8 @@ class Client:
     def published_schema(self, agent: str) -> dict[str, Any] | None:
         """The JSON Schema of `agent`'s payload as its workers published it (None: none
         published, an untyped agent or one no worker has served)."""
-        keys = self.queue.keys
-        raw = self.queue.manager.execute(lambda c: c.hget(keys.schemas, check_agent(agent)))
+        key = self.queue.keys.agent(check_agent(agent)).schema
+        raw = self.queue.manager.execute(lambda c: c.get(key))
         return orjson.loads(raw) if raw else None
 
     def queue_stats(self, agents: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:

@@ -310,8 +310,8 @@ class RedisManager:
             self.pool.warm()
         except Exception as e:  # the server may be down at start: say so, retry each tick
             self.health.failure(f"{type(e).__name__}: {e}")
-            # A server still starting is not news (startup.wait_for_server says it once).
-            level = logging.DEBUG if not_ready_reason(e) else logging.WARNING
+            # A server still starting is not an error: said at INFO (once, at start).
+            level = logging.INFO if not_ready_reason(e) else logging.WARNING
             log.log(level, "could not warm the Redis pool: %s", e)
 
     def _spawn(self, name: str, interval_s: float, tick: Callable[[], None]) -> None:

@@ -20,6 +20,8 @@ one cluster slot. Agent names are validated before any key is built.
     <prefix>:{<agent>}:result:<id>  STRING done record + result, with a TTL
     <prefix>:{<agent>}:claim:<cid>  LIST  ids leased by one claim call (replay on retry)
     <prefix>:{<agent>}:autoscalers  HASH  supervisor id -> JSON {min, max, current, until}
+    <prefix>:{<agent>}:schema       STRING its payload's JSON Schema, published by its workers
+                                          (typed agents only; `handoff enqueue` checks it)
     <prefix>:{<agent>}:outbox       HASH  field -> time + notice for a scope in another slot
     <prefix>:{<agent>}:deadlines    HASH  id -> ms: tasks that expire if not started by then
     <prefix>:{<agent>}:limits       HASH  start-rate limit: rate/burst set live (override the
@@ -50,8 +52,6 @@ one cluster slot. Agent names are validated before any key is built.
                                           root's slot; ends with an "end" entry
     <prefix>:{<agent>}:done:<id>    LIST  a token pushed when a waited-on task ends
     <prefix>:agents                 SET   registry of agent names
-    <prefix>:schemas                HASH  agent name -> its payload's JSON Schema, published
-                                          by its workers (typed agents only)
     <prefix>:workers                ZSET  worker id -> last heartbeat (ms)
     <prefix>:worker:<id>            HASH  one worker's health and metrics (TTL)
     <prefix>:control:<supervisor>   LIST  control messages (scale) for a supervisor
@@ -274,6 +274,10 @@ class AgentKeys:
     def autoscalers(self) -> str:
         return f"{self.base}:autoscalers"
 
+    @property
+    def schema(self) -> str:
+        return f"{self.base}:schema"
+
     def result(self, task_id: str) -> str:
         return f"{self.base}:result:{task_id}"
 
@@ -303,10 +307,6 @@ class Keys:
     @property
     def agents(self) -> str:
         return f"{self.prefix}:agents"
-
-    @property
-    def schemas(self) -> str:
-        return f"{self.prefix}:schemas"
 
     @property
     def workers(self) -> str:

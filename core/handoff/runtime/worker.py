@@ -905,9 +905,9 @@ class Worker:
             # Known before any task of it is enqueued: a run cancel marks every agent known.
             pipe.sadd(self.keys.agents, self.spec.name)
             if schema is None:  # an agent type that dropped its payload type
-                pipe.hdel(self.keys.schemas, self.spec.name)
+                pipe.delete(self.agent_keys.schema)
             else:
-                pipe.hset(self.keys.schemas, self.spec.name, schema)
+                pipe.set(self.agent_keys.schema, schema)
             pipe.execute()
 
         try:
