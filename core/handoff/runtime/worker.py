@@ -24,7 +24,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from handoff.backoff import Backoff
@@ -45,52 +44,17 @@ from handoff.runtime.prefetch import PrefetchSizer
 from handoff.runtime.runner import Finished, Outcome, make_runner
 from handoff.runtime.settle import check_payload, handoffs_refused, settle
 from handoff.runtime.start_gate import StartGate
+from handoff.runtime.worker_events import (
+    CancelRequested,
+    Claimed,
+    EventsPending,
+    LeasesLost,
+    Signalled,
+    WakeFailed,
+)
 from handoff.runtime.worker_stats import WorkerStats
 
 log = logging.getLogger(__name__)
-
-
-# The main thread's events: one small type each (besides the runner's Outcome and
-# Finished), matched by type.
-@dataclass(slots=True, frozen=True)
-class WakeFailed:
-    """The waker could not reach Redis: the main thread retries (and backs off)."""
-
-
-@dataclass(slots=True, frozen=True)
-class Claimed:
-    """The waker claimed these after a wake-up: the main thread takes them (started: the
-    waker already handed them to the runner, all but the refused ones)."""
-
-    tasks: list[Task]
-    started: bool = False
-    refused: tuple[Failure, ...] = ()
-
-
-@dataclass(slots=True, frozen=True)
-class LeasesLost:
-    """Their leases expired and were re-claimed elsewhere: forget them."""
-
-    tasks: list[Task]
-
-
-@dataclass(slots=True, frozen=True)
-class CancelRequested:
-    """These tasks were cancelled (client.cancel): stop their handlers, drop outcomes."""
-
-    ids: list[str]
-
-
-@dataclass(slots=True, frozen=True)
-class EventsPending:
-    """Handlers emitted progress or output: the main thread sends the batch."""
-
-
-@dataclass(slots=True, frozen=True)
-class Signalled:
-    """A stop signal arrived, or a helper thread asks the worker to stop."""
-
-    signum: int
 
 
 _TICK_S = 1.0
