@@ -4,7 +4,7 @@ the thread. The probe agent is the one of apps.probe."""
 
 from __future__ import annotations
 
-from handoff.runtime import worker as _worker
+from handoff.runtime import inbox as _inbox
 
 from apps.probe import client, probe  # noqa: F401 - the agent this app serves
 
@@ -15,4 +15,4 @@ def _inbox_with_a_bug(self) -> None:
             raise RuntimeError("a bug in the inbox thread")
 
 
-_worker.Worker._inbox_loop = _inbox_with_a_bug
+_inbox.Inbox.run = _inbox_with_a_bug
