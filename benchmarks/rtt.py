@@ -51,7 +51,16 @@ def proxy_cost_us(hosts, redis_host: str, worker_host: str, proxy, server) -> di
     return {"direct_us": direct, "proxied_us": proxied, "proxy_us": proxied - direct}
 
 
-def main(rtts: list[float], quick: bool, runs: int, systems: list[str] | None, out: Path) -> int:
+def main(
+    rtts: list[float],
+    quick: bool,
+    runs: int,
+    systems: list[str] | None,
+    out: Path,
+    direct: bool = False,
+) -> int:
+    """direct: also a round with no proxy (workers and producer straight to the server
+    across the bridge): what the proxy costs each system at 0 ms."""
     from harness.hosts import Hosts, need_root
 
     reason = need_root()
@@ -72,6 +81,7 @@ def main(rtts: list[float], quick: bool, runs: int, systems: list[str] | None, o
     (tmp / "logs").mkdir()
     owned = e2e.Owned()
     results: dict = {"rtts": rtts, "skipped": skipped, "systems": {}, "meta": {}}
+    rounds: list[float | None] = ([None] if direct else []) + list(rtts)
     started = time.monotonic()
     try:
         with stop_signals_interrupt(), Hosts(["redis", "workers"], tmp / "hosts") as hosts:
@@ -89,11 +99,13 @@ def main(rtts: list[float], quick: bool, runs: int, systems: list[str] | None, o
             print(f"proxy: {results['meta']}", file=sys.stderr, flush=True)
             ports = iter(range(7000, 8000))
 
-            for rtt in rtts:
+            for rtt in rounds:
 
                 def broker(rtt=rtt):
                     port = next(ports)
                     server = hosts.redis("redis", port=port)
+                    if rtt is None:
+                        return server.url, server.stop
                     proxy = hosts.proxy("redis", port)
                     proxy.delay(rtt / 2)
 
@@ -106,7 +118,8 @@ def main(rtts: list[float], quick: bool, runs: int, systems: list[str] | None, o
                 for run in range(runs):
                     for name, cls in peers.items():
                         entry = results["systems"].setdefault(name, {})
-                        row = entry.setdefault(str(rtt), {"runs": [], "errors": []})
+                        label = "direct" if rtt is None else str(rtt)
+                        row = entry.setdefault(label, {"runs": [], "errors": []})
                         peer = cls(tmp / "logs")
                         peer.prefix = hosts["workers"].prefix
                         t0 = time.monotonic()
@@ -121,7 +134,7 @@ def main(rtts: list[float], quick: bool, runs: int, systems: list[str] | None, o
                             row["errors"].append(str(exc)[:300])
                             status = f"FAILED: {exc}"[:200]
                         print(
-                            f"[rtt {rtt} ms, run {run + 1}/{runs}] {name:13s} "
+                            f"[rtt {label} ms, run {run + 1}/{runs}] {name:13s} "
                             f"{time.monotonic() - t0:5.1f}s  {status}",
                             file=sys.stderr,
                             flush=True,
@@ -175,6 +188,13 @@ def render(results: dict, plotted: bool) -> str:
     ]
     for name, entry in results["systems"].items():
         base = entry.get(str(rtts[0]), {}).get("median", {}).get("noop_drain_per_s")
+        if "direct" in entry:
+            row = entry["direct"]
+            lines.append(
+                f"| {name} | 0, no proxy | {_fig(row, 'noop_drain_per_s', ',.0f')} | - | "
+                f"{_fig(row, 'io_drain_per_s', ',.0f')} | {_fig(row, 'lat_p50_ms', '.1f')} | "
+                f"{_fig(row, 'lat_p99_ms', '.1f')} |"
+            )
         for rtt in rtts:
             row = entry.get(str(rtt), {})
             drain = row.get("median", {}).get("noop_drain_per_s")
@@ -186,9 +206,43 @@ def render(results: dict, plotted: bool) -> str:
             )
     for name, why in results.get("skipped", {}).items():
         lines.append(f"| {name} | - | skipped: {why} | | | | |")
+    lines += ["", *_summary(results)]
     if plotted:
         lines += ["", f"![noop and I/O drain against RTT]({PLOT})"]
     return "\n".join(lines)
+
+
+def _drain(results: dict, name: str, rtt: float, key: str = "noop_drain_per_s") -> float | None:
+    return results["systems"].get(name, {}).get(str(rtt), {}).get("median", {}).get(key)
+
+
+def _summary(results: dict) -> list[str]:
+    """At the largest RTT: handoff's noop drain beside the fastest peer's and its own at the
+    smallest RTT (the figures the page quotes)."""
+    rtts = results["rtts"]
+    if len(rtts) < 2 or "handoff" not in results["systems"]:
+        return []
+    top, low = max(rtts), min(rtts)
+    own_top, own_low = _drain(results, "handoff", top), _drain(results, "handoff", low)
+    peers = {
+        name: _drain(results, name, top)
+        for name in results["systems"]
+        if not name.startswith("handoff") and _drain(results, name, top)
+    }
+    if not own_top or not own_low:
+        return [f"At {top:g} ms handoff's noop drain did not finish."]
+    out = [
+        f"At {top:g} ms: handoff drains {own_top:,.0f} noop tasks/s, "
+        f"{own_top / own_low:.0%} of its own {own_low:g} ms figure ({own_low:,.0f}/s)"
+    ]
+    if peers:
+        best = max(peers, key=peers.get)
+        out[0] += f"; the fastest peer, {best}, {peers[best]:,.0f}/s ({own_top / peers[best]:.1f}x)"
+    pf = _drain(results, "handoff-pf32", top)
+    if pf:
+        out[0] += f"; with prefetch 32, {pf:,.0f}/s"
+    out[0] += "."
+    return out
 
 
 def _plot(results: dict, path: Path) -> bool:

@@ -284,9 +284,16 @@ class Hosts:
 
     # -- processes on hosts ----------------------------------------------------------------
 
-    def run(self, name: str, argv: list[str], timeout_s: float = 20) -> subprocess.CompletedProcess:
+    def run(
+        self, name: str, argv: list[str], timeout_s: float = 20, env: dict | None = None
+    ) -> subprocess.CompletedProcess:
+        """Run a command on the host to its end; its output is returned as text."""
         return subprocess.run(
-            [*self.hosts[name].prefix, *argv], capture_output=True, text=True, timeout=timeout_s
+            [*self.hosts[name].prefix, *argv],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            env=env,
         )
 
     def handoff(
