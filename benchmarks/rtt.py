@@ -233,7 +233,7 @@ def _summary(results: dict) -> list[str]:
         return [f"At {top:g} ms handoff's noop drain did not finish."]
     out = [
         f"At {top:g} ms: handoff drains {own_top:,.0f} noop tasks/s, "
-        f"{own_top / own_low:.0%} of its own {own_low:g} ms figure ({own_low:,.0f}/s)"
+        f"{own_top / own_low:.0%} of its own {low:g} ms figure ({own_low:,.0f}/s)"
     ]
     if peers:
         best = max(peers, key=peers.get)
