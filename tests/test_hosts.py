@@ -224,7 +224,9 @@ def sentinel_net(tmp_path, request):
     made = hostlib.Hosts(["r1", "r2", "a", "b", "rec"], tmp_path / "hosts")
     request.addfinalizer(made.stop)
     made.server = made.redis("rec")  # what the agents record to: no cut touches it
-    made.servers, made.trio = hostlib.sentinel_trio(made, ("r1", "r2"), ("r1", "r2", "a"))
+    made.servers, made.trio = hostlib.sentinel_trio(
+        made, ("r1", "r2"), ("r1", "r2", "a"), failover_timeout_ms=1500
+    )
     yield made
     made.stop()
     assert made.leftovers() == [], "namespaces or links left behind"
