@@ -430,8 +430,10 @@ def primary_by_majority(trio: list[RedisOnHost], service: str = "handoff") -> st
     """The primary address (host:port) a majority of the reachable sentinels name, or None."""
     votes: dict[str, int] = {}
     for sentinel in trio:
+        if sentinel.host.cut:  # unreachable from here too: asking would only wait
+            continue
         try:
-            with sentinel.client(socket_timeout=0.5, socket_connect_timeout=0.5) as c:
+            with sentinel.client(socket_timeout=0.5, socket_connect_timeout=0.5, retry=None) as c:
                 addr = c.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", service)
         except (redis.RedisError, OSError):
             continue
