@@ -218,10 +218,15 @@ class Hosts:
     # -- building and tearing down ---------------------------------------------------------
 
     def _build(self) -> None:
-        n = _free_subnet()
-        self.subnet = f"{SUBNET_PREFIX}.{n}"
         _ip("link", "add", self.bridge, "type", "bridge")
-        _ip("addr", "add", f"{self.subnet}.{ROOT_SUFFIX}/24", "dev", self.bridge)
+        for _ in range(10):  # another run may pick the same subnet at the same instant
+            self.subnet = f"{SUBNET_PREFIX}.{_free_subnet()}"
+            _ip("addr", "add", f"{self.subnet}.{ROOT_SUFFIX}/24", "dev", self.bridge)
+            if _ip("-4", "-o", "addr").stdout.count(f" {self.subnet}.") == 1:
+                break
+            _ip("addr", "del", f"{self.subnet}.{ROOT_SUFFIX}/24", "dev", self.bridge)
+        else:
+            raise RuntimeError(f"no {SUBNET_PREFIX}.N.0/24 subnet stayed free")
         _ip("link", "set", self.bridge, "up")
         for index, name in enumerate(self.names, start=1):
             ns, inner, cable = (
