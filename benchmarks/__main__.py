@@ -31,12 +31,29 @@ def main() -> None:
     default=None,
     help="Where the table and chart go. Default docs/ (--quick: .run/bench/).",
 )
-def e2e(quick: bool, runs: int | None, systems: str | None, out_dir: Path | None) -> None:
+@click.option(
+    "--rtt-ms",
+    default=None,
+    help="Round-trip times added between the producer/worker hosts and Redis, e.g. 0,0.5,2 "
+    "(network namespaces: needs root; 'direct' adds a round without the delaying proxy). "
+    "Writes the rtt part of benchmarks.md (default docs/).",
+)
+def e2e(
+    quick: bool, runs: int | None, systems: str | None, out_dir: Path | None, rtt_ms: str | None
+) -> None:
     """handoff vs Celery, Dramatiq, Huey, RQ and arq: same workloads, same machine, one run."""
     from benchmarks.e2e import run_e2e
     from benchmarks.report import render_markdown
 
     chosen = [s.strip() for s in systems.split(",")] if systems else None
+    if rtt_ms is not None:
+        from benchmarks.rtt import main as rtt_main
+
+        words = [x.strip() for x in rtt_ms.split(",") if x.strip()]
+        rtts = [float(x) for x in words if x != "direct"]
+        direct = "direct" in words  # also a round with no proxy: what the proxy costs
+        target = out_dir or Path("docs")
+        raise SystemExit(rtt_main(rtts, quick, runs or 1, chosen, target, direct=direct))
     target = out_dir or Path(".run/bench" if quick else "docs")
     results = run_e2e(quick, runs or (1 if quick else 3), chosen, target)
     click.echo(render_markdown(results))

@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -191,14 +192,27 @@ def _quantile(sorted_values: list[float], q: float) -> float:
     return sorted_values[index]
 
 
-def run_system(peer: Peer, sizes: Sizes, stats: StatsReader, owned: Owned, tmp: Path) -> dict:
-    """One system, one run: every workload against a fresh server. Returns the figures."""
+def run_system(
+    peer: Peer,
+    sizes: Sizes,
+    stats: StatsReader,
+    owned: Owned,
+    tmp: Path,
+    broker: Callable[[], tuple[str, Callable[[], None]]] | None = None,
+) -> dict:
+    """One system, one run: every workload against a fresh server. Returns the figures.
+    broker: makes that server and returns (its URL, how to stop it); default a server on
+    this machine's loopback (benchmarks/rtt.py passes one on a host of its own)."""
     out: dict[str, float | str] = {}
-    srv = owned.server(port=free_port(), data_dir=str(tmp))
+    if broker is None:
+        srv = owned.server(port=free_port(), data_dir=str(tmp))
+        url, release = srv.url, lambda: owned.drop_server(srv)
+    else:
+        url, release = broker()
     owned.peers.append(peer)
     try:
         stats.reset()
-        peer.connect(srv.url, stats_url=stats_url_of(stats))
+        peer.connect(url, stats_url=stats_url_of(stats))
         noop_n = int(sizes.noop_tasks * peer.noop_scale)
         out.update(measure_enqueue(peer, noop_n, int(sizes.single_tasks * peer.noop_scale)))
         out["noop_tasks"] = noop_n
@@ -232,7 +246,7 @@ def run_system(peer: Peer, sizes: Sizes, stats: StatsReader, owned: Owned, tmp: 
             owned.peers.remove(peer)
         with contextlib.suppress(Exception):
             peer.close()
-        owned.drop_server(srv)
+        release()
     return out
 
 

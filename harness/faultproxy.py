@@ -79,8 +79,16 @@ class _Conn:
 class FaultProxy:
     """Forwards 127.0.0.1:<port> to upstream; see the module docstring for the faults."""
 
-    def __init__(self, upstream: tuple[str, int], connect_timeout_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        upstream: tuple[str, int],
+        connect_timeout_s: float = 5.0,
+        listen: tuple[str, int] = ("127.0.0.1", 0),
+    ) -> None:
+        """listen: the address to listen on (a host's address inside a network namespace,
+        see harness/hosts.py); port 0 lets the OS choose."""
         self.upstream = upstream
+        self.listen_host = listen[0]
         self.connect_timeout_s = connect_timeout_s
         self.connections_accepted = 0
         self.bytes_up = 0
@@ -97,7 +105,7 @@ class FaultProxy:
         self._wake_r.setblocking(False)
         self._sel.register(self._wake_r, _READ, "wake")
         self._listener: socket.socket | None = None
-        self.port = 0
+        self.port = listen[1]
         self._listen()
         self._thread = threading.Thread(target=self._run, name=f"faultproxy:{self.port}")
         self._thread.daemon = True
@@ -105,7 +113,7 @@ class FaultProxy:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://{self.listen_host}:{self.port}/0"
 
     @property
     def active_connections(self) -> int:
@@ -176,7 +184,7 @@ class FaultProxy:
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            sock.bind(("127.0.0.1", self.port))
+            sock.bind((self.listen_host, self.port))
             sock.listen(128)
         except OSError:
             sock.close()

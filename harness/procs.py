@@ -66,13 +66,19 @@ class HandoffProcess:
     """A `handoff ...` subprocess in its own session, with its output in a file."""
 
     def __init__(
-        self, args: list[str], env: dict[str, str], log_path: Path, nofile: int | None = None
+        self,
+        args: list[str],
+        env: dict[str, str],
+        log_path: Path,
+        nofile: int | None = None,
+        prefix: tuple[str, ...] = (),
     ) -> None:
-        """nofile: the process's file limit (RLIMIT_NOFILE), when a test lowers it."""
+        """nofile: the process's file limit (RLIMIT_NOFILE), when a test lowers it; prefix:
+        words run before the command (`ip netns exec NAME`, see harness/hosts.py)."""
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "handoff", *args],
+            [*prefix, sys.executable, "-m", "handoff", *args],
             cwd=ROOT,
             env=env,
             stdout=self._log,

@@ -123,6 +123,9 @@ class Peer(ABC):
     def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
         self.group = WorkerGroup()
+        #: words run before each worker command: `ip netns exec NAME` puts the workers on a
+        #: host of their own (benchmarks/rtt.py); empty: this machine's network
+        self.prefix: tuple[str, ...] = ()
         self.broker_url = ""
         self.stats_url = ""
 
@@ -174,7 +177,9 @@ class Peer(ABC):
     def start_workers(self, kind: str) -> None:
         env = self.worker_env()
         for i, argv in enumerate(self.worker_commands(kind)):
-            self.group.spawn(argv, env, self.log_dir / f"{self.name}-{kind}-{i}.log")
+            self.group.spawn(
+                [*self.prefix, *argv], env, self.log_dir / f"{self.name}-{kind}-{i}.log"
+            )
 
     def stop_workers(self) -> None:
         self.group.stop()
