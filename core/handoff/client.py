@@ -36,6 +36,7 @@ from handoff.protocol.groups import check_group
 from handoff.protocol.keys import Keys, check_agent
 from handoff.protocol.plan import Call, Pause, Plan
 from handoff.protocol.queue import QueueBase, TaskQueue
+from handoff.protocol.steps import read_steps
 from handoff.protocol.task import (
     Task,
     agent_of,
@@ -420,6 +421,8 @@ class Client:
             info["dead"] = orjson.loads(dead)
         if raw_result is not None:
             info["result"] = orjson.loads(raw_result)
+        if steps := read_steps(self.queue.manager.execute, keys.steps(task_id)):
+            info["steps"] = steps  # task.step: what is stored (protocol/steps.py)
         return info
 
     def agents(self) -> list[str]:

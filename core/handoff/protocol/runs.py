@@ -176,6 +176,8 @@ def _node(task_id: str, keys: AgentKeys, parts: list, result_bytes: int) -> dict
         node.update(status=data.get("status", "done"), attempt=data.get("attempt"))
         node["finished_at"] = finished
         node.update(enqueued_at=data.get("enqueued_at"), ran_ms=ran_ms)
+        if "steps" in data:  # [[name, "ran" | "reused", ms], ...] (task.step)
+            node["steps"] = data["steps"]
         if isinstance(finished, int) and isinstance(ran_ms, int | float):
             node["started_at"] = int(finished - ran_ms)
         result = data.get("result")

@@ -38,6 +38,7 @@ NAMES = (
     "follow",
     "await",
     "cancel",
+    "step",
 )
 
 

@@ -37,6 +37,7 @@ from handoff.errors import HandoffError, InvalidPayload, ServerOutOfMemory, Unsa
 from handoff.protocol import streams
 from handoff.protocol.keys import Keys
 from handoff.protocol.queue import ClaimRequest, ClaimResult, Completion, Failure, TaskQueue
+from handoff.protocol.steps import StepStore
 from handoff.protocol.task import Task, now_ms
 from handoff.runtime import exits, tracing
 from handoff.runtime.agents import AgentSpec, published_schema
@@ -125,6 +126,7 @@ class Worker:
             self.worker_id = f"{self.spec.name}-{socket.gethostname()}-{self.pid}"
         self.manager = get_manager(self.settings.redis)
         self.queue = TaskQueue(self.manager, self.settings)
+        self.steps = StepStore(self.queue, self.settings)  # task.step (protocol/steps.py)
         self.keys = Keys(self.settings.key_prefix)
         self.agent_keys = self.keys.agent(self.spec.name)
         self.events: queue.SimpleQueue = queue.SimpleQueue()
@@ -392,6 +394,7 @@ class Worker:
             if task.max_attempts is None:
                 task.max_attempts = self.spec.max_attempts
             task.emitter = self._emit
+            task.step_store = self.steps
             failure = check_payload(self.spec, task)
             if failure is not None:
                 refused.append(failure)
@@ -522,6 +525,7 @@ class Worker:
                 if completions:
                     self.stats.stale += len(self.queue.ack(completions))
                     self._unsent[0] = ([], failures, [])
+                    self.steps.acked(completions)
                 if failures:
                     self.stats.stale += len(self.queue.nack(failures))
             except HandoffError as e:
