@@ -33,6 +33,8 @@ from handoff.connection.process import current_pid
 from handoff.protocol import streams
 from handoff.protocol.async_queue import AsyncTaskQueue
 from handoff.protocol.cancel import CancelReport, cancel
+from handoff.protocol.rerun import RerunReport
+from handoff.protocol.rerun import rerun as rerun_plan
 
 
 class AsyncClient:
@@ -174,6 +176,10 @@ class AsyncClient:
         with the run (see Client.stream)."""
         queue = self.queue
         return queue.iterate(stream_plan(queue.keys, run_or_task_id, follow, after, wait_s))
+
+    async def rerun(self, run_id: str) -> RerunReport:
+        """Send the run's dead tasks through again (see Client.rerun)."""
+        return await self.queue.run(rerun_plan(self.queue.keys, run_id))
 
     async def tree(self, run_id: str) -> dict[str, Any]:
         """The run as nested dicts (see Client.tree)."""

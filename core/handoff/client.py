@@ -36,6 +36,8 @@ from handoff.protocol.groups import check_group
 from handoff.protocol.keys import Keys, check_agent
 from handoff.protocol.plan import Call, Pause, Plan
 from handoff.protocol.queue import QueueBase, TaskQueue
+from handoff.protocol.rerun import RerunReport
+from handoff.protocol.rerun import rerun as rerun_plan
 from handoff.protocol.steps import read_steps
 from handoff.protocol.task import (
     Task,
@@ -387,6 +389,11 @@ class Client:
         payload in short: branch, label), and a join's then. Raises InvalidPayload
         for an unknown or expired run."""
         return self.queue.run(tree_plan(self.queue.keys, run_id, self.settings.tree_result_bytes))
+
+    def rerun(self, run_id: str) -> RerunReport:
+        """Send the run's dead tasks through again, reusing what finished (rerun.py);
+        report.line() says what it did, or why it did nothing."""
+        return self.queue.run(rerun_plan(self.queue.keys, run_id))
 
     def dead_reason(self, task_id: str) -> str:
         keys = self.queue.keys.agent(agent_of(task_id))

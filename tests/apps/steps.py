@@ -117,4 +117,6 @@ def worker_step(task):
 @agent("integrator", max_attempts=1)
 def integrator(task):
     client().rpush("integrator_runs", task.id)
+    if client().get("integrator_poisoned") == b"1":
+        raise RuntimeError("integrator poisoned")
     return sorted(end["result"]["i"] for ends in task.branches for end in ends if end["result"])

@@ -39,6 +39,7 @@ NAMES = (
     "await",
     "cancel",
     "step",
+    "rerun",
 )
 
 
