@@ -50,8 +50,8 @@ def test_rerun_finishes_a_join_whose_poisoned_branches_died(rerun_app, raw_redis
 
     report = client.rerun(run_id)
     assert report.line() == (
-        f"run {run_id}: 4 dead task(s) sent again (3 requeued, 1 join then-task(s) waiting "
-        "for their branches again); done tasks and stored steps are kept"
+        f"run {run_id}: 4 dead or cancelled task(s) sent again (3 requeued, 1 join "
+        "then-task(s) waiting for their branches again); done tasks and stored steps are kept"
     )
     rerun_app.run_until_idle()
 
@@ -74,7 +74,9 @@ def test_a_second_rerun_has_nothing_to_do(rerun_app, raw_redis, backend):
     rerun_app.run_until_idle()
     assert rerun_app.client.result(run_id, wait_s=5, follow=True) == [0, 1, 2, 3]
     report = rerun_app.client.rerun(run_id)
-    assert report.line() == f"run {run_id} has nothing to rerun: no task of it ended dead"
+    assert (
+        report.line() == f"run {run_id} has nothing to rerun: no task of it ended dead or cancelled"
+    )
 
 
 def test_a_run_in_progress_is_not_rerun(either_client, backend):
@@ -107,7 +109,9 @@ def test_handoff_rerun_says_in_one_line_what_it_did(rerun_app, raw_redis, redis_
     raw_redis.set("poisoned", "0")
     result = CliRunner().invoke(main, ["--redis-url", redis_url, "rerun", run_id])
     assert result.exit_code == 0, result.output
-    assert result.output.count("\n") == 1 and "2 dead task(s) sent again" in result.output
+    assert (
+        result.output.count("\n") == 1 and "2 dead or cancelled task(s) sent again" in result.output
+    )
     rerun_app.run_until_idle()
     assert rerun_app.client.result(run_id, wait_s=5, follow=True) == [0, 1]
 
@@ -134,3 +138,26 @@ def test_a_run_of_one_dead_task_is_rerun(rerun_app, raw_redis, backend):
     rerun_app.run_until_idle()
     assert rerun_app.client.result(run_id, wait_s=5, follow=True) == {"i": 4, "model": "model"}
     assert set(_model_calls(raw_redis).values()) == {1}
+
+
+def test_a_cancelled_run_is_rerun_from_where_it_stopped(rerun_app, redis_url, raw_redis, backend):
+    """Cancelled while its branches waited: the rerun lifts the run's cancel marks,
+    sends the branches again from the JSON their records kept, and the integrator (its
+    join fired while the run was cancelled) waits for them and runs once."""
+    from handoff.testing import InProcessApp
+
+    planner_only = InProcessApp("apps.steps", redis_url, agents=["planner"])
+    try:
+        run_id = planner_only.enqueue("planner", {"n": 4})
+        planner_only.run_until_idle()  # its branches wait in their queue
+        rerun_app.client.cancel(run_id, run=True)
+    finally:
+        planner_only.close()
+    rerun_app.run_until_idle()
+    assert rerun_app.client.status(run_id) == "done"
+    assert raw_redis.llen("branch_runs") == 0 and raw_redis.llen("integrator_runs") == 0
+    report = rerun_app.client.rerun(run_id)
+    assert (len(report.requeued), len(report.rearmed)) == (4, 1), report.line()
+    rerun_app.run_until_idle()
+    assert rerun_app.client.result(run_id, wait_s=5, follow=True) == [0, 1, 2, 3]
+    assert raw_redis.llen("branch_runs") == 4 and raw_redis.llen("integrator_runs") == 1

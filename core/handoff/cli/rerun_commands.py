@@ -1,4 +1,4 @@
-"""`handoff rerun RUN`: send a run's dead tasks through again (protocol/rerun.py)."""
+"""`handoff rerun RUN`: send a run's dead or cancelled tasks again (protocol/rerun.py)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from handoff.cli.common import print_json
 @click.option("--json", "as_json", is_flag=True, help="Print what was done as JSON.")
 @click.pass_obj
 def rerun(state, run_id: str, as_json: bool) -> None:
-    """Send every task of RUN_ID that ended dead through again, reusing what finished:
-    done tasks never run again, stored steps are reused, a join waits for its rerun
-    branches and fires its then-task once they end. A run still in progress, or with
-    nothing dead, is left as it is (and the line says so)."""
+    """Send every task of RUN_ID that ended dead or cancelled through again, reusing
+    what finished: done tasks never run again, stored steps are reused, a join waits for
+    its rerun branches and fires its then-task once they end. A run still in progress,
+    or with nothing dead or cancelled, is left as it is (and the line says so)."""
     from handoff.client import Client
 
     with Client(settings=state.settings) as client:

@@ -40,6 +40,7 @@ NAMES = (
     "cancel",
     "step",
     "rerun",
+    "restore",
 )
 
 

@@ -3,14 +3,15 @@
 --                      then-task's), see _prelude.lua
 -- ARGV[1] the scope's id (the run's root, or the join's then-task)   ARGV[2] the run's id
 -- ARGV[3] the join's then-task to fire again when its branches end ('' = none): it was
---         dead-lettered (a join with on_dead="fail"); it leaves the dead letters and
---         waits in the scope again, as it did before it fired
+--         dead-lettered (a join with on_dead="fail") or cancelled; it leaves the dead
+--         letters (or its cancelled record) and waits in the scope again, as before it fired
 -- ARGV[4..] the ids of the scope's tasks that run again (dead ones, requeued after this)
 -- Each id is open in the scope again (counted in n), its end is taken out of the scope's
 -- ends (and out of its first dead end), and the scope is no longer ended: a run's waiters
 -- block again until it ends anew, a join fires its then-task once its branches end.
 -- Idempotent: a repeat (a rerun that stopped half-way, run again) changes nothing more.
 -- Returns: {reopened, rearmed} or {'gone'} (no such scope: its records expired).
+local CANCELLED_TASK = '^{"status":"cancelled","finished_at":%d+,"task":(.*)}$'
 local scope, run, then_id = ARGV[1], ARGV[2], ARGV[3]
 local sk, ek = run_key('scope', scope), run_key('ends', scope)
 if redis.call('TYPE', sk).ok ~= 'hash' then return {'gone'} end
@@ -59,15 +60,22 @@ if first_dead then redis.call('HSET', sk, 'dead', first_dead) else redis.call('H
 redis.call('HDEL', sk, 'done')
 redis.call('PERSIST', sk)  -- kept until it ends again (then for `keep` ms, as before)
 if scope == run then redis.call('DEL', run_key('ended', run)) end
+-- The then-task leaves its dead letter, or its cancelled record, to wait in its join.
 local rearmed = 0
-if then_id ~= '' and redis.call('ZSCORE', K_DEAD, then_id) then
-  local json = redis.call('HGET', K_TASKS, then_id)
-  if json then
-    redis.call('HSET', sk, 'then', json)
+if then_id ~= '' and redis.call('HEXISTS', sk, 'then') == 0 then
+  local json
+  if redis.call('ZSCORE', K_DEAD, then_id) then
+    json = redis.call('HGET', K_TASKS, then_id)
     redis.call('ZREM', K_DEAD, then_id)
     redis.call('HDEL', K_DEAD_REASONS, then_id)
-    redis.call('ZREM', K_FINISHED, then_id)
     forget(then_id)
+  else
+    json = string.match(redis.call('GET', run_key('result', then_id)) or '', CANCELLED_TASK)
+    if json then redis.call('DEL', run_key('result', then_id)) end
+  end
+  if json then
+    redis.call('HSET', sk, 'then', json)
+    redis.call('ZREM', K_FINISHED, then_id)
     rearmed = 1
   end
 end
