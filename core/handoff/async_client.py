@@ -33,6 +33,7 @@ from handoff.connection.process import current_pid
 from handoff.protocol import streams
 from handoff.protocol.async_queue import AsyncTaskQueue
 from handoff.protocol.cancel import CancelReport, cancel
+from handoff.protocol.conflict import check_on_conflict, swap
 from handoff.protocol.rerun import RerunReport
 from handoff.protocol.rerun import rerun as rerun_plan
 
@@ -100,6 +101,7 @@ class AsyncClient:
         expires_in_s: float | None = None,
         run_deadline_s: float | None = None,
         group: str | None = None,
+        on_conflict: str = "skip",
     ) -> str:
         """Add one task; returns its id (see Client.enqueue)."""
         task = one_task(
@@ -114,6 +116,12 @@ class AsyncClient:
             run_deadline_s=run_deadline_s,
             group=group,
         )
+        if on_conflict != "skip":  # a repeated key replaces or debounces (conflict.py)
+            check_on_conflict(on_conflict, key)
+            limit = self.settings.max_payload_bytes
+            swapped = await self.queue.run(swap(self.queue.keys, task, on_conflict, limit))
+            if swapped != "absent":
+                return task.id
         await self.queue.enqueue([task])
         return task.id
 

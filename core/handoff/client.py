@@ -32,6 +32,7 @@ from handoff.errors import (
 )
 from handoff.protocol import runs, streams
 from handoff.protocol.cancel import CancelReport, cancel
+from handoff.protocol.conflict import check_on_conflict, swap
 from handoff.protocol.groups import check_group
 from handoff.protocol.keys import Keys, check_agent
 from handoff.protocol.plan import Call, Pause, Plan
@@ -279,13 +280,17 @@ class Client:
         expires_in_s: float | None = None,
         run_deadline_s: float | None = None,
         group: str | None = None,
+        on_conflict: str = "skip",
     ) -> str:
         """Add one task; returns its id (the same id again for a repeated key).
 
         expires_in_s: not started by then, it ends expired and never runs (a running task
         is not interrupted: that is timeout_s). run_deadline_s: the same for every task of
         the run it starts. group: its group takes turns with the others at every claim,
-        under the agent's group_rate and group_concurrency; its handoffs inherit it."""
+        under the agent's group_rate and group_concurrency; its handoffs inherit it.
+        on_conflict (with a key): "skip" (the task holding the key stays), "replace" (one
+        still waiting takes this payload, in its place), "debounce" (and runs delay_s after
+        this enqueue): see protocol/conflict.py."""
         task = one_task(
             agent,
             payload,
@@ -298,6 +303,12 @@ class Client:
             run_deadline_s=run_deadline_s,
             group=group,
         )
+        if on_conflict != "skip":  # a repeated key replaces or debounces (conflict.py)
+            check_on_conflict(on_conflict, key)
+            limit = self.settings.max_payload_bytes
+            swapped = self.queue.run(swap(self.queue.keys, task, on_conflict, limit))
+            if swapped != "absent":
+                return task.id
         self.queue.enqueue([task])
         return task.id
 

@@ -41,6 +41,7 @@ NAMES = (
     "step",
     "rerun",
     "restore",
+    "conflict",
 )
 
 
