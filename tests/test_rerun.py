@@ -161,3 +161,33 @@ def test_a_cancelled_run_is_rerun_from_where_it_stopped(rerun_app, redis_url, ra
     rerun_app.run_until_idle()
     assert rerun_app.client.result(run_id, wait_s=5, follow=True) == [0, 1, 2, 3]
     assert raw_redis.llen("branch_runs") == 4 and raw_redis.llen("integrator_runs") == 1
+
+
+def test_rerun_through_real_worker_processes(start, client, raw_redis, backend):
+    """The same run as above on `handoff supervise` (a process per agent type): the
+    branches' ends reach the join in another slot through the outbox, before and after
+    the rerun."""
+    from harness.procs import wait_until
+
+    raw_redis.set("poisoned", "1")
+    run_id = client.enqueue("planner", {"n": 6, "poison": [1, 4]})
+    start(["supervise", "--agents", "planner=1,worker_step=1,integrator=1"], app="apps.steps")
+    wait_until(lambda: client.status(run_id) == "done", 30, "the planner")
+    wait_until(lambda: _run_ended(client, run_id), 30, "the run to end dead")
+    raw_redis.set("poisoned", "0")
+    assert len(client.rerun(run_id).requeued) == 2
+    assert client.result(run_id, wait_s=30, follow=True) == list(range(6))
+    runs = Counter(b.decode() for b in raw_redis.lrange("branch_runs", 0, -1))
+    assert len(runs) == 6 and set(runs.values()) == {1}
+    assert set(_model_calls(raw_redis).values()) == {1}
+    assert raw_redis.llen("integrator_runs") == 1
+
+
+def _run_ended(client, run_id: str) -> bool:
+    try:
+        client.result(run_id, wait_s=0.2, follow=True)
+    except TaskDead:
+        return True
+    except Exception:
+        return False
+    return True
