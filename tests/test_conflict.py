@@ -81,3 +81,16 @@ def test_a_bad_on_conflict_is_one_line(client, options, says, backend):
     with pytest.raises(InvalidPayload) as caught:
         client.enqueue("probe", {}, **options)
     assert says in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_cancel_running_cancels_a_started_task_and_runs_the_new_one(start, either_client, backend):
+    from harness.procs import wait_until
+
+    first = either_client.enqueue("aprobe", {"n": 1, "sleep_s": 30}, key="c")
+    start(["worker", "aprobe"])
+    wait_until(lambda: either_client.status(first) == "running", 30, "the first to start")
+    again = either_client.enqueue(
+        "aprobe", {"n": 2, "sleep_s": 0}, key="c", on_conflict="cancel_running"
+    )
+    assert again == first
+    assert either_client.result(first, wait_s=20) == 2  # the new one's, not a cancel

@@ -33,7 +33,7 @@ from handoff.connection.process import current_pid
 from handoff.protocol import streams
 from handoff.protocol.async_queue import AsyncTaskQueue
 from handoff.protocol.cancel import CancelReport, cancel
-from handoff.protocol.conflict import check_on_conflict, swap
+from handoff.protocol.conflict import check_on_conflict, resolve
 from handoff.protocol.rerun import RerunReport
 from handoff.protocol.rerun import rerun as rerun_plan
 
@@ -116,11 +116,12 @@ class AsyncClient:
             run_deadline_s=run_deadline_s,
             group=group,
         )
-        if on_conflict != "skip":  # a repeated key replaces or debounces (conflict.py)
+        if on_conflict != "skip":  # a repeated key replaces, debounces, cancels (conflict.py)
             check_on_conflict(on_conflict, key)
             limit = self.settings.max_payload_bytes
-            swapped = await self.queue.run(swap(self.queue.keys, task, on_conflict, limit))
-            if swapped != "absent":
+            keep_ms = int(max(self.settings.result_ttl_s, self.settings.run_ttl_s) * 1000)
+            plan = resolve(self.queue, task, on_conflict, limit, keep_ms)
+            if await self.queue.run(plan) != "absent":
                 return task.id
         await self.queue.enqueue([task])
         return task.id

@@ -32,7 +32,7 @@ from handoff.errors import (
 )
 from handoff.protocol import runs, streams
 from handoff.protocol.cancel import CancelReport, cancel
-from handoff.protocol.conflict import check_on_conflict, swap
+from handoff.protocol.conflict import check_on_conflict, resolve
 from handoff.protocol.groups import check_group
 from handoff.protocol.keys import Keys, check_agent
 from handoff.protocol.plan import Call, Pause, Plan
@@ -290,7 +290,8 @@ class Client:
         under the agent's group_rate and group_concurrency; its handoffs inherit it.
         on_conflict (with a key): "skip" (the task holding the key stays), "replace" (one
         still waiting takes this payload, in its place), "debounce" (and runs delay_s after
-        this enqueue): see protocol/conflict.py."""
+        this enqueue), "cancel_running" (a started one is cancelled for this one): see
+        protocol/conflict.py."""
         task = one_task(
             agent,
             payload,
@@ -303,11 +304,11 @@ class Client:
             run_deadline_s=run_deadline_s,
             group=group,
         )
-        if on_conflict != "skip":  # a repeated key replaces or debounces (conflict.py)
+        if on_conflict != "skip":  # a repeated key replaces, debounces, cancels (conflict.py)
             check_on_conflict(on_conflict, key)
-            limit = self.settings.max_payload_bytes
-            swapped = self.queue.run(swap(self.queue.keys, task, on_conflict, limit))
-            if swapped != "absent":
+            limit, keep_ms = self.settings.max_payload_bytes, self._keep_ms()
+            plan = resolve(self.queue, task, on_conflict, limit, keep_ms)
+            if self.queue.run(plan) != "absent":
                 return task.id
         self.queue.enqueue([task])
         return task.id

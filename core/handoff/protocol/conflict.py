@@ -6,6 +6,8 @@
               and options, keeping its place; a started or finished one is left (skip)
     debounce  as replace, and its due time moves to now + delay_s: a burst of enqueues
               runs once, delay_s after the last
+    cancel_running  as replace for a waiting task; a started one is cancelled (its handler
+              told, as client.cancel does) and the new task enqueued under the same id
 
 A key's task id is derived from the key (task.derived_task_id), so the task holding it
 lives in the agent's slot and the swap is one script (conflict.lua). When nothing holds
@@ -17,11 +19,13 @@ Runs in: producers (Client.enqueue, AsyncClient.enqueue), as a plan (plan.py).
 from __future__ import annotations
 
 from handoff.errors import InvalidPayload
+from handoff.protocol.cancel import cancel
 from handoff.protocol.keys import Keys
-from handoff.protocol.plan import Plan, Scripts
+from handoff.protocol.plan import Call, Plan, Scripts
+from handoff.protocol.rerun import lift_marks
 from handoff.protocol.task import Task, now_ms
 
-ON_CONFLICT = ("skip", "replace", "debounce")
+ON_CONFLICT = ("skip", "replace", "debounce", "cancel_running")
 
 
 def check_on_conflict(on_conflict: object, key: object) -> str:
@@ -41,3 +45,26 @@ def swap(keys: Keys, task: Task, on_conflict: str, max_bytes: int) -> Plan[str]:
     replies = yield Scripts([("conflict", keys.agent(task.agent).all(), args)])
     reply = replies[0]
     return reply.decode() if isinstance(reply, bytes) else str(reply)
+
+
+def resolve(queue, task: Task, on_conflict: str, max_bytes: int, keep_ms: int) -> Plan[str]:
+    """What a non-skip on_conflict did: 'replaced' | 'debounced' (the task returned is the
+    one waiting), 'absent' (the caller enqueues the task as usual), 'running' | 'dead'
+    (left as they are). cancel_running cancels a started task first (its handler is
+    told), lifts its cancel marks and forgets its cancelled record: then 'absent'."""
+    mode = "replace" if on_conflict == "cancel_running" else on_conflict
+    found = yield from swap(queue.keys, task, mode, max_bytes)
+    if found != "running" or on_conflict != "cancel_running":
+        return found
+    yield from cancel(queue, task.id, run=False, keep_ms=keep_ms)
+    yield from lift_marks(queue.keys, [task.id])
+    agent_keys = queue.keys.agent(task.agent)
+
+    def forget(client):
+        pipe = client.pipeline(transaction=False)
+        pipe.delete(agent_keys.result(task.id))
+        pipe.zrem(agent_keys.finished, task.id)
+        return pipe.execute()  # (an awaitable on an asyncio client)
+
+    yield Call(forget, n_operations=2)
+    return "absent"

@@ -106,7 +106,7 @@ def rerun(keys: Keys, run_id: str, result_bytes: int = 50) -> Plan[RerunReport]:
         if isinstance(scope, str):
             scopes.setdefault(scope, []).append(task_id)
     if cancelled:
-        yield from _lift_marks(keys, [run_id, *cancelled])
+        yield from lift_marks(keys, [run_id, *cancelled])
     rearm = {scope for scope in scopes if scope in joins}
     calls = [
         ("rerun", keys.agent(agent_of(s)).all(), [s, run_id, s if s in rearm else "", *ids])
@@ -160,7 +160,7 @@ def _decoded(raw: bytes | None) -> dict[str, Any]:
     return task if isinstance(task, dict) else {}
 
 
-def _lift_marks(keys: Keys, ids: list[str]) -> Plan[None]:
+def lift_marks(keys: Keys, ids: list[str]) -> Plan[None]:
     """The run's cancel marks (and its cancelled tasks' own), in every agent's slot: its
     tasks sent again must not end cancelled at claim."""
     agents = yield Call(lambda c: c.smembers(keys.agents))
