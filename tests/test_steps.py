@@ -63,9 +63,17 @@ def test_the_run_tree_shows_each_step_ran_or_reused(steps_app, backend):
 
 
 def test_steps_are_loaded_lazily_and_cost_nothing_unused(steps_app, raw_redis, backend):
-    steps_app.enqueue("badstep", {"case": "none"})
+    """A task that never calls task.step: no read of steps at claim, nothing written."""
+    from harness.procs import command_calls
+
+    before = command_calls(raw_redis).get("hgetall", 0)
+    task_id = steps_app.enqueue("badstep", {"case": "none"})
     steps_app.run_until_idle()
-    assert not raw_redis.keys("*steps*") if backend == "server" else True
+    assert command_calls(raw_redis).get("hgetall", 0) == before
+    assert raw_redis.exists(steps_app.queue.keys.agent("badstep").steps(task_id)) == 0
+    steps_app.enqueue("stepper", {})
+    steps_app.run_until_idle()
+    assert command_calls(raw_redis).get("hgetall", 0) == before + 1  # one read, on first use
 
 
 def test_async_steps_reuse_like_sync_ones(steps_app, raw_redis, backend):
