@@ -72,7 +72,7 @@ class StepStore:
     def store(self, task: Task, name: str, record: bytes) -> bytes | None:
         """Store a step's record; returns the record kept (this one, or one stored first).
         Raises LeaseLost when this delivery no longer holds the task's lease."""
-        keys = [*self.queue._fixed(task.agent), self._key(task)]
+        keys = [*self.queue.keys.agent(task.agent).all(), self._key(task)]
         args = [task.id, task.token, name, record, self.record_ttl_ms]
         reply = self.queue.run_scripts([("step", keys, args)])[0]
         if int(reply[0]) == STALE:
