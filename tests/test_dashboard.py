@@ -334,6 +334,18 @@ def test_cancel_and_scale_with_the_token(stack):
         wait_until(lambda c=count: integrators() == c, 30, f"{count} integrator worker(s)")
 
 
+def test_rerun_from_the_dashboard_says_in_one_line_what_it_did(stack):
+    token = {"X-Handoff-Token": TOKEN}
+    later = stack.client.enqueue("coder", {"feature": "later", "step": 0}, delay_s=600)
+    status, _, headers = _request(stack.port, "POST", f"/runs/{later}/rerun", "", **token)
+    assert status == 303 and headers["location"].startswith(f"/runs/{later}?notice=")
+    _, page, _ = _request(stack.port, "GET", headers["location"])
+    assert f"run {later} is still in progress (1 task(s) queued or running)" in page
+    status, _, _ = _request(stack.port, "POST", f"/runs/{later}/rerun", "")  # no token
+    assert status == 403
+    stack.client.cancel(later)
+
+
 # -- a run's page: its outcome, its times, its branches, its cancel ------------------------
 
 RUN_STATE = """(() => { const b = document.querySelector('[data-field=run-state]');

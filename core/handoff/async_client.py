@@ -23,6 +23,9 @@ from handoff.producing import enqueue_many_plan, many_tasks, one_task
 from handoff.protocol import runs, streams
 from handoff.protocol.async_queue import AsyncTaskQueue
 from handoff.protocol.cancel import CancelReport, cancel
+from handoff.protocol.conflict import check_on_conflict, resolve
+from handoff.protocol.rerun import RerunReport
+from handoff.protocol.rerun import rerun as rerun_plan
 from handoff.protocol.streams import stream_plan
 from handoff.protocol.task_reads import WAIT_CHUNK_S, result_plan, status_plan, waits_backoff
 
@@ -90,6 +93,7 @@ class AsyncClient:
         expires_in_s: float | None = None,
         run_deadline_s: float | None = None,
         group: str | None = None,
+        on_conflict: str = "skip",
     ) -> str:
         """Add one task; returns its id (see Client.enqueue)."""
         task = one_task(
@@ -104,6 +108,13 @@ class AsyncClient:
             run_deadline_s=run_deadline_s,
             group=group,
         )
+        if on_conflict != "skip":  # a repeated key replaces, debounces, cancels (conflict.py)
+            check_on_conflict(on_conflict, key)
+            limit = self.settings.max_payload_bytes
+            keep_ms = int(max(self.settings.result_ttl_s, self.settings.run_ttl_s) * 1000)
+            plan = resolve(self.queue, task, on_conflict, limit, keep_ms)
+            if await self.queue.run(plan) != "absent":
+                return task.id
         await self.queue.enqueue([task])
         return task.id
 
@@ -166,6 +177,10 @@ class AsyncClient:
         with the run (see Client.stream)."""
         queue = self.queue
         return queue.iterate(stream_plan(queue.keys, run_or_task_id, follow, after, wait_s))
+
+    async def rerun(self, run_id: str) -> RerunReport:
+        """Send the run's dead tasks through again (see Client.rerun)."""
+        return await self.queue.run(rerun_plan(self.queue.keys, run_id))
 
     async def tree(self, run_id: str) -> dict[str, Any]:
         """The run as nested dicts (see Client.tree)."""

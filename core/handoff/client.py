@@ -24,8 +24,12 @@ from handoff.errors import InvalidPayload
 from handoff.producing import build_task, check_number, enqueue_many_plan, many_tasks, one_task
 from handoff.protocol import runs, streams, task_reads
 from handoff.protocol.cancel import CancelReport, cancel
+from handoff.protocol.conflict import check_on_conflict, resolve
 from handoff.protocol.keys import check_agent
 from handoff.protocol.queue import TaskQueue
+from handoff.protocol.rerun import RerunReport
+from handoff.protocol.rerun import rerun as rerun_plan
+from handoff.protocol.steps import read_steps
 from handoff.protocol.task import agent_of
 from handoff.protocol.task_reads import WAIT_CHUNK_S
 
@@ -101,13 +105,18 @@ class Client:
         expires_in_s: float | None = None,
         run_deadline_s: float | None = None,
         group: str | None = None,
+        on_conflict: str = "skip",
     ) -> str:
         """Add one task; returns its id (the same id again for a repeated key).
 
         expires_in_s: not started by then, it ends expired and never runs (a running task
         is not interrupted: that is timeout_s). run_deadline_s: the same for every task of
         the run it starts. group: its group takes turns with the others at every claim,
-        under the agent's group_rate and group_concurrency; its handoffs inherit it."""
+        under the agent's group_rate and group_concurrency; its handoffs inherit it.
+        on_conflict (with a key): "skip" (the task holding the key stays), "replace" (one
+        still waiting takes this payload, in its place), "debounce" (and runs delay_s after
+        this enqueue), "cancel_running" (a started one is cancelled for this one): see
+        protocol/conflict.py."""
         task = one_task(
             agent,
             payload,
@@ -120,6 +129,12 @@ class Client:
             run_deadline_s=run_deadline_s,
             group=group,
         )
+        if on_conflict != "skip":  # a repeated key replaces, debounces, cancels (conflict.py)
+            check_on_conflict(on_conflict, key)
+            limit, keep_ms = self.settings.max_payload_bytes, self._keep_ms()
+            plan = resolve(self.queue, task, on_conflict, limit, keep_ms)
+            if self.queue.run(plan) != "absent":
+                return task.id
         self.queue.enqueue([task])
         return task.id
 
@@ -215,13 +230,22 @@ class Client:
         plan = runs.tree_plan(self.queue.keys, run_id, self.settings.tree_result_bytes)
         return self.queue.run(plan)
 
+    def rerun(self, run_id: str) -> RerunReport:
+        """Send the run's dead tasks through again, reusing what finished (rerun.py);
+        report.line() says what it did, or why it did nothing."""
+        return self.queue.run(rerun_plan(self.queue.keys, run_id))
+
     def dead_reason(self, task_id: str) -> str:
         """Why a dead task was dead-lettered ("" when it is not dead)."""
         return self.queue.run(task_reads.dead_reason(self.queue.keys, task_id))
 
     def task(self, task_id: str) -> dict[str, Any]:
         """Everything known about one task (for `handoff inspect task`)."""
-        return self.queue.run(task_reads.task_info(self.queue.keys, task_id))
+        info = self.queue.run(task_reads.task_info(self.queue.keys, task_id))
+        steps_key = self.queue.keys.agent(agent_of(task_id)).steps(task_id)
+        if steps := read_steps(self.queue.manager.execute, steps_key):
+            info["steps"] = steps  # task.step: what is stored (protocol/steps.py)
+        return info
 
     def agents(self) -> list[str]:
         """The agent types this server has seen (enqueued to or served), sorted."""

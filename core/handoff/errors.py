@@ -11,6 +11,7 @@ __all__ = [
     "HandoffError",
     "InvalidAgentName",
     "InvalidPayload",
+    "LeaseLost",
     "NotReplicated",
     "PermissionDenied",
     "PoolExhausted",
@@ -61,6 +62,11 @@ class RateLimited(HandoffError):
 class TaskCancelled(HandoffError):
     """The task was cancelled (client.cancel): from client.result, and from
     task.check_cancelled() inside a handler whose task was cancelled while it ran."""
+
+
+class LeaseLost(HandoffError):
+    """This delivery no longer holds its task's lease (it ran past it and another took the
+    task): task.step refuses to store its result, and the handler stops."""
 
 
 class InvalidAgentName(HandoffError, ValueError):

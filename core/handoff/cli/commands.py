@@ -6,6 +6,7 @@ from handoff.cli.bench_commands import bench
 from handoff.cli.config_commands import config_group
 from handoff.cli.monitor_commands import health, inspect_workers_command, monitor
 from handoff.cli.ops_commands import limits, scale
+from handoff.cli.rerun_commands import rerun
 from handoff.cli.run_commands import redis, supervise, worker
 from handoff.cli.schedule_commands import schedules
 from handoff.cli.task_commands import cancel, dead, enqueue, inspect
@@ -18,6 +19,7 @@ ALL: list = [
     worker,
     enqueue,
     cancel,
+    rerun,
     watch,
     inspect,
     dead,

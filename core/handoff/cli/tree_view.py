@@ -49,6 +49,8 @@ def _describe(node: dict[str, Any]) -> str:
         parts.append(f"waited {_ms(wait_ms)}")
     if node.get("ran_ms") is not None:
         parts.append(f"ran {_ms(node['ran_ms'])}")
+    if node.get("steps"):
+        parts.append(_steps(node["steps"]))
     if node.get("join"):
         parts.append(f"join of {len(node.get('children', []))}")
     elif node.get("children"):
@@ -58,6 +60,15 @@ def _describe(node: dict[str, Any]) -> str:
     if node.get("reason"):
         parts.append("! " + _short(node["reason"]))
     return "  ".join(parts)
+
+
+def _steps(steps: list) -> str:
+    """'steps model reused 812.0ms, save ran 3.1ms' (ms: the time the step's call took)."""
+    shown = []
+    for step in steps:
+        if isinstance(step, list) and len(step) == 3 and isinstance(step[2], int | float):
+            shown.append(f"{_short(step[0], 30)} {step[1]} {_ms(step[2])}")
+    return "steps " + ", ".join(shown)
 
 
 def _wait_ms(node: dict[str, Any]) -> float | None:

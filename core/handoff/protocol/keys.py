@@ -19,6 +19,8 @@ one cluster slot. Agent names are validated before any key is built.
     <prefix>:{<agent>}:wake         LIST  wake-up tokens idle workers block on (BLPOP)
     <prefix>:{<agent>}:result:<id>  STRING done record + result, with a TTL
     <prefix>:{<agent>}:claim:<cid>  LIST  ids leased by one claim call (replay on retry)
+    <prefix>:{<agent>}:steps:<id>   HASH  step name -> {ms, delivery, result}: a task's memoized
+                                          steps (task.step), kept as long as its record
     <prefix>:{<agent>}:autoscalers  HASH  supervisor id -> JSON {min, max, current, until}
     <prefix>:{<agent>}:schema       STRING its payload's JSON Schema, published by its workers
                                           (typed agents only; `handoff enqueue` checks it)
@@ -283,6 +285,9 @@ class AgentKeys:
 
     def claim(self, claim_id: str) -> str:
         return f"{self.base}:claim:{claim_id}"
+
+    def steps(self, task_id: str) -> str:
+        return f"{self.base}:steps:{task_id}"
 
 
 class Keys:

@@ -224,6 +224,8 @@ def _finished_node(node: dict[str, Any], data: dict, result_bytes: int) -> dict[
     node["attempt"] = data.get("attempt")
     node["finished_at"] = finished
     node.update(enqueued_at=data.get("enqueued_at"), ran_ms=ran_ms)
+    if "steps" in data:  # [[name, "ran" | "reused", ms], ...] (task.step)
+        node["steps"] = data["steps"]
     if isinstance(finished, int) and isinstance(ran_ms, int | float):
         node["started_at"] = int(finished - ran_ms)
     result = data.get("result")

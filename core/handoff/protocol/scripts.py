@@ -39,6 +39,10 @@ NAMES = (
     "follow",
     "await",
     "cancel",
+    "step",
+    "rerun",
+    "restore",
+    "conflict",
 )
 
 

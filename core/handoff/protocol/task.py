@@ -196,6 +196,19 @@ class Task:
     # handler is called directly); and this delivery's event count.
     emitter: Callable[[Task, str, int, bytes], None] | None = None
     _events_sent: int = 0
+    # task.step (steps.py): the worker's store (None: steps run, unremembered), and this
+    # delivery's steps, read from Redis on its first step call.
+    step_store: Any = None
+    step_log: Any = None
+
+    def step(self, name: str, fn: Callable, /, *args: Any, **kwargs: Any) -> Any:
+        """fn(*args, **kwargs)'s result, stored the first time this step completes in this
+        task; every later delivery of the task (a retry, a redelivery, a rerun) gets the
+        stored result without calling fn. `await task.step(...)` for a coroutine fn.
+        A handler called directly (no worker) runs its steps plainly, unremembered."""
+        if self.step_store is None:
+            return fn(*args, **kwargs)
+        return self.step_store.run(self, name, fn, args, kwargs)
 
     def emit(self, data: Any) -> None:
         """Send partial output (any JSON value: one chunk of a model's answer, say) to

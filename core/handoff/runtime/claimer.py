@@ -33,9 +33,11 @@ class Claimer:
         gate: StartGate,
         stats: WorkerStats,
         emitter: Callable,
+        step_store: object = None,
     ) -> None:
         self.spec = spec
         self.queue = queue
+        self.step_store = step_store  # task.step's store (protocol/steps.py)
         self.lease_ms = lease_ms
         self.claim_tag = claim_tag
         self.gate = gate
@@ -90,6 +92,7 @@ class Claimer:
             if task.max_attempts is None:
                 task.max_attempts = self.spec.max_attempts
             task.emitter = self.emitter
+            task.step_store = self.step_store
             failure = check_payload(self.spec, task)
             if failure is not None:
                 refused.append(failure)

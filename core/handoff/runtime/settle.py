@@ -14,6 +14,7 @@ import orjson
 from handoff.config import Settings
 from handoff.errors import InvalidPayload
 from handoff.protocol import notices as notice
+from handoff.protocol import steps
 from handoff.protocol.queue import Completion, Failure
 from handoff.protocol.task import Task, derived_task_id, has_non_finite, now_ms
 from handoff.runtime.agents import ON_DEAD, AgentSpec, Handoff, Join, payload_for
@@ -138,6 +139,8 @@ def _tree_fields(outcome: Outcome, settings: Settings) -> bytes:
     if task.run is not None:
         parent = (task.parent_id or "").encode()
         fields += b',"run":"%s","parent":"%s"' % (task.run.encode(), parent)
+    if task.step_log is not None:
+        fields += steps.tree_fields(task)
     return fields + _kept_payload(task.payload, settings.kept_payload_bytes)
 
 

@@ -35,6 +35,7 @@ from handoff.connection.startup import wait_for_server
 from handoff.errors import HandoffError, UnsafeServer
 from handoff.protocol.keys import Keys
 from handoff.protocol.queue import Completion, Failure, TaskQueue
+from handoff.protocol.steps import StepStore
 from handoff.protocol.task import Task
 from handoff.runtime import exits, tracing
 from handoff.runtime.agents import AgentSpec
@@ -97,6 +98,7 @@ class Worker:
             self.worker_id = f"{self.spec.name}-{socket.gethostname()}-{self.pid}"
         self.manager = get_manager(self.settings.redis)
         self.queue = TaskQueue(self.manager, self.settings)
+        self.steps = StepStore(self.queue, self.settings)  # task.step (protocol/steps.py)
         self.keys = Keys(self.settings.key_prefix)
         self.agent_keys = self.keys.agent(self.spec.name)
         self.events: queue.SimpleQueue = queue.SimpleQueue()
@@ -130,6 +132,7 @@ class Worker:
         self.claimer = Claimer(
             self.spec, self.queue, self.settings, lease_ms=self.lease_ms,
             claim_tag=self.claim_tag, gate=self.gate, stats=self.stats, emitter=self.emits.emit,
+            step_store=self.steps,
         )  # fmt: skip
         self.sizer = self.claimer.sizer  # how many to hold: the claimer's, told task times
         self._start_threads()
@@ -375,6 +378,8 @@ class Worker:
         self.gate.finished(task)
 
     def _account(self, completions: list[Completion], failures: list[Failure]) -> None:
+        if completions:
+            self.steps.acked(completions)  # the steps of tasks that ended keep their TTL
         for done in completions:
             self._forget(done.task)
         for failure in failures:

@@ -32,6 +32,7 @@ from handoff.errors import InvalidPayload, RateLimited, ResultTimeout
 from handoff.protocol import streams
 from handoff.protocol.queue import ClaimRequest, Completion, Failure
 from handoff.protocol.runs import run_of, run_state
+from handoff.protocol.steps import StepStore
 from handoff.protocol.task import Task, agent_of
 from handoff.runtime import tracing
 from handoff.runtime.agents import AgentSpec, app_agents
@@ -121,6 +122,7 @@ class InProcessApp:
         self.settings = Settings(redis=RedisPoolConfig(url=redis_url), app=app, **settings)
         self.client = Client(settings=self.settings)
         self.queue = self.client.queue
+        self.steps = StepStore(self.queue, self.settings)  # task.step
         self.clock = clock or VirtualClock()
         self.runs = Runs(self.client)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -183,6 +185,7 @@ class InProcessApp:
             if task.max_attempts is None:
                 task.max_attempts = spec.max_attempts
             task.emitter = self._emit
+            task.step_store = self.steps
             refused = check_payload(spec, task)
             if refused is not None:
                 failures.append(refused)
@@ -201,6 +204,7 @@ class InProcessApp:
             self.queue.enqueue(children, now_ms=now)
         if completions:
             self.queue.ack(completions, now_ms=now)
+            self.steps.acked(completions)
         if failures:
             self.queue.nack(failures, now_ms=now)
         self._record(completions, failures, children)

@@ -260,6 +260,15 @@ async def cancel(request: Request) -> Response:
     return _redirect(request, to, report.line())
 
 
+async def rerun(request: Request) -> Response:
+    """The run's dead or cancelled tasks sent again (protocol/rerun.py): back to its page,
+    with the line that says what was done."""
+    run_id = _task_id(request.path_params["run_id"])
+    await _action_form(request)
+    report = await _run(_dash(request).ops.rerun, run_id)
+    return _redirect(request, f"/runs/{run_id}", report.line())
+
+
 async def scale(request: Request) -> Response:
     form = await _action_form(request)
     name = _agent(guard.first(form, "agent"))
@@ -357,6 +366,7 @@ def build_app(dashboard: Dashboard, hosts: frozenset[str] | None) -> Starlette:
         Route("/agents/{name}/dead/{what:str}", dead_action, methods=["POST"]),
         Route("/tasks/{task_id}", task),
         Route("/tasks/{task_id}/cancel", cancel, methods=["POST"]),
+        Route("/runs/{run_id}/rerun", rerun, methods=["POST"]),
         Route("/runs/{task_id}", run),
         Route("/search", search),
         Route("/events/{topic:path}", events),

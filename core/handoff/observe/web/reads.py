@@ -18,6 +18,7 @@ from handoff.config import Settings
 from handoff.protocol.cancel import CancelReport
 from handoff.protocol.inspect import enqueued_ms_from_score
 from handoff.protocol.queue import TaskQueue
+from handoff.protocol.rerun import RerunReport
 from handoff.protocol.runs import run_of
 from handoff.protocol.task import PRIORITY_SHIFT, agent_of
 from handoff.protocol.task_reads import task_info
@@ -38,6 +39,8 @@ class Operations(Protocol):
     def tree(self, run_id: str) -> dict[str, Any]: ...
 
     def cancel(self, task_id: str, *, run: bool = False) -> CancelReport: ...
+
+    def rerun(self, run_id: str) -> RerunReport: ...
 
     def dead_requeue(self, agent: str, ids: Sequence[str] = (), limit: int = 1000) -> list[str]: ...
 

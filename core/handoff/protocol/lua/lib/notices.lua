@@ -213,8 +213,13 @@ end
 
 end_cancelled = function(id, now, ttl, json)
   ttl = math.max(60000, math.floor(ttl))
-  redis.call('SET', run_key('result', id), '{"status":"cancelled","finished_at":' .. now .. '}',
-    'PX', ttl)
+  -- The record keeps the task's JSON (when it is JSON): a rerun (rerun.py) sends it again.
+  local kept = ''
+  if string.sub(json, 1, 7) == '{"id":"' and pcall(cjson.decode, json) then
+    kept = ',"task":' .. json
+  end
+  redis.call('SET', run_key('result', id), '{"status":"cancelled","finished_at":' .. now ..
+    kept .. '}', 'PX', ttl)
   notice_ended(id, now, 'cancelled', 'cancelled', json)
   -- An id from a key or a parent is refused again while its record lives (a parent that
   -- runs again hands off the same ids: what was cancelled stays so). A payload holding
