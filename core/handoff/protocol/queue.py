@@ -9,15 +9,12 @@ one pipeline. Nothing here is per-task chatty: one round trip per batch.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import orjson
 
-from handoff.backoff import exponential_s
 from handoff.config import Settings
 from handoff.connection.cluster_calls import check_replicated, run_script_calls
 from handoff.connection.manager import RedisManager
@@ -25,8 +22,18 @@ from handoff.errors import HandoffError, InvalidPayload, TaskRejected
 from handoff.protocol import notices as notice
 from handoff.protocol import plan, scripts
 from handoff.protocol.keys import TASK_ID, Keys, check_claim_id
-from handoff.protocol.limits import GUARD, Rate
+from handoff.protocol.limits import GUARD
 from handoff.protocol.plan import Call, Pause, Plan, Scripts
+from handoff.protocol.records import (  # noqa: F401  (re-exported: the queue's names)
+    RETRY_MAX_DELAY_S,
+    ClaimRequest,
+    ClaimResult,
+    Completion,
+    Failure,
+    LostLeases,
+    new_claim_id,
+    retry_delay_ms,
+)
 from handoff.protocol.task import Task, score_for
 
 log = logging.getLogger(__name__)
@@ -34,98 +41,13 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 ENQUEUE_CHUNK = 250  # tasks per script call: bounds how long one call holds the server (~1 ms)
 BOUND_PER_CALL = 200  # delayed promotions / lease reaps per claim or reap call
-RETRY_MAX_DELAY_S = 300.0
 OUTBOX_GRACE_MS = 5000  # a notice still in an outbox this long is the reaper's to deliver
 MAX_DELIVERED_KEPT = 10_000  # delivered outbox fields remembered for the next ack to forget
 MAX_DELIVERY_ROUNDS = 16  # notices whose delivery ends more, followed at once this deep
 
 
-@dataclass(frozen=True)
-class ClaimRequest:
-    agent: str
-    n: int
-    lease_ms: int
-    global_limit: int = 0
-    claim_id: str = ""
-    # Workers isolate suspects (tasks whose last worker died): such a task is leased only
-    # to a caller holding nothing else (solo), and alone. See claim.lua.
-    isolate_suspects: bool = False
-    solo: bool = True
-    # A worker's inbox tag: its claim ids (lease tokens) start '<tag>-', so a cancel
-    # knows where to push the news (see cancel.lua).
-    claim_tag: str = ""
-    # The agent's declared start-rate limit (a live one in Redis overrides it): starts
-    # per window_ms, and a burst. See limits.py.
-    rate: Rate | None = None
-    burst: int = 0
-    # Each group's limits (groups.py): starts per window, running at most (0 = none).
-    group_rate: Rate | None = None
-    group_concurrency: int = 0
-    # Cost units (task.charge) per window (cost_limit="200000/min"); see claim.lua.
-    cost_limit: Rate | None = None
-
-
-@dataclass
-class ClaimResult:
-    """What one claim() call leased, per agent, and what the server said on the way: its
-    clock, the earliest delayed task it saw (so an idle waker sleeps until then), and
-    whether a suspect waits for a solo claim. Returned, not kept on the queue, so two
-    threads claiming on one TaskQueue never read each other's answer."""
-
-    tasks: dict[str, list[Task]] = field(default_factory=dict)
-    server_ms: int = 0
-    next_due_ms: dict[str, int] = field(default_factory=dict)  # -1: nothing delayed
-    suspects_waiting: dict[str, bool] = field(default_factory=dict)
-    # The last cancel pushed to the claiming worker's inbox (cancel.lua): per agent.
-    inbox_seq: dict[str, int] = field(default_factory=dict)
-
-    def __getitem__(self, agent: str) -> list[Task]:
-        return self.tasks[agent]
-
-
-@dataclass(slots=True)  # not frozen: made once per task, and frozen init costs 4x
-class Completion:
-    """A finished task for ack(): its result (already JSON), how many children it made,
-    the notices its run or join gets (notices.py) and its record's tree fields."""
-
-    task: Task
-    result_json: bytes = b"null"
-    handoffs: int = 0
-    notices: tuple[bytes, ...] = ()
-    extras: bytes = b""  # ',"ran_ms":..' fields for the run tree, or nothing
-
-
-@dataclass(slots=True)
-class Failure:
-    """A failed task for nack(): why, and whether it must be dead-lettered at once."""
-
-    task: Task
-    error: str
-    traceback: str = ""
-    dead_now: bool = False
-    retry_delay_s: float = 1.0
-
-
 def _foreign_id(task_id: str, agent: str) -> str:
     return f"task id {task_id[:80]!r} does not belong to agent {agent!r} (expected '{agent}.<id>')"
-
-
-def retry_delay_ms(base_s: float, attempt: int) -> int:
-    """Exponential backoff with jitter in [base/2, base) * 2**(attempt-1), capped."""
-    return max(1, int(1000 * exponential_s(attempt, base_s, RETRY_MAX_DELAY_S, jitter="half")))
-
-
-def new_claim_id(tag: str = "") -> str:
-    """A fresh lease token; '<tag>-...' names the worker inbox a cancel is pushed to."""
-    return f"{tag}-{os.urandom(6).hex()}" if tag else os.urandom(8).hex()
-
-
-class LostLeases(list):
-    """Ids whose lease was lost; .cancelled: those of them that were cancelled."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.cancelled: list[str] = []
 
 
 class QueueBase:
