@@ -9,21 +9,20 @@ one pipeline. Nothing here is per-task chatty: one round trip per batch.
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import orjson
 
 from handoff.config import Settings
-from handoff.connection.cluster_calls import check_replicated, run_script_calls
 from handoff.connection.manager import RedisManager
 from handoff.errors import HandoffError, InvalidPayload, TaskRejected
 from handoff.protocol import notices as notice
-from handoff.protocol import plan, scripts
+from handoff.protocol import scripts
+from handoff.protocol.execution import BlockingExecution
 from handoff.protocol.keys import TASK_ID, Keys, check_claim_id
 from handoff.protocol.limits import GUARD
-from handoff.protocol.plan import Call, Pause, Plan, Scripts
+from handoff.protocol.plan import Call, Plan, Scripts
 from handoff.protocol.records import (  # noqa: F401  (re-exported: the queue's names)
     RETRY_MAX_DELAY_S,
     ClaimRequest,
@@ -122,7 +121,11 @@ class QueueBase:
                 # failover must not lose a notice whose copy in the outbox is gone.
                 replies = yield Scripts(calls, wait_replicas=self.settings.enqueue_wait_replicas)
             except HandoffError as e:
-                log.warning("%d run notice(s) left for the reaper to deliver: %s", len(outgoing), e)
+                log.warning(
+                    "%d run notice(s) left for the reaper to deliver: %s",
+                    len(outgoing),
+                    e,
+                )
                 return False
             for source, field_name, _ in outgoing:
                 kept = self._delivered.setdefault(source, [])
@@ -160,7 +163,11 @@ class QueueBase:
                     blob = self._checked_json(index, task, id_prefix, limit)
                     not_before = task.not_before
                     if not_before is None:
-                        args += (task_id, score_for(task.priority, task.enqueued_at), blob)
+                        args += (
+                            task_id,
+                            score_for(task.priority, task.enqueued_at),
+                            blob,
+                        )
                         if _ready_now(task):
                             continue  # nothing special to say about it
                         delay = 0
@@ -197,8 +204,19 @@ class QueueBase:
         keys = self._ready_keys.get(agent)
         if keys is None:
             k = self.keys.agent(agent)
-            keys = self._ready_keys[agent] = [k.tasks, k.scores, k.queue, k.stats, k.wake]
-        return keys, [self._max_bytes, task.id, score_for(task.priority, task.enqueued_at), blob]
+            keys = self._ready_keys[agent] = [
+                k.tasks,
+                k.scores,
+                k.queue,
+                k.stats,
+                k.wake,
+            ]
+        return keys, [
+            self._max_bytes,
+            task.id,
+            score_for(task.priority, task.enqueued_at),
+            blob,
+        ]
 
     @staticmethod
     def _checked_json(index: int, task: Task, id_prefix: str, limit: int) -> bytes:
@@ -226,7 +244,7 @@ class QueueBase:
         return self.keys.agent(agent).all()
 
 
-class TaskQueue(QueueBase):
+class TaskQueue(BlockingExecution, QueueBase):
     """The protocol over one RedisManager and one key prefix, blocking: the plans, and
     everything workers do (claim, ack, nack, extend, release, reap)."""
 
@@ -239,114 +257,7 @@ class TaskQueue(QueueBase):
         super().__init__(manager, settings)
         self._waiting = waiting  # the manager for blocking waits, when not this one
 
-    def run(self, operation: Plan[T]) -> T:
-        """Perform a plan's requests one by one, blocking; its return value."""
-        return plan.run(self.perform, operation)
-
-    def iterate(self, operation: Plan[None]) -> Iterator[Any]:
-        return plan.iterate(self.perform, operation)
-
-    def perform(self, request: Any) -> Any:
-        kind = type(request)
-        if kind is Scripts:
-            return self.run_scripts(
-                request.calls, request.extra, wait_replicas=request.wait_replicas
-            )
-        if kind is Call:
-            if request.blocking:
-                manager = self._waiting() if self._waiting is not None else self.manager
-                return manager.execute(request.fn, retry=False)
-            if request.n_operations:
-                return self.manager.execute_pipelined(request.fn, request.n_operations)
-            return self.manager.execute(request.fn)
-        if kind is Pause:
-            time.sleep(request.seconds)
-            return None
-        raise TypeError(f"not a protocol request: {request!r}")
-
     # -- script calls ----------------------------------------------------------------------
-
-    def run_scripts(
-        self,
-        calls: Sequence[tuple[str, list[str], list[Any]]],
-        extra=(),
-        *,
-        wait_replicas: int = 0,
-        before: tuple | None = None,
-    ) -> list:
-        """Run script calls (plus extra pipeline operations) in one round trip per node.
-
-        A NOSCRIPT reply loads the scripts and repeats the whole batch: every operation
-        is idempotent (see scripts.py), so the repeat cannot double anything. With
-        wait_replicas, WAIT follows on the same connection (NotReplicated if short).
-        before: one command sent ahead of the calls on the same connection, its reply
-        dropped (a blocking pop: the server runs the calls the moment it returns); it is
-        sent once, a repeat sends the calls alone. On a cluster,
-        handoff/connection/cluster_calls.py groups the calls per node instead.
-        """
-        timeout_ms = self.settings.enqueue_wait_timeout_ms
-        if self.manager.is_cluster:
-            return self._run_on_cluster(calls, extra, wait_replicas, timeout_ms, before)
-        operations = [
-            (lambda p, n=name, k=keys, a=args: p.evalsha(scripts.sha(n), len(k), *k, *a))
-            for name, keys, args in calls
-        ]
-        operations.extend(extra)
-        if wait_replicas:
-            operations.append(lambda p: p.execute_command("WAIT", wait_replicas, timeout_ms))
-
-        ahead = [before]  # sent with the first attempt only
-
-        def attempt(client) -> list:
-            first, ahead[0] = ahead[0], None
-            if len(operations) == 1 and calls and first is None:
-                name, keys, args = calls[0]
-                sha = scripts.sha(name)
-                return [self.manager.send(client, "EVALSHA", sha, len(keys), *keys, *args)]
-            if first is not None and len(operations) == len(calls):  # a pop, then scripts
-                commands = [("EVALSHA", scripts.sha(n), len(k), *k, *a) for n, k, a in calls]
-                return self.manager.send_all(client, [first, *commands])[1:]
-            pipe = client.pipeline(transaction=False)
-            if first is not None:
-                pipe.execute_command(*first)
-            for operation in operations:
-                operation(pipe)
-            replies = pipe.execute()
-            return replies[1:] if first is not None else replies
-
-        def run(client) -> list:
-            replies = scripts.with_scripts(client, attempt)
-            if wait_replicas:
-                check_replicated(replies.pop(), wait_replicas, timeout_ms, "the primary")
-            return replies
-
-        if len(operations) == 1:
-            return self.manager.execute(run)
-        return self.manager.execute_pipelined(run, len(operations))
-
-    def _run_on_cluster(
-        self, calls, extra, wait_replicas: int, timeout_ms: int, before: tuple | None
-    ) -> list:
-        ahead = [before]  # sent with the first attempt only
-
-        def run(cluster) -> list:
-            first, ahead[0] = ahead[0], None
-            replies = run_script_calls(
-                cluster,
-                [(scripts.sha(name), keys, args) for name, keys, args in calls],
-                load_scripts=scripts.load_all,
-                wait_replicas=wait_replicas,
-                wait_timeout_ms=timeout_ms,
-                before=first,
-            )
-            if extra:  # plain commands: the cluster pipeline routes them per slot
-                pipe = cluster.pipeline()
-                for operation in extra:
-                    operation(pipe)
-                replies += pipe.execute()
-            return replies
-
-        return self.manager.execute_pipelined(run, len(calls) + len(extra))
 
     # -- enqueue ---------------------------------------------------------------------------
 
@@ -462,7 +373,10 @@ class TaskQueue(QueueBase):
                 task_id = reply[i].decode()
                 try:
                     task = from_json(
-                        reply[i + 1], attempt=reply[i + 2], deliveries=reply[i + 3], token=token
+                        reply[i + 1],
+                        attempt=reply[i + 2],
+                        deliveries=reply[i + 3],
+                        token=token,
                     )
                     if task.join is not None:  # a then-task: its join's ends, when asked
                         task.ends_loader = self._ends_loader(task)
@@ -505,7 +419,12 @@ class TaskQueue(QueueBase):
             result_key = agent_keys.result
             keys = agent_keys.all()
             forget = self._delivered.pop(agent, [])
-            args: list[Any] = ["" if now_ms is None else now_ms, ttl_ms, len(group), len(forget)]
+            args: list[Any] = [
+                "" if now_ms is None else now_ms,
+                ttl_ms,
+                len(group),
+                len(forget),
+            ]
             args += forget
             for position, done in enumerate(group, 1):
                 task = done.task
@@ -581,7 +500,11 @@ class TaskQueue(QueueBase):
             by_pair.setdefault((source, notice.target_agent(item)), []).extend((field_name, item))
         now_arg = "" if now_ms is None else now_ms
         calls = [
-            ("scope", [*self._fixed(target), self.keys.agent(source).outbox], [now_arg, *pairs])
+            (
+                "scope",
+                [*self._fixed(target), self.keys.agent(source).outbox],
+                [now_arg, *pairs],
+            )
             for (source, target), pairs in by_pair.items()
         ]
         return calls, [target for _, target in by_pair]
