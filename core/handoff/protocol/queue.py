@@ -16,13 +16,14 @@ import orjson
 
 from handoff.config import Settings
 from handoff.connection.manager import RedisManager
-from handoff.errors import HandoffError, InvalidPayload, TaskRejected
+from handoff.errors import InvalidPayload
+from handoff.protocol import deliver
+from handoff.protocol import enqueue as enqueuing
 from handoff.protocol import notices as notice
-from handoff.protocol import scripts
 from handoff.protocol.execution import BlockingExecution
-from handoff.protocol.keys import TASK_ID, Keys, check_claim_id
+from handoff.protocol.keys import Keys, check_claim_id
 from handoff.protocol.limits import GUARD
-from handoff.protocol.plan import Call, Plan, Scripts
+from handoff.protocol.plan import Call, Plan
 from handoff.protocol.records import (  # noqa: F401  (re-exported: the queue's names)
     RETRY_MAX_DELAY_S,
     ClaimRequest,
@@ -30,10 +31,11 @@ from handoff.protocol.records import (  # noqa: F401  (re-exported: the queue's 
     Completion,
     Failure,
     LostLeases,
+    Outgoing,
     new_claim_id,
     retry_delay_ms,
 )
-from handoff.protocol.task import Task, score_for
+from handoff.protocol.task import Task
 
 log = logging.getLogger(__name__)
 
@@ -73,168 +75,14 @@ class QueueBase:
 
     def enqueue_plan(self, tasks: Sequence[Task], *, now_ms: int | None = None) -> Plan[list[bool]]:
         """Store tasks (any agents) in one round trip; True = added, False = duplicate.
-
-        Every task is checked (id of its agent, JSON, size) and serialised before anything
-        is sent, so a bad one fails the batch with nothing written (TaskRejected names its
-        position). The enqueue script checks the size again. A task with not_before waits
-        in the delayed set for (not_before - enqueued_at) ms of server time, and takes its
-        FIFO place at its due time. now_ms overrides the server clock (tests).
-        """
-        if len(tasks) == 1 and _ready_now(tasks[0]):
-            return [(yield from self._enqueue_ready(tasks[0]))]
-        calls, order, new_agents = self._enqueue_calls(tasks, now_ms)
-        if not calls:
-            return []
-        extra = [lambda p, a=new_agents: p.sadd(self.keys.agents, *a)] if new_agents else []
-        replies = yield Scripts(calls, extra, self.settings.enqueue_wait_replicas)
-        self._registered_agents.update(new_agents)
-        added = [False] * len(tasks)
-        outgoing: list[tuple[str, str, bytes]] = []
-        for chunk, reply in zip(order, replies, strict=False):
-            if len(reply) > len(chunk):  # ends of cancelled tasks for other slots' scopes
-                kept = reply[len(chunk) + 1 :]
-                agent = tasks[chunk[0]].agent
-                outgoing += [(agent, kept[k].decode(), kept[k + 1]) for k in range(0, len(kept), 2)]
-                reply = reply[: len(chunk)]
-            for index, flag in zip(chunk, reply, strict=True):
-                added[index] = flag == 1
-        if outgoing:
-            yield from self.deliver_plan(outgoing, now_ms=now_ms)
-        return added
+        The route each case takes: enqueue.py. now_ms overrides the server clock (tests)."""
+        return enqueuing.enqueue_plan(self, tasks, now_ms)
 
     def deliver_plan(
-        self, outgoing: Sequence[tuple[str, str, bytes]], *, now_ms: int | None = None
+        self, outgoing: Sequence[Outgoing], *, now_ms: int | None = None
     ) -> Plan[bool]:
-        """Apply notices kept in outboxes ((source agent, outbox field, notice)) to their
-        scopes: one script call per target agent, one round trip. On success the fields
-        are remembered for the source agent's next ack to forget; on failure they stay
-        for the reaper (idempotent either way). Returns whether they were applied."""
-        for _ in range(MAX_DELIVERY_ROUNDS):
-            by_target: dict[str, list[bytes]] = {}
-            for _, _, item in outgoing:
-                by_target.setdefault(notice.target_agent(item), []).append(item)
-            now_arg = "" if now_ms is None else now_ms
-            targets = list(by_target)
-            calls = [("scope", self._fixed(t), [now_arg, *by_target[t]]) for t in targets]
-            try:
-                # Replicated before the outbox may forget them (enqueue_wait_replicas): a
-                # failover must not lose a notice whose copy in the outbox is gone.
-                replies = yield Scripts(calls, wait_replicas=self.settings.enqueue_wait_replicas)
-            except HandoffError as e:
-                log.warning(
-                    "%d run notice(s) left for the reaper to deliver: %s",
-                    len(outgoing),
-                    e,
-                )
-                return False
-            for source, field_name, _ in outgoing:
-                kept = self._delivered.setdefault(source, [])
-                if len(kept) < MAX_DELIVERED_KEPT:
-                    kept.append(field_name)
-            # What applying them ended in turn (a then-task of a cancelled run): at once too.
-            outgoing = outboxed_in(targets, replies)
-            if not outgoing:
-                return True
-        return True  # deeper than that: the reaper delivers the rest
-
-    def _enqueue_calls(self, tasks: Sequence[Task], now_ms: int | None) -> tuple[list, list, list]:
-        """(script calls, the task indexes of each, agents not registered yet): every task
-        checked and serialised, nothing sent."""
-        positions: dict[str, list[int]] = {}
-        for index, task in enumerate(tasks):
-            group = positions.get(task.agent)
-            if group is None:
-                positions[task.agent] = group = []
-            group.append(index)
-        limit = self.settings.max_payload_bytes
-        now_arg = "" if now_ms is None else now_ms
-        calls, order = [], []
-        for agent, group in positions.items():
-            agent_keys = self.keys.agent(agent)
-            fixed = agent_keys.all()
-            id_prefix = agent + "."
-            for start in range(0, len(group), ENQUEUE_CHUNK):
-                chunk = group[start : start + ENQUEUE_CHUNK]
-                special: list[Any] = []  # position, delay, deterministic, expires_at, parent, group
-                args: list[Any] = [self._max_bytes, now_arg, len(chunk), 0]
-                for position, index in enumerate(chunk, 1):
-                    task = tasks[index]
-                    task_id = task.id
-                    blob = self._checked_json(index, task, id_prefix, limit)
-                    not_before = task.not_before
-                    if not_before is None:
-                        args += (
-                            task_id,
-                            score_for(task.priority, task.enqueued_at),
-                            blob,
-                        )
-                        if _ready_now(task):
-                            continue  # nothing special to say about it
-                        delay = 0
-                    else:
-                        delay = max(0, not_before - task.enqueued_at)
-                        args += (task_id, score_for(task.priority, not_before), blob)
-                    deterministic = task.key is not None or task.parent_id is not None
-                    special += (
-                        position, delay, 1 if deterministic else 0, task.expires_at or 0,
-                        task.parent_id or "", task.group or "",
-                    )  # fmt: skip
-                args[3] = len(special) // 6
-                args += special
-                calls.append(("enqueue", fixed, args))
-                order.append(chunk)
-        new_agents = [a for a in positions if a not in self._registered_agents]
-        return calls, order, new_agents
-
-    def _enqueue_ready(self, task: Task) -> Plan[bool]:
-        """One plain task (ready now, no key, parent, deadline or group): the lean script."""
-        agent = task.agent
-        keys, args = self._ready_call(task)
-        new = agent not in self._registered_agents
-        extra = [lambda p: p.sadd(self.keys.agents, agent)] if new else []
-        calls = [("enqueue_ready", keys, args)]
-        reply = yield Scripts(calls, extra, self.settings.enqueue_wait_replicas)
-        self._registered_agents.add(agent)
-        return reply[0][0] == 1
-
-    def _ready_call(self, task: Task) -> tuple[list[str], list[Any]]:
-        """enqueue_ready's KEYS and ARGV for a plain task (checked and serialised)."""
-        agent = task.agent
-        blob = self._checked_json(0, task, agent + ".", self.settings.max_payload_bytes)
-        keys = self._ready_keys.get(agent)
-        if keys is None:
-            k = self.keys.agent(agent)
-            keys = self._ready_keys[agent] = [
-                k.tasks,
-                k.scores,
-                k.queue,
-                k.stats,
-                k.wake,
-            ]
-        return keys, [
-            self._max_bytes,
-            task.id,
-            score_for(task.priority, task.enqueued_at),
-            blob,
-        ]
-
-    @staticmethod
-    def _checked_json(index: int, task: Task, id_prefix: str, limit: int) -> bytes:
-        """The task's JSON, once its id is its agent's and it fits max_payload_bytes."""
-        task_id = task.id
-        if not task_id.startswith(id_prefix) or TASK_ID.fullmatch(task_id) is None:
-            raise TaskRejected(index, _foreign_id(task_id, task.agent))
-        try:
-            blob = task.to_json()
-        except InvalidPayload as e:
-            raise TaskRejected(index, str(e)) from None
-        if len(blob) > limit:
-            raise TaskRejected(
-                index,
-                f"task for agent {task.agent!r} is {len(blob)} bytes, over the "
-                f"max_payload_bytes limit of {limit}",
-            )
-        return blob
+        """Apply notices kept in outboxes to their scopes (deliver.py); whether applied."""
+        return deliver.deliver_plan(self, outgoing, now_ms)
 
     def known_agents_plan(self) -> Plan[list[str]]:
         members = yield Call(lambda c: c.smembers(self.keys.agents))
@@ -262,32 +110,11 @@ class TaskQueue(BlockingExecution, QueueBase):
     # -- enqueue ---------------------------------------------------------------------------
 
     def enqueue(self, tasks: Sequence[Task], *, now_ms: int | None = None) -> list[bool]:
-        """enqueue_plan, blocking: True = added, False = duplicate, per task."""
-        if len(tasks) == 1 and now_ms is None and self._direct(tasks[0]):
-            return [self._enqueue_one_ready(tasks[0])]
-        return self.run(self.enqueue_plan(tasks, now_ms=now_ms))
-
-    def _direct(self, task: Task) -> bool:
-        """A single enqueue that needs nothing but enqueue_ready's one call: its agent
-        known here, no replicas to wait for, one server."""
-        return (
-            _ready_now(task)
-            and task.agent in self._registered_agents
-            and not self.settings.enqueue_wait_replicas
-            and not self.manager.is_cluster
-        )
-
-    def _enqueue_one_ready(self, task: Task) -> bool:
-        """_enqueue_ready without the plan's layers (a web request's enqueue: each
-        microsecond is a share of the call). The same script, keys and arguments."""
-        keys, args = self._ready_call(task)
-        command = ("EVALSHA", scripts.sha("enqueue_ready"), len(keys), *keys, *args)
-        send = self.manager.send
-
-        def run(client) -> Any:
-            return scripts.with_scripts(client, lambda c: send(c, *command))
-
-        return self.manager.execute(run)[0] == 1
+        """enqueue_plan, blocking: True = added, False = duplicate, per task. One ready
+        task whose agent is known here goes the direct route (enqueue.py)."""
+        if len(tasks) == 1 and now_ms is None and enqueuing.is_direct(self, tasks[0]):
+            return [enqueuing.direct_one_ready(self, tasks[0])]
+        return self.run(enqueuing.enqueue_plan(self, tasks, now_ms))
 
     # -- claim -----------------------------------------------------------------------------
 
@@ -491,29 +318,14 @@ class TaskQueue(BlockingExecution, QueueBase):
         return stale
 
     def _checked_deliveries(
-        self, outgoing: list[tuple[str, str, bytes]], now_ms: int | None
+        self, outgoing: list[Outgoing], now_ms: int | None
     ) -> tuple[list[tuple[str, list[str], list[Any]]], list[str]]:
-        """scope calls that apply each notice only if its outbox field exists (one server),
-        and the agent each call is for."""
-        by_pair: dict[tuple[str, str], list[Any]] = {}
-        for source, field_name, item in outgoing:
-            by_pair.setdefault((source, notice.target_agent(item)), []).extend((field_name, item))
-        now_arg = "" if now_ms is None else now_ms
-        calls = [
-            (
-                "scope",
-                [*self._fixed(target), self.keys.agent(source).outbox],
-                [now_arg, *pairs],
-            )
-            for (source, target), pairs in by_pair.items()
-        ]
-        return calls, [target for _, target in by_pair]
+        """The scope calls that ride behind an ack on one server (deliver.py)."""
+        return deliver.checked_deliveries(self, outgoing, now_ms)
 
-    def deliver(
-        self, outgoing: Sequence[tuple[str, str, bytes]], *, now_ms: int | None = None
-    ) -> bool:
+    def deliver(self, outgoing: Sequence[Outgoing], *, now_ms: int | None = None) -> bool:
         """deliver_plan, blocking."""
-        return self.run(self.deliver_plan(outgoing, now_ms=now_ms))
+        return self.run(deliver.deliver_plan(self, outgoing, now_ms))
 
     def nack(self, failures: Sequence[Failure], *, now_ms: int | None = None) -> list[str]:
         """Record failures: retry later with backoff, or dead-letter. Returns stale ids."""
