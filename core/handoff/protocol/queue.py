@@ -16,13 +16,12 @@ import orjson
 
 from handoff.config import Settings
 from handoff.connection.manager import RedisManager
-from handoff.errors import InvalidPayload
+from handoff.protocol import claim as claiming
 from handoff.protocol import deliver
 from handoff.protocol import enqueue as enqueuing
 from handoff.protocol import notices as notice
 from handoff.protocol.execution import BlockingExecution
-from handoff.protocol.keys import Keys, check_claim_id
-from handoff.protocol.limits import GUARD
+from handoff.protocol.keys import Keys
 from handoff.protocol.plan import Call, Plan
 from handoff.protocol.records import (  # noqa: F401  (re-exported: the queue's names)
     RETRY_MAX_DELAY_S,
@@ -133,100 +132,10 @@ class TaskQueue(BlockingExecution, QueueBase):
         to tasks. The lists must share the first request's slot.
 
         Returns the tasks per agent (result[agent]) and what the server said. A corrupt
-        task JSON is dead-lettered with the reason (one more round trip, only when it
-        happens) and never reaches a handler. A request with an explicit claim_id is a
-        retry of that claim: it gets the same batch back.
+        task JSON is dead-lettered with the reason and never reaches a handler. A request
+        with an explicit claim_id is a retry of that claim: it gets the same batch back.
         """
-        calls = []
-        s = self.settings
-        now_arg = "" if now_ms is None else now_ms
-        for request in requests:
-            claim_id = (
-                check_claim_id(request.claim_id)
-                if request.claim_id
-                else new_claim_id(request.claim_tag)
-            )
-            if request.lease_ms < 1 or request.n < 0:
-                raise InvalidPayload(
-                    f"claim for {request.agent!r}: n = {request.n} must be >= 0 and "
-                    f"lease_ms = {request.lease_ms} must be >= 1"
-                )
-            agent_keys = self.keys.agent(request.agent)
-            args = [
-                request.n,
-                request.lease_ms,
-                claim_id,
-                s.max_deliveries,
-                request.global_limit,
-                now_arg,
-                s.claim_batch_max,
-                BOUND_PER_CALL,
-                "1" if request.isolate_suspects else "0",
-                "1" if request.solo else "0",
-                request.rate.count if request.rate else 0,
-                request.rate.window_ms if request.rate else 0,
-                request.burst,
-                GUARD,
-                self._record_ttl_ms,
-                request.group_rate.count if request.group_rate else 0,
-                request.group_rate.window_ms if request.group_rate else 0,
-                request.group_concurrency,
-                request.cost_limit.count if request.cost_limit else 0,
-                request.cost_limit.window_ms if request.cost_limit else 0,
-            ]
-            calls.append(("claim", [*agent_keys.all(), agent_keys.claim(claim_id)], args))
-        before = None if after_pop is None else ("BLPOP", *after_pop[0], after_pop[1])
-        replies = self.run_scripts(calls, before=before)
-        result = ClaimResult()
-        claimed = result.tasks
-        corrupt: list[Failure] = []
-        outgoing: list[tuple[str, str, bytes]] = []
-        from_json = Task.from_json
-        for request, (_, _, args), reply in zip(requests, calls, replies, strict=True):
-            token, agent = args[2], request.agent
-            tasks = claimed.setdefault(agent, [])
-            result.server_ms, result.next_due_ms[agent] = int(reply[0]), int(reply[1])
-            result.inbox_seq[agent] = int(reply[2])
-            first = 3
-            if request.isolate_suspects:
-                result.suspects_waiting[agent] = bool(int(reply[3]))
-                first = 4
-            end = len(reply)
-            if b"|" in reply[first:]:  # notices it wrote to the outbox: deliver them now
-                end = reply.index(b"|", first)
-                kept = reply[end + 1 :]
-                outgoing += [(agent, kept[k].decode(), kept[k + 1]) for k in range(0, len(kept), 2)]
-            for i in range(first, end, 5):
-                task_id = reply[i].decode()
-                try:
-                    task = from_json(
-                        reply[i + 1],
-                        attempt=reply[i + 2],
-                        deliveries=reply[i + 3],
-                        token=token,
-                    )
-                    if task.join is not None:  # a then-task: its join's ends, when asked
-                        task.ends_loader = self._ends_loader(task)
-                        task.first_dead = orjson.loads(reply[i + 4]) if reply[i + 4] else None
-                    if task.id != task_id or task.agent != agent:
-                        raise ValueError(
-                            f"task JSON says id {task.id[:80]!r} of agent {task.agent[:80]!r}"
-                        )
-                except (ValueError, TypeError) as e:
-                    stub = Task(id=task_id, agent=agent, payload=None, token=token)
-                    corrupt.append(Failure(stub, f"corrupt task JSON: {e}", dead_now=True))
-                    continue
-                tasks.append(task)
-        if outgoing:
-            self.deliver(outgoing, now_ms=now_ms)
-        if corrupt:
-            log.warning("dead-lettering %d corrupt task(s): %s", len(corrupt), corrupt[0].error)
-            self.nack(corrupt, now_ms=now_ms)
-        return result
-
-    def _ends_loader(self, task: Task):
-        ends_key = self.keys.agent(task.agent).ends(task.id)
-        return lambda: self.manager.execute(lambda c: c.get(ends_key)) or b""
+        return claiming.claim(self, requests, now_ms, after_pop)
 
     # -- finishing -------------------------------------------------------------------------
 
