@@ -12,12 +12,10 @@ import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
-import orjson
-
 from handoff.config import Settings
 from handoff.connection.manager import RedisManager
 from handoff.protocol import claim as claiming
-from handoff.protocol import deliver
+from handoff.protocol import deliver, finish
 from handoff.protocol import enqueue as enqueuing
 from handoff.protocol import notices as notice
 from handoff.protocol.execution import BlockingExecution
@@ -145,86 +143,7 @@ class TaskQueue(BlockingExecution, QueueBase):
         Their notices go with the ack (applied in the script, or kept in the outbox); those
         kept are delivered in the same round trip on one server, in one more on a cluster
         (only when there are any)."""
-        ttl_ms = self._record_ttl_ms
-        window_ms = int(self.settings.dedupe_window_s * 1000)
-        preview = self.settings.result_ttl_s == 0 and ttl_ms > 0  # only the tree keeps it
-        calls, groups = [], []
-        new_agents: set[str] = set()  # a join's then agent is enqueued to by a script
-        for agent, group in _group(completions, lambda c: c.task.agent).items():
-            agent_keys = self.keys.agent(agent)
-            result_key = agent_keys.result
-            keys = agent_keys.all()
-            forget = self._delivered.pop(agent, [])
-            args: list[Any] = [
-                "" if now_ms is None else now_ms,
-                ttl_ms,
-                len(group),
-                len(forget),
-            ]
-            args += forget
-            for position, done in enumerate(group, 1):
-                task = done.task
-                keys.append(result_key(task.id))
-                remember = window_ms if task.key is not None or task.parent_id is not None else 0
-                result = done.result_json
-                if preview:
-                    cut = result[: self.settings.tree_result_bytes].decode(errors="ignore")
-                    result = orjson.dumps(cut)
-                args += (
-                    task.id, task.token, result, position, done.handoffs, remember,
-                    done.extras, notice.NOTICE_SEP.join(done.notices),
-                )  # fmt: skip
-                if done.handoffs:
-                    for item in done.notices:
-                        if item[:1] == b"J":
-                            new_agents.add(notice.target_agent(item))
-            # what the batch charged (task.charge): the agent's cost limiter settles it
-            args.append(repr(float(sum(done.task.charged for done in group))))
-            calls.append(("ack", keys, args))
-            groups.append((agent, group))
-        if not calls:
-            return []
-        # Notices for scopes in other slots: on one server they ride right behind the
-        # acks, in the same round trip (scope.lua checks each against its outbox); on a
-        # cluster they are delivered after the acks returned.
-        outgoing: list[tuple[str, str, bytes]] = []
-        for agent, group in groups:
-            for done in group:
-                if done.task.run is None and not done.handoffs:
-                    continue  # a root that ended: its notice is for its own slot
-                for k, item in enumerate(done.notices):
-                    if item[:1] not in b"RD" and notice.target_agent(item) != agent:
-                        outgoing.append((agent, f"{done.task.id}:{k}", item))
-        inline = outgoing and not self.manager.is_cluster
-        targets: list[str] = []
-        if inline:
-            checked, targets = self._checked_deliveries(outgoing, now_ms)
-            calls += checked
-        joined = sorted(new_agents - self._registered_agents)
-        extra = [lambda p: p.sadd(self.keys.agents, *joined)] if joined else []
-        replies = self.run_scripts(calls, extra)
-        self._registered_agents.update(new_agents)
-        stale: list[str] = []
-        for reply in replies[: len(groups)]:
-            if b"|" not in reply:
-                stale.extend(i.decode() for i in reply)
-                continue
-            cut = reply.index(b"|")
-            stale.extend(i.decode() for i in reply[:cut])
-            dropped = reply[cut + 1 :]
-            log.warning(
-                "%d result(s) not stored (the tasks are done all the same): %s: %s",
-                len(dropped) // 2, dropped[0].decode(), dropped[1].decode()[:200],
-            )  # fmt: skip
-        nested = outboxed_in(targets, replies[len(groups) : len(groups) + len(targets)])
-        if nested:  # what the inline deliveries ended in turn, in other slots: at once too
-            self.deliver(nested, now_ms=now_ms)
-        if outgoing and not inline:
-            stale_ids = set(stale)
-            fresh = [item for item in outgoing if item[1].rpartition(":")[0] not in stale_ids]
-            if fresh:
-                self.deliver(fresh, now_ms=now_ms)
-        return stale
+        return finish.ack(self, completions, now_ms)
 
     def _checked_deliveries(
         self, outgoing: list[Outgoing], now_ms: int | None
@@ -238,67 +157,20 @@ class TaskQueue(BlockingExecution, QueueBase):
 
     def nack(self, failures: Sequence[Failure], *, now_ms: int | None = None) -> list[str]:
         """Record failures: retry later with backoff, or dead-letter. Returns stale ids."""
-        calls, agents = [], []
-        for agent, group in _group(failures, lambda f: f.task.agent).items():
-            agents.append(agent)
-            args: list[Any] = ["" if now_ms is None else now_ms, len(group)]
-            for failure in group:
-                task = failure.task
-                max_attempts = task.max_attempts or 3
-                delay = -1 if failure.dead_now else retry_delay_ms(
-                    failure.retry_delay_s, task.attempt
-                )  # fmt: skip
-                reason = orjson.dumps(
-                    {
-                        "reason": failure.error[:1000],
-                        "traceback": failure.traceback,
-                        "attempt": task.attempt,
-                    }
-                )
-                args += [task.id, task.token, max_attempts, delay, reason]
-            calls.append(("nack", self._fixed(agent), args))
-        stale: list[str] = []
-        outgoing: list[tuple[str, str, bytes]] = []
-        for source, reply in zip(agents, self.run_scripts(calls) if calls else [], strict=True):
-            first = reply.index(b"|")
-            stale.extend(item.decode() for item in reply[:first])
-            kept = reply[reply.index(b"|", first + 1) + 1 :]
-            outgoing += [
-                (source, kept[i].decode(), kept[i + 1]) for i in range(0, len(kept), 2)
-            ]  # fmt: skip
-        if outgoing:
-            self.deliver(outgoing, now_ms=now_ms)
-        return stale
+        return finish.nack(self, failures, now_ms)
 
     def release(self, tasks: Sequence[Task], *, pause_s: float = 0.0) -> int:
         """Give unstarted leased tasks back to their place (graceful shutdown), uncounted;
         pause_s > 0 (a handler's RateLimited): their agent types start nothing anywhere
         for that long."""
-        calls = []
-        for agent, group in _group(tasks, lambda t: t.agent).items():
-            args: list[Any] = [int(pause_s * 1000), len(group)]
-            for task in group:
-                args += [task.id, task.token]
-            calls.append(("release", self._fixed(agent), args))
-        return sum(int(r) for r in self.run_scripts(calls)) if calls else 0
+        return finish.release(self, tasks, pause_s)
 
     def extend(
         self, tasks: Sequence[Task], lease_ms: int, *, now_ms: int | None = None
     ) -> LostLeases:
         """Renew leases; returns the ids whose lease was lost (abandon those tasks), and
         in .cancelled those of them that were cancelled (stop their handlers)."""
-        calls = []
-        for agent, group in _group(tasks, lambda t: t.agent).items():
-            args: list[Any] = ["" if now_ms is None else now_ms, lease_ms, len(group)]
-            for task in group:
-                args += [task.id, task.token]
-            calls.append(("extend", self._fixed(agent), args))
-        lost = LostLeases()
-        for reply in self.run_scripts(calls) if calls else []:
-            cut = reply.index(b"|")
-            lost += [i.decode() for i in reply[:cut]]
-            lost.cancelled += [i.decode() for i in reply[cut + 1 :]]
-        return lost
+        return finish.extend(self, tasks, lease_ms, now_ms)
 
     def reap(
         self, agents: Iterable[str], *, limit: int = 1000, now_ms: int | None = None
