@@ -1,26 +1,38 @@
-"""The queue protocol: the path a task takes through Redis.
+"""The queue protocol's facade: the path a task takes through Redis.
 
 Runs in: producers (enqueue), workers (claim, ack, nack, extend, release), the
 supervisor (reap), and admin commands. Every state change is one Lua script over one
 agent type's keys; a batch is one script call, and calls for several agent types go in
 one pipeline. Nothing here is per-task chatty: one round trip per batch.
+
+One module per operation does the work; the methods here only delegate:
+  enqueue.py (its routes)   claim.py   finish.py (ack, nack, release, extend)
+  deliver.py (run notices)  reap.py    dead_letters.py
+records.py holds the records they take and return; execution.py performs the requests
+blocking (AsyncTaskQueue in async_queue.py awaits them).
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 from handoff.config import Settings
 from handoff.connection.manager import RedisManager
 from handoff.protocol import claim as claiming
-from handoff.protocol import deliver, finish
+from handoff.protocol import dead_letters, deliver, finish, reap
 from handoff.protocol import enqueue as enqueuing
-from handoff.protocol import notices as notice
+from handoff.protocol.claim import BOUND_PER_CALL  # noqa: F401  (re-exported)
+from handoff.protocol.deliver import (  # noqa: F401  (re-exported)
+    MAX_DELIVERED_KEPT,
+    MAX_DELIVERY_ROUNDS,
+    outboxed_in,
+)
+from handoff.protocol.enqueue import ENQUEUE_CHUNK  # noqa: F401  (re-exported)
 from handoff.protocol.execution import BlockingExecution
 from handoff.protocol.keys import Keys
 from handoff.protocol.plan import Call, Plan
+from handoff.protocol.reap import OUTBOX_GRACE_MS  # noqa: F401  (re-exported)
 from handoff.protocol.records import (  # noqa: F401  (re-exported: the queue's names)
     RETRY_MAX_DELAY_S,
     ClaimRequest,
@@ -33,19 +45,6 @@ from handoff.protocol.records import (  # noqa: F401  (re-exported: the queue's 
     retry_delay_ms,
 )
 from handoff.protocol.task import Task
-
-log = logging.getLogger(__name__)
-
-T = TypeVar("T")
-ENQUEUE_CHUNK = 250  # tasks per script call: bounds how long one call holds the server (~1 ms)
-BOUND_PER_CALL = 200  # delayed promotions / lease reaps per claim or reap call
-OUTBOX_GRACE_MS = 5000  # a notice still in an outbox this long is the reaper's to deliver
-MAX_DELIVERED_KEPT = 10_000  # delivered outbox fields remembered for the next ack to forget
-MAX_DELIVERY_ROUNDS = 16  # notices whose delivery ends more, followed at once this deep
-
-
-def _foreign_id(task_id: str, agent: str) -> str:
-    return f"task id {task_id[:80]!r} does not belong to agent {agent!r} (expected '{agent}.<id>')"
 
 
 class QueueBase:
@@ -68,8 +67,6 @@ class QueueBase:
             ttl_s = max(ttl_s, settings.run_ttl_s)
         self._record_ttl_ms = int(ttl_s * 1000)
 
-    # -- plans (plan.py) -------------------------------------------------------------------
-
     def enqueue_plan(self, tasks: Sequence[Task], *, now_ms: int | None = None) -> Plan[list[bool]]:
         """Store tasks (any agents) in one round trip; True = added, False = duplicate.
         The route each case takes: enqueue.py. now_ms overrides the server clock (tests)."""
@@ -86,6 +83,7 @@ class QueueBase:
         return sorted(m.decode() for m in members)
 
     def _fixed(self, agent: str) -> list[str]:
+        """The agent's fixed KEYS, as every script takes them first."""
         return self.keys.agent(agent).all()
 
 
@@ -102,18 +100,12 @@ class TaskQueue(BlockingExecution, QueueBase):
         super().__init__(manager, settings)
         self._waiting = waiting  # the manager for blocking waits, when not this one
 
-    # -- script calls ----------------------------------------------------------------------
-
-    # -- enqueue ---------------------------------------------------------------------------
-
     def enqueue(self, tasks: Sequence[Task], *, now_ms: int | None = None) -> list[bool]:
         """enqueue_plan, blocking: True = added, False = duplicate, per task. One ready
         task whose agent is known here goes the direct route (enqueue.py)."""
         if len(tasks) == 1 and now_ms is None and enqueuing.is_direct(self, tasks[0]):
             return [enqueuing.direct_one_ready(self, tasks[0])]
         return self.run(enqueuing.enqueue_plan(self, tasks, now_ms))
-
-    # -- claim -----------------------------------------------------------------------------
 
     def claim(
         self,
@@ -134,8 +126,6 @@ class TaskQueue(BlockingExecution, QueueBase):
         with an explicit claim_id is a retry of that claim: it gets the same batch back.
         """
         return claiming.claim(self, requests, now_ms, after_pop)
-
-    # -- finishing -------------------------------------------------------------------------
 
     def ack(self, completions: Sequence[Completion], *, now_ms: int | None = None) -> list[str]:
         """Finish tasks (token-checked). Returns the ids whose ack was stale (changed nothing).
@@ -176,118 +166,15 @@ class TaskQueue(BlockingExecution, QueueBase):
         self, agents: Iterable[str], *, limit: int = 1000, now_ms: int | None = None
     ) -> dict[str, tuple[int, int]]:
         """Move expired leases back to their queues; {agent: (reaped, promoted)}."""
-        agents = list(agents)
-        now_arg = "" if now_ms is None else now_ms
-        calls = [("reap", self._fixed(a), [now_arg, limit, OUTBOX_GRACE_MS]) for a in agents]
-        if not calls:
-            return {}
-        counts, left = {}, []
-        for agent, reply in zip(agents, self.run_scripts(calls), strict=True):
-            counts[agent] = (int(reply[0]), int(reply[1]))
-            left += [
-                (agent, reply[i].decode(errors="surrogateescape"), reply[i + 1])
-                for i in range(2, len(reply), 2)
-            ]
-        left = self._drop_malformed(left)
-        if left:
-            self._deliver_left(left, now_ms)
-        return counts
-
-    def _drop_malformed(self, left: list[tuple[str, str, bytes]]) -> list:
-        """Outbox notices that are not well formed are said once each and deleted: one
-        would fail the delivery of every notice sent with it, on every reap."""
-        bad: dict[str, list[str]] = {}
-        good = []
-        for source, field_name, item in left:
-            raw_field = field_name.encode(errors="surrogateescape")
-            reason = notice.malformed(item) or _not_utf8(raw_field)
-            if reason is None:
-                good.append((source, field_name, item))
-                continue
-            log.warning(
-                "malformed run notice dropped from %s's outbox (field %.60r): %s",
-                source, field_name, reason,
-            )  # fmt: skip
-            bad.setdefault(source, []).append(raw_field)
-        if bad:
-            self.manager.execute_pipelined(lambda c: _forget_fields(c, self.keys, bad), len(bad))
-        return good
-
-    def _deliver_left(self, left: list[tuple[str, str, bytes]], now_ms: int | None) -> None:
-        """Deliver notices their workers did not (they died), then forget them."""
-        log.info("delivering %d run notice(s) left in outboxes", len(left))
-        if not self.deliver(left, now_ms=now_ms):
-            return
-        by_source: dict[str, list[str]] = {}
-        for source, field_name, _ in left:
-            by_source.setdefault(source, []).append(field_name)
-        for source in by_source:
-            self._delivered.pop(source, None)
-        self.manager.execute_pipelined(
-            lambda c: _forget_fields(c, self.keys, by_source), len(by_source)
-        )
-
-    # -- dead letters ----------------------------------------------------------------------
+        return reap.reap(self, agents, limit, now_ms)
 
     def dead_requeue(self, agent: str, ids: Sequence[str], limit: int) -> list[str]:
         """Put dead tasks (ids, or the oldest limit) back in the queue with fresh counts."""
-        fixed = self.keys.agent(agent).all()
-        reply = self.run_scripts([("dead_requeue", fixed, [limit, *ids])])[0]
-        return [i.decode() for i in reply]
+        return dead_letters.dead_requeue(self, agent, ids, limit)
 
     def dead_purge(self, agent: str, ids: Sequence[str], limit: int) -> int:
         """Delete dead tasks (ids, or the oldest limit) and their payloads for good."""
-        fixed = self.keys.agent(agent).all()
-        return int(self.run_scripts([("dead_purge", fixed, [limit, *ids])])[0])
-
-    # -- registry --------------------------------------------------------------------------
+        return dead_letters.dead_purge(self, agent, ids, limit)
 
     def known_agents(self) -> list[str]:
         return self.run(self.known_agents_plan())
-
-
-def _not_utf8(field_name: bytes) -> str | None:
-    try:
-        field_name.decode()
-    except UnicodeDecodeError:
-        return "its field name is not UTF-8"
-    return None
-
-
-def _forget_fields(client, keys: Keys, by_source: dict[str, list[Any]]) -> list:
-    pipe = client.pipeline(transaction=False)
-    for source, fields in by_source.items():
-        pipe.hdel(keys.agent(source).outbox, *fields)
-    return pipe.execute()
-
-
-def _ready_now(task: Task) -> bool:
-    """A task the lean enqueue_ready script stores exactly as enqueue.lua would."""
-    return (
-        task.not_before is None
-        and task.key is None
-        and task.parent_id is None
-        and not task.expires_at
-        and task.group is None
-    )
-
-
-def _group(items, key) -> dict[str, list]:
-    groups: dict[str, list] = {}
-    for item in items:
-        name = key(item)
-        group = groups.get(name)
-        if group is None:
-            groups[name] = group = []
-        group.append(item)
-    return groups
-
-
-def outboxed_in(agents: Sequence[str], replies: Sequence[Any]) -> list[tuple[str, str, bytes]]:
-    """The (agent, outbox field, notice) triples scope.lua replies name after '|'."""
-    out: list[tuple[str, str, bytes]] = []
-    for agent, reply in zip(agents, replies, strict=True):
-        if isinstance(reply, list) and b"|" in reply:
-            kept = reply[reply.index(b"|") + 1 :]
-            out += [(agent, kept[k].decode(), kept[k + 1]) for k in range(0, len(kept), 2)]
-    return out
