@@ -158,3 +158,34 @@ def test_each_layer_says_what_it_may_import():
         path = SOURCE_ROOT / "handoff" / package / "__init__.py"
         doc = ast.get_docstring(ast.parse(path.read_text()))
         assert doc and "May import:" in doc, package
+
+
+MAX_FILE_LINES, MAX_FUNCTION_LINES = 450, 60
+
+
+def oversized(source_root: Path) -> list[str]:
+    """Product files over MAX_FILE_LINES and functions over MAX_FUNCTION_LINES: a file or a
+    function that long is doing several things (tests, benchmarks/ and harness/ aside)."""
+    found = []
+    for module, path in sorted(modules_under(source_root).items()):
+        text = path.read_text()
+        if text.count("\n") > MAX_FILE_LINES:
+            found.append(f"{module}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    found.append(f"{module}.{node.name}: {length} lines")
+    return found
+
+
+def test_no_product_file_or_function_is_too_long():
+    assert oversized(SOURCE_ROOT) == []
+
+
+def test_a_planted_long_function_is_found(tmp_path):
+    shutil.copytree(SOURCE_ROOT, tmp_path / "core")
+    keys = tmp_path / "core" / "handoff" / "protocol" / "keys.py"
+    body = "".join(f"    x{i} = {i}\n" for i in range(61))
+    keys.write_text(keys.read_text() + f"\n\ndef planted():\n{body}")
+    assert oversized(tmp_path / "core") == ["handoff.protocol.keys.planted: 62 lines"]
