@@ -30,7 +30,7 @@ from handoff.client import (
 from handoff.config import Settings, load_settings
 from handoff.connection.async_manager import AsyncRedisManager
 from handoff.connection.process import current_pid
-from handoff.protocol import streams
+from handoff.protocol import streams, waits
 from handoff.protocol.async_queue import AsyncTaskQueue
 from handoff.protocol.cancel import CancelReport, cancel
 
@@ -155,6 +155,13 @@ class AsyncClient:
         backoff = waits_backoff(self.settings)
         plan = result_plan(queue.keys, task_id, wait_s, follow=follow, backoff=backoff)
         return await queue.run(plan)
+
+    async def signal(self, event: str, data: Any = None) -> int:
+        """Signal an event: every Wait on it resumes once (see Client.signal)."""
+        queue = self.queue
+        return await queue.run(
+            waits.signal_plan(queue, *waits.signal_args(event, data, self.settings))
+        )
 
     async def cancel(self, task_id: str, *, run: bool = False) -> CancelReport:
         """Cancel a task, or (run=True) its whole run (see Client.cancel)."""

@@ -30,7 +30,7 @@ from handoff.errors import (
     TaskExpired,
     TaskRejected,
 )
-from handoff.protocol import runs, streams
+from handoff.protocol import runs, streams, waits
 from handoff.protocol.cancel import CancelReport, cancel
 from handoff.protocol.groups import check_group
 from handoff.protocol.keys import Keys, check_agent
@@ -330,8 +330,8 @@ class Client:
     # -- looking ---------------------------------------------------------------------------
 
     def status(self, task_id: str) -> str:
-        """queued | delayed | running | done | dead | expired | cancelled | unknown (one
-        round trip)."""
+        """queued | delayed | waiting | running | done | dead | expired | cancelled |
+        unknown (one round trip; two for waiting)."""
         return self.queue.run(status_plan(self.queue.keys, task_id))[0]
 
     def result(self, task_id: str, wait_s: float = 5.0, *, follow: bool = False) -> Any:
@@ -360,6 +360,14 @@ class Client:
         cancel no task of the run starts. A finished or unknown task is left as it is and
         nothing is written: the report says so (report.line() is one line for a person)."""
         return self.queue.run(cancel(self.queue, task_id, run=run, keep_ms=self._keep_ms()))
+
+    def signal(self, event: str, data: Any = None) -> int:
+        """Signal an event: every Wait on it resumes once, its then-task seeing task.event
+        = data; a Wait returned within signal_ttl_s after resumes at once too. Returns how
+        many waits this call resumed. Bad input raises InvalidPayload, nothing written."""
+        return self.queue.run(
+            waits.signal_plan(self.queue, *waits.signal_args(event, data, self.settings))
+        )
 
     def _keep_ms(self) -> int:
         return int(max(self.settings.result_ttl_s, self.settings.run_ttl_s) * 1000)
@@ -489,6 +497,8 @@ def status_plan(keys: Keys, task_id: str) -> Plan[tuple[str, bytes | None]]:
                 return name, None
         if queued is not None:
             return "queued", None
+        if (yield Call(lambda c: c.zscore(agent_keys.waiting, task_id))) is not None:
+            return "waiting", None  # (a Wait's then-task, parked: protocol/waits.py)
     return "unknown", None
 
 

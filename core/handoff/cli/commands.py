@@ -8,6 +8,7 @@ from handoff.cli.monitor_commands import health, inspect_workers_command, monito
 from handoff.cli.ops_commands import limits, scale
 from handoff.cli.run_commands import redis, supervise, worker
 from handoff.cli.schedule_commands import schedules
+from handoff.cli.signal_commands import signal
 from handoff.cli.task_commands import cancel, dead, enqueue, inspect
 from handoff.cli.watch_commands import watch
 
@@ -18,6 +19,7 @@ ALL: list = [
     worker,
     enqueue,
     cancel,
+    signal,
     watch,
     inspect,
     dead,

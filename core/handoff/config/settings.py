@@ -23,7 +23,8 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 MODULE_PATH_RE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*)?")  # "" = none
 MAX_PAYLOAD_LIMIT = 512 * 1024 * 1024
 MAX_AGENT_PROCESSES = 1000
-MIN_STALL_S, MAX_STALL_S = 1, 86_400  # a worker's pulse beats 4 times in the bound, at most 1/s
+MIN_STALL_S, MAX_STALL_S = 1, 86_400
+MAX_SIGNAL_TTL_S = 30 * 86_400  # a worker's pulse beats 4 times in the bound, at most 1/s
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,9 @@ class Settings:
     # result(follow=True) still work). Results stay at least result_ttl_s.
     run_ttl_s: float = 3600.0
     max_join_branches: int = 10_000  # branches one Join may start
+    # How long a signalled event stays signalled: a Wait on it registered within this time
+    # after client.signal resumes at once with its data; 0 = only waits already registered.
+    signal_ttl_s: float = 3600.0
     max_ends_per_branch: int = 1000  # ends of one branch (or run) kept for its join/waiter
     tree_result_bytes: int = 200  # result bytes kept in the tree when results are not
     max_event_bytes: int = 65_536  # one task.emit()'s JSON at most (a larger one raises)
@@ -131,6 +135,7 @@ _ZERO_OK_S = (
     "result_ttl_s",
     "run_ttl_s",
     "dedupe_window_s",
+    "signal_ttl_s",
     "graceful_timeout_s",
     "max_rss_mb",
     "max_worker_age_s",
@@ -178,6 +183,8 @@ def _normalized(s: Settings) -> dict[str, Any]:
         out[name] = check_seconds(name, getattr(s, name), zero_ok=True)
     for name, (lo, hi) in _INT_RANGES.items():
         out[name] = check_int(name, getattr(s, name), lo, hi)
+    if out["signal_ttl_s"] > MAX_SIGNAL_TTL_S:
+        fail("signal_ttl_s", s.signal_ttl_s, f"must be between 0 and {MAX_SIGNAL_TTL_S} seconds")
     if out["worker_stall_s"] and not MIN_STALL_S <= out["worker_stall_s"] <= MAX_STALL_S:
         fail(
             "worker_stall_s", s.worker_stall_s,

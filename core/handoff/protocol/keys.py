@@ -49,6 +49,14 @@ one cluster slot. Agent names are validated before any key is built.
     <prefix>:{<agent>}:stream:<run> STREAM a run's events (task.progress, task.emit), in the
                                           root's slot; ends with an "end" entry
     <prefix>:{<agent>}:done:<id>    LIST  a token pushed when a waited-on task ends
+    <prefix>:{<agent>}:waiting      ZSET  then-task id -> when its wait times out (ms, +inf =
+                                          never): tasks parked by a Wait (waits.py)
+    <prefix>:{<agent>}:wait_outbox  HASH  then-task id -> time + event: a wait not yet
+                                          registered with its event (delivered, then gone)
+    <prefix>:{events}:sig:<event>   STRING an event's signal data (JSON), for signal_ttl_s
+    <prefix>:{events}:waiters:<event> HASH then-task id -> its agent: waits on the event
+    <prefix>:{events}:outbox        HASH  field -> time + resume: signals not yet delivered to
+                                          their waits' slots (all events share this slot)
     <prefix>:agents                 SET   registry of agent names
     <prefix>:schemas                HASH  agent name -> its payload's JSON Schema, published
                                           by its workers (typed agents only)
@@ -271,6 +279,14 @@ class AgentKeys:
         return f"{self.base}:done:{task_id}"
 
     @property
+    def waiting(self) -> str:
+        return f"{self.base}:waiting"
+
+    @property
+    def wait_outbox(self) -> str:
+        return f"{self.base}:wait_outbox"
+
+    @property
     def autoscalers(self) -> str:
         return f"{self.base}:autoscalers"
 
@@ -318,6 +334,16 @@ class Keys:
     def cancel_answers(self, token: str) -> str:
         """LIST: workers' 'id|started' or 'id|waiting' for the leased tasks of one cancel."""
         return f"{self.prefix}:cancel_answers:{token}"
+
+    def event_signal(self, event: str) -> str:
+        return f"{self.prefix}:{{events}}:sig:{event}"
+
+    def event_waiters(self, event: str) -> str:
+        return f"{self.prefix}:{{events}}:waiters:{event}"
+
+    @property
+    def events_outbox(self) -> str:
+        return f"{self.prefix}:{{events}}:outbox"
 
     @property
     def supervisors(self) -> str:

@@ -181,6 +181,9 @@ def _node(task_id: str, keys: AgentKeys, parts: list, result_bytes: int) -> dict
         result = data.get("result")
         if isinstance(result, dict) and set(result) == {"handoff"}:
             node["_children"] = list(result["handoff"])
+        elif isinstance(result, dict) and set(result) == {"wait"}:  # (runtime/waits.py)
+            node["_children"] = [result["wait"].get("then")]
+            node["wait"] = result["wait"].get("event")
         elif isinstance(result, dict) and set(result) == {"join"}:
             node["_children"] = list(result["join"].get("branches", []))
             labels = result["join"].get("labels")
@@ -210,6 +213,8 @@ def _node(task_id: str, keys: AgentKeys, parts: list, result_bytes: int) -> dict
         node["status"] = "running"
     elif delayed is not None:
         node["status"] = "delayed"
+    elif isinstance(task, dict) and "wait" in task and "woke" not in task:
+        node["status"] = "waiting"  # a Wait's then-task, parked (protocol/waits.py)
     elif queued is not None or (isinstance(task, dict) and task.get("group") is not None):
         node["status"] = "queued"  # (a grouped task waits in its group's set)
     elif stored is None:

@@ -38,6 +38,11 @@ NAMES = (
     "follow",
     "await",
     "cancel",
+    "wait",
+    "wait_resume",
+    "wait_tick",
+    "wait_register",
+    "signal",
 )
 
 
@@ -56,9 +61,11 @@ def key_header() -> str:
 # Scripts that run at the memory limit (maxmemory with noeviction): they finish, fail,
 # release, reap and dead-letter tasks, which frees memory; refusing them would leave a full
 # server unable to drain. enqueue is not among them: at the limit it is refused, unwritten.
-ALLOW_OOM = frozenset(NAMES) - {"enqueue", "enqueue_ready", "follow", "await"}
+ALLOW_OOM = frozenset(NAMES) - {
+    "enqueue", "enqueue_ready", "follow", "await", "wait", "wait_register", "signal",
+}  # fmt: skip
 # Scripts that bind their own few KEYS and need no prelude (a hot path's lean twin).
-STANDALONE = frozenset({"enqueue_ready"})
+STANDALONE = frozenset({"enqueue_ready", "wait_register", "signal"})  # (and the events')
 FAST_PATH_ENDS = "--@prelude\n"
 
 

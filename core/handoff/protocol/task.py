@@ -196,6 +196,20 @@ class Task:
     # handler is called directly); and this delivery's event count.
     emitter: Callable[[Task, str, int, bytes], None] | None = None
     _events_sent: int = 0
+    # A Wait's then-task (protocol/waits.py): its wait {"event", "on_timeout", "since",
+    # "timeout_at"}, and how it woke {"event": data} or {"event": null, "timed_out": true}.
+    wait: dict | None = None
+    woke: dict | None = None
+
+    @property
+    def event(self) -> Any:
+        """A Wait's then-task: the data its event was signalled with (None if it timed out)."""
+        return self.woke.get("event") if self.woke else None
+
+    @property
+    def timed_out(self) -> bool:
+        """A Wait's then-task: True when it runs because its wait timed out."""
+        return bool(self.woke and self.woke.get("timed_out"))
 
     def emit(self, data: Any) -> None:
         """Send partial output (any JSON value: one chunk of a model's answer, say) to
@@ -311,6 +325,8 @@ class Task:
             record["key"] = self.key
         if self.traceparent is not None:
             record["tp"] = self.traceparent
+        if self.wait is not None:  # last: the scripts read it at the end (WAIT_TAIL)
+            record["wait"] = self.wait
         try:
             return orjson.dumps(record)
         except (TypeError, orjson.JSONEncodeError) as e:
@@ -371,11 +387,14 @@ class Task:
             trace = []
         elif not all(type(step) is str for step in trace):
             raise ValueError("task JSON trace is not a list of task ids")
-        return cls(
+        task = cls(
             task_id, agent, payload, priority, attempt, max_attempts, timeout_s, created_at,
             enqueued_at, not_before, parent_id, trace, key, deliveries, token, run, scope,
             branch, join, expires_at, run_deadline_at, traceparent, group,
         )  # fmt: skip
+        if "wait" in record:
+            task.wait, task.woke = _wait_fields(record)
+        return task
 
     @property
     def hops(self) -> int:
@@ -395,3 +414,13 @@ def _run_fields(record: dict) -> tuple[str | None, str | None, int, dict | None]
     if join is not None and type(join) is not dict:
         raise ValueError(_wrong_types(record))
     return run, scope, branch, join
+
+
+def _wait_fields(record: dict) -> tuple[dict | None, dict | None]:
+    """A Wait's then-task: (wait, woke), type-checked."""
+    wait, woke = record.get("wait"), record.get("woke")
+    if (wait is not None and type(wait) is not dict) or (
+        woke is not None and type(woke) is not dict
+    ):
+        raise ValueError("task JSON wait or woke is not an object")
+    return wait, woke

@@ -38,6 +38,7 @@ from handoff.protocol import streams
 from handoff.protocol.keys import Keys
 from handoff.protocol.queue import ClaimRequest, ClaimResult, Completion, Failure, TaskQueue
 from handoff.protocol.task import Task, now_ms
+from handoff.protocol.waits import enqueue_children
 from handoff.runtime import exits, tracing
 from handoff.runtime.agents import AgentSpec, published_schema
 from handoff.runtime.liveness import Pulse, beat_every_s
@@ -516,7 +517,7 @@ class Worker:
             completions, failures, children = self._unsent[0]
             try:
                 if children:
-                    self.queue.enqueue(children)
+                    enqueue_children(self.queue, children)  # (Waits' then-tasks parked)
                     self.handoff_outage.recovered()
                     self._unsent[0] = (completions, failures, [])
                 if completions:

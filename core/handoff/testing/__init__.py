@@ -33,6 +33,7 @@ from handoff.protocol import streams
 from handoff.protocol.queue import ClaimRequest, Completion, Failure
 from handoff.protocol.runs import run_of, run_state
 from handoff.protocol.task import Task, agent_of
+from handoff.protocol.waits import enqueue_children
 from handoff.runtime import tracing
 from handoff.runtime.agents import AgentSpec, app_agents
 from handoff.runtime.runner import Outcome
@@ -198,7 +199,7 @@ class InProcessApp:
                 completions.append(completion)
                 children.extend(made)
         if children:
-            self.queue.enqueue(children, now_ms=now)
+            enqueue_children(self.queue, children, now_ms=now)
         if completions:
             self.queue.ack(completions, now_ms=now)
         if failures:
