@@ -30,7 +30,7 @@ from handoff.client import (
 from handoff.config import Settings, load_settings
 from handoff.connection.async_manager import AsyncRedisManager
 from handoff.connection.process import current_pid
-from handoff.protocol import streams, waits
+from handoff.protocol import messages, streams, waits
 from handoff.protocol.async_queue import AsyncTaskQueue
 from handoff.protocol.cancel import CancelReport, cancel
 
@@ -162,6 +162,10 @@ class AsyncClient:
         return await queue.run(
             waits.signal_plan(queue, *waits.signal_args(event, data, self.settings))
         )
+
+    async def send(self, task_id: str, data: Any) -> str:
+        """Append data to the task's messages (see Client.send)."""
+        return await self.queue.run(messages.send_plan(self.queue, task_id, data))
 
     async def cancel(self, task_id: str, *, run: bool = False) -> CancelReport:
         """Cancel a task, or (run=True) its whole run (see Client.cancel)."""

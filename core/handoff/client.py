@@ -30,7 +30,7 @@ from handoff.errors import (
     TaskExpired,
     TaskRejected,
 )
-from handoff.protocol import runs, streams, waits
+from handoff.protocol import messages, runs, streams, waits
 from handoff.protocol.cancel import CancelReport, cancel
 from handoff.protocol.groups import check_group
 from handoff.protocol.keys import Keys, check_agent
@@ -368,6 +368,12 @@ class Client:
         return self.queue.run(
             waits.signal_plan(self.queue, *waits.signal_args(event, data, self.settings))
         )
+
+    def send(self, task_id: str, data: Any) -> str:
+        """Append data (any JSON value) to the task's messages: its handler reads them in
+        order with task.receive(). Returns the message's id. A finished or unknown task
+        raises MessageRefused (one line); data that is not JSON, InvalidPayload."""
+        return self.queue.run(messages.send_plan(self.queue, task_id, data))
 
     def _keep_ms(self) -> int:
         return int(max(self.settings.result_ttl_s, self.settings.run_ttl_s) * 1000)

@@ -11,6 +11,7 @@ payloads:
 from __future__ import annotations
 
 import os
+import time
 
 import orjson
 
@@ -62,3 +63,30 @@ def joiner(task):
 @agent("gather")
 def gather(task):
     return [end["result"]["event"] for ends in task.branches for end in ends]
+
+
+# Messages. listener {"n": messages to read, "timeout_s", "hang_after": read this many on
+# a first delivery, then hang (the test kills the worker)}: records each delivery's reads
+# in `heard` ({id, deliveries, pid, got}) as it goes, returns what it read.
+@agent("listener", max_concurrent=2)
+def listen(task):
+    p = task.payload
+    got = []
+    client().rpush("listening", orjson.dumps({"id": task.id, "pid": os.getpid()}))
+    for _ in range(p["n"]):
+        got.append(task.receive(p.get("timeout_s")))
+        client().rpush("heard", orjson.dumps({"deliveries": task.deliveries, "got": got}))
+        if task.deliveries == 1 and len(got) == p.get("hang_after"):
+            time.sleep(60)
+    return got
+
+
+@agent("alistener")
+async def alisten(task):
+    client().rpush("listening", orjson.dumps({"id": task.id, "pid": os.getpid()}))
+    got = []
+    async for message in task.messages(timeout_s=task.payload.get("timeout_s")):
+        got.append(message)
+        if len(got) == task.payload["n"]:
+            break
+    return got

@@ -49,6 +49,8 @@ one cluster slot. Agent names are validated before any key is built.
     <prefix>:{<agent>}:stream:<run> STREAM a run's events (task.progress, task.emit), in the
                                           root's slot; ends with an "end" entry
     <prefix>:{<agent>}:done:<id>    LIST  a token pushed when a waited-on task ends
+    <prefix>:{<agent>}:msgs:<id>    STREAM a task's messages (client.send), read from the
+                                          first by each delivery (messages.py)
     <prefix>:{<agent>}:waiting      ZSET  then-task id -> when its wait times out (ms, +inf =
                                           never): tasks parked by a Wait (waits.py)
     <prefix>:{<agent>}:wait_outbox  HASH  then-task id -> time + event: a wait not yet
@@ -277,6 +279,9 @@ class AgentKeys:
 
     def done(self, task_id: str) -> str:
         return f"{self.base}:done:{task_id}"
+
+    def messages(self, task_id: str) -> str:
+        return f"{self.base}:msgs:{task_id}"
 
     @property
     def waiting(self) -> str:

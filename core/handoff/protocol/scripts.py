@@ -43,6 +43,7 @@ NAMES = (
     "wait_tick",
     "wait_register",
     "signal",
+    "send",
 )
 
 
@@ -62,7 +63,7 @@ def key_header() -> str:
 # release, reap and dead-letter tasks, which frees memory; refusing them would leave a full
 # server unable to drain. enqueue is not among them: at the limit it is refused, unwritten.
 ALLOW_OOM = frozenset(NAMES) - {
-    "enqueue", "enqueue_ready", "follow", "await", "wait", "wait_register", "signal",
+    "enqueue", "enqueue_ready", "follow", "await", "wait", "wait_register", "signal", "send",
 }  # fmt: skip
 # Scripts that bind their own few KEYS and need no prelude (a hot path's lean twin).
 STANDALONE = frozenset({"enqueue_ready", "wait_register", "signal"})  # (and the events')

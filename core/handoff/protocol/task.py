@@ -12,9 +12,9 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import orjson
 
@@ -200,6 +200,31 @@ class Task:
     # "timeout_at"}, and how it woke {"event": data} or {"event": null, "timed_out": true}.
     wait: dict | None = None
     woke: dict | None = None
+    # Messages (protocol/messages.py): where this delivery has read them up to, and the
+    # process's reader (installed by the worker; None: no messages, as in a direct call).
+    _msg_after: str = "0-0"
+    message_reader: ClassVar[Callable[[Task, float | None], Any] | None] = None
+
+    def receive(self, timeout_s: float | None = None) -> Any:
+        """The next message sent to this task (client.send), in order, or None once
+        timeout_s passed (None: wait until one comes, or the task is cancelled). Each
+        delivery reads them from the first. Blocks in Redis (in a coroutine, use
+        `async for m in task.messages()`)."""
+        if Task.message_reader is None:
+            raise RuntimeError("task.receive() works in a handoff worker")
+        return Task.message_reader(self, timeout_s)
+
+    async def messages(self, timeout_s: float | None = None) -> AsyncIterator[Any]:
+        """`async for m in task.messages()`: the messages sent to this task, in order;
+        ends once none came for timeout_s (None: never ends; break out of it)."""
+        import asyncio
+
+        while True:
+            got = await asyncio.to_thread(self.receive, 1.0 if timeout_s is None else timeout_s)
+            if got is not None:
+                yield got
+            elif timeout_s is not None or self.cancelled.is_set():
+                return
 
     @property
     def event(self) -> Any:

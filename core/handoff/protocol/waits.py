@@ -75,16 +75,16 @@ def check_timeout(timeout_s: object) -> float | None:
     return float(timeout_s)
 
 
-def signal_data(data: Any, limit: int) -> bytes:
-    """A signal's data as JSON, or InvalidPayload naming why it cannot be sent."""
+def signal_data(data: Any, limit: int, what: str = "signal data") -> bytes:
+    """A signal's (or a message's) data as JSON, or InvalidPayload naming why not."""
     try:
         blob = orjson.dumps(data)
     except (TypeError, orjson.JSONEncodeError) as e:
-        raise InvalidPayload(f"signal data is not JSON: {e}") from None
+        raise InvalidPayload(f"{what} is not JSON: {e}") from None
     if b"null" in blob and has_non_finite(data):
-        raise InvalidPayload("signal data holds a NaN or infinite number")
+        raise InvalidPayload(f"{what} holds a NaN or infinite number")
     if len(blob) > limit:
-        raise InvalidPayload(f"signal data is {len(blob)} bytes, over max_payload_bytes")
+        raise InvalidPayload(f"{what} is {len(blob)} bytes, over max_payload_bytes")
     return blob
 
 

@@ -34,7 +34,7 @@ from handoff.connection.outage import OutageLog
 from handoff.connection.server_checks import check_eviction_policy
 from handoff.connection.startup import wait_for_server
 from handoff.errors import HandoffError, InvalidPayload, ServerOutOfMemory, UnsafeServer
-from handoff.protocol import streams
+from handoff.protocol import messages, streams
 from handoff.protocol.keys import Keys
 from handoff.protocol.queue import ClaimRequest, ClaimResult, Completion, Failure, TaskQueue
 from handoff.protocol.task import Task, now_ms
@@ -126,6 +126,7 @@ class Worker:
             self.worker_id = f"{self.spec.name}-{socket.gethostname()}-{self.pid}"
         self.manager = get_manager(self.settings.redis)
         self.queue = TaskQueue(self.manager, self.settings)
+        messages.install(self.queue)  # task.receive() in this process's handlers
         self.keys = Keys(self.settings.key_prefix)
         self.agent_keys = self.keys.agent(self.spec.name)
         self.events: queue.SimpleQueue = queue.SimpleQueue()

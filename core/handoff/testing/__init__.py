@@ -29,7 +29,7 @@ import orjson
 from handoff.client import Client
 from handoff.config import RedisPoolConfig, Settings
 from handoff.errors import InvalidPayload, RateLimited, ResultTimeout
-from handoff.protocol import streams
+from handoff.protocol import messages, streams
 from handoff.protocol.queue import ClaimRequest, Completion, Failure
 from handoff.protocol.runs import run_of, run_state
 from handoff.protocol.task import Task, agent_of
@@ -122,6 +122,7 @@ class InProcessApp:
         self.settings = Settings(redis=RedisPoolConfig(url=redis_url), app=app, **settings)
         self.client = Client(settings=self.settings)
         self.queue = self.client.queue
+        messages.install(self.queue)  # task.receive() in handlers run here
         self.clock = clock or VirtualClock()
         self.runs = Runs(self.client)
         self._loop: asyncio.AbstractEventLoop | None = None
