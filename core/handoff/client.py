@@ -30,7 +30,7 @@ from handoff.errors import (
     TaskExpired,
     TaskRejected,
 )
-from handoff.protocol import messages, runs, streams, waits
+from handoff.protocol import messages, runs, signals, streams, waits
 from handoff.protocol.cancel import CancelReport, cancel
 from handoff.protocol.groups import check_group
 from handoff.protocol.keys import Keys, check_agent
@@ -368,6 +368,13 @@ class Client:
         return self.queue.run(
             waits.signal_plan(self.queue, *waits.signal_args(event, data, self.settings))
         )
+
+    def signal_url(self, event: str, *, expires_in_s: float) -> str:
+        """A URL on the monitor's web server (signal_base_url) that signals event when a
+        JSON body is POSTed to it, until expires_in_s from now: HMAC-signed with
+        signal_secret, bound to the event and the expiry. Nothing is written to Redis."""
+        s = self.settings
+        return signals.make_url(s.signal_base_url, s.signal_secret, event, expires_in_s)
 
     def send(self, task_id: str, data: Any) -> str:
         """Append data (any JSON value) to the task's messages: its handler reads them in
