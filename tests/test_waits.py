@@ -45,6 +45,8 @@ def test_a_signal_resumes_the_wait_with_its_data_once(client, raw_redis, supervi
     then = _then_of(client, root)
     assert client.status(then) == "waiting"
     assert client.tree(root)["children"][0]["status"] == "waiting"
+    # the event's waiters outlive the wait's timeout (60 s) by a minute, no more
+    assert 60_000 < raw_redis.pttl("handoff:{events}:waiters:approved.1") <= 120_000
     assert client.signal("approved.1", {"by": "ann"}) == 1
     assert client.result(root, 20, follow=True) == {"event": {"by": "ann"}, "timed_out": False}
     assert client.signal("approved.1", {"by": "bob"}) == 0  # resumed once, not again
@@ -281,7 +283,9 @@ def test_a_signal_whose_sender_died_is_delivered_by_a_tick_once(client, raw_redi
 
     monkeypatch.setattr(waits, "OUTBOX_GRACE_MS", 0)
     tasks = _parked(client, "dropped", n=3)
-    client.queue.run(waits.register_plan(client.queue, [("after", t.id, "dropped") for t in tasks]))
+    client.queue.run(
+        waits.register_plan(client.queue, [("after", t.id, "dropped", "inf") for t in tasks])
+    )
     keys = waits._event_keys(client.queue.keys, "dropped")
     client.queue.run_scripts([("signal", keys, ["", 60_000, b'"d"', "tok"])])  # then died
     assert {client.status(t.id) for t in tasks} == {"waiting"}

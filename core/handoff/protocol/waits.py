@@ -38,7 +38,7 @@ from handoff.errors import InvalidPayload
 from handoff.protocol.keys import Keys
 from handoff.protocol.plan import Call, Plan, Scripts
 from handoff.protocol.queue import OUTBOX_GRACE_MS, QueueBase, outboxed_in
-from handoff.protocol.task import Task, has_non_finite, score_for
+from handoff.protocol.task import Task, has_non_finite, now_ms, score_for
 
 EVENT_NAME = re.compile(r"[A-Za-z0-9_.:/@+=#-]{1,200}")
 ON_TIMEOUT = ("fail", "continue")
@@ -47,6 +47,8 @@ TICK_LIMIT = 1000  # waits fired, and owed registrations handed back, per agent 
 SEP = b"\x1f"
 
 Resume = tuple[str, str, str, bytes]  # (events outbox field, agent, then-task id, data)
+Owed = tuple[str, str, str, str]  # a registration: (agent, then-task id, event, due ms | inf)
+KEEP_MARGIN_MS = 60_000  # an event's waiters outlive their last wait's due time by this
 
 
 def check_event(event: object) -> str:
@@ -101,6 +103,14 @@ def _due(task: Task) -> str:
     return str(min(times)) if times else "inf"
 
 
+def _keep_ms(last_due: float, now: int) -> int:
+    """How long an event's waiters must live: past its last wait's due time (0: one of
+    them has none, so until a signal)."""
+    if last_due == float("inf"):
+        return 0
+    return max(KEEP_MARGIN_MS, int(last_due) - now + KEEP_MARGIN_MS)
+
+
 def _wait_keys(keys: Keys, agent: str) -> list[str]:
     agent_keys = keys.agent(agent)
     return [*agent_keys.all(), agent_keys.waiting, agent_keys.wait_outbox]
@@ -126,12 +136,12 @@ def park_plan(queue: QueueBase, tasks: Sequence[Task]) -> Plan[list[bool]]:
         calls.append(("wait", _wait_keys(queue.keys, agent), args))
     replies = yield Scripts(calls, wait_replicas=queue.settings.enqueue_wait_replicas)
     added: dict[str, bool] = {}
-    owed: list[tuple[str, str, str]] = []
+    owed: list[Owed] = []
     for (agent, group), reply in zip(by_agent.items(), replies, strict=True):
         for task, flag in zip(group, reply, strict=False):
             added[task.id] = flag in (1, 2)
             if flag == 1:
-                owed.append((agent, task.id, task.wait["event"]))
+                owed.append((agent, task.id, task.wait["event"], _due(task)))
     outgoing = outboxed_in(list(by_agent), replies)
     if outgoing:
         yield from queue.deliver_plan(outgoing)
@@ -140,15 +150,21 @@ def park_plan(queue: QueueBase, tasks: Sequence[Task]) -> Plan[list[bool]]:
     return [added[task.id] for task in tasks]
 
 
-def register_plan(queue: QueueBase, owed: Sequence[tuple[str, str, str]]) -> Plan[int]:
-    """Register parked waits ((agent, then id, event)) with their events, resume those
-    whose event is signalled, then forget the registrations owed. Returns resumes."""
+def register_plan(queue: QueueBase, owed: Sequence[Owed]) -> Plan[int]:
+    """Register parked waits ((agent, then id, event, due)) with their events, resume
+    those whose event is signalled, then forget the registrations owed. Returns resumes."""
     by_event: dict[str, list[str]] = {}
-    for agent, task_id, event in owed:
+    last_due: dict[str, float] = {}
+    for agent, task_id, event, due in owed:
         by_event.setdefault(event, []).extend((task_id, agent))
-    keep_ms = 0  # waits with no timeout keep the waiters until a signal
+        last_due[event] = max(last_due.get(event, 0), float(due))
+    now = now_ms()
     calls = [
-        ("wait_register", _event_keys(queue.keys, event), ["", keep_ms, *pairs])
+        (
+            "wait_register",
+            _event_keys(queue.keys, event),
+            ["", _keep_ms(last_due[event], now), *pairs],
+        )
         for event, pairs in by_event.items()
     ]
     replies = yield Scripts(calls, wait_replicas=queue.settings.enqueue_wait_replicas)
@@ -159,7 +175,7 @@ def register_plan(queue: QueueBase, owed: Sequence[tuple[str, str, str]]) -> Pla
             resumes.append((item[0].decode(), item[1].decode(), item[2].decode(), item[3]))
     resumed = (yield from resume_plan(queue, resumes)) if resumes else 0
     by_agent: dict[str, list[str]] = {}
-    for agent, task_id, _ in owed:
+    for agent, task_id, _, _ in owed:
         by_agent.setdefault(agent, []).append(task_id)
     keys = queue.keys
     yield Call(lambda c: _hdel_each(c, {keys.agent(a).wait_outbox: f for a, f in by_agent.items()}))
@@ -222,7 +238,9 @@ def tick_plan(queue: QueueBase, agents: Sequence[str], record_ttl_ms: int) -> Pl
     for agent, reply in zip(agents, replies, strict=True):
         fired += int(reply[0])
         pairs = reply[2 : 2 + 2 * int(reply[1])]
-        owed += [(agent, pairs[k].decode(), pairs[k + 1].decode()) for k in range(0, len(pairs), 2)]
+        for k in range(0, len(pairs), 2):
+            event, _, due = pairs[k + 1].decode().partition("\x1f")
+            owed.append((agent, pairs[k].decode(), event, due or "inf"))
     outgoing = outboxed_in(agents, replies)
     if outgoing:
         yield from queue.deliver_plan(outgoing)
@@ -236,8 +254,6 @@ def tick_plan(queue: QueueBase, agents: Sequence[str], record_ttl_ms: int) -> Pl
 
 def _left_resumes(flat: dict, settings: Any) -> list[Resume]:
     """The events' outbox entries older than the grace: their signallers did not finish."""
-    from handoff.protocol.task import now_ms
-
     old = now_ms() - OUTBOX_GRACE_MS
     out = []
     for field, value in flat.items():

@@ -4,8 +4,8 @@
 -- ARGV[1] now in ms ('' = server TIME)   ARGV[2] max payload bytes
 -- then groups of 5: id, score, task_json (its "wait" object last), due (ms: its timeout or
 --   its run's deadline, the earlier; 'inf' = never), event
--- A parked task is written with a wait_outbox entry (id -> now SEP event) in this same
--- script: its registration with the event's slot (wait_register.lua) is owed, and the
+-- A parked task is written with a wait_outbox entry (id -> now SEP event SEP due) in this
+-- same script: its registration with the event's slot (wait_register.lua) is owed, and the
 -- caller (or, should it crash, a supervisor's tick) delivers it, then forgets the entry.
 -- Idempotent by id: a task already stored, or finished within its dedupe window, is a
 -- duplicate (a Wait returned again by a parent run again). A task of a cancelled run (or
@@ -41,7 +41,7 @@ for o = 3, #ARGV, 5 do
     redis.call('HSET', K_TASKS, id, json)
     redis.call('HSET', K_SCORES, id, score)
     redis.call('ZADD', K_WAITING, due == 'inf' and '+inf' or due, id)
-    redis.call('HSET', K_WAIT_OUTBOX, id, now .. SEP .. event)
+    redis.call('HSET', K_WAIT_OUTBOX, id, now .. SEP .. event .. SEP .. due)
     count('waits', 1)
     out[#out + 1] = 1
   end

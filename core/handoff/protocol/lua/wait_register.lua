@@ -19,6 +19,7 @@ if not now then
 end
 local keep = tonumber(ARGV[2])
 local data = redis.call('GET', SIG)
+local existed = redis.call('EXISTS', WAITERS) == 1
 local out = {}
 for o = 3, #ARGV, 2 do
   local id, agent = ARGV[o], ARGV[o + 1]
@@ -33,11 +34,13 @@ for o = 3, #ARGV, 2 do
     redis.call('HSET', WAITERS, id, agent)
   end
 end
+-- The waiters live as long as the longest of their waits (a wait with no timeout: until
+-- the event is signalled, which deletes them).
 if not data then
-  local left = redis.call('PTTL', WAITERS)
+  local left = existed and redis.call('PTTL', WAITERS) or -2
   if keep == 0 then
     redis.call('PERSIST', WAITERS)
-  elseif left >= 0 and left < keep then
+  elseif left == -2 or (left >= 0 and left < keep) then
     redis.call('PEXPIRE', WAITERS, keep)
   end
 end

@@ -10,7 +10,7 @@
 -- A due wait whose run deadline passed ends expired; else on_timeout 'continue' queues
 -- its then-task with task.timed_out, 'fail' dead-letters it naming the event and the time
 -- waited. A parked task gone meanwhile (cancelled) is only forgotten here.
--- Returns: {fired, n, n pairs of id and event (registrations owed), then, if ends went
+-- Returns: {fired, n, n pairs of id and 'event SEP due' (registrations owed), then, if ends went
 -- to another slot, '|' and outbox field/notice pairs to deliver}
 local K_WAITING, K_WAIT_OUTBOX = KEYS[FIXED_KEYS + 1], KEYS[FIXED_KEYS + 2]
 local now = now_ms(ARGV[1])
