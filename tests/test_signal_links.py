@@ -17,6 +17,7 @@ from handoff import Client
 from handoff.config import RedisPoolConfig, Settings
 from handoff.config.settings import settings_to_dict
 from handoff.errors import ConfigError
+from handoff.protocol import signals
 from harness.procs import HandoffProcess, free_tcp_port, handoff_env, wait_until
 
 SECRET = "signal-links-test-secret-0123456789"
@@ -115,3 +116,17 @@ def test_links_need_a_secret_and_an_address():
         Settings(signal_secret="short-secret")
     assert "short-secret" not in str(caught.value)
     assert settings_to_dict(Settings(signal_secret=SECRET))["signal_secret"] == "***"
+
+
+def test_a_monitor_without_a_secret_serves_no_links(redis_url, tmp_path):
+    port = free_tcp_port()
+    env = handoff_env(redis_url)
+    args = ["monitor", "--web", f"127.0.0.1:{port}", "--interval-s", "0.25"]
+    monitor = HandoffProcess(args, env, tmp_path / "monitor.log")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _up(base), 30, "the monitor's web server")
+        link = signals.make_url(base, SECRET, "any", 60)
+        assert _post(link) == (404, "404: signal links are off: the monitor has no signal_secret\n")
+    finally:
+        monitor.stop()
