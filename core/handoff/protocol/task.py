@@ -412,14 +412,11 @@ class Task:
             trace = []
         elif not all(type(step) is str for step in trace):
             raise ValueError("task JSON trace is not a list of task ids")
-        task = cls(
+        return _with_wait(cls(
             task_id, agent, payload, priority, attempt, max_attempts, timeout_s, created_at,
             enqueued_at, not_before, parent_id, trace, key, deliveries, token, run, scope,
             branch, join, expires_at, run_deadline_at, traceparent, group,
-        )  # fmt: skip
-        if "wait" in record:
-            task.wait, task.woke = _wait_fields(record)
-        return task
+        ), record)  # fmt: skip
 
     @property
     def hops(self) -> int:
@@ -441,11 +438,10 @@ def _run_fields(record: dict) -> tuple[str | None, str | None, int, dict | None]
     return run, scope, branch, join
 
 
-def _wait_fields(record: dict) -> tuple[dict | None, dict | None]:
-    """A Wait's then-task: (wait, woke), type-checked."""
-    wait, woke = record.get("wait"), record.get("woke")
-    if (wait is not None and type(wait) is not dict) or (
-        woke is not None and type(woke) is not dict
-    ):
-        raise ValueError("task JSON wait or woke is not an object")
-    return wait, woke
+def _with_wait(task: Task, record: dict) -> Task:
+    """A Wait's then-task: its wait and how it woke (protocol/waits.py), type-checked."""
+    if "wait" in record:
+        task.wait, task.woke = record.get("wait"), record.get("woke")
+        if type(task.wait) is not dict or (task.woke is not None and type(task.woke) is not dict):
+            raise ValueError("task JSON wait or woke is not an object")
+    return task
