@@ -300,3 +300,23 @@ def test_a_signal_whose_sender_died_is_delivered_by_a_tick_once(client, raw_redi
     assert client.queue.run(waits.resume_plan(client.queue, again)) == 0  # delivered twice: once
     stored = raw_redis.hget(client.queue.keys.agent("after").tasks, tasks[0].id)
     assert stored.endswith(b',"woke":{"event":"d"}}') and stored.count(b'"woke"') == 1
+
+
+def test_a_wait_returned_again_after_a_crash_parks_and_resumes_once(client, raw_redis):
+    """The task that returned the Wait ran again (its ack was lost): the same then-task id
+    is parked again, a duplicate; one signal resumes it once."""
+    from handoff.protocol import waits
+    from handoff.protocol.task import Task, derived_task_id, now_ms
+
+    def then() -> Task:
+        wait = waits.wait_record("twice", "fail", 60, now_ms())
+        return Task(derived_task_id("after", "asker.x", "wait"), "after", {"i": 0}, wait=wait)
+
+    assert client.queue.run(waits.park_plan(client.queue, [then()])) == [True]
+    assert client.queue.run(waits.park_plan(client.queue, [then()])) == [False]
+    assert raw_redis.hlen("handoff:{events}:waiters:twice") == 1
+    assert raw_redis.hlen(client.queue.keys.agent("after").wait_outbox) == 0  # delivered
+    assert client.signal("twice", "x") == 1
+    assert client.queue.run(waits.park_plan(client.queue, [then()])) == [False]  # ran: still
+    assert client.signal("twice", "y") == 0
+    assert raw_redis.zcard(client.queue.keys.agent("after").queue) == 1
