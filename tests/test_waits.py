@@ -320,3 +320,58 @@ def test_a_wait_returned_again_after_a_crash_parks_and_resumes_once(client, raw_
     assert client.queue.run(waits.park_plan(client.queue, [then()])) == [False]  # ran: still
     assert client.signal("twice", "y") == 0
     assert raw_redis.zcard(client.queue.keys.agent("after").queue) == 1
+
+
+def _acl_users(raw_redis) -> list[str]:
+    """The shipped config/acl.conf's producer, and its worker line for `asker` and for
+    `after` + `listener`, each with the other agents it reaches (as that file says)."""
+    users = []
+    for line in (ROOT / "config" / "acl.conf").read_text().splitlines():
+        if line.startswith("user handoff-producer"):
+            users.append(line.split()[1:])
+        if not line.startswith("user handoff-worker-probe"):
+            continue
+        for name, others in (("asker", ["after"]), ("after", ["asker", "listener"])):
+            rule = line.replace(
+                "{probe}:*", "{probe}:* " + " ".join(f"~handoff:{{{o}}}:*" for o in others)
+            )
+            rule = rule.replace("probe", name)
+            users.append(rule.split()[1:])
+    for rule in users:
+        if hasattr(raw_redis, "get_nodes"):
+            raw_redis.execute_command("ACL", "SETUSER", *rule, target_nodes=raw_redis.ALL_NODES)
+        else:
+            raw_redis.execute_command("ACL", "SETUSER", *rule)
+    return [rule[0] for rule in users]
+
+
+def test_least_privilege_users_wait_signal_time_out_and_send(redis_url, raw_redis, start):
+    from handoff import Client
+    from handoff.config import RedisPoolConfig, Settings
+
+    names = _acl_users(raw_redis)
+    try:
+        for agents, user in (("asker=1", "asker"), ("after=1,listener=1", "after")):
+            login = {
+                "redis_username": f"handoff-worker-{user}",
+                "redis_password": "change-me-worker",
+            }
+            start(["supervise", "--agents", agents], app="apps.waits", **login)
+        pool = RedisPoolConfig(
+            url=redis_url, username="handoff-producer", password="change-me-producer"
+        )
+        with Client(settings=Settings(redis=pool)) as producer:
+            _warm(producer)
+            gone = producer.enqueue(
+                "asker", {"i": 1, "event": "acl.t", "timeout_s": 0.3, "on_timeout": "continue"}
+            )
+            assert producer.result(gone, 20, follow=True) == {"event": None, "timed_out": True}
+            tid = producer.enqueue("listener", {"n": 1, "timeout_s": 20})
+            producer.send(tid, "hello")
+            assert producer.result(tid, 20) == ["hello"]
+    finally:
+        for name in names:
+            if hasattr(raw_redis, "get_nodes"):
+                raw_redis.execute_command("ACL", "DELUSER", name, target_nodes=raw_redis.ALL_NODES)
+            else:
+                raw_redis.execute_command("ACL", "DELUSER", name)

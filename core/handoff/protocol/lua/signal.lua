@@ -27,6 +27,6 @@ for i = 1, #flat, 2 do
   out[#out + 1] = field
   out[#out + 1] = agent
   out[#out + 1] = id
+  redis.call('HDEL', WAITERS, id)  -- (HDEL, not DEL: a producer's ACL has no DEL)
 end
-redis.call('DEL', WAITERS)
 return out

@@ -3,7 +3,7 @@
 -- KEYS[1] <prefix>:{events}:sig:<event>   KEYS[2] <prefix>:{events}:waiters:<event>
 -- KEYS[3] <prefix>:{events}:outbox
 -- ARGV[1] now in ms ('' = server TIME)   ARGV[2] keep the waiters at least this long, ms
---   (0 = a wait with no timeout: until the event is signalled)
+--   (0 = a wait with no timeout: 367 days, past the longest timeout, or a signal)
 -- then pairs: then-task id, its agent
 -- An event still signalled (its data within signal_ttl_s) resumes the wait at once: a
 -- resume is written to the outbox (field '<id>:r', value now SEP agent SEP id SEP data)
@@ -18,6 +18,7 @@ if not now then
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 local keep = tonumber(ARGV[2])
+local FOREVER_MS = 367 * 86400000  -- a wait with no timeout: past the longest timeout
 local data = redis.call('GET', SIG)
 local existed = redis.call('EXISTS', WAITERS) == 1
 local out = {}
@@ -34,13 +35,12 @@ for o = 3, #ARGV, 2 do
     redis.call('HSET', WAITERS, id, agent)
   end
 end
--- The waiters live as long as the longest of their waits (a wait with no timeout: until
--- the event is signalled, which deletes them).
+-- The waiters live as long as the longest of their waits (no timeout: 367 days), or
+-- until the event is signalled, which takes them all.
 if not data then
   local left = existed and redis.call('PTTL', WAITERS) or -2
-  if keep == 0 then
-    redis.call('PERSIST', WAITERS)
-  elseif left == -2 or (left >= 0 and left < keep) then
+  if keep == 0 then keep = FOREVER_MS end
+  if left == -2 or (left >= 0 and left < keep) then
     redis.call('PEXPIRE', WAITERS, keep)
   end
 end
