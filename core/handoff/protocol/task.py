@@ -350,7 +350,7 @@ class Task:
             record["key"] = self.key
         if self.traceparent is not None:
             record["tp"] = self.traceparent
-        if self.wait is not None:  # last: the scripts read it at the end (WAIT_TAIL)
+        if self.wait is not None:  # last: the scripts read it at the end (wait_tail)
             record["wait"] = self.wait
         try:
             return orjson.dumps(record)

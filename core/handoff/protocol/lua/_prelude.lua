@@ -723,11 +723,14 @@ end_cancelled = function(id, now, ttl, json)
   count('cancelled', 1)
 end
 
--- Waits (handoff/protocol/waits.py). A Wait's then-task is parked in its agent's slot: its
--- JSON in the tasks hash (its "wait" object last: WAIT_TAIL), its id in <base>:waiting
--- (id -> when it times out, ms), in no queue. Exactly one of its signal, its timeout and
--- its cancel takes it out of that set (ZREM decides, in one script on this slot).
-local WAIT_TAIL = ',"wait":{"event":"([^"]*)","on_timeout":"(%a+)","since":(%d+)[^{}]*}}$'
+local function wait_tail(json)
+  -- Waits (handoff/protocol/waits.py). A Wait's then-task is parked in its agent's slot: its
+  -- JSON in the tasks hash (its "wait" object last: wait_tail), its id in <base>:waiting
+  -- (id -> when it times out, ms), in no queue. Exactly one of its signal, its timeout and
+  -- its cancel takes it out of that set (ZREM decides, in one script on this slot).
+  -- (A function, not a constant: only the scripts that call it carry it.)
+  return string.match(json, ',"wait":{"event":"([^"]*)","on_timeout":"(%a+)","since":(%d+)[^{}]*}}$')
+end
 
 -- A parked then-task becomes ready: `woke` (the signal's data, or the timeout) is
 -- appended to its JSON, where its worker reads it as task.event / task.timed_out. Its run

@@ -85,7 +85,7 @@ for i = 5, #ARGV do
     was = 'delayed'
   elseif ready_remove(id) == 1 then
     was = 'queued'
-  elseif string.match(json, WAIT_TAIL) then
+  elseif wait_tail(json) then
     was = 'waiting'  -- a Wait's then-task, parked: a signal or timeout later finds it gone
   else
     was = 'queued'  -- in no set (a moment's state no script leaves): it ends all the same

@@ -24,7 +24,7 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', K_WAITING, '-inf', now, 'LIMIT',
   local json = redis.call('HGET', K_TASKS, id)
   if json and not redis.call('ZSCORE', K_DEAD, id) then
     fired = fired + 1
-    local event, on_timeout, since = string.match(json, WAIT_TAIL)
+    local event, on_timeout, since = wait_tail(json)
     local expires = tonumber(string.match(json,
       '^{"id":"[^"]*","agent":"[^"]*","run":"[^"]*","scope":"[^"]*","branch":%d+,"expires_at":(%d+)')
       or '')
