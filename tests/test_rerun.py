@@ -21,7 +21,7 @@ def rerun_app(redis_url, monkeypatch, raw_redis):
 
     monkeypatch.setenv("TEST_REDIS_URL", redis_url)
     raw_redis.set("poisoned", "1")
-    made = InProcessApp("apps.steps", redis_url, agents=["planner", "worker_step", "integrator"])
+    made = InProcessApp("apps.steps", redis_url, agents=["rplanner", "worker_step", "rintegrator"])
     yield made
     made.close()
 
@@ -40,7 +40,7 @@ def test_rerun_finishes_a_join_whose_poisoned_branches_died(rerun_app, raw_redis
     integrator (dead-lettered by on_dead="fail") runs once, and the run's result is as if
     nothing had failed."""
     client = rerun_app.client
-    run_id = rerun_app.enqueue("planner", {"n": 10, "poison": POISONED})
+    run_id = rerun_app.enqueue("rplanner", {"n": 10, "poison": POISONED})
     rerun_app.run_until_idle()
     with pytest.raises(TaskDead):
         client.result(run_id, wait_s=1, follow=True)
@@ -67,7 +67,7 @@ def test_rerun_finishes_a_join_whose_poisoned_branches_died(rerun_app, raw_redis
 
 
 def test_a_second_rerun_has_nothing_to_do(rerun_app, raw_redis, backend):
-    run_id = rerun_app.enqueue("planner", {"n": 4, "poison": [1]})
+    run_id = rerun_app.enqueue("rplanner", {"n": 4, "poison": [1]})
     rerun_app.run_until_idle()
     raw_redis.set("poisoned", "0")
     rerun_app.client.rerun(run_id)
@@ -80,7 +80,7 @@ def test_a_second_rerun_has_nothing_to_do(rerun_app, raw_redis, backend):
 
 
 def test_a_run_in_progress_is_not_rerun(either_client, backend):
-    run_id = either_client.enqueue("planner", {"n": 3})
+    run_id = either_client.enqueue("rplanner", {"n": 3})
     report = either_client.rerun(run_id)
     assert report.line() == (
         f"run {run_id} is still in progress (1 task(s) queued or running): nothing rerun"
@@ -88,7 +88,7 @@ def test_a_run_in_progress_is_not_rerun(either_client, backend):
 
 
 def test_rerun_still_poisoned_dies_again_and_can_be_rerun(rerun_app, raw_redis, backend):
-    run_id = rerun_app.enqueue("planner", {"n": 3, "poison": [0]})
+    run_id = rerun_app.enqueue("rplanner", {"n": 3, "poison": [0]})
     rerun_app.run_until_idle()
     rerun_app.client.rerun(run_id)  # the flag still set: the branch dies again
     rerun_app.run_until_idle()
@@ -104,7 +104,7 @@ def test_rerun_still_poisoned_dies_again_and_can_be_rerun(rerun_app, raw_redis, 
 def test_handoff_rerun_says_in_one_line_what_it_did(rerun_app, raw_redis, redis_url, backend):
     from handoff.cli import main
 
-    run_id = rerun_app.enqueue("planner", {"n": 2, "poison": [0]})
+    run_id = rerun_app.enqueue("rplanner", {"n": 2, "poison": [0]})
     rerun_app.run_until_idle()
     raw_redis.set("poisoned", "0")
     result = CliRunner().invoke(main, ["--redis-url", redis_url, "rerun", run_id])
@@ -118,7 +118,7 @@ def test_handoff_rerun_says_in_one_line_what_it_did(rerun_app, raw_redis, redis_
 
 def test_a_then_task_that_died_itself_runs_again_alone(rerun_app, raw_redis, backend):
     raw_redis.set("integrator_poisoned", "1")
-    run_id = rerun_app.enqueue("planner", {"n": 3})
+    run_id = rerun_app.enqueue("rplanner", {"n": 3})
     rerun_app.run_until_idle()
     with pytest.raises(TaskDead):
         rerun_app.client.result(run_id, wait_s=1, follow=True)
@@ -146,9 +146,9 @@ def test_a_cancelled_run_is_rerun_from_where_it_stopped(rerun_app, redis_url, ra
     join fired while the run was cancelled) waits for them and runs once."""
     from handoff.testing import InProcessApp
 
-    planner_only = InProcessApp("apps.steps", redis_url, agents=["planner"])
+    planner_only = InProcessApp("apps.steps", redis_url, agents=["rplanner"])
     try:
-        run_id = planner_only.enqueue("planner", {"n": 4})
+        run_id = planner_only.enqueue("rplanner", {"n": 4})
         planner_only.run_until_idle()  # its branches wait in their queue
         rerun_app.client.cancel(run_id, run=True)
     finally:
@@ -170,8 +170,8 @@ def test_rerun_through_real_worker_processes(start, client, raw_redis, backend):
     from harness.procs import wait_until
 
     raw_redis.set("poisoned", "1")
-    run_id = client.enqueue("planner", {"n": 6, "poison": [1, 4]})
-    start(["supervise", "--agents", "planner=1,worker_step=1,integrator=1"], app="apps.steps")
+    run_id = client.enqueue("rplanner", {"n": 6, "poison": [1, 4]})
+    start(["supervise", "--agents", "rplanner=1,worker_step=1,rintegrator=1"], app="apps.steps")
     wait_until(lambda: client.status(run_id) == "done", 30, "the planner")
     wait_until(lambda: _run_ended(client, run_id), 30, "the run to end dead")
     raw_redis.set("poisoned", "0")

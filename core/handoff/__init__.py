@@ -1,6 +1,6 @@
 """handoff: hand tasks between agents through Redis. The public interface:
 
-    from handoff import agent, Handoff, Join, Client, AsyncClient
+    from handoff import agent, Handoff, Join, Wait, Client, AsyncClient
 
 plus Task and the errors a user catches; everything else lives in the layer subpackages.
 """
@@ -14,6 +14,7 @@ from handoff.errors import (
     InvalidAgentName,
     InvalidPayload,
     LeaseLost,
+    MessageRefused,
     NotReplicated,
     RateLimited,
     RedisUnavailable,
@@ -25,6 +26,7 @@ from handoff.errors import (
 from handoff.protocol.task import Task
 from handoff.runtime.agents import Handoff, Join, agent
 from handoff.runtime.schedules import schedule
+from handoff.runtime.waits import Wait
 
 __all__ = [
     "AsyncClient",
@@ -37,6 +39,7 @@ __all__ = [
     "InvalidPayload",
     "Join",
     "LeaseLost",
+    "MessageRefused",
     "NotReplicated",
     "RateLimited",
     "RedisUnavailable",
@@ -45,6 +48,7 @@ __all__ = [
     "TaskCancelled",
     "TaskDead",
     "TaskExpired",
+    "Wait",
     "agent",
     "schedule",
 ]

@@ -20,7 +20,7 @@ from handoff.config import Settings, load_settings
 from handoff.connection.async_manager import AsyncRedisManager
 from handoff.connection.process import current_pid
 from handoff.producing import enqueue_many_plan, many_tasks, one_task
-from handoff.protocol import runs, streams
+from handoff.protocol import messages, runs, streams, waits
 from handoff.protocol.async_queue import AsyncTaskQueue
 from handoff.protocol.cancel import CancelReport, cancel
 from handoff.protocol.conflict import check_on_conflict, resolve
@@ -158,6 +158,17 @@ class AsyncClient:
         backoff = waits_backoff(self.settings)
         plan = result_plan(queue.keys, task_id, wait_s, follow=follow, backoff=backoff)
         return await queue.run(plan)
+
+    async def signal(self, event: str, data: Any = None) -> int:
+        """Signal an event: every Wait on it resumes once (see Client.signal)."""
+        queue = self.queue
+        return await queue.run(
+            waits.signal_plan(queue, *waits.signal_args(event, data, self.settings))
+        )
+
+    async def send(self, task_id: str, data: Any) -> str:
+        """Append data to the task's messages (see Client.send)."""
+        return await self.queue.run(messages.send_plan(self.queue, task_id, data))
 
     async def cancel(self, task_id: str, *, run: bool = False) -> CancelReport:
         """Cancel a task, or (run=True) its whole run (see Client.cancel)."""

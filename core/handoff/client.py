@@ -22,7 +22,7 @@ from handoff.connection.manager import RedisManager
 from handoff.connection.process import current_pid
 from handoff.errors import InvalidPayload
 from handoff.producing import build_task, check_number, enqueue_many_plan, many_tasks, one_task
-from handoff.protocol import runs, streams, task_reads
+from handoff.protocol import messages, runs, signals, streams, task_reads, waits
 from handoff.protocol.cancel import CancelReport, cancel
 from handoff.protocol.conflict import check_on_conflict, resolve
 from handoff.protocol.keys import check_agent
@@ -170,8 +170,8 @@ class Client:
     # -- looking ---------------------------------------------------------------------------
 
     def status(self, task_id: str) -> str:
-        """queued | delayed | running | done | dead | expired | cancelled | unknown (one
-        round trip)."""
+        """queued | delayed | waiting | running | done | dead | expired | cancelled |
+        unknown (one round trip)."""
         return self.queue.run(task_reads.status_plan(self.queue.keys, task_id))[0]
 
     def result(self, task_id: str, wait_s: float = 5.0, *, follow: bool = False) -> Any:
@@ -202,6 +202,27 @@ class Client:
         cancel no task of the run starts. A finished or unknown task is left as it is and
         nothing is written: the report says so (report.line() is one line for a person)."""
         return self.queue.run(cancel(self.queue, task_id, run=run, keep_ms=self._keep_ms()))
+
+    def signal(self, event: str, data: Any = None) -> int:
+        """Signal an event: every Wait on it resumes once, its then-task seeing task.event
+        = data; a Wait returned within signal_ttl_s after resumes at once too. Returns how
+        many waits this call resumed. Bad input raises InvalidPayload, nothing written."""
+        return self.queue.run(
+            waits.signal_plan(self.queue, *waits.signal_args(event, data, self.settings))
+        )
+
+    def signal_url(self, event: str, *, expires_in_s: float) -> str:
+        """A URL on the monitor's web server (signal_base_url) that signals event when a
+        JSON body is POSTed to it, until expires_in_s from now: HMAC-signed with
+        signal_secret, bound to the event and the expiry. Nothing is written to Redis."""
+        s = self.settings
+        return signals.make_url(s.signal_base_url, s.signal_secret, event, expires_in_s)
+
+    def send(self, task_id: str, data: Any) -> str:
+        """Append data (any JSON value) to the task's messages: its handler reads them in
+        order with task.receive(). Returns the message's id. A finished or unknown task
+        raises MessageRefused (one line); data that is not JSON, InvalidPayload."""
+        return self.queue.run(messages.send_plan(self.queue, task_id, data))
 
     def _keep_ms(self) -> int:
         return int(max(self.settings.result_ttl_s, self.settings.run_ttl_s) * 1000)

@@ -113,6 +113,10 @@ class TaskDead(HandoffError):
     """The task was dead-lettered; the message carries the reason."""
 
 
+class MessageRefused(HandoffError):
+    """client.send to a task that is finished or unknown (the message names which)."""
+
+
 class TaskExpired(HandoffError):
     """The task was not started by its deadline (expires_in_s, or its run's); it never ran."""
 

@@ -95,13 +95,13 @@ def badstep(task):
 # -- a run to rerun: planner -> join of branches -> integrator -----------------------------
 
 
-@agent("planner")
+@agent("rplanner")
 def planner(task):
     n, poison = task.payload["n"], set(task.payload.get("poison", []))
     branches = [("worker_step", {"i": i, "poison": i in poison}) for i in range(n)]
     from handoff import Handoff
 
-    return Join([Handoff(a, p) for a, p in branches], then=Handoff("integrator", {}))
+    return Join([Handoff(a, p) for a, p in branches], then=Handoff("rintegrator", {}))
 
 
 @agent("worker_step", max_attempts=1)
@@ -114,7 +114,7 @@ def worker_step(task):
     return {"i": i, "model": value["step"]}
 
 
-@agent("integrator", max_attempts=1)
+@agent("rintegrator", max_attempts=1)
 def integrator(task):
     client().rpush("integrator_runs", task.id)
     if client().get("integrator_poisoned") == b"1":

@@ -9,6 +9,7 @@ from handoff.cli.ops_commands import limits, scale
 from handoff.cli.rerun_commands import rerun
 from handoff.cli.run_commands import redis, supervise, worker
 from handoff.cli.schedule_commands import schedules
+from handoff.cli.signal_commands import signal
 from handoff.cli.task_commands import cancel, dead, enqueue, inspect
 from handoff.cli.watch_commands import watch
 
@@ -20,6 +21,7 @@ ALL: list = [
     enqueue,
     cancel,
     rerun,
+    signal,
     watch,
     inspect,
     dead,

@@ -23,7 +23,11 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 MODULE_PATH_RE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*)?")  # "" = none
 MAX_PAYLOAD_LIMIT = 512 * 1024 * 1024
 MAX_AGENT_PROCESSES = 1000
-MIN_STALL_S, MAX_STALL_S = 1, 86_400  # a worker's pulse beats 4 times in the bound, at most 1/s
+MIN_STALL_S, MAX_STALL_S = 1, 86_400
+MAX_SIGNAL_TTL_S = 30 * 86_400
+BASE_URL_RE = re.compile(
+    r"https?://[A-Za-z0-9.\-\[\]:]+(/[A-Za-z0-9._~/\-]*)?"
+)  # a worker's pulse beats 4 times in the bound, at most 1/s
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,14 @@ class Settings:
     # result(follow=True) still work). Results stay at least result_ttl_s.
     run_ttl_s: float = 3600.0
     max_join_branches: int = 10_000  # branches one Join may start
+    # How long a signalled event stays signalled: a Wait on it registered within this time
+    # after client.signal resumes at once with its data; 0 = only waits already registered.
+    signal_ttl_s: float = 3600.0
+    # Signal links (client.signal_url): the HMAC secret the links are signed with and the
+    # monitor checks them with ("" = off; at least 16 characters; not the dashboard's
+    # token), and the monitor's web address the links point at.
+    signal_secret: str = ""
+    signal_base_url: str = ""
     max_ends_per_branch: int = 1000  # ends of one branch (or run) kept for its join/waiter
     tree_result_bytes: int = 200  # result bytes kept in the tree when results are not
     # A finished task's payload (for an LLM pipeline, the prompt) kept in its record for
@@ -111,6 +123,8 @@ def settings_to_dict(settings: Settings, *, redact: bool = True) -> dict[str, An
     data = asdict(settings)
     data["schedules"] = {name: spec.to_table() for name, spec in settings.schedules.items()}
     if redact:
+        if data["signal_secret"]:
+            data["signal_secret"] = MASK
         pool = data["redis"]
         pool["url"] = redact_url(pool["url"])
         for name in SECRET_FIELDS:
@@ -134,6 +148,7 @@ _ZERO_OK_S = (
     "result_ttl_s",
     "run_ttl_s",
     "dedupe_window_s",
+    "signal_ttl_s",
     "graceful_timeout_s",
     "max_rss_mb",
     "max_worker_age_s",
@@ -182,6 +197,12 @@ def _normalized(s: Settings) -> dict[str, Any]:
         out[name] = check_seconds(name, getattr(s, name), zero_ok=True)
     for name, (lo, hi) in _INT_RANGES.items():
         out[name] = check_int(name, getattr(s, name), lo, hi)
+    if s.signal_secret and (not isinstance(s.signal_secret, str) or len(s.signal_secret) < 16):
+        fail("signal_secret", MASK, "must be empty (off) or at least 16 characters")
+    if s.signal_base_url:
+        _match("signal_base_url", s.signal_base_url, BASE_URL_RE, what="an http(s):// address")
+    if out["signal_ttl_s"] > MAX_SIGNAL_TTL_S:
+        fail("signal_ttl_s", s.signal_ttl_s, f"must be between 0 and {MAX_SIGNAL_TTL_S} seconds")
     if out["worker_stall_s"] and not MIN_STALL_S <= out["worker_stall_s"] <= MAX_STALL_S:
         fail(
             "worker_stall_s", s.worker_stall_s,

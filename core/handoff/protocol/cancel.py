@@ -46,7 +46,7 @@ START_FRESH_S = 0.1
 
 # What a cancel ends: queued, delayed, running (its handler had started), leased (held by
 # its worker for a free slot: it never starts), claimed (leased; its worker did not answer).
-ENDED_BY_CANCEL = ("queued", "delayed", "running", "leased", "claimed")
+ENDED_BY_CANCEL = ("queued", "delayed", "waiting", "running", "leased", "claimed")
 
 
 @dataclass
@@ -66,7 +66,7 @@ class CancelReport:
         """One line for a person: what happened."""
         if self.run is None:
             state = next(iter(self.was), "unknown")
-            if state in ("queued", "delayed"):
+            if state in ("queued", "delayed", "waiting"):
                 return f"task {self.task_id} cancelled (it was {state}: it never starts)"
             if state == "running":
                 return f"task {self.task_id} cancelled (it was running: its handler is told)"

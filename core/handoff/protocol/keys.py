@@ -53,6 +53,16 @@ one cluster slot. Agent names are validated before any key is built.
     <prefix>:{<agent>}:stream:<run> STREAM a run's events (task.progress, task.emit), in the
                                           root's slot; ends with an "end" entry
     <prefix>:{<agent>}:done:<id>    LIST  a token pushed when a waited-on task ends
+    <prefix>:{<agent>}:msgs:<id>    STREAM a task's messages (client.send), read from the
+                                          first by each delivery (messages.py)
+    <prefix>:{<agent>}:waiting      ZSET  then-task id -> when its wait times out (ms, +inf =
+                                          never): tasks parked by a Wait (waits.py)
+    <prefix>:{<agent>}:wait_outbox  HASH  then-task id -> time + event: a wait not yet
+                                          registered with its event (delivered, then gone)
+    <prefix>:{events}:sig:<event>   STRING an event's signal data (JSON), for signal_ttl_s
+    <prefix>:{events}:waiters:<event> HASH then-task id -> its agent: waits on the event
+    <prefix>:{events}:outbox        HASH  field -> time + resume: signals not yet delivered to
+                                          their waits' slots (all events share this slot)
     <prefix>:agents                 SET   registry of agent names
     <prefix>:workers                ZSET  worker id -> last heartbeat (ms)
     <prefix>:worker:<id>            HASH  one worker's health and metrics (TTL)
@@ -272,6 +282,17 @@ class AgentKeys:
     def done(self, task_id: str) -> str:
         return f"{self.base}:done:{task_id}"
 
+    def messages(self, task_id: str) -> str:
+        return f"{self.base}:msgs:{task_id}"
+
+    @property
+    def waiting(self) -> str:
+        return f"{self.base}:waiting"
+
+    @property
+    def wait_outbox(self) -> str:
+        return f"{self.base}:wait_outbox"
+
     @property
     def autoscalers(self) -> str:
         return f"{self.base}:autoscalers"
@@ -323,6 +344,16 @@ class Keys:
     def cancel_answers(self, token: str) -> str:
         """LIST: workers' 'id|started' or 'id|waiting' for the leased tasks of one cancel."""
         return f"{self.prefix}:cancel_answers:{token}"
+
+    def event_signal(self, event: str) -> str:
+        return f"{self.prefix}:{{events}}:sig:{event}"
+
+    def event_waiters(self, event: str) -> str:
+        return f"{self.prefix}:{{events}}:waiters:{event}"
+
+    @property
+    def events_outbox(self) -> str:
+        return f"{self.prefix}:{{events}}:outbox"
 
     @property
     def supervisors(self) -> str:

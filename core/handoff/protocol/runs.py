@@ -15,9 +15,10 @@ from typing import Any
 import orjson
 
 from handoff.errors import InvalidPayload
+from handoff.protocol.ends import decode_ends
 from handoff.protocol.keys import AgentKeys, Keys
 from handoff.protocol.plan import Call, Plan, Scripts
-from handoff.protocol.task import agent_of, decode_ends
+from handoff.protocol.task import agent_of
 from handoff.protocol.task_status import task_status
 
 TREE_LEVEL_CHUNK = 500  # tasks read per pipeline while walking a tree
@@ -187,6 +188,7 @@ def _node(task_id: str, keys: AgentKeys, parts: list, result_bytes: int) -> dict
         running=leased is not None,
         delayed=delayed is not None,
         queued=queued is not None or grouped,  # (a grouped task waits in its group's set)
+        waiting=isinstance(task, dict) and "wait" in task and "woke" not in task,
     )
     node: dict[str, Any] = {"id": task_id, "agent": keys.agent, "status": status}
     node["children"] = []
@@ -231,6 +233,9 @@ def _finished_node(node: dict[str, Any], data: dict, result_bytes: int) -> dict[
     result = data.get("result")
     if isinstance(result, dict) and set(result) == {"handoff"}:
         node["_children"] = list(result["handoff"])
+    elif isinstance(result, dict) and set(result) == {"wait"}:  # (runtime/waits.py)
+        node["_children"] = [result["wait"].get("then")]
+        node["wait"] = result["wait"].get("event")
     elif isinstance(result, dict) and set(result) == {"join"}:
         node["_children"] = list(result["join"].get("branches", []))
         node["_labels"] = list(result["join"].get("labels") or [])

@@ -43,6 +43,12 @@ NAMES = (
     "rerun",
     "restore",
     "conflict",
+    "wait",
+    "wait_resume",
+    "wait_tick",
+    "wait_register",
+    "signal",
+    "send",
 )
 
 
@@ -69,9 +75,12 @@ RUN_KEYS = (
 # Scripts that run at the memory limit (maxmemory with noeviction): they finish, fail,
 # release, reap and dead-letter tasks, which frees memory; refusing them would leave a full
 # server unable to drain. enqueue is not among them: at the limit it is refused, unwritten.
-ALLOW_OOM = frozenset(NAMES) - {"enqueue", "enqueue_ready", "follow", "await"}
-# Scripts that bind their own few KEYS and need no shared helpers (a hot path's lean twin).
-STANDALONE = frozenset({"enqueue_ready"})
+ALLOW_OOM = frozenset(NAMES) - {
+    "enqueue", "enqueue_ready", "follow", "await", "wait", "wait_register", "signal", "send",
+}  # fmt: skip
+# Scripts that bind their own few KEYS and need no shared helpers (a hot path's lean twin,
+# and the events' scripts, which live in a slot of their own).
+STANDALONE = frozenset({"enqueue_ready", "wait_register", "signal"})
 FAST_PATH_ENDS = "--@prelude\n"
 INCLUDE = re.compile(r"^-- include: *([a-z_, ]*)$", re.MULTILINE)
 

@@ -12,14 +12,15 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import orjson
 
 from handoff.config.checks import check_range
 from handoff.errors import InvalidPayload, TaskCancelled
+from handoff.protocol.ends import group_ends
 from handoff.protocol.keys import check_task_id
 
 EPOCH_MS = 1_735_689_600_000  # 2025-01-01T00:00:00Z: scores stay well inside 2**53
@@ -110,21 +111,6 @@ _FIELD_TYPES = (
 )
 
 
-def decode_ends(ends_raw: bytes) -> list[dict]:
-    """Stored ends (each end's JSON followed by a comma) -> the ends, in order."""
-    return orjson.loads(b"[" + ends_raw[:-1] + b"]") if ends_raw else []
-
-
-def group_ends(ends_raw: bytes, count: object) -> list[list[dict]]:
-    """Stored ends (each with its branch index) -> one list per branch, in order."""
-    branches: list[list[dict]] = [[] for _ in range(count if type(count) is int else 0)]
-    for end in decode_ends(ends_raw):
-        index = end.pop("branch", 0)
-        if type(index) is int and 0 <= index < len(branches):
-            branches[index].append(end)
-    return branches
-
-
 def _wrong_types(record: dict) -> str:
     """The reason a decoded task failed its type checks (the slow path of from_json)."""
     for name, kinds, nullable in _FIELD_TYPES:
@@ -209,6 +195,46 @@ class Task:
         if self.step_store is None:
             return fn(*args, **kwargs)
         return self.step_store.run(self, name, fn, args, kwargs)
+
+    # A Wait's then-task (protocol/waits.py): its wait {"event", "on_timeout", "since",
+    # "timeout_at"}, and how it woke {"event": data} or {"event": null, "timed_out": true}.
+    wait: dict | None = None
+    woke: dict | None = None
+    # Messages (protocol/messages.py): where this delivery has read them up to, and the
+    # process's reader (installed by the worker; None: no messages, as in a direct call).
+    _msg_after: str = "0-0"
+    message_reader: ClassVar[Callable[[Task, float | None], Any] | None] = None
+
+    def receive(self, timeout_s: float | None = None) -> Any:
+        """The next message sent to this task (client.send), in order, or None once
+        timeout_s passed (None: wait until one comes, or the task is cancelled). Each
+        delivery reads them from the first. Blocks in Redis (in a coroutine, use
+        `async for m in task.messages()`)."""
+        if Task.message_reader is None:
+            raise RuntimeError("task.receive() works in a handoff worker")
+        return Task.message_reader(self, timeout_s)
+
+    async def messages(self, timeout_s: float | None = None) -> AsyncIterator[Any]:
+        """`async for m in task.messages()`: the messages sent to this task, in order;
+        ends once none came for timeout_s (None: never ends; break out of it)."""
+        import asyncio
+
+        while True:
+            got = await asyncio.to_thread(self.receive, 1.0 if timeout_s is None else timeout_s)
+            if got is not None:
+                yield got
+            elif timeout_s is not None or self.cancelled.is_set():
+                return
+
+    @property
+    def event(self) -> Any:
+        """A Wait's then-task: the data its event was signalled with (None if it timed out)."""
+        return self.woke.get("event") if self.woke else None
+
+    @property
+    def timed_out(self) -> bool:
+        """A Wait's then-task: True when it runs because its wait timed out."""
+        return bool(self.woke and self.woke.get("timed_out"))
 
     def emit(self, data: Any) -> None:
         """Send partial output (any JSON value: one chunk of a model's answer, say) to
@@ -324,6 +350,8 @@ class Task:
             record["key"] = self.key
         if self.traceparent is not None:
             record["tp"] = self.traceparent
+        if self.wait is not None:  # last: the scripts read it at the end (wait_tail)
+            record["wait"] = self.wait
         try:
             return orjson.dumps(record)
         except (TypeError, orjson.JSONEncodeError) as e:
@@ -384,11 +412,11 @@ class Task:
             trace = []
         elif not all(type(step) is str for step in trace):
             raise ValueError("task JSON trace is not a list of task ids")
-        return cls(
+        return _with_wait(cls(
             task_id, agent, payload, priority, attempt, max_attempts, timeout_s, created_at,
             enqueued_at, not_before, parent_id, trace, key, deliveries, token, run, scope,
             branch, join, expires_at, run_deadline_at, traceparent, group,
-        )  # fmt: skip
+        ), record)  # fmt: skip
 
     @property
     def hops(self) -> int:
@@ -408,3 +436,12 @@ def _run_fields(record: dict) -> tuple[str | None, str | None, int, dict | None]
     if join is not None and type(join) is not dict:
         raise ValueError(_wrong_types(record))
     return run, scope, branch, join
+
+
+def _with_wait(task: Task, record: dict) -> Task:
+    """A Wait's then-task: its wait and how it woke (protocol/waits.py), type-checked."""
+    if "wait" in record:
+        task.wait, task.woke = record.get("wait"), record.get("woke")
+        if type(task.wait) is not dict or (task.woke is not None and type(task.woke) is not dict):
+            raise ValueError("task JSON wait or woke is not an object")
+    return task

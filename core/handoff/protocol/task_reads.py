@@ -51,12 +51,13 @@ def status_plan(keys: Keys, task_id: str) -> Plan[tuple[str, bytes | None]]:
         pipe.zscore(agent_keys.delayed, task_id)
         pipe.zscore(agent_keys.queue, task_id)
         pipe.hget(agent_keys.task_groups, task_id)
+        pipe.zscore(agent_keys.waiting, task_id)  # a Wait's then-task, parked (waits.py)
         return pipe.execute()
 
     # The five reads are not one snapshot: a task that moved between two of them (say
     # queue -> leases) can be missed by both. Such a miss looks "unknown"; look again.
     for _ in range(3):
-        done, dead, running, delayed, queued, group = yield Call(probe, n_operations=6)
+        done, dead, running, delayed, queued, group, waiting = yield Call(probe, n_operations=7)
         if group is not None and {queued, running, delayed, dead} == {None}:
             group_queue = agent_keys.group_queue(group.decode())
             queued = yield Call(lambda c, q=group_queue: c.zscore(q, task_id))
@@ -66,6 +67,7 @@ def status_plan(keys: Keys, task_id: str) -> Plan[tuple[str, bytes | None]]:
             running=running is not None,
             delayed=delayed is not None,
             queued=queued is not None,
+            waiting=waiting is not None,
         )
         if status != "unknown":
             return status, done

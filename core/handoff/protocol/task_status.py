@@ -21,13 +21,20 @@ def finished_status(record: bytes) -> str:
 
 
 def task_status(
-    record: bytes | None, *, dead: bool, running: bool, delayed: bool, queued: bool
+    record: bytes | None,
+    *,
+    dead: bool,
+    running: bool,
+    delayed: bool,
+    queued: bool,
+    waiting: bool = False,
 ) -> str:
-    """done | expired | cancelled | dead | running | delayed | queued | unknown.
+    """done | expired | cancelled | dead | running | delayed | waiting | queued | unknown.
 
     record: the finished record, if any; the flags: whether the task is in the dead,
-    leases, delayed and ready (its queue, or its group's) sets. A finished record wins,
-    then dead, running, delayed, queued in that order (a task caught in two sets while
+    leases, delayed, waiting (a Wait's then-task, parked) and ready (its queue, or its
+    group's) sets. A finished record wins, then dead, running, delayed, waiting, queued in
+    that order (a task caught in two sets while
     it moves between reads gets one answer, the same everywhere)."""
     if record is not None:
         return finished_status(record)
@@ -37,6 +44,8 @@ def task_status(
         return "running"
     if delayed:
         return "delayed"
+    if waiting:
+        return "waiting"
     if queued:
         return "queued"
     return "unknown"

@@ -15,6 +15,7 @@ from handoff.connection.outage import OutageLog
 from handoff.errors import HandoffError, ServerOutOfMemory
 from handoff.protocol.queue import Completion, Failure, TaskQueue
 from handoff.protocol.task import Task
+from handoff.protocol.waits import enqueue_children
 from handoff.runtime.agents import AgentSpec
 from handoff.runtime.settle import handoffs_refused
 from handoff.runtime.worker_events import HeldView, log
@@ -83,7 +84,7 @@ class AckBatches:
             completions, failures, children = unsent[0]
             try:
                 if children:
-                    self.queue.enqueue(children)
+                    enqueue_children(self.queue, children)  # (Waits' then-tasks parked)
                     self.handoff_outage.recovered()
                     unsent[0] = (completions, failures, [])
                 if completions:

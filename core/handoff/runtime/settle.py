@@ -20,6 +20,7 @@ from handoff.protocol.task import Task, derived_task_id, has_non_finite, now_ms
 from handoff.runtime.agents import ON_DEAD, AgentSpec, Handoff, Join, payload_for
 from handoff.runtime.payload_types import plain
 from handoff.runtime.runner import Outcome
+from handoff.runtime.waits import Wait, settle_wait
 
 MIXED_RESULT = (
     "result is a list mixing Handoff and other values: return Handoffs only (a fan-out) "
@@ -64,6 +65,10 @@ def settle(outcome: Outcome, spec: AgentSpec, settings: Settings) -> Settled:
     traceparent = outcome.traceparent or task.traceparent
     if isinstance(value, Join):
         return _settle_join(task, value, settings, extras, traceparent)
+    if isinstance(value, Wait):
+        then = [value.then] if isinstance(value.then, Handoff) else []
+        made = children_of(task, then, settings, traceparent)
+        return settle_wait(task, value, made, _limits(settings), _closing(task), extras)
     if isinstance(value, Handoff) or (
         isinstance(value, list) and value and any(isinstance(v, Handoff) for v in value)
     ):

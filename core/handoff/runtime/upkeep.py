@@ -20,6 +20,7 @@ from handoff.config import Settings
 from handoff.config.autoscale_spec import Bounds
 from handoff.connection.manager import get_manager
 from handoff.errors import HandoffError
+from handoff.protocol import waits
 from handoff.protocol.keys import Keys
 from handoff.protocol.queue import TaskQueue
 from handoff.protocol.task import now_ms
@@ -66,6 +67,7 @@ class Upkeep:
             moved = sum(r for r, _ in reaped.values())
             if moved:
                 log.info("supervisor: requeued %d task(s) with expired leases", moved)
+            self.queue.run(waits.tick_plan(self.queue, list(targets), self.queue._record_ttl_ms))
             if self.autoscaler:
                 for event in self.autoscaler.tick(targets, live_pids, slots):
                     self.events.put(event)

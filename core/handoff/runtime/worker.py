@@ -33,6 +33,7 @@ from handoff.connection.outage import OutageLog
 from handoff.connection.server_checks import check_eviction_policy
 from handoff.connection.startup import wait_for_server
 from handoff.errors import HandoffError, UnsafeServer
+from handoff.protocol import messages
 from handoff.protocol.keys import Keys
 from handoff.protocol.queue import Completion, Failure, TaskQueue
 from handoff.protocol.steps import StepStore
@@ -99,6 +100,7 @@ class Worker:
         self.manager = get_manager(self.settings.redis)
         self.queue = TaskQueue(self.manager, self.settings)
         self.steps = StepStore(self.queue, self.settings)  # task.step (protocol/steps.py)
+        messages.install(self.queue)  # task.receive() in this process's handlers
         self.keys = Keys(self.settings.key_prefix)
         self.agent_keys = self.keys.agent(self.spec.name)
         self.events: queue.SimpleQueue = queue.SimpleQueue()

@@ -29,11 +29,12 @@ import orjson
 from handoff.client import Client
 from handoff.config import RedisPoolConfig, Settings
 from handoff.errors import InvalidPayload, RateLimited, ResultTimeout
-from handoff.protocol import streams
+from handoff.protocol import messages, streams
 from handoff.protocol.queue import ClaimRequest, Completion, Failure
 from handoff.protocol.runs import run_of, run_state
 from handoff.protocol.steps import StepStore
 from handoff.protocol.task import Task, agent_of
+from handoff.protocol.waits import enqueue_children
 from handoff.runtime import tracing
 from handoff.runtime.agents import AgentSpec, app_agents
 from handoff.runtime.runner import Outcome
@@ -123,6 +124,7 @@ class InProcessApp:
         self.client = Client(settings=self.settings)
         self.queue = self.client.queue
         self.steps = StepStore(self.queue, self.settings)  # task.step
+        messages.install(self.queue)  # task.receive() in handlers run here
         self.clock = clock or VirtualClock()
         self.runs = Runs(self.client)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -201,7 +203,7 @@ class InProcessApp:
                 completions.append(completion)
                 children.extend(made)
         if children:
-            self.queue.enqueue(children, now_ms=now)
+            enqueue_children(self.queue, children, now_ms=now)
         if completions:
             self.queue.ack(completions, now_ms=now)
             self.steps.acked(completions)

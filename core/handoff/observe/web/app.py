@@ -39,6 +39,7 @@ from handoff.observe.web.hub import Hub, TooManyViewers
 from handoff.observe.web.pages import View, parse_topic
 from handoff.observe.web.reads import Operations, root_of
 from handoff.observe.web.render import Renderer
+from handoff.observe.web.signal_route import signal_link
 from handoff.protocol.keys import check_agent
 from handoff.protocol.task import check_task_id
 from handoff.runtime.control import send_scale
@@ -373,6 +374,7 @@ def build_app(dashboard: Dashboard, hosts: frozenset[str] | None) -> Starlette:
         Route("/scale", scale, methods=["POST"]),
         Route("/unlock", unlock, methods=["POST"]),
         Route("/lock", lock, methods=["POST"]),
+        Route("/signal/{event:path}", signal_link, methods=["POST"]),  # (signal_route.py)
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
     app = Starlette(

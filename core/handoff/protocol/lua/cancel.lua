@@ -1,5 +1,5 @@
 -- cancel: cancel tasks of one agent type, and mark a cancelled run or task in its slot.
--- include: base, groups, tasks, scopes, notices
+-- include: base, groups, tasks, scopes, notices, waits
 -- KEYS[1..FIXED_KEYS]  the agent's fixed keys (the key header, scripts.py)
 -- ARGV[1] now in ms ('' = server TIME)   ARGV[2] how long records and the mark live, ms
 -- ARGV[3] the id to mark ('' = none: see marked() in lua/lib/*.lua); with ids to cancel,
@@ -17,7 +17,7 @@
 -- handler is told at once. A finished, dead or unknown task is left as it is.
 -- An id that names a run or a join whose scope lives here and is still open also
 -- returns that scope's open tasks (the caller cancels them in turn: a whole run).
--- Returns: per id, what it was (queued | delayed | running | held (leased by a worker that
+-- Returns: per id, what it was (queued | delayed | waiting | running | held (leased by a worker that
 -- answers on ARGV[4] whether it had started) | done | expired | cancelled |
 -- dead | unknown) and the open tasks of its scope ('' or 'id,id,...'); then, if any of
 -- its ends went to another slot's scope, '|' and outbox field/notice pairs to deliver.
@@ -87,6 +87,8 @@ for i = 5, #ARGV do
     was = 'delayed'
   elseif ready_remove(id) == 1 then
     was = 'queued'
+  elseif wait_tail(json) then
+    was = 'waiting'  -- a Wait's then-task, parked: a signal or timeout later finds it gone
   else
     was = 'queued'  -- in no set (a moment's state no script leaves): it ends all the same
   end
