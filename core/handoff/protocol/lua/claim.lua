@@ -119,6 +119,7 @@ end
 -- The full claim. Its steps are helpers working on this call's state table, `claim`:
 -- lib/leasing.lua (a replay, what ends unleased, the lease of each task), lib/admission.lua
 -- (the pause, the start rate, cost units) and lib/fairness.lua (groups taken fairly).
+local claim_key = KEYS[FIXED_KEYS + 1]
 local n = math.min(tonumber(ARGV[1]), tonumber(ARGV[7]))
 local lease_ms, token = tonumber(ARGV[2]), ARGV[3]
 local max_deliveries = tonumber(ARGV[4])
@@ -127,14 +128,14 @@ local now = now_ms(ARGV[6])
 local inbox_tag = string.match(token, '^(%w+)%-')
 local out = {now, -1, inbox_tag and redis.call('GET', run_key('inbox_seq', inbox_tag)) or 0}
 local claim = {
-  key = KEYS[FIXED_KEYS + 1], n = n, lease_ms = lease_ms, token = token, now = now, out = out,
+  n = n, lease_ms = lease_ms, token = token, now = now, out = out,
   max_deliveries = max_deliveries, bound = tonumber(ARGV[8]), isolate = ARGV[9] == '1',
   solo = ARGV[10] == '1', guard = tonumber(ARGV[14]) or 0,
 }
 if claim.isolate then out[4] = 0 end
 
 -- A retried claim: return what the first call leased and still holds; lease nothing new.
-if redis.call('EXISTS', claim.key) == 1 then return claim_replay(claim) end
+if redis.call('EXISTS', claim_key) == 1 then return claim_replay(claim, claim_key) end
 
 wake(promote_due(now, claim.bound) + reap_expired(now, claim.bound))
 expire_finished(now, claim.bound)
@@ -176,7 +177,7 @@ bulk_write('HSET', K_DELIVERIES, counts)
 bulk_write('ZADD', K_LEASES, leases)
 bulk_write('HSET', K_TOKENS, tokens)
 if #leased > 0 then
-  bulk_call('RPUSH', claim.key, leased)
-  redis.call('PEXPIRE', claim.key, lease_ms)
+  bulk_call('RPUSH', claim_key, leased)
+  redis.call('PEXPIRE', claim_key, lease_ms)
 end
 return with_outboxed(out)

@@ -4,8 +4,8 @@
 -- Included by the scripts that list it on their `-- include:` line (scripts.py puts the
 -- included files, in the order of lib/ORDER, after the key header and before the body).
 
--- These work on claim.lua's state table, `claim`: key (its replay key), now, out (its
--- reply), token, lease_ms, max_deliveries, isolate, solo.
+-- These work on claim.lua's state table, `claim`: now, out (its reply), token, lease_ms,
+-- max_deliveries, isolate, solo.
 
 -- The first dead end of a then-task's join ('' for other tasks, and when none). Only a
 -- task whose JSON has a join looks (a payload that happens to hold the text reads '').
@@ -31,9 +31,10 @@ local function emit(out, id, json, failures, deliveries, join)
   out[len + 5] = join or join_state(id, json) or ''
 end
 
--- A retried claim: return what the first call leased and still holds; lease nothing new.
-local function claim_replay(claim)
-  local ids = redis.call('LRANGE', claim.key, 0, -1)
+-- A retried claim (key: its replay key): return what the first call leased and still
+-- holds; lease nothing new.
+local function claim_replay(claim, key)
+  local ids = redis.call('LRANGE', key, 0, -1)
   local holders = hget_each(K_TOKENS, ids)
   local payloads = hget_each(K_TASKS, ids)
   local failures = hget_each(K_FAILURES, ids)
