@@ -23,6 +23,7 @@ DEFINITION = re.compile(
 )
 DECLARED_AHEAD = re.compile(r"^local (\w+)\s*$", re.MULTILINE)
 ASSIGNED_LATER = re.compile(r"^(\w+) = function\(", re.MULTILINE)
+MAX_SCRIPT_LINES, MAX_HELPER_LINES = 200, 60
 
 
 def lib_text(name: str) -> str:
@@ -81,3 +82,19 @@ def test_a_planted_missing_include_is_caught(tmp_path, monkeypatch):
     included = scripts.includes(planted)
     used = used_in(planted)
     assert "notices" not in included and defined_in(lib_text("notices")) & used
+
+
+def test_no_script_or_helper_is_too_long():
+    too_long = []
+    for path in [*LUA.glob("*.lua"), *(LUA / "lib").glob("*.lua")]:
+        lines = path.read_text().splitlines()
+        if path.parent == LUA and len(lines) > MAX_SCRIPT_LINES:
+            too_long.append(f"{path.name}: {len(lines)} lines")
+        starts = [
+            i for i, ln in enumerate(lines) if re.match(r"(local function|\w+ = function)", ln)
+        ]
+        for start in starts:
+            end = next((i for i in range(start, len(lines)) if re.match(r"end\b", lines[i])), start)
+            if end - start + 1 > MAX_HELPER_LINES:
+                too_long.append(f"{path.name}:{start + 1}: helper of {end - start + 1} lines")
+    assert too_long == []

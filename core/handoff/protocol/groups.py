@@ -2,7 +2,7 @@
 
 Runs in: producers (a group name is checked at enqueue), workers (the agent's group
 limits go with each claim). Pure: no Redis here; the rotation lives in the claim script
-(see "Groups" in lib/groups.lua and pick_fairly in claim.lua).
+(see "Groups" in lib/groups.lua and pick_fairly in lib/fairness.lua).
 
 The picture. A task enqueued with group="customer-42" waits in that group's own ready set,
 not in the agent's queue. The claim takes tasks one at a time from a rotation of the

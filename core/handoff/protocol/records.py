@@ -40,7 +40,7 @@ class ClaimRequest:
     # Each group's limits (groups.py): starts per window, running at most (0 = none).
     group_rate: Rate | None = None
     group_concurrency: int = 0
-    # Cost units (task.charge) per window (cost_limit="200000/min"); see claim.lua.
+    # Cost units (task.charge) per window (cost_limit="200000/min"); see lib/admission.lua.
     cost_limit: Rate | None = None
 
 
