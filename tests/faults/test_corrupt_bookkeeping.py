@@ -26,7 +26,8 @@ from handoff.errors import TaskDead
 from handoff.protocol import scripts
 from handoff.protocol.keys import Keys
 from handoff.protocol.queue import ClaimRequest, Completion, Failure, TaskQueue
-from handoff.protocol.task import Task, new_task_id
+from handoff.protocol.task import Task, new_task_id, now_ms
+from handoff.protocol.waits import park_plan, resume_plan, tick_plan, wait_record
 
 BACKENDS = ("server", "cluster")
 
@@ -53,6 +54,16 @@ READS: dict[str, set[str]] = {
     "follow": set(),
     "await": set(),
     "cancel": set(),  # reads no counters: it ends tasks and forgets them
+    "step": set(),  # a step's store: checks the lease token, reads no counter
+    "rerun": set(),  # reopens scopes: SCOPE_DAMAGE covers a run's and a join's fields
+    "restore": set(),  # writes a cancelled task back from its record, reads no counter
+    "conflict": set(),  # a repeated key: reads the task by its key, no counter
+    "wait": set(),  # parks then-tasks: writes their scores, reads none
+    "wait_resume": {"scores"},  # a resumed task goes back to its place
+    "wait_tick": {"scores"},  # a timed-out task goes back to its place
+    "wait_register": set(),  # the events' slot: no task counters
+    "signal": set(),
+    "send": set(),  # a message: checks the task exists, reads no counter
 }
 
 
@@ -109,6 +120,22 @@ def dead(q: TaskQueue) -> list[Task]:
 LATER = T0 + LEASE_MS + 1_000  # past every lease and every retry delay
 
 
+def parked(q: TaskQueue) -> list[Task]:
+    """Six then-tasks of Waits, parked on one event; their timeouts passed a second ago."""
+    since = now_ms() - 10_000
+    tasks = [
+        Task(id=new_task_id(AGENT, T0), agent=AGENT, payload={"n": i}, created_at=T0,
+             enqueued_at=T0, wait=wait_record("ev", "continue", 9.0, since))
+        for i in range(6)
+    ]  # fmt: skip
+    assert all(q.run(park_plan(q, tasks)))
+    return tasks
+
+
+def resume_all(q: TaskQueue, tasks: list[Task]) -> object:
+    return q.run(resume_plan(q, [(f"f{i}", AGENT, t.id, b"1") for i, t in enumerate(tasks)]))
+
+
 @dataclass(frozen=True)
 class Scenario:
     script: str
@@ -134,6 +161,10 @@ SCENARIOS = [
     Scenario("release", "scores", leased, lambda q, ts: q.release(ts), "queued"),
     Scenario("reap", "scores", expired, lambda q, _: q.reap([AGENT], now_ms=LATER), "queued"),
     Scenario("reap", "scores", delayed_due, lambda q, _: q.reap([AGENT], now_ms=LATER), "queued"),
+    Scenario("wait_resume", "scores", parked, resume_all, "queued"),
+    Scenario(
+        "wait_tick", "scores", parked, lambda q, _: q.run(tick_plan(q, [AGENT], 60_000)), "queued"
+    ),
     Scenario(
         "dead_requeue",
         "scores",

@@ -56,7 +56,9 @@ def test_a_full_server_drains_and_takes_enqueues_again(
         full = monitor.snapshot()
         assert full["redis"]["out_of_memory"] and not full["healthy"]
         assert any("server out of memory" in line for line in problem_lines(full))
-        env = handoff_env(redis_url, app="apps.probe", lease_s=lease_s)
+        # Finished tasks keep no payload here: a kept payload (kept_payload_bytes) holds
+        # its memory until the record expires, so the room would come back only then.
+        env = handoff_env(redis_url, app="apps.probe", lease_s=lease_s, kept_payload_bytes=0)
         env["HANDOFF_REDIS_URL"] = server.url
         started = time.monotonic()
         worker = HandoffProcess(["worker", "filler"], env, tmp_path / "worker.log")

@@ -23,8 +23,12 @@ local function resume_waiting(id, woke, now)
     forget(id)
     return false
   end
+  local score, bad = score_in(redis.call('HGET', K_SCORES, id), id)
+  if not score then  -- someone overwrote its stored place: dead-lettered, naming it
+    bury_corrupt(id, now, K_SCORES, bad)
+    return false
+  end
   redis.call('HSET', K_TASKS, id, string.sub(json, 1, -2) .. ',"woke":' .. woke .. '}')
-  local score = redis.call('HGET', K_SCORES, id) or '0'
   local group = string.match(json, GROUP_OF_JSON)
   if group then group_set(id, group) end
   ready_add(id, score, group)
