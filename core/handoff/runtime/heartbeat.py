@@ -42,8 +42,7 @@ class Heartbeat(HelperThread):
         # At the memory limit heartbeats fail while claims and acks go through: that is
         # said on its own (other failures are the main loop's to say).
         self.own_outage = OutageLog(log, f"worker {self.worker_id} heartbeat", stopping=stopping)
-        self._schema: str | None = None
-        self._schema_known = False  # worked out once: pydantic builds it each call
+        self._schema_published = False  # written with the first heartbeat that lands
         self._recycle_reason = ""
 
     def run(self) -> None:
@@ -66,9 +65,8 @@ class Heartbeat(HelperThread):
             manager=self.manager,
         )
         keys, name, key = self.keys, self.spec.name, self.keys.worker(self.worker_id)
-        if not self._schema_known:
-            self._schema, self._schema_known = published_schema(self.spec), True
-        schema = self._schema
+        publish = not self._schema_published  # once per process, not every heartbeat
+        schema = published_schema(self.spec) if publish else None
 
         def write(client) -> None:
             pipe = client.pipeline(transaction=False)
@@ -77,11 +75,12 @@ class Heartbeat(HelperThread):
             pipe.zadd(keys.workers, {self.worker_id: now_ms()})
             # Known before any task of it is enqueued: a run cancel marks every agent known.
             pipe.sadd(keys.agents, name)
-            schema_key = keys.agent(name).schema  # in the agent's slot: its worker user's
-            if schema is None:  # an agent type that dropped its payload type
-                pipe.delete(schema_key)
-            else:
-                pipe.set(schema_key, schema)
+            if publish:  # the payload's schema, in the agent's slot (its worker user's)
+                schema_key = keys.agent(name).schema
+                if schema is None:  # an agent type that dropped its payload type
+                    pipe.delete(schema_key)
+                else:
+                    pipe.set(schema_key, schema)
             pipe.execute()
 
         try:
@@ -91,6 +90,7 @@ class Heartbeat(HelperThread):
         except HandoffError:
             pass  # an outage: the main loop's outage log says it
         else:
+            self._schema_published = True
             self.own_outage.recovered()
 
     def _check_recycle(self) -> None:
