@@ -122,7 +122,11 @@ def test_sigkilled_workers_never_repeat_a_completed_step(start, client, raw_redi
     before it never returned to its handler (killed mid-call, or before its store)."""
     n = 100
     ids = client.enqueue_many("stepper", [{"sleep_s": 0.02} for _ in range(n)])
-    sup = start(["supervise", "--agents", "stepper=2"], app="apps.steps", lease_s=1)
+    # Eight crashes in a row would back the restarts off for 25 s: cap it, as the kills
+    # are the test's, not a crash loop to be shielded from.
+    sup = start(
+        ["supervise", "--agents", "stepper=2"], app="apps.steps", lease_s=1, crash_backoff_max_s=0.2
+    )
     kills = 0
     rng = random.Random(7)
     deadline = time.monotonic() + 60

@@ -5,6 +5,7 @@ saw is recorded outside handoff (tests/apps/flows.py)."""
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import time
@@ -20,7 +21,7 @@ BACKENDS = ("server", "cluster")
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
-RUNS = 20
+RUNS = int(os.environ.get("JOINS_KILLED_RUNS", "10"))  # 20 runs the full scenario
 BRANCHES = 50
 FAN_AT = list(range(0, BRANCHES, 5))  # these branches split in two at their first hop
 ENDS_PER_RUN = BRANCHES + len(FAN_AT)
