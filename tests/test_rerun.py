@@ -35,16 +35,16 @@ def _model_calls(raw_redis) -> Counter:
 
 
 def test_rerun_finishes_a_join_whose_poisoned_branches_died(rerun_app, raw_redis, backend):
-    """planner -> join of 10 branches -> integrator; 3 branches die until the flag is
+    """planner -> join of 20 branches -> integrator; 3 branches die until the flag is
     flipped. rerun: only those 3 run again (their stored model step reused), the
     integrator (dead-lettered by on_dead="fail") runs once, and the run's result is as if
     nothing had failed."""
     client = rerun_app.client
-    run_id = rerun_app.enqueue("rplanner", {"n": 10, "poison": POISONED})
+    run_id = rerun_app.enqueue("rplanner", {"n": 20, "poison": POISONED})
     rerun_app.run_until_idle()
     with pytest.raises(TaskDead):
         client.result(run_id, wait_s=1, follow=True)
-    assert raw_redis.llen("branch_runs") == 7 and raw_redis.llen("integrator_runs") == 0
+    assert raw_redis.llen("branch_runs") == 17 and raw_redis.llen("integrator_runs") == 0
     done_branches = {b.decode() for b in raw_redis.lrange("branch_runs", 0, -1)}
     raw_redis.set("poisoned", "0")
 
@@ -55,9 +55,9 @@ def test_rerun_finishes_a_join_whose_poisoned_branches_died(rerun_app, raw_redis
     )
     rerun_app.run_until_idle()
 
-    assert client.result(run_id, wait_s=5, follow=True) == list(range(10))
+    assert client.result(run_id, wait_s=5, follow=True) == list(range(20))
     runs = Counter(b.decode() for b in raw_redis.lrange("branch_runs", 0, -1))
-    assert set(runs.values()) == {1} and len(runs) == 10  # done branches never ran again
+    assert set(runs.values()) == {1} and len(runs) == 20  # done branches never ran again
     assert done_branches < set(runs)
     assert set(_model_calls(raw_redis).values()) == {1}  # every model step called once
     assert raw_redis.llen("integrator_runs") == 1
@@ -163,22 +163,25 @@ def test_a_cancelled_run_is_rerun_from_where_it_stopped(rerun_app, redis_url, ra
     assert raw_redis.llen("branch_runs") == 4 and raw_redis.llen("integrator_runs") == 1
 
 
-def test_rerun_through_real_worker_processes(start, client, raw_redis, backend):
-    """The same run as above on `handoff supervise` (a process per agent type): the
-    branches' ends reach the join in another slot through the outbox, before and after
-    the rerun."""
+def test_rerun_through_real_worker_processes(start, client, raw_redis, redis_url, backend):
+    """The same run as above on `handoff supervise` (a process per agent type), rerun
+    with `handoff rerun`: the branches' ends reach the join in another slot through the
+    outbox, before and after the rerun."""
+    from handoff.cli import main
     from harness.procs import wait_until
 
     raw_redis.set("poisoned", "1")
-    run_id = client.enqueue("rplanner", {"n": 6, "poison": [1, 4]})
+    run_id = client.enqueue("rplanner", {"n": 20, "poison": POISONED})
     start(["supervise", "--agents", "rplanner=1,worker_step=1,rintegrator=1"], app="apps.steps")
     wait_until(lambda: client.status(run_id) == "done", 30, "the planner")
     wait_until(lambda: _run_ended(client, run_id), 30, "the run to end dead")
+    assert raw_redis.llen("integrator_runs") == 0  # dead-lettered by on_dead="fail"
     raw_redis.set("poisoned", "0")
-    assert len(client.rerun(run_id).requeued) == 2
-    assert client.result(run_id, wait_s=30, follow=True) == list(range(6))
+    said = CliRunner().invoke(main, ["--redis-url", redis_url, "rerun", run_id])
+    assert said.exit_code == 0 and "4 dead or cancelled task(s) sent again" in said.output
+    assert client.result(run_id, wait_s=30, follow=True) == list(range(20))
     runs = Counter(b.decode() for b in raw_redis.lrange("branch_runs", 0, -1))
-    assert len(runs) == 6 and set(runs.values()) == {1}
+    assert len(runs) == 20 and set(runs.values()) == {1}
     assert set(_model_calls(raw_redis).values()) == {1}
     assert raw_redis.llen("integrator_runs") == 1
 
