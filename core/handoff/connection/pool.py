@@ -22,6 +22,31 @@ _CONNECTED_AT = "_handoff_connected_at"
 _RELEASED_AT = "_handoff_released_at"
 
 
+def connect_together(connections: list) -> int:
+    """Connect every connection at once, one thread each but the first; returns how many
+    connected, or raises the first failure once all have tried. Why: each connect is a TCP
+    handshake plus HELLO and CLIENT SETNAME, three round trips; one after another, a worker
+    far from its server (250 ms away) spent seconds warming five before its first claim."""
+    failures: list[BaseException] = []
+
+    def connect(connection) -> None:
+        try:
+            connection.connect()
+        except Exception as e:  # raised below, after every connection has tried
+            failures.append(e)
+
+    helpers = [threading.Thread(target=connect, args=(c,), daemon=True) for c in connections[1:]]
+    for helper in helpers:
+        helper.start()
+    if connections:
+        connect(connections[0])
+    for helper in helpers:
+        helper.join()
+    if failures:
+        raise failures[0]
+    return len(connections)
+
+
 class ManagedConnectionPool(redis.BlockingConnectionPool):
     def __init__(
         self,
@@ -105,20 +130,16 @@ class ManagedConnectionPool(redis.BlockingConnectionPool):
         """
         self._checkpid()
         slots = self._take_unconnected_slots()
-        opened = 0
         try:
             for index, slot in enumerate(slots):
-                connection = slot if slot is not None else self.make_connection()
-                slots[index] = connection
-                connection.connect()
-                opened += 1
+                slots[index] = slot if slot is not None else self.make_connection()
+            return connect_together(slots)
         finally:
             now = time.monotonic()
             for connection in slots:
                 if connection is not None:
                     setattr(connection, _RELEASED_AT, now)
                 self.pool.put_nowait(connection)
-        return opened
 
     def _take_unconnected_slots(self) -> list:
         """Remove from the queue the free slots (None or closed) warming needs; never blocks."""
