@@ -113,7 +113,7 @@ def _keep_ms(last_due: float, now: int) -> int:
 
 def _wait_keys(keys: Keys, agent: str) -> list[str]:
     agent_keys = keys.agent(agent)
-    return [*agent_keys.all(), agent_keys.waiting, agent_keys.wait_outbox]
+    return [*agent_keys.all(), agent_keys.waiting, agent_keys.wait_outbox, agent_keys.waiting_since]
 
 
 def _event_keys(keys: Keys, event: str) -> list[str]:
@@ -132,7 +132,8 @@ def park_plan(queue: QueueBase, tasks: Sequence[Task]) -> Plan[list[bool]]:
         args: list[Any] = ["", max_bytes]
         for task in group:
             args += (task.id, score_for(task.priority, task.enqueued_at), task.to_json())
-            args += (_due(task), (task.wait or {}).get("event", ""))
+            wait = task.wait or {}
+            args += (_due(task), wait.get("event", ""), wait.get("since") or "")
         calls.append(("wait", _wait_keys(queue.keys, agent), args))
     replies = yield Scripts(calls, wait_replicas=queue.settings.enqueue_wait_replicas)
     added: dict[str, bool] = {}
