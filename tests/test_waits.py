@@ -338,7 +338,7 @@ def test_the_waiting_sets_stay_in_step_and_leave_no_key_behind(client, raw_redis
     """<base>:waiting (by due time) and <base>:waiting_since (by parking time: the
     monitor's oldest wait) hold the same waits through each way out (a signal, a
     timeout, a cancel); then both are gone, and every key left has a TTL or is one of the
-    agents' standing keys."""
+    agents' standing keys. Parking registers the then agent, so the monitor lists it."""
     from handoff.protocol import waits
     from handoff.protocol.keys import AGENT_KEY_NAMES
     from handoff.protocol.task import Task, derived_task_id, now_ms
@@ -353,6 +353,7 @@ def test_the_waiting_sets_stay_in_step_and_leave_no_key_behind(client, raw_redis
     tasks = [then("signalled"), then("timed", timeout_s=0.05), then("cancelled")]
     assert queue.run(waits.park_plan(queue, tasks)) == [True] * 3
     assert _parked_count(raw_redis) == 3
+    assert raw_redis.smembers("handoff:agents") == {b"after"}  # the monitor starts from it
     assert raw_redis.zrange(keys.waiting_since, 0, 0, withscores=True)[0][1] == since
     assert client.signal("step.signalled") == 1
     assert _parked_count(raw_redis) == 2
