@@ -446,6 +446,120 @@ def test_cancel_the_run_from_its_page_lands_on_the_runs_page(stack, browser, tmp
         _lock(browser)
 
 
+# -- waits: the waiting page, a waiting task's signal form ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def waits_team(stack) -> Iterator[None]:
+    """The waits test agents (tests/apps/waits.py: `asker` returns a Wait whose then-task
+    is `after`) beside the demo team, on the stack's server."""
+    env = handoff_env(stack.url, app="apps.waits")
+    proc = HandoffProcess(
+        ["supervise", "--agents", "asker=1,after=1"], env, stack.folder / "waits.log"
+    )
+    try:
+        yield
+    finally:
+        proc.stop()
+
+
+def _park(stack: Stack, event: str, timeout_s: float | None = 600) -> tuple[str, str]:
+    """(root, then-task) of a run whose `after` waits for event."""
+    client = stack.client
+    root = client.enqueue("asker", {"i": 1, "event": event, "timeout_s": timeout_s})
+    wait_until(lambda: client.status(root) == "done", 30, "the asker to return its Wait")
+    then = client.result(root)["wait"]["then"]
+    wait_until(lambda: client.status(then) == "waiting", 30, f"{then} to wait")
+    return root, then
+
+
+def _wait_rows(browser) -> dict:
+    return browser.evaluate(
+        "Object.fromEntries([...document.querySelectorAll('table.waits tr[data-task]')]"
+        ".map(r => [r.dataset.task, [r.dataset.event, r.cells[0].querySelector('a')"
+        ".getAttribute('href'), r.cells[5].textContent.trim()]]))"
+    )
+
+
+def test_the_waiting_page_lists_parked_waits_and_a_task_page_signals_one(
+    stack, waits_team, browser, tmp_path
+):
+    root, then = _park(stack, "dash.approve")
+    _, forever = _park(stack, "dash.later", timeout_s=None)
+    browser.goto(stack.base + "/waiting")
+    browser.wait_for(f"!!document.querySelector('tr[data-task=\"{then}\"]')", 10, "the wait")
+    rows = _wait_rows(browser)
+    assert rows[then][:2] == ["dash.approve", f"/runs/{root}"]
+    assert "then dead-lettered" in rows[then][2]  # a timeout of 600 s, on_timeout="fail"
+    assert rows[forever][0] == "dash.later" and rows[forever][2] == "never: waits until signalled"
+    assert list(rows).index(then) < list(rows).index(forever)  # the oldest first
+    assert browser.evaluate("document.querySelector('nav a.on').textContent") == "Waiting"
+    browser.screenshot(screenshot_path(tmp_path, "dashboard-waiting.png"))
+    browser.goto(stack.base + "/")
+    waiting = "document.querySelector('#agents tr[data-agent=after] [data-field=waiting]')"
+    browser.wait_for(f"{waiting}.textContent.trim() === '2'", 10, "the overview's count")
+    browser.screenshot(screenshot_path(tmp_path, "dashboard-overview-waiting.png"))
+
+    browser.goto(f"{stack.base}/tasks/{then}")
+    assert browser.evaluate("document.querySelector('[data-field=event]').textContent") == (
+        "dash.approve"
+    )
+    _unlock(browser)
+    try:
+        browser.evaluate(
+            """(() => { const f = document.querySelector('form.signal');
+                f.querySelector('textarea').value = '{"by": "ann", "ok": true}';
+                f.querySelector('button').click(); })()"""
+        )
+        browser.wait_for(
+            "(document.querySelector('.notice') || {}).textContent === "
+            "'signalled dash.approve: 1 wait(s) resumed'",
+            10,
+            "the signal's notice",
+        )
+        browser.screenshot(screenshot_path(tmp_path, "dashboard-signal-notice.png"))
+        done = stack.client.result(root, wait_s=30, follow=True)
+        assert done == {"event": {"by": "ann", "ok": True}, "timed_out": False}
+        browser.goto(f"{stack.base}/tasks/{then}")
+        browser.wait_for("!document.querySelector('form.signal')", 10, "the form gone")
+        browser.screenshot(screenshot_path(tmp_path, "dashboard-signalled-task.png"))
+    finally:
+        _lock(browser)
+    browser.goto(stack.base + "/waiting")
+    browser.wait_for(f"!document.querySelector('tr[data-task=\"{then}\"]')", 10, "its row gone")
+    assert list(_wait_rows(browser)) == [forever]
+    stack.client.cancel(forever)
+
+
+def test_a_signal_from_a_task_page_needs_the_token_and_json_or_resumes_nothing(
+    stack, waits_team, browser, tmp_path
+):
+    root, then = _park(stack, "dash.guarded")
+    browser.goto(f"{stack.base}/tasks/{then}")
+    browser.wait_for("!!document.querySelector('form.signal')", 10, "the signal form")
+    browser.screenshot(screenshot_path(tmp_path, "dashboard-waiting-task.png"))
+    path, signalled = f"/tasks/{then}/signal", "handoff:{events}:sig:dash.guarded"
+    token, body = {"X-Handoff-Token": TOKEN}, "data=%7B%22x%22%3A1%7D"  # {"x":1}
+    refused = [
+        (body, {}, 403, "this action needs the dashboard's token"),
+        (body, {"X-Handoff-Token": "not-the-token"}, 403, "wrong token"),
+        (body, {**token, "Origin": "http://evil.example"}, 403, "cross-origin request refused"),
+        ("data=%7Bnope", token, 400, "data is not JSON"),
+        ("data=NaN", token, 400, "data is not JSON"),
+    ]
+    for form, headers, status, message in refused:
+        got, text, _ = _request(stack.port, "POST", path, form, **headers)
+        assert (got, text.count("\n")) == (status, 1) and message in text, (form, text)
+    got, text, _ = _request(stack.port, "POST", f"/tasks/{root}/signal", body, **token)
+    assert got == 409 and f"task {root} is not waiting for an event (done)" in text
+    # the page's own form, from the page, without unlocking: refused like the rest
+    browser.evaluate("document.querySelector('form.signal button').click()")
+    browser.wait_for("document.title.startsWith('403')", 10, "the refusal page")
+    assert stack.client.status(then) == "waiting" and not stack.raw.exists(signalled)
+    assert _request(stack.port, "POST", path, body, **token)[0] == 303
+    assert stack.client.result(root, wait_s=30, follow=True)["event"] == {"x": 1}
+
+
 # -- bad requests ----------------------------------------------------------------------------
 
 

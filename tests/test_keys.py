@@ -36,7 +36,7 @@ def test_every_key_of_a_valid_agent_carries_its_hash_tag(agent, task_suffix):
     task_id = check_task_id(f"{agent}.{task_suffix}")
     every = [*keys.all(), keys.result(task_id), keys.claim("c0ffee"), *(
         getattr(keys, name) for name in AGENT_KEY_NAMES
-    )]  # fmt: skip
+    ), keys.waiting, keys.waiting_since, keys.wait_outbox]  # fmt: skip
     for key in every:
         assert cluster_hash_tag(key) == agent, key
         assert key.startswith(f"handoff:{{{agent}}}:")

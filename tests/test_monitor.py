@@ -9,11 +9,14 @@ import urllib.request
 
 import orjson
 import pytest
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import CollectorRegistry
 from redis.cluster import RedisCluster
 
 from handoff.config import RedisPoolConfig, Settings
 from handoff.connection.manager import RedisManager
+from handoff.observe.metrics_export import SnapshotCollector
 from handoff.observe.monitor import Monitor
 from handoff.observe.view import render
 from handoff.protocol.queue import TaskQueue
@@ -178,6 +181,7 @@ def test_prometheus_endpoint_matches_the_json_snapshot(start, client, redis_url,
     label = (("agent", "probe"),)
     assert values[("handoff_queue_depth", label)] == probe["queued"] == 0
     assert values[("handoff_tasks_running", label)] == probe["running"]
+    assert values[("handoff_tasks_waiting", label)] == probe["waiting"] == 0
     assert values[("handoff_tasks_enqueued_total", label)] == probe["enqueued"] == 204
     assert values[("handoff_tasks_cancelled_total", label)] == probe["cancelled"] == 3
     assert values[("handoff_tasks_expired_total", label)] == probe["expired"] == 1
@@ -186,6 +190,66 @@ def test_prometheus_endpoint_matches_the_json_snapshot(start, client, redis_url,
     (worker,) = snap["workers"]
     rss = values[("handoff_worker_rss_bytes", (("agent", "probe"), ("worker", worker["id"])))]
     assert rss > 10 * 1024 * 1024
+
+
+def _exposed(snapshot: dict) -> dict:
+    """The Prometheus text /metrics would serve for this snapshot, parsed."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SnapshotCollector(lambda: snapshot))
+    values = {}
+    for family in text_string_to_metric_families(generate_latest(registry).decode()):
+        for sample in family.samples:
+            values[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return values
+
+
+def _waits_shown(watcher: Monitor) -> tuple[dict, list[str], dict]:
+    """The `after` agent as the snapshot, the table's row and Prometheus show it."""
+    snap = watcher.snapshot()
+    table = render(snap).splitlines()
+    header = next(line.split() for line in table if line.startswith("agent "))
+    row = next(line.split() for line in table if line.startswith("after "))
+    label = (("agent", "after"),)
+    prom = {
+        "waiting": _exposed(snap)[("handoff_tasks_waiting", label)],
+        "oldest": _exposed(snap)[("handoff_oldest_wait_age_seconds", label)],
+    }
+    return snap["agents"]["after"], dict(zip(header, row, strict=False)), prom
+
+
+def test_waiting_runs_and_the_oldest_wait_show_in_json_table_and_prometheus(
+    start, client, watcher, redis_url, tmp_path
+):
+    """Two waits parked by a real worker (tests/apps/waits.py), half a second apart; each
+    signal takes its wait off every view, and the oldest age falls to the next one's."""
+    start(["supervise", "--agents", "asker=1,after=1"], app="apps.waits")
+
+    def park(event: str) -> int:
+        root = client.enqueue("asker", {"i": 1, "event": event, "timeout_s": 600})
+        wait_until(lambda: client.status(root) == "done", 20, "the asker's Wait")
+        then = client.result(root)["wait"]["then"]
+        wait_until(lambda: client.status(then) == "waiting", 20, "the wait to park")
+        return client.task(then)["task"]["wait"]["since"]
+
+    first = park("mon.1")
+    wait_until(lambda: _waits_shown(watcher)[0]["oldest_wait_age_s"] >= 0.5, 10, "an old wait")
+    second = park("mon.2")
+    agent, row, prom = _waits_shown(watcher)
+    now_s = time.time()
+    assert agent["waiting"] == 2 and row["wait"] == "2" and prom["waiting"] == 2
+    assert now_s - first / 1000 - 0.5 < agent["oldest_wait_age_s"] <= now_s - first / 1000
+    assert prom["oldest"] == agent["oldest_wait_age_s"] and row["wait_s"].endswith("s")
+    assert snapshot_json(redis_url, tmp_path)["agents"]["after"]["waiting"] == 2  # the CLI's
+
+    assert client.signal("mon.1") == 1  # the oldest goes: the age is the second's
+    agent, row, prom = _waits_shown(watcher)
+    assert agent["waiting"] == 1 and row["wait"] == "1" and prom["waiting"] == 1
+    assert agent["oldest_wait_age_s"] <= time.time() - second / 1000
+    assert agent["oldest_wait_age_s"] < time.time() - first / 1000 - 0.4
+    assert client.signal("mon.2") == 1
+    agent, row, prom = _waits_shown(watcher)
+    assert agent["waiting"] == 0 and agent["oldest_wait_age_s"] == 0.0
+    assert (row["wait"], row["wait_s"], prom["waiting"], prom["oldest"]) == ("0", "-", 0, 0)
 
 
 def commands_processed(raw_redis) -> tuple[int, int]:
@@ -199,24 +263,35 @@ def commands_processed(raw_redis) -> tuple[int, int]:
 
 @pytest.mark.parametrize("queued", [1, 1_000_000])
 def test_snapshot_cost_does_not_grow_with_queued_tasks(watcher, raw_redis, queued):
-    # Fill the queue directly in the server: the monitor only ever looks at its size and head.
+    # Fill the queue, and parked waits (a fifth as many, in both sets: keys.py), directly in
+    # the server: the monitor only ever looks at their sizes and heads, never scans them.
     # In steps of 50,000: one script of a million ZADDs blocks its node past the cluster's
     # node timeout (2 s) on a busy machine, and the cluster calls itself down.
-    fill = "for i = ARGV[1], ARGV[2] do redis.call('ZADD', KEYS[1], i, 'probe.' .. i) end"
+    fill = """for i = ARGV[1], ARGV[2] do
+      redis.call('ZADD', KEYS[1], i, 'probe.' .. i)
+      if i % 5 == 1 then
+        redis.call('ZADD', KEYS[2], '+inf', 'probe.w' .. i)
+        redis.call('ZADD', KEYS[3], ARGV[3] + i, 'probe.w' .. i)
+      end
+    end"""
+    keys = ["handoff:{probe}:queue", "handoff:{probe}:waiting", "handoff:{probe}:waiting_since"]
+    parked_at = int(time.time() * 1000) - 60_000
     for first in range(1, queued + 1, 50_000):
         last = min(queued, first + 49_999)
-        raw_redis.eval(fill, 1, "handoff:{probe}:queue", first, last)
+        raw_redis.eval(fill, 3, *keys, first, last, parked_at)
     raw_redis.sadd("handoff:agents", "probe")
     watcher.snapshot()  # warm: scripts, connections
     before, nodes = commands_processed(raw_redis)
     snap = watcher.snapshot()
     commands = commands_processed(raw_redis)[0] - before - nodes  # minus our INFOs
     assert "probe" in snap["agents"], snap  # else the snapshot says what failed
-    assert snap["agents"]["probe"]["queued"] == queued
-    # 2 registry reads + 10 per agent (6 queue figures, its limits, its groups ready and
-    # waiting, the autoscalers), and the server's memory (one INFO; on a cluster one per
-    # primary): the same for 1 and 1,000,000.
-    assert commands == 12 + (nodes if isinstance(raw_redis, RedisCluster) else 1)
+    probe = snap["agents"]["probe"]
+    assert probe["queued"] == queued and probe["waiting"] == max(1, queued // 5)
+    assert 60 <= probe["oldest_wait_age_s"] < 120
+    # 2 registry reads + 12 per agent (6 queue figures, its limits, its groups ready and
+    # waiting, its waits' count and oldest, the autoscalers), and the server's memory (one
+    # INFO; on a cluster one per primary): the same for 1 and 1,000,000.
+    assert commands == 14 + (nodes if isinstance(raw_redis, RedisCluster) else 1)
 
 
 def test_the_snapshot_names_the_deployment_and_on_a_cluster_each_agents_node(

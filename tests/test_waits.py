@@ -35,6 +35,14 @@ def _runs(raw_redis) -> list[dict]:
     return [orjson.loads(x) for x in raw_redis.lrange("after_runs", 0, -1)]
 
 
+def _parked_count(raw_redis, agent: str = "after") -> int:
+    """How many waits are parked: <base>:waiting and <base>:waiting_since, in step."""
+    keys = f"handoff:{{{agent}}}:waiting", f"handoff:{{{agent}}}:waiting_since"
+    ids = [sorted(raw_redis.zrange(key, 0, -1)) for key in keys]
+    assert ids[0] == ids[1], ids
+    return len(ids[0])
+
+
 def _then_of(client, asker_id: str) -> str:
     wait_until(lambda: client.status(asker_id) == "done", 20, "the asker to return its Wait")
     return client.result(asker_id)["wait"]["then"]
@@ -46,11 +54,13 @@ def test_a_signal_resumes_the_wait_with_its_data_once(client, raw_redis, supervi
     then = _then_of(client, root)
     assert client.status(then) == "waiting"
     assert client.tree(root)["children"][0]["status"] == "waiting"
+    assert _parked_count(raw_redis) == 1
     # the event's waiters outlive the wait's timeout (60 s) by a minute, no more
     assert 60_000 < raw_redis.pttl("handoff:{events}:waiters:approved.1") <= 120_000
     assert client.signal("approved.1", {"by": "ann"}) == 1
     assert client.result(root, 20, follow=True) == {"event": {"by": "ann"}, "timed_out": False}
     assert client.signal("approved.1", {"by": "bob"}) == 0  # resumed once, not again
+    assert _parked_count(raw_redis) == 0
     assert [r["event"] for r in _runs(raw_redis)] == [{"by": "ann"}]
 
 
@@ -109,16 +119,18 @@ def test_a_run_cancelled_while_waiting_ends_cancelled_and_a_signal_resumes_nothi
     with pytest.raises(TaskCancelled):
         client.result(root, 20, follow=True)
     assert client.status(then) == "cancelled"
+    assert _parked_count(raw_redis) == 0  # a cancel takes it out of both sets
     assert client.signal("cancel.me", 1) == 0
     time.sleep(0.5)
     assert _runs(raw_redis) == []
 
 
-def test_a_wait_past_its_run_deadline_ends_expired(client, supervise):
+def test_a_wait_past_its_run_deadline_ends_expired(client, raw_redis, supervise):
     supervise()
     root = client.enqueue("asker", {"i": 1, "event": "slow", "timeout_s": 60}, run_deadline_s=1)
     with pytest.raises(TaskExpired):
         client.result(root, 20, follow=True)
+    assert _parked_count(raw_redis) == 0
 
 
 def test_a_branch_of_a_join_may_wait(client, raw_redis, start):
@@ -261,7 +273,7 @@ def _parked(client, event: str, n: int = 1) -> list:
     queue = client.queue
     args = ["", 1 << 20]
     for t in tasks:
-        args += [t.id, 0, t.to_json(), "inf", event]
+        args += [t.id, 0, t.to_json(), "inf", event, t.wait["since"]]
     queue.run_scripts([("wait", waits._wait_keys(queue.keys, "after"), args)])  # park_plan's
     return tasks
 
@@ -320,6 +332,42 @@ def test_a_wait_returned_again_after_a_crash_parks_and_resumes_once(client, raw_
     assert client.queue.run(waits.park_plan(client.queue, [then()])) == [False]  # ran: still
     assert client.signal("twice", "y") == 0
     assert raw_redis.zcard(client.queue.keys.agent("after").queue) == 1
+
+
+def test_the_waiting_sets_stay_in_step_and_leave_no_key_behind(client, raw_redis):
+    """<base>:waiting (by due time) and <base>:waiting_since (by parking time: the
+    monitor's oldest wait) hold the same waits through each way out (a signal, a
+    timeout, a cancel); then both are gone, and every key left has a TTL or is one of the
+    agents' standing keys. Parking registers the then agent, so the monitor lists it."""
+    from handoff.protocol import waits
+    from handoff.protocol.keys import AGENT_KEY_NAMES
+    from handoff.protocol.task import Task, derived_task_id, now_ms
+
+    queue, keys = client.queue, client.queue.keys.agent("after")
+    since = now_ms() - 5_000
+
+    def then(name: str, timeout_s: float | None = None) -> Task:
+        wait = waits.wait_record(f"step.{name}", "fail", timeout_s, since)
+        return Task(derived_task_id("after", "steps", name), "after", {"i": 0}, wait=wait)
+
+    tasks = [then("signalled"), then("timed", timeout_s=0.05), then("cancelled")]
+    assert queue.run(waits.park_plan(queue, tasks)) == [True] * 3
+    assert _parked_count(raw_redis) == 3
+    assert raw_redis.smembers("handoff:agents") == {b"after"}  # the monitor starts from it
+    assert raw_redis.zrange(keys.waiting_since, 0, 0, withscores=True)[0][1] == since
+    assert client.signal("step.signalled") == 1
+    assert _parked_count(raw_redis) == 2
+    wait_until(lambda: queue.run(waits.tick_plan(queue, ["after"], 60_000)) == 1, 5, "the timeout")
+    assert _parked_count(raw_redis) == 1 and client.status(tasks[1].id) == "dead"
+    assert client.cancel(tasks[2].id).was == Counter({"waiting": 1})
+    assert _parked_count(raw_redis) == 0
+    assert not raw_redis.exists(keys.waiting, keys.waiting_since, keys.wait_outbox)
+    standing = {f"{keys.base}:{n}" for n in AGENT_KEY_NAMES} | {"handoff:agents"}
+    forever = [
+        k.decode() for k in raw_redis.scan_iter(match="handoff:*", count=1000)
+        if raw_redis.pttl(k) == -1 and k.decode() not in standing
+    ]  # fmt: skip
+    assert forever == [], forever
 
 
 def _acl_users(raw_redis) -> list[str]:

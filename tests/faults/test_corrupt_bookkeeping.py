@@ -129,6 +129,11 @@ def parked(q: TaskQueue) -> list[Task]:
         for i in range(6)
     ]  # fmt: skip
     assert all(q.run(park_plan(q, tasks)))
+    r = q.manager.client  # both sets hold every parked wait, waiting_since by when parked
+    assert r.zcard(KEYS.waiting) == 6
+    assert r.zrange(KEYS.waiting_since, 0, -1, withscores=True) == sorted(
+        (t.id.encode(), float(since)) for t in tasks
+    )
     return tasks
 
 
@@ -213,6 +218,8 @@ def test_a_corrupt_field_dead_letters_its_task_and_spares_the_neighbours(
     assert reason.startswith(f"corrupt bookkeeping: {scenario.field}[{victim.id}] = garbage")
     assert {now.get(t.id) for t in neighbours} == {scenario.neighbours_end}, now
     assert int(raw_redis.hget(KEYS.stats, "corrupt")) == 1
+    if scenario.setup is parked:  # every wait, the damaged one too, left both sets in step
+        assert raw_redis.zcard(KEYS.waiting) == raw_redis.zcard(KEYS.waiting_since) == 0
     # Requeued from the dead letters, the victim runs like any other task.
     assert Client(settings=queue.settings).dead_requeue(AGENT, [victim.id]) == [victim.id]
     assert states(raw_redis)[victim.id] == "queued"

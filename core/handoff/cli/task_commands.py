@@ -149,14 +149,15 @@ def inspect() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
 def inspect_queues(state, as_json: bool) -> None:
-    """Per agent type: queued, running, delayed, dead, counters, and a limit set live."""
+    """Per agent type: queued, running, delayed, dead, counters, waiting (parked by a
+    Wait), and a limit set live."""
     stats = _call(state, "queue_stats")
     if as_json:
         print_json(stats)
         return
     columns = [
         "queued", "running", "delayed", "dead", "done", "cancelled", "failed", "retried",
-        "handed_off",
+        "handed_off", "waiting",
     ]  # fmt: skip
     rows = [
         [name, *(s.get(c, 0) for c in columns), f"{s['oldest_queued_age_s']:.1f}", _limit_cell(s)]

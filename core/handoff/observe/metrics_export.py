@@ -19,7 +19,17 @@ AGENT_GAUGES = (
     ("running", "handoff_tasks_running", "Tasks leased by a worker."),
     ("delayed", "handoff_tasks_delayed", "Tasks waiting for their time (retries, delays)."),
     ("dead", "handoff_dead_letters", "Tasks in the dead-letter queue."),
+    (
+        "waiting",
+        "handoff_tasks_waiting",
+        "Then-tasks of Waits parked until their event is signalled or they time out.",
+    ),
     ("oldest_queued_age_s", "handoff_oldest_queued_age_seconds", "Age of the queue's head."),
+    (
+        "oldest_wait_age_s",
+        "handoff_oldest_wait_age_seconds",
+        "How long the oldest parked wait has waited (0: none waiting).",
+    ),
     ("throughput_per_s", "handoff_throughput_tasks_per_second", "Tasks done per second."),
     ("workers", "handoff_workers", "Live worker processes."),
     ("max_concurrent", "handoff_capacity_slots", "Handler slots across live workers."),

@@ -236,6 +236,7 @@ class Monitor:
                 "queued": s["queued"],
                 "running": s["running"],
                 "delayed": s["delayed"],
+                "waiting": s["waiting"],  # parked by a Wait: holding no process
                 "dead": s["dead"],
                 "done": s["done"],
                 "failed": s["failed"],
@@ -248,6 +249,7 @@ class Monitor:
                 "max_concurrent": sum(v["max_concurrent"] for v in mine),
                 "global_limit": next((v["global_limit"] for v in mine if v["global_limit"]), None),
                 "oldest_queued_age_s": s["oldest_queued_age_s"],
+                "oldest_wait_age_s": s["oldest_wait_age_s"],
                 "rate_live": s.get("rate_live", ""),
                 "paused_s": s.get("paused_s", 0.0),
                 "rate_ahead_s": s.get("rate_ahead_s", 0.0),

@@ -1,6 +1,7 @@
 """How a snapshot looks: a table for a terminal, a line per agent for logs.
 
-Runs in: `handoff monitor`, `handoff inspect workers`. Fits an 80-column terminal.
+Runs in: `handoff monitor`, `handoff inspect workers`. Fits an 80-column terminal for agent
+names up to 10 characters and five-digit counts (a cluster adds a node column).
 """
 
 from __future__ import annotations
@@ -9,7 +10,11 @@ from collections.abc import Sequence
 from typing import Any
 
 NODE_COLUMNS = ("primary", "state", "mem_mb", "agents")
-AGENT_COLUMNS = ("agent", "queued", "run", "delay", "dead", "done", "fail", "/s", "wk", "age_s")
+# wait: runs parked by a Wait (holding no process); wait_s: the oldest wait's age
+AGENT_COLUMNS = (
+    "agent", "queued", "run", "delay", "wait", "dead", "done", "fail", "/s", "wk", "age_s",
+    "wait_s",
+)  # fmt: skip
 WORKER_COLUMNS = ("worker", "state", "busy", "done", "rss_mb", "cpu%", "beat_s", "health")
 
 
@@ -35,16 +40,29 @@ def agent_rows(snapshot: dict[str, Any]) -> list[list[str]]:
             str(a["queued"]),
             str(a["running"]),
             str(a["delayed"]),
+            str(a.get("waiting", 0)),
             str(a["dead"]),
             str(a["done"]),
             str(a["failed"]),
             f"{a['throughput_per_s']:.1f}",
             _workers(a),
             f"{a['oldest_queued_age_s']:.1f}",
+            _age(a.get("oldest_wait_age_s", 0.0)) if a.get("waiting") else "-",
             *([a.get("node", "?")] if on_cluster else []),
         ]
         for name, a in sorted(snapshot["agents"].items())
     ]
+
+
+def _age(seconds: float) -> str:
+    """A wait's age, short: waits last minutes to days, so 41s, 12m, 3.5h, 2.1d."""
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f}m"
+    if seconds < 86400:
+        return f"{seconds / 3600:.1f}h"
+    return f"{seconds / 86400:.1f}d"
 
 
 def _workers(agent: dict[str, Any]) -> str:
@@ -135,7 +153,8 @@ def log_lines(snapshot: dict[str, Any]) -> list[str]:
     """Plain lines for a non-terminal (under honcho): one per agent."""
     return [
         f"{name}: queued={a['queued']} running={a['running']} delayed={a['delayed']} "
-        f"dead={a['dead']} done={a['done']} failed={a['failed']} handed_off={a['handed_off']} "
+        f"waiting={a.get('waiting', 0)} dead={a['dead']} done={a['done']} failed={a['failed']} "
+        f"handed_off={a['handed_off']} "
         f"rate={a['throughput_per_s']:.1f}/s workers={a['workers']}"
         for name, a in sorted(snapshot["agents"].items())
     ]

@@ -171,11 +171,17 @@ def _live(queue: QueueBase, task_id: str, *, run: bool) -> Plan[bool]:
     return any((yield Call(read)))
 
 
+def cancel_keys(queue: QueueBase, agent: str) -> list[str]:
+    """cancel.lua's KEYS: the agent's fixed keys, and the two sets a parked wait leaves."""
+    agent_keys = queue.keys.agent(agent)
+    return [*agent_keys.all(), agent_keys.waiting, agent_keys.waiting_since]
+
+
 def _mark_everywhere(queue: QueueBase, mark: str, keep_ms: int, *, skip: str) -> Plan[None]:
     """Mark the id in every known agent's slot: one round trip (the agent of a single
     task is marked by its own cancel call, in the same script that ends it)."""
     agents = [a for a in (yield from queue.known_agents_plan()) if a != skip]
-    calls = [("cancel", queue.keys.agent(a).all(), ["", keep_ms, mark, ""]) for a in agents]
+    calls = [("cancel", cancel_keys(queue, a), ["", keep_ms, mark, ""]) for a in agents]
     if calls:
         yield Scripts(calls)
 
@@ -187,7 +193,7 @@ def _cancel_in(
     of the scopes met. Ends written to other slots' outboxes are delivered right away."""
     agents = list(by_agent)
     args = ["", keep_ms, mark, answers_key]
-    calls = [("cancel", queue.keys.agent(a).all(), [*args, *by_agent[a]]) for a in agents]
+    calls = [("cancel", cancel_keys(queue, a), [*args, *by_agent[a]]) for a in agents]
     was: dict[str, str] = {}
     opened: list[str] = []
     outgoing: list[tuple[str, str, bytes]] = []

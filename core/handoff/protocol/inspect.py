@@ -1,7 +1,8 @@
 """Read-only views of queues and dead letters, each in one pipelined round trip.
 
 Runs in: admin commands, the monitor. Never scans task payloads: counts come from
-ZCARD/HGETALL, ages from the head of each queue.
+ZCARD/HGETALL, ages from the head of each queue (the oldest wait: the head of
+<base>:waiting_since, kept in step with <base>:waiting by the wait scripts, so O(log n)).
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def _count(raw: bytes) -> int:
 
 
 def queue_stats(queue: TaskQueue, agents: Sequence[str] | None = None) -> dict[str, dict]:
-    """Per agent: queued, running, delayed, dead, the counters, and the head's age."""
+    """Per agent: queued, running, delayed, waiting, dead, the counters, and the ages of
+    the queue's head and of the oldest wait."""
     names = list(agents) if agents is not None else queue.known_agents()
     if not names:
         return {}
@@ -55,29 +57,34 @@ def queue_stats(queue: TaskQueue, agents: Sequence[str] | None = None) -> dict[s
             pipe.hgetall(keys.limits)
             pipe.zcard(keys.groups)
             pipe.zcard(keys.parked)
+            pipe.zcard(keys.waiting)
+            pipe.zrange(keys.waiting_since, 0, 0, withscores=True)
         return pipe.execute()
 
-    per = 9
+    per = 11
     replies = queue.manager.execute_pipelined(read, per * len(names))
     now = now_ms()
     out: dict[str, dict[str, Any]] = {}
     for i, name in enumerate(names):
-        queued, running, delayed, dead, counters, head, limits, turning, parked = replies[
-            i * per : i * per + per
-        ]
+        queued, running, delayed, dead, counters, head, limits, turning, parked, waiting, first = (
+            replies[i * per : i * per + per]
+        )
         queued += _count(limits.get(b"grouped_ready", b"0"))  # in their groups' sets
         counts = {k.decode(): _count(v) for k, v in counters.items()}
         age_s = 0.0
         if head:
             age_s = max(0.0, (now - enqueued_ms_from_score(head[0][1])) / 1000.0)
+        wait_s = max(0.0, (now - first[0][1]) / 1000.0) if first else 0.0
         out[name] = {
             "queued": queued,
             "running": running,
             "delayed": delayed,
+            "waiting": waiting,  # then-tasks of Waits, parked until their event or timeout
             "dead": dead,
             **{c: counts.get(c, 0) for c in COUNTERS if c != "dead"},
             "dead_total": counts.get("dead", 0),
             "oldest_queued_age_s": round(age_s, 3),
+            "oldest_wait_age_s": round(wait_s, 3),
             "groups_ready": turning,  # groups in the rotation (ready, may start)
             "groups_waiting": parked,  # groups waiting for their rate or a pause
             **_limit_figures(limits, now),

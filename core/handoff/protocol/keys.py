@@ -57,6 +57,10 @@ one cluster slot. Agent names are validated before any key is built.
                                           first by each delivery (messages.py)
     <prefix>:{<agent>}:waiting      ZSET  then-task id -> when its wait times out (ms, +inf =
                                           never): tasks parked by a Wait (waits.py)
+    <prefix>:{<agent>}:waiting_since ZSET then-task id -> when it was parked (ms): the same
+                                          ids as waiting, kept in step by every script
+                                          that adds to or takes from it (the monitor's
+                                          oldest wait, O(log n); the dashboard's list)
     <prefix>:{<agent>}:wait_outbox  HASH  then-task id -> time + event: a wait not yet
                                           registered with its event (delivered, then gone)
     <prefix>:{events}:sig:<event>   STRING an event's signal data (JSON), for signal_ttl_s
@@ -288,6 +292,10 @@ class AgentKeys:
     @property
     def waiting(self) -> str:
         return f"{self.base}:waiting"
+
+    @property
+    def waiting_since(self) -> str:
+        return f"{self.base}:waiting_since"
 
     @property
     def wait_outbox(self) -> str:

@@ -113,7 +113,7 @@ def _keep_ms(last_due: float, now: int) -> int:
 
 def _wait_keys(keys: Keys, agent: str) -> list[str]:
     agent_keys = keys.agent(agent)
-    return [*agent_keys.all(), agent_keys.waiting, agent_keys.wait_outbox]
+    return [*agent_keys.all(), agent_keys.waiting, agent_keys.wait_outbox, agent_keys.waiting_since]
 
 
 def _event_keys(keys: Keys, event: str) -> list[str]:
@@ -132,9 +132,16 @@ def park_plan(queue: QueueBase, tasks: Sequence[Task]) -> Plan[list[bool]]:
         args: list[Any] = ["", max_bytes]
         for task in group:
             args += (task.id, score_for(task.priority, task.enqueued_at), task.to_json())
-            args += (_due(task), (task.wait or {}).get("event", ""))
+            wait = task.wait or {}
+            args += (_due(task), wait.get("event", ""), wait.get("since") or "")
         calls.append(("wait", _wait_keys(queue.keys, agent), args))
-    replies = yield Scripts(calls, wait_replicas=queue.settings.enqueue_wait_replicas)
+    # The then agents join the registry as an enqueue's would: the monitor (which starts
+    # from it) shows their waits before any task was enqueued to them or a worker ran.
+    new_agents = sorted(set(by_agent) - queue._registered_agents)
+    extra = [lambda p: p.sadd(queue.keys.agents, *new_agents)] if new_agents else []
+    replies = yield Scripts(calls, extra, queue.settings.enqueue_wait_replicas)
+    replies = replies[: len(calls)]
+    queue._registered_agents.update(new_agents)
     added: dict[str, bool] = {}
     owed: list[Owed] = []
     for (agent, group), reply in zip(by_agent.items(), replies, strict=True):

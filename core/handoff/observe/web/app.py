@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -37,7 +38,7 @@ from handoff.errors import HandoffError, InvalidPayload
 from handoff.observe.web import guard
 from handoff.observe.web.hub import Hub, TooManyViewers
 from handoff.observe.web.pages import View, parse_topic
-from handoff.observe.web.reads import Operations, root_of
+from handoff.observe.web.reads import Operations, root_of, task_view
 from handoff.observe.web.render import Renderer
 from handoff.observe.web.signal_route import signal_link
 from handoff.protocol.keys import check_agent
@@ -49,7 +50,6 @@ log = logging.getLogger("handoff.observe.web")
 MAX_QUERY_CHARS = 200  # a search: a task id is at most 64 + 1 + 64 characters
 NOTICE_TTL_S = 60.0
 STATIC = Path(__file__).with_name("static")
-NAV = {"overview": "/", "workers": "/workers"}
 
 
 @dataclass
@@ -137,6 +137,10 @@ async def overview(request: Request) -> Response:
 
 async def workers(request: Request) -> Response:
     return await _show(request, "workers", "workers")
+
+
+async def waiting(request: Request) -> Response:
+    return await _show(request, "waiting", "waiting")
 
 
 async def agent(request: Request) -> Response:
@@ -261,6 +265,29 @@ async def cancel(request: Request) -> Response:
     return _redirect(request, to, report.line())
 
 
+async def signal(request: Request) -> Response:
+    """Signal the event a waiting task waits for, with the form's JSON `data` (empty =
+    null): the token first, then the JSON, then the task's wait; nothing is written
+    unless all three pass. The same code as client.signal (every wait on it resumes)."""
+    task_id = _task_id(request.path_params["task_id"])
+    form = await _action_form(request)
+    text = guard.first(form, "data").strip()
+    try:
+        data = orjson.loads(text) if text else None
+    except orjson.JSONDecodeError as e:
+        raise HTTPException(400, f"data is not JSON: {e}") from None
+    ops = _dash(request).ops
+    info = await _run(task_view, ops, task_id)
+    stored = info.get("task")
+    wait = stored.get("wait") if isinstance(stored, dict) else None
+    if info["status"] != "waiting" or not isinstance(wait, dict) or not wait.get("event"):
+        raise HTTPException(409, f"task {task_id} is not waiting for an event ({info['status']})")
+    resumed = await _run(ops.signal, wait["event"], data)
+    return _redirect(
+        request, f"/tasks/{task_id}", f"signalled {wait['event']}: {resumed} wait(s) resumed"
+    )
+
+
 async def rerun(request: Request) -> Response:
     """The run's dead or cancelled tasks sent again (protocol/rerun.py): back to its page,
     with the line that says what was done."""
@@ -363,10 +390,12 @@ def build_app(dashboard: Dashboard, hosts: frozenset[str] | None) -> Starlette:
     routes = [
         Route("/", overview),
         Route("/workers", workers),
+        Route("/waiting", waiting),
         Route("/agents/{name}", agent),
         Route("/agents/{name}/dead/{what:str}", dead_action, methods=["POST"]),
         Route("/tasks/{task_id}", task),
         Route("/tasks/{task_id}/cancel", cancel, methods=["POST"]),
+        Route("/tasks/{task_id}/signal", signal, methods=["POST"]),
         Route("/runs/{run_id}/rerun", rerun, methods=["POST"]),
         Route("/runs/{task_id}", run),
         Route("/search", search),

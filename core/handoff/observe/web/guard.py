@@ -5,11 +5,11 @@ Runs in: the dashboard. The rules:
 - Reading needs nothing (bind to loopback, the default, to keep it private). A page is
   only served to a Host that names the address it listens on, or a loopback name when it
   listens on loopback: a DNS-rebinding page on another site cannot read it.
-- Changing state (requeue, purge, cancel, scale) is POST only, and needs the token the
-  dashboard was started with (--web-token): in the X-Handoff-Token header, a `token` form
-  field, or the session cookie /unlock sets (an HMAC of the token, never the token; HttpOnly,
-  SameSite=Strict). Without a token the dashboard is read-only. Tokens are compared in
-  constant time (hmac.compare_digest).
+- Changing state (requeue, purge, cancel, rerun, scale, signal) is POST only, and needs
+  the token the dashboard was started with (--web-token): in the X-Handoff-Token header, a
+  `token` form field, or the session cookie /unlock sets (an HMAC of the token, never the
+  token; HttpOnly, SameSite=Strict). Without a token the dashboard is read-only. Tokens
+  are compared in constant time (hmac.compare_digest).
 - A POST must be same-origin: a browser says where it comes from (Sec-Fetch-Site,
   Origin, Referer) and a cross-site one is refused; a client that sends none of them
   (curl, a script) is not a browser a page could have tricked.

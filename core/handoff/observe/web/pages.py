@@ -1,7 +1,7 @@
 """Each page's live regions, built from the monitor's snapshot and the reads it needs.
 
 Runs in: the dashboard, in a worker thread (reads block). A page is a topic ("overview",
-"workers", "agent/NAME", "task/ID", "run/ID"); building it gives a View: the HTML of each
+"workers", "waiting", "agent/NAME", "task/ID", "run/ID"); building it gives a View: the HTML of each
 region the page shows, or a status and a one-line message when there is nothing to show.
 The same regions fill the page when it loads and replace its sections on each tick, so a
 page and its live updates cannot disagree.
@@ -18,7 +18,14 @@ from markupsafe import Markup
 from handoff.errors import HandoffError, InvalidAgentName, InvalidPayload
 from handoff.observe.view import problem_lines
 from handoff.observe.web import chart
-from handoff.observe.web.reads import Operations, agent_lists, run_events, task_view
+from handoff.observe.web.reads import (
+    WAIT_LIST_LIMIT,
+    Operations,
+    agent_lists,
+    run_events,
+    task_view,
+    waiting_lists,
+)
 from handoff.observe.web.render import Renderer
 from handoff.protocol.keys import check_agent
 from handoff.protocol.task import check_task_id
@@ -42,7 +49,7 @@ class View:
 def parse_topic(topic: str) -> tuple[str, str]:
     """(kind, argument) of a topic, or ValueError with a one-line reason."""
     kind, _, arg = topic.partition("/")
-    if kind in ("overview", "workers") and not arg:
+    if kind in ("overview", "workers", "waiting") and not arg:
         return kind, ""
     if kind == "agent":
         try:
@@ -83,6 +90,8 @@ class Pages:
                     return self.overview(snapshot)
                 case "workers":
                     return self.workers(snapshot)
+                case "waiting":
+                    return self.waiting(snapshot)
                 case "agent":
                     return self.agent(arg, snapshot)
                 case "task":
@@ -126,6 +135,20 @@ class Pages:
                 )
             },
         )
+
+    def waiting(self, snapshot: dict[str, Any]) -> View:
+        """The runs parked by a Wait, per agent: the oldest WAIT_LIST_LIMIT of each (the
+        snapshot says which agents have any: none costs no read)."""
+        redis_view = snapshot.get("redis", {})
+        if not redis_view.get("ok", True):
+            return View(status=503, message=f"redis: {redis_view.get('error', 'unreachable')}")
+        counts = {n: a for n, a in sorted(snapshot["agents"].items()) if a.get("waiting")}
+        lists = waiting_lists(self.ops.queue, list(counts))
+        agents = [(name, a, lists.get(name, [])) for name, a in counts.items()]
+        region = self.render.region(
+            "waiting", agents=agents, limit=WAIT_LIST_LIMIT, now_ms=time.time() * 1000
+        )
+        return View(title="Waiting", regions={"waiting": region})
 
     def agent(self, name: str, snapshot: dict[str, Any]) -> View:
         redis_view = snapshot.get("redis", {})

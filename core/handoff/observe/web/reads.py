@@ -1,5 +1,5 @@
 """What a page reads beyond the monitor's snapshot: an agent's queue head, delayed tasks
-and dead letters; a task; a run's tree.
+and dead letters; the parked waits; a task; a run's tree.
 
 Runs in: the dashboard, in a worker thread of the web server (redis-py blocks). Each read
 is bounded (LIST_LIMIT entries) and pipelined: an agent's page is two round trips, a task
@@ -24,6 +24,7 @@ from handoff.protocol.task import PRIORITY_SHIFT, agent_of
 from handoff.protocol.task_reads import task_info
 
 LIST_LIMIT = 50  # entries per list on an agent's page (the head, delayed, dead)
+WAIT_LIST_LIMIT = 100  # parked waits per agent on the waiting page, the oldest first
 EVENTS_SHOWN = 30  # a run's latest events on its page
 
 
@@ -45,6 +46,8 @@ class Operations(Protocol):
     def dead_requeue(self, agent: str, ids: Sequence[str] = (), limit: int = 1000) -> list[str]: ...
 
     def dead_purge(self, agent: str, ids: Sequence[str] = (), limit: int = 1000) -> int: ...
+
+    def signal(self, event: str, data: Any = None) -> int: ...
 
 
 def run_events(queue: TaskQueue, root: str, limit: int = EVENTS_SHOWN) -> list[dict]:
@@ -117,6 +120,58 @@ def agent_lists(queue: TaskQueue, agent: str, limit: int = LIST_LIMIT) -> dict[s
         "delayed": [_entry(m, records[m], due_at=int(s)) for m, s in delayed],
         "dead": [_dead_entry(m, records[m], reasons[m], int(s)) for m, s in dead],
     }  # fmt: skip
+
+
+def waiting_lists(
+    queue: TaskQueue, agents: Sequence[str], limit: int = WAIT_LIST_LIMIT
+) -> dict[str, list[dict[str, Any]]]:
+    """Per agent, its oldest parked waits (the head of <base>:waiting_since: no scan of
+    the waits): task, run, event, since, when it times out. Two round trips, at most
+    `limit` waits an agent however many are parked."""
+    if not agents:
+        return {}
+
+    def heads(client) -> list:
+        pipe = client.pipeline(transaction=False)
+        for agent in agents:
+            pipe.zrange(queue.keys.agent(agent).waiting_since, 0, limit - 1, withscores=True)
+        return pipe.execute()
+
+    listed = queue.manager.execute_pipelined(heads, len(agents))
+    wanted = [(agent, entries) for agent, entries in zip(agents, listed, strict=True) if entries]
+
+    def details(client) -> list:
+        pipe = client.pipeline(transaction=False)
+        for agent, entries in wanted:
+            ids = [member for member, _ in entries]
+            pipe.hmget(queue.keys.agent(agent).tasks, ids)
+            pipe.zmscore(queue.keys.agent(agent).waiting, ids)
+        return pipe.execute()
+
+    got = queue.manager.execute_pipelined(details, 2 * len(wanted)) if wanted else []
+    out: dict[str, list[dict[str, Any]]] = {}
+    for k, (agent, entries) in enumerate(wanted):
+        records, dues = got[2 * k], got[2 * k + 1]
+        out[agent] = [
+            _wait_entry(member, int(since), record, due)
+            for (member, since), record, due in zip(entries, records, dues, strict=True)
+        ]
+    return out
+
+
+def _wait_entry(member: bytes, since: int, record: bytes | None, due: float | None) -> dict:
+    """One parked wait: what its then-task's "wait" says, and when it leaves the set
+    unsignalled (its timeout or its run's deadline, the earlier; None: never)."""
+    entry = _entry(member, record, since=since)
+    task, _ = _loads(record)
+    wait = task.get("wait") if isinstance(task, dict) else None
+    wait = wait if isinstance(wait, dict) else {}
+    entry["event"] = str(wait.get("event", ""))
+    entry["on_timeout"] = str(wait.get("on_timeout", ""))
+    entry["timeout_at"] = wait.get("timeout_at") or None
+    entry["due_at"] = int(due) if due is not None and due != float("inf") else None
+    entry["run"] = entry.get("run") or entry["id"]
+    return entry
 
 
 def _group_heads(queue: TaskQueue, keys, groups: list[bytes]) -> list[tuple[bytes, float]]:

@@ -1,6 +1,8 @@
 -- cancel: cancel tasks of one agent type, and mark a cancelled run or task in its slot.
 -- include: base, groups, tasks, scopes, notices, waits
 -- KEYS[1..FIXED_KEYS]  the agent's fixed keys (the key header, scripts.py)
+-- KEYS[FIXED_KEYS + 1]  <base>:waiting   KEYS[FIXED_KEYS + 2]  <base>:waiting_since
+--   (a parked then-task cancelled leaves both, in step: see wait.lua)
 -- ARGV[1] now in ms ('' = server TIME)   ARGV[2] how long records and the mark live, ms
 -- ARGV[3] the id to mark ('' = none: see marked() in lua/lib/*.lua); with ids to cancel,
 --   marked only if one of them is stored here or names an open scope here
@@ -21,6 +23,7 @@
 -- answers on ARGV[4] whether it had started) | done | expired | cancelled |
 -- dead | unknown) and the open tasks of its scope ('' or 'id,id,...'); then, if any of
 -- its ends went to another slot's scope, '|' and outbox field/notice pairs to deliver.
+local K_WAITING, K_WAITING_SINCE = KEYS[FIXED_KEYS + 1], KEYS[FIXED_KEYS + 2]
 local now = now_ms(ARGV[1])
 local ttl = tonumber(ARGV[2])
 local mark = ARGV[3]
@@ -88,7 +91,9 @@ for i = 5, #ARGV do
   elseif ready_remove(id) == 1 then
     was = 'queued'
   elseif wait_tail(json) then
-    was = 'waiting'  -- a Wait's then-task, parked: a signal or timeout later finds it gone
+    was = 'waiting'  -- a Wait's then-task, parked: a signal later finds it gone
+    redis.call('ZREM', K_WAITING, id)
+    redis.call('ZREM', K_WAITING_SINCE, id)
   else
     was = 'queued'  -- in no set (a moment's state no script leaves): it ends all the same
   end

@@ -4,6 +4,7 @@
 -- whichever tick comes first after it is due.
 -- KEYS[1..FIXED_KEYS]  the agent's fixed keys (the key header, scripts.py)
 -- KEYS[FIXED_KEYS + 1]  <base>:waiting   KEYS[FIXED_KEYS + 2]  <base>:wait_outbox
+-- KEYS[FIXED_KEYS + 3]  <base>:waiting_since (in step with waiting: see wait.lua)
 -- ARGV[1] now in ms ('' = server TIME)   ARGV[2] at most this many per call
 -- ARGV[3] grace ms: registrations owed longer than this were not delivered by the worker
 --   that parked them (it died): returned for the caller to deliver
@@ -14,6 +15,7 @@
 -- Returns: {fired, n, n pairs of id and 'event SEP due' (registrations owed), then, if ends went
 -- to another slot, '|' and outbox field/notice pairs to deliver}
 local K_WAITING, K_WAIT_OUTBOX = KEYS[FIXED_KEYS + 1], KEYS[FIXED_KEYS + 2]
+local K_WAITING_SINCE = KEYS[FIXED_KEYS + 3]
 local now = now_ms(ARGV[1])
 local limit = tonumber(ARGV[2])
 local grace = tonumber(ARGV[3])
@@ -21,6 +23,7 @@ local record_ttl = tonumber(ARGV[4])
 local fired = 0
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', K_WAITING, '-inf', now, 'LIMIT', 0, limit)) do
   redis.call('ZREM', K_WAITING, id)
+  redis.call('ZREM', K_WAITING_SINCE, id)
   redis.call('HDEL', K_WAIT_OUTBOX, id)
   local json = redis.call('HGET', K_TASKS, id)
   if json and not redis.call('ZSCORE', K_DEAD, id) then

@@ -22,7 +22,8 @@
     // Someone is typing in a form of this region: update it once they leave it.
     var active = document.activeElement;
     return active && active !== document.body && element.contains(active) &&
-      (active.tagName === "INPUT" || active.tagName === "SELECT");
+      (active.tagName === "INPUT" || active.tagName === "SELECT" ||
+       active.tagName === "TEXTAREA");
   }
 
   function openDetails(element) {
