@@ -16,10 +16,12 @@ Then (issue 31's other figures):
      processes, a third serving the agent "stepper" in both arms; "with": 10,000 of its
      tasks (--quick 1,000) ran first, in this process with the workers' code, each storing
      three steps (kept with their records);
-  6. enqueue rate, one call per task, on that server: plain, on_conflict="debounce" with a
-     new key each call (the key's check, then the enqueue), and with one hot key (each
-     call moves the one waiting task); the three alternate round by round, the server
-     emptied before each; medians over the rounds and the ratio to plain round by round.
+  6. enqueue rate, one call per task, on that server: plain, with a new key each call
+     (on_conflict="skip", the default), on_conflict="debounce" with a new key each call
+     (the conflict script finds nothing, then the enqueue: two round trips), and with one
+     hot key (each call moves the one waiting task); the four alternate round by round,
+     the server emptied before each; medians over the rounds and the ratio to plain round
+     by round.
 """
 
 from __future__ import annotations
@@ -103,6 +105,7 @@ def enqueue_debounced(client: Client, key: str) -> str:
 
 ENQUEUE_ARMS = {
     "plain": lambda client, i: client.enqueue(ENQUEUE_AGENT, {}),
+    "key_skip": lambda client, i: client.enqueue(ENQUEUE_AGENT, {}, key=f"k{i}"),
     "debounce_new_key": lambda client, i: enqueue_debounced(client, f"k{i}"),
     "debounce_hot_key": lambda client, i: enqueue_debounced(client, "hot"),
 }
@@ -151,6 +154,7 @@ def store_steps(url: str, tasks: int) -> None:
 
 ENQUEUE_ROWS = (
     ("plain", "plain enqueue, no key (the reference)"),
+    ("key_skip", 'a new key each call, on_conflict="skip" (the default)'),
     ("debounce_new_key", 'on_conflict="debounce", a new key each call'),
     ("debounce_hot_key", 'on_conflict="debounce", one hot key (each call moves its task)'),
 )
@@ -169,7 +173,7 @@ def render(figures: dict[str, float], meta: dict, enqueue: dict | None = None,
         f"Steps benchmark ({meta['date']}, {meta['server']}, {meta['calls']:,} calls x "
         f"{meta['rounds']} rounds{', quick' if meta['quick'] else ''}; median of the "
         "rounds' mean per call; load average at the start "
-        f"{meta['load_avg_at_start']:.2f})",
+        f"{meta['load_avg_at_start']:.2f}; {meta.get('elapsed_s', 0):.0f} s in all)",
         "",
         "| call | µs per call |",
         "|---|---|",

@@ -67,6 +67,7 @@ def fill(url: str, n: int) -> dict[str, Any]:
     try:
         app.client.enqueue_many("asker", payloads(0, 1, "warm"))  # every shared key exists
         app.run_until_idle()
+        app.parked = 0
         _no_claim_keys(raw, app)
         before = _used(raw)
         for start in range(0, n, CHUNK):
@@ -141,6 +142,7 @@ def _no_claim_keys(raw: redis.Redis, app: InProcessApp) -> None:
     wait_until(none_left, LEASE_S + 60, "the claims' replay keys to expire")
 
 
+OWN = ("then_task", "waiting", "scores", "waiters")
 PART_ROWS = (
     ("then_task", "the then-task's JSON (its agent's tasks hash)", "until it runs"),
     ("waiting", "its entry in the agent's waiting set (timeout order)", "until it runs"),
@@ -171,4 +173,14 @@ def render(memory: dict[str, Any]) -> list[str]:
     ]
     parts = memory["parts"]
     lines += [f"| {label} | {parts[key]:,.0f} | {kept} |" for key, label, kept in PART_ROWS]
+    own = sum(parts[key] for key in OWN)
+    goal = "met" if memory["waiting_bytes"] <= 1024 else "not met"
+    lines += [
+        "",
+        f"Goal at most 1 KB per waiting run: {goal} ({memory['waiting_bytes']:,.0f} B). "
+        f"The wait's own keys (the then-task, its waiting entry and score, the event's "
+        f"waiters) are {own:,.0f} B of it; the run's scope and its first task's record are "
+        f"what any run holds once its first task has ended. The server's used_memory with "
+        f"them all: {memory['used_memory_mb']:,.0f} MB.",
+    ]
     return lines
