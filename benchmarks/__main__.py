@@ -1,4 +1,5 @@
-"""`python -m benchmarks e2e|compare`: handoff beside Celery, Dramatiq, Huey, RQ and arq.
+"""`python -m benchmarks e2e|compare|runs|rates|waits|steps`: handoff beside Celery, Dramatiq,
+Huey, RQ and arq, and handoff's own features measured beside a reference.
 
 Runs from a checkout (./scripts/bench installs the peers first); not part of the wheel.
 """
@@ -66,6 +67,24 @@ def runs_cmd(args: tuple[str, ...]) -> None:
     from benchmarks.runs import main as runs_main
 
     raise SystemExit(runs_main(list(args)))
+
+
+@main.command("waits", context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def waits_cmd(args: tuple[str, ...]) -> None:
+    """Waits: signal to then-handler start, a million waiting runs, drains beside waits."""
+    from benchmarks.waits import main as waits_main
+
+    raise SystemExit(waits_main(list(args)))
+
+
+@main.command("steps", context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def steps_cmd(args: tuple[str, ...]) -> None:
+    """Steps and repeated keys: task.step's cost, drains beside steps, debounce's enqueue."""
+    from benchmarks.steps import main as steps_main
+
+    raise SystemExit(steps_main(list(args)))
 
 
 @main.command("rates", context_settings={"ignore_unknown_options": True})
