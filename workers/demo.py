@@ -237,7 +237,8 @@ class Follower:
             click.echo(f"demo: {root}: not done after {FOLLOW_S:.0f}s", err=True)
             return
         except HandoffError as e:
-            click.echo(f"demo: {root}: {e}", err=True)
+            if not self.stopping.is_set():  # a stop may take the server down first
+                click.echo(f"demo: {root}: {e}", err=True)
             return
         click.echo(f"demo: feature {describe_end(root, end)}")
 
