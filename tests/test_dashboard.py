@@ -85,7 +85,7 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
     try:
         started.append(
             HandoffProcess(
-                ["supervise", "--agents", "planner=1,coder=1,reviewer=1,integrator=1"],
+                ["supervise", "--agents", "planner=1,coder=1,reviewer=1,integrator=1,merger=1"],
                 env,
                 folder / "supervisor.log",
             )
@@ -133,9 +133,20 @@ def _request(port: int, method: str, path: str, body: str = "", **headers: str):
         conn.close()
 
 
+def _approve(client: Client, root: str) -> None:
+    """Approve a demo run's merge once its integrator asks (its result names the event).
+    (Not workers.demo.approval_event: importing the demo here would type-check this
+    process's payloads, and a test below enqueues a bad one on purpose.)"""
+    then = client.result(root, wait_s=60)["join"]["then"]  # enqueued when the join fires
+    wait_until(lambda: client.status(then) == "done", 60, f"the integrator {then} to ask")
+    event = client.result(then, wait_s=0)["wait"]["event"]
+    client.signal(event, {"approved": True, "by": "test"})  # kept, if it comes first
+
+
 def _run_features(client: Client, count: int, steps: int = 2) -> list[str]:
     roots = [client.enqueue("planner", {"feature": f"f{i}", "steps": steps}) for i in range(count)]
     for root in roots:
+        _approve(client, root)
         client.result(root, wait_s=60, follow=True)
     return roots
 
@@ -183,6 +194,7 @@ def _feed_for_pictures(client: Client, seconds: float = 60.0) -> None:
         roots.append(client.enqueue("planner", {"feature": "demo", "steps": 1 + len(roots) % 3}))
         time.sleep(0.25)
     for root in roots:
+        _approve(client, root)
         client.result(root, wait_s=60, follow=True)
 
 
@@ -282,10 +294,11 @@ def test_requeue_works_with_the_token_and_without_it_is_refused(stack, browser):
     browser.wait_for("!!document.querySelector('form[action=\"/unlock\"]')", 10, "locked again")
 
 
-def test_the_run_view_draws_planner_coders_reviewers_integrator(stack, browser, tmp_path):
+def test_the_run_view_draws_planner_coders_reviewers_integrator_merger(stack, browser, tmp_path):
     root = stack.client.enqueue("planner", {"feature": "run view", "steps": 3}, delay_s=1)
     browser.goto(f"{stack.base}/runs/{root}")
     browser.evaluate("window.__sameDocument = true")
+    _approve(stack.client, root)
     browser.wait_for(
         "(document.querySelector('[data-field=run-state]') || {}).textContent === 'done'",
         30,
@@ -297,12 +310,12 @@ def test_the_run_view_draws_planner_coders_reviewers_integrator(stack, browser, 
         ".map(n => [n.dataset.agent, n.dataset.status])"
     )
     agents = [agent for agent, _ in nodes]
-    assert agents[0] == "planner" and agents[-1] == "integrator"
+    assert agents[0] == "planner" and agents[-2:] == ["integrator", "merger"]
     assert agents.count("coder") >= 3 and agents.count("reviewer") >= 3
     assert all(status == "done" for _, status in nodes)
     assert browser.evaluate("document.querySelectorAll('.tree .fan > .branch').length") == 3
     chain = browser.evaluate("document.querySelector('[data-field=chain]').textContent")
-    assert " ".join(chain.split()) == "planner → coder → reviewer → integrator"
+    assert " ".join(chain.split()) == "planner → coder → reviewer → integrator → merger"
     # the run's streamed events: the planner's progress, each coder's partial output
     events = browser.evaluate(
         "[...document.querySelectorAll('[data-field=events] tbody tr')]"
@@ -392,6 +405,7 @@ def test_a_run_page_names_the_runs_outcome_and_only_a_done_run_is_green(stack, b
 
 def test_a_delayed_runs_page_shows_its_wait_apart_from_the_time_it_took(stack, browser):
     root = stack.client.enqueue("planner", {"feature": "later", "steps": 1}, delay_s=1.5)
+    _approve(stack.client, root)
     stack.client.result(root, wait_s=30, follow=True)
     browser.goto(f"{stack.base}/runs/{root}")
     browser.wait_for("!!document.querySelector('[data-field=took]')", 10, "the run's times")
@@ -408,6 +422,7 @@ def test_a_delayed_runs_page_shows_its_wait_apart_from_the_time_it_took(stack, b
 def test_a_joins_branches_are_labelled_with_their_index_and_payload(stack, browser):
     feature = "<b>bold</b> & a feature with a long name"
     root = stack.client.enqueue("planner", {"feature": feature, "steps": 2})
+    _approve(stack.client, root)
     stack.client.result(root, wait_s=30, follow=True)
     browser.goto(f"{stack.base}/runs/{root}")
     labels = browser.evaluate(

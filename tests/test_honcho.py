@@ -69,6 +69,18 @@ def _follow_chain(client: Client) -> list[str]:
     return []
 
 
+def _waiting_merge(client: Client) -> tuple[str, str] | None:
+    """A demo run whose merge is waiting for its approval now: (root, merger task id)."""
+    keys = client.queue.manager.execute(
+        lambda c: list(c.scan_iter(match="handoff:{integrator}:result:*", count=1000))
+    )
+    for key in keys:
+        asked = client.result(key.decode().rsplit(":", 1)[1], wait_s=0)["wait"]
+        if client.status(asked["then"]) == "waiting":
+            return asked["event"].rsplit("@", 1)[1], asked["then"]  # approve:<feature>@<run>
+    return None
+
+
 @pytest.mark.slow
 def test_honcho_start_runs_the_demo_chain_on_the_embedded_server(tmp_path):
     env = _env(tmp_path)
@@ -79,14 +91,25 @@ def test_honcho_start_runs_the_demo_chain_on_the_embedded_server(tmp_path):
             chain = wait_until(lambda: _try(lambda: _follow_chain(client)), 60, "a full chain")
             reviewer = client.task(chain[2])["result"]["result"]
             assert reviewer.get("approved") is True or "handoff" in reviewer
-            # The run ends with the integrator's merge of its steps; the producer printed it.
-            merged = client.result(chain[0], wait_s=60, follow=True)
+            # The run ends with the merger's word on the integrator's merge of its steps.
+            merged = client.result(chain[0], wait_s=60, follow=True)["merged"]
             steps = client.task(chain[0])["result"]["result"]["join"]["branches"]
             assert sorted(merged["approved_steps"] + merged["failed_steps"]) == list(
                 range(len(steps))
             )
-            assert client.tree(chain[0])["then"]["agent"] == "integrator"
-            wait_until(lambda: "demo: feature '" in _log(tmp_path), 30, "a merged feature printed")
+            integrator = client.tree(chain[0])["then"]
+            assert integrator["agent"] == "integrator"
+            assert integrator["wait"].endswith(f"@{chain[0]}")  # approve:<feature>@<run>
+            # A run passes through waiting (its merge parked until the producer approves
+            # or rejects it, 1-5 s later) to merged, published or not.
+            root, merger = wait_until(lambda: _try(lambda: _waiting_merge(client)), 60, "a wait")
+            end = client.result(root, wait_s=30, follow=True)
+            assert end["verdict"] in ("approved", "rejected"), end
+            assert end["published"] is (end["verdict"] == "approved") and end["by"]
+            assert client.status(merger) == "done"
+            printed = f"demo: feature {end['merged']['feature']!r} ({root}): merged step(s) "
+            wait_until(lambda: printed in _log(tmp_path), 30, "the run's end printed")
+            assert f"; {end['verdict']} by {end['by']}" in _log(tmp_path).split(printed)[1]
             # The monitor serves the dashboard; its first page may come before its first
             # snapshot ("Collecting samples"): wait for one that lists the integrator.
             home = f"http://{env['HANDOFF_MONITOR_WEB']}/"

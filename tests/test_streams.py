@@ -112,6 +112,15 @@ def test_a_run_that_emits_nothing_writes_no_stream(client, start, raw_redis):
     assert not raw_redis.exists(f"handoff:{{talker}}:stream:{root}")
 
 
+def _approve_demo_merge(client, root: str) -> None:
+    """The demo's merge waits for its approval: give it once the integrator asks (its
+    result names the event)."""
+    then = client.result(root, wait_s=30)["join"]["then"]  # enqueued when the join fires
+    wait_until(lambda: client.status(then) == "done", 30, f"the integrator {then} to ask")
+    event = client.result(then, wait_s=0)["wait"]["event"]
+    client.signal(event, {"approved": True})  # kept, if it comes before the wait
+
+
 def _watch_env(redis_url):
     from harness.procs import handoff_env
 
@@ -119,18 +128,20 @@ def _watch_env(redis_url):
 
 
 def test_handoff_watch_follows_a_demo_run_piped_and_on_a_terminal(client, start, redis_url):
-    """The demo's chain (planner -> coders -> reviewers -> integrator): piped, one line per
-    event; under a pseudo-terminal, progress as a bar; either way exit 0 when it ends."""
+    """The demo's chain (planner -> coders -> reviewers -> integrator -> merger, each merge
+    approved once its integrator asks): piped, one line per event; under a
+    pseudo-terminal, progress as a bar; either way exit 0 when it ends."""
     import os
     import pty
     import subprocess
     import sys
 
-    start(["supervise", "--agents", "planner=1,coder=1,reviewer=1,integrator=1"],
+    start(["supervise", "--agents", "planner=1,coder=1,reviewer=1,integrator=1,merger=1"],
           app="workers.demo")  # fmt: skip
     env = _watch_env(redis_url)
     argv = [sys.executable, "-m", "handoff", "watch"]
     piped_root = client.enqueue("planner", {"feature": "search", "steps": 2})
+    _approve_demo_merge(client, piped_root)
     piped = subprocess.run([*argv, piped_root], env=env, capture_output=True, text=True,
                            timeout=60, cwd=os.getcwd())  # fmt: skip
     assert piped.returncode == 0, piped.stderr
@@ -142,6 +153,7 @@ def test_handoff_watch_follows_a_demo_run_piped_and_on_a_terminal(client, start,
     assert piped.stderr.strip().endswith("run ended: done")
 
     tty_root = client.enqueue("planner", {"feature": "export", "steps": 1})
+    _approve_demo_merge(client, tty_root)
     leader, follower = pty.openpty()
     proc = subprocess.Popen([*argv, tty_root], env=env, stdin=follower, stdout=follower,
                             stderr=follower, close_fds=True)  # fmt: skip

@@ -21,18 +21,29 @@ def test_the_planner_hands_each_step_to_a_coder(handoff_app):
     assert app.client.task(reviews[0])["task"]["payload"]["code"].startswith("def step_0()")
 
 
-def test_a_whole_chain_runs_through_its_reviews_to_the_integrator(handoff_app):
+def test_a_whole_chain_runs_through_its_reviews_and_its_approval_to_the_merger(handoff_app):
+    from workers.demo import approval_event
+
     app = handoff_app("workers.demo")
     root = app.enqueue("planner", {"feature": "export", "steps": 2})
     runs = app.run_until_idle()
     reviews = [e for e in runs.values() if e.agent == "reviewer" and e.status == "done"]
     assert {e.result["step"] for e in reviews if isinstance(e.result, dict)} == {0, 1}
-    merged = app.client.result(root, 5, follow=True)  # the run's one end: the integrator's
-    assert merged["feature"] == "export"
-    assert sorted(merged["approved_steps"] + merged["failed_steps"]) == [0, 1]
     tree = app.client.tree(root)
     assert [c["agent"] for c in tree["children"]] == ["coder", "coder"]
-    assert tree["then"]["agent"] == "integrator" and tree["then"]["status"] == "done"
+    integrator = tree["then"]
+    assert integrator["agent"] == "integrator" and integrator["status"] == "done"
+    [merger] = integrator["children"]  # the merge waits for its approval, holding nothing
+    assert merger["agent"] == "merger" and merger["status"] == "waiting"
+    event = approval_event("export", root)
+    assert integrator["wait"] == event
+    assert app.client.signal(event, {"approved": True, "by": "ann"}) == 1
+    app.run_until_idle()
+    end = app.client.result(root, 5, follow=True)  # the run's one end: the merger's
+    assert (end["verdict"], end["by"], end["published"]) == ("approved", "ann", True)
+    merged = end["merged"]
+    assert merged["feature"] == "export"
+    assert sorted(merged["approved_steps"] + merged["failed_steps"]) == [0, 1]
 
 
 def test_retries_come_due_on_the_virtual_clock_and_end_dead(

@@ -20,6 +20,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
 
 from handoff.runtime import tracing
 from handoff.testing import InProcessApp
+from workers.demo import approval_event
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,6 +52,8 @@ def test_a_demo_run_is_one_trace_shaped_like_its_tree(exporter, redis_url):
     try:
         with provider.get_tracer("test").start_as_current_span("http request") as request:
             root = app.enqueue("planner", {"feature": "search", "steps": 3})
+        # approved before the merge asks (a signal is kept): the run goes through at once
+        app.client.signal(approval_event("search", root), {"approved": True, "by": "ann"})
         app.run_until_idle()
         tree = app.client.tree(root)
     finally:
@@ -69,7 +72,7 @@ def test_a_demo_run_is_one_trace_shaped_like_its_tree(exporter, redis_url):
     pairs = list(_nodes(tree))
     assert {node["id"] for node, _ in pairs} == set(by_task)
     agents = {node["agent"] for node, _ in pairs}
-    assert agents == {"planner", "coder", "reviewer", "integrator"}
+    assert agents == {"planner", "coder", "reviewer", "integrator", "merger"}
     for node, parent in pairs:
         span = by_task[node["id"]]
         assert span.name == f"handoff {node['agent']}"
@@ -93,6 +96,7 @@ sys.meta_path.insert(0, NotInstalled())
 _RUN = """
 from handoff.runtime import tracing
 from handoff.testing import InProcessApp
+from workers.demo import approval_event
 app = InProcessApp("apps.flows", URL, agents=["echo"])
 root = app.enqueue("echo", {"next": "echo", "i": 1})
 runs = app.run_until_idle()

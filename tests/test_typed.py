@@ -228,7 +228,7 @@ def test_the_demo_agents_are_typed():
     agents = orjson.loads(result.output)
     assert {name: a["payload"] for name, a in agents.items()} == {
         "coder": "CodeStep", "planner": "FeatureRequest", "reviewer": "CodeForReview",
-        "integrator": "FeatureRequest",
+        "integrator": "FeatureRequest", "merger": "Merged",
     }  # fmt: skip
     assert agents["reviewer"]["result"] == "Review"
-    assert agents["integrator"]["result"] == "Merged"
+    assert agents["merger"]["result"] == "Published"

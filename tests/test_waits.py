@@ -4,14 +4,11 @@ holding no process; exactly one of the two happens, on a server and on a cluster
 from __future__ import annotations
 
 import os
-import random
 import re
-import subprocess
 import sys
 import time
 from collections import Counter
 
-import orjson
 import pytest
 from click.testing import CliRunner
 
@@ -19,6 +16,7 @@ from handoff import TaskCancelled, TaskDead, TaskExpired
 from handoff.cli import main, run
 from handoff.errors import InvalidPayload
 from harness.procs import ROOT, wait_until
+from harness.waits_race import after_runs, race, then_of, warm
 
 BACKENDS = ("server", "cluster")
 
@@ -31,10 +29,6 @@ def supervise(start):
     return _supervise
 
 
-def _runs(raw_redis) -> list[dict]:
-    return [orjson.loads(x) for x in raw_redis.lrange("after_runs", 0, -1)]
-
-
 def _parked_count(raw_redis, agent: str = "after") -> int:
     """How many waits are parked: <base>:waiting and <base>:waiting_since, in step."""
     keys = f"handoff:{{{agent}}}:waiting", f"handoff:{{{agent}}}:waiting_since"
@@ -43,15 +37,10 @@ def _parked_count(raw_redis, agent: str = "after") -> int:
     return len(ids[0])
 
 
-def _then_of(client, asker_id: str) -> str:
-    wait_until(lambda: client.status(asker_id) == "done", 20, "the asker to return its Wait")
-    return client.result(asker_id)["wait"]["then"]
-
-
 def test_a_signal_resumes_the_wait_with_its_data_once(client, raw_redis, supervise):
     supervise()
     root = client.enqueue("asker", {"i": 1, "event": "approved.1", "timeout_s": 60})
-    then = _then_of(client, root)
+    then = then_of(client, root)
     assert client.status(then) == "waiting"
     assert client.tree(root)["children"][0]["status"] == "waiting"
     assert _parked_count(raw_redis) == 1
@@ -61,16 +50,7 @@ def test_a_signal_resumes_the_wait_with_its_data_once(client, raw_redis, supervi
     assert client.result(root, 20, follow=True) == {"event": {"by": "ann"}, "timed_out": False}
     assert client.signal("approved.1", {"by": "bob"}) == 0  # resumed once, not again
     assert _parked_count(raw_redis) == 0
-    assert [r["event"] for r in _runs(raw_redis)] == [{"by": "ann"}]
-
-
-def _warm(client) -> None:
-    """Both agents' workers are up: a wait has been parked, resumed and run."""
-    root = client.enqueue("asker", {"i": -1, "event": "warm", "timeout_s": 60})
-    then = _then_of(client, root)
-    wait_until(lambda: client.status(then) == "waiting", 20, "the wait to be parked")
-    assert client.signal("warm") == 1
-    client.result(root, 20, follow=True)
+    assert [r["event"] for r in after_runs(raw_redis)] == [{"by": "ann"}]
 
 
 def test_a_timed_out_wait_fails_naming_the_event_or_continues(client, raw_redis, supervise):
@@ -82,7 +62,7 @@ def test_a_timed_out_wait_fails_naming_the_event_or_continues(client, raw_redis,
     with pytest.raises(TaskDead, match=r"wait for event 'never.1' timed out after 0\.[5-9] s"):
         client.result(failing, 20, follow=True)
     assert client.result(going_on, 20, follow=True) == {"event": None, "timed_out": True}
-    assert [r["i"] for r in _runs(raw_redis)] == [2]
+    assert [r["i"] for r in after_runs(raw_redis)] == [2]
     assert client.signal("never.1") == 0 and client.signal("never.2") == 0
 
 
@@ -93,19 +73,19 @@ def test_a_signal_before_the_wait_resumes_it_at_once_until_its_ttl(redis_url, ra
     supervise()
     settings = Settings(redis=RedisPoolConfig(url=redis_url), signal_ttl_s=1.0)
     with Client(settings=settings) as client:
-        _warm(client)
+        warm(client)
         assert client.signal("early", [1, 2]) == 0  # nobody waits yet
         root = client.enqueue("asker", {"i": 1, "event": "early", "timeout_s": 30})
         assert client.result(root, 20, follow=True) == {"event": [1, 2], "timed_out": False}
         client.signal("stale", "x")
         time.sleep(1.2)  # past signal_ttl_s: no longer signalled
         late = client.enqueue("asker", {"i": 2, "event": "stale", "timeout_s": 30})
-        then = _then_of(client, late)
+        then = then_of(client, late)
         time.sleep(0.5)
         assert client.status(then) == "waiting"
         assert client.signal("stale", "y") == 1
         assert client.result(late, 20, follow=True)["event"] == "y"
-        assert [r["event"] for r in _runs(raw_redis)] == [None, [1, 2], "y"]
+        assert [r["event"] for r in after_runs(raw_redis)] == [None, [1, 2], "y"]
 
 
 def test_a_run_cancelled_while_waiting_ends_cancelled_and_a_signal_resumes_nothing(
@@ -113,7 +93,7 @@ def test_a_run_cancelled_while_waiting_ends_cancelled_and_a_signal_resumes_nothi
 ):
     supervise()
     root = client.enqueue("asker", {"i": 1, "event": "cancel.me", "timeout_s": 60})
-    then = _then_of(client, root)
+    then = then_of(client, root)
     report = client.cancel(root, run=True)
     assert report.was["waiting"] == 1, report.was
     with pytest.raises(TaskCancelled):
@@ -122,7 +102,7 @@ def test_a_run_cancelled_while_waiting_ends_cancelled_and_a_signal_resumes_nothi
     assert _parked_count(raw_redis) == 0  # a cancel takes it out of both sets
     assert client.signal("cancel.me", 1) == 0
     time.sleep(0.5)
-    assert _runs(raw_redis) == []
+    assert after_runs(raw_redis) == []
 
 
 def test_a_wait_past_its_run_deadline_ends_expired(client, raw_redis, supervise):
@@ -138,7 +118,7 @@ def test_a_branch_of_a_join_may_wait(client, raw_redis, start):
     root = client.enqueue("joiner", {"events": ["j.0", "j.1"]})
     wait_until(lambda: client.status(root) == "done", 20, "the join to start")
     for branch in client.result(root)["join"]["branches"]:
-        then = _then_of(client, branch)
+        then = then_of(client, branch)
         wait_until(lambda t=then: client.status(t) == "waiting", 20, "the branch to wait")
     assert client.signal("j.1", "one") == 1
     assert client.status(client.result(root)["join"]["then"]) == "unknown"  # not yet
@@ -175,7 +155,7 @@ def test_handoff_signal_prints_how_many_it_resumed(
 ):
     supervise()
     root = client.enqueue("asker", {"i": 1, "event": "cli.1", "timeout_s": 60})
-    _then_of(client, root)
+    then_of(client, root)
     runner = CliRunner()
     done = runner.invoke(main, ["--redis-url", redis_url, "signal", "cli.1", '{"ok": true}'])
     assert done.exit_code == 0, done.output
@@ -201,61 +181,10 @@ def test_signals_racing_timeouts_run_each_then_task_once_as_signalled_or_timed_o
     """100 waits with 1 s timeouts (half fail, half continue on timeout); two processes
     signal every event at random moments from 0.6 to 1.6 s after the waits were parked.
     Every then-task runs (or is dead-lettered) exactly once, as signalled or as timed out,
-    never both; each event resumes at most once across both signallers."""
-    from harness.procs import handoff_env
-
+    never both; each event resumes at most once across both signallers (harness/waits_race.py)."""
     supervise()
-    _warm(client)
-    payloads = [
-        {"i": i, "event": f"race.{i}", "timeout_s": 1.0,
-         "on_timeout": "continue" if i % 2 else "fail"}
-        for i in range(WAITS)
-    ]  # fmt: skip
-    rng = random.Random(7)
-    signallers = []
-    for name in ("s1", "s2"):
-        plan = [[rng.uniform(0.6, 1.6), f"race.{i}"] for i in range(WAITS)]
-        argv = [sys.executable, "-m", "apps.signaller", name, orjson.dumps(plan)]
-        signallers.append(subprocess.Popen(argv, env=handoff_env(redis_url), cwd=ROOT))
-    wait_until(lambda: raw_redis.llen("signallers_ready") == 2, 30, "the signallers")
-    start_ns = time.time_ns() + 100_000_000
-    for name in ("s1", "s2"):
-        raw_redis.rpush(f"go:{name}", start_ns)
-    time.sleep((start_ns - time.time_ns()) / 1e9)
-    roots = client.enqueue_many("asker", payloads)
-    ends = {}
-    for i, root in enumerate(roots):
-        try:
-            ends[i] = ("ran", client.result(root, 30, follow=True))
-        except TaskDead as e:
-            ends[i] = ("dead", str(e))
-    for proc in signallers:
-        assert proc.wait(30) == 0
-    time.sleep(0.5)  # anything run twice would show by now
-    runs = [r for r in _runs(raw_redis) if r["i"] >= 0]
-    assert sorted(r["i"] for r in runs) == sorted(i for i, e in ends.items() if e[0] == "ran")
-    assert len({r["id"] for r in runs}) == len(runs)  # no then-task ran twice
-    signals = [orjson.loads(x) for x in raw_redis.lrange("signals", 0, -1)]
-    assert len(signals) == 2 * WAITS
-    resumed_by = Counter(event for _, event, resumed, _ in signals for _ in range(resumed))
-    assert max(resumed_by.values(), default=0) == 1
-    by_i = {r["i"]: r for r in runs}
-    outcome = Counter()
-    for i in range(WAITS):
-        kind, detail = ends[i]
-        run = by_i.get(i)
-        if kind == "ran" and not run["timed_out"]:  # by a signaller, or by a signal kept
-            assert run["event"]["from"] in ("s1", "s2"), (i, run)  # for it (signal_ttl_s)
-            outcome["signalled" if resumed_by[f"race.{i}"] else "signalled before it waited"] += 1
-        elif kind == "ran":
-            assert i % 2 and run["event"] is None and resumed_by[f"race.{i}"] == 0, (i, run)
-            outcome["timed out, ran"] += 1
-        else:
-            assert i % 2 == 0 and run is None and resumed_by[f"race.{i}"] == 0, (i, detail)
-            assert f"wait for event 'race.{i}' timed out" in detail
-            outcome["timed out, dead"] += 1
-    sent_s = [at / 1000 - start_ns / 1e9 for *_, at in signals]
-    print(f"{WAITS} waits: {dict(outcome)}; signals sent {min(sent_s):.2f}..{max(sent_s):.2f} s")
+    warm(client)
+    outcome = race(client, raw_redis, redis_url, WAITS)
     assert outcome["signalled"] and outcome["timed out, ran"] and outcome["timed out, dead"]
 
 
@@ -409,7 +338,7 @@ def test_least_privilege_users_wait_signal_time_out_and_send(redis_url, raw_redi
             url=redis_url, username="handoff-producer", password="change-me-producer"
         )
         with Client(settings=Settings(redis=pool)) as producer:
-            _warm(producer)
+            warm(producer)
             gone = producer.enqueue(
                 "asker", {"i": 1, "event": "acl.t", "timeout_s": 0.3, "on_timeout": "continue"}
             )
