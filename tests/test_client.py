@@ -118,6 +118,28 @@ def test_a_result_waiter_blocks_in_redis_and_wakes_at_the_ack(client, worker_que
     assert sent["evalsha"] == 1 and sent["blmove"] <= 1, sent  # polling would send dozens
 
 
+def test_a_result_waiter_on_an_id_enqueued_later_answers_at_its_ack(
+    client, worker_queue, raw_redis
+):
+    """A join's then-task id is known before it is enqueued: result() on it looks again
+    until the task appears, and answers at its ack, not when wait_s runs out (it slept
+    out the whole wait_s, up to 300 s a chunk, before)."""
+    from handoff.protocol.task import derived_task_id
+
+    tid = derived_task_id("a", "key", "later")
+    got: dict = {}
+    started = time.monotonic()
+    before = command_calls(raw_redis).get("evalsha", 0)
+    waiter = threading.Thread(target=lambda: got.update(value=client.result(tid, 120)))
+    waiter.start()
+    wait_until(lambda: command_calls(raw_redis).get("evalsha", 0) > before, 10, "a first look")
+    assert client.enqueue("a", {}, key="later") == tid
+    worker_queue.ack([Completion(claim_one(worker_queue), b'"ok"')])
+    waiter.join(100)
+    assert got.get("value") == "ok"
+    assert time.monotonic() - started < 60  # at the ack, not at the end of wait_s
+
+
 def test_result_raises_task_dead_with_the_reason(client, worker_queue):
     tid = client.enqueue("a", {})
     task = claim_one(worker_queue)

@@ -35,6 +35,10 @@ from handoff.protocol.task_status import task_status
 # The longest single blocking wait for a result (its connection's read timeout is
 # longer): a wait of an hour sends a command every WAIT_CHUNK_S.
 WAIT_CHUNK_S = 300.0
+# An id nothing holds yet is looked at again after 16 ms, doubling to about half a second:
+# a task enqueued later (a join's then-task, whose id is known before its branches end)
+# pushes no notice this wait could block on, so it polls rather than sleep out wait_s.
+UNKNOWN_POLL_S = 0.008
 DEFAULT_BACKOFF = ExponentialBackoff(0.008, 0.512)  # the pool's defaults (MinRetryBackoff...)
 
 
@@ -140,7 +144,7 @@ def result_plan(
         return (yield from _follow_plan(keys, task_id, wait_s, backoff))
     deadline = time.monotonic() + wait_s
     block_s = WAIT_CHUNK_S
-    failures = 0
+    failures = unknown_looks = 0
     while True:
         remaining = deadline - time.monotonic()
         flag_ms = int((min(remaining, block_s) + 5) * 1000)
@@ -155,8 +159,9 @@ def result_plan(
                 if state.kind != "unknown":
                     status = (yield from status_plan(keys, task_id))[0]
                 raise ResultTimeout(f"task {task_id} is still {status} after {wait_s}s")
-            if state.kind == "unknown":  # nothing will push: wait out the time, then say so
-                yield Pause(min(remaining, block_s))
+            if state.kind == "unknown":  # not enqueued yet (a join's then-task): look again
+                unknown_looks += 1
+                yield Pause(min(remaining, UNKNOWN_POLL_S * 2 ** min(unknown_looks, 6)))
                 continue
             yield from runs.wait_done(keys, task_id, min(remaining, block_s))
         except HandoffError as e:
