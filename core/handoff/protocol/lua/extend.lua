@@ -1,5 +1,5 @@
 -- extend: renew the leases of running tasks, token-checked, atomically.
--- include: base, groups, tasks, scopes, notices
+-- include: base, groups, tasks, scopes, notices, successors
 -- KEYS[1..FIXED_KEYS]  the agent's fixed keys (the key header, scripts.py)
 -- ARGV[1] now in ms ('' = server TIME)   ARGV[2] lease_ms
 -- ARGV[3] n, then n groups of 2: id, token
