@@ -55,9 +55,9 @@ one cluster slot. Agent names are validated before any key is built.
     <prefix>:{<agent>}:done:<id>    LIST  a token pushed when a waited-on task ends
     <prefix>:{<agent>}:msgs:<id>    STREAM a task's messages (client.send), read from the
                                           first by each delivery (messages.py)
-    <prefix>:{<agent>}:successors   HASH  id -> 'mode|delay|until|score|JSON': a repeated key's
-                                          next task, waiting for the task under the key's id
-                                          to end (conflict.py, lua/lib/successors.lua)
+    <prefix>:{<agent>}:successors:keys HASH id -> 'mode|delay|until|score|JSON': a repeated
+                                          key's next task, waiting for the task under the
+                                          key's id to end (conflict.py, lua/lib/successors.lua)
     <prefix>:{<agent>}:waiting      ZSET  then-task id -> when its wait times out (ms, +inf =
                                           never): tasks parked by a Wait (waits.py)
     <prefix>:{<agent>}:wait_outbox  HASH  then-task id -> time + event: a wait not yet
@@ -290,7 +290,7 @@ class AgentKeys:
 
     @property
     def successors(self) -> str:
-        return f"{self.base}:successors"
+        return f"{self.base}:successors:keys"
 
     @property
     def waiting(self) -> str:

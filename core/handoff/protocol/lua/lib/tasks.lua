@@ -10,7 +10,7 @@ local notice_dead
 -- 'mode|delay_ms|until_ms|score|json': mode 'r' waits for the task to end, 'c' cancelled it
 -- (cancel_running: its handler was told, and it ends cancelled once its worker lets go of
 -- it). Looked at only when the hash exists (the hot path: one EXISTS per call).
-local K_SUCCESSORS = AGENT_BASE .. ':successors'
+local K_SUCCESSORS = run_key('successors', 'keys')
 local SUCCESSORS  -- nil until looked at
 local ENDED = {}  -- ids that ended for good in this call with a successor waiting
 local function successor_of(id)
