@@ -116,9 +116,10 @@ def test_replace_while_started_runs_the_new_task_after_the_old_one_ends(client, 
     assert _payload(client, first) == {"v": 3}
     new = _claim(client)
     assert new.id == first and new.payload == {"v": 3} and new.attempt == 1
-    assert new.gen != old.gen  # its handoffs' ids are not the old task's children's
+    assert new.child_id("probe", "0") != old.child_id("probe", "0")  # (its own handoffs)
     assert client.queue.ack([Completion(new, b'"new"')]) == []
     assert client.result(first, wait_s=1) == "new"
+    assert client.result(first, wait_s=1, follow=True) == "new"
     client.enqueue("probe", {"v": 4}, key="s", on_conflict="replace")  # after its end: anew
     assert client.status(first) == "queued" and _payload(client, first) == {"v": 4}
 
@@ -200,6 +201,51 @@ def test_a_bad_on_conflict_is_one_line_and_writes_nothing(
     assert says in str(caught.value) and "\n" not in str(caught.value)
     assert raw_redis.hlen(Keys().agent("probe").tasks) == 0
     assert raw_redis.exists(Keys().agent("probe").stats) == 0
+
+
+def test_the_cli_enqueues_with_on_conflict_and_debounce(redis_url, raw_redis, client, backend):
+    from click.testing import CliRunner
+
+    from handoff.cli import main
+
+    def cli(*args: str) -> str:
+        result = CliRunner().invoke(main, ["--redis-url", redis_url, "--app", "apps.probe",
+                                           "enqueue", "probe", *args])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        return result.output.strip()
+
+    debounce = ("--on-conflict", "debounce", "--debounce-s", "60", "--debounce-max-s", "90")
+    first = cli('{"v": 1}', "--key", "k", *debounce)
+    burst_at = _stored(raw_redis, first)["burst_at"]
+    assert cli('{"v": 2}', "--key", "k", *debounce) == first
+    assert _payload(client, first) == {"v": 2}
+    assert burst_at + 59_000 < _due_ms(raw_redis, first) <= burst_at + 90_000
+    assert cli('{"v": 3}', "--key", "k", "--on-conflict", "replace") == first
+    assert _payload(client, first) == {"v": 3}
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--on-conflict", "debounce", "--debounce-s", "1"], "on_conflict='debounce' needs a key"),
+        (["--key", "k", "--debounce-s", "1"], "debounce_s applies only with on_conflict="),
+        (["--key", "k", "--on-conflict", "nope"], "'nope' is not one of 'skip', 'replace'"),
+    ],
+)
+def test_the_cli_says_what_is_wrong_in_one_line(
+    redis_url, raw_redis, monkeypatch, capsys, args, says, backend
+):
+    import sys
+
+    from handoff.cli import run
+
+    argv = ["handoff", "--redis-url", redis_url, "--app", "apps.probe", "enqueue", "probe", "{}"]
+    monkeypatch.setattr(sys, "argv", [*argv, *args])
+    with pytest.raises(SystemExit) as exited:
+        run()
+    err = capsys.readouterr().err
+    assert exited.value.code != 0 and says in err, err
+    assert raw_redis.hlen(Keys().agent("probe").tasks) == 0
 
 
 # -- with workers: the issue's bursts -----------------------------------------------------
