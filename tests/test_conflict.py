@@ -334,18 +334,19 @@ def test_debounce_runs_each_burst_once_with_its_last_payload(
 def test_cancel_running_stops_the_running_handler_and_runs_one_at_a_time(
     start, either_client, raw_redis, agent, backend
 ):
-    """The issue: cancel_running against a slow handler: every superseded handler was told
-    to stop, no two tasks of one key ran at once, the last payload ran, and result(id)
-    answers with its result."""
+    """The issue: cancel_running against a slow handler (slow to stop, too): every
+    superseded handler was told to stop, no two tasks of one key ran at once, the last
+    payload ran, and result(id) answers with its result."""
     n = KEYS_N if agent == "keyed" else min(KEYS_N, 8)  # (sync: a thread per handler)
     keys = [f"user-{i}" for i in range(n)]
     _start_worker(start, either_client, raw_redis, agent)
-    ids = [either_client.enqueue(agent, {"v": 0, "sleep_s": 60}, key=k) for k in keys]
+    slow = {"sleep_s": 60, "linger_s": 0.2}  # a minute, unless told; 0.2 s to stop then
+    ids = [either_client.enqueue(agent, {"v": 0, **slow}, key=k) for k in keys]
     wait_until(lambda: raw_redis.llen("keyed:started") >= n, 30, "the first tasks to start")
     last = 3  # rounds 1..3 (0 runs): each but the last runs a minute unless stopped
     _send_rounds(
         either_client, keys, last, 0.1,
-        lambda r: {"v": r + 1, "sleep_s": 60 if r + 1 < last else 0},
+        lambda r: {"v": r + 1, **(slow if r + 1 < last else {"sleep_s": 0})},
         on_conflict="cancel_running", agent=agent,
     )  # fmt: skip
     assert [either_client.result(i, wait_s=30) for i in ids] == [last] * n

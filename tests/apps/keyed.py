@@ -5,7 +5,8 @@ in the test's server (TEST_REDIS_URL), outside handoff, one JSON per entry:
     keyed:runs     LIST  {key, v, start, end, how} as a handler ends (how: "done", or
                          "stopped" when it was told of its cancel; start and end: time.time())
 
-payloads: {"v": which message of its key, "sleep_s": how long the handler runs}.
+payloads: {"v": which message of its key, "sleep_s": how long the handler runs,
+"linger_s": how long it takes to stop once told (its clean-up: 0 by default)}.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ async def keyed(task):
         await asyncio.sleep(task.payload.get("sleep_s", 0.005))
     except asyncio.CancelledError:
         how = "stopped"
+        await asyncio.sleep(task.payload.get("linger_s", 0))
         raise
     finally:
         _ended(task, start, how)
@@ -49,5 +51,7 @@ def skeyed(task):
     """A sync handler that waits on its cancel flag, as a long call would poll it."""
     start = _started(task)
     stopped = task.cancelled.wait(task.payload.get("sleep_s", 0.005))
+    if stopped:
+        time.sleep(task.payload.get("linger_s", 0))
     _ended(task, start, "stopped" if stopped else "done")
     return task.payload["v"]
