@@ -31,7 +31,7 @@ def _ended(task, start: float, how: str) -> None:
     client().rpush("keyed:runs", orjson.dumps({**run, "how": how}))
 
 
-@agent("keyed", max_concurrent=256)
+@agent("keyed", max_concurrent=1100)  # the issue's 1,000 keys at once
 async def keyed(task):
     """An async handler: a cancel reaches it as CancelledError at its await."""
     start, how = _started(task), "done"

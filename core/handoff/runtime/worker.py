@@ -318,6 +318,8 @@ class Worker:
         self.state = "busy"
         if refused:
             self.acks.send([], refused, [])
+        if self.gate.skip:  # a cancel heard before we held it: it is handled now
+            self._cancel_held([t.id for t in tasks if (t.id, t.token) in self.gate.skip])
 
     def _report(self, item: Outcome | Finished) -> None:
         """A handler's outcome, to the main thread (never ahead of its task's Claimed)."""
