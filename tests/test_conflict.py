@@ -111,6 +111,8 @@ def test_replace_while_started_runs_the_new_task_after_the_old_one_ends(client, 
     for v in (2, 3):  # the last payload wins
         assert client.enqueue("probe", {"v": v}, key="s", on_conflict="replace") == first
     assert _payload(client, first) == {"v": 1} and client.status(first) == "running"
+    waiting = client.task(first)["successor"]  # (handoff inspect task shows it)
+    assert waiting["task"]["payload"] == {"v": 3} and not waiting["cancels"]
     assert client.queue.ack([Completion(old, b'"old"')]) == []
     assert client.status(first) == "queued"  # the old end cleared: result() waits anew
     assert _payload(client, first) == {"v": 3}
@@ -315,15 +317,13 @@ def _send_rounds(
         return max(pool.map(send, shards))
 
 
-def test_debounce_runs_each_burst_once_with_its_last_payload(
-    start, either_client, raw_redis, backend
-):
+def test_debounce_runs_each_burst_once_with_its_last_payload(start, client, raw_redis, backend):
     """The issue: N keys, each sent 5 messages 100 ms apart with debounce_s=0.5: N tasks
     ran, each with its key's last payload."""
     keys = [f"chat-{i}" for i in range(KEYS_N)]
-    _start_worker(start, either_client, raw_redis)
+    _start_worker(start, client, raw_redis)
     longest = _send_rounds(
-        either_client, keys, 5, 0.1, lambda r: {"v": r}, on_conflict="debounce", debounce_s=0.5
+        client, keys, 5, 0.1, lambda r: {"v": r}, on_conflict="debounce", debounce_s=0.5
     )
     assert longest < 0.5, f"the producer fell behind: {longest:.2f}s between two messages"
     wait_until(lambda: len(_records(raw_redis, "keyed:runs")) >= KEYS_N, 60, "every key's run")
@@ -384,14 +384,14 @@ def test_cancel_running_on_a_started_task_runs_the_new_one_under_the_same_id(
 
 
 def test_replace_runs_one_at_a_time_and_the_last_payload_always_runs(
-    start, either_client, raw_redis, backend
+    start, client, raw_redis, backend
 ):
     """The issue: with "replace", no two tasks of one key ran at once and the last payload
     always ran (each handler runs 150 ms: messages 100 ms apart meet it running)."""
     keys = [f"doc-{i}" for i in range(KEYS_N)]
-    _start_worker(start, either_client, raw_redis)
+    _start_worker(start, client, raw_redis)
     longest = _send_rounds(
-        either_client, keys, 5, 0.1, lambda r: {"v": r, "sleep_s": 0.15}, on_conflict="replace"
+        client, keys, 5, 0.1, lambda r: {"v": r, "sleep_s": 0.15}, on_conflict="replace"
     )
     assert longest < 0.5, f"the producer fell behind: {longest:.2f}s between two messages"
     wait_until(lambda: _settled(raw_redis, "keyed"), 30, "nothing more to run")
@@ -404,13 +404,13 @@ def test_replace_runs_one_at_a_time_and_the_last_payload_always_runs(
     print(f"replace: {len(keys)} keys, {len(runs)} runs, 0 overlaps, the last payload ran")
 
 
-def test_debounce_max_s_starts_a_burst_that_never_pauses(start, either_client, raw_redis, backend):
+def test_debounce_max_s_starts_a_burst_that_never_pauses(start, client, raw_redis, backend):
     """A message every 100 ms for 2 s, debounce_s=0.5: without a cap nothing would start
     before the burst ends; debounce_max_s=0.6 starts it 0.6 s after the first message."""
-    _start_worker(start, either_client, raw_redis)
+    _start_worker(start, client, raw_redis)
     began = time.time()
     _send_rounds(
-        either_client, ["stream"], 20, 0.1, lambda r: {"v": r},
+        client, ["stream"], 20, 0.1, lambda r: {"v": r},
         on_conflict="debounce", debounce_s=0.5, debounce_max_s=0.6,
     )  # fmt: skip
     sent_until = time.time()
