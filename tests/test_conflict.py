@@ -126,6 +126,28 @@ def test_replace_while_started_runs_the_new_task_after_the_old_one_ends(client, 
     assert client.status(first) == "queued" and _payload(client, first) == {"v": 4}
 
 
+def test_a_debounced_successor_counts_its_delay_from_when_it_takes_the_key(
+    client, raw_redis, backend
+):
+    from handoff.protocol.queue import Completion
+
+    first = client.enqueue("probe", {"v": 1}, key="ds", group="g1")
+    old = _claim(client)
+    options = {"key": "ds", "on_conflict": "debounce", "debounce_s": 60, "debounce_max_s": 90}
+    client.enqueue("probe", {"v": 2}, group="g2", **options)
+    time.sleep(0.2)  # (the successor's clock starts at the ack, not at its enqueue)
+    client.queue.ack([Completion(old, b"null")])
+    burst_at = _stored(raw_redis, first)["burst_at"]
+    assert _due_ms(raw_redis, first) == burst_at + 60_000  # from its promotion
+    assert burst_at > _stored(raw_redis, first)["enqueued_at"] + 150
+    assert raw_redis.hget(Keys().agent("probe").task_groups, first) == b"g2"
+    client.enqueue("probe", {"v": 3}, group="g2", **{**options, "debounce_s": 90})
+    assert _due_ms(raw_redis, first) == burst_at + 90_000  # capped from the promotion
+    assert client.enqueue("probe", {"v": 4}, key="ds", on_conflict="cancel_running") == first
+    assert client.status(first) == "delayed" and _payload(client, first) == {"v": 4}
+    assert _due_ms(raw_redis, first) == burst_at + 90_000  # a waiting one: replaced in place
+
+
 def test_a_successor_of_a_dead_lettered_task_takes_its_place(client, raw_redis, backend):
     from handoff.protocol.queue import Failure
 
