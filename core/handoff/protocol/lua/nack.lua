@@ -18,9 +18,10 @@ local failed, retried = 0, 0
 for i = 0, n - 1 do
   local o = 2 + i * 5
   local id, token, max_attempts, delay_ms, reason = ARGV[o + 1], ARGV[o + 2], tonumber(ARGV[o + 3]), tonumber(ARGV[o + 4]), ARGV[o + 5]
-  if redis.call('HGET', K_TOKENS, id) == token and stopping(id) then
+  local holds = redis.call('HGET', K_TOKENS, id) == token
+  if holds and stopping(id) then
     stop_lease(id, now)  -- cancelled for a key's successor: it ends so, never retried
-  elseif redis.call('HGET', K_TOKENS, id) == token then
+  elseif holds then
     failed = failed + 1
     local so_far, why = count_in('failures', redis.call('HGET', K_FAILURES, id), id)
     if not so_far then

@@ -22,9 +22,10 @@ end
 local released = 0
 for i = 0, n - 1 do
   local id, token = ARGV[3 + i * 2], ARGV[4 + i * 2]
-  if redis.call('HGET', K_TOKENS, id) == token and stopping(id) then
+  local holds = redis.call('HGET', K_TOKENS, id) == token
+  if holds and stopping(id) then
     stop_lease(id, now)  -- its worker let go of a task a key's successor cancelled
-  elseif redis.call('HGET', K_TOKENS, id) == token then
+  elseif holds then
     local delivered, why = count_in('deliveries', redis.call('HGET', K_DELIVERIES, id), id)
     redis.call('ZREM', K_LEASES, id)
     local group = group_of(id)
