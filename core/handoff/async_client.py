@@ -23,7 +23,7 @@ from handoff.producing import enqueue_many_plan, many_tasks, one_task
 from handoff.protocol import messages, runs, streams, waits
 from handoff.protocol.async_queue import AsyncTaskQueue
 from handoff.protocol.cancel import CancelReport, cancel
-from handoff.protocol.conflict import check_on_conflict, resolve
+from handoff.protocol.conflict import enqueue_keyed
 from handoff.protocol.rerun import RerunReport
 from handoff.protocol.rerun import rerun as rerun_plan
 from handoff.protocol.streams import stream_plan
@@ -94,6 +94,8 @@ class AsyncClient:
         run_deadline_s: float | None = None,
         group: str | None = None,
         on_conflict: str = "skip",
+        debounce_s: float | None = None,
+        debounce_max_s: float | None = None,
     ) -> str:
         """Add one task; returns its id (see Client.enqueue)."""
         task = one_task(
@@ -107,14 +109,20 @@ class AsyncClient:
             expires_in_s=expires_in_s,
             run_deadline_s=run_deadline_s,
             group=group,
+            on_conflict=on_conflict,
+            debounce_s=debounce_s,
+            debounce_max_s=debounce_max_s,
         )
         if on_conflict != "skip":  # a repeated key replaces, debounces, cancels (conflict.py)
-            check_on_conflict(on_conflict, key)
             limit = self.settings.max_payload_bytes
             keep_ms = int(max(self.settings.result_ttl_s, self.settings.run_ttl_s) * 1000)
-            plan = resolve(self.queue, task, on_conflict, limit, keep_ms)
-            if await self.queue.run(plan) != "absent":
-                return task.id
+            queue = self.queue
+            return await queue.run(
+                enqueue_keyed(
+                    queue, task, on_conflict,
+                    debounce_max_s=debounce_max_s, max_bytes=limit, keep_ms=keep_ms,
+                )
+            )  # fmt: skip
         await self.queue.enqueue([task])
         return task.id
 

@@ -24,7 +24,7 @@ from handoff.errors import InvalidPayload
 from handoff.producing import build_task, check_number, enqueue_many_plan, many_tasks, one_task
 from handoff.protocol import messages, runs, signals, streams, task_reads, waits
 from handoff.protocol.cancel import CancelReport, cancel
-from handoff.protocol.conflict import check_on_conflict, resolve
+from handoff.protocol.conflict import enqueue_keyed
 from handoff.protocol.keys import check_agent
 from handoff.protocol.queue import TaskQueue
 from handoff.protocol.rerun import RerunReport
@@ -106,6 +106,8 @@ class Client:
         run_deadline_s: float | None = None,
         group: str | None = None,
         on_conflict: str = "skip",
+        debounce_s: float | None = None,
+        debounce_max_s: float | None = None,
     ) -> str:
         """Add one task; returns its id (the same id again for a repeated key).
 
@@ -114,9 +116,11 @@ class Client:
         the run it starts. group: its group takes turns with the others at every claim,
         under the agent's group_rate and group_concurrency; its handoffs inherit it.
         on_conflict (with a key): "skip" (the task holding the key stays), "replace" (one
-        still waiting takes this payload, in its place), "debounce" (and runs delay_s after
-        this enqueue), "cancel_running" (a started one is cancelled for this one): see
-        protocol/conflict.py."""
+        still waiting takes this payload, in its place; a started one is followed by this
+        one), "debounce" (with debounce_s, and debounce_max_s: it starts debounce_s after
+        the last enqueue, with the last payload, at most debounce_max_s after the first),
+        "cancel_running" (a started one is cancelled, this one runs once its handler has
+        ended): see protocol/conflict.py."""
         task = one_task(
             agent,
             payload,
@@ -128,13 +132,18 @@ class Client:
             expires_in_s=expires_in_s,
             run_deadline_s=run_deadline_s,
             group=group,
+            on_conflict=on_conflict,
+            debounce_s=debounce_s,
+            debounce_max_s=debounce_max_s,
         )
         if on_conflict != "skip":  # a repeated key replaces, debounces, cancels (conflict.py)
-            check_on_conflict(on_conflict, key)
             limit, keep_ms = self.settings.max_payload_bytes, self._keep_ms()
-            plan = resolve(self.queue, task, on_conflict, limit, keep_ms)
-            if self.queue.run(plan) != "absent":
-                return task.id
+            return self.queue.run(
+                enqueue_keyed(
+                    self.queue, task, on_conflict,
+                    debounce_max_s=debounce_max_s, max_bytes=limit, keep_ms=keep_ms,
+                )
+            )  # fmt: skip
         self.queue.enqueue([task])
         return task.id
 

@@ -7,11 +7,13 @@ caller's trace (runtime.tracing), both above the protocol layer.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from handoff.config.checks import check_range
 from handoff.errors import InvalidPayload, TaskRejected
+from handoff.protocol.conflict import check_on_conflict
 from handoff.protocol.groups import check_group
 from handoff.protocol.keys import check_agent
 from handoff.protocol.plan import Plan
@@ -95,12 +97,33 @@ def check_delay_ms(delay_s: object) -> int:
     return int(delay_s * 1000)  # type: ignore[operator]
 
 
-def one_task(agent: str, payload: Any, *, group: str | None = None, **options: Any) -> Task:
-    """Client.enqueue's task: validated (build_task), in the caller's trace, in its group."""
+def one_task(
+    agent: str,
+    payload: Any,
+    *,
+    group: str | None = None,
+    on_conflict: str = "skip",
+    debounce_s: float | None = None,
+    debounce_max_s: float | None = None,
+    **options: Any,
+) -> Task:
+    """Client.enqueue's task: validated (build_task), in the caller's trace, in its group;
+    with a non-skip on_conflict, its generation (and a debounce's delay and burst start)."""
+    if on_conflict != "skip" or debounce_s is not None or debounce_max_s is not None:
+        check_on_conflict(
+            on_conflict, options.get("key"), delay_s=options.get("delay_s", 0),
+            debounce_s=debounce_s, debounce_max_s=debounce_max_s,
+        )  # fmt: skip
+        if on_conflict == "debounce":
+            options["delay_s"] = debounce_s
     task = build_task(agent, payload, **options)
     task.traceparent = tracing.current_traceparent(agent)  # the run's parent span, if any
     if group is not None:
         task.group = check_group(group)
+    if on_conflict != "skip":  # a key's tasks share one id: its children's ids are its own
+        task.gen = os.urandom(4).hex()
+        if on_conflict == "debounce":
+            task.burst_at = task.enqueued_at
     return task
 
 

@@ -11,6 +11,7 @@ import orjson
 from handoff.cli.common import print_json, print_table
 from handoff.cli.schema_check import PublishedSchemaCheck
 from handoff.errors import InvalidAgentName, InvalidPayload
+from handoff.protocol.conflict import ON_CONFLICT
 from handoff.protocol.keys import check_agent
 
 STDIN_BATCH = 1000
@@ -34,23 +35,49 @@ def _call(state, method: str, *args, **kwargs):
 @click.option("--priority", type=int, default=0, help="Lower runs first (-1000..1000).")
 @click.option("--delay-s", type=float, default=0.0, help="Run no earlier than this from now.")
 @click.option("--key", help="Idempotency key: the same key enqueues the task once.")
+@click.option(
+    "--on-conflict",
+    type=click.Choice(ON_CONFLICT),
+    default="skip",
+    show_default=True,
+    help="What a repeated --key does to the task holding it (see the python API's enqueue).",
+)
+@click.option("--debounce-s", type=float, help="debounce: start this long after the last.")
+@click.option("--debounce-max-s", type=float, help="debounce: at most this after the first.")
 @click.pass_obj
-def enqueue(state, agent: str, payload: str, priority: int, delay_s: float, key: str | None):
+def enqueue(
+    state,
+    agent: str,
+    payload: str,
+    priority: int,
+    delay_s: float,
+    key: str | None,
+    on_conflict: str,
+    debounce_s: float | None,
+    debounce_max_s: float | None,
+):
     """Enqueue one task (PAYLOAD is JSON), or JSON lines from stdin with PAYLOAD '-'.
 
     AGENT must be defined in the app (--app). From stdin, lines are sent in batches of
     1000, each validated whole before it is sent: a bad line is reported with its number
-    and nothing of its batch is written.
+    and nothing of its batch is written. A repeated --key, by --on-conflict: skip (the
+    task holding it stays), replace (a waiting one takes this payload; a running one is
+    followed by this one), debounce (with --debounce-s, and --debounce-max-s),
+    cancel_running (a running one is cancelled, this one follows it).
     """
     check_agent(agent)
     check_known_agent(state, agent)
+    conflict = {
+        "on_conflict": on_conflict, "debounce_s": debounce_s, "debounce_max_s": debounce_max_s
+    }  # fmt: skip
     with _client(state) as client:
         # With the app loaded the client checks the declared type itself; without it, the
         # schema the agent's workers published is what can be checked.
         schema = None if state.settings.app else client.published_schema(agent)
         _enqueue(
-            client, agent, payload, priority, delay_s, key, PublishedSchemaCheck(agent, schema)
-        )
+            client, agent, payload, priority, delay_s, key, PublishedSchemaCheck(agent, schema),
+            conflict,
+        )  # fmt: skip
 
 
 def _enqueue(
@@ -61,16 +88,21 @@ def _enqueue(
     delay_s: float,
     key: str | None,
     schema: PublishedSchemaCheck,
+    conflict: dict[str, Any],
 ):
     from handoff.errors import TaskRejected
 
     if payload != "-":
         value = _parse(payload, where="PAYLOAD")
         schema.check(value)
-        click.echo(client.enqueue(agent, value, priority=priority, delay_s=delay_s, key=key))
+        click.echo(
+            client.enqueue(agent, value, priority=priority, delay_s=delay_s, key=key, **conflict)
+        )
         return
     if key is not None:
         raise click.UsageError("--key applies to one task; not with '-'")
+    if conflict != {"on_conflict": "skip", "debounce_s": None, "debounce_max_s": None}:
+        raise click.UsageError("--on-conflict and --debounce-* apply to one task; not with '-'")
     total = 0
     batch: list[Any] = []
     numbers: list[int] = []  # the line number of each task in the batch

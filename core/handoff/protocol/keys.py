@@ -55,6 +55,9 @@ one cluster slot. Agent names are validated before any key is built.
     <prefix>:{<agent>}:done:<id>    LIST  a token pushed when a waited-on task ends
     <prefix>:{<agent>}:msgs:<id>    STREAM a task's messages (client.send), read from the
                                           first by each delivery (messages.py)
+    <prefix>:{<agent>}:successors:keys HASH id -> 'mode|delay|until|score|JSON': a repeated
+                                          key's next task, waiting for the task under the
+                                          key's id to end (conflict.py, lua/lib/successors.lua)
     <prefix>:{<agent>}:waiting      ZSET  then-task id -> when its wait times out (ms, +inf =
                                           never): tasks parked by a Wait (waits.py)
     <prefix>:{<agent>}:waiting_since ZSET then-task id -> when it was parked (ms): the same
@@ -288,6 +291,10 @@ class AgentKeys:
 
     def messages(self, task_id: str) -> str:
         return f"{self.base}:msgs:{task_id}"
+
+    @property
+    def successors(self) -> str:
+        return f"{self.base}:successors:keys"
 
     @property
     def waiting(self) -> str:

@@ -22,6 +22,7 @@ from handoff.config.checks import check_range
 from handoff.errors import InvalidPayload, TaskCancelled
 from handoff.protocol.ends import group_ends
 from handoff.protocol.keys import check_task_id
+from handoff.protocol.task_fields import run_fields, with_extras, wrong_types
 
 EPOCH_MS = 1_735_689_600_000  # 2025-01-01T00:00:00Z: scores stay well inside 2**53
 PRIORITY_SHIFT = 2**41  # 69 years of milliseconds per priority step
@@ -84,43 +85,6 @@ def check_priority(priority: object) -> int:
     return check_range(
         "priority", priority, MIN_PRIORITY, MAX_PRIORITY, integer=True, error=InvalidPayload
     )
-
-
-# Stored fields, the JSON types they may have, and whether null is allowed (an absent
-# field takes its default).
-_FIELD_TYPES = (
-    ("id", (str,), False),
-    ("agent", (str,), False),
-    ("priority", (int,), False),
-    ("created_at", (int,), False),
-    ("enqueued_at", (int,), False),
-    ("max_attempts", (int,), True),
-    ("timeout_s", (int, float), True),
-    ("not_before", (int,), True),
-    ("parent_id", (str,), True),
-    ("key", (str,), True),
-    ("trace", (list,), True),
-    ("run", (str,), True),
-    ("scope", (str,), True),
-    ("branch", (int,), True),
-    ("join", (dict,), True),
-    ("expires_at", (int,), True),
-    ("run_deadline_at", (int,), True),
-    ("tp", (str,), True),
-    ("group", (str,), True),
-)
-
-
-def _wrong_types(record: dict) -> str:
-    """The reason a decoded task failed its type checks (the slow path of from_json)."""
-    for name, kinds, nullable in _FIELD_TYPES:
-        if name not in record or (nullable and record[name] is None):
-            continue
-        if type(record[name]) not in kinds:
-            shown = repr(record[name])
-            shown = shown if len(shown) <= 40 else shown[:37] + "..."
-            return f"task JSON {name} {shown} has the wrong type"
-    return "task JSON has a field of the wrong type"
 
 
 class CancelFlag(threading.Event):
@@ -200,6 +164,11 @@ class Task:
     # "timeout_at"}, and how it woke {"event": data} or {"event": null, "timed_out": true}.
     wait: dict | None = None
     woke: dict | None = None
+    # A repeated key (protocol/conflict.py): the generation its children's ids are derived
+    # with (a key's tasks share one id, one after the other), and a debounce burst's first
+    # enqueue (ms; written last: conflict.lua keeps it across swaps).
+    gen: str | None = None
+    burst_at: int | None = None
     # Messages (protocol/messages.py): where this delivery has read them up to, and the
     # process's reader (installed by the worker; None: no messages, as in a direct call).
     _msg_after: str = "0-0"
@@ -288,6 +257,12 @@ class Task:
                 flag = self._cancel
         return flag
 
+    @property
+    def is_cancelled(self) -> bool:
+        """Whether this delivery was cancelled (as bool(task.cancelled), making no flag)."""
+        flag = self._cancel
+        return flag is not None and flag.is_set()
+
     def check_cancelled(self) -> None:
         """Raise TaskCancelled if this task was cancelled: a sync handler's checkpoint."""
         if self._cancel is not None and self._cancel.is_set():
@@ -350,6 +325,10 @@ class Task:
             record["key"] = self.key
         if self.traceparent is not None:
             record["tp"] = self.traceparent
+        if self.gen is not None:
+            record["gen"] = self.gen
+        if self.burst_at is not None:  # last: conflict.lua reads it at the end (a root)
+            record["burst_at"] = self.burst_at
         if self.wait is not None:  # last: the scripts read it at the end (wait_tail)
             record["wait"] = self.wait
         try:
@@ -384,7 +363,7 @@ class Task:
         parent_id = get("parent_id")
         trace = get("trace")
         key = get("key")
-        run, scope, branch, join = _run_fields(record)
+        run, scope, branch, join = run_fields(record)
         expires_at, run_deadline_at = get("expires_at"), get("run_deadline_at")
         traceparent, group = get("tp"), get("group")
         if (
@@ -393,7 +372,7 @@ class Task:
             or (run_deadline_at is not None and type(run_deadline_at) is not int)
             or (traceparent is not None and type(traceparent) is not str)
         ):
-            raise ValueError(_wrong_types(record))
+            raise ValueError(wrong_types(record))
         if (
             type(task_id) is not str
             or type(agent) is not str
@@ -407,12 +386,12 @@ class Task:
             or (key is not None and type(key) is not str)
             or (trace is not None and type(trace) is not list)
         ):
-            raise ValueError(_wrong_types(record))
+            raise ValueError(wrong_types(record))
         if not trace:
             trace = []
         elif not all(type(step) is str for step in trace):
             raise ValueError("task JSON trace is not a list of task ids")
-        return _with_wait(cls(
+        return with_extras(cls(
             task_id, agent, payload, priority, attempt, max_attempts, timeout_s, created_at,
             enqueued_at, not_before, parent_id, trace, key, deliveries, token, run, scope,
             branch, join, expires_at, run_deadline_at, traceparent, group,
@@ -422,26 +401,9 @@ class Task:
     def hops(self) -> int:
         return len(self.trace)
 
-
-def _run_fields(record: dict) -> tuple[str | None, str | None, int, dict | None]:
-    """A stored task's place in its run: (run, scope, branch, join), type-checked."""
-    get = record.get
-    run = get("run")
-    if run is not None:
-        scope, branch, join = get("scope"), get("branch", 0), get("join")
-        if type(run) is not str or type(scope) is not str or type(branch) is not int:
-            raise ValueError(_wrong_types(record))
-    else:
-        scope, branch, join = None, 0, get("join")
-    if join is not None and type(join) is not dict:
-        raise ValueError(_wrong_types(record))
-    return run, scope, branch, join
-
-
-def _with_wait(task: Task, record: dict) -> Task:
-    """A Wait's then-task: its wait and how it woke (protocol/waits.py), type-checked."""
-    if "wait" in record:
-        task.wait, task.woke = record.get("wait"), record.get("woke")
-        if type(task.wait) is not dict or (task.woke is not None and type(task.woke) is not dict):
-            raise ValueError("task JSON wait or woke is not an object")
-    return task
+    def child_id(self, agent: str, *parts: str) -> str:
+        """A task this one makes (a handoff, a join's then, a wait's then): the same id on
+        every delivery; a key's later task (its gen) makes ids of its own."""
+        if self.gen is None:
+            return derived_task_id(agent, self.id, *parts)
+        return derived_task_id(agent, self.id, self.gen, *parts)

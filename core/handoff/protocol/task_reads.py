@@ -91,9 +91,10 @@ def task_info(keys: Keys, task_id: str) -> Plan[dict[str, Any]]:
         pipe.hget(agent_keys.deliveries, task_id)
         pipe.hget(agent_keys.failures, task_id)
         pipe.hget(agent_keys.dead_reasons, task_id)
+        pipe.hget(agent_keys.successors, task_id)
         return pipe.execute()
 
-    raw, deliveries, failures, dead = yield Call(read)
+    raw, deliveries, failures, dead, successor = yield Call(read)
     info: dict[str, Any] = {"id": task_id, "agent": agent, "status": status}
     if raw is not None:
         try:
@@ -105,11 +106,25 @@ def task_info(keys: Keys, task_id: str) -> Plan[dict[str, Any]]:
     info["failures"] = int(failures or 0)
     if dead:
         info["dead"] = orjson.loads(dead)
+    if successor:
+        info["successor"] = _successor(successor)
     if raw_result is not None:
         info["result"] = record = orjson.loads(raw_result)
         if "task" not in info and isinstance(record, dict) and "payload" in record:
             info["payload"] = record["payload"]  # kept in the finished task's record
     return info
+
+
+def _successor(raw: bytes) -> dict[str, Any]:
+    """A repeated key's next task, waiting for this one to end (protocol/conflict.py):
+    whether it cancelled this one (cancel_running), its delay once it takes the id, its
+    task."""
+    mode, delay, _until, _score, json = raw.split(b"|", 4)
+    try:
+        task = orjson.loads(json)
+    except orjson.JSONDecodeError:
+        task = None
+    return {"cancels": mode == b"c", "delay_ms": int(delay), "task": task}
 
 
 def dead_reason(keys: Keys, task_id: str) -> Plan[str]:

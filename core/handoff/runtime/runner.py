@@ -114,14 +114,16 @@ class _BaseRunner:
         if running > self.peak_running:
             self.peak_running = running
 
-    def cancel(self, task: Task) -> None:
+    def cancel(self, task: Task) -> bool:
         """The task was cancelled: do not start it, or tell its running handler (its flag;
-        an async runner also cancels its coroutine). Its outcome is the caller's to drop."""
+        an async runner also cancels its coroutine). Its outcome is the caller's to drop.
+        Returns whether its handler began (an outcome comes), else it never will."""
         self.skip.add((task.id, task.token))
         task.cancelled.set()
         running = self.started_at.get(task.id)
         if running is not None and running[1] is task:
             self.cancelled_at.setdefault(task.id, time.monotonic())
+        return self.gate.begun(task)
 
     def ignoring_cancel(self, now: float, grace_s: float) -> list[Task]:
         """Running tasks cancelled more than grace_s ago whose handlers go on."""
@@ -364,9 +366,10 @@ class AsyncRunner(_BaseRunner):
         if finished:
             self.report(Finished(finished))
 
-    def cancel(self, task: Task) -> None:
-        super().cancel(task)
+    def cancel(self, task: Task) -> bool:
+        began = super().cancel(task)
         self._loop.call_soon_threadsafe(self._cancel_coroutine, task)
+        return began
 
     def _cancel_coroutine(self, task: Task) -> None:
         coroutine = self._coroutines.get(task.id)

@@ -16,7 +16,7 @@ from handoff.errors import InvalidPayload
 from handoff.protocol import notices as notice
 from handoff.protocol import steps
 from handoff.protocol.queue import Completion, Failure
-from handoff.protocol.task import Task, derived_task_id, has_non_finite, now_ms
+from handoff.protocol.task import Task, has_non_finite, now_ms
 from handoff.runtime.agents import ON_DEAD, AgentSpec, Handoff, Join, payload_for
 from handoff.runtime.payload_types import plain
 from handoff.runtime.runner import Outcome
@@ -175,7 +175,7 @@ def _settle_join(
     if isinstance(made, Failure):
         return None, made, []
     then = join.then
-    then_id = derived_task_id(then.agent, task.id, "then")
+    then_id = task.child_id(then.agent, "then")
     for index, branch in enumerate(made):
         branch.scope, branch.branch = then_id, index
     joined = {"on_dead": join.on_dead, "branches": len(made)}
@@ -301,7 +301,7 @@ def children_of(
     children = []
     for index, handoff in enumerate(handoffs):
         # Deterministic: a redelivered parent makes the same child id, deduplicated.
-        child_id = derived_task_id(handoff.agent, parent.id, str(index))
+        child_id = parent.child_id(handoff.agent, str(index))
         what = f"handoff to {handoff.agent}"
         made = _child(parent, handoff, child_id, stamp, settings, what, None, traceparent)
         if isinstance(made, Failure):

@@ -100,6 +100,13 @@ class StartGate:
             checked = True  # (a cancel after the check meets it started, as after a claim)
             self.observed(sent_at, seq)
 
+    def begun(self, task: Task) -> bool:
+        """Whether this delivery was admitted (its handler runs, or ran and its outcome is
+        on its way). Asked once it is in skip, the answer holds: admit decides under the
+        lock whether it begins."""
+        with self._lock:
+            return (task.id, task.token) in self._begun
+
     def finished(self, task: Task) -> None:
         """Its worker no longer holds it (acked, failed, released, cancelled, lost): until
         then a cancel that finds it leased hears it had started, even if it has returned."""

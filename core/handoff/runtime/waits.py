@@ -19,7 +19,7 @@ import orjson
 from handoff.errors import InvalidPayload
 from handoff.protocol import notices as notice
 from handoff.protocol.queue import Completion, Failure
-from handoff.protocol.task import Task, derived_task_id, now_ms
+from handoff.protocol.task import Task, now_ms
 from handoff.protocol.waits import ON_TIMEOUT, check_event, check_timeout, wait_record
 from handoff.runtime.agents import Handoff
 
@@ -67,7 +67,7 @@ def settle_wait(
     if isinstance(made, Failure):
         return None, made, []
     then = made[0]
-    then.id = derived_task_id(then.agent, task.id, "wait")  # not a handoff's id: its own
+    then.id = task.child_id(then.agent, "wait")  # not a handoff's id: its own
     then.wait = wait_record(wait.event, wait.on_timeout, wait.timeout_s, now_ms())
     result: Any = {"wait": {"event": wait.event, "then": then.id}}
     step = notice.stepped(task.scope_id, task.run_id, task.id, [then.id], *limits)

@@ -63,6 +63,7 @@ from handoff.runtime.worker_events import (
     Shared,
     Signalled,
     WakeFailed,
+    claimed_but_not_taken,
 )
 from handoff.runtime.worker_stats import WorkerStats
 
@@ -317,6 +318,8 @@ class Worker:
         self.state = "busy"
         if refused:
             self.acks.send([], refused, [])
+        if self.gate.skip:  # a cancel heard before we held it: it is handled now
+            self._cancel_held([t.id for t in tasks if (t.id, t.token) in self.gate.skip])
 
     def _report(self, item: Outcome | Finished) -> None:
         """A handler's outcome, to the main thread (never ahead of its task's Claimed)."""
@@ -330,11 +333,15 @@ class Worker:
         completions: list[Completion] = []
         failures: list[Failure] = []
         children: list[Task] = []
+        stopped: list[Task] = []  # cancelled, their handlers now ended: let go, not acked
         stats = self.stats
         for outcome in outcomes:
             task = outcome.task
             if self.held.get(task.id) is not task:
                 continue  # timed out earlier (already nacked), or its lease was lost
+            if task.is_cancelled:
+                stopped.append(task)
+                continue
             if outcome.pause_s is not None:
                 self._rate_limited(task, outcome.pause_s)
                 continue
@@ -347,18 +354,24 @@ class Worker:
                 completions.append(completion)
                 children.extend(made)
         self.acks.send(completions, failures, children)
+        self._release(stopped)
 
     def _cancel_held(self, ids: list[str]) -> None:
-        """Cancelled tasks (their leases are gone already): an unstarted one never
-        starts, a running one's handler is told, and no outcome of theirs is sent."""
+        """Cancelled tasks: no outcome of theirs is sent. One that never started is let go
+        now; a running one's handler is told, and it is held (its lease renewed) until
+        the handler ends, then let go (release): a key's successor waits for that
+        (protocol/conflict.py). After client.cancel its lease is gone: letting go is a
+        stale release, and a renewal says it was cancelled (told once)."""
+        unstarted = []
         for task_id in ids:
             task = self.held.get(task_id)
-            if task is None:
+            if task is None or task.is_cancelled:
                 continue
-            self.runner.cancel(task)
-            self._forget(task)
+            if not self.runner.cancel(task):
+                unstarted.append(task)
             self.stats.cancelled += 1
             log.info("worker %s: task %s cancelled", self.worker_id, task_id)
+        self._release(unstarted)
         if not self.held and not self.draining:
             self.state = "idle"
 
@@ -413,7 +426,10 @@ class Worker:
         # (it gives its tasks back itself once it sees the stop), then give back those it
         # handed over that the main loop did not take.
         self.waker.stop()
-        self._release(self._claimed_but_not_taken())
+        unclaimed, recycle = claimed_but_not_taken(self.events, self._hold)
+        if recycle is not None:  # a status asked for as the loop ended
+            self.exit_code, self.stats.recycle_reason = recycle.exit_code, recycle.reason
+        self._release(unclaimed)
         leftovers = list(self.held.values())
         if leftovers:
             # Still running past the grace period: give them back now rather than wait for
@@ -430,19 +446,3 @@ class Worker:
             "worker %s stopped: processed=%d failed=%d (%s)",
             self.worker_id, self.stats.processed, self.stats.failed, exits.NAMES[self.exit_code],
         )  # fmt: skip
-
-    def _claimed_but_not_taken(self) -> list[Task]:
-        """Tasks the waker claimed that the main loop never took: to give back. Those it
-        had started already are held now, like any other (unfinished: given back too)."""
-        tasks: list[Task] = []
-        try:
-            while True:
-                event = self.events.get_nowait()
-                if isinstance(event, Claimed) and event.started:
-                    self._hold(event.tasks, list(event.refused))
-                elif isinstance(event, Claimed):
-                    tasks.extend(event.tasks)
-                elif isinstance(event, Recycle):  # a status asked for as the loop ended
-                    self.exit_code, self.stats.recycle_reason = event.exit_code, event.reason
-        except queue.Empty:
-            return tasks

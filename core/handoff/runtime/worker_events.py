@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Protocol
@@ -171,3 +172,24 @@ class HelperThread:
                 "worker %s: the %s thread failed; replacing this worker", self.worker_id, self.name
             )
             self.events.put(Recycle(exits.EXIT_CRASH, f"the {self.name} thread failed"))
+
+
+def claimed_but_not_taken(
+    events: queue.SimpleQueue, hold: Callable[[list[Task], list[Failure]], None]
+) -> tuple[list[Task], Recycle | None]:
+    """At a worker's shutdown: the tasks the waker claimed that the main loop never took
+    (to give back), and a Recycle asked for as the loop ended. Those the waker had
+    started already are held now (hold), like any other (unfinished: given back too)."""
+    tasks: list[Task] = []
+    recycle = None
+    try:
+        while True:
+            event = events.get_nowait()
+            if isinstance(event, Claimed) and event.started:
+                hold(event.tasks, list(event.refused))
+            elif isinstance(event, Claimed):
+                tasks.extend(event.tasks)
+            elif isinstance(event, Recycle):
+                recycle = event
+    except queue.Empty:
+        return tasks, recycle

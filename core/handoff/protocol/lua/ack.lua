@@ -1,5 +1,5 @@
 -- ack: finish a batch of leased tasks, token-checked, atomically.
--- include: base, groups, tasks, bulk, scopes, notices
+-- include: base, groups, tasks, bulk, scopes, notices, successors
 -- KEYS[1..FIXED_KEYS]  the agent's fixed keys (the key header, scripts.py)
 -- KEYS[FIXED_KEYS + 1..]  result keys, by index
 -- ARGV[1] now in ms ('' = server TIME)   ARGV[2] record TTL ms (0 = keep no record)
@@ -14,7 +14,8 @@
 -- reported, and its notices are not sent. A notice for a scope in this slot is applied
 -- here; any other waits in the outbox (field '<id>:<i>') until it is delivered. The
 -- bookkeeping of finished tasks is deleted in bulk commands per batch. A record the server
--- will not store is reported, and the task is finished all the same.
+-- will not store is reported, and the task is finished all the same. A key's successor
+-- waiting for a finished task takes its id (lib/successors.lua).
 -- Returns: {stale ids..., ['|', id, error, id, error, ...] for results not stored}.
 local now = now_ms(ARGV[1])
 local ttl = tonumber(ARGV[2])
@@ -94,6 +95,8 @@ if #finished > 0 then
   forget_all(finished)
 end
 bulk_write('ZADD', K_FINISHED, remembered)
+for _, id in ipairs(finished) do ended_for_good(id) end  -- a key's successor follows
+promote_ended(now)
 count('done', #finished)
 count('handed_off', handed_off)
 count('stale_acks', #stale)

@@ -1,5 +1,5 @@
 -- await: a task's own end, for client.result; registers a waiter if it has not ended.
--- include: base, groups, tasks, scopes, notices
+-- include: base, groups, tasks, scopes, notices, successors
 -- KEYS[1..FIXED_KEYS]  the task's agent's fixed keys (see lua/lib/)
 -- ARGV[1] the task id   ARGV[2] how long the waiter flag lives, ms
 -- Returns one of:

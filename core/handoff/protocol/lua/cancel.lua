@@ -1,5 +1,5 @@
 -- cancel: cancel tasks of one agent type, and mark a cancelled run or task in its slot.
--- include: base, groups, tasks, scopes, notices, waits
+-- include: base, groups, tasks, scopes, notices, successors, waits
 -- KEYS[1..FIXED_KEYS]  the agent's fixed keys (the key header, scripts.py)
 -- KEYS[FIXED_KEYS + 1]  <base>:waiting   KEYS[FIXED_KEYS + 2]  <base>:waiting_since
 --   (a parked then-task cancelled leaves both, in step: see wait.lua)
@@ -17,6 +17,7 @@
 -- whatever its handler returns), its id is marked here (extend tells its worker so) and
 -- pushed to its worker's inbox, <base>:inbox:<tag> for a claim id '<tag>-...', so the
 -- handler is told at once. A finished, dead or unknown task is left as it is.
+-- A key's successor waiting behind a task it ends (conflict.lua) goes with it.
 -- An id that names a run or a join whose scope lives here and is still open also
 -- returns that scope's open tasks (the caller cancels them in turn: a whole run).
 -- Returns: per id, what it was (queued | delayed | waiting | running | held (leased by a worker that
@@ -70,19 +71,7 @@ for i = 5, #ARGV do
     was = finished_as(id)
   elseif redis.call('ZSCORE', K_LEASES, id) then
     was = 'running'  -- 'held' when its worker is asked whether it had started
-    local holder = redis.call('HGET', K_TOKENS, id) or ''
-    local tag = string.match(holder, '^(%w+)%-')
-    if tag then
-      local inbox = run_key('inbox', tag)
-      local seq_key = run_key('inbox_seq', tag)
-      -- Unique and increasing, even after the key expired: from the clock, in microseconds.
-      local seq = math.max(now * 1000, (tonumber(redis.call('GET', seq_key) or '0') or 0) + 1)
-      seq = string.format('%.0f', seq)
-      redis.call('SET', seq_key, seq, 'PX', 7 * 86400000)
-      redis.call('RPUSH', inbox, id .. '|' .. holder .. '|' .. seq .. '|' .. ARGV[4])
-      redis.call('PEXPIRE', inbox, 7 * 86400000)  -- as long as its seq: a stopped worker
-      if ARGV[4] ~= '' then was = 'held' end
-    end
+    if tell_holder(id, now, ARGV[4]) and ARGV[4] ~= '' then was = 'held' end
     redis.call('ZADD', K_CANCELLED, now + ttl, id)
     redis.call('ZREM', K_LEASES, id)
     lease_ended(id)
@@ -98,6 +87,7 @@ for i = 5, #ARGV do
     was = 'queued'  -- in no set (a moment's state no script leaves): it ends all the same
   end
   if json and was ~= 'dead' then
+    drop_successor(id)  -- a key's successor goes with it (the key's work is cancelled)
     end_cancelled(id, now, ttl, json)
     forget(id)
   end

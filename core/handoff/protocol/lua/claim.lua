@@ -1,5 +1,5 @@
 -- claim: lease up to n ready tasks of one agent type, atomically, in one call.
--- include: base, groups, tasks, bulk, scopes, notices, admission, fairness, leasing
+-- include: base, groups, tasks, bulk, scopes, notices, successors, admission, fairness, leasing
 -- KEYS[1..FIXED_KEYS]  the agent's fixed keys (the key header, scripts.py)
 -- KEYS[FIXED_KEYS + 1]  this claim's replay key (LIST of the ids it leased)
 -- ARGV[1] n (capped at ARGV[7])   ARGV[2] lease_ms      ARGV[3] claim_id (the lease token)
@@ -139,6 +139,7 @@ if redis.call('EXISTS', claim_key) == 1 then return claim_replay(claim, claim_ke
 
 wake(promote_due(now, claim.bound) + reap_expired(now, claim.bound))
 expire_finished(now, claim.bound)
+promote_ended(now)  -- a lease a key's successor cancelled ended (reap_expired)
 local head = redis.call('ZRANGE', K_DELAYED, 0, 0, 'WITHSCORES')
 if #head > 0 then out[2] = tonumber(head[2]) end
 
@@ -180,4 +181,5 @@ if #leased > 0 then
   bulk_call('RPUSH', claim_key, leased)
   redis.call('PEXPIRE', claim_key, lease_ms)
 end
+promote_ended(now)  -- what ended above (expired, cancelled, dead) with a key's successor
 return with_outboxed(out)

@@ -1,5 +1,5 @@
 -- dead_purge: delete dead-lettered tasks and their payloads for good, atomically.
--- include: base, groups, tasks, scopes, notices
+-- include: base, groups, tasks, scopes, notices, successors
 -- KEYS[1..FIXED_KEYS]  the agent's fixed keys (the key header, scripts.py)
 -- ARGV[1] limit, ARGV[2..] ids (none = the oldest `limit` dead tasks)
 -- Returns: the number purged.

@@ -1,5 +1,5 @@
 -- enqueue: add a batch of tasks of one agent type, atomically.
--- include: base, groups, tasks, bulk, scopes, notices
+-- include: base, groups, tasks, bulk, scopes, notices, successors
 -- KEYS[1..FIXED_KEYS]  the agent's fixed keys (the key header, scripts.py)
 -- ARGV[1]      max payload bytes
 -- ARGV[2]      now in ms ('' = server TIME)

@@ -1,5 +1,5 @@
 -- follow: where a run stands, for client.result(follow=True); registers a waiter if open
--- include: base, groups, tasks, scopes, notices
+-- include: base, groups, tasks, scopes, notices, successors
 -- (WATCHED, see lua/lib/: the run's root until now + ARGV[2] ms).
 -- KEYS[1..FIXED_KEYS]  the root agent's fixed keys (the key header, scripts.py)
 -- ARGV[1] the run's root id   ARGV[2] how long the waiter flag lives, ms

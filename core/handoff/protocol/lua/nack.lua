@@ -1,5 +1,5 @@
 -- nack: a batch of leased tasks failed; retry later or dead-letter, token-checked, atomically.
--- include: base, groups, tasks, scopes, notices
+-- include: base, groups, tasks, scopes, notices, successors
 -- KEYS[1..FIXED_KEYS]  the agent's fixed keys (the key header, scripts.py)
 -- ARGV[1] now in ms ('' = server TIME)
 -- ARGV[2] n, then n groups of 5: id, token, max_attempts, retry_delay_ms, reason_json
@@ -8,7 +8,8 @@
 -- otherwise it waits in the delayed set (the caller computed backoff and jitter).
 -- A dead-lettered task's end goes to its run or join (notice_dead): applied here when
 -- that scope lives in this slot, else written to the outbox and returned for the caller
--- to deliver at once (the reaper delivers it otherwise).
+-- to deliver at once (the reaper delivers it otherwise). A key's successor waiting for a
+-- dead-lettered task takes its id; a task its successor cancelled ends cancelled instead.
 -- Returns: {stale ids..., '|', dead ids..., '|', outbox field, notice, ...}
 local now = now_ms(ARGV[1])
 local n = tonumber(ARGV[2])
@@ -17,7 +18,10 @@ local failed, retried = 0, 0
 for i = 0, n - 1 do
   local o = 2 + i * 5
   local id, token, max_attempts, delay_ms, reason = ARGV[o + 1], ARGV[o + 2], tonumber(ARGV[o + 3]), tonumber(ARGV[o + 4]), ARGV[o + 5]
-  if redis.call('HGET', K_TOKENS, id) == token then
+  local holds = redis.call('HGET', K_TOKENS, id) == token
+  if holds and stopping(id) then
+    stop_lease(id, now)  -- cancelled for a key's successor: it ends so, never retried
+  elseif holds then
     failed = failed + 1
     local so_far, why = count_in('failures', redis.call('HGET', K_FAILURES, id), id)
     if not so_far then
@@ -39,6 +43,7 @@ for i = 0, n - 1 do
     stale[#stale + 1] = id
   end
 end
+promote_ended(now)
 count('failed', failed)
 count('retried', retried)
 count('stale_acks', #stale)

@@ -1,5 +1,5 @@
 -- reap: move expired leases back to the ready queue, atomically and bounded.
--- include: base, groups, tasks, scopes, notices
+-- include: base, groups, tasks, scopes, notices, successors
 -- KEYS[1..FIXED_KEYS]  the agent's fixed keys (the key header, scripts.py)
 -- ARGV[1] now in ms ('' = server TIME)   ARGV[2] at most this many per call
 -- Safe with several reapers at once: each id leaves the lease set exactly once.
@@ -15,6 +15,7 @@ local grace = tonumber(ARGV[3] or '5000')
 local reaped = reap_expired(now, limit)
 local promoted = promote_due(now, limit)
 expire_finished(now, limit)
+promote_ended(now)  -- a lease a key's successor cancelled ended here (reap_expired)
 wake(reaped + promoted)
 local out = {reaped, promoted}
 standing(K_OUTBOX, 'hash')

@@ -1,11 +1,13 @@
 -- release: give leased tasks back unstarted (graceful shutdown), or rate limited by the API
--- include: base, groups, tasks, scopes, notices
+-- include: base, groups, tasks, scopes, notices, successors
 -- their handler called (RateLimited), token-checked, atomically.
 -- KEYS[1..FIXED_KEYS]  the agent's fixed keys (the key header, scripts.py)
 -- ARGV[1] pause ms (0 = none): the agent type starts nothing anywhere for this long; for a
 --   task with a group, only its group (it is parked until then)
 -- ARGV[2] n, then n groups of 2: id, token
--- The delivery is not counted (nor is a failure) and the task returns to its place.
+-- The delivery is not counted (nor is a failure) and the task returns to its place. A task
+-- a key's successor cancelled (cancel_running) ends cancelled here and the successor
+-- takes its id: its worker releases it once its handler has ended (lib/successors.lua).
 -- Returns: the number released.
 local pause_ms = tonumber(ARGV[1]) or 0
 local n = tonumber(ARGV[2])
@@ -20,7 +22,10 @@ end
 local released = 0
 for i = 0, n - 1 do
   local id, token = ARGV[3 + i * 2], ARGV[4 + i * 2]
-  if redis.call('HGET', K_TOKENS, id) == token then
+  local holds = redis.call('HGET', K_TOKENS, id) == token
+  if holds and stopping(id) then
+    stop_lease(id, now)  -- its worker let go of a task a key's successor cancelled
+  elseif holds then
     local delivered, why = count_in('deliveries', redis.call('HGET', K_DELIVERIES, id), id)
     redis.call('ZREM', K_LEASES, id)
     local group = group_of(id)
@@ -43,5 +48,6 @@ for i = 0, n - 1 do
     end
   end
 end
+promote_ended(now)
 wake(released)
 return released

@@ -1,5 +1,5 @@
 -- rerun: reopen a run's or a join's scope for tasks of it that are sent through again.
--- include: base, groups, tasks, scopes, notices
+-- include: base, groups, tasks, scopes, notices, successors
 -- KEYS[1..FIXED_KEYS]  the fixed keys of the scope's agent (a run: its root's; a join: its
 --                      then-task's), the key header, scripts.py
 -- ARGV[1] the scope's id (the run's root, or the join's then-task)   ARGV[2] the run's id

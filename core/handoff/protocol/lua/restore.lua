@@ -1,5 +1,5 @@
 -- restore: send cancelled tasks of a run through again, from the JSON their record kept.
--- include: base, groups, tasks, scopes, notices
+-- include: base, groups, tasks, scopes, notices, successors
 -- KEYS[1..FIXED_KEYS]  the agent's fixed keys (the key header, scripts.py)
 -- ARGV[1] now in ms ('' = server TIME)   ARGV[2..] ids of this agent's cancelled tasks
 -- A task whose record says cancelled and holds its JSON (end_cancelled in lua/lib/)

@@ -1,5 +1,5 @@
 -- scope: apply notices to runs and joins whose scope lives in this agent's slot.
--- include: base, groups, tasks, scopes, notices
+-- include: base, groups, tasks, scopes, notices, successors
 -- KEYS[1..FIXED_KEYS]  the agent's fixed keys (the key header, scripts.py)
 -- [KEYS[FIXED_KEYS + 1]  the outbox the notices were written to: one server only]
 -- ARGV[1] now in ms ('' = server TIME)

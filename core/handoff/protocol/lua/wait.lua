@@ -1,5 +1,5 @@
 -- wait: park the then-tasks of Waits in this agent's slot until their event or timeout.
--- include: base, groups, tasks, scopes, notices
+-- include: base, groups, tasks, scopes, notices, successors
 -- KEYS[1..FIXED_KEYS]  the agent's fixed keys (the key header, scripts.py)
 -- KEYS[FIXED_KEYS + 1]  <base>:waiting   KEYS[FIXED_KEYS + 2]  <base>:wait_outbox
 -- KEYS[FIXED_KEYS + 3]  <base>:waiting_since (the same ids, by when parked: in step with

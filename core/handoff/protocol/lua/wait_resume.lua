@@ -1,5 +1,5 @@
 -- wait_resume: a signal reaches waits parked in this agent's slot (see wait.lua).
--- include: base, groups, tasks, scopes, notices, waits
+-- include: base, groups, tasks, scopes, notices, successors, waits
 -- KEYS[1..FIXED_KEYS]  the agent's fixed keys (the key header, scripts.py)
 -- KEYS[FIXED_KEYS + 1]  <base>:waiting   KEYS[FIXED_KEYS + 2]  <base>:wait_outbox
 -- KEYS[FIXED_KEYS + 3]  <base>:waiting_since (in step with waiting: see wait.lua)

@@ -1,5 +1,5 @@
 -- wait_tick: a supervisor's tick over this agent's waits: timeouts fire, owed
--- include: base, groups, tasks, scopes, notices, waits
+-- include: base, groups, tasks, scopes, notices, successors, waits
 -- registrations are handed back. No leader: a timeout fires once (ZREM decides), from
 -- whichever tick comes first after it is due.
 -- KEYS[1..FIXED_KEYS]  the agent's fixed keys (the key header, scripts.py)

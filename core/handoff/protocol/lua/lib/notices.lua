@@ -209,6 +209,7 @@ local function expire(id, now, deadline, record_ttl)
   forget(id)
   redis.call('HDEL', K_DEADLINES, id)
   count('expired', 1)
+  ended_for_good(id)
 end
 
 end_cancelled = function(id, now, ttl, json)
@@ -228,4 +229,5 @@ end_cancelled = function(id, now, ttl, json)
     redis.call('ZADD', K_FINISHED, now + ttl, id)
   end
   count('cancelled', 1)
+  ended_for_good(id)
 end

@@ -5,6 +5,35 @@
 -- Reports a dead-lettered task's end to its scope (defined with the runs helpers below).
 local notice_dead
 
+-- A repeated key's successor (handoff/protocol/conflict.py): the task that takes a key's id
+-- once the task holding it has ended for good. <base>:successors HASH id ->
+-- 'mode|delay_ms|until_ms|score|json': mode 'r' waits for the task to end, 'c' cancelled it
+-- (cancel_running: its handler was told, and it ends cancelled once its worker lets go of
+-- it). Looked at only when the hash exists (the hot path: one EXISTS per call).
+local K_SUCCESSORS = run_key('successors', 'keys')
+local SUCCESSORS  -- nil until looked at
+local ENDED = {}  -- ids that ended for good in this call with a successor waiting
+local function successor_of(id)
+  if SUCCESSORS == nil then SUCCESSORS = redis.call('EXISTS', K_SUCCESSORS) == 1 end
+  if not SUCCESSORS then return nil end
+  return redis.call('HGET', K_SUCCESSORS, id) or nil
+end
+
+-- A task ended for good (done, dead, cancelled, expired): its successor, if one waits,
+-- takes the id at the end of this call (promote_ended, lib/successors.lua).
+local function ended_for_good(id)
+  if successor_of(id) then ENDED[#ENDED + 1] = id end
+end
+
+-- Whether a cancel_running successor cancelled this leased task (mode 'c').
+local function stopping(id)
+  local waiting = successor_of(id)
+  return waiting ~= nil and string.sub(waiting, 1, 1) == 'c'
+end
+
+-- Ends a leased task its successor cancelled (defined with the successors).
+local stop_lease
+
 -- Dead-letter a task: kept with its payload and the reason, out of every other state.
 local function bury(id, now, reason_json)
   notice_dead(id, now, reason_json)
@@ -13,6 +42,7 @@ local function bury(id, now, reason_json)
   redis.call('ZADD', K_DEAD, now, id)
   redis.call('HSET', K_DEAD_REASONS, id, reason_json)
   count('dead', 1)
+  ended_for_good(id)
 end
 
 -- Dead-letter a task whose bookkeeping field `key` held garbage (`why` names it). The
@@ -47,7 +77,7 @@ local function forget(id)
 end
 
 -- Move leases that expired before `now` back to the queue; bounded by `limit`. Returns
--- how many were queued again.
+-- how many were queued again. One a cancel_running successor waits for ends cancelled.
 local function reap_expired(now, limit)
   if limit <= 0 then return 0 end
   local expired = redis.call('ZRANGEBYSCORE', K_LEASES, '-inf', now, 'LIMIT', 0, limit)
@@ -56,7 +86,11 @@ local function reap_expired(now, limit)
     redis.call('ZREM', K_LEASES, id)
     lease_ended(id)
     redis.call('HDEL', K_TOKENS, id)
-    if requeue(id, now) then queued = queued + 1 end
+    if stopping(id) then
+      stop_lease(id, now)
+    elseif requeue(id, now) then
+      queued = queued + 1
+    end
   end
   count('reaped', #expired)
   return queued
