@@ -98,9 +98,8 @@ DEBOUNCE_S = 60.0  # beyond the measurement: no debounced task comes due meanwhi
 
 
 def enqueue_debounced(client: Client, key: str) -> str:
-    # The debounce call, the one line to change with the API: issue 31 names the window
-    # debounce_s (with debounce_max_s); until enqueue takes debounce_s, it is delay_s.
-    return client.enqueue(ENQUEUE_AGENT, {}, key=key, on_conflict="debounce", delay_s=DEBOUNCE_S)
+    """The debounced enqueue measured: a window of DEBOUNCE_S after the last enqueue."""
+    return client.enqueue(ENQUEUE_AGENT, {}, key=key, on_conflict="debounce", debounce_s=DEBOUNCE_S)
 
 
 ENQUEUE_ARMS = {
