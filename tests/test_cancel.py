@@ -175,14 +175,14 @@ def test_cancelling_a_run_while_workers_are_killed_stops_every_task_of_it(
     client, raw_redis, run_handoff
 ):
     sup = run_handoff(
-        ["supervise", "--agents", "planner=1,coder=2,reviewer=1"], lease_s=2, cancel_grace_s=1
+        ["supervise", "--agents", "cplanner=1,ccoder=2,creviewer=1"], lease_s=2, cancel_grace_s=1
     )
-    root = client.enqueue("planner", {"coders": 5, "sleep_s": 0.8})
+    root = client.enqueue("cplanner", {"coders": 5, "sleep_s": 0.8})
     wait_until(
-        lambda: sum(r["agent"] == "coder" for r in _records(raw_redis, "starts")) >= 5,
+        lambda: sum(r["agent"] == "ccoder" for r in _records(raw_redis, "starts")) >= 5,
         30, "the five coders to start",
     )  # fmt: skip
-    coders = [w for w in raw_redis.zrange("handoff:workers", 0, -1) if w.startswith(b"coder-")]
+    coders = [w for w in raw_redis.zrange("handoff:workers", 0, -1) if w.startswith(b"ccoder-")]
     victim = int(random.Random(7).choice(coders).rsplit(b"-", 1)[1])
     assert victim in [p.pid for p in sup.live_children()]
     psutil.Process(victim).send_signal(signal.SIGKILL)
@@ -193,12 +193,12 @@ def test_cancelling_a_run_while_workers_are_killed_stops_every_task_of_it(
         client.result(root, 20, follow=True)
     # the killed worker's leases expire (lease_s=2) and what they held comes back: it
     # must end cancelled, not start; a reviewer handed off at the instant neither
-    wait_until(lambda: client.queue_stats(["coder"])["coder"]["running"] == 0, 20, "leases")
+    wait_until(lambda: client.queue_stats(["ccoder"])["ccoder"]["running"] == 0, 20, "leases")
     late = [r for r in _records(raw_redis, "starts") if r["at_ms"] > cancelled_at_ms]
     assert late == []
     statuses = _statuses(client.tree(root))
     assert set(statuses) <= {"done", "cancelled"} and "cancelled" in statuses, statuses
-    for agent in ("planner", "coder", "reviewer"):
+    for agent in ("cplanner", "ccoder", "creviewer"):
         stats = client.queue_stats([agent])[agent]
         assert stats["queued"] == stats["running"] == stats["delayed"] == 0, (agent, stats)
 
@@ -271,7 +271,7 @@ def test_a_cancelled_branch_ends_its_join_as_a_dead_one_would(
 def test_cancelling_unknown_ids_writes_nothing(client, raw_redis):
     """An unknown id (or a run of one) is reported unknown and leaves no mark in any
     agent's slot: a mark lives an hour and takes every claim off its fast path."""
-    agents = ["noop", "patient", "polite", "planner", "coder", "reviewer"]
+    agents = ["noop", "patient", "polite", "cplanner", "ccoder", "creviewer"]
     raw_redis.sadd("handoff:agents", *agents)  # as their workers do when they start
     for n in range(200):
         report = client.cancel(f"{agents[n % 6]}.nothing-{n}", run=n % 2 == 1)

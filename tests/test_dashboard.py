@@ -176,9 +176,25 @@ def _dead_letter(stack: Stack, marker: str) -> str:
         "feature": f"<script>window.__xss = '{marker}'</script>",
         "note": f"<img src=x onerror=\"window.__xss = '{marker}'\">",
     }
-    task_id = stack.client.enqueue("coder", payload)
+    task_id = _enqueue_unchecked(stack.url, "coder", payload)
     wait_until(lambda: stack.client.status(task_id) == "dead", 30, f"{task_id} to die")
     return task_id
+
+
+def _enqueue_unchecked(url: str, agent: str, payload: dict) -> str:
+    """Enqueue as a producer without the app loaded: it cannot check the agent's declared
+    type, so a payload the worker refuses gets through. (This test process's own client
+    checks it once any test here has imported workers.demo.)"""
+    code = (
+        "import sys, orjson\n"
+        "from handoff.client import Client\n"
+        "from handoff.config import RedisPoolConfig, Settings\n"
+        "with Client(settings=Settings(redis=RedisPoolConfig(url=sys.argv[1]))) as c:\n"
+        "    print(c.enqueue(sys.argv[2], orjson.loads(sys.argv[3])))\n"
+    )
+    argv = [sys.executable, "-c", code, url, agent, orjson.dumps(payload).decode()]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True)
+    return done.stdout.strip()
 
 
 # -- the pages -----------------------------------------------------------------------------
@@ -392,7 +408,7 @@ def test_a_run_page_names_the_runs_outcome_and_only_a_done_run_is_green(stack, b
     done = _run_features(client, 1, steps=1)[0]
     cancelled = client.enqueue("planner", {"feature": "never", "steps": 1}, delay_s=600)
     client.cancel(cancelled, run=True)
-    dead = client.enqueue("coder", {"feature": "no step"})  # its payload type refuses it
+    dead = _enqueue_unchecked(stack.url, "coder", {"feature": "no step"})  # its type refuses it
     expired = client.enqueue("planner", {"feature": "late"}, delay_s=0.2, expires_in_s=0.1)
     wait_until(lambda: client.status(dead) == "dead", 15, "the dead run")
     wait_until(lambda: client.status(expired) == "expired", 15, "the expired run")

@@ -5,7 +5,7 @@ server (TEST_REDIS_URL), outside handoff:
     starts     LIST  one JSON per start of the other agents: {id, agent, run, at_ms}
     stopped    LIST  one JSON per handler that saw its cancel: {id, how, at_ms}
 
-payloads: {"sleep_s": how long to run (60 by default), "coders": n (planner)}; single runs
+payloads: {"sleep_s": how long to run (60 by default), "coders": n (cplanner)}; single runs
 until the test pushes to go:<its id>
 """
 
@@ -71,23 +71,23 @@ def stubborn(task):
     return "slept"
 
 
-@agent("planner", max_concurrent=8)
+@agent("cplanner", max_concurrent=8)
 def planner(task):
     _started(task)
     p = task.payload
     return [
-        Handoff("coder", {"i": i, "sleep_s": p.get("sleep_s", 0.5)}) for i in range(p["coders"])
+        Handoff("ccoder", {"i": i, "sleep_s": p.get("sleep_s", 0.5)}) for i in range(p["coders"])
     ]
 
 
-@agent("coder", max_concurrent=16)
+@agent("ccoder", max_concurrent=16)
 def coder(task):
     _started(task)
     time.sleep(task.payload["sleep_s"])
-    return [Handoff("reviewer", {"i": task.payload["i"], "k": k}) for k in range(2)]
+    return [Handoff("creviewer", {"i": task.payload["i"], "k": k}) for k in range(2)]
 
 
-@agent("reviewer", max_concurrent=16)
+@agent("creviewer", max_concurrent=16)
 def reviewer(task):
     _started(task)
     time.sleep(0.2)
