@@ -30,13 +30,22 @@ _REGISTRY: dict[str, AgentSpec] = {}
 
 @dataclass(frozen=True)
 class Handoff:
-    """Returned by a handler: hand this payload to another agent type (a child task)."""
+    """Returned by a handler: hand this payload to another agent type (a child task).
+
+    With key=, the task is shared by key instead, as client.enqueue(agent, payload,
+    key=, on_conflict=, debounce_s=, debounce_max_s=) would make it: a root of a run of
+    its own, not a child of this run (runtime/keyed.py says why). Its key options are
+    checked when the handler returns it (a bad one dead-letters that task, one line)."""
 
     agent: str
     payload: Any
     priority: int = 0
     expires_in_s: float | None = None  # not started by then: it ends expired
     group: str | None = None  # None: the group of the task that hands off (if any)
+    key: str | None = None  # a keyed task: its own run, shared by every handoff of the key
+    on_conflict: str = "skip"  # with key: "skip" | "replace" | "debounce" | "cancel_running"
+    debounce_s: float | None = None  # on_conflict="debounce": starts this long after the last
+    debounce_max_s: float | None = None  # and no later than this after the burst's first
 
     def __post_init__(self) -> None:
         check_agent(self.agent)
