@@ -100,6 +100,21 @@ def test_a_keyed_handoff_beside_a_plain_one_leaves_the_run_to_the_child(
     out = capsys.readouterr().out
     assert exited.value.code in (0, None), out
     assert f"handed to keyed {kid}" in out and "hplain" in out, out
+    assert f'href="/runs/{kid}"' in _run_page(client, parent)  # the dashboard links it
+
+
+def _run_page(client, root: str) -> str:
+    """The dashboard's run page region, rendered from the run's tree as the page does."""
+    from handoff.observe.web.pages import run_summary, walk
+    from handoff.observe.web.render import Renderer
+
+    tree = client.tree(root)
+    summary = run_summary(tree, list(walk(tree)), time.time() * 1000)
+    return str(
+        Renderer().region(
+            "run", tree=tree, root=root, summary=summary, actions=None, too_large=False, events=[]
+        )
+    )
 
 
 # -- bad input, and where a keyed Handoff cannot go -------------------------------------
@@ -260,3 +275,22 @@ def _repeats(raw_redis, keys: list[str]) -> str:
         record = orjson.loads(raw_redis.get(Keys().agent("hkeyed").result(keys[v])))
         after += record["enqueued_at"] / 1000 < max(at)
     return f"{len(again)} parents ran again, {after} of them after their keyed enqueue"
+
+
+def test_the_in_process_app_runs_a_keyed_task_as_a_run_of_its_own(redis_url, monkeypatch):
+    """handoff.testing settles as a worker does: three parents debounce into one keyed
+    run (the virtual clock jumps over its wait), the last payload's."""
+    from handoff.testing import InProcessApp
+
+    monkeypatch.setenv("TEST_REDIS_URL", redis_url)
+    made = InProcessApp(APP, redis_url, agents=["hander", "hkeyed"])
+    try:
+        hand = {"key": "k", "on_conflict": "debounce", "debounce_s": 0.3}
+        parents = [made.enqueue("hander", {"v": i, "hand": hand}) for i in range(3)]
+        runs = made.run_until_idle()
+        kid = runs[parents[0]].result["keyed"][0]
+        assert [runs[p].result for p in parents] == [{"keyed": [kid]}] * 3
+        assert runs[kid].status == "done" and runs[kid].attempts == 1
+        assert runs.result(kid) == 2 and runs.result(parents[0]) == {"keyed": [kid]}
+    finally:
+        made.close()
