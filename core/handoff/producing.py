@@ -13,7 +13,7 @@ from typing import Any
 
 from handoff.config.checks import check_range
 from handoff.errors import InvalidPayload, TaskRejected
-from handoff.protocol.conflict import check_on_conflict
+from handoff.protocol.conflict import check_on_conflict, key_task_id
 from handoff.protocol.groups import check_group
 from handoff.protocol.keys import check_agent
 from handoff.protocol.plan import Plan
@@ -48,12 +48,7 @@ def build_task(
     if timeout_s is not None:
         check_number("timeout_s", timeout_s, 0.001, 86_400 * 7)
     stamp = now_ms() if at_ms is None else at_ms
-    if key is not None:
-        if not isinstance(key, str) or not 0 < len(key) <= 256:
-            raise InvalidPayload("key: must be a string of 1 to 256 characters")
-        task_id = derived_task_id(agent, "key", key)
-    else:
-        task_id = new_task_id(agent, stamp)
+    task_id = key_task_id(agent, key) if key is not None else new_task_id(agent, stamp)
     expires_at, run_deadline_at = deadlines_at(stamp, expires_in_s, run_deadline_s)
     return Task(
         id=task_id,

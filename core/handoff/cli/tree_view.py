@@ -55,6 +55,8 @@ def _describe(node: dict[str, Any]) -> str:
         parts.append(f"join of {len(node.get('children', []))}")
     elif node.get("children"):
         parts.append(f"-> {len(node['children'])}")
+    if node.get("handed_to"):  # keyed tasks: runs of their own, not walked here
+        parts.append("handed to keyed " + ", ".join(node["handed_to"]))
     if "result" in node:
         parts.append("= " + _short(node["result"]))
     if node.get("reason"):

@@ -33,24 +33,69 @@ enqueue store the key's task in between, this one goes through on_conflict again
 A successor's handoffs get ids of their own: every task enqueued with a non-skip
 on_conflict carries a generation ("gen") its children's ids are derived with (task.py).
 
-Runs in: producers (Client.enqueue, AsyncClient.enqueue, `handoff enqueue`), as a plan
-(plan.py); the Lua is conflict.lua and lua/lib/successors.lua.
+A handler's Handoff(agent, payload, key=K, on_conflict=...) makes the same task a producer
+would (a KeyedTask: a root of its own run, see runtime/keyed.py); its worker enqueues it
+with handed_plan before it acks the task that handed off.
+
+Runs in: producers (Client.enqueue, AsyncClient.enqueue, `handoff enqueue`), workers (a
+keyed Handoff), as a plan (plan.py); the Lua is conflict.lua and lua/lib/successors.lua.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from handoff.config.checks import check_range
 from handoff.errors import InvalidPayload
 from handoff.protocol.plan import Plan, Scripts
 from handoff.protocol.rerun import lift_marks
-from handoff.protocol.task import Task, score_for
+from handoff.protocol.task import Task, derived_task_id, score_for
 
 ON_CONFLICT = ("skip", "replace", "debounce", "cancel_running")
 MAX_DEBOUNCE_S = 366 * 86_400.0
 MIN_SUCCESSOR_KEEP_MS = 60_000  # a successor waits at least this long (records kept 0 s)
 ATTEMPTS = 3  # enqueues racing for an absent key: each goes through on_conflict again
+
+
+def key_task_id(agent: str, key: object) -> str:
+    """The id every task of `key` shares, or InvalidPayload (one line) for a bad key."""
+    if not isinstance(key, str) or not 0 < len(key) <= 256:
+        raise InvalidPayload("key: must be a string of 1 to 256 characters")
+    return derived_task_id(agent, "key", key)
+
+
+@dataclass(slots=True)
+class KeyedTask(Task):
+    """A task a handler handed to by key (Handoff(key=...)): a root (run None), stored as
+    Client.enqueue would store it, with what that enqueue takes beside the task."""
+
+    on_conflict: str = "skip"
+    debounce_max_s: float | None = None
+    handed_by: str = ""  # the task that handed it off (not stored: many may share it)
+
+
+def handed_plan(
+    queue: Any, tasks: Sequence[KeyedTask], *, now_ms: int | None = None
+) -> Plan[list[str]]:
+    """Enqueue keyed tasks as Client.enqueue would: the skips in one round trip (a key
+    already held is left as it is), each other mode through enqueue_keyed. Run again (a
+    parent retried after a crash before its ack) it changes nothing under skip, and under
+    replace or debounce gives the key's task its payload again."""
+    skips = [t for t in tasks if t.on_conflict == "skip"]
+    if skips:
+        yield from queue.enqueue_plan(skips, now_ms=now_ms)
+    settings = queue.settings
+    limit = settings.max_payload_bytes
+    keep_ms = int(max(settings.result_ttl_s, settings.run_ttl_s) * 1000)  # as Client's
+    for task in tasks:
+        if task.on_conflict != "skip":
+            yield from enqueue_keyed(
+                queue, task, task.on_conflict,
+                debounce_max_s=task.debounce_max_s, max_bytes=limit, keep_ms=keep_ms,
+            )  # fmt: skip
+    return [task.id for task in tasks]
 
 
 def check_on_conflict(

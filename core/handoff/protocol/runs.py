@@ -231,7 +231,11 @@ def _finished_node(node: dict[str, Any], data: dict, result_bytes: int) -> dict[
     if isinstance(finished, int) and isinstance(ran_ms, int | float):
         node["started_at"] = int(finished - ran_ms)
     result = data.get("result")
-    if isinstance(result, dict) and set(result) == {"handoff"}:
+    if isinstance(result, dict) and "keyed" in result and set(result) <= {"handoff", "keyed"}:
+        # handed to keyed tasks (runtime/keyed.py): roots of runs of their own, linked here
+        node["handed_to"] = list(result["keyed"])
+        node["_children"] = list(result.get("handoff", []))
+    elif isinstance(result, dict) and set(result) == {"handoff"}:
         node["_children"] = list(result["handoff"])
     elif isinstance(result, dict) and set(result) == {"wait"}:  # (runtime/waits.py)
         node["_children"] = [result["wait"].get("then")]

@@ -35,6 +35,7 @@ from typing import Any
 import orjson
 
 from handoff.errors import InvalidPayload
+from handoff.protocol.conflict import handed_plan
 from handoff.protocol.keys import Keys
 from handoff.protocol.plan import Call, Plan, Scripts
 from handoff.protocol.queue import OUTBOX_GRACE_MS, QueueBase, outboxed_in
@@ -278,14 +279,21 @@ def _hdel_each(client, fields_by_key: dict[str, list[str]]) -> Any:
     return pipe.execute()
 
 
-def enqueue_children(queue: Any, children: Sequence[Task], **options: Any) -> list[bool]:
-    """queue.enqueue(children), the then-tasks of Waits parked instead (a blocking
-    queue: the worker's and the in-process runner's children)."""
-    parked = [c for c in children if c.wait is not None]
-    if not parked:
-        return queue.enqueue(children, **options)
-    rest = [c for c in children if c.wait is None]
-    added = dict(zip((c.id for c in parked), queue.run(park_plan(queue, parked)), strict=True))
+def enqueue_children(queue: Any, children: Sequence[Task], **options: Any) -> None:
+    """queue.enqueue(children); the then-tasks of Waits parked instead; keyed tasks (a
+    keyed Handoff's: a root, run None) enqueued first, as Client.enqueue would enqueue
+    them (conflict.handed_plan). A blocking queue: the worker's and the in-process
+    runner's children, all before their parents' ack."""
+    special = [c for c in children if c.wait is not None or c.run is None]
+    if not special:
+        queue.enqueue(children, **options)
+        return
+    keyed = [c for c in special if c.run is None]
+    if keyed:
+        queue.run(handed_plan(queue, keyed, now_ms=options.get("now_ms")))  # type: ignore[arg-type]
+    parked = [c for c in special if c.run is not None]
+    if parked:
+        queue.run(park_plan(queue, parked))
+    rest = [c for c in children if c.wait is None and c.run is not None]
     if rest:
-        added.update(zip((c.id for c in rest), queue.enqueue(rest, **options), strict=True))
-    return [added[c.id] for c in children]
+        queue.enqueue(rest, **options)

@@ -28,24 +28,57 @@ from handoff.runtime.payload_types import TypedValue
 _REGISTRY: dict[str, AgentSpec] = {}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Handoff:
-    """Returned by a handler: hand this payload to another agent type (a child task)."""
+    """Returned by a handler: hand this payload to another agent type (a child task).
+
+    With key=, the task is shared by key instead, as client.enqueue(agent, payload,
+    key=, on_conflict=, debounce_s=, debounce_max_s=) would make it: a root of a run of
+    its own, not a child of this run (runtime/keyed.py says why). Its key options are
+    checked when the handler returns it (a bad one dead-letters that task, one line)."""
 
     agent: str
     payload: Any
     priority: int = 0
     expires_in_s: float | None = None  # not started by then: it ends expired
     group: str | None = None  # None: the group of the task that hands off (if any)
+    key: str | None = None  # a keyed task: its own run, shared by every handoff of the key
+    on_conflict: str = "skip"  # with key: "skip" | "replace" | "debounce" | "cancel_running"
+    debounce_s: float | None = None  # on_conflict="debounce": starts this long after the last
+    debounce_max_s: float | None = None  # and no later than this after the burst's first
 
-    def __post_init__(self) -> None:
-        check_agent(self.agent)
-        check_priority(self.priority)
-        if self.group is not None:
-            check_group(self.group, "Handoff group")
-        if self.expires_in_s is not None:
+    def __init__(
+        self,
+        agent: str,
+        payload: Any,
+        priority: int = 0,
+        expires_in_s: float | None = None,
+        group: str | None = None,
+        key: str | None = None,
+        on_conflict: str = "skip",
+        debounce_s: float | None = None,
+        debounce_max_s: float | None = None,
+    ) -> None:
+        # Written once, here, into the instance (a frozen dataclass's generated __init__
+        # sets each field through object.__setattr__: a third slower per Handoff); the
+        # key options only when given (unset, they read as the class defaults).
+        fields = self.__dict__
+        fields.update(agent=check_agent(agent), payload=payload, priority=priority)
+        fields.update(expires_in_s=expires_in_s, group=group)
+        if (
+            key is not None
+            or on_conflict != "skip"
+            or debounce_s is not None
+            or debounce_max_s is not None
+        ):
+            fields.update(key=key, on_conflict=on_conflict, debounce_s=debounce_s)
+            fields["debounce_max_s"] = debounce_max_s
+        check_priority(priority)
+        if group is not None:
+            check_group(group, "Handoff group")
+        if expires_in_s is not None:
             check_range(
-                "Handoff expires_in_s", self.expires_in_s, 0.001, 366 * 86_400.0,
+                "Handoff expires_in_s", expires_in_s, 0.001, 366 * 86_400.0,
                 error=InvalidPayload,
             )  # fmt: skip
 

@@ -15,9 +15,11 @@ from handoff.config import Settings
 from handoff.errors import InvalidPayload
 from handoff.protocol import notices as notice
 from handoff.protocol import steps
+from handoff.protocol.conflict import KeyedTask
 from handoff.protocol.queue import Completion, Failure
 from handoff.protocol.task import Task, has_non_finite, now_ms
 from handoff.runtime.agents import ON_DEAD, AgentSpec, Handoff, Join, payload_for
+from handoff.runtime.keyed import has_key_options, keyed_task, refused_here, settle_keyed
 from handoff.runtime.payload_types import plain
 from handoff.runtime.runner import Outcome
 from handoff.runtime.waits import Wait, settle_wait
@@ -67,7 +69,7 @@ def settle(outcome: Outcome, spec: AgentSpec, settings: Settings) -> Settled:
         return _settle_join(task, value, settings, extras, traceparent)
     if isinstance(value, Wait):
         then = [value.then] if isinstance(value.then, Handoff) else []
-        made = children_of(task, then, settings, traceparent)
+        made = children_of(task, then, settings, traceparent, refused="wait then")
         return settle_wait(task, value, made, _limits(settings), _closing(task), extras)
     if isinstance(value, Handoff) or (
         isinstance(value, list) and value and any(isinstance(v, Handoff) for v in value)
@@ -75,9 +77,12 @@ def settle(outcome: Outcome, spec: AgentSpec, settings: Settings) -> Settled:
         handoffs = [value] if isinstance(value, Handoff) else value
         if not all(isinstance(v, Handoff) for v in handoffs):
             return None, Failure(task, MIXED_RESULT, dead_now=True), []
-        made = children_of(task, handoffs, settings, traceparent)
+        keyed: list[KeyedTask] = []  # Handoffs with key=: roots of their own (keyed.py)
+        made = children_of(task, handoffs, settings, traceparent, keyed)
         if isinstance(made, Failure):
             return None, made, []
+        if keyed:
+            return settle_keyed(task, made, keyed, _limits(settings), _closing(task), extras)
         ids = [c.id for c in made]
         result_json = orjson.dumps({"handoff": ids})
         step = notice.stepped(task.scope_id, task.run_id, task.id, ids, *_limits(settings))
@@ -111,7 +116,7 @@ def handoffs_refused(
     leases renewed while the server stays full). Each is retried later with backoff,
     as a failure naming why; the rest of the batch goes as it was, without children.
     The nack that frees their leases is allowed at the limit (scripts.ALLOW_OOM)."""
-    parents = {child.parent_id for child in children}
+    parents = {getattr(child, "handed_by", child.parent_id) for child in children}
     kept, retried = [], list(failures)
     for done in completions:
         if done.handoffs or done.task.id in parents:
@@ -171,10 +176,13 @@ def _settle_join(
     problem = _join_problem(join, settings)
     if problem:
         return None, Failure(task, problem, dead_now=True), []
-    made = children_of(task, list(join.branches), settings, traceparent)
+    made = children_of(task, list(join.branches), settings, traceparent, refused="join branch")
     if isinstance(made, Failure):
         return None, made, []
     then = join.then
+    if has_key_options(then):
+        reason = refused_here("join then", 0, f"handoff to {then.agent}")
+        return None, Failure(task, reason, dead_now=True), []
     then_id = task.child_id(then.agent, "then")
     for index, branch in enumerate(made):
         branch.scope, branch.branch = then_id, index
@@ -290,9 +298,17 @@ def _expires_at(stamp: int, handoff: Handoff, run_deadline_at: int | None) -> in
 
 
 def children_of(
-    parent: Task, handoffs: list[Handoff], settings: Settings, traceparent: str | None = None
+    parent: Task,
+    handoffs: list[Handoff],
+    settings: Settings,
+    traceparent: str | None = None,
+    keyed: list[KeyedTask] | None = None,
+    refused: str = "",
 ) -> list[Task] | Failure:
-    """The child tasks of a handoff or fan-out, each checked as an enqueue would be."""
+    """The child tasks of a handoff or fan-out, each checked as an enqueue would be. A
+    Handoff with key= makes no child: its task goes to `keyed` (keyed.py); where there
+    is no `keyed` (a Join's branches, a Wait's then) it fails the parent, `refused`
+    naming where."""
     trace = [*parent.trace, parent.id]
     if len(trace) > settings.max_hops:
         reason = f"handoff hop limit reached ({settings.max_hops} hops)"
@@ -303,6 +319,14 @@ def children_of(
         # Deterministic: a redelivered parent makes the same child id, deduplicated.
         child_id = parent.child_id(handoff.agent, str(index))
         what = f"handoff to {handoff.agent}"
+        if has_key_options(handoff):
+            if keyed is None:
+                return Failure(parent, refused_here(refused, index, what), dead_now=True)
+            handed = keyed_task(parent, handoff, stamp, settings, traceparent)
+            if isinstance(handed, str):
+                return Failure(parent, f"{what}: {handed}", dead_now=True)
+            keyed.append(handed)
+            continue
         made = _child(parent, handoff, child_id, stamp, settings, what, None, traceparent)
         if isinstance(made, Failure):
             return made
