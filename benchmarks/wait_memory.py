@@ -111,6 +111,7 @@ def breakdown(raw: redis.Redis, app: InProcessApp, n: int, total: int) -> dict[s
     then, asker = keys.agent("resumed"), keys.agent("asker")
     parts: dict[str, float] = {}
     for name, key in (("then_task", then.tasks), ("waiting", then.waiting),
+                      ("waiting_since", then.waiting_since),
                       ("scores", then.scores)):  # fmt: skip
         parts[name] = (raw.memory_usage(key, samples=0) or 0) / n
     per_run = (
@@ -142,10 +143,15 @@ def _no_claim_keys(raw: redis.Redis, app: InProcessApp) -> None:
     wait_until(none_left, LEASE_S + 60, "the claims' replay keys to expire")
 
 
-OWN = ("then_task", "waiting", "scores", "waiters")
+OWN = ("then_task", "waiting", "waiting_since", "scores", "waiters")
 PART_ROWS = (
     ("then_task", "the then-task's JSON (its agent's tasks hash)", "until it runs"),
     ("waiting", "its entry in the agent's waiting set (timeout order)", "until it runs"),
+    (
+        "waiting_since",
+        "its entry in waiting_since (parking order: the oldest wait's age)",
+        "until it runs",
+    ),
     ("scores", "its queue score (its place in the queue once resumed)", "until it runs"),
     (
         "waiters",
@@ -178,9 +184,13 @@ def render(memory: dict[str, Any]) -> list[str]:
     lines += [
         "",
         f"Goal at most 1 KB per waiting run: {goal} ({memory['waiting_bytes']:,.0f} B). "
-        f"The wait's own keys (the then-task, its waiting entry and score, the event's "
-        f"waiters) are {own:,.0f} B of it; the run's scope and its first task's record are "
-        f"what any run holds once its first task has ended. The server's used_memory with "
+        f"The wait's own keys (the then-task, its two set entries and its score, the "
+        f"event's waiters) are {own:,.0f} B of it; the run's scope and its first task's "
+        f"record are what any run holds once its first task has ended. A run that waits "
+        f"longer than result_ttl_s holds {memory['waiting_bytes'] - parts['result']:,.0f} B "
+        f"once that record has expired. What would bring it under 1 KB: a then-task record "
+        f"that names its root once (it names it four times: run, scope, parent_id, trace) "
+        f"and a score worked out at resume rather than kept. The server's used_memory with "
         f"them all: {memory['used_memory_mb']:,.0f} MB.",
     ]
     return lines
