@@ -88,7 +88,7 @@ def run_killing(redis_url, tmp_path, client, raw_redis, kill_then_agent, record_
     victims.stop()
     if spared is not None:
         spared.stop()
-    assert kills >= 20, kills  # the faults really landed
+    assert kills >= RUNS, kills  # the faults really landed (17-95 seen: about 2 a run)
     return roots, results
 
 
