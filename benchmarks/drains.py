@@ -28,35 +28,43 @@ APP = "benchmarks.wait_agents"
 Prepare = Callable[[str], None]
 
 
-def drain_rate(tmp: Path, tasks: int, agents: dict[str, int], prepare: Prepare | None) -> float:
-    """Noop tasks/s of the "bulk" workers in `agents` (name -> processes), on a fresh
-    server where `prepare` ran first."""
+def drain_rate(
+    tmp: Path,
+    tasks: int,
+    agents: dict[str, int],
+    prepare: Prepare | None,
+    *,
+    agent: str = "bulk",
+    app: str = APP,
+    **settings: object,
+) -> float:
+    """Noop tasks/s of the `agent` workers in `agents` (name -> processes), on a fresh
+    server where `prepare` ran first; `settings` go to the supervisor (HANDOFF_*)."""
     folder = Path(tempfile.mkdtemp(dir=tmp))
     gate = folder / "gate"
     gate.mkdir()
     server = spawn_server(port=free_tcp_port(), data_dir=str(folder))
     sup = None
     try:
-        settings = Settings(redis=RedisPoolConfig(url=server.url))
-        with Client(settings=settings) as client:
+        with Client(settings=Settings(redis=RedisPoolConfig(url=server.url))) as client:
             for start in range(0, tasks, 1000):
-                client.enqueue_many("bulk", [0] * min(1000, tasks - start))
+                client.enqueue_many(agent, [0] * min(1000, tasks - start))
             if prepare is not None:
                 prepare(server.url)
             sup = common.start_supervisor(
-                server.url, agents, folder / "sup.log", {"BENCH_GATE_DIR": str(gate)}, app=APP,
-                log_level="WARNING", heartbeat_interval_s=1.0, reaper_interval_s=1.0,
+                server.url, agents, folder / "sup.log", {"BENCH_GATE_DIR": str(gate)}, app=app,
+                log_level="WARNING", **settings,
             )  # fmt: skip
 
             def booted() -> bool:
                 common.check_alive(sup)
-                return len(list(gate.glob("ready-*"))) >= agents["bulk"]
+                return len(list(gate.glob("ready-*"))) >= agents[agent]
 
-            wait_until(booted, 60, "the bulk workers to hold their first task")
+            wait_until(booted, 60, f"the {agent} workers to hold their first task")
             (gate / "open").touch()
             started = time.monotonic()
             deadline = started + max(60.0, tasks / 500)
-            while int(client.queue_stats(["bulk"])["bulk"]["done"]) < tasks:
+            while int(client.queue_stats([agent])[agent]["done"]) < tasks:
                 if time.monotonic() > deadline:
                     raise common.RunFailed(f"drain of {tasks} not done after {deadline:.0f}s")
                 time.sleep(0.005)
@@ -76,7 +84,10 @@ def drain_pairs(
     for i in range(pairs):
         order = list(arms) if i % 2 == 0 else list(arms)[::-1]
         for name in order:
-            rates[name].append(drain_rate(tmp, tasks, agents, arms[name]))
+            rate = drain_rate(
+                tmp, tasks, agents, arms[name], heartbeat_interval_s=1.0, reaper_interval_s=1.0
+            )
+            rates[name].append(rate)
         shown = ", ".join(f"{name} {rates[name][-1]:,.0f}/s" for name in arms)
         print(f"drain pair {i + 1}/{pairs}: {shown}", file=sys.stderr)
     ratios = [a / b for a, b in zip(rates["with"], rates["without"], strict=True)]

@@ -27,12 +27,12 @@ from __future__ import annotations
 import json
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import benchmarks.common as common
+import benchmarks.drains as drain_bench
 from benchmarks.pages import write_generated
 from handoff.client import Client
 from handoff.config import RedisPoolConfig, Settings
@@ -104,34 +104,6 @@ def memory_per_task(tmp: Path, tasks: int) -> dict[str, float]:
     return out
 
 
-def drain_rate(tmp: Path, tasks: int, run_ttl_s: float) -> float:
-    """Noop tasks/s of 2 worker processes behind a gate (see benchmarks/agents.py)."""
-    folder = Path(tempfile.mkdtemp(dir=tmp))
-    gate = folder / "gate"
-    gate.mkdir()
-    server = spawn_server(port=free_tcp_port(), data_dir=str(folder))
-    sup = None
-    try:
-        settings = Settings(redis=RedisPoolConfig(url=server.url))
-        with Client(settings=settings) as client:
-            for start in range(0, tasks, 1000):
-                client.enqueue_many("blip", [0] * min(1000, tasks - start))
-            sup = common.start_supervisor(
-                server.url, {"blip": 2}, folder / "sup.log", {"BENCH_GATE_DIR": str(gate)},
-                log_level="WARNING", run_ttl_s=run_ttl_s,
-            )  # fmt: skip
-            wait_until(lambda: len(list(gate.glob("ready-*"))) >= 2, 60, "the workers")
-            (gate / "open").touch()
-            started = time.monotonic()
-            while int(client.queue_stats(["blip"])["blip"]["done"]) < tasks:
-                time.sleep(0.005)
-            return tasks / (time.monotonic() - started)
-    finally:
-        if sup is not None:
-            common.stop_supervisor(sup)
-        server.stop()
-
-
 def run(quick: bool, runs: int) -> dict:
     branches = 2_000 if quick else 10_000
     memory_tasks = 5_000 if quick else 20_000
@@ -171,7 +143,11 @@ def run(quick: bool, runs: int) -> dict:
         for i in range(runs):  # interleaved, the order alternating
             order = [("tree", 3600.0), ("no_tree", 0.0)]
             for name, ttl in order if i % 2 == 0 else order[::-1]:
-                drains[name].append(drain_rate(tmp, memory_tasks, ttl))
+                rate = drain_bench.drain_rate(
+                    tmp, memory_tasks, {"blip": 2}, None, agent="blip",
+                    app="benchmarks.agents", run_ttl_s=ttl,
+                )  # fmt: skip
+                drains[name].append(rate)
             print(
                 f"drain {i + 1}/{runs}: tree {drains['tree'][-1]:,.0f}/s, "
                 f"no tree {drains['no_tree'][-1]:,.0f}/s",

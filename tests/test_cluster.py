@@ -64,12 +64,15 @@ def test_a_worker_dying_between_the_childs_enqueue_and_the_parents_ack_repeats_n
     relay_port = put_on_another_node(redis_cluster, "relay", "probe")
     parent_id = client.enqueue("relay", {"sleep_s": 1.0})
     child_id = derived_task_id("probe", parent_id, "0")
-    # The paused node fails the worker's own writes to it (lease renewals, its inbox); on
-    # a loaded machine enough of them came before the child's enqueue to open the
-    # breaker, which then refused the enqueue too. The breaker is not what this tests.
+    # The paused node fails the worker's own writes to it (lease renewals, its inbox): the
+    # breaker, which would then refuse the child's enqueue too, is not what this tests.
     first = start(["worker", "relay"], lease_s=2, redis_breaker_failure_threshold=10_000)
     wait_until(lambda: len(executions(raw_redis)) == 1, 15, "the relay handler to start")
     relay_node = redis_cluster.node_client(relay_port)
+    # Pause once the main thread has claimed all there is and the waker waits in Redis:
+    # paused sooner, the main thread's next claim (a write on this node) blocked it, and
+    # the handler's outcome, its child with it, was never sent (seen on a loaded machine).
+    wait_until(lambda: _waker_blocked(relay_node), 15, "the waker to wait for work")
     relay_node.execute_command("CLIENT", "PAUSE", 30_000, "WRITE")
     try:
         wait_until(lambda: raw_redis.zcard(KEYS.agent("probe").queue) == 1, 15, "the child")
@@ -89,6 +92,13 @@ def test_a_worker_dying_between_the_childs_enqueue_and_the_parents_ack_repeats_n
     assert stat(client, "probe", "enqueued") == 1
     assert stat(client, "probe", "done") == 1
     assert stat(client, "relay", "done") == 1
+
+
+def _waker_blocked(node) -> bool:
+    """Two clients of the node are blocked in BLPOP: the worker's inbox (always) and its
+    waker (once the main thread has claimed all there is and handed the wait over)."""
+    blocked = [c for c in node.client_list() if c.get("cmd") == "blpop" and "b" in c["flags"]]
+    return len(blocked) >= 2
 
 
 @pytest.mark.timeout(120)
