@@ -159,8 +159,13 @@ def test_handoff_signal_prints_how_many_it_resumed(
     runner = CliRunner()
     done = runner.invoke(main, ["--redis-url", redis_url, "signal", "cli.1", '{"ok": true}'])
     assert done.exit_code == 0, done.output
-    assert done.output == "event cli.1: 1 wait(s) resumed\n"
+    assert done.output == "event cli.1: 1 wait(s) resumed; kept 3600s for a Wait returned later\n"
     assert client.result(root, 20, follow=True)["event"] == {"ok": True}
+    early = runner.invoke(main, ["--redis-url", redis_url, "signal", "nobody.yet"])
+    assert (
+        early.output
+        == "event nobody.yet: 0 wait(s) resumed; kept 3600s for a Wait returned later\n"
+    )
     for args, why in (
         (["cli.1", "{nope"], "handoff: error: DATA is not JSON"),
         (["bad event"], "handoff: error: invalid event name 'bad event'"),

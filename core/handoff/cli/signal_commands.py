@@ -23,4 +23,12 @@ def signal(state, event: str, data: str | None):
         raise InvalidPayload(f"DATA is not JSON: {e}") from None
     with Client(settings=state.settings) as client:
         resumed = client.signal(event, value)
-    click.echo(f"event {event}: {resumed} wait(s) resumed")
+    click.echo(f"event {event}: {resumed} wait(s) resumed{_kept(state.settings.signal_ttl_s)}")
+
+
+def _kept(ttl_s: float) -> str:
+    """What happens to a Wait returned later: an early signal is kept, and that is the
+    point (an approval that comes before its agent asks is not lost), so it is said."""
+    if ttl_s <= 0:
+        return " (not kept: signal_ttl_s = 0)"
+    return f"; kept {ttl_s:g}s for a Wait returned later"
