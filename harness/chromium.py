@@ -33,6 +33,10 @@ def find_chromium() -> str | None:
     return None
 
 
+# What DevTools says when an evaluation meets a page between two documents.
+NAVIGATING = ("navigated or closed", "Execution context was destroyed", "Cannot find context")
+
+
 class Browser:
     """One headless Chromium with one page. Close it (or use it as a context manager)."""
 
@@ -125,10 +129,17 @@ class Browser:
         return result["result"].get("value")
 
     def wait_for(self, expression: str, timeout_s: float, what: str) -> Any:
-        """Poll a JavaScript expression until it is truthy; return its value."""
+        """Poll a JavaScript expression until it is truthy; return its value. A page in
+        the middle of navigating (a form just submitted) cannot evaluate anything yet:
+        that is "not yet", as a falsy value is."""
         deadline = time.monotonic() + timeout_s
         while True:
-            value = self.evaluate(expression)
+            try:
+                value = self.evaluate(expression)
+            except RuntimeError as e:
+                if not any(word in str(e) for word in NAVIGATING):
+                    raise
+                value = None
             if value:
                 return value
             if time.monotonic() > deadline:
