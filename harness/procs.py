@@ -48,6 +48,25 @@ def wait_until(
         time.sleep(step_s)
 
 
+def stop_process(pid: int, timeout_s: float = 10) -> None:
+    """SIGSTOP pid and return once every one of its threads is stopped. kill() returns
+    before that: one thread takes the signal and only then stops the others, so on a busy
+    machine another thread (a worker's inbox, say) can still run for milliseconds."""
+    os.kill(pid, signal.SIGSTOP)
+
+    def all_stopped() -> bool:
+        states = []
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                stat = (task / "stat").read_text()
+            except FileNotFoundError:  # a thread that just ended
+                continue
+            states.append(stat.rpartition(")")[2].split()[0])
+        return bool(states) and all(state in ("T", "t") for state in states)
+
+    wait_until(all_stopped, timeout_s, f"every thread of {pid} to stop", step_s=0.002)
+
+
 def handoff_env(redis_url: str, **settings: object) -> dict[str, str]:
     """Environment for a handoff subprocess: the test's server, test apps importable."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("HANDOFF_")}

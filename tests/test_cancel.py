@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from handoff import TaskCancelled
 from handoff.cli import main, run
 from handoff.errors import InvalidPayload
-from harness.procs import stat, wait_until
+from harness.procs import stat, stop_process, wait_until
 
 BACKENDS = ("server", "cluster")
 
@@ -348,7 +348,7 @@ def test_a_held_task_cancelled_while_its_worker_is_stopped_never_starts(
     worker = _one_slot_worker(client, raw_redis, run_handoff)
     for trial in range(3):
         a, b, c = _hold_three(client, raw_redis)
-        psutil.Process(worker.pid).send_signal(signal.SIGSTOP)
+        stop_process(worker.pid)
         try:
             report_b = client.cancel(b)
             report_c = client.cancel(c, run=True)

@@ -32,7 +32,7 @@ from handoff.errors import (
     WrongProcess,
 )
 from harness.faultproxy import FaultProxy
-from harness.procs import wait_until
+from harness.procs import stop_process, wait_until
 
 QUIET = {"health_check_interval_s": 60.0, "idle_check_freq_s": 60.0}
 
@@ -592,7 +592,7 @@ def test_a_send_the_server_never_reads_times_out_as_a_write_timeout(server, make
     )
     assert manager.execute(lambda c: manager.send(c, "SET", "k", "1")) == b"OK"
     big = b"x" * (64 << 20)  # more than the kernel buffers on both sides hold
-    os.kill(server.proc.pid, signal.SIGSTOP)
+    stop_process(server.proc.pid)
     try:
         started = time.monotonic()
         with pytest.raises(RedisUnavailable, match="Timeout writing to socket"):

@@ -14,7 +14,7 @@ from collections import Counter
 import orjson
 import pytest
 
-from harness.procs import stat, wait_until
+from harness.procs import stat, stop_process, wait_until
 
 pytestmark = pytest.mark.backends("server", "cluster")
 
@@ -162,7 +162,7 @@ def test_a_stale_delivery_cannot_store_its_step(start, client, raw_redis, backen
     task_id = client.enqueue("stepper", {"stall_s": 2.0})
     first = start(["worker", "stepper"], app="apps.steps", lease_s=1)
     wait_until(lambda: calls(raw_redis)[(task_id, "model")] == 1, 30, "the first call")
-    os.kill(first.pid, signal.SIGSTOP)
+    stop_process(first.pid)
     try:
         start(["worker", "stepper"], app="apps.steps", lease_s=1)
         wait_until(lambda: stat(client, "stepper", "done") == 1, 30, "done elsewhere")

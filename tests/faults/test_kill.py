@@ -9,7 +9,7 @@ import time
 import psutil
 import pytest
 
-from harness.procs import executions, stat, wait_until
+from harness.procs import executions, stat, stop_process, wait_until
 
 from faults.checker import check
 
@@ -68,7 +68,7 @@ def test_stopped_worker_past_its_lease_abandons_and_its_ack_is_stale(start, clie
     old = start(["worker", "slowpoke"], prefetch=0)
     wait_until(lambda: raw_redis.llen("executed") == 1, 15, "the old worker to start it")
     old_pid = executions(raw_redis)[0][0]
-    os.kill(old_pid, signal.SIGSTOP)
+    stop_process(old_pid)
     try:
         new = start(["worker", "slowpoke"], prefetch=0)
         wait_until(lambda: client.status(tid) == "done", 15, "another worker to finish it")
