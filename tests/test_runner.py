@@ -10,6 +10,7 @@ import time
 from handoff.protocol.task import Task
 from handoff.runtime.agents import AgentSpec
 from handoff.runtime.runner import SyncRunner
+from handoff.runtime.start_gate import StartGate
 
 DEADLINE_S = 10.0
 
@@ -92,3 +93,46 @@ def test_stop_ends_the_idle_threads_at_once_and_a_busy_one_after_its_task():
     for thread in runner._threads:
         thread.join(DEADLINE_S)
         assert not thread.is_alive()
+
+
+def test_a_delivery_let_go_while_queued_for_a_slot_never_starts_and_leaves_no_skip_entry():
+    """A cancelled task waiting in the slot's queue is let go by its worker (finished): its
+    skip entry goes, and the task still never starts when the busy thread frees up."""
+    gate = StartGate()
+    release = threading.Event()
+    started: list[str] = []
+
+    def handler(t: Task) -> None:
+        started.append(t.id)
+        release.wait(DEADLINE_S)
+
+    runner = SyncRunner(AgentSpec("a", handler, 1), lambda outcome: None, gate)
+    wait_for(lambda: len(runner._idle) == 1, "the thread to wait")
+    busy, queued = task(1), task(2)
+    queued.token = "t2"
+    runner.submit([busy, queued])
+    wait_for(lambda: started == ["a.1"], "the first task to start")
+    assert not runner.cancel(queued)  # it had not begun
+    gate.finished(queued)  # its worker lets it go (released)
+    assert gate.skip == set()
+    release.set()
+    wait_for(lambda: runner.running == 0 and len(runner._idle) == 1, "the thread idle again")
+    assert started == ["a.1"]
+    runner.stop()
+
+
+def test_the_skip_set_forgets_what_is_not_held_after_a_prune_period_and_keeps_the_held():
+    """Cancels heard for deliveries never held (or held no more) leave the skip set at the
+    second prune after they came; a held delivery's entry stays."""
+    gate = StartGate(prune_every_s=0)
+    gate.applied([("a.1", "t1", 1), ("a.2", "t2", 2)])
+    held = {("a.2", "t2")}
+    gate.prune(lambda: held)  # the first look: both are new
+    assert gate.skip == {("a.1", "t1"), ("a.2", "t2")}
+    gate.applied([("a.3", "t3", 3)])
+    gate.prune(lambda: held)
+    assert gate.skip == {("a.2", "t2"), ("a.3", "t3")}
+    gate.prune(lambda: held)
+    assert gate.skip == {("a.2", "t2")}
+    late = Task("a.2", "a", None, token="t2")
+    assert gate.admit(late, waited=False) is False  # still never starts

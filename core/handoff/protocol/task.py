@@ -141,6 +141,7 @@ class Task:
     first_dead: dict | None = None
     _branches: list[list[dict]] | None = None
     _cancel: CancelFlag | None = None  # made on first use (see cancelled)
+    _let_go: bool = False  # its worker no longer holds this delivery: it never starts
     charged: float = 0.0  # cost units this delivery charged (charge())
     # Where progress() and emit() go: the worker's event buffer (None: nowhere, as when a
     # handler is called directly); and this delivery's event count.

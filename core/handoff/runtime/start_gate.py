@@ -18,6 +18,11 @@ tasks: the round trip is small beside them; or every one when round trips take l
 START_FRESH_S), or while a cancel is being applied, costs one round trip (check): is its
 lease still ours (then it starts, as a task fresh from its claim would), and what is the
 inbox's number.
+
+The skip set stays small: a delivery its worker lets go is marked on the task itself
+(never started from then on, wherever a slot's queue still has it) and leaves the set;
+what the set keeps of deliveries never held (a cancel heard before, or after, its claim)
+goes after one to two PRUNE_EVERY_S, far longer than a claim's reply can be in flight.
 """
 
 from __future__ import annotations
@@ -33,12 +38,21 @@ from handoff.protocol.task import Task
 Key = tuple[str, str]  # (task id, lease token): one delivery
 # check(task) -> (the inbox's sequence number, whether the task's lease is still ours)
 Check = Callable[[Task], tuple[int, bool]]
+PRUNE_EVERY_S = 60.0
 
 
 class StartGate:
-    def __init__(self, check: Check | None = None, fresh_s: float = START_FRESH_S) -> None:
+    def __init__(
+        self,
+        check: Check | None = None,
+        fresh_s: float = START_FRESH_S,
+        prune_every_s: float = PRUNE_EVERY_S,
+    ) -> None:
         self._check = check
         self.fresh_s = fresh_s
+        self.prune_every_s = prune_every_s
+        self._next_prune = time.monotonic() + prune_every_s
+        self._old: set[Key] = set()  # what skip held at the last prune
         self._lock = threading.Lock()
         self.skip: set[Key] = set()  # deliveries never to start (cancelled, lease lost)
         self._begun: set[Key] = set()  # deliveries handed to a slot, still held
@@ -71,7 +85,7 @@ class StartGate:
         key = (task.id, task.token)
         if not waited:
             with self._lock:
-                if key in self.skip:
+                if key in self.skip or task._let_go:
                     return False
                 self._begun.add(key)
                 return True
@@ -79,7 +93,7 @@ class StartGate:
         failures = 0
         while True:
             with self._lock:
-                if key in self.skip:
+                if key in self.skip or task._let_go:
                     return False
                 if checked or self._check is None or time.monotonic() < self._fresh_until:
                     self._begun.add(key)
@@ -109,5 +123,23 @@ class StartGate:
 
     def finished(self, task: Task) -> None:
         """Its worker no longer holds it (acked, failed, released, cancelled, lost): until
-        then a cancel that finds it leased hears it had started, even if it has returned."""
-        self._begun.discard((task.id, task.token))
+        then a cancel that finds it leased hears it had started, even if it has returned.
+        One that had not started never does (a slot's queue may still have it)."""
+        key = (task.id, task.token)
+        with self._lock:
+            task._let_go = True
+            self._begun.discard(key)
+            self.skip.discard(key)
+
+    def prune(self, holding: Callable[[], set[Key]]) -> None:
+        """Every prune_every_s (the worker's main loop asks each turn): forget the
+        deliveries never to start that were in skip at the last prune and are not held
+        (holding(): the held deliveries, asked only when a prune is due)."""
+        now = time.monotonic()
+        if now < self._next_prune:
+            return
+        self._next_prune = now + self.prune_every_s
+        held = holding() if self._old else set()
+        with self._lock:
+            self.skip.difference_update(self._old - held)
+            self._old = set(self.skip)

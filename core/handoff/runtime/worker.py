@@ -206,6 +206,7 @@ class Worker:
                     break
                 continue
             self._check_parent()
+            self.gate.prune(lambda: {(t.id, t.token) for t in self.held.values()})
             self._claim()
         self._shutdown()
         return self.exit_code
