@@ -99,7 +99,7 @@ def test_result_waits_for_the_task_to_finish(client, worker_queue, raw_redis):
 
 
 def test_a_result_waiter_blocks_in_redis_and_wakes_at_the_ack(client, worker_queue, raw_redis):
-    """No polling: across 5 s of waiting the waiter has sent the await script and one
+    """No polling: across 2 s of waiting the waiter has sent the await script and one
     blocking BLMOVE, nothing more, and it returns at the ack."""
     tid = client.enqueue("a", {})
     task = claim_one(worker_queue)
@@ -109,7 +109,7 @@ def test_a_result_waiter_blocks_in_redis_and_wakes_at_the_ack(client, worker_que
     waiter.start()
     watched = f"{client.queue.keys.agent('a').base}:watched:runs"
     wait_until(lambda: raw_redis.zscore(watched, tid) is not None, 10, "the waiter")
-    time.sleep(5.0)  # the idle wait being measured, not a synchronisation
+    time.sleep(2.0)  # the idle wait being measured, not a synchronisation
     during = command_calls(raw_redis)
     worker_queue.ack([Completion(task, b'"ok"')])
     waiter.join(10)

@@ -240,8 +240,14 @@ def test_workers_killed_at_random_lose_no_parent_and_no_keyed_task(
     """PARENTS_N parents, each handing to its own key (skip), while the handing workers
     are SIGKILLed at random: every parent ends done, every key's task ran exactly once
     (a parent run again after its keyed enqueue finds the key held or just finished)."""
+    # Kills every 0.1-0.3 s can land on one parent's deliveries ten times (each kill counts
+    # a delivery for every task its worker held): the poison limit is not what is tested.
     supervisor = start(
-        ["supervise", "--agents", "hander=2"], app=APP, lease_s=1, crash_backoff_max_s=0.2
+        ["supervise", "--agents", "hander=2"],
+        app=APP,
+        lease_s=1,
+        crash_backoff_max_s=0.2,
+        max_deliveries=1000,
     )
     start(["worker", "hkeyed"], app=APP)
     parents = [
@@ -254,6 +260,8 @@ def test_workers_killed_at_random_lose_no_parent_and_no_keyed_task(
         time.sleep(rng.uniform(0.1, 0.3))  # the fault's cadence, not a synchronisation
         kills += _kill_a_grown_worker(supervisor, rng)
         pending = {p for p in pending if client.status(p) != "done"}
+    dead = {p: client.dead_reason(p) for p in parents if client.status(p) == "dead"}
+    assert not dead, dead
     assert [client.status(p) for p in parents] == ["done"] * PARENTS_N
     keys = [_key_id("hkeyed", f"k{i}") for i in range(PARENTS_N)]
     assert [client.result(p, wait_s=1) for p in parents] == [{"keyed": [k]} for k in keys]

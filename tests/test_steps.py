@@ -126,7 +126,11 @@ def test_sigkilled_workers_never_repeat_a_completed_step(start, client, raw_redi
     # Eight crashes in a row would back the restarts off for 25 s: cap it, as the kills
     # are the test's, not a crash loop to be shielded from.
     sup = start(
-        ["supervise", "--agents", "stepper=2"], app="apps.steps", lease_s=1, crash_backoff_max_s=0.2
+        ["supervise", "--agents", "stepper=2"],
+        app="apps.steps",
+        lease_s=1,
+        crash_backoff_max_s=0.2,
+        max_deliveries=1000,  # STEPS_TEST_N=1000 kills 40 times: not the poison limit
     )
     kills = 0
     rng = random.Random(7)
