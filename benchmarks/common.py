@@ -27,6 +27,7 @@ from pathlib import Path
 
 from benchmarks.e2e import cpu_model
 from benchmarks.e2e import medians as _medians
+from benchmarks.pages import write_generated
 from handoff.bench.interleave import (
     repeat_interleaved,  # noqa: F401 (re-exported)
     stop_signals_interrupt,
@@ -160,19 +161,27 @@ def finish(
     run: Callable[[], dict],
     render: Callable[[dict], str],
     json_path: Path | None,
-    group: str,
-    noun: str,
+    group: str | None = None,
+    noun: str = "",
+    page: tuple[Path | None, str] = (None, ""),
 ) -> int:
-    """Run, print the report, write the figures to `json_path`. Exit code: 130 when
-    interrupted, 1 when an entry of `group` has no figures at all, else 0."""
+    """Run, print the report, write the figures to `json_path` and, when page's folder is
+    given, the report into its benchmarks.md under page's section name. Exit code: 130
+    when interrupted, 1 when an entry of `group` has no figures at all, else 0."""
     try:
         results = run()
     except KeyboardInterrupt:
         print("interrupted: every server and worker started has been stopped", file=sys.stderr)
         return 130
-    print(render(results))
+    text = render(results)
+    print(text)
+    out_dir, section = page
+    if out_dir is not None:
+        write_generated(out_dir / "benchmarks.md", section, text)
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(results, indent=2, default=str))
         print(f"wrote {json_path}", file=sys.stderr)
+    if group is None:
+        return 0
     return 0 if all(e[f"{noun}s"] for e in results[group].values()) else 1

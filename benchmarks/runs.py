@@ -24,7 +24,6 @@ Figures are medians over the runs (latencies: p50 of the runs, with min-max).
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 import threading
@@ -33,7 +32,6 @@ from pathlib import Path
 
 import benchmarks.common as common
 import benchmarks.drains as drain_bench
-from benchmarks.pages import write_generated
 from handoff.client import Client
 from handoff.config import RedisPoolConfig, Settings
 from handoff.connection.embedded_server import spawn_server
@@ -232,19 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     runs = args.runs or (3 if args.quick else 5)
-    try:
-        results = run(args.quick, runs)
-    except KeyboardInterrupt:
-        print("interrupted: every server and worker started has been stopped", file=sys.stderr)
-        return 130
-    page = render(results)
-    print(page)
-    if args.out:
-        write_generated(args.out / "benchmarks.md", "runs", page)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2, default=str))
-    return 0
+    return common.finish(lambda: run(args.quick, runs), render, args.json, page=(args.out, "runs"))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import statistics
 import sys
@@ -41,7 +40,6 @@ import redis
 import benchmarks.common as common
 from benchmarks import drains, wait_memory
 from benchmarks.e2e import _quantile
-from benchmarks.pages import write_generated
 from handoff.client import Client
 from handoff.config import RedisPoolConfig, Settings
 from handoff.connection.embedded_server import spawn_server
@@ -372,19 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.runs is not None or args.waits is not None:
         sizes = Sizes(**{**sizes.__dict__, "runs": args.runs or sizes.runs,
                          "waits": args.waits or sizes.waits})  # fmt: skip
-    try:
-        results = run(sizes, args.quick)
-    except KeyboardInterrupt:
-        print("interrupted: every server and worker started has been stopped", file=sys.stderr)
-        return 130
-    page = render(results)
-    print(page)
-    if args.out:
-        write_generated(args.out / "benchmarks.md", "waits", page)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2, default=str))
-    return 0
+    return common.finish(
+        lambda: run(sizes, args.quick), render, args.json, page=(args.out, "waits")
+    )
 
 
 if __name__ == "__main__":
