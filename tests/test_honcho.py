@@ -10,7 +10,9 @@ import urllib.request
 from pathlib import Path
 
 import orjson
+import psutil
 import pytest
+import redis
 
 from handoff.client import Client
 from handoff.config import RedisPoolConfig, Settings
@@ -181,3 +183,66 @@ def test_the_development_server_keeps_queued_tasks_across_a_restart(tmp_path, fl
         finally:
             os.killpg(server.pid, signal.SIGTERM)  # a clean stop, as Ctrl-C under honcho
             assert server.wait(15) == 0
+
+
+def _logged_dev_server(tmp_path: Path) -> tuple[subprocess.Popen, Path, redis.Redis]:
+    """`handoff redis --no-persist`, its output in a file, and a client once it answers."""
+    log = tmp_path / "server.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen(
+            [str(Path(sys.executable).parent / "handoff"), "redis", "--no-persist"],
+            env=_env(tmp_path),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    client = redis.Redis(unix_socket_path=str(tmp_path / "run" / "redis.sock"), socket_timeout=2)
+    wait_until(lambda: _try(client.ping), 15, "the server")
+    return server, log, client
+
+
+def test_the_development_server_stops_once_its_clients_have_left(tmp_path):
+    """Stopped as honcho stops it (SIGTERM to its group) while a client is connected: it
+    goes on serving that client, and stops (exit 0) once the client has left."""
+    server, log, client = _logged_dev_server(tmp_path)
+    try:
+        os.killpg(server.pid, signal.SIGTERM)
+        wait_until(lambda: "once its 1 client(s) have left" in log.read_text(), 10, "the wait")
+        assert client.set("still", "served") and server.poll() is None
+        client.close()
+        assert server.wait(10) == 0
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+    assert "stopping anyway" not in log.read_text()
+
+
+def test_a_second_stop_signal_stops_the_development_server_at_once(tmp_path):
+    server, log, client = _logged_dev_server(tmp_path)
+    try:
+        os.killpg(server.pid, signal.SIGTERM)
+        wait_until(lambda: "have left" in log.read_text(), 10, "the wait for its client")
+        os.killpg(server.pid, signal.SIGINT)  # a second Ctrl-C
+        assert server.wait(3) == 0  # well inside the wait for its client
+        assert "stopping now" in log.read_text()
+        assert _try(client.ping) is None
+    finally:
+        client.close()
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+
+
+def test_the_development_server_goes_when_its_handoff_process_is_killed(tmp_path):
+    """The server runs as a child in a session of its own: killed with SIGKILL (honcho's
+    last resort), the handoff process takes it along, so no server outlives the stack."""
+    server, _, client = _logged_dev_server(tmp_path)
+    (child,) = psutil.Process(server.pid).children()
+    try:
+        os.kill(server.pid, signal.SIGKILL)
+        server.wait(10)
+        wait_until(lambda: not child.is_running() or child.status() == "zombie", 10, "it to go")
+        assert _try(client.ping) is None
+    finally:
+        client.close()
+        if child.is_running():
+            child.kill()

@@ -109,6 +109,7 @@ def redis(port: int, persist: bool, if_needed: bool) -> None:
         find_server_binary,
         server_args,
     )
+    from handoff.connection.foreground_server import serve
 
     if if_needed and os.environ.get("REDIS_URL"):
         from handoff.config import redact_url
@@ -132,7 +133,7 @@ def redis(port: int, persist: bool, if_needed: bool) -> None:
         f"embedded server: {Path(binary).name} on unix://{sock}" + (f" and :{port}" if port else "")
     )
     sys.stdout.flush()
-    os.execv(binary, args)
+    sys.exit(serve(args, sock))
 
 
 def _refuse_if_running(sock: Path) -> None:
