@@ -35,8 +35,8 @@ def _worker_pid(sup) -> int:
 
 
 # The black hole lasts this long: enough for the breaker to open (within 10 s) and for its
-# CPU share and log rate to be measured while open. The twenty-second outage of the
-# server itself is tests/faults/test_server.py's.
+# CPU share and log rate to be measured while open. The server's own outage is
+# tests/faults/test_server.py's.
 OUTAGE_S = 12
 
 

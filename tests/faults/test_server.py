@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 import time
@@ -16,6 +17,10 @@ from handoff.errors import HandoffError
 from harness.procs import executions, wait_until
 
 from faults.checker import check
+
+# The outage: past one of the workers' 10 s "still unreachable" lines (20 s in the docs' row:
+# OUTAGE_S=20 runs it so).
+OUTAGE_S = int(os.environ.get("OUTAGE_S", "12"))
 
 pytestmark = pytest.mark.slow
 
@@ -113,10 +118,11 @@ def _lines_between(output: str, start_mono: float, end_mono: float) -> list[str]
 
 
 @pytest.mark.timeout(120)
-def test_workers_ride_out_a_twenty_second_outage_in_a_few_log_lines(start, tmp_path):
-    """As long as a slow failover: the same worker processes (none respawned) resume on
-    their own, and each says the outage began, that it goes on (every 10 s), and that
-    it ended; not one line per failed call."""
+def test_workers_ride_out_a_long_outage_in_a_few_log_lines(start, tmp_path):
+    """As long as a slow failover (20 s in docs/operations/reliability.md; the suite holds
+    it OUTAGE_S): the same worker processes (none respawned) resume on their own, and each
+    says the outage began, that it goes on (every 10 s), and that it ended; not one line
+    per failed call."""
     server = spawn_server(unix_socket=str(tmp_path / "down.sock"), data_dir=str(tmp_path))
     try:
         sup = start(["supervise", "--agents", "probe=2"], url=server.url)
@@ -127,16 +133,17 @@ def test_workers_ride_out_a_twenty_second_outage_in_a_few_log_lines(start, tmp_p
             workers = {p.pid for p in sup.live_children()}
             server.stop(sig_kill=True)
             down_at = time.monotonic()
-            time.sleep(5)  # the outage itself, in two parts: connections refused at once
+            time.sleep(3)  # the outage itself, in two parts: connections refused at once
             cpu_before = _cpu_s(sup)
-            time.sleep(15)  # ... and the CPU the workers spend meanwhile
+            time.sleep(OUTAGE_S - 3)  # ... and the CPU the workers spend meanwhile
             cpu_during = _cpu_s(sup) - cpu_before
             server.start()
             up_at = time.monotonic()
             local.enqueue_many("probe", [{"sleep_s": 0}] * 20)
             wait_until(lambda: _done(local) == 20, 30, "work after the outage")  # a new server
         assert {p.pid for p in sup.live_children()} == workers
-        assert cpu_during < 0.05 * 15, f"{cpu_during:.2f} CPU-seconds in 15 s: spinning"
+        window_s = OUTAGE_S - 3
+        assert cpu_during < 0.05 * window_s, f"{cpu_during:.2f} CPU-s in {window_s} s: spinning"
         lines = _lines_between(sup.output(), down_at, up_at)
         assert len(workers) == 2 and 2 <= len(lines) <= 2 * 4, lines
         wait_until(
