@@ -127,6 +127,7 @@ def test_a_groups_concurrency_cap_holds_and_the_others_go_on(client, raw_redis, 
         running[group] = running.get(group, 0) + delta
         peak[group] = max(peak.get(group, 0), running[group])
     assert peak == {"a": 2, "b": 2, "c": 2}  # each at its cap, none over
+    wait_until(lambda: stat(client, "capped", "done") == 24, 10, "every ack")  # ends come first
     assert not raw_redis.hlen("handoff:{capped}:group_running")  # nothing left counted
 
 
