@@ -297,7 +297,7 @@ def test_a_worker_wedged_holding_the_gil_is_killed_and_replaced(start, client, r
     record_property("stall_detected_s", round(time.monotonic() - began, 2))
     assert len(said) == 1 and f"worker {wedged.pid} (gilhog) stalled" in said[0], said
     age = float(said[0].split("no heartbeat for ")[1].split("s")[0])
-    assert 1.5 < age < 5, said[0]
+    assert 1.5 <= age < 5, said[0]  # past 1.5 s, printed to a tenth: 1.52 reads 1.5
     wait_until(lambda: not wedged.is_running() or wedged.status() == "zombie", 10, "the kill")
     assert client.result(tid, wait_s=20)["by"] != wedged.pid  # its successor ran it again
     record_property("task_done_after_s", round(time.monotonic() - began, 2))
