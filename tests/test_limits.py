@@ -124,16 +124,19 @@ def test_rate_limited_puts_the_task_back_uncounted_and_pauses_the_agent(app, raw
 def test_four_workers_of_fifty_slots_start_at_most_the_rate_and_sustain_it(
     redis_url, raw_redis, client, tmp_path, record_property
 ):
-    """rate="5/s", 4 worker processes x 50 slots, 40 tasks ready; one worker SIGKILLed
+    """rate="5/s", 4 worker processes x 50 slots, 60 tasks ready; one worker SIGKILLed
     midway. No sliding one-second window of handler starts holds more than 5, and the
     starts keep to at least 95 % of the rate."""
     env = handoff_env(redis_url, app="apps.flows", lease_s=2)
     workers = [HandoffProcess(["worker", "metered"], env, tmp_path / f"w{i}.log") for i in range(4)]
     try:
-        ids = client.enqueue_many("metered", [{"n": i} for i in range(40)])
-        wait_until(lambda: raw_redis.llen("starts") >= 20, 60, "half of the starts")
+        # 60: what the killed worker had claimed (its rate spent, its tasks back only after
+        # their leases) is amortised over 12 s; over 8 s (40 tasks) a loaded run fell to
+        # 4.73/s.
+        ids = client.enqueue_many("metered", [{"n": i} for i in range(60)])
+        wait_until(lambda: raw_redis.llen("starts") >= 30, 60, "half of the starts")
         workers[0].signal(signal.SIGKILL)
-        wait_until(lambda: client.queue_stats(["metered"])["metered"]["done"] >= 40, 60, "all")
+        wait_until(lambda: client.queue_stats(["metered"])["metered"]["done"] >= 60, 60, "all")
     finally:
         for worker in workers:
             worker.stop()
