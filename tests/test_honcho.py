@@ -156,14 +156,16 @@ def _try(fn):
         return None
 
 
-def _dev_server(tmp_path: Path, *flags: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [str(Path(sys.executable).parent / "handoff"), "redis", *flags],
-        env=_env(tmp_path),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+def _dev_server(tmp_path: Path, *flags: str, log: Path | None = None) -> subprocess.Popen:
+    """`handoff redis FLAGS` in a session of its own; its output in `log` (or dropped)."""
+    with open(log or os.devnull, "wb") as out:
+        return subprocess.Popen(
+            [str(Path(sys.executable).parent / "handoff"), "redis", *flags],
+            env=_env(tmp_path),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 @pytest.mark.parametrize(("flags", "kept"), [((), 100), (("--no-persist",), 0)])
@@ -188,14 +190,7 @@ def test_the_development_server_keeps_queued_tasks_across_a_restart(tmp_path, fl
 def _logged_dev_server(tmp_path: Path) -> tuple[subprocess.Popen, Path, redis.Redis]:
     """`handoff redis --no-persist`, its output in a file, and a client once it answers."""
     log = tmp_path / "server.log"
-    with open(log, "wb") as out:
-        server = subprocess.Popen(
-            [str(Path(sys.executable).parent / "handoff"), "redis", "--no-persist"],
-            env=_env(tmp_path),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    server = _dev_server(tmp_path, "--no-persist", log=log)
     client = redis.Redis(unix_socket_path=str(tmp_path / "run" / "redis.sock"), socket_timeout=2)
     wait_until(lambda: _try(client.ping), 15, "the server")
     return server, log, client

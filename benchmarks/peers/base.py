@@ -11,7 +11,6 @@ PR_SET_PDEATHSIG, so even a benchmark killed with SIGKILL takes its workers alon
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
@@ -23,23 +22,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from handoff.connection.embedded_server import die_with_parent
+
 PEERS_DIR = Path(__file__).resolve().parent
 PROJECT_DIR = PEERS_DIR.parents[1]
 NOOP, IO = "noop", "io"
 IO_SLEEP_S = 0.010
 STOP_GRACE_S = 5.0
 RSS_SAMPLE_S = 0.05
-
-
-try:
-    _LIBC = ctypes.CDLL(None, use_errno=True)  # loaded before fork: the child only calls it
-except OSError:  # pragma: no cover - not Linux/glibc
-    _LIBC = None
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    if _LIBC is not None:
-        _LIBC.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 @dataclass
@@ -60,7 +50,7 @@ class WorkerGroup:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent(),
             )
         finally:
             log.close()

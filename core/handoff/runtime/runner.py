@@ -132,7 +132,6 @@ class _BaseRunner:
             running = self.started_at.get(task_id)
             if running is None or not running[1].cancelled:
                 self.cancelled_at.pop(task_id, None)  # it ended (or a new delivery runs)
-                self.skip.difference_update([e for e in list(self.skip) if e[0] == task_id])
             elif now - at > grace_s:
                 out.append(running[1])
         return out
