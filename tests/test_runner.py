@@ -126,13 +126,13 @@ def test_the_skip_set_forgets_what_is_not_held_after_a_prune_period_and_keeps_th
     second prune after they came; a held delivery's entry stays."""
     gate = StartGate(prune_every_s=0)
     gate.applied([("a.1", "t1", 1), ("a.2", "t2", 2)])
-    held = {("a.2", "t2")}
-    gate.prune(lambda: held)  # the first look: both are new
+    held = {"a.2": Task("a.2", "a", None, token="t2")}  # the worker's held, by id
+    gate.prune(held)  # the first look: both are new
     assert gate.skip == {("a.1", "t1"), ("a.2", "t2")}
     gate.applied([("a.3", "t3", 3)])
-    gate.prune(lambda: held)
+    gate.prune(held)
     assert gate.skip == {("a.2", "t2"), ("a.3", "t3")}
-    gate.prune(lambda: held)
+    gate.prune(held)
     assert gate.skip == {("a.2", "t2")}
     late = Task("a.2", "a", None, token="t2")
     assert gate.admit(late, waited=False) is False  # still never starts

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from handoff.errors import HandoffError
 from handoff.protocol.cancel import START_FRESH_S
@@ -131,15 +131,15 @@ class StartGate:
             self._begun.discard(key)
             self.skip.discard(key)
 
-    def prune(self, holding: Callable[[], set[Key]]) -> None:
-        """Every prune_every_s (the worker's main loop asks each turn): forget the
-        deliveries never to start that were in skip at the last prune and are not held
-        (holding(): the held deliveries, asked only when a prune is due)."""
+    def prune(self, held: Mapping[str, Task]) -> None:
+        """Every prune_every_s (the worker's main loop asks each turn, passing what it
+        holds by id): forget the deliveries never to start that were in skip at the last
+        prune and are not held."""
         now = time.monotonic()
         if now < self._next_prune:
             return
         self._next_prune = now + self.prune_every_s
-        held = holding() if self._old else set()
+        holding = {(t.id, t.token) for t in held.values()} if self._old else set()
         with self._lock:
-            self.skip.difference_update(self._old - held)
+            self.skip.difference_update(self._old - holding)
             self._old = set(self.skip)

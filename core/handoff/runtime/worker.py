@@ -194,7 +194,6 @@ class Worker:
             log.warning("could not check the server: %s", e)
         self.state = "idle"
         deadline: float | None = None
-        held_deliveries = self._held_deliveries  # bound once: the loop turns per batch
         while True:
             self._process_events(block_s=self._wait_s())
             if self.acks.unsent:
@@ -207,7 +206,7 @@ class Worker:
                     break
                 continue
             self._check_parent()
-            self.gate.prune(held_deliveries)
+            self.gate.prune(self.held)
             self._claim()
         self._shutdown()
         return self.exit_code
@@ -278,10 +277,6 @@ class Worker:
             log.info("worker %s: %s, draining", self.worker_id, signal.Signals(signum).name)
         self.draining = True  # a repeated SIGTERM (honcho signals the group) changes nothing
         self.state = "stopping"
-
-    def _held_deliveries(self) -> set[tuple[str, str]]:
-        """(id, token) of every delivery this worker holds (the start gate's prune)."""
-        return {(t.id, t.token) for t in self.held.values()}
 
     def _check_parent(self) -> None:
         if self.parent_pid is not None and os.getppid() != self.parent_pid:
